@@ -1,0 +1,83 @@
+#include "graph/graph.h"
+
+#include <algorithm>
+
+#include "graph/error.h"
+
+namespace llmem {
+
+std::string RegionName(const Region& region) {
+  switch (region.kind) {
+    case RegionKind::kEmbedding:
+      return "embedding";
+    case RegionKind::kDecoderLayer:
+      return "layer " + std::to_string(region.layer);
+    case RegionKind::kHead:
+      return "head";
+  }
+  return "?";
+}
+
+Graph::Graph(std::vector<TensorValue> values, std::vector<OpNode> nodes, std::vector<Parameter> params,
+             std::vector<ValueId> inputs, ValueId loss, int64_t batch, int64_t seq)
+    : values_(std::move(values)),
+      nodes_(std::move(nodes)),
+      params_(std::move(params)),
+      inputs_(std::move(inputs)),
+      loss_(loss),
+      batch_(batch),
+      seq_(seq) {
+  VerifyGraph(*this);
+}
+
+int32_t Graph::num_layers() const {
+  int32_t n = 0;
+  for (const auto& node : nodes_) {
+    if (node.region.kind == RegionKind::kDecoderLayer) n = std::max(n, node.region.layer + 1);
+  }
+  return n;
+}
+
+ValueId Graph::StorageRoot(ValueId id) const {
+  ValueId cur = id;
+  while (value(cur).alias_of.valid()) cur = value(cur).alias_of;
+  return cur;
+}
+
+void VerifyGraph(const Graph& graph) {
+  const auto& values = graph.values();
+  for (size_t i = 0; i < values.size(); ++i) {
+    const auto& v = values[i];
+    if (v.id.index != static_cast<int32_t>(i)) throw ModelLoadError("IR value " + std::to_string(i) + " has a wrong id");
+    if (v.alias_of.valid() && v.alias_of.index >= static_cast<int32_t>(i)) {
+      throw ModelLoadError("IR value " + v.name + " aliases a value defined after it");
+    }
+    if (!v.alias_of.valid() && v.storage_numel < 0) throw ModelLoadError("IR value " + v.name + " has negative size");
+  }
+  std::vector<bool> defined(values.size(), false);
+  for (const auto& v : values) {
+    if (!v.producer.valid()) defined[static_cast<size_t>(v.id.index)] = true;
+  }
+  for (size_t n = 0; n < graph.nodes().size(); ++n) {
+    const auto& node = graph.nodes()[n];
+    if (node.id.index != static_cast<int32_t>(n)) throw ModelLoadError("IR node " + std::to_string(n) + " has a wrong id");
+    for (const auto& arg : node.args) {
+      for (ValueId t : arg.tensors) {
+        if (!t.valid() || t.index >= static_cast<int32_t>(values.size()) || !defined[static_cast<size_t>(t.index)]) {
+          throw ModelLoadError("IR node " + node.kind + " uses a value before it is defined");
+        }
+      }
+    }
+    for (ValueId out : node.outputs) {
+      if (graph.value(out).producer != node.id) throw ModelLoadError("IR node " + node.kind + " output has another producer");
+      defined[static_cast<size_t>(out.index)] = true;
+    }
+  }
+  if (!graph.loss().valid()) throw ModelLoadError("the model's forward returns no tensor");
+  const auto& loss = graph.value(graph.loss());
+  if (!loss.shape.empty() || !IsFloating(loss.dtype)) {
+    throw ModelLoadError("not a decoder LM: forward(input_ids, labels) must return a scalar floating loss");
+  }
+}
+
+}  // namespace llmem

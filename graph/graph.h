@@ -1,0 +1,140 @@
+// The project's IR of one forward pass: tensor values, the aten ops that produce them, parameters, and the region
+// (embeddings, decoder layer i, LM head + loss) of every op. Built once by an importer, immutable afterwards.
+//
+// What the IR records is structure and observation, never memory policy: shapes and dtypes at the requested
+// batch/sequence, which value shares storage with which (views and in-place results), which values require grad,
+// and which ops produce floating outputs whose dtype follows their inputs. Deciding what that costs in bytes, and
+// when, is the simulator's job.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "graph/dtype.h"
+
+namespace llmem {
+
+// Dense index of a TensorValue in Graph::values(); doubles as a strong typedef.
+struct ValueId {
+  int32_t index = -1;
+  bool valid() const { return index >= 0; }
+  friend bool operator==(ValueId a, ValueId b) = default;
+  friend auto operator<=>(ValueId a, ValueId b) = default;
+};
+
+// Dense index of an OpNode in Graph::nodes(); nodes are in execution (topological) order.
+struct NodeId {
+  int32_t index = -1;
+  bool valid() const { return index >= 0; }
+  friend bool operator==(NodeId a, NodeId b) = default;
+  friend auto operator<=>(NodeId a, NodeId b) = default;
+};
+
+enum class RegionKind : uint8_t {
+  kEmbedding,     // everything before the first decoder layer: embeddings, masks, rotary tables
+  kDecoderLayer,  // ops inside decoder layer `layer`
+  kHead,          // everything after the last decoder layer: final norm, LM head, loss
+};
+
+struct Region {
+  RegionKind kind = RegionKind::kEmbedding;
+  int32_t layer = -1;  // decoder layer index for kDecoderLayer, else -1
+  friend bool operator==(const Region&, const Region&) = default;
+};
+
+std::string RegionName(const Region& region);  // "embedding", "layer 3", "head"
+
+// One argument of an op, in schema order. Tensors refer to values; everything else is kept for the rules.
+struct OpArg {
+  enum class Kind : uint8_t { kTensor, kTensorList, kInt, kDouble, kBool, kIntList, kString, kNone, kOther };
+  Kind kind = Kind::kNone;
+  std::vector<ValueId> tensors;  // kTensor: one value; kTensorList: the list's values in order
+  int64_t int_value = 0;         // kInt, kBool (0/1); also a ScalarType/Device enum as an int
+  double double_value = 0.0;     // kDouble
+  std::vector<int64_t> ints;     // kIntList
+  std::string text;              // kString, kOther (printable form)
+};
+
+enum class ValueRole : uint8_t {
+  kInput,       // a graph input (token ids, labels)
+  kParameter,   // a module parameter or buffer
+  kActivation,  // produced by an op
+};
+
+struct TensorValue {
+  ValueId id;
+  ValueRole role = ValueRole::kActivation;
+  std::string name;             // "%12", or the parameter's dotted name
+  std::vector<int64_t> shape;   // at the batch/sequence the graph was built for
+  DType dtype = DType::kF32;
+  DType dtype_bf16_weights = DType::kF32;  // dtype observed when the same graph runs with bf16 weights: tells
+                                           // which floating values follow the weights and which ops fix a dtype
+  int64_t storage_numel = 0;    // elements of the storage this value created; 0 when it aliases another value
+  ValueId alias_of;             // the value whose storage this one shares (a view or an in-place result)
+  bool requires_grad = false;   // observed in an autograd-enabled run
+  NodeId producer;              // invalid for inputs and parameters
+  int32_t param = -1;           // index into Graph::params() for kParameter
+};
+
+struct OpNode {
+  NodeId id;
+  std::string kind;             // "aten::linear"
+  std::vector<OpArg> args;      // schema order
+  std::vector<ValueId> outputs; // tensor outputs, flattened (a Tensor[] result becomes several values)
+  Region region;
+  std::string scope;            // module path, e.g. "model.layers.3.mlp.up_proj"
+};
+
+struct Parameter {
+  std::string name;             // "model.layers.0.self_attn.q_proj.weight"
+  std::vector<int64_t> shape;
+  DType dtype = DType::kF32;
+  int64_t bytes = 0;
+  bool trainable = true;        // false for buffers (masks, rotary tables)
+  bool used_in_forward = true;  // false for tensors the module holds but the forward never reads
+  ValueId value;
+  Region region;                // region of its first use
+};
+
+class Graph {
+ public:
+  Graph() = default;
+  Graph(std::vector<TensorValue> values, std::vector<OpNode> nodes, std::vector<Parameter> params,
+        std::vector<ValueId> inputs, ValueId loss, int64_t batch, int64_t seq);
+
+  const std::vector<TensorValue>& values() const { return values_; }
+  const std::vector<OpNode>& nodes() const { return nodes_; }
+  const std::vector<Parameter>& params() const { return params_; }
+  const std::vector<ValueId>& inputs() const { return inputs_; }
+  const TensorValue& value(ValueId id) const { return values_.at(static_cast<size_t>(id.index)); }
+  const OpNode& node(NodeId id) const { return nodes_.at(static_cast<size_t>(id.index)); }
+  ValueId loss() const { return loss_; }
+  int64_t batch() const { return batch_; }
+  int64_t seq() const { return seq_; }
+  int32_t num_layers() const;
+  // False when the export cannot run with 16-bit weights (it bakes fp32 dtypes in); then dtype_bf16_weights
+  // carries no information and pure-bf16 estimates are refused.
+  bool runs_with_bf16_weights() const { return runs_with_bf16_weights_; }
+  void set_runs_with_bf16_weights(bool v) { runs_with_bf16_weights_ = v; }
+
+  // Follows alias_of to the value that owns the storage.
+  ValueId StorageRoot(ValueId id) const;
+
+ private:
+  std::vector<TensorValue> values_;
+  std::vector<OpNode> nodes_;
+  std::vector<Parameter> params_;
+  std::vector<ValueId> inputs_;
+  ValueId loss_;
+  int64_t batch_ = 0;
+  int64_t seq_ = 0;
+  bool runs_with_bf16_weights_ = true;
+};
+
+// Checks the invariants every importer must establish (topological order, every use defined, alias chains end at
+// an owning value, the loss is a scalar); throws ModelLoadError naming the first broken one.
+void VerifyGraph(const Graph& graph);
+
+}  // namespace llmem

@@ -1,0 +1,499 @@
+#include "graph/torchscript_importer.h"
+
+#include <torch/csrc/jit/passes/inliner.h>
+#include <torch/csrc/jit/ir/constants.h>
+#include <torch/script.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <unordered_map>
+
+#include "graph/error.h"
+#include "graph/meta_kernels.h"
+
+namespace llmem {
+namespace {
+
+std::string FirstLine(const std::string& text) {
+  auto pos = text.find('\n');
+  std::string line = pos == std::string::npos ? text : text.substr(0, pos);
+  if (line.size() > 300) line = line.substr(0, 300) + "...";
+  return line;
+}
+
+std::string ErrorText(const c10::Error& e) { return FirstLine(e.what_without_backtrace()); }
+
+DType FromScalarType(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kF32;
+    case at::kHalf: return DType::kF16;
+    case at::kBFloat16: return DType::kBF16;
+    case at::kDouble: return DType::kF64;
+    case at::kLong: return DType::kI64;
+    case at::kInt: return DType::kI32;
+    case at::kShort: return DType::kI16;
+    case at::kChar: return DType::kI8;
+    case at::kByte: return DType::kU8;
+    case at::kBool: return DType::kBool;
+    case at::kComplexFloat: return DType::kComplex64;
+    default:
+      throw ModelLoadError(std::string("unsupported tensor dtype ") + c10::toString(t));
+  }
+}
+
+// What the module tree says about one parameter or buffer slot.
+struct SlotInfo {
+  std::string name;
+  bool is_parameter = false;
+};
+
+// Replaces every tensor slot of the module tree with an empty meta tensor of the same shape, strides and dtype
+// (or `float_dtype` for floating tensors, like Module::to(dtype)), keeping parameters trainable. Records names.
+struct MetaSlots {
+  std::unordered_map<const c10::TensorImpl*, SlotInfo> names;           // meta tensor -> slot
+  std::unordered_map<const c10::StorageImpl*, std::pair<at::Tensor, at::Tensor>> by_storage;  // original -> meta
+  std::vector<at::Tensor> all;                                           // every distinct meta tensor, in order
+};
+
+void MoveSlotsToMeta(const c10::intrusive_ptr<c10::ivalue::Object>& obj, const std::string& prefix,
+                     std::optional<at::ScalarType> float_dtype, MetaSlots& slots) {
+  const auto& type = obj->type();
+  for (size_t i = 0; i < type->numAttributes(); ++i) {
+    const std::string attr = type->getAttributeName(i);
+    const std::string name = prefix.empty() ? attr : prefix + "." + attr;
+    c10::IValue slot = obj->getSlot(i);
+    if (slot.isTensor()) {
+      at::Tensor t = slot.toTensor();
+      if (!t.defined()) continue;
+      const c10::StorageImpl* storage = t.has_storage() ? t.storage().unsafeGetStorageImpl() : nullptr;
+      auto seen = storage ? slots.by_storage.find(storage) : slots.by_storage.end();
+      if (seen != slots.by_storage.end()) {
+        // A tied weight: the same storage under a second name (serialization may give it its own tensor object).
+        const auto& [original, meta] = seen->second;
+        if (original.sizes() == t.sizes() && original.strides() == t.strides() &&
+            original.storage_offset() == t.storage_offset()) {
+          obj->setSlot(i, meta);
+        } else {
+          obj->setSlot(i, meta.detach().as_strided(t.sizes(), t.strides(), t.storage_offset()));
+        }
+        continue;
+      }
+      auto dtype = t.scalar_type();
+      if (float_dtype && at::isFloatingType(dtype)) dtype = *float_dtype;
+      at::Tensor meta = at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta).dtype(dtype));
+      const bool is_param = type->is_parameter(i);
+      if (is_param && at::isFloatingType(dtype)) meta.set_requires_grad(true);
+      obj->setSlot(i, meta);
+      slots.names[meta.unsafeGetTensorImpl()] = SlotInfo{name, is_param};
+      if (storage) slots.by_storage[storage] = {t, meta};
+      slots.all.push_back(meta);
+    } else if (slot.isObject()) {
+      auto child = slot.toObject();
+      if (child->type()->is_module()) MoveSlotsToMeta(child, name, float_dtype, slots);
+    }
+  }
+}
+
+// Module path of an inlined node, from its call stack. TorchScript flattens containers (ModuleList children show
+// up as "3", not "layers.3"), so each step is resolved against the real module tree, going one level down through
+// a container when the instance is not a direct child.
+std::string ModulePath(const torch::jit::Node* node, const torch::jit::Module& root) {
+  auto cs = node->callstack();
+  if (!cs) return "";
+  std::string path;
+  c10::intrusive_ptr<c10::ivalue::Object> cur = root._ivalue();
+  for (const auto& entry : (*cs)->vec()) {
+    const auto& info = std::get<2>(entry);
+    if (!info) continue;
+    const std::string& inst = info->instance_name();
+    auto type = cur->type();
+    auto child_slot = type->findAttributeSlot(inst);
+    std::string step;
+    c10::intrusive_ptr<c10::ivalue::Object> next;
+    if (child_slot && cur->getSlot(*child_slot).isObject()) {
+      next = cur->getSlot(*child_slot).toObject();
+      step = inst;
+    } else {
+      for (size_t i = 0; i < type->numAttributes() && !next; ++i) {
+        c10::IValue s = cur->getSlot(i);
+        if (!s.isObject()) continue;
+        auto container = s.toObject();
+        auto slot = container->type()->findAttributeSlot(inst);
+        if (slot && container->getSlot(*slot).isObject()) {
+          next = container->getSlot(*slot).toObject();
+          step = type->getAttributeName(i) + "." + inst;
+        }
+      }
+    }
+    if (!next) break;  // the call stack left the module tree (e.g. a free function); keep what we have
+    path += (path.empty() ? "" : ".") + step;
+    cur = next;
+  }
+  return path;
+}
+
+// Decoder layer index from a module path: the first "<name>.<integer>" step whose container is a ModuleList.
+int32_t LayerIndex(const std::string& path) {
+  static const std::regex kIndexed(R"((?:^|\.)[A-Za-z_]+\.(\d+)(?:\.|$))");
+  std::smatch m;
+  if (std::regex_search(path, m, kIndexed)) return std::stoi(m[1].str());
+  return -1;
+}
+
+DType PromoteFloating(DType a, DType b) {
+  if (a == b) return a;
+  // Any two different 16-bit types or a 16-bit type with f32 promote to f32 (torch.promote_types).
+  if (a == DType::kF64 || b == DType::kF64) return DType::kF64;
+  return DType::kF32;
+}
+
+// Per-run state of the op-by-op interpreter.
+struct Run {
+  std::unordered_map<const torch::jit::Value*, c10::IValue> env;
+  std::unordered_map<const c10::TensorImpl*, ValueId> by_impl;        // tensor object -> newest IR value
+  std::unordered_map<const c10::StorageImpl*, ValueId> by_storage;    // storage -> owning IR value
+  std::vector<TensorValue> values;
+  std::vector<OpNode> nodes;
+  std::vector<Parameter> params;
+  std::vector<at::Tensor> keep_alive;  // keeps storages alive so storage addresses are never reused
+};
+
+}  // namespace
+
+struct TorchScriptModel::Impl {
+  std::string path;
+  torch::jit::Module module;
+  std::shared_ptr<torch::jit::Graph> graph;  // inlined copy of forward
+
+  // Executes the graph on meta and records the IR. `float_dtype` converts floating weights first.
+  Run Execute(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype) const;
+};
+
+TorchScriptModel::TorchScriptModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+TorchScriptModel::TorchScriptModel(TorchScriptModel&&) noexcept = default;
+TorchScriptModel& TorchScriptModel::operator=(TorchScriptModel&&) noexcept = default;
+TorchScriptModel::~TorchScriptModel() = default;
+const std::string& TorchScriptModel::path() const { return impl_->path; }
+
+TorchScriptModel TorchScriptModel::Load(const std::string& path) {
+  EnsureMetaKernelsRegistered();
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::exists(path, ec)) throw ModelLoadError("model file not found: " + path);
+  if (fs::is_directory(path, ec)) throw ModelLoadError("model path is a directory, not a TorchScript file: " + path);
+  {
+    std::ifstream probe(path, std::ios::binary);
+    if (!probe) throw ModelLoadError("cannot read model file: " + path);
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->path = path;
+  try {
+    // No map_location: weight-free exports hold meta tensors already; small CPU exports are moved to meta below.
+    impl->module = torch::jit::load(path);
+  } catch (const c10::Error& e) {
+    throw ModelLoadError("not a readable TorchScript file: " + path + " (" + ErrorText(e) + ")");
+  } catch (const std::exception& e) {
+    throw ModelLoadError("not a readable TorchScript file: " + path + " (" + FirstLine(e.what()) + ")");
+  }
+  auto method = impl->module.find_method("forward");
+  if (!method) throw ModelLoadError("not a decoder LM: " + path + " has no forward method");
+  impl->graph = method->graph()->copy();
+  torch::jit::Inline(*impl->graph);
+  // inputs: self, input_ids, labels
+  if (impl->graph->inputs().size() != 3) {
+    throw ModelLoadError("not a decoder LM: forward must take (input_ids, labels), found " +
+                         std::to_string(impl->graph->inputs().size() - 1) + " inputs in " + path);
+  }
+  if (impl->graph->outputs().size() != 1) {
+    throw ModelLoadError("not a decoder LM: forward must return the loss tensor in " + path);
+  }
+  return TorchScriptModel(std::move(impl));
+}
+
+Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype) const {
+  using torch::jit::Node;
+  using torch::jit::Value;
+  Run run;
+  // Slots are replaced in place (a clone would untie tied weights); after the first run they are meta already, so
+  // the loaded weights are released and later runs only change dtypes.
+  const torch::jit::Module& mod = module;
+  MetaSlots slots;
+  MoveSlotsToMeta(mod._ivalue(), "", float_dtype, slots);
+  const auto& slot_names = slots.names;
+
+  auto new_value = [&](ValueRole role, const at::Tensor& t, NodeId producer, const std::string& name) {
+    TensorValue v;
+    v.id = ValueId{static_cast<int32_t>(run.values.size())};
+    v.role = role;
+    v.name = name.empty() ? "%" + std::to_string(v.id.index) : name;
+    v.shape = t.sizes().vec();
+    v.dtype = FromScalarType(t.scalar_type());
+    v.dtype_bf16_weights = v.dtype;
+    v.requires_grad = t.requires_grad();
+    v.producer = producer;
+    const c10::StorageImpl* storage = t.has_storage() ? t.storage().unsafeGetStorageImpl() : nullptr;
+    auto it = storage ? run.by_storage.find(storage) : run.by_storage.end();
+    if (it != run.by_storage.end()) {
+      v.alias_of = it->second;
+    } else {
+      const int64_t bytes = t.has_storage() ? static_cast<int64_t>(t.storage().nbytes()) : 0;
+      v.storage_numel = bytes / static_cast<int64_t>(t.element_size());
+      if (storage) run.by_storage[storage] = v.id;
+    }
+    run.by_impl[t.unsafeGetTensorImpl()] = v.id;
+    run.keep_alive.push_back(t);
+    run.values.push_back(std::move(v));
+    return run.values.back().id;
+  };
+
+  auto M = at::TensorOptions().device(at::kMeta).dtype(at::kLong);
+  at::Tensor ids = at::empty({batch, seq}, M);
+  at::Tensor labels = at::empty({batch, seq}, M);
+  run.env[graph->inputs()[0]] = mod._ivalue();
+  run.env[graph->inputs()[1]] = ids;
+  run.env[graph->inputs()[2]] = labels;
+  std::vector<ValueId> inputs{new_value(ValueRole::kInput, ids, NodeId{}, "input_ids"),
+                              new_value(ValueRole::kInput, labels, NodeId{}, "labels")};
+
+  // Resolves a tensor seen as an op input to its IR value (parameters are registered on first sight).
+  auto tensor_value = [&](const at::Tensor& t, Region region) -> ValueId {
+    auto it = run.by_impl.find(t.unsafeGetTensorImpl());
+    if (it != run.by_impl.end()) return it->second;
+    auto slot = slot_names.find(t.unsafeGetTensorImpl());
+    ValueRole role = slot != slot_names.end() ? ValueRole::kParameter : ValueRole::kInput;
+    std::string name = slot != slot_names.end() ? slot->second.name : "";
+    ValueId id = new_value(role, t, NodeId{}, name);
+    if (role == ValueRole::kParameter) {
+      auto& v = run.values[static_cast<size_t>(id.index)];
+      Parameter p;
+      p.name = name;
+      p.shape = v.shape;
+      p.dtype = v.dtype;
+      p.bytes = ShapeBytes(v.shape, v.dtype);
+      p.trainable = slot->second.is_parameter && t.requires_grad();
+      p.value = id;
+      p.region = region;
+      v.param = static_cast<int32_t>(run.params.size());
+      run.params.push_back(std::move(p));
+    } else {
+      // A tensor constant baked into the trace.
+      run.values[static_cast<size_t>(id.index)].name = "const%" + std::to_string(id.index);
+    }
+    return id;
+  };
+
+  auto to_arg = [&](const c10::IValue& iv, Region region) {
+    OpArg a;
+    if (iv.isTensor()) {
+      a.kind = OpArg::Kind::kTensor;
+      if (iv.toTensor().defined()) a.tensors.push_back(tensor_value(iv.toTensor(), region));
+      else a.kind = OpArg::Kind::kNone;
+    } else if (iv.isTensorList()) {
+      a.kind = OpArg::Kind::kTensorList;
+      for (const at::Tensor& t : iv.toTensorVector()) a.tensors.push_back(tensor_value(t, region));
+    } else if (iv.isBool()) {
+      a.kind = OpArg::Kind::kBool;
+      a.int_value = iv.toBool() ? 1 : 0;
+    } else if (iv.isInt()) {
+      a.kind = OpArg::Kind::kInt;
+      a.int_value = iv.toInt();
+    } else if (iv.isDouble()) {
+      a.kind = OpArg::Kind::kDouble;
+      a.double_value = iv.toDouble();
+    } else if (iv.isIntList()) {
+      a.kind = OpArg::Kind::kIntList;
+      a.ints = iv.toIntVector();
+    } else if (iv.isString()) {
+      a.kind = OpArg::Kind::kString;
+      a.text = iv.toStringRef();
+    } else if (iv.isNone()) {
+      a.kind = OpArg::Kind::kNone;
+    } else {
+      a.kind = OpArg::Kind::kOther;
+      a.text = iv.tagKind();  // printing would read tensor data, which meta tensors do not have
+      if (iv.isList()) {  // e.g. Tensor?[] indices of aten::index
+        for (const c10::IValue& e : iv.toListRef()) {
+          if (e.isTensor() && e.toTensor().defined()) a.tensors.push_back(tensor_value(e.toTensor(), region));
+        }
+      }
+    }
+    return a;
+  };
+
+  // Regions are assigned after the run: ops inside a decoder layer get it from their module path; the rest are
+  // embedding (before the first layer op) or head (after the last).
+  std::vector<int32_t> node_layers;
+  std::unordered_map<const Value*, bool> is_param_attr;
+
+  for (const Node* node : graph->nodes()) {
+    const auto kind = node->kind();
+    if (kind == c10::prim::Constant) {
+      auto iv = torch::jit::toIValue(node->output());
+      LLMEM_CHECK(iv.has_value()) << "constant without value";
+      if (iv->isDevice()) {
+        iv = c10::IValue(c10::Device(at::kMeta));  // traced files bake the export device in
+      } else if (iv->isTensor() && iv->toTensor().defined() && iv->toTensor().dim() > 0) {
+        iv = c10::IValue(iv->toTensor().to(at::kMeta));
+      }
+      run.env[node->output()] = *iv;
+      continue;
+    }
+    if (kind == c10::prim::GetAttr) {
+      const auto& obj = run.env.at(node->input());
+      run.env[node->output()] = obj.toObject()->getAttr(node->s(c10::attr::name));
+      continue;
+    }
+    if (kind == c10::prim::If || kind == c10::prim::Loop || kind == c10::prim::CallMethod ||
+        kind == c10::prim::CallFunction) {
+      throw ModelLoadError(std::string("unsupported control flow ") + kind.toQualString() +
+                           " in the forward graph: export the model with torch.jit.trace");
+    }
+    torch::jit::Stack stack;
+    for (const Value* in : node->inputs()) stack.push_back(run.env.at(in));
+    std::vector<c10::IValue> in_values(stack.begin(), stack.end());
+    try {
+      // The interpreter emits these as instructions rather than registered operators.
+      if (kind == c10::prim::ListConstruct) {
+        c10::impl::GenericList list(node->output()->type()->expectRef<c10::ListType>().getElementType());
+        for (auto& iv : stack) list.push_back(std::move(iv));
+        stack.assign(1, c10::IValue(std::move(list)));
+      } else if (kind == c10::prim::TupleConstruct) {
+        auto tuple = c10::ivalue::Tuple::create(std::vector<c10::IValue>(stack.begin(), stack.end()));
+        stack.assign(1, c10::IValue(std::move(tuple)));
+      } else if (kind == c10::prim::ListUnpack) {
+        std::vector<c10::IValue> items(stack.back().toListRef().begin(), stack.back().toListRef().end());
+        stack = std::move(items);
+      } else if (kind == c10::prim::TupleUnpack) {
+        std::vector<c10::IValue> items(stack.back().toTupleRef().elements().begin(),
+                                       stack.back().toTupleRef().elements().end());
+        stack = std::move(items);
+      } else {
+        torch::jit::Operation op = node->getOperation();
+        op(stack);
+      }
+    } catch (const torch::jit::ErrorReport& e) {
+      throw ModelLoadError(std::string("op ") + kind.toQualString() + " has no implementation: " + FirstLine(e.what()));
+    } catch (const c10::Error& e) {
+      const std::string msg = ErrorText(e);
+      if (msg.find("overflow") != std::string::npos) {
+        throw ConfigError("batch " + std::to_string(batch) + " x sequence " + std::to_string(seq) +
+                          " is too large: " + msg);
+      }
+      throw ModelLoadError(std::string("op ") + kind.toQualString() + " failed while tracing shapes on meta: " + msg);
+    }
+    LLMEM_CHECK(stack.size() == node->outputs().size()) << kind.toQualString();
+    for (size_t i = 0; i < stack.size(); ++i) run.env[node->outputs()[i]] = stack[i];
+
+    const bool is_aten = kind.is_aten();
+    bool has_tensor_out = false;
+    for (const auto& iv : stack) has_tensor_out |= iv.isTensor() || iv.isTensorList();
+    // Pure routing (prim list/tuple ops) and shape queries create no IR op; their tensors keep their identity.
+    if (!is_aten || !has_tensor_out) continue;
+
+    OpNode op;
+    op.id = NodeId{static_cast<int32_t>(run.nodes.size())};
+    op.kind = kind.toQualString();
+    op.scope = ModulePath(node, mod);
+    Region provisional{RegionKind::kEmbedding, -1};
+    for (const auto& iv : in_values) op.args.push_back(to_arg(iv, provisional));
+    for (const auto& iv : stack) {
+      if (iv.isTensor() && iv.toTensor().defined()) {
+        op.outputs.push_back(new_value(ValueRole::kActivation, iv.toTensor(), op.id, ""));
+      } else if (iv.isTensorList()) {
+        for (const at::Tensor& t : iv.toTensorVector()) {
+          op.outputs.push_back(new_value(ValueRole::kActivation, t, op.id, ""));
+        }
+      }
+    }
+    node_layers.push_back(LayerIndex(op.scope));
+    run.nodes.push_back(std::move(op));
+  }
+
+  // Regions.
+  int first_layer_node = -1, last_layer_node = -1;
+  for (size_t n = 0; n < run.nodes.size(); ++n) {
+    if (node_layers[n] >= 0) {
+      if (first_layer_node < 0) first_layer_node = static_cast<int>(n);
+      last_layer_node = static_cast<int>(n);
+    }
+  }
+  for (size_t n = 0; n < run.nodes.size(); ++n) {
+    auto& node = run.nodes[n];
+    if (node_layers[n] >= 0) {
+      node.region = Region{RegionKind::kDecoderLayer, node_layers[n]};
+    } else if (first_layer_node < 0 || static_cast<int>(n) < first_layer_node) {
+      node.region = Region{RegionKind::kEmbedding, -1};
+    } else if (static_cast<int>(n) > last_layer_node) {
+      node.region = Region{RegionKind::kHead, -1};
+    } else {
+      // Between layers but outside any: attribute to the layer of the previous op.
+      node.region = run.nodes[n - 1].region;
+    }
+  }
+  // A parameter belongs to the region of its first use.
+  std::vector<bool> placed(run.params.size(), false);
+  for (const auto& node : run.nodes) {
+    for (const auto& arg : node.args) {
+      for (ValueId t : arg.tensors) {
+        int32_t p = run.values[static_cast<size_t>(t.index)].param;
+        if (p >= 0 && !placed[static_cast<size_t>(p)]) {
+          run.params[static_cast<size_t>(p)].region = node.region;
+          placed[static_cast<size_t>(p)] = true;
+        }
+      }
+    }
+  }
+  // Parameters and buffers the forward never reads still occupy memory (e.g. GPT-2's causal-mask buffers).
+  for (const at::Tensor& t : slots.all) {
+    if (run.by_impl.count(t.unsafeGetTensorImpl())) continue;
+    const ValueId id = tensor_value(t, Region{RegionKind::kEmbedding, -1});
+    auto& p = run.params[static_cast<size_t>(run.values[static_cast<size_t>(id.index)].param)];
+    const int32_t layer = LayerIndex(p.name);
+    p.region = layer >= 0 ? Region{RegionKind::kDecoderLayer, layer} : Region{RegionKind::kEmbedding, -1};
+    p.used_in_forward = false;
+  }
+  // Output.
+  const c10::IValue& out = run.env.at(graph->outputs()[0]);
+  if (!out.isTensor()) throw ModelLoadError("not a decoder LM: forward does not return a tensor");
+  auto it = run.by_impl.find(out.toTensor().unsafeGetTensorImpl());
+  LLMEM_CHECK(it != run.by_impl.end()) << "loss tensor unknown";
+  run.values[static_cast<size_t>(it->second.index)].name = "loss";
+  (void)inputs;
+  return run;
+}
+
+Graph TorchScriptModel::BuildGraph(int64_t batch, int64_t seq) const {
+  if (batch <= 0) throw ConfigError("batch size must be positive, got " + std::to_string(batch));
+  if (seq <= 0) throw ConfigError("sequence length must be positive, got " + std::to_string(seq));
+  CheckedMul(batch, seq, "batch x sequence");
+  c10::InferenceMode guard(false);
+  torch::AutoGradMode grad_mode(true);
+
+  Run run = impl_->Execute(batch, seq, std::nullopt);
+  // Second run with 16-bit weights: values whose dtype changes follow the weights; the rest are fixed by an op.
+  // Some traces bake fp32 dtypes in (e.g. BLOOM's alibi) and cannot run with 16-bit weights at all.
+  bool runs_with_bf16_weights = true;
+  try {
+    Run half = impl_->Execute(batch, seq, at::kBFloat16);
+    if (half.values.size() != run.values.size() || half.nodes.size() != run.nodes.size()) {
+      throw ModelLoadError("the forward graph of " + impl_->path + " is not straight-line (differs between runs)");
+    }
+    for (size_t i = 0; i < run.values.size(); ++i) run.values[i].dtype_bf16_weights = half.values[i].dtype;
+  } catch (const ModelLoadError&) {
+    runs_with_bf16_weights = false;
+  }
+
+  std::vector<ValueId> inputs{ValueId{0}, ValueId{1}};
+  ValueId loss;
+  for (const auto& v : run.values) {
+    if (v.name == "loss") loss = v.id;
+    ShapeBytes(v.shape, v.dtype);  // throws ConfigError when the byte count overflows
+  }
+  Graph graph(std::move(run.values), std::move(run.nodes), std::move(run.params), std::move(inputs), loss, batch, seq);
+  graph.set_runs_with_bf16_weights(runs_with_bf16_weights);
+  return graph;
+}
+
+}  // namespace llmem

@@ -1,0 +1,43 @@
+// TorchScript file -> IR. Loads an exported decoder LM whose forward(input_ids, labels) returns the training loss,
+// inlines its forward graph and executes it op by op on the meta device at the requested batch and sequence
+// length, recording every tensor's shape, dtype, storage sharing and requires_grad, and every op's module scope
+// and region. Weights are never materialized: parameters are moved to (or already live on) the meta device.
+//
+// It does not decide anything about memory; it only observes what PyTorch does.
+//
+// Usage:
+//   auto model = llmem::TorchScriptModel::Load("llama.pt");     // throws ModelLoadError
+//   llmem::Graph g = model.BuildGraph(/*batch=*/4, /*seq=*/512); // throws ModelLoadError / ConfigError
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "graph/graph.h"
+
+namespace llmem {
+
+class TorchScriptModel {
+ public:
+  // Loads the file. Throws ModelLoadError (one line) for a missing, unreadable or non-TorchScript file, or a
+  // module without forward(input_ids, labels).
+  static TorchScriptModel Load(const std::string& path);
+
+  TorchScriptModel(TorchScriptModel&&) noexcept;
+  TorchScriptModel& operator=(TorchScriptModel&&) noexcept;
+  ~TorchScriptModel();
+
+  // Runs the forward on meta at [batch, seq] and returns the IR. Throws ConfigError for batch/seq <= 0 or
+  // sizes whose byte counts overflow; ModelLoadError when the graph cannot run (naming the op).
+  Graph BuildGraph(int64_t batch, int64_t seq) const;
+
+  const std::string& path() const;
+
+ private:
+  struct Impl;
+  explicit TorchScriptModel(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace llmem

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs everything llmem needs on a fresh Debian machine, then configures and builds.
+# Idempotent: re-running skips what is already in place.
+#   LLMEM_BUILD_DIR   build folder (default: build)
+#   LLMEM_BUILD_TYPE  CMake build type (default: RelWithDebInfo)
+#   LLMEM_SANITIZE    1 = build with AddressSanitizer + UBSan
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+# torch 2.11.0 is what the GPU machines carry; transformers 4.57.6 is the last 4.x release
+# (5.x dropped TorchScript tracing).
+TORCH_VERSION=2.11.0
+TRANSFORMERS_VERSION=4.57.6
+DEBS=(build-essential cmake ninja-build python3-venv libspdlog-dev libfmt-dev libgtest-dev libgmock-dev
+      libcli11-dev nlohmann-json3-dev libbenchmark-dev)
+
+missing=()
+for p in "${DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python - <<PY 2>/dev/null
+import importlib.metadata as m, sys
+ok = m.version("torch").startswith("$TORCH_VERSION") and m.version("transformers") == "$TRANSFORMERS_VERSION"
+sys.exit(0 if ok else 1)
+PY
+then
+  echo "setup: installing torch==$TORCH_VERSION transformers==$TRANSFORMERS_VERSION into .venv"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q "torch==$TORCH_VERSION" "transformers==$TRANSFORMERS_VERSION"
+fi
+
+build_dir="${LLMEM_BUILD_DIR:-build}"
+torch_prefix="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+cmake -S . -B "$build_dir" -G Ninja \
+  -DCMAKE_BUILD_TYPE="${LLMEM_BUILD_TYPE:-RelWithDebInfo}" \
+  -DCMAKE_PREFIX_PATH="$torch_prefix" \
+  -DLLMEM_PYTHON="$repo/.venv/bin/python" \
+  -DLLMEM_SANITIZE="${LLMEM_SANITIZE:-0}" >/dev/null
+cmake --build "$build_dir" -j "$(nproc)"

@@ -1,0 +1,106 @@
+#include "simulator/memory_estimate.h"
+
+#include <algorithm>
+#include <memory>
+#include <unordered_map>
+
+#include "simulator/backend_rules.h"
+#include "simulator/caching_allocator_model.h"
+#include "simulator/simple_allocator_models.h"
+
+namespace llmem::sim {
+
+MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config) {
+  // Step 1: the timeline.
+  StepSimulation sim = SimulateTrainingStep(graph, config);
+  const Timeline& tl = sim.timeline;
+  const BackendRules backend = RulesFor(config.target);
+
+  // Step 2: the allocator models. The cpu target counts exact request sizes.
+  MemoryEstimate est;
+  est.target = config.target.name();
+  est.unknown_ops = sim.unknown_ops;
+  std::unique_ptr<AllocatorModel> model;
+  if (backend.caching_allocator) {
+    est.capacity_bytes = config.target.gpu.capacity_bytes;
+    est.fixed_overhead_bytes = config.target.gpu.cuda_context_bytes;
+    CachingAllocatorConfig cfg;
+    cfg.capacity_bytes = std::max<int64_t>(0, est.capacity_bytes - est.fixed_overhead_bytes);
+    model = std::make_unique<CudaCachingAllocatorModel>(cfg);
+  } else {
+    model = std::make_unique<ExactBytesModel>();
+  }
+  NoFragmentationModel lower_bound;
+
+  // Step 3: replay, tracking live blocks to explain the peak.
+  std::unordered_map<int64_t, const MemoryEvent*> live;
+  std::array<int64_t, kNumCategories> live_by_category{};
+  size_t peak_event = 0;
+  int64_t peak = -1;
+  for (size_t i = 0; i < tl.events.size(); ++i) {
+    const MemoryEvent& e = tl.events[i];
+    if (e.bytes == 0) continue;  // empty tensors take no memory, in PyTorch and in the models
+    if (e.is_alloc) {
+      if (!model->Alloc(e.block, e.bytes)) {
+        est.fits = false;
+        lower_bound.Alloc(e.block, e.bytes);
+        continue;  // an OOM in the real run; keep going to report the full demand
+      }
+      lower_bound.Alloc(e.block, e.bytes);
+      live[e.block] = &e;
+      live_by_category[static_cast<size_t>(e.category)] += e.bytes;
+      switch (e.category) {
+        case MemoryCategory::kWeights: est.weights_bytes += e.bytes; break;
+        case MemoryCategory::kGradients: est.gradients_bytes += e.bytes; break;
+        case MemoryCategory::kOptimizerState: est.optimizer_state_bytes += e.bytes; break;
+        default: break;
+      }
+    } else {
+      auto it = live.find(e.block);
+      if (it == live.end()) {
+        lower_bound.Free(e.block);
+        continue;  // its allocation failed
+      }
+      model->Free(e.block);
+      lower_bound.Free(e.block);
+      live_by_category[static_cast<size_t>(it->second->category)] -= it->second->bytes;
+      live.erase(it);
+    }
+    const int64_t allocated = model->Stats().allocated_bytes;
+    auto& phase_peak = est.phase_peak_bytes[static_cast<size_t>(e.phase)];
+    phase_peak = std::max(phase_peak, allocated);
+    if (allocated > peak) {
+      peak = allocated;
+      peak_event = i;
+      est.at_peak = live_by_category;
+      est.largest_at_peak.clear();
+      for (const auto& [block, ev] : live) {
+        est.largest_at_peak.push_back({tl.block_labels[static_cast<size_t>(block)], ev->category, ev->bytes});
+      }
+    }
+  }
+  std::sort(est.largest_at_peak.begin(), est.largest_at_peak.end(), [](const LiveBlock& a, const LiveBlock& b) {
+    return a.bytes != b.bytes ? a.bytes > b.bytes : a.label < b.label;
+  });
+  if (est.largest_at_peak.size() > 10) est.largest_at_peak.resize(10);
+
+  const AllocatorStats stats = model->Stats();
+  est.peak_allocated_bytes = stats.peak_allocated_bytes;
+  est.peak_reserved_bytes = backend.caching_allocator ? stats.peak_reserved_bytes : stats.peak_allocated_bytes;
+  est.lower_bound_bytes = lower_bound.Stats().peak_allocated_bytes;
+  est.nvidia_smi_bytes = est.peak_reserved_bytes + est.fixed_overhead_bytes;
+  if (est.capacity_bytes > 0 && est.nvidia_smi_bytes > est.capacity_bytes) est.fits = false;
+  if (!tl.events.empty()) {
+    const MemoryEvent& e = tl.events[peak_event];
+    est.peak_phase = e.phase;
+    if (e.node >= 0) {
+      const auto& node = graph.node(NodeId{e.node});
+      est.peak_op = node.kind + " (" + RegionName(node.region) + (node.scope.empty() ? "" : ", " + node.scope) + ")";
+    } else {
+      est.peak_op = std::string(PhaseName(e.phase)) + " step";
+    }
+  }
+  return est;
+}
+
+}  // namespace llmem::sim

@@ -1,0 +1,43 @@
+// Runs an allocator model over a step's timeline and reports the peak: what torch.cuda.max_memory_allocated /
+// max_memory_reserved would show (or, for the cpu target, what an instrumented CPU allocator counts), the
+// nvidia-smi figure, where the peak happens and what is live at that moment, by category.
+#pragma once
+
+#include <array>
+#include <string>
+#include <vector>
+
+#include "graph/graph.h"
+#include "simulator/memory_timeline.h"
+#include "simulator/training_config.h"
+#include "simulator/training_step_simulator.h"
+
+namespace llmem::sim {
+
+struct LiveBlock {
+  std::string label;
+  MemoryCategory category;
+  int64_t bytes;
+};
+
+struct MemoryEstimate {
+  std::string target;                   // "cpu" or a catalog GPU name
+  int64_t peak_allocated_bytes = 0;     // max_memory_allocated (cpu: max bytes the allocator handed out)
+  int64_t peak_reserved_bytes = 0;      // max_memory_reserved (cpu: equal to allocated)
+  int64_t lower_bound_bytes = 0;        // the same step with no fragmentation (512 B rounding only)
+  int64_t fixed_overhead_bytes = 0;     // CUDA context, outside the allocator
+  int64_t nvidia_smi_bytes = 0;         // reserved peak + fixed overhead
+  int64_t capacity_bytes = 0;           // device memory (0 for cpu)
+  bool fits = true;                     // nvidia-smi figure within capacity and no allocator OOM
+  Phase peak_phase = Phase::kSetup;     // where the allocated peak happens
+  std::string peak_op;                  // "aten::cross_entropy_loss (head)" or "optimizer step"
+  std::array<int64_t, kNumCategories> at_peak{};   // live bytes per category at the allocated peak
+  std::array<int64_t, 4> phase_peak_bytes{};       // allocated peak within each phase
+  std::vector<LiveBlock> largest_at_peak;           // the ten largest live blocks at the peak
+  int64_t weights_bytes = 0, gradients_bytes = 0, optimizer_state_bytes = 0;
+  std::vector<std::string> unknown_ops;
+};
+
+MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config);
+
+}  // namespace llmem::sim

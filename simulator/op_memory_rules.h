@@ -1,0 +1,59 @@
+// What autograd keeps and allocates for each aten op of a decoder graph: which tensors the forward saves for
+// backward, which extra buffers the op creates (kept for backward or freed at once), and what backward allocates
+// for each input's gradient. One rule per op kind, each following the op's entry in
+// tools/autograd/derivatives.yaml and its ATen implementation (named per rule in the .cc).
+//
+// Forward output allocation is not a rule: the IR observed which outputs own new storage.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "graph/graph.h"
+#include "simulator/backend_rules.h"
+
+namespace llmem::sim {
+
+// How backward produces the gradient of one tensor input.
+enum class GradKind : uint8_t {
+  kNone,         // no gradient flows to this input
+  kNew,          // a new tensor of the input's size and dtype
+  kPassThrough,  // the output's gradient itself (same storage) when shapes and dtypes match, else a new tensor
+  kView,         // a view of the output's gradient: no allocation
+};
+
+// An extra buffer an op allocates beyond its IR outputs.
+struct ExtraBuffer {
+  int64_t bytes = 0;
+  bool saved = false;  // true: kept until this op's backward; false: freed when the op returns
+};
+
+struct OpMemoryRule {
+  std::vector<int> saved_inputs;         // indices into the op's flattened tensor inputs
+  std::vector<int> saved_outputs;        // indices into the op's outputs
+  std::vector<ExtraBuffer> forward_extra;
+  std::vector<GradKind> input_grads;     // one per flattened tensor input
+  int64_t backward_workspace_bytes = 0;  // allocated before the input gradients, freed after them
+};
+
+// The op's tensor inputs in schema order (tensor lists flattened).
+std::vector<ValueId> TensorInputs(const OpNode& node);
+
+// Context a rule may read: the dtype each value has under the simulated precision.
+struct RuleContext {
+  const Graph& graph;
+  const BackendRules& backend;
+  std::function<DType(ValueId)> dtype;
+  std::function<int64_t(ValueId)> bytes;  // bytes of the value's own shape at its simulated dtype
+};
+
+// The rule for `node`, or nullopt when the op kind is unknown.
+std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx);
+
+// True for op kinds that never carry gradients and allocate only their IR outputs (masks, index arithmetic).
+bool IsKnownNonDifferentiable(const std::string& kind);
+
+}  // namespace llmem::sim

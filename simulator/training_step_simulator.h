@@ -1,0 +1,33 @@
+// IR + training config -> the memory timeline of one steady-state training step (forward, backward, optimizer
+// step), as a pure function.
+//
+// Note [What a step holds]
+// The step starts with weights, optimizer states (steady state: they exist from step 1 on) and the input batch
+// live; gradients were set to None. Forward frees each value after its last use, as the TorchScript interpreter
+// does, unless autograd saved it (op_memory_rules). Backward visits ops in reverse order: it allocates each input's
+// gradient, accumulates gradients that arrive more than once in place, then drops the output gradients and the
+// saved tensors of that op. Parameter gradients stay for the optimizer step, whose temporaries depend on the
+// backend (backend_rules).
+//
+// Not modelled here: activation checkpointing, gradient accumulation over micro-batches, multiple streams.
+#pragma once
+
+#include <vector>
+
+#include "graph/graph.h"
+#include "simulator/memory_timeline.h"
+#include "simulator/training_config.h"
+
+namespace llmem::sim {
+
+struct StepSimulation {
+  Timeline timeline;
+  std::vector<DType> value_dtypes;  // dtype of every IR value under the simulated precision
+  std::vector<std::string> unknown_ops;  // op kinds estimated conservatively (only with allow_unknown_ops)
+};
+
+// Throws UnsupportedOpError for an op kind without a rule (unless config.allow_unknown_ops) and ConfigError for
+// a precision the export cannot run in.
+StepSimulation SimulateTrainingStep(const Graph& graph, const TrainingConfig& config);
+
+}  // namespace llmem::sim
