@@ -136,8 +136,14 @@ int RunInspect(const std::string& path, int64_t batch, int64_t seq, bool print_i
   std::map<std::string, std::pair<int64_t, int64_t>> regions;  // name -> (elements, bytes)
   int64_t total = 0, total_bytes = 0;
   std::map<std::string, int64_t> dtypes;
+  int64_t buffer_elems = 0, buffer_bytes = 0;
   for (const auto& p : graph.params()) {
     if (graph.value(p.value).alias_of.valid()) continue;  // tied to another parameter
+    if (!p.trainable) {
+      buffer_elems += llmem::NumElements(p.shape);
+      buffer_bytes += p.bytes;
+      continue;
+    }
     const int64_t elems = llmem::NumElements(p.shape);
     const std::string region = p.region.kind == llmem::RegionKind::kDecoderLayer ? "decoder layers" : llmem::RegionName(p.region);
     regions[region].first += elems;
@@ -154,6 +160,8 @@ int RunInspect(const std::string& path, int64_t batch, int64_t seq, bool print_i
     j["layers"] = graph.num_layers();
     j["parameters"] = total;
     j["parameter_bytes"] = total_bytes;
+    j["buffer_elements"] = buffer_elems;
+    j["buffer_bytes"] = buffer_bytes;
     for (const auto& [r, v] : regions) j["regions"][r] = {{"parameters", v.first}, {"bytes", v.second}};
     j["dtypes"] = dtypes;
     j["ops"] = ops;
@@ -166,6 +174,8 @@ int RunInspect(const std::string& path, int64_t batch, int64_t seq, bool print_i
   for (const auto& [r, v] : regions) {
     std::printf("  %-16s %14lld  %s\n", r.c_str(), static_cast<long long>(v.first), FormatBytes(v.second).c_str());
   }
+  std::printf("buffers     %lld elements (%s), not trained\n", static_cast<long long>(buffer_elems),
+              FormatBytes(buffer_bytes).c_str());
   std::printf("dtypes     ");
   for (const auto& [d, n] : dtypes) std::printf(" %s:%lld", d.c_str(), static_cast<long long>(n));
   std::printf("\nops         %zu in the forward graph (at batch %lld, seq %lld)\n", graph.nodes().size(),

@@ -6,6 +6,10 @@
 // sees exactly the allocations of a real CPU run (checked by tests/measure). Memory that CPU kernels take outside
 // c10's allocator (std::vector/unique_ptr scratch) is invisible to both and not modelled here.
 //
+// Replaced even though LibTorch has meta kernels for them: resize_ (LibTorch's only records the byte size, so
+// outputs sized by resizing allocated nothing), cumsum (adds CPU's dtype-conversion temporary), mm and bmm (add
+// CPU's dtype checks).
+//
 // Also registered: scaled_dot_product_attention for AutogradMeta. Its CompositeImplicit kernel picks the backend
 // with a DispatchStub that has no meta entry, so on meta it always takes the math path while CPU takes the
 // fused flash kernel. The override asks the CPU selection rule and runs the same backend.
@@ -14,9 +18,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
+#include <ATen/TensorUtils.h>
+#include <c10/core/StorageImpl.h>
 #include <ATen/native/transformers/sdp_utils_cpp.h>
 #include <ATen/ops/_fused_sdp_choice_native.h>
 #include <ATen/ops/bmm_meta_dispatch.h>
+#include <ATen/ops/cumsum_meta_dispatch.h>
 #include <ATen/ops/mm_meta_dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -35,6 +42,41 @@ namespace llmem {
 namespace {
 
 using at::Tensor;
+
+// --- resize_ ----------------------------------------------------------------------------------------------------
+
+// LibTorch's meta resize_ only records the new byte size of the storage, so every op that sizes its output by
+// resizing an empty tensor (arange, index_select, where, TensorIterator outputs of non-structured ops) would
+// allocate nothing on meta. CPU (resize_ -> resize_impl_cpu_ -> resize_bytes_cpu): set contiguous sizes, and when
+// the storage is too small, allocate the new size from the storage's allocator and then free the old block.
+const Tensor& ResizeMeta(const Tensor& self, c10::SymIntArrayRef sym_size,
+                         std::optional<at::MemoryFormat> memory_format) {
+  TORCH_CHECK(!self.has_names(), "resize_ on meta: named tensors are not supported");
+  const c10::IntArrayRef size = C10_AS_INTARRAYREF_SLOW(sym_size);
+  c10::TensorImpl* impl = self.unsafeGetTensorImpl();
+  if (impl->sizes() != size) {
+    impl->set_sizes_contiguous(size);
+    if (impl->numel() > 0) {
+      const size_t new_bytes =
+          at::detail::computeStorageNbytesContiguous(size, impl->dtype().itemsize(), impl->storage_offset());
+      const c10::Storage& storage = impl->unsafe_storage();
+      TORCH_CHECK(storage, "resize_ on meta: tensor without storage");
+      c10::StorageImpl* storage_impl = storage.unsafeGetStorageImpl();
+      if (new_bytes > storage_impl->nbytes()) {
+        TORCH_CHECK(storage_impl->resizable(), "Trying to resize storage that is not resizable");
+        c10::Allocator* allocator = storage_impl->allocator();
+        if (allocator == nullptr) allocator = c10::GetAllocator(c10::DeviceType::Meta);
+        storage_impl->set_data_ptr_noswap(allocator->allocate(new_bytes));
+        storage_impl->set_nbytes(new_bytes);
+      }
+    }
+  }
+  if (memory_format.has_value()) {
+    TORCH_CHECK(*memory_format != at::MemoryFormat::Preserve, "Unsupported memory format", *memory_format);
+    impl->empty_tensor_restride(*memory_format);
+  }
+  return self;
+}
 
 // --- Embedding -------------------------------------------------------------------------------------------------
 
@@ -134,6 +176,18 @@ std::tuple<Tensor, Tensor, Tensor> NativeLayerNormBackwardMeta(
   return {dx, dgamma, dbeta};
 }
 
+// --- cumsum -----------------------------------------------------------------------------------------------------
+
+// CPU (cumsum_out -> impl_func_cum_ops): after the structured meta function sizes the result, the kernel reads
+// self converted to the result dtype, a temporary copy when the dtypes differ (e.g. a bool mask summed as long).
+Tensor CumsumMeta(const Tensor& self, int64_t dim, std::optional<at::ScalarType> dtype) {
+  Tensor result = at::meta::cumsum(self, dim, dtype);
+  if (self.dim() > 0 && self.numel() > 0) {
+    const Tensor converted = self.to(result.scalar_type());
+  }
+  return result;
+}
+
 // --- mm / bmm ---------------------------------------------------------------------------------------------------
 
 // LibTorch's structured meta kernels of mm and bmm accept operands of different dtypes, which the CPU kernels
@@ -211,7 +265,8 @@ int64_t FlashQueryBlock(int64_t q_len) {
 
 bool IsReduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// Outputs: out [B, H, L, E] contiguous in the query dtype; logsumexp [B, H, L] float with the memory order
+// Outputs: out [B, H, L, E] like the query (empty_like: same memory order, e.g. [B, L, H, E] when the query is a
+// transposed projection); logsumexp [B, H, L] float with the memory order
 // [B, L, H]. Temporaries: a per-thread accumulation buffer and (reduced dtypes) a per-thread buffer in the
 // query dtype.
 std::tuple<Tensor, Tensor> FlashAttentionForCpuMeta(const Tensor& query, const Tensor& key, const Tensor& value,
@@ -224,7 +279,7 @@ std::tuple<Tensor, Tensor> FlashAttentionForCpuMeta(const Tensor& query, const T
   const int64_t head_dim = query.size(3);
   const int64_t kv_len = value.size(2);
   const at::ScalarType acc = at::toOpMathType(query.scalar_type());
-  Tensor out = at::empty({batch, heads, q_len, head_dim}, query.options());
+  Tensor out = at::empty_like(query);
   Tensor lse = at::empty({batch, q_len, heads}, query.options().dtype(acc)).transpose(1, 2);
   const int64_t q_block = FlashQueryBlock(q_len);
   const int64_t kv_block = std::min(kFlashKvBlock, kv_len);
@@ -298,7 +353,7 @@ void RegisterAll() {
   static auto* meta = new torch::Library(torch::Library::IMPL, "aten", c10::DispatchKey::Meta, __FILE__, __LINE__);
   static auto* autograd_meta =
       new torch::Library(torch::Library::IMPL, "aten", c10::DispatchKey::AutogradMeta, __FILE__, __LINE__);
-  // Register only where LibTorch has no kernel, so a newer LibTorch's own kernels win.
+  // Register only where LibTorch has no kernel, so a newer LibTorch's own kernels win (except the replacements).
   if (!HasMetaKernel("aten::index_select", "")) meta->impl("index_select", TORCH_FN(IndexSelectMeta));
   if (!HasMetaKernel("aten::embedding_dense_backward", "")) {
     meta->impl("embedding_dense_backward", TORCH_FN(EmbeddingDenseBackwardMeta));
@@ -319,6 +374,8 @@ void RegisterAll() {
   {
     DropWarnings drop;
     c10::WarningUtils::WarningHandlerGuard guard(&drop);
+    meta->impl("resize_", TORCH_FN(ResizeMeta));
+    meta->impl("cumsum", TORCH_FN(CumsumMeta));
     meta->impl("mm", TORCH_FN(MmMeta));
     meta->impl("bmm", TORCH_FN(BmmMeta));
   }

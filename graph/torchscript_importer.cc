@@ -55,6 +55,7 @@ struct MetaSlots {
   std::unordered_map<const c10::TensorImpl*, SlotInfo> names;           // meta tensor -> slot
   std::unordered_map<const c10::StorageImpl*, std::pair<at::Tensor, at::Tensor>> by_storage;  // original -> meta
   std::vector<at::Tensor> all;                                           // every distinct meta tensor, in order
+  std::map<std::string, at::ScalarType>* original_dtypes = nullptr;       // slot name -> dtype in the file
 };
 
 void MoveSlotsToMeta(const c10::intrusive_ptr<c10::ivalue::Object>& obj, const std::string& prefix,
@@ -80,7 +81,9 @@ void MoveSlotsToMeta(const c10::intrusive_ptr<c10::ivalue::Object>& obj, const s
         }
         continue;
       }
-      auto dtype = t.scalar_type();
+      // The dtype the file stored; earlier runs may have converted the slot already.
+      auto original = slots.original_dtypes->emplace(name, t.scalar_type()).first->second;
+      auto dtype = original;
       if (float_dtype && at::isFloatingType(dtype)) dtype = *float_dtype;
       at::Tensor meta = at::empty_strided(t.sizes(), t.strides(), t.options().device(at::kMeta).dtype(dtype));
       const bool is_param = type->is_parameter(i);
@@ -166,6 +169,7 @@ struct TorchScriptModel::Impl {
   std::string path;
   torch::jit::Module module;
   std::shared_ptr<torch::jit::Graph> graph;  // inlined copy of forward
+  mutable std::map<std::string, at::ScalarType> original_dtypes;  // filled by the first run
 
   // Executes the graph on meta and records the IR. `float_dtype` converts floating weights first.
   Run Execute(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype) const;
@@ -220,6 +224,7 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   // the loaded weights are released and later runs only change dtypes.
   const torch::jit::Module& mod = module;
   MetaSlots slots;
+  slots.original_dtypes = &original_dtypes;
   MoveSlotsToMeta(mod._ivalue(), "", float_dtype, slots);
   const auto& slot_names = slots.names;
 
@@ -249,6 +254,7 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   };
 
   auto M = at::TensorOptions().device(at::kMeta).dtype(at::kLong);
+  CheckedMul(CheckedMul(batch, seq, "the token ids"), 8, "the token ids");
   at::Tensor ids = at::empty({batch, seq}, M);
   at::Tensor labels = at::empty({batch, seq}, M);
   run.env[graph->inputs()[0]] = mod._ivalue();

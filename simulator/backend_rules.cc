@@ -39,9 +39,9 @@ AutocastClass BackendRules::Autocast(std::string_view op_kind) const {
   return AutocastClass::kNone;
 }
 
-AttentionKernel BackendRules::Attention(bool sixteen_bit) const {
+AttentionKernel BackendRules::Attention(bool sixteen_bit, bool has_mask) const {
   if (!cuda) return AttentionKernel::kCpuFlash;
-  return sixteen_bit ? AttentionKernel::kCudaFlash : AttentionKernel::kCudaEfficient;
+  return sixteen_bit && !has_mask ? AttentionKernel::kCudaFlash : AttentionKernel::kCudaEfficient;
 }
 
 BackendRules RulesFor(const Target& target) {

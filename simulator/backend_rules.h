@@ -60,8 +60,9 @@ struct BackendRules {
   bool caching_allocator = false;
 
   AutocastClass Autocast(std::string_view op_kind) const;
-  // 16-bit inputs take flash attention on CUDA; fp32 takes the memory-efficient kernel.
-  AttentionKernel Attention(bool sixteen_bit) const;
+  // CUDA: flash attention takes 16-bit inputs without an explicit mask; fp32, or any explicit mask, takes the
+  // memory-efficient kernel (sdp_utils.cpp: flash has no attn_mask support).
+  AttentionKernel Attention(bool sixteen_bit, bool has_mask) const;
 };
 
 BackendRules RulesFor(const Target& target);

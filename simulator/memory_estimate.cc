@@ -4,6 +4,7 @@
 #include <memory>
 #include <unordered_map>
 
+#include "graph/error.h"
 #include "simulator/backend_rules.h"
 #include "simulator/caching_allocator_model.h"
 #include "simulator/simple_allocator_models.h"
@@ -20,17 +21,31 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config) 
   MemoryEstimate est;
   est.target = config.target.name();
   est.unknown_ops = sim.unknown_ops;
+  // Two runs of the allocator model: one with unlimited memory reports what the step asks for (the numbers a
+  // larger GPU would show), one limited to the GPU decides whether it fits, including the caching allocator's
+  // release-and-retry on a failed cudaMalloc.
   std::unique_ptr<AllocatorModel> model;
+  std::unique_ptr<AllocatorModel> limited;
   if (backend.caching_allocator) {
     est.capacity_bytes = config.target.gpu.capacity_bytes;
     est.fixed_overhead_bytes = config.target.gpu.cuda_context_bytes;
     CachingAllocatorConfig cfg;
-    cfg.capacity_bytes = std::max<int64_t>(0, est.capacity_bytes - est.fixed_overhead_bytes);
     model = std::make_unique<CudaCachingAllocatorModel>(cfg);
+    cfg.capacity_bytes = std::max<int64_t>(0, est.capacity_bytes - est.fixed_overhead_bytes);
+    limited = std::make_unique<CudaCachingAllocatorModel>(cfg);
   } else {
     model = std::make_unique<ExactBytesModel>();
   }
-  NoFragmentationModel lower_bound;
+  // Lower bound: no fragmentation. On CUDA that is 512 B rounding; the CPU allocator hands out exact sizes.
+  std::unique_ptr<AllocatorModel> lower_bound_model;
+  if (backend.caching_allocator) {
+    lower_bound_model = std::make_unique<NoFragmentationModel>();
+  } else {
+    lower_bound_model = std::make_unique<ExactBytesModel>();
+  }
+  AllocatorModel& lower_bound = *lower_bound_model;
+  bool limited_oom = false;
+  std::unordered_map<int64_t, bool> limited_live;
 
   // Step 3: replay, tracking live blocks to explain the peak.
   std::unordered_map<int64_t, const MemoryEvent*> live;
@@ -40,12 +55,16 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config) 
   for (size_t i = 0; i < tl.events.size(); ++i) {
     const MemoryEvent& e = tl.events[i];
     if (e.bytes == 0) continue;  // empty tensors take no memory, in PyTorch and in the models
-    if (e.is_alloc) {
-      if (!model->Alloc(e.block, e.bytes)) {
-        est.fits = false;
-        lower_bound.Alloc(e.block, e.bytes);
-        continue;  // an OOM in the real run; keep going to report the full demand
+    if (limited && !limited_oom) {
+      if (e.is_alloc) {
+        limited_oom = !limited->Alloc(e.block, e.bytes);
+        if (!limited_oom) limited_live[e.block] = true;
+      } else if (limited_live.erase(e.block)) {
+        limited->Free(e.block);
       }
+    }
+    if (e.is_alloc) {
+      LLMEM_CHECK(model->Alloc(e.block, e.bytes)) << "an unlimited allocator model ran out of memory";
       lower_bound.Alloc(e.block, e.bytes);
       live[e.block] = &e;
       live_by_category[static_cast<size_t>(e.category)] += e.bytes;
@@ -57,10 +76,7 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config) 
       }
     } else {
       auto it = live.find(e.block);
-      if (it == live.end()) {
-        lower_bound.Free(e.block);
-        continue;  // its allocation failed
-      }
+      LLMEM_CHECK(it != live.end()) << "free of a block that is not live";
       model->Free(e.block);
       lower_bound.Free(e.block);
       live_by_category[static_cast<size_t>(it->second->category)] -= it->second->bytes;
@@ -86,10 +102,16 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config) 
 
   const AllocatorStats stats = model->Stats();
   est.peak_allocated_bytes = stats.peak_allocated_bytes;
-  est.peak_reserved_bytes = backend.caching_allocator ? stats.peak_reserved_bytes : stats.peak_allocated_bytes;
+  // When the step fits, the GPU-limited run is what the device would show: near capacity the allocator releases
+  // cached segments and retries instead of growing. When it does not fit, report the unlimited demand.
+  if (limited && !limited_oom) {
+    est.peak_reserved_bytes = limited->Stats().peak_reserved_bytes;
+  } else {
+    est.peak_reserved_bytes = backend.caching_allocator ? stats.peak_reserved_bytes : stats.peak_allocated_bytes;
+  }
   est.lower_bound_bytes = lower_bound.Stats().peak_allocated_bytes;
   est.nvidia_smi_bytes = est.peak_reserved_bytes + est.fixed_overhead_bytes;
-  if (est.capacity_bytes > 0 && est.nvidia_smi_bytes > est.capacity_bytes) est.fits = false;
+  if (limited_oom || (est.capacity_bytes > 0 && est.nvidia_smi_bytes > est.capacity_bytes)) est.fits = false;
   if (!tl.events.empty()) {
     const MemoryEvent& e = tl.events[peak_event];
     est.peak_phase = e.phase;

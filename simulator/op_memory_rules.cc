@@ -246,21 +246,18 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
     // logsumexp: float32 [B, H, L] (q is [B, H, L, E]).
     int64_t lse_rows = 1;
     for (size_t i = 0; i + 1 < q.shape.size(); ++i) lse_rows *= q.shape[i];
-    const AttentionKernel kernel = ctx.backend.Attention(ElementSize(qd) == 2);
+    const bool has_mask = n >= 4;
+    const AttentionKernel kernel = ctx.backend.Attention(ElementSize(qd) == 2, has_mask);
     if (kernel == AttentionKernel::kCudaEfficient && !q.shape.empty()) {
       const int64_t l = q.shape[q.shape.size() - 2];
       lse_rows = lse_rows / l * ((l + 31) / 32 * 32);  // kAlignLSE = 32 rows
     }
     r.forward_extra.push_back({lse_rows * ElementSize(DType::kF32), true});
-    const bool has_mask = n >= 4;
-    if (has_mask && kernel != AttentionKernel::kCudaFlash) {
-      // A bool mask becomes a float mask (where(~mask, -inf, 0)) that the kernel saves for backward.
+    if (has_mask) {
+      // A bool mask becomes a float mask in q's dtype (convert_boolean_attn_mask) that the kernel saves for
+      // backward; measured on CPU: no further temporary.
       const auto& mask = ctx.graph.value(inputs[3]);
-      if (mask.dtype == DType::kBool) {
-        const int64_t mask_elems = NumElements(mask.shape);
-        r.forward_extra.push_back({mask_elems * ElementSize(qd), true});
-        r.forward_extra.push_back({mask_elems, false});  // logical_not temporary
-      }
+      if (mask.dtype == DType::kBool) r.forward_extra.push_back({NumElements(mask.shape) * ElementSize(qd), true});
     }
     return r;
   }

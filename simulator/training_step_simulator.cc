@@ -246,8 +246,15 @@ void StepBuilder::Forward() {
   }
   last_use[static_cast<size_t>(graph_.loss().index)] = static_cast<int32_t>(nodes.size());
 
-  RuleContext ctx{graph_, backend_, [this](ValueId v) { return out_.value_dtypes[static_cast<size_t>(v.index)]; },
-                  [this](ValueId v) { return Bytes(v); }};
+  // Inside an op, an input that autocast copied has the copy's dtype (e.g. cross_entropy's fp32 copy of 16-bit
+  // logits), so the rule sizes what the op really sees.
+  std::map<int32_t, DType> op_input_dtype;
+  auto dtype_in_op = [this, &op_input_dtype](ValueId v) {
+    auto it = op_input_dtype.find(v.index);
+    return it != op_input_dtype.end() ? it->second : out_.value_dtypes[static_cast<size_t>(v.index)];
+  };
+  RuleContext ctx{graph_, backend_, dtype_in_op,
+                  [this, &dtype_in_op](ValueId v) { return ShapeBytes(graph_.value(v).shape, dtype_in_op(v)); }};
   const bool autocast =
       config_.precision == Precision::kBf16Autocast || config_.precision == Precision::kFp16Autocast;
   const DType low = config_.precision == Precision::kFp16Autocast ? DType::kF16 : DType::kBF16;
@@ -259,6 +266,16 @@ void StepBuilder::Forward() {
   for (const auto& node : nodes) {
     const size_t n = static_cast<size_t>(node.id.index);
     const auto inputs = TensorInputs(node);
+    op_input_dtype.clear();
+    const AutocastClass autocast_class = autocast ? backend_.Autocast(node.kind) : AutocastClass::kNone;
+    const bool casts_inputs =
+        autocast_class == AutocastClass::kLowerPrecision || autocast_class == AutocastClass::kFp32;
+    const DType cast_to = autocast_class == AutocastClass::kLowerPrecision ? low : DType::kF32;
+    if (casts_inputs) {
+      for (ValueId in : inputs) {
+        if (IsFloating(out_.value_dtypes[static_cast<size_t>(in.index)])) op_input_dtype[in.index] = cast_to;
+      }
+    }
     auto rule = RuleFor(node, ctx);
     if (!rule) {
       bool differentiable = false;
@@ -283,10 +300,10 @@ void StepBuilder::Forward() {
 
     // Autocast: inputs of lower-precision ops become 16-bit copies; weights' copies are cached for the forward.
     std::vector<int64_t> op_temporaries;
-    if (autocast) {
-      const AutocastClass cls = backend_.Autocast(node.kind);
-      if (cls == AutocastClass::kLowerPrecision || cls == AutocastClass::kFp32) {
-        const DType want = cls == AutocastClass::kLowerPrecision ? low : DType::kF32;
+    if (casts_inputs) {
+      {
+        const AutocastClass cls = autocast_class;
+        const DType want = cast_to;
         for (size_t i = 0; i < inputs.size(); ++i) {
           const ValueId in = inputs[i];
           const DType have = out_.value_dtypes[static_cast<size_t>(in.index)];
@@ -428,7 +445,8 @@ void StepBuilder::Backward() {
         // The op differentiates its autocast copy; ToCopyBackward converts to the input's dtype.
         const int64_t copy_grad = NewStorage(storages_[static_cast<size_t>(*cast)].bytes, MemoryCategory::kActivationGrads,
                                              "d " + v.name + " (autocast dtype)", node.id.index);
-        contribution = NewStorage(in_bytes, MemoryCategory::kActivationGrads, "d " + v.name, node.id.index);
+        contribution = NewStorage(in_bytes, Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
+                                  "d " + v.name, node.id.index);
         Unref(copy_grad, node.id.index);
       } else if (kind == GradKind::kView ||
                  (kind == GradKind::kPassThrough && node.outputs.size() >= 1 &&
@@ -455,8 +473,9 @@ void StepBuilder::Backward() {
         Unref(contribution, node.id.index);
       } else {
         slot = contribution;
-        const bool transposed_weight_grad = i == 1 && (node.kind == "aten::linear" || node.kind == "aten::matmul" ||
-                                                       node.kind == "aten::mm");
+        // Through an autocast copy the gradient arrives as ToCopyBackward's fresh tensor, not the transposed view.
+        const bool transposed_weight_grad = !cast && i == 1 && (node.kind == "aten::linear" ||
+                                                                node.kind == "aten::matmul" || node.kind == "aten::mm");
         if (!transposed_weight_grad && contribution != grad_out) inplace_ok_.insert(contribution);
       }
     }

@@ -1,0 +1,782 @@
+#!/usr/bin/env python3
+"""Export a Hugging Face decoder architecture to TorchScript for llmem.
+
+The model is built from a config with random weights (nothing is downloaded) and wrapped so that the
+traced module's forward(input_ids, labels) takes int64 token ids [B, S] and labels [B, S] and returns
+the scalar training loss exactly as Hugging Face computes it (model(...).loss: logits upcast to fp32,
+labels shifted inside HF's loss). The model is in train mode with use_cache disabled, i.e. what one
+fine-tuning step runs.
+
+Examples:
+  export_hf.py llama --size tiny --out models/cache/llama-tiny.pt
+  export_hf.py llama-2-7b --device meta --out models/llama-2-7b.meta.pt
+  export_hf.py --all models/cache --size tiny
+  export_hf.py gpt2 --size tiny --out /tmp/g.pt --list-ops
+"""
+
+import argparse
+import collections
+import contextlib
+import os
+import sys
+import time
+import warnings
+
+# Keep transformers quiet and offline: every model is built from a config, nothing is fetched.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Presets. Every architecture has `tiny` (fast CPU tests, ~2-10M params) and `small` (<= 60M
+# params, realistic proportions). Real sizes are separate keys (e.g. `llama-2-7b`) that carry their
+# own size; their values are copied from the published config.json named in the comment.
+# ---------------------------------------------------------------------------------------------
+
+ARCH_TYPES = {
+    "gpt2": "gpt2",
+    "opt": "opt",
+    "bloom": "bloom",
+    "llama": "llama",
+    "gpt_neo": "gpt_neo",
+    "codegen": "codegen",
+    "gpt_bigcode": "gpt_bigcode",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+}
+
+
+def _gpt2_like(hidden, layers, heads, vocab, positions):
+    return dict(n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=positions)
+
+
+def _llama_like(hidden, inter, layers, heads, kv_heads, vocab, positions, **extra):
+    d = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+             num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+             max_position_embeddings=positions)
+    d.update(extra)
+    return d
+
+
+# tiny: hidden 256, 4 layers, 4 heads (2 key/value heads for GQA), vocab 8192, 1024 positions.
+# small: hidden 512 (384 for codegen), 6-8 layers, 8 heads, real tokenizer vocabularies (32000 for
+# llama/mistral, ~50k for the GPT-2 style ones) with each architecture's MLP ratio, <= 60M params.
+# The tiny local/sliding attention windows (24) are shorter than the verification lengths (37, 64)
+# and longer than the default trace length (16), so --verify catches a window decision baked in
+# at trace time.
+PRESETS = {
+    "gpt2": {
+        "tiny": _gpt2_like(256, 4, 4, 8192, 1024),
+        "small": dict(_gpt2_like(512, 6, 8, 50257, 1024), n_inner=2048),
+    },
+    "opt": {
+        "tiny": dict(hidden_size=256, ffn_dim=1024, num_hidden_layers=4, num_attention_heads=4,
+                     vocab_size=8192, max_position_embeddings=1024, word_embed_proj_dim=256),
+        "small": dict(hidden_size=512, ffn_dim=2048, num_hidden_layers=6, num_attention_heads=8,
+                      vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=512),
+    },
+    "bloom": {
+        "tiny": dict(hidden_size=256, n_layer=4, n_head=4, vocab_size=8192),
+        # bloom's real vocabulary (250880) alone would exceed 60M parameters at hidden 512
+        "small": dict(hidden_size=512, n_layer=6, n_head=8, vocab_size=50257),
+    },
+    "llama": {  # grouped-query attention: fewer key/value heads than query heads
+        "tiny": _llama_like(256, 688, 4, 4, 2, 8192, 1024),
+        "small": _llama_like(512, 1376, 8, 8, 2, 32000, 4096),
+    },
+    "gpt_neo": {  # alternating global / local attention layers
+        "tiny": dict(hidden_size=256, num_layers=4, num_heads=4, vocab_size=8192,
+                     max_position_embeddings=1024, window_size=24,
+                     attention_types=[[["global", "local"], 2]]),
+        "small": dict(hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048,
+                      vocab_size=50257, max_position_embeddings=2048, window_size=256,
+                      attention_types=[[["global", "local"], 3]]),
+    },
+    "codegen": {  # untied lm_head: the 51200-token vocabulary counts twice, hence hidden 384
+        "tiny": dict(n_embd=256, n_layer=4, n_head=4, rotary_dim=32, vocab_size=8192,
+                     n_positions=1024, n_ctx=1024),
+        "small": dict(n_embd=384, n_layer=6, n_head=8, n_inner=1536, rotary_dim=48,
+                      vocab_size=51200, n_positions=2048, n_ctx=2048),
+    },
+    "gpt_bigcode": {  # multi-query attention (one shared key/value head)
+        "tiny": dict(_gpt2_like(256, 4, 4, 8192, 1024), multi_query=True),
+        "small": dict(_gpt2_like(512, 6, 8, 49152, 2048), n_inner=2048, multi_query=True),
+    },
+    "mistral": {  # grouped-query attention + sliding window
+        "tiny": _llama_like(256, 688, 4, 4, 2, 8192, 1024, sliding_window=24),
+        "small": _llama_like(512, 1536, 8, 8, 2, 32000, 4096, sliding_window=512),
+    },
+    "qwen2": {  # grouped-query attention, q/k/v biases, tied embeddings
+        "tiny": _llama_like(256, 688, 4, 4, 2, 8192, 1024, tie_word_embeddings=True),
+        "small": _llama_like(512, 1792, 8, 8, 2, 50000, 4096, tie_word_embeddings=True,
+                             use_sliding_window=False),
+    },
+}
+
+# Real sizes: key -> (architecture, config values from the published config.json).
+REAL = {
+    # openai-community/gpt2 config.json (124M)
+    "gpt2": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024,
+                          activation_function="gelu_new", layer_norm_epsilon=1e-5)),
+    # facebook/opt-1.3b config.json
+    "opt-1.3b": ("opt", dict(hidden_size=2048, ffn_dim=8192, num_hidden_layers=24,
+                             num_attention_heads=32, vocab_size=50272, max_position_embeddings=2048,
+                             word_embed_proj_dim=2048, do_layer_norm_before=True,
+                             activation_function="relu", enable_bias=True, dropout=0.1,
+                             attention_dropout=0.0, pad_token_id=1, bos_token_id=2,
+                             eos_token_id=2)),
+    # bigscience/bloom-560m config.json
+    "bloom-560m": ("bloom", dict(hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880,
+                                 layer_norm_epsilon=1e-5)),
+    # meta-llama/Llama-2-7b-hf config.json
+    "llama-2-7b": ("llama", _llama_like(4096, 11008, 32, 32, 32, 32000, 4096, rms_norm_eps=1e-5,
+                                        rope_theta=10000.0, tie_word_embeddings=False)),
+    # meta-llama/Meta-Llama-3-8B config.json
+    "llama-3-8b": ("llama", _llama_like(4096, 14336, 32, 32, 8, 128256, 8192, rms_norm_eps=1e-5,
+                                        rope_theta=500000.0, tie_word_embeddings=False,
+                                        bos_token_id=128000, eos_token_id=128001)),
+    # meta-llama/Meta-Llama-3-70B config.json
+    "llama-3-70b": ("llama", _llama_like(8192, 28672, 80, 64, 8, 128256, 8192, rms_norm_eps=1e-5,
+                                         rope_theta=500000.0, tie_word_embeddings=False,
+                                         bos_token_id=128000, eos_token_id=128001)),
+    # EleutherAI/gpt-neo-125m config.json
+    "gpt-neo-125m": ("gpt_neo", dict(hidden_size=768, num_layers=12, num_heads=12, vocab_size=50257,
+                                     max_position_embeddings=2048, window_size=256,
+                                     attention_types=[[["global", "local"], 6]],
+                                     activation_function="gelu_new")),
+    # Salesforce/codegen-350M-mono config.json
+    "codegen-350m": ("codegen", dict(n_embd=1024, n_layer=20, n_head=16, rotary_dim=32,
+                                     vocab_size=51200, n_positions=2048, n_ctx=2048,
+                                     activation_function="gelu_new")),
+    # bigcode/gpt_bigcode-santacoder config.json (1.1B, multi-query)
+    "santacoder": ("gpt_bigcode", dict(n_embd=2048, n_layer=24, n_head=16, n_inner=8192,
+                                       vocab_size=49280, n_positions=2048, multi_query=True,
+                                       activation_function="gelu_pytorch_tanh")),
+    # mistralai/Mistral-7B-v0.1 config.json
+    "mistral-7b": ("mistral", _llama_like(4096, 14336, 32, 32, 8, 32000, 32768, rms_norm_eps=1e-5,
+                                          rope_theta=10000.0, sliding_window=4096,
+                                          tie_word_embeddings=False)),
+    # Qwen/Qwen2-0.5B config.json
+    "qwen2-0.5b": ("qwen2", _llama_like(896, 4864, 24, 14, 2, 151936, 131072, rms_norm_eps=1e-6,
+                                        rope_theta=1000000.0, tie_word_embeddings=True,
+                                        use_sliding_window=False, sliding_window=131072,
+                                        max_window_layers=24)),
+}
+
+# Architectures exported with eager attention instead of SDPA, with the reason. Every architecture
+# that has an SDPA implementation in transformers 4.57 traces and verifies with it; these have none
+# (no _supports_sdpa on the model class), so HF's own default for them is eager too.
+EAGER_FALLBACK = {
+    "bloom": "no sdpa implementation in transformers 4.57 (ALiBi attention via baddbmm + softmax)",
+    "gpt_neo": "no sdpa implementation in transformers 4.57 (eager or flash_attention_2 only)",
+    "codegen": "no sdpa implementation in transformers 4.57 (eager only)",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VERIFY_SHAPES = [(1, 37), (3, 64)]
+
+
+class ExportError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class LossWrapper(torch.nn.Module):
+    """forward(input_ids, labels) -> HF's scalar training loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels):
+        out = self.model(input_ids=input_ids, labels=labels, use_cache=False, return_dict=True)
+        return out.loss
+
+
+def resolve(name, size):
+    """Return (arch, model_type, config kwargs, label).
+
+    `name` is an architecture key or a real-size name; `size` is tiny, small, a real-size name of
+    that architecture (`llama --size llama-2-7b`), "real", or None (allowed only for a real-size
+    name that is not also an architecture key: `gpt2` alone is ambiguous).
+    """
+    if size in REAL:
+        arch, kwargs = REAL[size]
+        if name not in (arch, size):
+            raise ExportError(f"'{size}' is a real-size preset of {arch}, not {name}")
+        return arch, ARCH_TYPES[arch], dict(kwargs), size
+    if name in ARCH_TYPES and size is not None and size != "real":
+        if size not in PRESETS[name]:
+            reals = [k for k, (a, _) in REAL.items() if a == name]
+            raise ExportError(f"unknown size '{size}' for {name} (choose from: "
+                              f"{', '.join(list(PRESETS[name]) + reals)})")
+        return name, ARCH_TYPES[name], dict(PRESETS[name][size]), f"{name}-{size}"
+    if name in REAL and (size == "real" or (size is None and name not in ARCH_TYPES)):
+        arch, kwargs = REAL[name]
+        return arch, ARCH_TYPES[arch], dict(kwargs), name
+    if name in REAL and size is not None:
+        raise ExportError(f"'{name}' is a real-size preset; it takes no --size '{size}'")
+    if name in ARCH_TYPES:
+        reals = [k for k, (a, _) in REAL.items() if a == name]
+        raise ExportError(f"--size is required for {name} (tiny, small or {', '.join(reals)})")
+    choices = ", ".join(list(ARCH_TYPES) + [k for k in REAL if k not in ARCH_TYPES])
+    raise ExportError(f"unknown architecture '{name}' (choose from: {choices})")
+
+
+def zero_dropout(config):
+    """Set every dropout-like probability of the config to 0.0 (modern LLM configs use 0)."""
+    for key, value in list(config.to_dict().items()):
+        low = key.lower()
+        if ("dropout" in low or "pdrop" in low or low == "layerdrop") and isinstance(value, float):
+            setattr(config, key, 0.0)
+
+
+def build_model(arch, model_type, kwargs, device, dtype, keep_dropout, seed):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    attn = "eager" if arch in EAGER_FALLBACK else "sdpa"
+    config = AutoConfig.for_model(model_type, **kwargs)
+    config.use_cache = False
+    if not keep_dropout:
+        zero_dropout(config)
+    torch.manual_seed(seed)
+    ctx = torch.device("meta") if device == "meta" else contextlib.nullcontext()
+    with ctx:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    model.to(dtype)
+    model.train()
+    if arch == "codegen":
+        _codegen_positions_as_buffers(model)
+    return model, attn
+
+
+def _codegen_positions_as_buffers(model):
+    """CodeGen keeps its sin/cos table (`embed_positions`, [n_positions, rotary_dim]) as a plain tensor
+    attribute of every attention layer, so the trace bakes one tensor constant per layer. On meta the
+    tracer's constant pooling compares those with aten::equal (no meta kernel) and fails; on CPU they
+    are constants the C++ side would have to move by hand. Registering the same tensor as a
+    non-persistent buffer makes it module state (prim::GetAttr), which moves with the parameters.
+    Values and computation are unchanged. Likewise its per-layer 0-dim `scale_attn` tensor, built in
+    __init__, is a meta tensor when the model is built on meta: it is rebuilt on the CPU (what a CPU
+    build holds), a scalar constant that combines with meta tensors.
+    """
+    from transformers.models.codegen.modeling_codegen import CodeGenAttention
+
+    for module in model.modules():
+        if not isinstance(module, CodeGenAttention):
+            continue
+        if "embed_positions" in module.__dict__:
+            table = module.__dict__.pop("embed_positions")
+            module.register_buffer("embed_positions", table, persistent=False)
+        if isinstance(module.scale_attn, torch.Tensor) and module.scale_attn.device.type == "meta":
+            module.scale_attn = torch.sqrt(torch.tensor(module.head_dim, dtype=torch.float32,
+                                                        device="cpu")).to(torch.get_default_dtype())
+
+
+@contextlib.contextmanager
+def traceable_bloom_gelu():
+    """While tracing, BLOOM's GELU is recorded as aten::gelu(approximate="tanh").
+
+    In train mode BloomGelu calls a torch.autograd.Function (GeLUFunction: tanh-approximate GELU
+    that saves only its input and recomputes in backward), which torch.jit.trace cannot record.
+    aten::gelu(approximate="tanh") is the same function (constant 0.79788456 vs sqrt(2/pi), |diff|
+    ~1e-8) and its backward also saves only the input, so activation memory matches. The swap lasts
+    only while tracing: verification compares against HF's own autograd Function.
+    """
+    from transformers.models.bloom.modeling_bloom import BloomGelu
+
+    saved = BloomGelu.forward
+    BloomGelu.forward = lambda self, x: torch.nn.functional.gelu(x, approximate="tanh")
+    try:
+        yield
+    finally:
+        BloomGelu.forward = saved
+
+
+def make_inputs(batch, seq, vocab, device, gen=None):
+    if device == "meta":
+        ids = torch.empty(batch, seq, dtype=torch.long, device="meta")
+    else:
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen, dtype=torch.long)
+    return ids, ids.clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks. Under torch.jit.trace HF's mask builders do not take the path an untraced training step
+# takes, and one of them cannot be traced at all; the two stand-ins below fix that while tracing.
+# ---------------------------------------------------------------------------------------------
+
+def _traceable_sdpa_mask(batch_size, cache_position, kv_length, kv_offset=0, mask_function=None,
+                         attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
+    """Stand-in for transformers.masking_utils.sdpa_mask (llama, mistral, qwen2, gpt2, gpt_bigcode).
+
+    HF's version (a) always materialises the [B, 1, S, S] mask under torch.jit.trace, while an
+    untraced training step without padding passes mask=None and is_causal=True to SDPA, and (b) builds
+    the mask with torch.vmap, which torch.jit.trace cannot record ("unordered_map::at"). This version
+    returns None in exactly the case an untraced step does for full causal attention (no padding
+    mask, no cache, so query length == key length), and otherwise builds the same boolean mask by
+    broadcasting the same mask function over index tensors, so every size stays symbolic. A sliding
+    window always gets its mask here: an untraced step skips it while S < window, but deciding that
+    at trace time would bake the trace length in (wrong results beyond the window).
+    """
+    from transformers import masking_utils as mu
+
+    if mask_function is None:
+        mask_function = mu.causal_mask_function
+    if allow_is_causal_skip and attention_mask is None and local_size is None:
+        return None
+    device = cache_position.device
+    kv_idx = torch.arange(kv_length, device=device) + kv_offset
+    if attention_mask is not None:
+        padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset, _slice=False)
+        mask_function = mu.and_masks(mask_function, mu.padding_mask_function(padding))
+    b = torch.arange(batch_size, device=device)[:, None, None, None]
+    h = torch.zeros(1, dtype=torch.long, device=device)[None, :, None, None]
+    mask = mask_function(b, h, cache_position[None, None, :, None], kv_idx[None, None, None, :])
+    # HF's vmap builder returns a materialised, contiguous [B, 1, S, S] bool tensor: do the same, so
+    # the trace allocates what the untraced step allocates.
+    return mask.expand(batch_size, -1, -1, -1).contiguous()
+
+
+def _ignore_causal_mask_sdpa_untraced(attention_mask, inputs_embeds, past_key_values_length,
+                                      sliding_window=None, is_training=False):
+    """Stand-in for AttentionMaskConverter._ignore_causal_mask_sdpa (OPT's mask path).
+
+    Untraced, a training step without padding skips the mask (OPT builds an all-ones 2D mask itself,
+    which HF checks with torch.all) and uses SDPA's is_causal; under tracing HF materialises a float
+    [B, 1, S, S] mask instead. The exporter never passes a padding mask, so the all-ones mask is the
+    only 2D mask seen here.
+    """
+    if past_key_values_length or sliding_window is not None:
+        return False
+    return attention_mask is None or attention_mask.dim() == 2
+
+
+@contextlib.contextmanager
+def untraced_masking():
+    """Make HF's mask code take, under torch.jit.trace, the path an untraced training step takes."""
+    from transformers import masking_utils as mu
+    from transformers.modeling_attn_mask_utils import AttentionMaskConverter
+
+    saved = (mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"], mu.sdpa_mask,
+             AttentionMaskConverter.__dict__["_ignore_causal_mask_sdpa"])
+    mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = _traceable_sdpa_mask
+    mu.sdpa_mask = _traceable_sdpa_mask  # eager_mask calls it by its module-level name
+    AttentionMaskConverter._ignore_causal_mask_sdpa = staticmethod(_ignore_causal_mask_sdpa_untraced)
+    try:
+        yield
+    finally:
+        mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"] = saved[0]
+        mu.sdpa_mask = saved[1]
+        AttentionMaskConverter._ignore_causal_mask_sdpa = saved[2]
+
+
+class _MetaSafeAutocast(torch.autocast):
+    """torch.autocast that accepts device_type="meta" (as "cpu").
+
+    HF's rotary embeddings open `torch.autocast(device_type=x.device.type, enabled=False)` to force
+    fp32; autocast has no "meta" device. The context is disabled, so it changes nothing but lets a
+    meta model run; the trace records no op for it either way.
+    """
+
+    def __init__(self, device_type, *args, **kwargs):
+        super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_safe_autocast():
+    saved = torch.autocast
+    torch.autocast = _MetaSafeAutocast
+    try:
+        yield
+    finally:
+        torch.autocast = saved
+
+
+@contextlib.contextmanager
+def cpu_scalar_constants():
+    """While tracing on meta, build 0-dim torch.tensor(python_number, device=meta) on the CPU.
+
+    gpt_neo creates `torch.tensor(finfo.min, device=attn_weights.device)` in every layer and bloom
+    builds its ALiBi slope bases with `torch.tensor(..., device=attention_mask.device)`; on meta these
+    become meta tensor constants of the trace, and the tracer's constant pooling
+    compares them with aten::equal, which has no meta kernel. A 0-dim CPU tensor is what the CPU
+    trace holds anyway, and it combines with meta tensors like any CPU scalar does.
+    """
+    saved = torch.tensor
+
+    def tensor(data, *args, device=None, **kwargs):
+        if isinstance(data, (int, float, bool)) and device is not None and torch.device(device).type == "meta":
+            device = "cpu"
+        return saved(data, *args, device=device, **kwargs)
+
+    torch.tensor = tensor
+    try:
+        yield
+    finally:
+        torch.tensor = saved
+
+
+def trace(model, batch, seq, vocab, device):
+    wrapper = LossWrapper(model)
+    wrapper.train()
+    ids, labels = make_inputs(batch, seq, vocab, device)
+    meta_ctx = cpu_scalar_constants() if device == "meta" else contextlib.nullcontext()
+    with warnings.catch_warnings(), untraced_masking(), meta_safe_autocast(), traceable_bloom_gelu(), \
+            meta_ctx:
+        warnings.simplefilter("ignore")  # TracerWarnings: --verify checks other shapes instead
+        traced = torch.jit.trace(wrapper, (ids, labels), check_trace=False, strict=False)
+    return wrapper, traced
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph inspection and verification.
+# ---------------------------------------------------------------------------------------------
+
+def inlined_graph(module):
+    graph = module.forward.graph.copy()
+    torch._C._jit_pass_inline(graph)
+    return graph
+
+
+def _nodes(block):
+    for node in block.nodes():
+        yield node
+        for sub in node.blocks():
+            yield from _nodes(sub)
+
+
+def op_counts(graph):
+    return collections.Counter(n.kind() for n in _nodes(graph))
+
+
+def baked_constants(graph):
+    """Device constants and tensor constants in the trace (the C++ side must handle them)."""
+    devices, tensors = collections.Counter(), []
+    for node in _nodes(graph):
+        if node.kind() != "prim::Constant" or not node.hasAttribute("value"):
+            continue
+        out_type = node.output().type()
+        if isinstance(out_type, torch._C.DeviceObjType):
+            devices[str(node.output().toIValue())] += 1
+        elif node.kindOf("value") == "t":
+            t = node.t("value")
+            tensors.append(f"{list(t.shape)}:{str(t.dtype).replace('torch.', '')}:{t.device}")
+    return devices, tensors
+
+
+def verify_cpu(model, path, vocab, trace_shape, seed):
+    """Loaded TorchScript loss == eager loss at shapes other than the trace shape."""
+    loaded = torch.jit.load(path, map_location="cpu")
+    gen = torch.Generator().manual_seed(seed + 1)
+    wrapper = LossWrapper(model)
+    results = []
+    for batch, seq in VERIFY_SHAPES:
+        if (batch, seq) == trace_shape:
+            continue
+        ids, labels = make_inputs(batch, seq, vocab, "cpu", gen)
+        with torch.no_grad():
+            want = wrapper(ids, labels).float()
+            got = loaded(ids, labels).float()
+        diff = (want - got).abs().item()
+        tol = (1e-4 if model.dtype == torch.float32 else 2e-2) * max(1.0, abs(want.item()))
+        if got.dim() != 0 or not torch.isfinite(got) or diff > tol:
+            raise RuntimeError(f"verification FAILED at B={batch} S={seq}: eager loss {want.item():.6f}, "
+                               f"TorchScript loss {got.item():.6f} (|diff| {diff:.3g} > {tol:.3g})")
+        results.append((batch, seq, want.item(), got.item(), diff))
+    return results
+
+
+def verify_meta(path, trace_shape):
+    """The file loads on meta and runs forward and backward at shapes other than the trace shape.
+
+    Returns ([(B, S), ...], note). Runs with graph-executor optimization off, as the C++ side does
+    (torch::jit::setGraphExecutorOptimize(false)): the optimizing executor pools constants with
+    aten::equal, which has no meta kernel; with gradients on it fails from the second call on for
+    some architectures (bloom). The note says whether the default executor also works.
+    """
+    # Load as saved: the parameters are meta already. map_location="meta" fails in the loader with
+    # "aten::equal ... Meta tensors": the loader pools equal tensor constants, and the trace's 0-dim
+    # CPU scalar constants would be moved to meta too.
+    loaded = torch.jit.load(path)
+    out = []
+    with torch.jit.optimized_execution(False):
+        for batch, seq in VERIFY_SHAPES + [trace_shape]:
+            ids, labels = make_inputs(batch, seq, 0, "meta")
+            loss = loaded(ids, labels)
+            if loss.device.type != "meta" or loss.dim() != 0 or not loss.requires_grad:
+                raise RuntimeError(f"meta verification FAILED at B={batch} S={seq}: got shape "
+                                   f"{list(loss.shape)} on {loss.device}")
+            loss.backward()
+            out.append((batch, seq))
+    fresh = torch.jit.load(path)
+    try:
+        for batch, seq in VERIFY_SHAPES:
+            ids, labels = make_inputs(batch, seq, 0, "meta")
+            fresh(ids, labels).backward()
+        note = "default (optimizing) executor also runs"
+    except Exception as exc:  # noqa: BLE001 - a property of the file worth knowing, not an error
+        note = f"default (optimizing) executor fails from the 2nd call ({_first_line(exc)[:40]})"
+    return out, note
+
+
+def _first_line(exc):
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:160]
+
+
+def meta_checks(path, shape=(1, 37)):
+    """How a CPU-traced file can run on meta (what the C++ side has to do). Returns report lines."""
+    ids = torch.empty(*shape, dtype=torch.long, device="meta")
+    report = []
+    try:
+        torch.jit.load(path, map_location="meta")(ids, ids)
+        report.append("map_location=meta: runs")
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        report.append(f"map_location=meta: fails ({_first_line(exc)})")
+    module = torch.jit.load(path, map_location="cpu")
+    for _, sub in module.named_modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            sub._c.setattr(name, torch.nn.Parameter(torch.empty_like(p, device="meta"),
+                                                    requires_grad=p.requires_grad))
+        for name, b in list(sub.named_buffers(recurse=False)):
+            sub._c.setattr(name, torch.empty_like(b, device="meta"))
+    graph = inlined_graph(module)
+    try:
+        torch._C._create_function_from_graph("forward_meta", graph.copy())(module._c, ids, ids)
+        report.append("params moved to meta: runs as is")
+        return report
+    except Exception as exc:  # noqa: BLE001
+        report.append(f"params moved to meta: fails ({_first_line(exc)})")
+    rewritten = 0
+    for node in list(graph.nodes()):
+        if (node.kind() == "prim::Constant" and isinstance(node.output().type(), torch._C.DeviceObjType)
+                and str(node.output().toIValue()) != "meta"):
+            with graph.insert_point_guard(node):
+                new = graph.insertConstant(torch.device("meta"))
+            node.output().replaceAllUsesWith(new)
+            node.destroy()
+            rewritten += 1
+    fn = torch._C._create_function_from_graph("forward_meta", graph)
+    try:
+        out = fn(module._c, ids, ids)
+        report.append(f"params moved to meta + {rewritten} Device constant(s) rewritten to meta: "
+                      f"runs (loss on {out.device}, shape {list(out.shape)})")
+        return report
+    except Exception as exc:  # noqa: BLE001
+        report.append(f"params moved to meta + device constants rewritten: fails ({_first_line(exc)})")
+    # The optimizing graph executor pools constants with aten::equal, which has no meta kernel
+    # (gpt_neo: its per-layer meta buffers become constants there); unoptimized it runs.
+    try:
+        with torch.jit.optimized_execution(False):
+            out = fn(module._c, ids, ids)
+        report.append(f"... with graph-executor optimization off: runs (loss on {out.device})")
+    except Exception as exc:  # noqa: BLE001
+        report.append(f"... with graph-executor optimization off: fails ({_first_line(exc)})")
+    return report
+
+
+# Committed weight-free files must stay below 2 MiB. A meta export above this size is rewritten
+# without its TorchScript debug info (the code/**.debug_pkl source-range records, ~40% of the file;
+# only error messages use them), then verified like any other file.
+STRIP_DEBUG_ABOVE = int(1.75 * 1024 * 1024)
+
+
+def strip_debug_info(path):
+    """Rewrite the TorchScript archive at `path` without its *.debug_pkl records (atomically)."""
+    import zipfile
+
+    tmp = path + ".strip.tmp"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as dst:
+        for item in src.infolist():
+            if not item.filename.endswith(".debug_pkl"):
+                dst.writestr(item, src.read(item.filename))
+    torch.jit.load(tmp)  # must still load; verification runs it afterwards
+    os.replace(tmp, path)
+
+
+def check_trace_shape(trace_batch, trace_seq):
+    # Batch 1 and length 1 are special cases HF branches on in Python, which the trace would bake in:
+    # at batch 1 the position ids are not expanded to the batch (the packed-sequence mask then has
+    # batch 1 and indexing it fails at B > 1); at length 1 SDPA's is_causal is dropped.
+    if trace_batch < 2 or trace_seq < 2:
+        raise ExportError("--trace-batch and --trace-seq must be >= 2 (HF special-cases 1, which "
+                          "would be baked into the trace)")
+
+
+def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, trace_seq=16,
+               keep_dropout=False, verify=True, list_ops=False, seed=0, quiet=False):
+    arch, model_type, kwargs, label = resolve(name, size)
+    if device not in ("cpu", "meta"):
+        raise ExportError(f"unknown device '{device}' (choose cpu or meta)")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype '{dtype}' (choose from: {', '.join(DTYPES)})")
+    check_trace_shape(trace_batch, trace_seq)
+    start = time.time()
+    model, attn = build_model(arch, model_type, kwargs, device, DTYPES[dtype], keep_dropout, seed)
+    vocab = model.config.vocab_size
+    params = sum(p.numel() for p in model.parameters())
+    _, traced = trace(model, trace_batch, trace_seq, vocab, device)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    traced.save(out)
+    stripped = device == "meta" and os.path.getsize(out) > STRIP_DEBUG_ABOVE
+    if stripped:
+        strip_debug_info(out)
+    trace_seconds = time.time() - start
+    info = dict(arch=arch, label=label, attn=attn, params=params, path=out,
+                bytes=os.path.getsize(out), dtype=dtype, device=device, stripped=stripped)
+    if verify:
+        if device == "meta":
+            info["verified"], info["meta_note"] = verify_meta(out, (trace_batch, trace_seq))
+        elif keep_dropout and any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)):
+            info["verified"] = "skipped (dropout kept, losses are random)"
+        else:
+            info["verified"] = verify_cpu(model, out, vocab, (trace_batch, trace_seq), seed)
+    info["seconds"] = time.time() - start
+    info["trace_seconds"] = trace_seconds
+    graph = inlined_graph(traced)
+    info["ops"] = op_counts(graph)
+    info["devices"], info["tensor_constants"] = baked_constants(graph)
+    if device == "cpu" and verify and not quiet:  # informational; --all skips it for speed
+        info["meta_checks"] = meta_checks(out)
+    if not quiet:
+        print_info(info, list_ops)
+    return info
+
+
+def human(n):
+    for unit in ("", "K", "M", "G"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{unit}" if unit else f"{n}"
+        n /= 1000
+    return f"{n:.1f}T"
+
+
+def print_info(info, list_ops):
+    print(f"{info['label']}: arch={info['arch']} attn={info['attn']} dtype={info['dtype']} "
+          f"device={info['device']} params={info['params']} ({human(info['params'])}) "
+          f"file={info['path']} size={info['bytes']} bytes ({info['bytes'] / 1024:.0f} KiB) "
+          f"time={info['seconds']:.1f}s (trace+save {info['trace_seconds']:.1f}s)"
+          + (" [debug info stripped]" if info.get("stripped") else ""))
+    v = info.get("verified")
+    if isinstance(v, list) and v and len(v[0]) == 5:
+        for b, s, want, got, diff in v:
+            print(f"  verified B={b} S={s}: eager {want:.6f} torchscript {got:.6f} |diff| {diff:.2e}")
+    elif isinstance(v, list):
+        print("  verified on meta (forward + backward) at " + ", ".join(f"B={b} S={s}" for b, s in v)
+              + f"; {info.get('meta_note')}")
+    elif v is not None:
+        print(f"  verification {v}")
+    if info["devices"]:
+        print("  baked device constants: " + ", ".join(f"{d} x{n}" for d, n in info["devices"].items()))
+    if info["tensor_constants"]:
+        c = collections.Counter(info["tensor_constants"])
+        print(f"  tensor constants: {len(info['tensor_constants'])}: "
+              + ", ".join(f"{k} x{n}" for k, n in sorted(c.items())))
+    for line in info.get("meta_checks", []):
+        print("  on meta: " + line)
+    if list_ops:
+        print("  ops of the inlined forward graph:")
+        for kind, n in sorted(info["ops"].items()):
+            print(f"    {kind} {n}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line (argparse prints usage + message), exit 2
+        raise ExportError(message)
+
+
+def parse_args(argv):
+    p = _Parser(
+        prog="export_hf.py",
+        description="Export a Hugging Face decoder (random weights, built from a config) to a "
+                    "TorchScript file whose forward(input_ids, labels) returns the training loss.",
+        epilog="Architectures: " + ", ".join(ARCH_TYPES) + " (sizes: tiny, small). Real sizes: "
+               + ", ".join(REAL) + " (as ARCH, or as --size of their architecture). Dropout: every dropout probability is set to 0.0 "
+               "unless --keep-dropout (modern LLM fine-tuning configs use 0).",
+    )
+    p.add_argument("arch", nargs="?", help="architecture key or real-size preset")
+    p.add_argument("--size", help="tiny, small, or a real-size name of the architecture (e.g. "
+                   "llama --size llama-2-7b); not needed when ARCH is a real-size name")
+    p.add_argument("--out", help="output .pt file")
+    p.add_argument("--all", metavar="OUTDIR", help="export every architecture at --size into OUTDIR "
+                   "as <arch>-<size>.pt")
+    p.add_argument("--device", default="cpu", help="cpu (random weights) or meta (structure only, "
+                   "no weights: a small file even for 70B)")
+    p.add_argument("--dtype", default="float32", help="parameter dtype: float32 (default), "
+                   "bfloat16, float16")
+    p.add_argument("--trace-batch", type=int, default=2, help="batch size traced at (>= 2)")
+    p.add_argument("--trace-seq", type=int, default=16, help="sequence length traced at (>= 2)")
+    p.add_argument("--keep-dropout", action="store_true", help="keep the config's dropout "
+                   "probabilities (default: all set to 0.0)")
+    p.add_argument("--list-ops", action="store_true", help="print op kinds of the inlined graph "
+                   "with counts")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip checking the "
+                   "loaded file against eager at other shapes (B=1,S=37 and B=3,S=64)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    common = dict(device=args.device, dtype=args.dtype, trace_batch=args.trace_batch,
+                  trace_seq=args.trace_seq, keep_dropout=args.keep_dropout, verify=args.verify,
+                  list_ops=args.list_ops, seed=args.seed)
+    check_trace_shape(args.trace_batch, args.trace_seq)
+    if args.device not in ("cpu", "meta"):
+        raise ExportError(f"unknown device '{args.device}' (choose cpu or meta)")
+    if args.dtype not in DTYPES:
+        raise ExportError(f"unknown dtype '{args.dtype}' (choose from: {', '.join(DTYPES)})")
+    if args.all:
+        if args.arch:
+            raise ExportError("--all takes no architecture argument")
+        size = args.size or "tiny"
+        if size not in ("tiny", "small"):
+            raise ExportError(f"unknown size '{size}' for --all (choose tiny or small)")
+        union = collections.Counter()
+        total = time.time()
+        failed = []
+        suffix = ".meta.pt" if args.device == "meta" else ".pt"
+        for arch in ARCH_TYPES:
+            path = os.path.join(args.all, f"{arch}-{size}{suffix}")
+            try:
+                info = export_one(arch, size, path, quiet=True, **common)
+            except Exception as exc:  # noqa: BLE001 - one line, then the other architectures
+                print(f"{arch:12s} FAILED: {type(exc).__name__}: {_first_line(exc)}", flush=True)
+                failed.append(arch)
+                continue
+            union.update(info["ops"])
+            v = info.get("verified")
+            ok = "verified" if isinstance(v, list) else f"not verified ({v or '--no-verify'})"
+            if "fails" in info.get("meta_note", ""):
+                ok += " (meta: run with graph-executor optimization off)"
+            print(f"{arch:12s} params={info['params']:>11d} size={info['bytes']:>10d} B "
+                  f"time={info['seconds']:5.1f}s attn={info['attn']} {ok} -> {path}", flush=True)
+            if args.list_ops:
+                print("  " + " ".join(f"{k}:{v}" for k, v in sorted(info["ops"].items())))
+        print(f"total {time.time() - total:.1f}s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+        if args.list_ops:
+            print("union of op kinds: " + " ".join(sorted(union)))
+        return 1 if failed else 0
+    if not args.arch:
+        raise ExportError("give an architecture (or --all OUTDIR)")
+    if not args.out:
+        raise ExportError("--out FILE is required")
+    export_one(args.arch, args.size, args.out, **common)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ExportError as exc:
+        print(f"export_hf.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:  # noqa: BLE001 - one line for the user, never a traceback
+        msg = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        print(f"export_hf.py: error: {msg[0] if msg else type(exc).__name__}", file=sys.stderr)
+        sys.exit(1)
