@@ -243,6 +243,8 @@ int RunMeasure(const StepOptions& o, const std::string& device, int64_t steps) {
     j["precision"] = o.precision;
     j["optimizer"] = o.optimizer;
     j["weights_bytes"] = r.weights_bytes;
+    j["inputs_bytes"] = r.inputs_bytes;
+    j["loader_bytes"] = r.loader_bytes;
     j["peak_allocated_bytes"] = r.peak_bytes;
     j["peak_reserved_bytes"] = r.peak_reserved_bytes;
     j["seconds"] = r.seconds;
@@ -267,7 +269,12 @@ int RunMeasure(const StepOptions& o, const std::string& device, int64_t steps) {
                 FormatBytes(s.forward.peak_bytes).c_str(), FormatBytes(s.backward.peak_bytes).c_str(),
                 FormatBytes(s.optimizer.peak_bytes).c_str());
   }
-  std::printf("peak allocated   %s (%lld B)\n", FormatBytes(r.peak_bytes).c_str(), static_cast<long long>(r.peak_bytes));
+  std::printf("peak allocated   %s (%lld B) by tensors", FormatBytes(r.peak_bytes).c_str(),
+              static_cast<long long>(r.peak_bytes));
+  if (r.loader_bytes > 0) {
+    std::printf("; + %s held by the TorchScript loader (host memory on a GPU)", FormatBytes(r.loader_bytes).c_str());
+  }
+  std::printf("\n");
   if (r.peak_reserved_bytes > 0) std::printf("peak reserved    %s\n", FormatBytes(r.peak_reserved_bytes).c_str());
   return 0;
 }

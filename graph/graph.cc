@@ -44,6 +44,25 @@ ValueId Graph::StorageRoot(ValueId id) const {
   return cur;
 }
 
+std::vector<int64_t> StridesOf(const TensorValue& v) {
+  if (v.strides.size() == v.shape.size()) return v.strides;
+  std::vector<int64_t> strides(v.shape.size(), 1);
+  for (size_t i = v.shape.size(); i-- > 1;) strides[i - 1] = strides[i] * std::max<int64_t>(v.shape[i], 1);
+  return strides;
+}
+
+bool CanMergeDims(const TensorValue& v, size_t first, size_t last) {
+  const std::vector<int64_t> strides = StridesOf(v);
+  // Walk the dims that matter (size > 1) from inner to outer.
+  int64_t expected = -1;
+  for (size_t i = std::min(last, v.shape.size()); i-- > first;) {
+    if (v.shape[i] == 1) continue;
+    if (expected >= 0 && strides[i] != expected) return false;
+    expected = strides[i] * v.shape[i];
+  }
+  return true;
+}
+
 void VerifyGraph(const Graph& graph) {
   const auto& values = graph.values();
   for (size_t i = 0; i < values.size(); ++i) {

@@ -68,6 +68,7 @@ struct TensorValue {
   ValueRole role = ValueRole::kActivation;
   std::string name;             // "%12", or the parameter's dotted name
   std::vector<int64_t> shape;   // at the batch/sequence the graph was built for
+  std::vector<int64_t> strides; // observed element strides; empty means contiguous
   DType dtype = DType::kF32;
   DType dtype_bf16_weights = DType::kF32;  // dtype observed when the same graph runs with bf16 weights: tells
                                            // which floating values follow the weights and which ops fix a dtype
@@ -132,6 +133,13 @@ class Graph {
   int64_t seq_ = 0;
   bool runs_with_bf16_weights_ = true;
 };
+
+// Strides of `v`: the observed ones, or contiguous strides when none were recorded.
+std::vector<int64_t> StridesOf(const TensorValue& v);
+
+// True when dims [first, last) of `v` can be merged into one without a copy (what reshape/flatten needs to
+// return a view): each dim's stride equals the next one's stride times its size, ignoring size-1 dims.
+bool CanMergeDims(const TensorValue& v, size_t first, size_t last);
 
 // Checks the invariants every importer must establish (topological order, every use defined, alias chains end at
 // an owning value, the loss is a scalar); throws ModelLoadError naming the first broken one.

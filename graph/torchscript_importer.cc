@@ -234,6 +234,7 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
     v.role = role;
     v.name = name.empty() ? "%" + std::to_string(v.id.index) : name;
     v.shape = t.sizes().vec();
+    v.strides = t.strides().vec();
     v.dtype = FromScalarType(t.scalar_type());
     v.dtype_bf16_weights = v.dtype;
     v.requires_grad = t.requires_grad();

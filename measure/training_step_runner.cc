@@ -382,6 +382,21 @@ MeasureResult MeasureTrainingStep(const MeasureOptions& options) {
     if (seen.insert(p.storage().unsafeGetStorageImpl()).second) result.num_parameters += p.numel();
   }
   result.weights_bytes = probe->Read().end_bytes;
+  if (!device.is_cuda()) {
+    // What the loader holds besides tensor storage: live bytes minus every distinct storage of the module's
+    // parameters and buffers.
+    int64_t tensor_bytes = 0;
+    std::set<const c10::StorageImpl*> storages;
+    auto add = [&](const at::Tensor& t) {
+      if (t.defined() && t.has_storage() && storages.insert(t.storage().unsafeGetStorageImpl()).second) {
+        tensor_bytes += static_cast<int64_t>(t.storage().nbytes());
+      }
+    };
+    for (const auto& p : module.named_parameters(/*recurse=*/true)) add(p.value);
+    for (const auto& b : module.named_buffers(/*recurse=*/true)) add(b.value);
+    result.loader_bytes = std::max<int64_t>(0, result.weights_bytes - tensor_bytes);
+    result.weights_bytes -= result.loader_bytes;
+  }
   std::unique_ptr<torch::optim::Optimizer> optimizer = MakeOptimizer(options.optimizer, params);
 
   // Step 3: inputs. Labels are a copy of the ids, as data collators for causal LMs make them (the model shifts
@@ -391,7 +406,7 @@ MeasureResult MeasureTrainingStep(const MeasureOptions& options) {
           .remainder(kInputIdRange)
           .view({options.batch, options.seq});
   const at::Tensor labels = input_ids.clone();
-  result.inputs_bytes = probe->Read().end_bytes - result.weights_bytes;
+  result.inputs_bytes = probe->Read().end_bytes - result.weights_bytes - result.loader_bytes;
 
   // Step 4: the training steps, one probe reading per phase.
   const bool autocast = options.precision == MeasurePrecision::kBf16Autocast ||
@@ -435,8 +450,10 @@ MeasureResult MeasureTrainingStep(const MeasureOptions& options) {
 
   result.events = probe->Events();
   result.peak_bytes = result.weights_bytes;
-  for (const StepMemory& s : result.steps) {
-    for (const PhaseMemory* p : {&s.forward, &s.backward, &s.optimizer}) {
+  for (StepMemory& s : result.steps) {
+    for (PhaseMemory* p : {&s.forward, &s.backward, &s.optimizer}) {
+      p->peak_bytes -= result.loader_bytes;  // the loader's records stay live throughout
+      p->end_bytes -= result.loader_bytes;
       result.peak_bytes = std::max(result.peak_bytes, p->peak_bytes);
       result.peak_reserved_bytes = std::max(result.peak_reserved_bytes, p->peak_reserved_bytes);
     }

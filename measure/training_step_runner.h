@@ -65,6 +65,9 @@ struct MeasureResult {
   int64_t num_parameters = 0;  // elements over all distinct parameters (tied weights once)
   int64_t weights_bytes = 0;   // live bytes after load (and dtype conversion): parameters + buffers
   int64_t inputs_bytes = 0;    // input_ids and labels (a separate copy of the ids)
+  int64_t loader_bytes = 0;    // cpu/meta: bytes torch::jit::load keeps besides the module's tensors (code and
+                               // debug records, scalar constants); host memory that a GPU run never holds on the
+                               // device. Excluded from every other byte count here.
   std::vector<StepMemory> steps;
   int64_t peak_bytes = 0;           // max over load and all phases
   int64_t peak_reserved_bytes = 0;  // CUDA only; else 0

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Compares `llmem estimate --gpu cpu` with `llmem measure` (a real LibTorch training step on this CPU) for every
-architecture x (batch, seq) point x precision, and writes docs/ACCURACY.md from that run.
+architecture x (batch, seq) point x precision, and the real-size weight-free exports with `llmem measure --device
+meta` (PyTorch's own allocations of the same step on the meta device), and writes docs/ACCURACY.md from that run.
 
 Errors are signed: (estimate - measured) / measured. A negative error is an under-estimate, the dangerous kind
 (it would let a job run out of memory).
 
   scripts/accuracy.py --llmem build/cli/llmem --models models/cache --out docs/ACCURACY.md
   scripts/accuracy.py ... --check 3.0     # exit 1 if any |error| on peak allocated exceeds 3 %
+  scripts/accuracy.py ... --meta-files models/llama-2-7b.meta.pt,models/opt-1.3b.meta.pt  # the meta oracle
 """
 import argparse
 import datetime
@@ -20,6 +22,7 @@ import time
 
 ARCHS = ["gpt2", "opt", "bloom", "llama", "gpt_neo", "codegen", "gpt_bigcode", "mistral", "qwen2"]
 POINTS = [(1, 128), (2, 256), (4, 512)]
+META_POINTS = [(1, 512), (1, 2048), (4, 1024)]
 PRECISIONS = ["fp32", "bf16-autocast"]
 
 
@@ -43,65 +46,99 @@ def main():
     ap.add_argument("--points", default=",".join(f"{b}x{s}" for b, s in POINTS), help="BxS list")
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--optimizer", default="adamw")
+    ap.add_argument("--meta-files", default="", help="weight-free exports to compare with the meta oracle")
+    ap.add_argument("--meta-points", default=",".join(f"{b}x{s}" for b, s in META_POINTS))
     ap.add_argument("--out", help="write the markdown report here")
     ap.add_argument("--check", type=float, help="fail if any |error| (percent) exceeds this")
     args = ap.parse_args()
 
-    points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
+    def parse_points(text):
+        return [tuple(int(x) for x in p.split("x")) for p in text.split(",") if p]
+
+    def compare(model, name, precision, batch, seq, device):
+        common = [model, "-b", str(batch), "-s", str(seq), "-p", precision, "-o", args.optimizer, "--json"]
+        t0 = time.time()
+        est = run_json([args.llmem, "estimate", *common, "--gpu", "cpu"])
+        t_est = time.time() - t0
+        meas = run_json([args.llmem, "measure", *common, "--device", device])
+        e, m = est["peak_allocated_bytes"], meas["peak_allocated_bytes"]
+        err = 100.0 * (e - m) / m
+        row = dict(arch=name, precision=precision, batch=batch, seq=seq, estimated=e, measured=m, error=err,
+                   peak_phase=est["peak_phase"], estimate_seconds=t_est, measure_seconds=meas["seconds"],
+                   device=device)
+        print(f"{name:12s} {precision:14s} b={batch} s={seq:4d}  est {mib(e):9.2f} MiB  "
+              f"{device} {mib(m):9.2f} MiB  err {err:+6.2f}%  ({est['peak_phase']})", flush=True)
+        return row
+
     rows = []
     started = time.time()
-    for arch in args.archs.split(","):
+    for arch in [a for a in args.archs.split(",") if a]:
         model = os.path.join(args.models, f"{arch}-{args.size}.pt")
         if not os.path.exists(model):
             sys.exit(f"accuracy: missing export {model} (run models/export_hf.py --all {args.models} --size {args.size})")
         for precision in args.precisions.split(","):
-            for batch, seq in points:
-                common = [model, "-b", str(batch), "-s", str(seq), "-p", precision, "-o", args.optimizer, "--json"]
-                t0 = time.time()
-                est = run_json([args.llmem, "estimate", *common, "--gpu", "cpu"])
-                t_est = time.time() - t0
-                meas = run_json([args.llmem, "measure", *common, "--device", "cpu"])
-                e, m = est["peak_allocated_bytes"], meas["peak_allocated_bytes"]
-                err = 100.0 * (e - m) / m
-                rows.append(dict(arch=arch, precision=precision, batch=batch, seq=seq, estimated=e, measured=m,
-                                 error=err, peak_phase=est["peak_phase"], estimate_seconds=t_est,
-                                 measure_seconds=meas["seconds"]))
-                print(f"{arch:12s} {precision:14s} b={batch} s={seq:4d}  est {mib(e):9.2f} MiB  "
-                      f"meas {mib(m):9.2f} MiB  err {err:+6.2f}%  ({est['peak_phase']})", flush=True)
+            for batch, seq in parse_points(args.points):
+                rows.append(compare(model, arch, precision, batch, seq, "cpu"))
+    meta_rows = []
+    for path in [f for f in args.meta_files.split(",") if f]:
+        name = os.path.basename(path).replace(".meta.pt", "")
+        for batch, seq in parse_points(args.meta_points):
+            meta_rows.append(compare(path, name, "fp32", batch, seq, "meta"))
+    rows_all = rows + meta_rows
 
-    abs_errors = [abs(r["error"]) for r in rows]
-    median, worst = statistics.median(abs_errors), max(abs_errors)
-    under = [r for r in rows if r["error"] < 0]
-    print(f"{len(rows)} cases: median |error| {median:.2f}%, max |error| {worst:.2f}%, "
-          f"{len(under)} under-estimates, {time.time() - started:.0f} s")
+    def summary(rs):
+        errs = [abs(r["error"]) for r in rs]
+        under = [r for r in rs if r["error"] < 0]
+        return (f"{len(rs)} cases: median |error| {statistics.median(errs):.2f}%, max |error| {max(errs):.2f}%, "
+                f"{len(under)} under-estimates (largest {min([r['error'] for r in under], default=0.0):+.2f}%)")
+
+    worst = max(abs(r["error"]) for r in rows_all)
+    if rows:
+        print("cpu:  " + summary(rows))
+    if meta_rows:
+        print("meta: " + summary(meta_rows))
+    print(f"{time.time() - started:.0f} s")
+
+    def table(f, rs, measured_label):
+        f.write(f"| model | precision | batch | seq | estimated MiB | {measured_label} MiB | error | peak in |\n")
+        f.write("|---|---|---:|---:|---:|---:|---:|---|\n")
+        for r in rs:
+            f.write(f"| {r['arch']} | {r['precision']} | {r['batch']} | {r['seq']} | {mib(r['estimated']):.2f} | "
+                    f"{mib(r['measured']):.2f} | {r['error']:+.2f}% | {r['peak_phase']} |\n")
 
     if args.out:
-        import torch  # noqa: the venv's torch version goes into the report
+        import torch  # the venv's torch version goes into the report
         with open(args.out, "w") as f:
             f.write("# Accuracy: estimate vs. a real training step\n\n")
             f.write("Generated by `scripts/accuracy.py` from a real run; do not edit by hand.\n\n")
             f.write(f"- when: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}\n")
             f.write(f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n")
-            f.write(f"- measured: `llmem measure --device cpu` (LibTorch, graph-executor optimizations off, "
-                    f"{args.optimizer}, 2 steps, peak over both) through a counting CPU allocator\n")
-            f.write("- estimated: `llmem estimate --gpu cpu` (the simulator with the cpu backend rules)\n")
-            f.write(f"- models: `{args.size}` presets of `models/export_hf.py` (random weights)\n")
+            f.write("- estimated: `llmem estimate --gpu cpu` (the simulator with the cpu backend rules); the peak is\n"
+                    "  peak allocated bytes of one steady-state step (optimizer states already exist)\n")
             f.write("- error = (estimated - measured) / measured; negative = under-estimate (would risk OOM)\n\n")
-            f.write(f"**{len(rows)} cases: median |error| {median:.2f}%, max |error| {worst:.2f}%, "
-                    f"{len(under)} under-estimates.**\n\n")
-            f.write("| model | precision | batch | seq | estimated MiB | measured MiB | error | peak in |\n")
-            f.write("|---|---|---:|---:|---:|---:|---:|---|\n")
-            for r in rows:
-                f.write(f"| {r['arch']} | {r['precision']} | {r['batch']} | {r['seq']} | {mib(r['estimated']):.2f} | "
-                        f"{mib(r['measured']):.2f} | {r['error']:+.2f}% | {r['peak_phase']} |\n")
+            if rows:
+                f.write("## Real CPU training steps\n\n")
+                f.write(f"- measured: `llmem measure --device cpu`: LibTorch runs {args.optimizer} training steps "
+                        "(graph-executor optimizations off, 2 steps, peak over both) through a counting CPU "
+                        "allocator\n")
+                f.write(f"- models: `{args.size}` presets of `models/export_hf.py` (random weights)\n\n")
+                f.write(f"**{summary(rows)}.**\n\n")
+                table(f, rows, "measured")
+            if meta_rows:
+                f.write("\n## Real-size exports against the meta-device oracle\n\n")
+                f.write("- measured: `llmem measure --device meta`: the same LibTorch step on the meta device, every "
+                        "allocation counted by PyTorch's own allocator hook (no memory is touched); fp32 only, since "
+                        "autocast does not apply to meta tensors\n\n")
+                f.write(f"**{summary(meta_rows)}.**\n\n")
+                table(f, meta_rows, "meta oracle")
     if args.check is not None and worst > args.check:
-        bad = [r for r in rows if abs(r["error"]) > args.check]
+        bad = [r for r in rows_all if abs(r["error"]) > args.check]
         for r in bad:
             print(f"FAIL {r['arch']} {r['precision']} b={r['batch']} s={r['seq']}: {r['error']:+.2f}%")
         print(f"0 passed, {len(bad)} failed")
         sys.exit(1)
     if args.check is not None:
-        print(f"{len(rows)} passed, 0 failed")
+        print(f"{len(rows_all)} passed, 0 failed")
 
 
 if __name__ == "__main__":

@@ -192,15 +192,35 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
     }
     return r;
   }
-  if (k == "aten::linear") {
-    // linear = matmul(x, W^T) (+ bias): saves x and W (or their autocast copies); grads x, W, b are new.
+  if (k == "aten::linear" || k == "aten::matmul" || k == "aten::mm" || k == "aten::bmm") {
+    // Saves both operands (or their autocast copies); the gradients are new. Note [matmul reshapes]: matmul and
+    // linear run as mm/bmm on operands reshaped to 2-D (folding the leading dims) or 3-D (flattening the batch
+    // dims, after broadcasting them); when those dims cannot merge as a view (a permuted or broadcast operand),
+    // reshape makes a contiguous copy, and that copy, not the operand, is what mm/bmm saves
+    // (aten/src/ATen/native/LinearAlgebra.cpp _matmul_impl).
     OpMemoryRule r = Uniform(n, GradKind::kNew);
-    r.saved_inputs = {0, 1};
-    return r;
-  }
-  if (k == "aten::matmul" || k == "aten::mm" || k == "aten::bmm") {
-    OpMemoryRule r = Uniform(n, GradKind::kNew);
-    r.saved_inputs = {0, 1};
+    const bool batched = k == "aten::matmul" && n >= 2 && ctx.graph.value(inputs[0]).shape.size() >= 3 &&
+                         ctx.graph.value(inputs[1]).shape.size() >= 3;
+    const size_t out_dims = ctx.graph.value(node.outputs.at(0)).shape.size();
+    for (int i = 0; i < std::min<int>(2, static_cast<int>(n)); ++i) {
+      const auto& v = ctx.graph.value(inputs[static_cast<size_t>(i)]);
+      const size_t dims = v.shape.size();
+      bool copies = false;
+      if (batched) {
+        // Batch dims: all but the last two, broadcast to the output's batch shape.
+        const auto& out = ctx.graph.value(node.outputs.at(0)).shape;
+        bool broadcast = dims != out_dims;
+        for (size_t d = 0; !broadcast && d + 2 < dims; ++d) broadcast = v.shape[d] != out[d];
+        copies = broadcast || !CanMergeDims(v, 0, dims - 2);
+      } else if (i == 0 && dims >= 3) {
+        copies = !CanMergeDims(v, 0, dims - 1);  // folded to [N, K]
+      }
+      if (copies) {
+        r.forward_extra.push_back({input_bytes(static_cast<size_t>(i)), true});
+      } else {
+        r.saved_inputs.push_back(i);
+      }
+    }
     return r;
   }
   if (k == "aten::addmm" || k == "aten::baddbmm") {
