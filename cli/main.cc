@@ -63,14 +63,15 @@ llmem::sim::TrainingConfig MakeConfig(const StepOptions& o, const std::string& t
   return cfg;
 }
 
+// The step's options, common to the JSON of estimate and measure.
+json StepJson(const StepOptions& o) {
+  return json{{"model", o.model}, {"batch", o.batch}, {"seq", o.seq}, {"precision", o.precision},
+              {"optimizer", o.optimizer}};
+}
+
 json EstimateJson(const llmem::sim::MemoryEstimate& e, const StepOptions& o) {
-  json j;
-  j["model"] = o.model;
+  json j = StepJson(o);
   j["target"] = e.target;
-  j["batch"] = o.batch;
-  j["seq"] = o.seq;
-  j["precision"] = o.precision;
-  j["optimizer"] = o.optimizer;
   j["peak_allocated_bytes"] = e.peak_allocated_bytes;
   j["peak_reserved_bytes"] = e.peak_reserved_bytes;
   j["lower_bound_bytes"] = e.lower_bound_bytes;
@@ -235,13 +236,8 @@ int RunMeasure(const StepOptions& o, const std::string& device, int64_t steps) {
     std::fclose(f);
   }
   if (o.json_out) {
-    json j;
-    j["model"] = o.model;
+    json j = StepJson(o);
     j["device"] = r.device_name;
-    j["batch"] = o.batch;
-    j["seq"] = o.seq;
-    j["precision"] = o.precision;
-    j["optimizer"] = o.optimizer;
     j["weights_bytes"] = r.weights_bytes;
     j["inputs_bytes"] = r.inputs_bytes;
     j["loader_bytes"] = r.loader_bytes;

@@ -67,7 +67,7 @@ def main():
                    peak_phase=est["peak_phase"], estimate_seconds=t_est, measure_seconds=meas["seconds"],
                    device=device)
         print(f"{name:12s} {precision:14s} b={batch} s={seq:4d}  est {mib(e):9.2f} MiB  "
-              f"{device} {mib(m):9.2f} MiB  err {err:+6.2f}%  ({est['peak_phase']})", flush=True)
+              f"{device} {mib(m):9.2f} MiB  err {err:+7.3f}%  ({est['peak_phase']})", flush=True)
         return row
 
     rows = []
@@ -89,8 +89,13 @@ def main():
     def summary(rs):
         errs = [abs(r["error"]) for r in rs]
         under = [r for r in rs if r["error"] < 0]
-        return (f"{len(rs)} cases: median |error| {statistics.median(errs):.2f}%, max |error| {max(errs):.2f}%, "
-                f"{len(under)} under-estimates (largest {min([r['error'] for r in under], default=0.0):+.2f}%)")
+        worst_under = min(under, key=lambda r: r["error"], default=None)
+        text = (f"{len(rs)} cases: median |error| {statistics.median(errs):.3f}%, max |error| {max(errs):.3f}%, "
+                f"{len(under)} under-estimates")
+        if worst_under:
+            text += (f" (largest {worst_under['error']:+.4f}%, "
+                     f"{worst_under['estimated'] - worst_under['measured']:+d} bytes)")
+        return text
 
     worst = max(abs(r["error"]) for r in rows_all)
     if rows:
@@ -104,7 +109,7 @@ def main():
         f.write("|---|---|---:|---:|---:|---:|---:|---|\n")
         for r in rs:
             f.write(f"| {r['arch']} | {r['precision']} | {r['batch']} | {r['seq']} | {mib(r['estimated']):.2f} | "
-                    f"{mib(r['measured']):.2f} | {r['error']:+.2f}% | {r['peak_phase']} |\n")
+                    f"{mib(r['measured']):.2f} | {r['error']:+.3f}% | {r['peak_phase']} |\n")
 
     if args.out:
         import torch  # the venv's torch version goes into the report

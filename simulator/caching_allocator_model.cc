@@ -80,22 +80,13 @@ void CudaCachingAllocatorModel::Free(int64_t id) {
   const int32_t prev = blocks_[index].prev;
   if (prev != kNoBlock && !blocks_[prev].allocated) {
     EraseFree(prev);
-    Block& front = blocks_[prev];
-    front.size_bytes += blocks_[index].size_bytes;
-    front.next = blocks_[index].next;
-    if (front.next != kNoBlock) blocks_[front.next].prev = prev;
-    DeleteBlock(index);
-    index = prev;
+    index = Absorb(prev, index);
   }
   // Merge with the free neighbour behind.
   const int32_t next = blocks_[index].next;
   if (next != kNoBlock && !blocks_[next].allocated) {
     EraseFree(next);
-    Block& merged = blocks_[index];
-    merged.size_bytes += blocks_[next].size_bytes;
-    merged.next = blocks_[next].next;
-    if (merged.next != kNoBlock) blocks_[merged.next].prev = index;
-    DeleteBlock(next);
+    Absorb(index, next);
   }
   InsertFree(index);
 }
@@ -147,6 +138,15 @@ int32_t CudaCachingAllocatorModel::NewBlock(const Block& block) {
   LLMEM_CHECK(blocks_.size() < static_cast<size_t>(std::numeric_limits<int32_t>::max())) << "too many blocks";
   blocks_.push_back(block);
   return static_cast<int32_t>(blocks_.size() - 1);
+}
+
+int32_t CudaCachingAllocatorModel::Absorb(int32_t front, int32_t back) {
+  Block& merged = blocks_[front];
+  merged.size_bytes += blocks_[back].size_bytes;
+  merged.next = blocks_[back].next;
+  if (merged.next != kNoBlock) blocks_[merged.next].prev = front;
+  DeleteBlock(back);
+  return front;
 }
 
 void CudaCachingAllocatorModel::DeleteBlock(int32_t index) {

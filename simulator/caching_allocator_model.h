@@ -107,6 +107,8 @@ class CudaCachingAllocatorModel final : public AllocatorModel {
 
   FreePool& PoolFor(bool small_pool) { return small_pool ? small_free_ : large_free_; }
   int32_t NewBlock(const Block& block);
+  // Folds block `back` into its front neighbour `front` (both out of the free set); returns `front`.
+  int32_t Absorb(int32_t front, int32_t back);
   void DeleteBlock(int32_t index);
   void InsertFree(int32_t index);
   void EraseFree(int32_t index);
