@@ -11,7 +11,7 @@ Examples:
   export_hf.py llama --size tiny --out models/cache/llama-tiny.pt
   export_hf.py llama-2-7b --device meta --out models/llama-2-7b.meta.pt
   export_hf.py --all models/cache --size tiny
-  export_hf.py gpt2 --size tiny --out /tmp/g.pt --list-ops
+  export_hf.py gpt2 --size tiny --out gpt2-tiny.pt --list-ops
 """
 
 import argparse
