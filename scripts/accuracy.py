@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--points", default=",".join(f"{b}x{s}" for b, s in POINTS), help="BxS list")
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
-    ap.add_argument("--optimizer", default="adamw")
+    ap.add_argument("--optimizers", default="adamw,sgd")
     ap.add_argument("--meta-files", default="", help="weight-free exports to compare with the meta oracle")
     ap.add_argument("--meta-points", default=",".join(f"{b}x{s}" for b, s in META_POINTS))
     ap.add_argument("--out", help="write the markdown report here")
@@ -55,18 +55,19 @@ def main():
     def parse_points(text):
         return [tuple(int(x) for x in p.split("x")) for p in text.split(",") if p]
 
-    def compare(model, name, precision, batch, seq, device):
-        common = [model, "-b", str(batch), "-s", str(seq), "-p", precision, "-o", args.optimizer, "--json"]
+    def compare(model, name, precision, optimizer, batch, seq, device):
+        common = [model, "-b", str(batch), "-s", str(seq), "-p", precision, "-o", optimizer, "--json"]
         t0 = time.time()
         est = run_json([args.llmem, "estimate", *common, "--gpu", "cpu"])
         t_est = time.time() - t0
         meas = run_json([args.llmem, "measure", *common, "--device", device])
         e, m = est["peak_allocated_bytes"], meas["peak_allocated_bytes"]
         err = 100.0 * (e - m) / m
-        row = dict(arch=name, precision=precision, batch=batch, seq=seq, estimated=e, measured=m, error=err,
+        row = dict(arch=name, precision=precision, optimizer=optimizer, batch=batch, seq=seq, estimated=e,
+                   measured=m, error=err,
                    peak_phase=est["peak_phase"], estimate_seconds=t_est, measure_seconds=meas["seconds"],
                    device=device)
-        print(f"{name:12s} {precision:14s} b={batch} s={seq:4d}  est {mib(e):9.2f} MiB  "
+        print(f"{name:12s} {precision:14s} {optimizer:5s} b={batch} s={seq:4d}  est {mib(e):9.2f} MiB  "
               f"{device} {mib(m):9.2f} MiB  err {err:+7.3f}%  ({est['peak_phase']})", flush=True)
         return row
 
@@ -76,14 +77,15 @@ def main():
         model = os.path.join(args.models, f"{arch}-{args.size}.pt")
         if not os.path.exists(model):
             sys.exit(f"accuracy: missing export {model} (run models/export_hf.py --all {args.models} --size {args.size})")
-        for precision in args.precisions.split(","):
-            for batch, seq in parse_points(args.points):
-                rows.append(compare(model, arch, precision, batch, seq, "cpu"))
+        for optimizer in args.optimizers.split(","):
+            for precision in args.precisions.split(","):
+                for batch, seq in parse_points(args.points):
+                    rows.append(compare(model, arch, precision, optimizer, batch, seq, "cpu"))
     meta_rows = []
     for path in [f for f in args.meta_files.split(",") if f]:
         name = os.path.basename(path).replace(".meta.pt", "")
         for batch, seq in parse_points(args.meta_points):
-            meta_rows.append(compare(path, name, "fp32", batch, seq, "meta"))
+            meta_rows.append(compare(path, name, "fp32", "adamw", batch, seq, "meta"))
     rows_all = rows + meta_rows
 
     def summary(rs):
@@ -105,10 +107,12 @@ def main():
     print(f"{time.time() - started:.0f} s")
 
     def table(f, rs, measured_label):
-        f.write(f"| model | precision | batch | seq | estimated MiB | {measured_label} MiB | error | peak in |\n")
-        f.write("|---|---|---:|---:|---:|---:|---:|---|\n")
+        f.write(f"| model | precision | optimizer | batch | seq | estimated MiB | {measured_label} MiB | error | "
+                "peak in |\n")
+        f.write("|---|---|---|---:|---:|---:|---:|---:|---|\n")
         for r in rs:
-            f.write(f"| {r['arch']} | {r['precision']} | {r['batch']} | {r['seq']} | {mib(r['estimated']):.2f} | "
+            f.write(f"| {r['arch']} | {r['precision']} | {r['optimizer']} | {r['batch']} | {r['seq']} | "
+                    f"{mib(r['estimated']):.2f} | "
                     f"{mib(r['measured']):.2f} | {r['error']:+.3f}% | {r['peak_phase']} |\n")
 
     if args.out:
@@ -123,17 +127,17 @@ def main():
             f.write("- error = (estimated - measured) / measured; negative = under-estimate (would risk OOM)\n\n")
             if rows:
                 f.write("## Real CPU training steps\n\n")
-                f.write(f"- measured: `llmem measure --device cpu`: LibTorch runs {args.optimizer} training steps "
-                        "(graph-executor optimizations off, 2 steps, peak over both) through a counting CPU "
-                        "allocator\n")
+                f.write("- measured: `llmem measure --device cpu`: LibTorch runs AdamW (C++ torch::optim::AdamW) "
+                        "or SGD with momentum training steps (graph-executor optimizations off, 2 steps, peak "
+                        "over both) through a counting CPU allocator\n")
                 f.write(f"- models: `{args.size}` presets of `models/export_hf.py` (random weights)\n\n")
                 f.write(f"**{summary(rows)}.**\n\n")
                 table(f, rows, "measured")
             if meta_rows:
                 f.write("\n## Real-size exports against the meta-device oracle\n\n")
-                f.write("- measured: `llmem measure --device meta`: the same LibTorch step on the meta device, every "
-                        "allocation counted by PyTorch's own allocator hook (no memory is touched); fp32 only, since "
-                        "autocast does not apply to meta tensors\n\n")
+                f.write("- measured: `llmem measure --device meta`: the same LibTorch step (AdamW) on the meta device, "
+                        "every allocation counted by PyTorch's own allocator hook (no memory is touched); fp32 only, "
+                        "since autocast does not apply to meta tensors\n\n")
                 f.write(f"**{summary(meta_rows)}.**\n\n")
                 table(f, meta_rows, "meta oracle")
     if args.check is not None and worst > args.check:

@@ -431,6 +431,32 @@ void StepBuilder::Backward() {
       workspace = NewStorage(rule.backward_workspace_bytes, MemoryCategory::kTransient, node.kind + " backward",
                              node.id.index);
     }
+    // Hands `contribution` (one reference owned by the caller) to input `in` as (part of) its gradient.
+    auto deliver = [&](ValueId in, int64_t contribution, bool transposed_weight_grad) {
+      const auto& v = graph_.value(in);
+      int64_t& slot = grad_of_[static_cast<size_t>(in.index)];
+      if (slot < 0) {
+        slot = contribution;
+        if (!transposed_weight_grad && contribution != grad_out) inplace_ok_.insert(contribution);
+        return;
+      }
+      // Note [Gradient accumulation]: the engine adds a second gradient in place only when the buffered one holds
+      // the last reference to its storage (input_buffer.cpp can_accumulate_inplace). A matmul's weight gradient
+      // is a transposed view of the product and fails that test, so the sum is a new tensor.
+      if (!inplace_ok_.count(slot)) {
+        const int64_t sum = NewStorage(Bytes(in), Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
+                                       "d " + v.name + " (sum)", node.id.index);
+        Unref(slot, node.id.index);
+        slot = sum;
+        inplace_ok_.insert(sum);
+      }
+      Unref(contribution, node.id.index);
+    };
+    struct PendingCast {
+      ValueId in;
+      int64_t copy_grad;
+    };
+    std::vector<PendingCast> pending_casts;
     std::set<int32_t> done;
     for (size_t i = 0; i < inputs.size() && i < rule.input_grads.size(); ++i) {
       const ValueId in = inputs[i];
@@ -438,45 +464,26 @@ void StepBuilder::Backward() {
       if (!v.requires_grad || rule.input_grads[i] == GradKind::kNone || !done.insert(in.index).second) continue;
       const int64_t in_bytes = Bytes(in);
       const DType in_dtype = out_.value_dtypes[static_cast<size_t>(in.index)];
-      int64_t contribution = -1;  // storage holding this op's gradient for `in` (one ref owned here)
       const auto cast = cast_of_input_[n][i];
-      GradKind kind = rule.input_grads[i];
+      const GradKind kind = rule.input_grads[i];
       if (cast) {
-        // The op differentiates its autocast copy; ToCopyBackward converts to the input's dtype.
-        const int64_t copy_grad = NewStorage(storages_[static_cast<size_t>(*cast)].bytes, MemoryCategory::kActivationGrads,
-                                             "d " + v.name + " (autocast dtype)", node.id.index);
-        contribution = NewStorage(in_bytes, Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
-                                  "d " + v.name, node.id.index);
-        Unref(copy_grad, node.id.index);
+        // The op differentiates its autocast copy; the copy's ToCopyBackward converts to the input's dtype as a
+        // separate autograd node, after this one has released its saved tensors (below).
+        pending_casts.push_back({in, NewStorage(storages_[static_cast<size_t>(*cast)].bytes,
+                                                MemoryCategory::kActivationGrads,
+                                                "d " + v.name + " (autocast dtype)", node.id.index)});
       } else if (kind == GradKind::kView ||
-                 (kind == GradKind::kPassThrough && node.outputs.size() >= 1 &&
-                  Bytes(node.outputs[0]) == in_bytes &&
+                 (kind == GradKind::kPassThrough && node.outputs.size() >= 1 && Bytes(node.outputs[0]) == in_bytes &&
                   out_.value_dtypes[static_cast<size_t>(node.outputs[0].index)] == in_dtype)) {
-        contribution = grad_out;
         Ref(grad_out);
+        deliver(in, grad_out, false);
       } else {
-        contribution = NewStorage(in_bytes, Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
-                                  "d " + v.name, node.id.index);
-      }
-      int64_t& slot = grad_of_[static_cast<size_t>(in.index)];
-      if (slot >= 0) {
-        // Note [Gradient accumulation]: the engine adds a second gradient in place only when the buffered one holds
-        // the last reference to its storage (input_buffer.cpp can_accumulate_inplace). A matmul's weight gradient
-        // is a transposed view of the product and fails that test, so the sum is a new tensor.
-        if (!inplace_ok_.count(slot)) {
-          const int64_t sum = NewStorage(in_bytes, Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
-                                         "d " + v.name + " (sum)", node.id.index);
-          Unref(slot, node.id.index);
-          slot = sum;
-          inplace_ok_.insert(sum);
-        }
-        Unref(contribution, node.id.index);
-      } else {
-        slot = contribution;
-        // Through an autocast copy the gradient arrives as ToCopyBackward's fresh tensor, not the transposed view.
-        const bool transposed_weight_grad = !cast && i == 1 && (node.kind == "aten::linear" ||
-                                                                node.kind == "aten::matmul" || node.kind == "aten::mm");
-        if (!transposed_weight_grad && contribution != grad_out) inplace_ok_.insert(contribution);
+        const int64_t contribution =
+            NewStorage(in_bytes, Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
+                       "d " + v.name, node.id.index);
+        const bool transposed_weight_grad =
+            i == 1 && (node.kind == "aten::linear" || node.kind == "aten::matmul" || node.kind == "aten::mm");
+        deliver(in, contribution, transposed_weight_grad);
       }
     }
     if (workspace >= 0) Unref(workspace, node.id.index);
@@ -490,6 +497,14 @@ void StepBuilder::Backward() {
     }
     for (int64_t s : saved_[n]) Unref(s, node.id.index);
     saved_[n].clear();
+    // ToCopyBackward of each autocast copy: a fresh tensor in the input's dtype.
+    for (const auto& pending : pending_casts) {
+      const int64_t contribution =
+          NewStorage(Bytes(pending.in), Trainable(pending.in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
+                     "d " + graph_.value(pending.in).name, node.id.index);
+      Unref(pending.copy_grad, node.id.index);
+      deliver(pending.in, contribution, false);
+    }
   }
   // Saved tensors of ops no gradient reached, and the loss value, go when the graph is freed.
   for (size_t n = 0; n < saved_.size(); ++n) {
