@@ -137,19 +137,13 @@ std::string ModulePath(const torch::jit::Node* node, const torch::jit::Module& r
   return path;
 }
 
-// Decoder layer index from a module path: the first "<name>.<integer>" step whose container is a ModuleList.
+// Decoder layer index from a module path: the first "<name>.<integer>" step (a child of a container such as
+// ModuleList; decoder architectures keep their layers in one).
 int32_t LayerIndex(const std::string& path) {
   static const std::regex kIndexed(R"((?:^|\.)[A-Za-z_]+\.(\d+)(?:\.|$))");
   std::smatch m;
   if (std::regex_search(path, m, kIndexed)) return std::stoi(m[1].str());
   return -1;
-}
-
-DType PromoteFloating(DType a, DType b) {
-  if (a == b) return a;
-  // Any two different 16-bit types or a 16-bit type with f32 promote to f32 (torch.promote_types).
-  if (a == DType::kF64 || b == DType::kF64) return DType::kF64;
-  return DType::kF32;
 }
 
 // Per-run state of the op-by-op interpreter.
@@ -261,8 +255,9 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   run.env[graph->inputs()[0]] = mod._ivalue();
   run.env[graph->inputs()[1]] = ids;
   run.env[graph->inputs()[2]] = labels;
-  std::vector<ValueId> inputs{new_value(ValueRole::kInput, ids, NodeId{}, "input_ids"),
-                              new_value(ValueRole::kInput, labels, NodeId{}, "labels")};
+  // The graph inputs are values 0 and 1 (BuildGraph relies on that).
+  new_value(ValueRole::kInput, ids, NodeId{}, "input_ids");
+  new_value(ValueRole::kInput, labels, NodeId{}, "labels");
 
   // Resolves a tensor seen as an op input to its IR value (parameters are registered on first sight).
   auto tensor_value = [&](const at::Tensor& t, Region region) -> ValueId {
@@ -467,7 +462,6 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   auto it = run.by_impl.find(out.toTensor().unsafeGetTensorImpl());
   LLMEM_CHECK(it != run.by_impl.end()) << "loss tensor unknown";
   run.values[static_cast<size_t>(it->second.index)].name = "loss";
-  (void)inputs;
   return run;
 }
 

@@ -6,9 +6,6 @@
 namespace llmem::sim {
 namespace {
 
-bool ArgIsTensor(const OpNode& n, size_t i) {
-  return i < n.args.size() && n.args[i].kind == OpArg::Kind::kTensor && !n.args[i].tensors.empty();
-}
 double ArgNumber(const OpNode& n, size_t i, double fallback) {
   if (i >= n.args.size()) return fallback;
   const auto& a = n.args[i];

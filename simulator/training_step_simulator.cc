@@ -39,8 +39,6 @@ std::string_view PhaseName(Phase p) {
 
 namespace {
 
-bool IsSixteenBit(DType d) { return d == DType::kBF16 || d == DType::kF16; }
-
 DType Promote(DType a, DType b) {
   if (a == b) return a;
   if (!IsFloating(a)) return b;
