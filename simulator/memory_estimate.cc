@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <memory>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "graph/error.h"
 #include "simulator/backend_rules.h"
@@ -45,7 +46,7 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config) 
   }
   AllocatorModel& lower_bound = *lower_bound_model;
   bool limited_oom = false;
-  std::unordered_map<int64_t, bool> limited_live;
+  std::unordered_set<int64_t> limited_live;
 
   // Step 3: replay, tracking live blocks to explain the peak.
   std::unordered_map<int64_t, const MemoryEvent*> live;
@@ -58,7 +59,7 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config) 
     if (limited && !limited_oom) {
       if (e.is_alloc) {
         limited_oom = !limited->Alloc(e.block, e.bytes);
-        if (!limited_oom) limited_live[e.block] = true;
+        if (!limited_oom) limited_live.insert(e.block);
       } else if (limited_live.erase(e.block)) {
         limited->Free(e.block);
       }
@@ -89,11 +90,21 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config) 
       peak = allocated;
       peak_event = i;
       est.at_peak = live_by_category;
-      est.largest_at_peak.clear();
-      for (const auto& [block, ev] : live) {
-        est.largest_at_peak.push_back({tl.block_labels[static_cast<size_t>(block)], ev->category, ev->bytes});
-      }
     }
+  }
+  // Step 4: the blocks live at the peak, by replaying up to it once.
+  live.clear();
+  for (size_t i = 0; i <= peak_event && i < tl.events.size(); ++i) {
+    const MemoryEvent& e = tl.events[i];
+    if (e.bytes == 0) continue;
+    if (e.is_alloc) {
+      live[e.block] = &e;
+    } else {
+      live.erase(e.block);
+    }
+  }
+  for (const auto& [block, ev] : live) {
+    est.largest_at_peak.push_back({tl.block_labels[static_cast<size_t>(block)], ev->category, ev->bytes});
   }
   std::sort(est.largest_at_peak.begin(), est.largest_at_peak.end(), [](const LiveBlock& a, const LiveBlock& b) {
     return a.bytes != b.bytes ? a.bytes > b.bytes : a.label < b.label;

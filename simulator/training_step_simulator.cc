@@ -178,6 +178,18 @@ class StepBuilder {
     return tv.param >= 0 && graph_.params()[static_cast<size_t>(tv.param)].trainable;
   }
 
+  // The parameters the optimizer updates: trainable, reached by the loss, one per storage (tied weights once).
+  std::vector<const Parameter*> OptimizedParams() const {
+    std::vector<const Parameter*> params;
+    std::set<int32_t> seen_roots;
+    for (const auto& p : graph_.params()) {
+      if (p.trainable && p.used_in_forward && seen_roots.insert(graph_.StorageRoot(p.value).index).second) {
+        params.push_back(&p);
+      }
+    }
+    return params;
+  }
+
   void Setup();
   void Forward();
   void Backward();
@@ -195,7 +207,6 @@ class StepBuilder {
   std::vector<std::vector<std::optional<int64_t>>> cast_of_input_;  // per node, per tensor input: autocast copy
   std::vector<int64_t> grad_of_;         // per value: storage of its gradient, -1 if none yet
   std::set<int64_t> inplace_ok_;        // gradient storages a second gradient may be added to in place
-  std::map<int32_t, int64_t> param_storage_;  // param index -> weight storage
 };
 
 void StepBuilder::Setup() {
@@ -213,11 +224,9 @@ void StepBuilder::Setup() {
   }
   // Optimizer states exist in the steady state; they have the parameters' dtype.
   const int states = config_.optimizer == OptimizerKind::kAdamW ? 2 : 1;
-  std::set<int32_t> seen_roots;
-  for (const auto& p : graph_.params()) {
-    if (!p.trainable || !p.used_in_forward || !seen_roots.insert(graph_.StorageRoot(p.value).index).second) continue;
+  for (const Parameter* p : OptimizedParams()) {
     for (int s = 0; s < states; ++s) {
-      NewStorage(Bytes(p.value), MemoryCategory::kOptimizerState, p.name + (s ? " exp_avg_sq" : " state"), -1);
+      NewStorage(Bytes(p->value), MemoryCategory::kOptimizerState, p->name + (s ? " exp_avg_sq" : " state"), -1);
     }
   }
   if (backend_.library_workspaces) {
@@ -516,11 +525,7 @@ void StepBuilder::OptimizerStep() {
   phase_ = Phase::kOptimizer;
   if (config_.optimizer != OptimizerKind::kAdamW) return;  // SGD momentum updates in place
   std::vector<std::pair<std::string, int64_t>> params;
-  std::set<int32_t> seen_roots;
-  for (const auto& p : graph_.params()) {
-    if (!p.trainable || !p.used_in_forward || !seen_roots.insert(graph_.StorageRoot(p.value).index).second) continue;
-    params.emplace_back(p.name, Bytes(p.value));
-  }
+  for (const Parameter* p : OptimizedParams()) params.emplace_back(p->name, Bytes(p->value));
   if (backend_.optimizer == OptimizerImpl::kForeach) {
     // _multi_tensor_adamw: exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs) for the whole group, freed after addcdiv_.
     std::vector<int64_t> sqrt_copies;
