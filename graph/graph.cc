@@ -63,6 +63,43 @@ bool CanMergeDims(const TensorValue& v, size_t first, size_t last) {
   return true;
 }
 
+std::optional<std::vector<int64_t>> ViewStrides(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides,
+                                                const std::vector<int64_t>& new_shape) {
+  std::vector<int64_t> out(new_shape.size(), 1);
+  int64_t numel = 1;
+  for (int64_t s : shape) numel *= s;
+  if (numel == 0 || shape.empty()) {
+    // Empty or 0-dim tensors: any shape of the same numel is a contiguous view.
+    for (size_t i = new_shape.size(); i-- > 1;) out[i - 1] = out[i] * std::max<int64_t>(new_shape[i], 1);
+    return out;
+  }
+  // Walk the old dims from inner to outer, one run of mutually contiguous dims ("chunk") at a time; the new dims
+  // covering the same elements must fit inside the chunk.
+  int64_t view_d = static_cast<int64_t>(new_shape.size()) - 1;
+  int64_t chunk_base_stride = strides.back();
+  int64_t tensor_numel = 1, view_numel = 1;
+  for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) {
+    tensor_numel *= shape[static_cast<size_t>(d)];
+    const bool chunk_ends =
+        d == 0 || (shape[static_cast<size_t>(d - 1)] != 1 &&
+                   strides[static_cast<size_t>(d - 1)] != tensor_numel * chunk_base_stride);
+    if (!chunk_ends) continue;
+    while (view_d >= 0 && (view_numel < tensor_numel || new_shape[static_cast<size_t>(view_d)] == 1)) {
+      out[static_cast<size_t>(view_d)] = view_numel * chunk_base_stride;
+      view_numel *= new_shape[static_cast<size_t>(view_d)];
+      --view_d;
+    }
+    if (view_numel != tensor_numel) return std::nullopt;
+    if (d > 0) {
+      chunk_base_stride = strides[static_cast<size_t>(d - 1)];
+      tensor_numel = 1;
+      view_numel = 1;
+    }
+  }
+  if (view_d != -1) return std::nullopt;
+  return out;
+}
+
 void VerifyGraph(const Graph& graph) {
   const auto& values = graph.values();
   for (size_t i = 0; i < values.size(); ++i) {

@@ -141,6 +141,12 @@ std::vector<int64_t> StridesOf(const TensorValue& v);
 // return a view): each dim's stride equals the next one's stride times its size, ignoring size-1 dims.
 bool CanMergeDims(const TensorValue& v, size_t first, size_t last);
 
+// The strides a view of `shape`/`strides` with `new_shape` has, or nullopt when no view can have that shape and
+// reshape must copy (the rule of ATen's computeStride in aten/src/ATen/TensorUtils.cpp: runs of dims that are
+// contiguous with each other may be split or merged; size-1 dims fit anywhere).
+std::optional<std::vector<int64_t>> ViewStrides(const std::vector<int64_t>& shape, const std::vector<int64_t>& strides,
+                                                const std::vector<int64_t>& new_shape);
+
 // Checks the invariants every importer must establish (topological order, every use defined, alias chains end at
 // an owning value, the loss is a scalar); throws ModelLoadError naming the first broken one.
 void VerifyGraph(const Graph& graph);

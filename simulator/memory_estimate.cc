@@ -12,9 +12,10 @@
 
 namespace llmem::sim {
 
-MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config) {
+MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, StepHooks* hooks,
+                              int64_t outside_allocator_bytes) {
   // Step 1: the timeline.
-  StepSimulation sim = SimulateTrainingStep(graph, config);
+  StepSimulation sim = SimulateTrainingStep(graph, config, hooks);
   const Timeline& tl = sim.timeline;
   const BackendRules backend = RulesFor(config.target);
 
@@ -29,7 +30,7 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config) 
   std::unique_ptr<AllocatorModel> limited;
   if (backend.caching_allocator) {
     est.capacity_bytes = config.target.gpu.capacity_bytes;
-    est.fixed_overhead_bytes = config.target.gpu.cuda_context_bytes;
+    est.fixed_overhead_bytes = config.target.gpu.cuda_context_bytes + outside_allocator_bytes;
     CachingAllocatorConfig cfg;
     model = std::make_unique<CudaCachingAllocatorModel>(cfg);
     cfg.capacity_bytes = std::max<int64_t>(0, est.capacity_bytes - est.fixed_overhead_bytes);
@@ -133,6 +134,7 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config) 
       est.peak_op = std::string(PhaseName(e.phase)) + " step";
     }
   }
+  est.simulation = std::make_shared<const StepSimulation>(std::move(sim));
   return est;
 }
 

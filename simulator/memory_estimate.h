@@ -4,6 +4,7 @@
 #pragma once
 
 #include <array>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -25,7 +26,7 @@ struct MemoryEstimate {
   int64_t peak_allocated_bytes = 0;     // max_memory_allocated (cpu: max bytes the allocator handed out)
   int64_t peak_reserved_bytes = 0;      // max_memory_reserved (cpu: equal to allocated)
   int64_t lower_bound_bytes = 0;        // the same step with no fragmentation (512 B rounding only)
-  int64_t fixed_overhead_bytes = 0;     // CUDA context, outside the allocator
+  int64_t fixed_overhead_bytes = 0;     // CUDA context (+ NCCL buffers for parallel methods), outside the allocator
   int64_t nvidia_smi_bytes = 0;         // reserved peak + fixed overhead
   int64_t capacity_bytes = 0;           // device memory (0 for cpu)
   bool fits = true;                     // nvidia-smi figure within capacity and no allocator OOM
@@ -36,8 +37,12 @@ struct MemoryEstimate {
   std::vector<LiveBlock> largest_at_peak;           // the ten largest live blocks at the peak
   int64_t weights_bytes = 0, gradients_bytes = 0, optimizer_state_bytes = 0;
   std::vector<std::string> unknown_ops;
+  std::shared_ptr<const StepSimulation> simulation;  // the timeline the figures come from (for --trace)
 };
 
-MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config);
+// `hooks`: the parallel engine of a multi-GPU method (the estimate is then one rank's); `outside_allocator_bytes`:
+// device memory the engine takes outside PyTorch's allocator (NCCL buffers), added to the fixed overhead.
+MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, StepHooks* hooks = nullptr,
+                              int64_t outside_allocator_bytes = 0);
 
 }  // namespace llmem::sim

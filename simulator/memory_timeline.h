@@ -24,8 +24,10 @@ enum class MemoryCategory : uint8_t {
   kActivationGrads,  // gradients of activations during backward
   kTransient,        // op workspaces and temporaries (forward, backward, optimizer)
   kLibraryWorkspace, // cuBLAS / cuBLASLt workspaces
+  kGatheredParams,   // parameters a sharded engine gathered for computation (FSDP all-gather, Gemini chunks)
+  kCommBuffers,      // buffers of the parallel engine: DDP buckets, reduce-scatter input/output, collective copies
 };
-constexpr size_t kNumCategories = 10;
+constexpr size_t kNumCategories = 12;
 std::string_view CategoryName(MemoryCategory c);
 
 enum class Phase : uint8_t { kSetup, kForward, kBackward, kOptimizer };

@@ -23,6 +23,8 @@ std::string_view CategoryName(MemoryCategory c) {
     case MemoryCategory::kActivationGrads: return "activation grads";
     case MemoryCategory::kTransient: return "workspaces";
     case MemoryCategory::kLibraryWorkspace: return "cuBLAS workspaces";
+    case MemoryCategory::kGatheredParams: return "gathered params";
+    case MemoryCategory::kCommBuffers: return "comm buffers";
   }
   return "?";
 }
@@ -134,14 +136,38 @@ std::vector<DType> SimulatedDTypes(const Graph& graph, Precision precision, cons
 }
 
 // Builds the events; one instance per simulation.
-class StepBuilder {
+class StepBuilder : private StepMemory {
  public:
-  StepBuilder(const Graph& graph, const TrainingConfig& config)
-      : graph_(graph), config_(config), backend_(RulesFor(config.target)) {}
+  StepBuilder(const Graph& graph, const TrainingConfig& config, StepHooks* hooks)
+      : graph_(graph), config_(config), backend_(RulesFor(config.target)), hooks_(hooks ? hooks : &no_hooks_) {}
 
   StepSimulation Run();
 
  private:
+  // StepMemory: what the parallel engine's hooks may do.
+  int64_t Alloc(int64_t bytes, MemoryCategory category, const std::string& label) override {
+    return NewStorage(bytes, category, label, current_node_);
+  }
+  void Free(int64_t block) override { Unref(block, current_node_); }
+  int64_t TakeParamGrad(int32_t param) override {
+    int64_t& slot = grad_of_[static_cast<size_t>(graph_.params().at(static_cast<size_t>(param)).value.index)];
+    const int64_t g = slot;
+    slot = -1;
+    return g;
+  }
+  // Calls the hooks when the op at `node` belongs to another region than the previous one.
+  void EnterRegionOf(const OpNode& node) {
+    if (in_region_ && current_region_ == node.region) return;
+    if (in_region_) hooks_->OnRegionEnd(phase_, current_region_, *this);
+    current_region_ = node.region;
+    in_region_ = true;
+    hooks_->OnRegionStart(phase_, current_region_, *this);
+  }
+  void LeaveRegion() {
+    if (in_region_) hooks_->OnRegionEnd(phase_, current_region_, *this);
+    in_region_ = false;
+  }
+
   struct Storage {
     int64_t block = -1;
     int64_t bytes = 0;
@@ -194,10 +220,16 @@ class StepBuilder {
   void Forward();
   void Backward();
   void OptimizerStep();
+  void AdamTemporaries();
 
   const Graph& graph_;
   const TrainingConfig& config_;
   BackendRules backend_;
+  StepHooks no_hooks_;
+  StepHooks* hooks_;
+  int32_t current_node_ = -1;
+  Region current_region_;
+  bool in_region_ = false;
   StepSimulation out_;
   Phase phase_ = Phase::kSetup;
   std::vector<Storage> storages_;
@@ -218,15 +250,18 @@ void StepBuilder::Setup() {
     const ValueId root = graph_.StorageRoot(p.value);
     if (storage_of_[static_cast<size_t>(root.index)] < 0) {
       storage_of_[static_cast<size_t>(root.index)] =
-          NewStorage(StorageBytes(root), MemoryCategory::kWeights, p.name, -1);
+          NewStorage(hooks_->ResidentParamBytes(p, StorageBytes(root)), MemoryCategory::kWeights, p.name, -1);
     }
     storage_of_[static_cast<size_t>(p.value.index)] = storage_of_[static_cast<size_t>(root.index)];
   }
+  hooks_->OnSetup(*this);
   // Optimizer states exist in the steady state; they have the parameters' dtype.
   const int states = config_.optimizer == OptimizerKind::kAdamW ? 2 : 1;
   for (const Parameter* p : OptimizedParams()) {
+    const int64_t bytes = hooks_->OptimizedBytes(*p, Bytes(p->value));
+    if (bytes == 0) continue;
     for (int s = 0; s < states; ++s) {
-      NewStorage(Bytes(p->value), MemoryCategory::kOptimizerState, p->name + (s ? " exp_avg_sq" : " state"), -1);
+      NewStorage(bytes, MemoryCategory::kOptimizerState, p->name + (s ? " exp_avg_sq" : " state"), -1);
     }
   }
   if (backend_.library_workspaces) {
@@ -273,6 +308,8 @@ void StepBuilder::Forward() {
   for (const auto& node : nodes) {
     const size_t n = static_cast<size_t>(node.id.index);
     const auto inputs = TensorInputs(node);
+    current_node_ = node.id.index;
+    EnterRegionOf(node);
     op_input_dtype.clear();
     const AutocastClass autocast_class = autocast ? backend_.Autocast(node.kind) : AutocastClass::kNone;
     const bool casts_inputs =
@@ -316,6 +353,9 @@ void StepBuilder::Forward() {
           const DType have = out_.value_dtypes[static_cast<size_t>(in.index)];
           if (!IsFloating(have) || have == want) continue;
           const int64_t bytes = CheckedMul(NumElements(graph_.value(in).shape), ElementSize(want), "a cast");
+          if (Trainable(in) && cls == AutocastClass::kLowerPrecision && hooks_->ComputesWithLowPrecisionWeights()) {
+            continue;  // the engine's weights are already 16-bit
+          }
           if (Trainable(in) && cls == AutocastClass::kLowerPrecision) {
             auto it = weight_cast_cache.find(in.index);
             if (it == weight_cast_cache.end()) {
@@ -395,7 +435,22 @@ void StepBuilder::Forward() {
       for (int64_t s : saved_[n]) Unref(s, node.id.index);  // extra buffers nobody will read
       saved_[n].clear();
     }
+    if (const int64_t extra = hooks_->ExtraTransientBytes(node, Phase::kForward); extra > 0) {
+      op_temporaries.push_back(NewStorage(extra, MemoryCategory::kTransient, node.kind + " parallel workspace",
+                                          node.id.index));
+    }
     for (int64_t s : op_temporaries) Unref(s, node.id.index);
+    // A collective (e.g. the all-reduce of a partial sum) hands on a fresh copy of the output.
+    if (hooks_->OutputReplacedByCollective(node)) {
+      for (ValueId out : node.outputs) {
+        int64_t& s = storage_of_[static_cast<size_t>(out.index)];
+        if (s < 0 || graph_.value(out).alias_of.valid()) continue;
+        const int64_t copy = NewStorage(storages_[static_cast<size_t>(s)].bytes, ActivationCategory(node),
+                                        graph_.value(out).name + " after collective", node.id.index);
+        Unref(s, node.id.index);
+        s = copy;
+      }
+    }
     // Values whose last use was this op.
     std::set<int32_t> dropped;
     for (ValueId v : inputs) {
@@ -410,6 +465,8 @@ void StepBuilder::Forward() {
       }
     }
   }
+  current_node_ = -1;
+  LeaveRegion();
   // Leaving the autocast region clears the weight-cast cache.
   for (const auto& [value, s] : weight_cast_cache) Unref(s, -1);
 }
@@ -423,6 +480,8 @@ void StepBuilder::Backward() {
   for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
     const auto& node = *it;
     const size_t n = static_cast<size_t>(node.id.index);
+    current_node_ = node.id.index;
+    EnterRegionOf(node);
     int64_t grad_out = -1;
     for (ValueId out : node.outputs) {
       if (grad_of_[static_cast<size_t>(out.index)] >= 0) {
@@ -437,6 +496,10 @@ void StepBuilder::Backward() {
     if (rule.backward_workspace_bytes > 0) {
       workspace = NewStorage(rule.backward_workspace_bytes, MemoryCategory::kTransient, node.kind + " backward",
                              node.id.index);
+    }
+    int64_t parallel_workspace = -1;
+    if (const int64_t extra = hooks_->ExtraTransientBytes(node, Phase::kBackward); extra > 0) {
+      parallel_workspace = NewStorage(extra, MemoryCategory::kTransient, node.kind + " parallel backward", node.id.index);
     }
     // Hands `contribution` (one reference owned by the caller) to input `in` as (part of) its gradient.
     auto deliver = [&](ValueId in, int64_t contribution, bool transposed_weight_grad) {
@@ -459,7 +522,18 @@ void StepBuilder::Backward() {
       }
       Unref(contribution, node.id.index);
     };
+    // A collective on an input gradient (e.g. the all-reduce of a column-parallel linear's partial input
+    // gradient) hands on a fresh copy and releases the op's own.
+    auto CollectiveCopy = [&](const OpNode& op, size_t input, int64_t contribution) {
+      if (!hooks_->InputGradReplacedByCollective(op, input)) return contribution;
+      const int64_t copy = NewStorage(storages_[static_cast<size_t>(contribution)].bytes,
+                                      MemoryCategory::kActivationGrads,
+                                      "d " + graph_.value(inputs[input]).name + " after collective", op.id.index);
+      Unref(contribution, op.id.index);
+      return copy;
+    };
     struct PendingCast {
+      size_t input;
       ValueId in;
       int64_t copy_grad;
     };
@@ -476,7 +550,7 @@ void StepBuilder::Backward() {
       if (cast) {
         // The op differentiates its autocast copy; the copy's ToCopyBackward converts to the input's dtype as a
         // separate autograd node, after this one has released its saved tensors (below).
-        pending_casts.push_back({in, NewStorage(storages_[static_cast<size_t>(*cast)].bytes,
+        pending_casts.push_back({i, in, NewStorage(storages_[static_cast<size_t>(*cast)].bytes,
                                                 MemoryCategory::kActivationGrads,
                                                 "d " + v.name + " (autocast dtype)", node.id.index)});
       } else if (kind == GradKind::kView ||
@@ -490,10 +564,11 @@ void StepBuilder::Backward() {
                        "d " + v.name, node.id.index);
         const bool transposed_weight_grad =
             i == 1 && (node.kind == "aten::linear" || node.kind == "aten::matmul" || node.kind == "aten::mm");
-        deliver(in, contribution, transposed_weight_grad);
+        deliver(in, CollectiveCopy(node, i, contribution), transposed_weight_grad);
       }
     }
     if (workspace >= 0) Unref(workspace, node.id.index);
+    if (parallel_workspace >= 0) Unref(parallel_workspace, node.id.index);
     // Output gradients and saved tensors are no longer needed.
     for (ValueId out : node.outputs) {
       int64_t& g = grad_of_[static_cast<size_t>(out.index)];
@@ -510,22 +585,33 @@ void StepBuilder::Backward() {
           NewStorage(Bytes(pending.in), Trainable(pending.in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
                      "d " + graph_.value(pending.in).name, node.id.index);
       Unref(pending.copy_grad, node.id.index);
-      deliver(pending.in, contribution, false);
+      deliver(pending.in, CollectiveCopy(node, pending.input, contribution), false);
     }
   }
+  current_node_ = -1;
+  LeaveRegion();
   // Saved tensors of ops no gradient reached, and the loss value, go when the graph is freed.
   for (size_t n = 0; n < saved_.size(); ++n) {
     for (int64_t s : saved_[n]) Unref(s, -1);
     saved_[n].clear();
   }
   Unref(storage_of_[static_cast<size_t>(loss.index)], -1);
+  hooks_->OnBackwardEnd(*this);
 }
 
 void StepBuilder::OptimizerStep() {
   phase_ = Phase::kOptimizer;
+  AdamTemporaries();
+  hooks_->OnOptimizerStepEnd(*this);
+}
+
+void StepBuilder::AdamTemporaries() {
   if (config_.optimizer != OptimizerKind::kAdamW) return;  // SGD momentum updates in place
   std::vector<std::pair<std::string, int64_t>> params;
-  for (const Parameter* p : OptimizedParams()) params.emplace_back(p->name, Bytes(p->value));
+  for (const Parameter* p : OptimizedParams()) {
+    const int64_t bytes = hooks_->OptimizedBytes(*p, Bytes(p->value));
+    if (bytes > 0) params.emplace_back(p->name, bytes);
+  }
   if (backend_.optimizer == OptimizerImpl::kForeach) {
     // _multi_tensor_adamw: exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs) for the whole group, freed after addcdiv_.
     std::vector<int64_t> sqrt_copies;
@@ -556,8 +642,8 @@ StepSimulation StepBuilder::Run() {
 
 }  // namespace
 
-StepSimulation SimulateTrainingStep(const Graph& graph, const TrainingConfig& config) {
-  StepBuilder builder(graph, config);
+StepSimulation SimulateTrainingStep(const Graph& graph, const TrainingConfig& config, StepHooks* hooks) {
+  StepBuilder builder(graph, config, hooks);
   return builder.Run();
 }
 

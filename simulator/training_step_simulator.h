@@ -10,12 +10,14 @@
 // backend (backend_rules).
 //
 // Not modelled here: activation checkpointing, gradient accumulation over micro-batches, multiple streams.
+// Parallel engines change the step through StepHooks (step_hooks.h).
 #pragma once
 
 #include <vector>
 
 #include "graph/graph.h"
 #include "simulator/memory_timeline.h"
+#include "simulator/step_hooks.h"
 #include "simulator/training_config.h"
 
 namespace llmem::sim {
@@ -28,6 +30,7 @@ struct StepSimulation {
 
 // Throws UnsupportedOpError for an op kind without a rule (unless config.allow_unknown_ops) and ConfigError for
 // a precision the export cannot run in.
-StepSimulation SimulateTrainingStep(const Graph& graph, const TrainingConfig& config);
+// `hooks` (optional) is the parallel engine of a multi-GPU method; the step is then one rank's.
+StepSimulation SimulateTrainingStep(const Graph& graph, const TrainingConfig& config, StepHooks* hooks = nullptr);
 
 }  // namespace llmem::sim

@@ -1,0 +1,56 @@
+// How a parallel engine changes one rank's training step. The simulator calls these hooks at the points where
+// PyTorch's engines act (module pre/post-forward and pre/post-backward, gradient reduction, optimizer step);
+// distributed/ implements them per method. Without hooks the step is the single-GPU one.
+//
+// Region boundaries: a region (embedding, decoder layer i, head) starts at its first op and ends after its last
+// op, in forward order for the forward pass and in reverse order for the backward pass. FSDP-style engines wrap
+// exactly these units.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "graph/graph.h"
+#include "simulator/memory_timeline.h"
+
+namespace llmem::sim {
+
+// What a hook may do to the rank's memory.
+class StepMemory {
+ public:
+  virtual ~StepMemory() = default;
+  virtual int64_t Alloc(int64_t bytes, MemoryCategory category, const std::string& label) = 0;
+  virtual void Free(int64_t block) = 0;
+  // Hands the gradient the parameter holds (its .grad) to the engine, which frees it when it is done (-1 when the
+  // parameter has no gradient yet).
+  virtual int64_t TakeParamGrad(int32_t param) = 0;
+};
+
+class StepHooks {
+ public:
+  virtual ~StepHooks() = default;
+  // Bytes of a parameter's own storage between steps: a shard for sharded engines. `full_bytes` is the whole
+  // tensor in the simulated dtype. Gathered copies are the engine's own blocks (StepMemory::Alloc).
+  virtual int64_t ResidentParamBytes(const Parameter& p, int64_t full_bytes) const { return full_bytes; }
+  // Bytes of p this rank's optimizer updates (its states and step temporaries have this size; 0: not this rank's).
+  virtual int64_t OptimizedBytes(const Parameter& p, int64_t full_bytes) const { return full_bytes; }
+  // True when the engine keeps the trainable weights in 16-bit for compute (chunk-based ZeRO): autocast then makes
+  // no weight copies.
+  virtual bool ComputesWithLowPrecisionWeights() const { return false; }
+  // Called once the rank's resident memory (weights, optimizer states, inputs) is in place.
+  virtual void OnSetup(StepMemory& mem) {}
+  virtual void OnRegionStart(Phase phase, const Region& region, StepMemory& mem) {}
+  virtual void OnRegionEnd(Phase phase, const Region& region, StepMemory& mem) {}
+  // A collective replaces the op's output by a fresh tensor (e.g. the all-reduce of a row-parallel linear's
+  // partial sum): the simulator allocates the copy and releases the op's own output.
+  virtual bool OutputReplacedByCollective(const OpNode& node) const { return false; }
+  // The same in backward for the gradient of tensor input `input` (e.g. a column-parallel linear's input gradient).
+  virtual bool InputGradReplacedByCollective(const OpNode& node, size_t input) const { return false; }
+  // Temporaries the parallel implementation of an op allocates beyond the single-GPU rule, alive while the op
+  // runs in `phase` (e.g. the shifted logits of a vocab-parallel log-softmax).
+  virtual int64_t ExtraTransientBytes(const OpNode& node, Phase phase) const { return 0; }
+  virtual void OnBackwardEnd(StepMemory& mem) {}
+  virtual void OnOptimizerStepEnd(StepMemory& mem) {}
+};
+
+}  // namespace llmem::sim
