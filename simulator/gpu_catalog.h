@@ -9,6 +9,13 @@
 // - cublas_workspace_bytes: aten/src/ATen/cuda/CublasHandlePool.cpp: 32 MiB on compute capability 9.0, else
 //   4096 KiB x 2 + 16 KiB x 8 = 8,519,680 B; allocated through the caching allocator at the first matmul.
 // - cublaslt_workspace_bytes: CUBLASLT_WORKSPACE_SIZE default 1024 KiB, also from the caching allocator.
+// - Throughput (for the step-time roofline): dense peaks, without 2:4 sparsity, from NVIDIA's datasheets: "NVIDIA
+//   Tesla V100 GPU Accelerator" (SXM2), "NVIDIA A100 Tensor Core GPU" (SXM4), "NVIDIA H100 Tensor Core GPU" (SXM5),
+//   "NVIDIA H200 Tensor Core GPU" (SXM), "NVIDIA L4 Tensor Core GPU", and for the RTX 4090 the "NVIDIA Ada GPU
+//   Architecture" whitepaper (appendix table; tensor figures with FP32 accumulate, which PyTorch uses). Where a
+//   datasheet quotes only the sparse figure (H100, H200, L4 tensor cores) the dense one is half of it. Memory
+//   bandwidth is the datasheet's GB/s (1e9 B/s). The catalog keys name no form factor: the 16/32 GB V100s, the A100s
+//   and the H100 are taken as SXM parts (NVLink), whose capacities and peaks these are.
 #pragma once
 
 #include <cstdint>
@@ -27,7 +34,15 @@ struct GpuSpec {
   int64_t cuda_context_bytes = 0;    // outside the caching allocator
   int64_t cublas_workspace_bytes = 0;
   int64_t cublaslt_workspace_bytes = 0;
-  double bf16_tflops = 0;            // dense peak, for later cost models
+  double bf16_tflops = 0;            // dense bf16 tensor-core peak, TFLOP/s (see bf16_tensor_cores)
+  double fp16_tflops = 0;            // dense fp16 tensor-core peak with fp32 accumulate, TFLOP/s
+  double tf32_tflops = 0;            // dense tf32 tensor-core peak, TFLOP/s; 0 where there is none (Volta)
+  double fp32_tflops = 0;            // fp32 peak of the CUDA cores (no tensor cores), TFLOP/s
+  bool bf16_tensor_cores = true;     // false on Volta: bf16 matmuls do not run on tensor cores, whatever
+                                     // bf16_tflops says (that figure is the fp16 one there)
+  double memory_bandwidth_gb_per_s = 0;  // device memory (HBM or GDDR) peak, GB/s = 1e9 B/s
+  std::string intra_node_link;       // default GPU-to-GPU link inside a node, e.g. "nvlink3": a key of the
+                                     // interconnect catalog (distributed/interconnect.h)
 };
 
 const std::vector<GpuSpec>& GpuCatalog();
