@@ -1,0 +1,176 @@
+#include "distributed/fsdp.h"
+
+#include <string>
+
+namespace llmem::dist {
+
+std::vector<FsdpGroup> FsdpGroups(const std::vector<ManagedParam>& params, int world, int32_t num_layers) {
+  std::vector<FsdpGroup> groups(static_cast<size_t>(num_layers) + 1);
+  for (const auto& p : params) {
+    const bool in_layer = p.region.kind == RegionKind::kDecoderLayer && p.region.layer >= 0 &&
+                          p.region.layer < num_layers;
+    FsdpGroup& g = groups[in_layer ? static_cast<size_t>(p.region.layer) + 1 : 0];
+    g.params.push_back(p);
+    g.shard_bytes += PaddedShardNumel(p, world) * p.element_size;
+  }
+  for (auto& g : groups) g.unsharded_bytes = g.shard_bytes * world;
+  return groups;
+}
+
+CollectiveList FsdpCollectives(const std::vector<FsdpGroup>& groups, int world, bool reshard_after_forward,
+                               bool crosses_nodes) {
+  CollectiveList out;
+  if (world <= 1) return out;
+  int64_t layer_bytes = 0, root_bytes = groups.empty() ? 0 : groups[0].unsharded_bytes;
+  int layers = 0;
+  for (size_t i = 1; i < groups.size(); ++i) {
+    layer_bytes += groups[i].unsharded_bytes;
+    ++layers;
+  }
+  auto add = [&](CollectiveKind kind, int64_t bytes, StepPhase phase, const char* what) {
+    if (bytes > 0) {
+      out.push_back(Collective{.kind = kind, .bytes = bytes, .group_size = world, .crosses_nodes = crosses_nodes,
+                               .phase = phase, .overlapped = true, .count = 1, .what = what});
+    }
+  };
+  add(CollectiveKind::kAllGather, layer_bytes + root_bytes, StepPhase::kForward, "FSDP2 all-gather (forward)");
+  if (reshard_after_forward) {
+    add(CollectiveKind::kAllGather, layer_bytes, StepPhase::kBackward, "FSDP2 all-gather (backward)");
+  }
+  add(CollectiveKind::kReduceScatter, layer_bytes + root_bytes, StepPhase::kBackward, "FSDP2 reduce-scatter of gradients");
+  (void)layers;
+  return out;
+}
+
+Fsdp2Hooks::Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward)
+    : groups_(std::move(groups)), world_(world), reshard_after_forward_(reshard_after_forward) {
+  unsharded_.resize(groups_.size());
+  flat_.assign(groups_.size(), -1);
+  reduced_.assign(groups_.size(), false);
+  for (const auto& g : groups_) {
+    for (const auto& p : g.params) shard_bytes_of_value_[p.value] = PaddedShardNumel(p, world_) * p.element_size;
+  }
+}
+
+int64_t Fsdp2Hooks::ResidentParamBytes(const Parameter& p, int64_t full_bytes) const {
+  auto it = shard_bytes_of_value_.find(p.value.index);
+  return it == shard_bytes_of_value_.end() ? full_bytes : it->second;  // buffers stay whole
+}
+
+int64_t Fsdp2Hooks::OptimizedBytes(const Parameter& p, int64_t full_bytes) const {
+  auto it = shard_bytes_of_value_.find(p.value.index);
+  return it == shard_bytes_of_value_.end() ? full_bytes : it->second;
+}
+
+int Fsdp2Hooks::GroupOf(const Region& region) const {
+  if (region.kind == RegionKind::kDecoderLayer && region.layer >= 0 &&
+      static_cast<size_t>(region.layer) + 1 < groups_.size()) {
+    return region.layer + 1;
+  }
+  return 0;
+}
+
+void Fsdp2Hooks::AllGather(int group, sim::StepMemory& mem) {
+  const FsdpGroup& g = groups_[static_cast<size_t>(group)];
+  if (!unsharded_[static_cast<size_t>(group)].empty() || flat_[static_cast<size_t>(group)] >= 0 || g.params.empty()) {
+    return;  // gathered already (ZeRO-2, the root) or in flight (prefetched)
+  }
+  const std::string name = group == 0 ? "root" : "layer " + std::to_string(group - 1);
+  flat_[static_cast<size_t>(group)] =
+      mem.Alloc(g.unsharded_bytes, sim::MemoryCategory::kCommBuffers, "FSDP2 all-gather output (" + name + ")");
+}
+
+void Fsdp2Hooks::CopyOut(int group, bool keep_flat, sim::StepMemory& mem) {
+  AllGather(group, mem);
+  int64_t& flat = flat_[static_cast<size_t>(group)];
+  if (flat < 0) return;  // nothing to copy out
+  // wait_for_unshard in forward frees the previous group's flat buffer before this copy-out.
+  if (keep_flat && deferred_flat_ >= 0) {
+    mem.Free(deferred_flat_);
+    deferred_flat_ = -1;
+  }
+  auto& live = unsharded_[static_cast<size_t>(group)];
+  for (const auto& p : groups_[static_cast<size_t>(group)].params) {
+    live.push_back(mem.Alloc(PaddedShardNumel(p, world_) * p.element_size * world_,
+                             sim::MemoryCategory::kGatheredParams, "unsharded param #" + std::to_string(p.index)));
+  }
+  if (keep_flat) {
+    deferred_flat_ = flat;
+  } else {
+    mem.Free(flat);
+  }
+  flat = -1;
+}
+
+void Fsdp2Hooks::Reshard(int group, sim::StepMemory& mem) {
+  for (int64_t b : unsharded_[static_cast<size_t>(group)]) mem.Free(b);
+  unsharded_[static_cast<size_t>(group)].clear();
+}
+
+void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
+  if (reduced_[static_cast<size_t>(group)]) return;
+  reduced_[static_cast<size_t>(group)] = true;
+  const FsdpGroup& g = groups_[static_cast<size_t>(group)];
+  std::vector<int64_t> grads;
+  int64_t input_bytes = 0;
+  for (const auto& p : g.params) {
+    const int64_t grad = mem.TakeParamGrad(p.index);
+    if (grad < 0) continue;
+    grads.push_back(grad);
+    input_bytes += PaddedShardNumel(p, world_) * p.element_size * world_;
+  }
+  Reshard(group, mem);
+  if (grads.empty()) return;
+  if (pending_reduce_input_ >= 0) mem.Free(pending_reduce_input_);
+  const std::string name = group == 0 ? "root" : "layer " + std::to_string(group - 1);
+  pending_reduce_input_ = mem.Alloc(input_bytes, sim::MemoryCategory::kCommBuffers, "FSDP2 reduce-scatter input (" + name + ")");
+  for (int64_t grad : grads) mem.Free(grad);
+  mem.Alloc(input_bytes / world_, sim::MemoryCategory::kGradients, "FSDP2 sharded gradients (" + name + ")");
+}
+
+void Fsdp2Hooks::OnRegionStart(sim::Phase phase, const Region& region, sim::StepMemory& mem) {
+  const int group = GroupOf(region);
+  if (phase == sim::Phase::kForward) {
+    if (!forward_started_) {
+      forward_started_ = true;
+      CopyOut(0, /*keep_flat=*/true, mem);  // the root's pre-forward runs before the embedding
+    }
+    if (group != 0) CopyOut(group, /*keep_flat=*/true, mem);
+    return;
+  }
+  if (phase != sim::Phase::kBackward) return;
+  if (!backward_started_) {
+    // The root's pre-backward (at the loss) prefetches the last layer.
+    backward_started_ = true;
+    CopyOut(0, false, mem);
+    if (groups_.size() > 1) AllGather(static_cast<int>(groups_.size()) - 1, mem);
+  }
+  if (group != 0) {
+    CopyOut(group, false, mem);
+    if (group > 1) AllGather(group - 1, mem);  // backward prefetch of the previous layer
+  }
+}
+
+void Fsdp2Hooks::OnRegionEnd(sim::Phase phase, const Region& region, sim::StepMemory& mem) {
+  const int group = GroupOf(region);
+  if (phase == sim::Phase::kForward) {
+    if (group != 0 && reshard_after_forward_) Reshard(group, mem);
+    if (region.kind == RegionKind::kHead && deferred_flat_ >= 0) {
+      mem.Free(deferred_flat_);  // the root's post-forward frees the last all-gather output
+      deferred_flat_ = -1;
+    }
+    return;
+  }
+  if (phase == sim::Phase::kBackward && group != 0) PostBackward(group, mem);
+}
+
+void Fsdp2Hooks::OnBackwardEnd(sim::StepMemory& mem) {
+  for (size_t g = groups_.size(); g-- > 1;) PostBackward(static_cast<int>(g), mem);  // groups backward skipped
+  PostBackward(0, mem);
+  if (pending_reduce_input_ >= 0) {
+    mem.Free(pending_reduce_input_);
+    pending_reduce_input_ = -1;
+  }
+}
+
+}  // namespace llmem::dist

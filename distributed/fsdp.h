@@ -1,0 +1,73 @@
+// ZeRO-2/3 with PyTorch FSDP2 (fully_shard on every decoder layer, then on the root model), as one rank sees it.
+// Read from torch/distributed/fsdp/_fully_shard (torch 2.11): _fsdp_param_group.py, _fsdp_collectives.py,
+// _fsdp_param.py, _fsdp_state.py.
+//
+// Resident: each parameter's padded dim-0 shard (ceil(dim0 / N) rows), optimizer states of the shard.
+// Forward, per group (root = embedding + final norm + LM head, then each layer):
+//   pre-forward: all-gather into one flat buffer (N × shard), free the previous group's flat buffer (kept so its
+//   copy-out could overlap this all-gather), copy out into one unsharded tensor per parameter; post-forward:
+//   free the unsharded tensors (ZeRO-3; ZeRO-2 keeps them). The root never reshards after forward; the last flat
+//   buffer is freed when the root's forward returns.
+// Backward, in reverse: pre-backward prefetches the next group (reverse post-forward order) by starting its
+// all-gather into a flat buffer; a group's own pre-backward copies out (one tensor per parameter) and frees its
+// flat buffer at once (gathering first if nothing prefetched it); post-backward frees the unsharded
+// parameters, frees the previous group's reduce-scatter input, copies the unsharded gradients into a new
+// reduce-scatter input (N × shard, gradient dtype), frees them, and reduce-scatters into an output of one shard
+// that the sharded .grad views until zero_grad. The root's post-backward runs in the final callback, then the
+// last reduce-scatter input is freed.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <vector>
+
+#include "distributed/collective.h"
+#include "distributed/sharded_params.h"
+#include "simulator/step_hooks.h"
+
+namespace llmem::dist {
+
+struct FsdpGroup {
+  std::vector<ManagedParam> params;
+  int64_t shard_bytes = 0;     // Σ padded shard bytes (one rank's resident parameters of the group)
+  int64_t unsharded_bytes = 0; // N × shard_bytes: the all-gather output and the copied-out parameters
+};
+
+// Group 0 is the root (everything outside the decoder layers); group i + 1 is decoder layer i.
+std::vector<FsdpGroup> FsdpGroups(const std::vector<ManagedParam>& params, int world, int32_t num_layers);
+
+// Per step: all-gather of every layer in forward (ZeRO-3) and backward, and one reduce-scatter per group.
+CollectiveList FsdpCollectives(const std::vector<FsdpGroup>& groups, int world, bool reshard_after_forward,
+                               bool crosses_nodes);
+
+class Fsdp2Hooks : public sim::StepHooks {
+ public:
+  Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward);
+
+  int64_t ResidentParamBytes(const Parameter& p, int64_t full_bytes) const override;
+  int64_t OptimizedBytes(const Parameter& p, int64_t full_bytes) const override;
+  void OnRegionStart(sim::Phase phase, const Region& region, sim::StepMemory& mem) override;
+  void OnRegionEnd(sim::Phase phase, const Region& region, sim::StepMemory& mem) override;
+  void OnBackwardEnd(sim::StepMemory& mem) override;
+
+ private:
+  int GroupOf(const Region& region) const;
+  void AllGather(int group, sim::StepMemory& mem);                // the flat all-gather output
+  void CopyOut(int group, bool keep_flat, sim::StepMemory& mem);  // per-parameter tensors; frees or defers the flat
+  void Reshard(int group, sim::StepMemory& mem);
+  void PostBackward(int group, sim::StepMemory& mem);
+
+  std::vector<FsdpGroup> groups_;
+  int world_;
+  bool reshard_after_forward_;
+  std::map<int32_t, int64_t> shard_bytes_of_value_;   // parameter IR value -> padded shard bytes
+  std::vector<std::vector<int64_t>> unsharded_;       // per group: live unsharded parameter blocks
+  std::vector<bool> reduced_;                         // per group: post-backward done
+  std::vector<int64_t> flat_;                         // per group: all-gather output not yet copied out
+  int64_t deferred_flat_ = -1;                        // forward all-gather output kept for the next copy-out
+  int64_t pending_reduce_input_ = -1;                 // reduce-scatter input kept until the next one
+  bool forward_started_ = false;
+  bool backward_started_ = false;
+};
+
+}  // namespace llmem::dist

@@ -1,0 +1,111 @@
+#include "distributed/rank_estimate.h"
+
+#include <memory>
+#include <optional>
+
+#include "distributed/chunk_manager.h"
+#include "distributed/ddp.h"
+#include "distributed/fsdp.h"
+#include "distributed/model_dims.h"
+#include "distributed/nccl_memory.h"
+#include "distributed/sharded_params.h"
+#include "distributed/tensor_parallel.h"
+#include "distributed/zero_redundancy.h"
+#include "graph/error.h"
+
+namespace llmem::dist {
+namespace {
+
+// The tensor-parallel collectives' copies plus the data-parallel engine's memory, as one set of hooks.
+class CombinedHooks : public sim::StepHooks {
+ public:
+  CombinedHooks(const TensorParallelHooks& tp, sim::StepHooks& dp) : tp_(tp), dp_(dp) {}
+  int64_t ResidentParamBytes(const Parameter& p, int64_t full) const override { return dp_.ResidentParamBytes(p, full); }
+  int64_t OptimizedBytes(const Parameter& p, int64_t full) const override { return dp_.OptimizedBytes(p, full); }
+  bool ComputesWithLowPrecisionWeights() const override { return dp_.ComputesWithLowPrecisionWeights(); }
+  void OnSetup(sim::StepMemory& mem) override { dp_.OnSetup(mem); }
+  void OnRegionStart(sim::Phase ph, const Region& r, sim::StepMemory& mem) override { dp_.OnRegionStart(ph, r, mem); }
+  void OnRegionEnd(sim::Phase ph, const Region& r, sim::StepMemory& mem) override { dp_.OnRegionEnd(ph, r, mem); }
+  bool OutputReplacedByCollective(const OpNode& n) const override { return tp_.OutputReplacedByCollective(n); }
+  bool InputGradReplacedByCollective(const OpNode& n, size_t i) const override {
+    return tp_.InputGradReplacedByCollective(n, i);
+  }
+  int64_t ExtraTransientBytes(const OpNode& n, sim::Phase ph) const override { return tp_.ExtraTransientBytes(n, ph); }
+  void OnBackwardEnd(sim::StepMemory& mem) override { dp_.OnBackwardEnd(mem); }
+  void OnOptimizerStepEnd(sim::StepMemory& mem) override { dp_.OnOptimizerStepEnd(mem); }
+
+ private:
+  const TensorParallelHooks& tp_;
+  sim::StepHooks& dp_;
+};
+
+}  // namespace
+
+RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config, const ParallelPlan& plan,
+                          const DistributedOptions& options, const TensorParallelRank* tp_rank) {
+  if (plan.dp < 1 || plan.tp < 1) {
+    throw ConfigError("parallel degrees must be at least 1 (got dp " + std::to_string(plan.dp) + ", tp " +
+                      std::to_string(plan.tp) + ")");
+  }
+  if (plan.tp > 1) {
+    const std::string why = CheckTensorParallelDegree(ReadModelDims(graph), plan.tp, options.tp_vocab_parallel);
+    if (!why.empty()) throw ConfigError(why);
+    if (options.gpus_per_node > 0 && plan.tp > options.gpus_per_node) {
+      throw ConfigError("tensor-parallel degree " + std::to_string(plan.tp) + " exceeds the " +
+                        std::to_string(options.gpus_per_node) + " GPUs of a node");
+    }
+  }
+  RankEstimate out;
+  out.plan = plan;
+  std::optional<TensorParallelRank> made;
+  if (plan.tp > 1 && !tp_rank) made = ShardForTensorParallel(graph, plan.tp, options.tp_vocab_parallel);
+  const TensorParallelRank* tp = plan.tp > 1 ? (tp_rank ? tp_rank : &*made) : nullptr;
+  const Graph& rank_graph = tp ? tp->graph : graph;
+  TensorParallelHooks tp_hooks(tp);
+  const auto params = ManagedParams(rank_graph, config.precision);
+  // The data-parallel group spans nodes when the GPUs do not fit in one node.
+  const bool dp_crosses_nodes = options.gpus_per_node > 0 && plan.gpus() > options.gpus_per_node;
+  std::unique_ptr<sim::StepHooks> dp_hooks;
+  const int dp = plan.dp;
+  switch (plan.engine) {
+    case DataParallelEngine::kDdp: {
+      auto buckets = dp > 1 ? DdpBucketBytes(params) : std::vector<int64_t>{};
+      out.collectives = DdpCollectives(buckets, dp, dp_crosses_nodes);
+      dp_hooks = std::make_unique<DdpHooks>(std::move(buckets));
+      break;
+    }
+    case DataParallelEngine::kZero1: {
+      auto buckets = DdpBucketBytes(params);
+      out.collectives = DdpCollectives(buckets, dp, dp_crosses_nodes);
+      dp_hooks = std::make_unique<ZeroRedundancyHooks>(std::move(buckets), params, dp);
+      break;
+    }
+    case DataParallelEngine::kFsdp2Zero2:
+    case DataParallelEngine::kFsdp2Zero3: {
+      const bool zero3 = plan.engine == DataParallelEngine::kFsdp2Zero3;
+      auto groups = FsdpGroups(params, dp, rank_graph.num_layers());
+      out.collectives = FsdpCollectives(groups, dp, zero3, dp_crosses_nodes);
+      dp_hooks = std::make_unique<Fsdp2Hooks>(std::move(groups), dp, zero3);
+      break;
+    }
+    case DataParallelEngine::kGemini: {
+      if (plan.tp > 1) throw ConfigError("chunk-based ZeRO is modelled without tensor parallelism");
+      if (config.precision == sim::Precision::kFp32) {
+        throw ConfigError("chunk-based ZeRO (Gemini) trains in 16-bit: use a bf16 or fp16 precision");
+      }
+      ChunkSearchConfig search;
+      search.search_interval = ReadModelDims(rank_graph).hidden;
+      auto layout = PackChunks(rank_graph, params, dp, search);
+      out.collectives = ChunkCollectives(layout, dp, dp_crosses_nodes);
+      dp_hooks = std::make_unique<GeminiHooks>(rank_graph, params, std::move(layout), dp, config.optimizer);
+      break;
+    }
+  }
+  if (tp) out.collectives.insert(out.collectives.end(), tp->collectives.begin(), tp->collectives.end());
+  CombinedHooks hooks(tp_hooks, *dp_hooks);
+  out.nccl_bytes = config.target.is_cpu ? 0 : NcclBytesPerRank(plan, config.target.gpu);
+  out.memory = sim::EstimateMemory(rank_graph, config, &hooks, out.nccl_bytes);
+  return out;
+}
+
+}  // namespace llmem::dist

@@ -1,0 +1,228 @@
+#include "distributed/recommend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <set>
+
+#include "distributed/model_dims.h"
+#include "distributed/rank_estimate.h"
+#include "distributed/sharded_params.h"
+#include "distributed/tensor_parallel.h"
+#include "graph/error.h"
+
+namespace llmem::dist {
+namespace {
+
+int64_t OptimizerParamBytes(const Graph& rank_graph, const ParallelPlan& plan, sim::Precision precision) {
+  int64_t bytes = 0;
+  for (const auto& p : ManagedParams(rank_graph, precision)) bytes += p.bytes();
+  const bool sharded = plan.engine != DataParallelEngine::kDdp;
+  return sharded ? bytes / plan.dp : bytes;
+}
+
+// Sweeps one GPU count; reuses the tensor-parallel split per (batch, tp).
+class Sweep {
+ public:
+  Sweep(const RecommendRequest& req, const GraphAtBatch& graph_at) : req_(req), graph_at_(graph_at) {}
+
+  // Memory (and time when `with_time`) of one layout at a micro-batch.
+  RankEstimate Estimate(const ParallelPlan& plan, int64_t batch, int gpus_per_node) {
+    DistributedOptions opts;
+    opts.tp_vocab_parallel = req_.tp_vocab_parallel;
+    opts.gpus_per_node = gpus_per_node;
+    return EstimateRank(graph_at_(batch), req_.config, plan, opts, Split(batch, plan.tp));
+  }
+
+  const Graph& RankGraph(int64_t batch, int tp) {
+    const TensorParallelRank* s = Split(batch, tp);
+    return s ? s->graph : graph_at_(batch);
+  }
+
+  std::string Unrunnable(const ParallelPlan& plan) {
+    if (plan.tp == 1) return "";
+    auto it = tp_errors_.find(plan.tp);
+    if (it == tp_errors_.end()) {
+      const Graph& g = graph_at_(req_.micro_batch > 0 ? req_.micro_batch : 1);
+      it = tp_errors_.emplace(plan.tp, CheckTensorParallelDegree(ReadModelDims(g), plan.tp, req_.tp_vocab_parallel)).first;
+    }
+    return it->second;
+  }
+
+ private:
+  const TensorParallelRank* Split(int64_t batch, int tp) {
+    if (tp == 1) return nullptr;
+    auto key = std::make_pair(batch, tp);
+    auto it = splits_.find(key);
+    if (it == splits_.end()) {
+      it = splits_.emplace(key, ShardForTensorParallel(graph_at_(batch), tp, req_.tp_vocab_parallel)).first;
+    }
+    return &it->second;
+  }
+
+  const RecommendRequest& req_;
+  const GraphAtBatch& graph_at_;
+  std::map<std::pair<int64_t, int>, TensorParallelRank> splits_;
+  std::map<int, std::string> tp_errors_;
+};
+
+bool Fits(const RankEstimate& e) { return e.memory.fits; }
+
+}  // namespace
+
+std::vector<ParallelPlan> EnumeratePlans(int gpus, int gpus_per_node, const std::vector<DataParallelEngine>& engines,
+                                         std::optional<int> only_tp) {
+  std::vector<ParallelPlan> plans;
+  for (int tp = 1; tp <= std::min(gpus, gpus_per_node); ++tp) {
+    if (gpus % tp != 0 || (only_tp && *only_tp != tp)) continue;
+    const int dp = gpus / tp;
+    if (dp == 1) {
+      plans.push_back({.dp = 1, .tp = tp, .engine = DataParallelEngine::kDdp});
+      continue;
+    }
+    for (auto e : engines) plans.push_back({.dp = dp, .tp = tp, .engine = e});
+  }
+  return plans;
+}
+
+Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_at) {
+  if (req.gpus < 1) throw ConfigError("the GPU count must be at least 1 (got " + std::to_string(req.gpus) + ")");
+  if (req.nodes < 1) throw ConfigError("the node count must be at least 1 (got " + std::to_string(req.nodes) + ")");
+  if (req.gpus % req.nodes != 0) {
+    throw ConfigError(std::to_string(req.gpus) + " GPUs do not split evenly over " + std::to_string(req.nodes) +
+                      " nodes");
+  }
+  if (req.micro_batch < 0 || req.global_batch < 0 || (req.micro_batch == 0) == (req.global_batch == 0)) {
+    throw ConfigError("give a positive --batch (per GPU) or a positive --global-batch, not both");
+  }
+  const int per_node = req.gpus / req.nodes;
+  if (req.tp) {
+    if (*req.tp < 1) throw ConfigError("the tensor-parallel degree must be at least 1 (got " + std::to_string(*req.tp) + ")");
+    if (req.gpus % *req.tp != 0) {
+      throw ConfigError(std::to_string(req.gpus) + " GPUs are not divisible by the tensor-parallel degree " +
+                        std::to_string(*req.tp));
+    }
+    if (*req.tp > per_node) {
+      throw ConfigError("tensor-parallel degree " + std::to_string(*req.tp) + " exceeds the " +
+                        std::to_string(per_node) + " GPUs of a node");
+    }
+    const std::string why = CheckTensorParallelDegree(ReadModelDims(graph_at(req.micro_batch > 0 ? req.micro_batch : 1)),
+                                                      *req.tp, req.tp_vocab_parallel);
+    if (!why.empty()) throw ConfigError(why);
+  }
+  Sweep sweep(req, graph_at);
+  Recommendation out;
+  const double capacity = static_cast<double>(req.config.target.gpu.capacity_bytes);
+  for (const ParallelPlan& plan : EnumeratePlans(req.gpus, per_node, req.engines, req.tp)) {
+    PlanRow row;
+    row.plan = plan;
+    row.micro_batch = req.global_batch > 0 ? req.global_batch / plan.dp : req.micro_batch;
+    if (req.global_batch > 0 && req.global_batch % plan.dp != 0) {
+      row.skipped = "global batch " + std::to_string(req.global_batch) + " does not split over " +
+                    std::to_string(plan.dp) + " data-parallel ranks";
+    } else if (plan.engine == DataParallelEngine::kGemini && plan.tp > 1) {
+      row.skipped = "chunk-based ZeRO is modelled without tensor parallelism";
+    } else if (plan.engine == DataParallelEngine::kGemini && req.config.precision == sim::Precision::kFp32) {
+      row.skipped = "chunk-based ZeRO trains in 16-bit";
+    } else {
+      row.skipped = sweep.Unrunnable(plan);
+    }
+    if (!row.skipped.empty()) {
+      out.rows.push_back(row);
+      continue;
+    }
+    const RankEstimate at = sweep.Estimate(plan, row.micro_batch, per_node);
+    row.peak_allocated_bytes = at.memory.peak_allocated_bytes;
+    row.peak_reserved_bytes = at.memory.peak_reserved_bytes;
+    row.nvidia_smi_bytes = at.memory.nvidia_smi_bytes;
+    row.fits = Fits(at);
+    // Largest micro-batch: memory grows linearly with the batch (activations), so two exact simulations, at B and
+    // B + 1, give the slope.
+    const RankEstimate next = sweep.Estimate(plan, row.micro_batch + 1, per_node);
+    const double slope = static_cast<double>(next.memory.nvidia_smi_bytes - at.memory.nvidia_smi_bytes);
+    if (Fits(next)) {
+      row.max_micro_batch = slope > 0 ? row.micro_batch + 1 +
+                                            static_cast<int64_t>(std::floor((capacity - static_cast<double>(next.memory.nvidia_smi_bytes)) / slope))
+                                      : row.micro_batch + 1;
+    } else if (row.fits) {
+      row.max_micro_batch = row.micro_batch;
+    } else {
+      const double room = capacity - static_cast<double>(at.memory.nvidia_smi_bytes);
+      row.max_micro_batch = slope > 0 ? std::max<int64_t>(0, row.micro_batch + static_cast<int64_t>(std::floor(room / slope))) : 0;
+    }
+    // Step time of the rank.
+    StepTimeInputs t;
+    const Graph& rank_graph = sweep.RankGraph(row.micro_batch, plan.tp);
+    t.per_rank_cost = SumCosts(rank_graph, CostOptionsFor(req.config.precision));
+    t.precision = req.config.precision;
+    t.gpu = req.config.target.gpu;
+    t.intra_node = req.intra_node;
+    t.inter_node = req.inter_node;
+    t.collectives = at.collectives;
+    t.optimizer = req.config.optimizer;
+    t.optimizer_param_bytes = OptimizerParamBytes(rank_graph, plan, req.config.precision);
+    row.time = EstimateStepTime(t);
+    const double tokens = static_cast<double>(row.micro_batch) * plan.dp * static_cast<double>(rank_graph.seq());
+    row.tokens_per_second = row.time.total_s > 0 ? tokens / row.time.total_s : 0;
+    if (out.assumptions.empty()) out.assumptions = row.time.assumptions;
+    out.rows.push_back(row);
+  }
+  std::stable_sort(out.rows.begin(), out.rows.end(), [](const PlanRow& a, const PlanRow& b) {
+    auto rank = [](const PlanRow& r) { return !r.skipped.empty() ? 2 : (r.fits ? 0 : 1); };
+    if (rank(a) != rank(b)) return rank(a) < rank(b);
+    if (rank(a) == 0) return a.tokens_per_second > b.tokens_per_second;
+    return a.nvidia_smi_bytes < b.nvidia_smi_bytes;
+  });
+  if (!out.rows.empty() && out.rows[0].skipped.empty() && out.rows[0].fits) {
+    out.best = 0;
+    const PlanRow& b = out.rows[0];
+    int fitting = 0;
+    for (const auto& r : out.rows) fitting += r.skipped.empty() && r.fits;
+    out.why = b.plan.Name() + " is the fastest of the " + std::to_string(fitting) + " layouts that fit: " +
+              std::to_string(static_cast<int64_t>(b.tokens_per_second)) + " tokens/s at " +
+              std::to_string(b.nvidia_smi_bytes / (1 << 20)) + " MiB per GPU of " +
+              std::to_string(req.config.target.gpu.capacity_bytes / (1 << 20)) + " MiB";
+    return out;
+  }
+  // Nothing fits: the smallest GPU count with a layout that fits, searching the most frugal engines (ZeRO-3
+  // style) over growing counts: whole nodes beyond one node.
+  std::vector<DataParallelEngine> frugal;
+  for (auto e : req.engines) {
+    if (e == DataParallelEngine::kFsdp2Zero3 || e == DataParallelEngine::kGemini) frugal.push_back(e);
+  }
+  if (frugal.empty()) frugal = req.engines;
+  std::vector<int> counts;  // every count up to a node, then whole nodes
+  for (int n = req.gpus + 1; n <= 4096; ++n) {
+    if (n <= per_node || n % per_node == 0) counts.push_back(n);
+  }
+  auto fits_with = [&](int n) {
+    const int node_size = std::min(n, per_node);
+    for (const ParallelPlan& plan : EnumeratePlans(n, node_size, frugal, req.tp)) {
+      if (!sweep.Unrunnable(plan).empty() || (plan.engine == DataParallelEngine::kGemini && plan.tp > 1)) continue;
+      if (req.global_batch > 0 && req.global_batch % plan.dp != 0) continue;
+      if (Fits(sweep.Estimate(plan, req.global_batch > 0 ? req.global_batch / plan.dp : req.micro_batch, node_size))) {
+        return true;
+      }
+    }
+    return false;
+  };
+  // Sharded memory shrinks as GPUs are added: gallop to a count that fits, then bisect below it.
+  size_t hi = 0;
+  while (hi < counts.size() && !fits_with(counts[hi])) hi = hi == 0 ? 1 : hi * 2;
+  if (hi < counts.size()) {
+    size_t lo = hi / 2;  // counts[lo] was checked and does not fit, unless hi == 0
+    if (hi == 0) {
+      out.smallest_gpu_count_that_fits = counts[0];
+    } else {
+      while (hi - lo > 1) {
+        const size_t mid = (lo + hi) / 2;
+        (fits_with(counts[mid]) ? hi : lo) = mid;
+      }
+      out.smallest_gpu_count_that_fits = counts[hi];
+    }
+  }
+  out.why = "no layout of " + std::to_string(req.gpus) + " GPUs fits";
+  return out;
+}
+
+}  // namespace llmem::dist

@@ -1,0 +1,58 @@
+// Megatron-style tensor parallelism as one rank sees it (what PyTorch's DTensor ColwiseParallel/RowwiseParallel
+// plans run): in every decoder layer, a linear fed by a replicated activation is column-parallel (weight rows
+// split, output split on its last dim) and a linear fed by a split activation is row-parallel (weight columns
+// split, partial output all-reduced). Optionally the token embedding and the LM head are vocab-parallel
+// (embedding rows split, partial output all-reduced; LM head column-parallel with the loss on split logits).
+//
+// The rank's graph is the model's graph with every split tensor's shape divided along its split dim, found by
+// propagating the split from the linears through views, transposes, elementwise ops and attention. The memory
+// simulator then runs unchanged on it; the collectives' extra tensors come from TensorParallelHooks.
+//
+// All-reduce tensors (torch.distributed._functional_collectives.all_reduce clones its input, then reduces in
+// place): a row-parallel output is produced twice (partial, then the reduced copy) and the partial is freed; in
+// backward, a column-parallel input gradient is likewise partial, then all-reduced into a copy.
+//
+// Vocab-parallel cross entropy (DTensor loss_parallel, torch/distributed/tensor/parallel/loss.py): the forward
+// log-softmax keeps `shifted = x - max` while `exp(shifted)` and then the result exist, and the fused backward
+// holds zeros_like(x), grad + exp(x) and the product at once: one logits-shard-sized fp32 temporary more than the
+// single-GPU kernels in each direction.
+//
+// A reshape or contiguous() whose operand is split may become a view where the whole tensor needed a copy (e.g.
+// GQA's repeat_kv with one key/value head per rank), so the rank graph recomputes view-or-copy with ATen's rule.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "distributed/collective.h"
+#include "graph/graph.h"
+#include "simulator/step_hooks.h"
+
+namespace llmem::dist {
+
+struct TensorParallelRank {
+  Graph graph;                                           // the rank's shapes: split parameters and activations
+  std::vector<uint8_t> output_all_reduced;               // per node: the forward output is all-reduced
+  std::vector<std::vector<uint8_t>> input_grad_all_reduced;  // per node, per tensor input: its gradient is
+  std::vector<int> split_dim;                            // per value: the dim split across ranks, -1 if replicated
+  std::vector<int64_t> loss_workspace_bytes;             // per node: vocab-parallel cross-entropy temporaries
+  CollectiveList collectives;                            // per step, group = the tp ranks
+};
+
+// Throws ConfigError when tp does not divide a split dimension, UnsupportedOpError when the layer's structure
+// cannot be split (e.g. a fused q/k/v projection split by fixed sizes).
+TensorParallelRank ShardForTensorParallel(const Graph& graph, int tp, bool vocab_parallel);
+
+class TensorParallelHooks : public sim::StepHooks {
+ public:
+  // `rank` null: no tensor parallelism (nothing is replaced).
+  explicit TensorParallelHooks(const TensorParallelRank* rank) : rank_(rank) {}
+  bool OutputReplacedByCollective(const OpNode& node) const override;
+  bool InputGradReplacedByCollective(const OpNode& node, size_t input) const override;
+  int64_t ExtraTransientBytes(const OpNode& node, sim::Phase phase) const override;
+
+ private:
+  const TensorParallelRank* rank_;
+};
+
+}  // namespace llmem::dist

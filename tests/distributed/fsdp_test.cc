@@ -1,0 +1,288 @@
+// FSDP2 memory lifetimes (fsdp.h) on TwoLayerLm (distributed_test_graphs.h) over 2 ranks, fp32 + AdamW, cpu
+// target (exact request sizes). Sizes over 2 ranks (FsdpGroupsTest works them out):
+//   resident shards: wte 80, w0 48, w1 40, wh 80 = 248 B; AdamW states of the shards 2 * 248 = 496 B
+//   all-gather output / unsharded params: root 320 (wte 160 + wh 160), layer 0 96 (w0), layer 1 80 (w1)
+//   reduce-scatter input = unsharded bytes; sharded gradients: root 160, layer 0 48, layer 1 40
+// Unsharded gradients are the IR's full tensors: d wte 144, d w0 80, d w1 80, d wh 144.
+//
+// Space x time sketch of the gathered memory (ZeRO-3; # = gathered params, = = flat all-gather output):
+//   forward:  root ####==== | L0 ##== (root flat freed) | L0 freed, L1 ##== (L0 flat freed) | head: L1 flat freed
+//   backward: L1 ## prefetched at the loss | L0 ## prefetched when L1 starts | L1 reduced | L0 reduced | root reduced
+#include "distributed/fsdp.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <map>
+
+#include "distributed/sharded_params.h"
+#include "simulator/memory_estimate.h"
+#include "simulator/training_step_simulator.h"
+#include "tests/distributed/distributed_test_graphs.h"
+
+namespace llmem::dist {
+namespace {
+
+using namespace llmem::dist::testing;  // NOLINT
+using sim::MemoryCategory;
+using sim::Phase;
+using sim::testing::BlocksLabelled;
+using sim::testing::Replay;
+using sim::testing::ReplayExact;
+
+constexpr size_t kSetup = static_cast<size_t>(Phase::kSetup);
+constexpr size_t kForward = static_cast<size_t>(Phase::kForward);
+constexpr size_t kBackward = static_cast<size_t>(Phase::kBackward);
+constexpr size_t kOptimizer = static_cast<size_t>(Phase::kOptimizer);
+
+Fsdp2Hooks MakeHooks(const Graph& g, bool reshard_after_forward) {
+  return Fsdp2Hooks(FsdpGroups(ManagedParams(g, sim::Precision::kFp32), 2, g.num_layers()), 2,
+                    reshard_after_forward);
+}
+
+bool FsdpBlock(MemoryCategory c) {
+  return c == MemoryCategory::kCommBuffers || c == MemoryCategory::kGatheredParams ||
+         c == MemoryCategory::kGradients;
+}
+
+// Every block freed once, only after its allocation; returns the blocks alive at the end.
+std::map<int64_t, const sim::MemoryEvent*> CheckWellFormed(const sim::Timeline& tl) {
+  std::map<int64_t, const sim::MemoryEvent*> live;
+  for (const auto& e : tl.events) {
+    const std::string& label = tl.block_labels.at(static_cast<size_t>(e.block));
+    if (e.is_alloc) {
+      EXPECT_TRUE(live.emplace(e.block, &e).second) << "allocated twice: " << label;
+    } else {
+      EXPECT_EQ(live.erase(e.block), 1u) << "freed while not live: " << label;
+    }
+  }
+  return live;
+}
+
+size_t IndexOf(const std::vector<std::string>& trace, const std::string& line) {
+  auto it = std::find(trace.begin(), trace.end(), line);
+  EXPECT_NE(it, trace.end()) << "missing: " << line;
+  return static_cast<size_t>(it - trace.begin());
+}
+
+// The engine's events, in order, for both stages (shared between them: everything but the marked lines).
+const std::vector<std::string> kZero3Trace = {
+    // forward: the root's pre-forward gathers wte and wh before the embedding
+    "forward +FSDP2 all-gather output (root) 320",
+    "forward +unsharded param #0 160",
+    "forward +unsharded param #3 160",
+    // layer 0: its all-gather, then the root's flat buffer goes, then its copy-out
+    "forward +FSDP2 all-gather output (layer 0) 96",
+    "forward -FSDP2 all-gather output (root)",
+    "forward +unsharded param #1 96",
+    "forward -unsharded param #1",  // ZeRO-3: post-forward reshard of layer 0
+    "forward +FSDP2 all-gather output (layer 1) 80",
+    "forward -FSDP2 all-gather output (layer 0)",
+    "forward +unsharded param #2 80",
+    "forward -unsharded param #2",  // ZeRO-3: post-forward reshard of layer 1
+    "forward -FSDP2 all-gather output (layer 1)",  // the root's post-forward frees the last flat buffer
+    // backward: the root's pre-backward (at the loss) prefetches the last layer: only its all-gather starts
+    // (_prefetch_unshard); the copy-out and the flat buffer's release wait for layer 1's own pre-backward
+    "backward +FSDP2 all-gather output (layer 1) 80",  // ZeRO-3 only
+    "backward +d wh 144",
+    "backward +unsharded param #2 80",                 // ZeRO-3 only
+    "backward -FSDP2 all-gather output (layer 1)",     // ZeRO-3 only
+    // layer 1's pre-backward prefetches layer 0 (its all-gather only)
+    "backward +FSDP2 all-gather output (layer 0) 96",  // ZeRO-3 only
+    "backward +d w1 80",
+    // layer 1's post-backward: reshard, reduce-scatter input (padded [4,5] = 80), copy-in frees the gradient
+    "backward -unsharded param #2",
+    "backward +FSDP2 reduce-scatter input (layer 1) 80",
+    "backward -d w1",
+    "backward +FSDP2 sharded gradients (layer 1) 40",
+    // layer 0's pre-backward (the gradient reached its output after layer 1's post-backward): copy-out
+    "backward +unsharded param #1 96",                 // ZeRO-3 only
+    "backward -FSDP2 all-gather output (layer 0)",     // ZeRO-3 only
+    "backward +d w0 80",
+    // layer 0's post-backward: the previous reduce-scatter input is freed before the new one (padded [6,4] = 96)
+    "backward -unsharded param #1",
+    "backward -FSDP2 reduce-scatter input (layer 1)",
+    "backward +FSDP2 reduce-scatter input (layer 0) 96",
+    "backward -d w0",
+    "backward +FSDP2 sharded gradients (layer 0) 48",
+    "backward +d wte 144",
+    // the final callback: the root's post-backward, then the last reduce-scatter input
+    "backward -unsharded param #0",
+    "backward -unsharded param #3",
+    "backward -FSDP2 reduce-scatter input (layer 0)",
+    "backward +FSDP2 reduce-scatter input (root) 320",
+    "backward -d wte",
+    "backward -d wh",
+    "backward +FSDP2 sharded gradients (root) 160",
+    "backward -FSDP2 reduce-scatter input (root)",
+};
+
+std::vector<std::string> Zero2Trace() {
+  // ZeRO-2 keeps the layers gathered from forward to backward: no post-forward reshard, no backward all-gather.
+  std::vector<std::string> t;
+  for (const auto& line : kZero3Trace) {
+    const bool zero3_only = line == "forward -unsharded param #1" || line == "forward -unsharded param #2" ||
+                            (line.rfind("backward", 0) == 0 &&
+                             (line.find("all-gather output (layer") != std::string::npos ||
+                              line == "backward +unsharded param #2 80" || line == "backward +unsharded param #1 96"));
+    if (!zero3_only) t.push_back(line);
+  }
+  return t;
+}
+
+TEST(Fsdp2HooksTest, ResidentWeightsAndOptimizerStatesAreShards) {
+  Graph g = TwoLayerLm();
+  Fsdp2Hooks hooks = MakeHooks(g, true);
+  sim::StepSimulation sim = sim::SimulateTrainingStep(g, CpuConfig(), &hooks);
+  // Padded dim-0 shards: wte 5 rows, w0 3 rows, w1 2 rows, wh 5 rows (of 4, 4, 5, 4 floats).
+  EXPECT_EQ(BlocksLabelled(sim.timeline, "wte"), (std::vector<int64_t>{80}));
+  EXPECT_EQ(BlocksLabelled(sim.timeline, "w0"), (std::vector<int64_t>{48}));
+  EXPECT_EQ(BlocksLabelled(sim.timeline, "w1"), (std::vector<int64_t>{40}));
+  EXPECT_EQ(BlocksLabelled(sim.timeline, "wh"), (std::vector<int64_t>{80}));
+  EXPECT_EQ(BlocksLabelled(sim.timeline, "wte state"), (std::vector<int64_t>{80}));
+  EXPECT_EQ(BlocksLabelled(sim.timeline, "wte exp_avg_sq"), (std::vector<int64_t>{80}));
+  EXPECT_EQ(BlocksLabelled(sim.timeline, "w1 exp_avg_sq"), (std::vector<int64_t>{40}));
+  // setup: shards 248 + states 496 + inputs 96 = 840 (a single GPU holds 448 + 896 + 96 = 1440).
+  EXPECT_EQ(ReplayExact(sim.timeline).phase_peak[kSetup], 840);
+  // Nothing of the engine exists before forward.
+  for (const auto& e : sim.timeline.events) {
+    if (e.phase != Phase::kSetup || !e.is_alloc) continue;
+    EXPECT_NE(e.category, MemoryCategory::kGatheredParams);
+    EXPECT_NE(e.category, MemoryCategory::kCommBuffers);
+  }
+}
+
+TEST(Fsdp2HooksTest, Zero3EventOrder) {
+  Graph g = TwoLayerLm();
+  Fsdp2Hooks hooks = MakeHooks(g, /*reshard_after_forward=*/true);
+  sim::StepSimulation sim = sim::SimulateTrainingStep(g, CpuConfig(), &hooks);
+  const auto trace = TraceOf(sim.timeline, FsdpBlock);
+  EXPECT_EQ(trace, kZero3Trace);
+  // The claims one by one, so a failure names the broken one.
+  // The root is gathered before the embedding's output exists.
+  const std::string e_name = g.value(g.node(NodeId{0}).outputs[0]).name;
+  const auto all = TraceOf(sim.timeline, [](MemoryCategory) { return true; });
+  EXPECT_LT(IndexOf(all, "forward +unsharded param #0 160"), IndexOf(all, "forward +" + e_name + " = aten::embedding 96"));
+  // Each layer's flat output stays alive until the next group's copy-out.
+  EXPECT_LT(IndexOf(trace, "forward +FSDP2 all-gather output (layer 1) 80"),
+            IndexOf(trace, "forward -FSDP2 all-gather output (layer 0)"));
+  EXPECT_LT(IndexOf(trace, "forward -FSDP2 all-gather output (layer 0)"),
+            IndexOf(trace, "forward +unsharded param #2 80"));
+  // Layers are freed after their forward (ZeRO-3).
+  EXPECT_LT(IndexOf(trace, "forward -unsharded param #1"), IndexOf(trace, "forward +unsharded param #2 80"));
+  // In backward the last layer is gathered first, before any gradient exists.
+  // The prefetch at the loss only starts the all-gather; the copy-out waits for layer 1's pre-backward.
+  EXPECT_LT(IndexOf(trace, "backward +FSDP2 all-gather output (layer 1) 80"), IndexOf(trace, "backward +d wh 144"));
+  EXPECT_GT(IndexOf(trace, "backward +unsharded param #2 80"), IndexOf(trace, "backward +d wh 144"));
+  // The reduce-scatter input of layer 1 is freed right before layer 0's is allocated.
+  EXPECT_EQ(IndexOf(trace, "backward -FSDP2 reduce-scatter input (layer 1)") + 1,
+            IndexOf(trace, "backward +FSDP2 reduce-scatter input (layer 0) 96"));
+  // An unsharded gradient is freed after the copy into the reduce-scatter input.
+  EXPECT_EQ(IndexOf(trace, "backward +FSDP2 reduce-scatter input (layer 1) 80") + 1, IndexOf(trace, "backward -d w1"));
+}
+
+TEST(Fsdp2HooksTest, Zero2KeepsLayersGatheredFromForwardToBackward) {
+  Graph g = TwoLayerLm();
+  Fsdp2Hooks hooks = MakeHooks(g, /*reshard_after_forward=*/false);
+  sim::StepSimulation sim = sim::SimulateTrainingStep(g, CpuConfig(), &hooks);
+  const auto trace = TraceOf(sim.timeline, FsdpBlock);
+  EXPECT_EQ(trace, Zero2Trace());
+  for (const auto& line : trace) EXPECT_NE(line, "forward -unsharded param #1");
+  int backward_gathers = 0;
+  for (const auto& line : trace) backward_gathers += line.rfind("backward +FSDP2 all-gather", 0) == 0;
+  EXPECT_EQ(backward_gathers, 0);
+}
+
+TEST(Fsdp2HooksTest, ShardedGradientsRemainAtTheEnd) {
+  for (bool zero3 : {true, false}) {
+    SCOPED_TRACE(zero3 ? "ZeRO-3" : "ZeRO-2");
+    Graph g = TwoLayerLm();
+    Fsdp2Hooks hooks = MakeHooks(g, zero3);
+    sim::StepSimulation sim = sim::SimulateTrainingStep(g, CpuConfig(), &hooks);
+    const auto live = CheckWellFormed(sim.timeline);
+    std::map<std::string, int64_t> left;
+    for (const auto& [block, e] : live) {
+      EXPECT_TRUE(e->category == MemoryCategory::kWeights || e->category == MemoryCategory::kOptimizerState ||
+                  e->category == MemoryCategory::kInputs || e->category == MemoryCategory::kGradients)
+          << "still alive: " << sim.timeline.block_labels[static_cast<size_t>(block)];
+      if (e->category == MemoryCategory::kGradients) left[sim.timeline.block_labels[static_cast<size_t>(block)]] = e->bytes;
+    }
+    // One shard of each group's gradients; no unsharded gradient survives.
+    EXPECT_EQ(left, (std::map<std::string, int64_t>{{"FSDP2 sharded gradients (layer 0)", 48},
+                                                    {"FSDP2 sharded gradients (layer 1)", 40},
+                                                    {"FSDP2 sharded gradients (root)", 160}}));
+    // End of the step: 840 (setup) + 40 + 48 + 160 = 1088.
+    EXPECT_EQ(ReplayExact(sim.timeline).end, 1088);
+  }
+}
+
+// Block by block (cpu, exact sizes), ZeRO-3:
+//   setup 840.
+//   forward:  root flat 320 + wte 160 + wh 160 = 1480; e 96 = 1576; layer 0 flat 96 = 1672; root flat freed 1352;
+//             w0 96 = 1448; h0 120 = 1568; w0 freed 1472; layer 1 flat 80 = 1552; layer 0 flat freed 1456;
+//             w1 80 = 1536; h1 96 = 1632; w1 freed 1552; logits 216 = 1768; loss 4 = 1772;
+//             log-probs 216 = 1988 (forward peak); logits freed 1772; layer 1 flat freed -> 1692.
+//   backward: d loss 4 = 1696; prefetch layer 1 (all-gather only): flat 80 = 1776;
+//             CE workspace 216 = 1992; d logits 216 = 2208 (peak); then workspace, d loss, log-probs freed: 1772.
+//             head linear: d h1 96 = 1868; d wh 144 = 2012; d logits freed 1796; h1 freed 1700.
+//             layer 1 start: copy-out w1 80 = 1780, its flat freed 1700; prefetch layer 0: flat 96 = 1796
+//             (w0 is copied out from it at layer 0's start: same bytes);
+//             d h0 120 = 1916; d w1 80 = 1996; d h1 freed 1900; h0 freed 1780.
+//             layer 1 post-backward: w1 freed 1700; RS input 80 = 1780; d w1 freed 1700; shard 40 = 1740.
+//             layer 0: d e 96 = 1836; d w0 80 = 1916; d h0 freed 1796; e freed 1700.
+//             layer 0 post-backward: w0 freed 1604; RS input (layer 1) freed 1524; RS input 96 = 1620;
+//             d w0 freed 1540; shard 48 = 1588.
+//             embedding: d wte 144 = 1732; d e freed 1636. loss freed 1632.
+//             root: wte, wh freed 1312; RS input (layer 0) freed 1216; RS input 320 = 1536; d wte, d wh freed 1248;
+//             shard 160 = 1408; RS input freed -> 1088.
+//   optimizer (cpu, one parameter at a time): sqrt + denom of the largest shard (80): 1088 + 160 = 1248.
+// ZeRO-2: layers 0 and 1 stay gathered through forward: forward peak 1988 + 96 (w0) + 80 (w1) = 2164;
+//   backward peak at the same moment 2208 + 96 (w0 still gathered; w1 was prefetched under ZeRO-3 too) = 2304.
+TEST(Fsdp2HooksTest, PeaksMatchTheHandCount) {
+  Graph g = TwoLayerLm();
+  {
+    Fsdp2Hooks hooks = MakeHooks(g, true);
+    Replay r = ReplayExact(sim::SimulateTrainingStep(g, CpuConfig(), &hooks).timeline);
+    EXPECT_EQ(r.phase_peak[kSetup], 840);
+    EXPECT_EQ(r.phase_start[kForward], 840);
+    EXPECT_EQ(r.phase_peak[kForward], 1988);
+    EXPECT_EQ(r.phase_start[kBackward], 1692);
+    EXPECT_EQ(r.phase_peak[kBackward], 2208);
+    EXPECT_EQ(r.phase_start[kOptimizer], 1088);
+    EXPECT_EQ(r.phase_peak[kOptimizer], 1248);
+    EXPECT_EQ(r.peak, 2208);
+  }
+  {
+    Fsdp2Hooks hooks = MakeHooks(g, false);
+    Replay r = ReplayExact(sim::SimulateTrainingStep(g, CpuConfig(), &hooks).timeline);
+    EXPECT_EQ(r.phase_peak[kForward], 2164);
+    EXPECT_EQ(r.phase_start[kBackward], 1868);
+    EXPECT_EQ(r.phase_peak[kBackward], 2304);
+    EXPECT_EQ(r.phase_start[kOptimizer], 1088);
+    EXPECT_EQ(r.peak, 2304);
+  }
+}
+
+TEST(Fsdp2HooksTest, EstimateMemoryReportsTheHandCountedPeak) {
+  Graph g = TwoLayerLm();
+  // Hooks hold the engine's state for one step: a fresh set per simulation.
+  Fsdp2Hooks zero3 = MakeHooks(g, true);
+  sim::MemoryEstimate est3 = sim::EstimateMemory(g, CpuConfig(), &zero3);
+  EXPECT_EQ(est3.peak_allocated_bytes, 2208);
+  EXPECT_EQ(est3.peak_reserved_bytes, 2208);
+  EXPECT_EQ(est3.peak_phase, Phase::kBackward);
+  EXPECT_EQ(est3.peak_op, "aten::cross_entropy_loss (head)");
+  // At the peak: root gathered (320); layer 1's prefetch is still its all-gather output (80), not copied out.
+  EXPECT_EQ(est3.at_peak[static_cast<size_t>(MemoryCategory::kGatheredParams)], 320);
+  EXPECT_EQ(est3.at_peak[static_cast<size_t>(MemoryCategory::kCommBuffers)], 80);
+  EXPECT_EQ(est3.weights_bytes, 248);
+  EXPECT_EQ(est3.optimizer_state_bytes, 496);
+
+  Fsdp2Hooks zero2 = MakeHooks(g, false);
+  sim::MemoryEstimate est2 = sim::EstimateMemory(g, CpuConfig(), &zero2);
+  EXPECT_EQ(est2.peak_allocated_bytes, 2304);
+  EXPECT_EQ(est2.at_peak[static_cast<size_t>(MemoryCategory::kGatheredParams)], 496);  // root + both layers
+}
+
+}  // namespace
+}  // namespace llmem::dist
