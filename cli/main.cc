@@ -1,5 +1,6 @@
 // llmem command line: parses flags and calls the library.
-// Exit codes: 0 ok, 1 internal error, 2 bad input (model file or options), 3 the job does not fit.
+// Exit codes: 0 ok, 1 internal error, 2 bad input (model file or options), 3 the job does not fit, 4 a validation
+// against measured runs is outside its limits.
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
@@ -13,6 +14,10 @@
 #include "graph/ir_printer.h"
 #include "graph/torchscript_importer.h"
 #include "measure/training_step_runner.h"
+#include "cli/recommend_command.h"
+#include "cli/validate_command.h"
+#include "distributed/parallel_plan.h"
+#include "distributed/rank_estimate.h"
 #include "simulator/memory_estimate.h"
 
 namespace {
@@ -33,6 +38,11 @@ struct StepOptions {
   bool json_out = false;
   bool allow_unknown_ops = false;
   std::string trace_path;
+  // Parallel layout (estimate): one rank of dp × tp GPUs.
+  int dp = 1;
+  int tp = 1;
+  std::string engine = "ddp";
+  bool no_vocab_parallel = false;
 };
 
 void AddStepOptions(CLI::App* cmd, StepOptions& o) {
@@ -188,12 +198,23 @@ int RunInspect(const std::string& path, int64_t batch, int64_t seq, bool print_i
 
 int RunEstimate(const StepOptions& o, const std::string& target) {
   auto config = MakeConfig(o, target);
+  const auto engine = llmem::dist::ParseEngine(o.engine);
+  if (!engine) throw llmem::ConfigError("unknown engine '" + o.engine + "' (ddp, zero1, zero2, zero3, gemini)");
+  if (o.dp < 1 || o.tp < 1) throw llmem::ConfigError("--dp and --tp must be at least 1");
+  if (o.batch <= 0 || o.seq <= 0) throw llmem::ConfigError("batch and sequence length must be positive");
   auto model = llmem::TorchScriptModel::Load(o.model);
   auto graph = model.BuildGraph(o.batch, o.seq);
-  auto est = llmem::sim::EstimateMemory(graph, config);
+  llmem::sim::MemoryEstimate est;
+  if (o.dp == 1 && o.tp == 1) {
+    est = llmem::sim::EstimateMemory(graph, config);
+  } else {
+    llmem::dist::DistributedOptions dopts;
+    dopts.tp_vocab_parallel = !o.no_vocab_parallel;
+    est = llmem::dist::EstimateRank(graph, config, {.dp = o.dp, .tp = o.tp, .engine = *engine}, dopts).memory;
+  }
   if (!o.trace_path.empty()) {
     // One line per event: +/- bytes category phase label.
-    auto sim = llmem::sim::SimulateTrainingStep(graph, config);
+    const auto& sim = *est.simulation;
     std::FILE* f = std::fopen(o.trace_path.c_str(), "w");
     if (!f) throw llmem::ConfigError("cannot write trace file " + o.trace_path);
     int64_t live = 0;
@@ -300,6 +321,12 @@ int main(int argc, char** argv) {
   estimate->add_option("--trace", est_opts.trace_path, "write the simulated allocation timeline to this file");
   estimate->add_flag("--allow-unknown-ops", est_opts.allow_unknown_ops,
                      "estimate ops without a memory rule conservatively (with a warning)");
+  estimate->add_option("--dp", est_opts.dp, "data-parallel degree (the estimate is one rank's)")->capture_default_str();
+  estimate->add_option("--tp", est_opts.tp, "tensor-parallel degree")->capture_default_str();
+  estimate->add_option("--engine", est_opts.engine, "data-parallel engine: ddp | zero1 | zero2 | zero3 | gemini")
+      ->capture_default_str();
+  estimate->add_flag("--no-vocab-parallel", est_opts.no_vocab_parallel,
+                     "with --tp: keep the embedding and LM head whole on every rank");
 
   StepOptions measure_opts;
   measure_opts.precision = "fp32";
@@ -313,6 +340,15 @@ int main(int argc, char** argv) {
   measure->add_option("--steps", steps, "training steps to run (the steady state shows from step 2)")
       ->capture_default_str();
 
+  llmem::cli::RecommendOptions rec_opts;
+  auto* recommend = app.add_subcommand(
+      "recommend", "every parallel layout over N GPUs: memory per GPU, largest batch, step time; the fastest that fits");
+  llmem::cli::AddRecommendOptions(recommend, rec_opts);
+
+  llmem::cli::ValidateOptions val_opts;
+  auto* validate = app.add_subcommand("validate", "compare measured per-rank peaks of distributed runs with estimates");
+  llmem::cli::AddValidateOptions(validate, val_opts);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -322,6 +358,8 @@ int main(int argc, char** argv) {
     if (*inspect) return RunInspect(inspect_path, inspect_batch, inspect_seq, print_ir, inspect_json);
     if (*estimate) return RunEstimate(est_opts, est_opts.gpu);
     if (*measure) return RunMeasure(measure_opts, device, steps);
+    if (*recommend) return llmem::cli::RunRecommend(rec_opts);
+    if (*validate) return llmem::cli::RunValidate(val_opts);
   } catch (const llmem::Error& e) {
     std::fprintf(stderr, "llmem: error: %s\n", e.what());
     return kExitBadInput;

@@ -1,0 +1,57 @@
+// Benchmarks of the estimator on a 70B-shaped export (models/llama-3-70b.meta.pt), after loading: one rank's
+// estimate per parallel method, and the whole `recommend` sweep over 8 GPUs.
+//
+//   build/bench/recommend_benchmark [--benchmark_filter=...]
+#include <benchmark/benchmark.h>
+
+#include <string>
+
+#include "distributed/rank_estimate.h"
+#include "graph/torchscript_importer.h"
+#include "simulator/gpu_catalog.h"
+
+#ifndef LLMEM_SOURCE_DIR
+#error "LLMEM_SOURCE_DIR must name the source tree"
+#endif
+
+namespace {
+
+const llmem::Graph& Llama70b() {
+  static const llmem::Graph graph = [] {
+    auto model = llmem::TorchScriptModel::Load(std::string(LLMEM_SOURCE_DIR) + "/models/llama-3-70b.meta.pt");
+    return model.BuildGraph(1, 4096);
+  }();
+  return graph;
+}
+
+llmem::sim::TrainingConfig H100Config() {
+  llmem::sim::TrainingConfig c;
+  c.precision = llmem::sim::Precision::kBf16Autocast;
+  c.target.gpu = *llmem::sim::FindGpu("h100-80");
+  return c;
+}
+
+void BM_SingleGpuEstimate(benchmark::State& state) {
+  const auto& g = Llama70b();
+  const auto config = H100Config();
+  for (auto _ : state) benchmark::DoNotOptimize(llmem::sim::EstimateMemory(g, config));
+}
+BENCHMARK(BM_SingleGpuEstimate)->Unit(benchmark::kMillisecond);
+
+void BM_RankEstimate(benchmark::State& state) {
+  const auto& g = Llama70b();
+  const auto config = H100Config();
+  const llmem::dist::ParallelPlan plan{.dp = static_cast<int>(state.range(0)), .tp = static_cast<int>(state.range(1)),
+                                       .engine = static_cast<llmem::dist::DataParallelEngine>(state.range(2))};
+  for (auto _ : state) benchmark::DoNotOptimize(llmem::dist::EstimateRank(g, config, plan));
+}
+BENCHMARK(BM_RankEstimate)
+    ->Args({8, 1, 0})
+    ->Args({8, 1, 3})
+    ->Args({1, 8, 0})
+    ->Args({4, 2, 3})
+    ->Unit(benchmark::kMillisecond);
+
+}  // namespace
+
+BENCHMARK_MAIN();

@@ -1,0 +1,204 @@
+#include "cli/recommend_command.h"
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "distributed/interconnect.h"
+#include "distributed/recommend.h"
+#include "graph/error.h"
+#include "graph/torchscript_importer.h"
+#include "simulator/gpu_catalog.h"
+
+namespace llmem::cli {
+namespace {
+
+using nlohmann::json;
+
+std::vector<dist::DataParallelEngine> ParseEngines(const std::string& list) {
+  std::vector<dist::DataParallelEngine> out;
+  std::stringstream ss(list);
+  std::string name;
+  while (std::getline(ss, name, ',')) {
+    auto e = dist::ParseEngine(name);
+    if (!e) throw ConfigError("unknown engine '" + name + "' in --engines (ddp, zero1, zero2, zero3, gemini)");
+    out.push_back(*e);
+  }
+  if (out.empty()) throw ConfigError("--engines names no engine");
+  return out;
+}
+
+std::string Seconds(double s) {
+  char buf[32];
+  if (s >= 1) {
+    std::snprintf(buf, sizeof buf, "%.2f s", s);
+  } else {
+    std::snprintf(buf, sizeof buf, "%.0f ms", s * 1e3);
+  }
+  return buf;
+}
+
+json RowJson(const dist::PlanRow& r) {
+  json j{{"layout", r.plan.Name()}, {"dp", r.plan.dp}, {"tp", r.plan.tp},
+         {"engine", std::string(dist::EngineName(r.plan.engine))}, {"micro_batch", r.micro_batch}};
+  if (!r.skipped.empty()) {
+    j["skipped"] = r.skipped;
+    return j;
+  }
+  j["fits"] = r.fits;
+  j["peak_allocated_bytes"] = r.peak_allocated_bytes;
+  j["peak_reserved_bytes"] = r.peak_reserved_bytes;
+  j["nvidia_smi_bytes"] = r.nvidia_smi_bytes;
+  j["max_micro_batch"] = r.max_micro_batch;
+  j["step_seconds"] = r.time.total_s;
+  j["tokens_per_second"] = r.tokens_per_second;
+  j["time"] = {{"forward_s", r.time.forward_s},   {"backward_s", r.time.backward_s},
+               {"optimizer_s", r.time.optimizer_s}, {"comm_s", r.time.comm_s},
+               {"exposed_comm_s", r.time.exposed_comm_s}};
+  return j;
+}
+
+}  // namespace
+
+void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
+  cmd->add_option("model", o.model, "TorchScript export of the model (forward(input_ids, labels) -> loss)")->required();
+  cmd->add_option("--gpus,-n", o.gpus, "number of GPUs")->capture_default_str();
+  cmd->add_option("--nodes", o.nodes, "number of nodes the GPUs are spread over")->capture_default_str();
+  cmd->add_option("--gpu,-g", o.gpu, "GPU from the catalog")->capture_default_str();
+  cmd->add_option("--seq,-s", o.seq, "sequence length in tokens")->capture_default_str();
+  cmd->add_option("--batch,-b", o.batch, "micro-batch per GPU (data-parallel rank)");
+  cmd->add_option("--global-batch", o.global_batch, "global batch, split over the data-parallel ranks");
+  cmd->add_option("--tp", o.tp, "only layouts with this tensor-parallel degree");
+  cmd->add_option("--precision,-p", o.precision, "fp32 | bf16-autocast | fp16-autocast | bf16")->capture_default_str();
+  cmd->add_option("--optimizer,-o", o.optimizer, "adamw | sgd (momentum 0.9)")->capture_default_str();
+  cmd->add_option("--interconnect", o.interconnect, "link inside a node (default: the GPU's own; " +
+                                                        dist::InterconnectNames() + ")");
+  cmd->add_option("--inter-node", o.inter_node, "network between nodes")->capture_default_str();
+  cmd->add_option("--engines", o.engines, "data-parallel engines to consider")->capture_default_str();
+  cmd->add_flag("--no-vocab-parallel", o.no_vocab_parallel, "keep the embedding and LM head whole under TP");
+  cmd->add_flag("--json", o.json_out, "print JSON");
+}
+
+int RunRecommend(const RecommendOptions& o) {
+  dist::RecommendRequest req;
+  req.gpus = o.gpus;
+  req.nodes = o.nodes;
+  if (o.tp != 0) req.tp = o.tp;
+  req.micro_batch = o.batch;
+  req.global_batch = o.global_batch;
+  if (o.batch == 0 && o.global_batch == 0) req.micro_batch = 1;
+  if (o.seq <= 0) throw ConfigError("the sequence length must be positive (got " + std::to_string(o.seq) + ")");
+  auto gpu = sim::FindGpu(o.gpu);
+  if (!gpu) throw ConfigError("unknown GPU '" + o.gpu + "' (known: " + sim::GpuNames() + ")");
+  req.config.target.gpu = *gpu;
+  auto precision = sim::ParsePrecision(o.precision);
+  if (!precision) throw ConfigError("unknown precision '" + o.precision + "' (fp32, bf16-autocast, fp16-autocast, bf16)");
+  auto optimizer = sim::ParseOptimizer(o.optimizer);
+  if (!optimizer) throw ConfigError("unknown optimizer '" + o.optimizer + "' (adamw, sgd)");
+  req.config.precision = *precision;
+  req.config.optimizer = *optimizer;
+  const std::string intra_name = o.interconnect.empty() ? gpu->intra_node_link : o.interconnect;
+  auto intra = dist::FindInterconnect(intra_name);
+  if (!intra) throw ConfigError("unknown interconnect '" + intra_name + "' (known: " + dist::InterconnectNames() + ")");
+  auto inter = dist::FindInterconnect(o.inter_node);
+  if (!inter) throw ConfigError("unknown interconnect '" + o.inter_node + "' (known: " + dist::InterconnectNames() + ")");
+  req.intra_node = *intra;
+  req.inter_node = *inter;
+  req.engines = ParseEngines(o.engines);
+  req.tp_vocab_parallel = !o.no_vocab_parallel;
+  if (o.gpus < 1 || o.nodes < 1) throw ConfigError("--gpus and --nodes must be at least 1");
+  if (o.batch < 0 || o.global_batch < 0) throw ConfigError("batch sizes must be positive");
+
+  const auto t0 = std::chrono::steady_clock::now();
+  auto model = TorchScriptModel::Load(o.model);
+  std::map<int64_t, std::unique_ptr<Graph>> graphs;
+  double build_seconds = 0;
+  auto graph_at = [&](int64_t batch) -> const Graph& {
+    auto& g = graphs[batch];
+    if (!g) {
+      const auto b0 = std::chrono::steady_clock::now();
+      g = std::make_unique<Graph>(model.BuildGraph(batch, o.seq));
+      build_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - b0).count();
+    }
+    return *g;
+  };
+  const double load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto s0 = std::chrono::steady_clock::now();
+  const dist::Recommendation rec = dist::Recommend(req, graph_at);
+  const double sweep_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - s0).count() - build_seconds;
+
+  if (o.json_out) {
+    json j{{"model", o.model},
+           {"gpus", o.gpus},
+           {"nodes", o.nodes},
+           {"gpu", o.gpu},
+           {"capacity_bytes", gpu->capacity_bytes},
+           {"interconnect", {{"intra_node", intra->name}, {"inter_node", inter->name}}},
+           {"seq", o.seq},
+           {"precision", o.precision},
+           {"optimizer", o.optimizer}};
+    if (req.global_batch > 0) {
+      j["global_batch"] = req.global_batch;
+    } else {
+      j["micro_batch"] = req.micro_batch;
+    }
+    json rows = json::array();
+    for (const auto& r : rec.rows) rows.push_back(RowJson(r));
+    j["plans"] = rows;
+    j["recommended"] = rec.best >= 0 ? json(rec.rows[static_cast<size_t>(rec.best)].plan.Name()) : json(nullptr);
+    j["why"] = rec.why;
+    if (rec.best < 0) j["smallest_gpu_count_that_fits"] = rec.smallest_gpu_count_that_fits;
+    j["assumptions"] = rec.assumptions;
+    j["seconds"] = {{"load", load_seconds}, {"graphs", build_seconds}, {"sweep", sweep_seconds}};
+    std::cout << j.dump(2) << "\n";
+    return rec.best >= 0 ? 0 : 3;
+  }
+
+  std::printf("%s on %d x %s (%d node%s, %s inside a node%s), seq %lld, %s %lld, %s, %s\n\n", o.model.c_str(), o.gpus,
+              o.gpu.c_str(), o.nodes, o.nodes > 1 ? "s" : "", intra->name.c_str(),
+              o.nodes > 1 ? (", " + inter->name + " between nodes").c_str() : "", static_cast<long long>(o.seq),
+              req.global_batch > 0 ? "global batch" : "batch per GPU",
+              static_cast<long long>(req.global_batch > 0 ? req.global_batch : req.micro_batch), o.precision.c_str(),
+              o.optimizer.c_str());
+  std::printf(" %-3s %-16s %-16s %6s %13s %5s %9s %10s %12s\n", "#", "layout", "engine", "batch", "memory/GPU",
+              "fits", "max batch", "step time", "tokens/s");
+  int index = 0;
+  for (const auto& r : rec.rows) {
+    ++index;
+    if (!r.skipped.empty()) {
+      std::printf(" %-3d %-16s %-16s %6lld  n/a: %s\n", index, r.plan.Name().c_str(),
+                  std::string(dist::EngineName(r.plan.engine)).c_str(), static_cast<long long>(r.micro_batch),
+                  r.skipped.c_str());
+      continue;
+    }
+    std::printf(" %-3d %-16s %-16s %6lld %13s %5s %9lld %10s %12.0f\n", index, r.plan.Name().c_str(),
+                std::string(dist::EngineName(r.plan.engine)).c_str(), static_cast<long long>(r.micro_batch),
+                FormatBytes(r.nvidia_smi_bytes).c_str(), r.fits ? "yes" : "OOM",
+                static_cast<long long>(r.max_micro_batch), Seconds(r.time.total_s).c_str(), r.tokens_per_second);
+  }
+  std::printf("\n");
+  if (rec.best >= 0) {
+    std::printf("recommended: %s\n", rec.why.c_str());
+  } else if (rec.smallest_gpu_count_that_fits > 0) {
+    std::printf("nothing fits: %s; the smallest count of %s that fits is %d\n", rec.why.c_str(), o.gpu.c_str(),
+                rec.smallest_gpu_count_that_fits);
+  } else {
+    std::printf("nothing fits: %s, nor on up to 4096 of them\n", rec.why.c_str());
+  }
+  std::printf("\nmemory/GPU: peak reserved + CUDA context + NCCL buffers (what nvidia-smi shows); max batch: "
+              "extrapolated linearly from exact simulations at the batch and one more\n");
+  std::printf("assumptions:\n");
+  for (const auto& a : rec.assumptions) std::printf("  - %s\n", a.c_str());
+  std::printf("  - %s\n", "an autocast precision keeps autocast's 16-bit weight copies for the whole forward, under "
+                           "FSDP2 too (measured); FSDP2's MixedPrecisionPolicy is not modelled");
+  std::printf("\nloaded in %.2f s, graphs built in %.2f s, sweep in %.3f s\n", load_seconds, build_seconds,
+              sweep_seconds);
+  return rec.best >= 0 ? 0 : 3;
+}
+
+}  // namespace llmem::cli

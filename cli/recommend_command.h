@@ -1,0 +1,33 @@
+// `llmem recommend`: the ranked table of parallel layouts over N GPUs, and the fastest one that fits.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <cstdint>
+#include <string>
+
+namespace llmem::cli {
+
+struct RecommendOptions {
+  std::string model;
+  int gpus = 8;
+  int nodes = 1;
+  std::string gpu = "a100-80";
+  int64_t seq = 2048;
+  int64_t batch = 0;
+  int64_t global_batch = 0;
+  int tp = 0;  // 0: every degree
+  std::string precision = "bf16-autocast";
+  std::string optimizer = "adamw";
+  std::string interconnect;      // default: the GPU's own link
+  std::string inter_node = "ib-ndr";
+  std::string engines = "ddp,zero1,zero2,zero3,gemini";
+  bool no_vocab_parallel = false;
+  bool json_out = false;
+};
+
+void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o);
+
+// Exit codes as the rest of the CLI: 0 a layout fits, 3 none does; bad input throws llmem::ConfigError.
+int RunRecommend(const RecommendOptions& o);
+
+}  // namespace llmem::cli
