@@ -42,8 +42,9 @@ CollectiveList FsdpCollectives(const std::vector<FsdpGroup>& groups, int world, 
   return out;
 }
 
-Fsdp2Hooks::Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward)
-    : groups_(std::move(groups)), world_(world), reshard_after_forward_(reshard_after_forward) {
+Fsdp2Hooks::Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward, bool gloo_copies)
+    : groups_(std::move(groups)), world_(world), reshard_after_forward_(reshard_after_forward),
+      gloo_copies_(gloo_copies) {
   unsharded_.resize(groups_.size());
   flat_.assign(groups_.size(), -1);
   reduced_.assign(groups_.size(), false);
@@ -78,6 +79,11 @@ void Fsdp2Hooks::AllGather(int group, sim::StepMemory& mem) {
   const std::string name = group == 0 ? "root" : "layer " + std::to_string(group - 1);
   flat_[static_cast<size_t>(group)] =
       mem.Alloc(g.unsharded_bytes, sim::MemoryCategory::kCommBuffers, "FSDP2 all-gather output (" + name + ")");
+  if (gloo_copies_ && world_ > 1) {
+    for (int i = 0; i < 2; ++i) {
+      mem.Free(mem.Alloc(g.unsharded_bytes, sim::MemoryCategory::kCommBuffers, "gloo all-gather buffer"));
+    }
+  }
 }
 
 void Fsdp2Hooks::CopyOut(int group, bool keep_flat, sim::StepMemory& mem) {
@@ -126,6 +132,9 @@ void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
   pending_reduce_input_ = mem.Alloc(input_bytes, sim::MemoryCategory::kCommBuffers, "FSDP2 reduce-scatter input (" + name + ")");
   for (int64_t grad : grads) mem.Free(grad);
   mem.Alloc(input_bytes / world_, sim::MemoryCategory::kGradients, "FSDP2 sharded gradients (" + name + ")");
+  if (gloo_copies_ && world_ > 1) {
+    mem.Free(mem.Alloc(input_bytes, sim::MemoryCategory::kCommBuffers, "gloo reduce-scatter input copy"));
+  }
 }
 
 void Fsdp2Hooks::OnRegionStart(sim::Phase phase, const Region& region, sim::StepMemory& mem) {

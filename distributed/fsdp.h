@@ -42,7 +42,10 @@ CollectiveList FsdpCollectives(const std::vector<FsdpGroup>& groups, int world, 
 
 class Fsdp2Hooks : public sim::StepHooks {
  public:
-  Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward);
+  // `gloo_copies`: the collectives run on gloo (CPU ranks), whose all_gather_into_tensor allocates two transient
+  // output-sized buffers one after the other and whose reduce_scatter_tensor copies its whole input (measured
+  // with a counting allocator, torch 2.11); NCCL works in place.
+  Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward, bool gloo_copies = false);
 
   int64_t ResidentParamBytes(const Parameter& p, int64_t full_bytes) const override;
   int64_t OptimizedBytes(const Parameter& p, int64_t full_bytes) const override;
@@ -60,6 +63,7 @@ class Fsdp2Hooks : public sim::StepHooks {
   std::vector<FsdpGroup> groups_;
   int world_;
   bool reshard_after_forward_;
+  bool gloo_copies_;
   std::map<int32_t, int64_t> shard_bytes_of_value_;   // parameter IR value -> padded shard bytes
   std::vector<std::vector<int64_t>> unsharded_;       // per group: live unsharded parameter blocks
   std::vector<bool> reduced_;                         // per group: post-backward done

@@ -8,8 +8,10 @@
 namespace llmem::dist {
 namespace {
 
+// The token ids, or a view of them (OPT flattens them with view(-1, S) first).
 bool IsGraphInput(const Graph& graph, ValueId v) {
-  return std::find(graph.inputs().begin(), graph.inputs().end(), v) != graph.inputs().end();
+  const ValueId root = graph.StorageRoot(v);
+  return std::find(graph.inputs().begin(), graph.inputs().end(), root) != graph.inputs().end();
 }
 
 const TensorValue* ArgTensor(const Graph& graph, const OpNode& node, size_t arg) {

@@ -31,6 +31,9 @@ class CombinedHooks : public sim::StepHooks {
     return tp_.InputGradReplacedByCollective(n, i);
   }
   int64_t ExtraTransientBytes(const OpNode& n, sim::Phase ph) const override { return tp_.ExtraTransientBytes(n, ph); }
+  int64_t InputGradBytes(const OpNode& n, size_t i, int64_t bytes) const override {
+    return tp_.InputGradBytes(n, i, bytes);
+  }
   void OnBackwardEnd(sim::StepMemory& mem) override { dp_.OnBackwardEnd(mem); }
   void OnOptimizerStepEnd(sim::StepMemory& mem) override { dp_.OnOptimizerStepEnd(mem); }
 
@@ -77,6 +80,13 @@ RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config,
     case DataParallelEngine::kZero1: {
       auto buckets = DdpBucketBytes(params);
       out.collectives = DdpCollectives(buckets, dp, dp_crosses_nodes);
+      // After its local step each rank broadcasts the parameters it owns: an all-gather's volume in all.
+      int64_t param_bytes = 0;
+      for (const auto& p : params) param_bytes += p.bytes();
+      out.collectives.push_back(Collective{.kind = CollectiveKind::kAllGather, .bytes = param_bytes, .group_size = dp,
+                                           .crosses_nodes = dp_crosses_nodes, .phase = StepPhase::kOptimizer,
+                                           .overlapped = false, .count = 1,
+                                           .what = "ZeRO-1 broadcast of updated parameters"});
       dp_hooks = std::make_unique<ZeroRedundancyHooks>(std::move(buckets), params, dp);
       break;
     }
@@ -85,7 +95,7 @@ RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config,
       const bool zero3 = plan.engine == DataParallelEngine::kFsdp2Zero3;
       auto groups = FsdpGroups(params, dp, rank_graph.num_layers());
       out.collectives = FsdpCollectives(groups, dp, zero3, dp_crosses_nodes);
-      dp_hooks = std::make_unique<Fsdp2Hooks>(std::move(groups), dp, zero3);
+      dp_hooks = std::make_unique<Fsdp2Hooks>(std::move(groups), dp, zero3, /*gloo_copies=*/config.target.is_cpu);
       break;
     }
     case DataParallelEngine::kGemini: {

@@ -1,14 +1,18 @@
 #include "distributed/recommend.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <map>
+#include <mutex>
 #include <set>
+#include <thread>
 
 #include "distributed/model_dims.h"
 #include "distributed/rank_estimate.h"
 #include "distributed/sharded_params.h"
 #include "distributed/tensor_parallel.h"
+#include "graph/dtype.h"
 #include "graph/error.h"
 
 namespace llmem::dist {
@@ -68,6 +72,29 @@ class Sweep {
 
 bool Fits(const RankEstimate& e) { return e.memory.fits; }
 
+// Runs fn(0..n-1) on up to one thread per core; fn must only read shared state.
+void ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
+  const size_t threads = std::min<size_t>(n, std::max(1u, std::thread::hardware_concurrency()));
+  std::atomic<size_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto worker = [&] {
+    for (size_t k; (k = next.fetch_add(1)) < n;) {
+      try {
+        fn(k);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+}
+
 }  // namespace
 
 std::vector<ParallelPlan> EnumeratePlans(int gpus, int gpus_per_node, const std::vector<DataParallelEngine>& engines,
@@ -113,6 +140,15 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
   Sweep sweep(req, graph_at);
   Recommendation out;
   const double capacity = static_cast<double>(req.config.target.gpu.capacity_bytes);
+  // 1. The layouts, and what each needs prepared (graphs and tensor-parallel splits are built here, once, so the
+  //    estimates below only read them).
+  struct Work {
+    size_t row;
+    bool slope;  // also simulate batch + 1: this row gives the slope for its (batch, tp)
+  };
+  std::vector<Work> work;
+  std::set<std::pair<int64_t, int>> slope_owner;
+  std::map<std::pair<int64_t, int>, GraphCost> costs;
   for (const ParallelPlan& plan : EnumeratePlans(req.gpus, per_node, req.engines, req.tp)) {
     PlanRow row;
     row.plan = plan;
@@ -127,45 +163,63 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     } else {
       row.skipped = sweep.Unrunnable(plan);
     }
-    if (!row.skipped.empty()) {
-      out.rows.push_back(row);
-      continue;
+    out.rows.push_back(row);
+    if (!row.skipped.empty()) continue;
+    const auto key = std::make_pair(row.micro_batch, plan.tp);
+    const bool slope = slope_owner.insert(key).second;
+    sweep.RankGraph(row.micro_batch, plan.tp);
+    if (slope) {
+      sweep.RankGraph(row.micro_batch + 1, plan.tp);
+      costs.emplace(key, SumCosts(sweep.RankGraph(row.micro_batch, plan.tp), CostOptionsFor(req.config.precision)));
     }
-    const RankEstimate at = sweep.Estimate(plan, row.micro_batch, per_node);
-    row.peak_allocated_bytes = at.memory.peak_allocated_bytes;
-    row.peak_reserved_bytes = at.memory.peak_reserved_bytes;
-    row.nvidia_smi_bytes = at.memory.nvidia_smi_bytes;
-    row.fits = Fits(at);
-    // Largest micro-batch: memory grows linearly with the batch (activations), so two exact simulations, at B and
-    // B + 1, give the slope.
-    const RankEstimate next = sweep.Estimate(plan, row.micro_batch + 1, per_node);
-    const double slope = static_cast<double>(next.memory.nvidia_smi_bytes - at.memory.nvidia_smi_bytes);
-    if (Fits(next)) {
-      row.max_micro_batch = slope > 0 ? row.micro_batch + 1 +
-                                            static_cast<int64_t>(std::floor((capacity - static_cast<double>(next.memory.nvidia_smi_bytes)) / slope))
-                                      : row.micro_batch + 1;
-    } else if (row.fits) {
-      row.max_micro_batch = row.micro_batch;
+    work.push_back({out.rows.size() - 1, slope});
+  }
+  // 2. The estimates, independent of each other: spread over the cores.
+  std::vector<RankEstimate> at(work.size()), next(work.size());
+  ParallelFor(work.size(), [&](size_t k) {
+    const PlanRow& row = out.rows[work[k].row];
+    at[k] = sweep.Estimate(row.plan, row.micro_batch, per_node);
+    if (work[k].slope) next[k] = sweep.Estimate(row.plan, row.micro_batch + 1, per_node);
+  });
+  // 3. Largest micro-batch: memory grows linearly with the batch (activations, which the data-parallel engines do
+  //    not change), so exact simulations at B and B + 1 of one layout per tensor-parallel degree give the slope.
+  std::map<std::pair<int64_t, int>, double> slopes;  // (micro-batch, tp) -> bytes per extra sample
+  for (size_t k = 0; k < work.size(); ++k) {
+    if (!work[k].slope) continue;
+    const PlanRow& row = out.rows[work[k].row];
+    slopes[{row.micro_batch, row.plan.tp}] =
+        static_cast<double>(next[k].memory.nvidia_smi_bytes - at[k].memory.nvidia_smi_bytes);
+  }
+  for (size_t k = 0; k < work.size(); ++k) {
+    PlanRow& row = out.rows[work[k].row];
+    const ParallelPlan& plan = row.plan;
+    row.peak_allocated_bytes = at[k].memory.peak_allocated_bytes;
+    row.peak_reserved_bytes = at[k].memory.peak_reserved_bytes;
+    row.nvidia_smi_bytes = at[k].memory.nvidia_smi_bytes;
+    row.fits = Fits(at[k]);
+    const double slope = slopes[{row.micro_batch, plan.tp}];
+    const double room = capacity - static_cast<double>(at[k].memory.nvidia_smi_bytes);
+    if (slope <= 0) {
+      row.max_micro_batch = row.fits ? row.micro_batch : 0;
     } else {
-      const double room = capacity - static_cast<double>(at.memory.nvidia_smi_bytes);
-      row.max_micro_batch = slope > 0 ? std::max<int64_t>(0, row.micro_batch + static_cast<int64_t>(std::floor(room / slope))) : 0;
+      row.max_micro_batch = std::max<int64_t>(0, row.micro_batch + static_cast<int64_t>(std::floor(room / slope)));
+      if (row.fits) row.max_micro_batch = std::max(row.max_micro_batch, row.micro_batch);
     }
     // Step time of the rank.
     StepTimeInputs t;
     const Graph& rank_graph = sweep.RankGraph(row.micro_batch, plan.tp);
-    t.per_rank_cost = SumCosts(rank_graph, CostOptionsFor(req.config.precision));
+    t.per_rank_cost = costs.at({row.micro_batch, plan.tp});
     t.precision = req.config.precision;
     t.gpu = req.config.target.gpu;
     t.intra_node = req.intra_node;
     t.inter_node = req.inter_node;
-    t.collectives = at.collectives;
+    t.collectives = at[k].collectives;
     t.optimizer = req.config.optimizer;
     t.optimizer_param_bytes = OptimizerParamBytes(rank_graph, plan, req.config.precision);
     row.time = EstimateStepTime(t);
     const double tokens = static_cast<double>(row.micro_batch) * plan.dp * static_cast<double>(rank_graph.seq());
     row.tokens_per_second = row.time.total_s > 0 ? tokens / row.time.total_s : 0;
     if (out.assumptions.empty()) out.assumptions = row.time.assumptions;
-    out.rows.push_back(row);
   }
   std::stable_sort(out.rows.begin(), out.rows.end(), [](const PlanRow& a, const PlanRow& b) {
     auto rank = [](const PlanRow& r) { return !r.skipped.empty() ? 2 : (r.fits ? 0 : 1); };
@@ -178,10 +232,11 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     const PlanRow& b = out.rows[0];
     int fitting = 0;
     for (const auto& r : out.rows) fitting += r.skipped.empty() && r.fits;
-    out.why = b.plan.Name() + " is the fastest of the " + std::to_string(fitting) + " layouts that fit: " +
-              std::to_string(static_cast<int64_t>(b.tokens_per_second)) + " tokens/s at " +
-              std::to_string(b.nvidia_smi_bytes / (1 << 20)) + " MiB per GPU of " +
-              std::to_string(req.config.target.gpu.capacity_bytes / (1 << 20)) + " MiB";
+    out.why = b.plan.Name() + (b.plan.dp > 1 ? " (" + std::string(EngineName(b.plan.engine)) + ")" : "") +
+              " is the fastest of the " +
+              std::to_string(fitting) + " layouts that fit: " +
+              std::to_string(static_cast<int64_t>(b.tokens_per_second)) + " tokens/s, " +
+              FormatBytes(b.nvidia_smi_bytes) + " per GPU of " + FormatBytes(req.config.target.gpu.capacity_bytes);
     return out;
   }
   // Nothing fits: the smallest GPU count with a layout that fits, searching the most frugal engines (ZeRO-3
@@ -197,7 +252,10 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
   }
   auto fits_with = [&](int n) {
     const int node_size = std::min(n, per_node);
-    for (const ParallelPlan& plan : EnumeratePlans(n, node_size, frugal, req.tp)) {
+    // The highest tensor-parallel degrees shard the most: try them first.
+    auto plans = EnumeratePlans(n, node_size, frugal, req.tp);
+    std::stable_sort(plans.begin(), plans.end(), [](const ParallelPlan& a, const ParallelPlan& b) { return a.tp > b.tp; });
+    for (const ParallelPlan& plan : plans) {
       if (!sweep.Unrunnable(plan).empty() || (plan.engine == DataParallelEngine::kGemini && plan.tp > 1)) continue;
       if (req.global_batch > 0 && req.global_batch % plan.dp != 0) continue;
       if (Fits(sweep.Estimate(plan, req.global_batch > 0 ? req.global_batch / plan.dp : req.micro_batch, node_size))) {
@@ -206,9 +264,11 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     }
     return false;
   };
-  // Sharded memory shrinks as GPUs are added: gallop to a count that fits, then bisect below it.
-  size_t hi = 0;
-  while (hi < counts.size() && !fits_with(counts[hi])) hi = hi == 0 ? 1 : hi * 2;
+  // Sharded memory shrinks as GPUs are added, down to what every GPU holds whatever the count (activations,
+  // autocast copies): if the largest count does not fit, none does. Otherwise gallop to a count that fits, then
+  // bisect below it.
+  size_t hi = counts.empty() || !fits_with(counts.back()) ? counts.size() : 0;
+  while (hi < counts.size() && !fits_with(counts[hi])) hi = std::min(counts.size() - 1, hi == 0 ? 1 : hi * 2);
   if (hi < counts.size()) {
     size_t lo = hi / 2;  // counts[lo] was checked and does not fit, unless hi == 0
     if (hi == 0) {

@@ -53,7 +53,9 @@ class Sharder {
  public:
   Sharder(const Graph& graph, int tp, bool vocab_parallel)
       : g_(graph), tp_(tp), vocab_parallel_(vocab_parallel), split_(graph.values().size(), -1) {
+    out_.tp = tp;
     out_.output_all_reduced.assign(graph.nodes().size(), 0);
+    out_.replicated_weight_grad.assign(graph.nodes().size(), 0);
     out_.input_grad_all_reduced.resize(graph.nodes().size());
   }
 
@@ -138,11 +140,13 @@ class Sharder {
     if (k == "aten::addmm" && VisitLinear(node, Arg(node, 1), Arg(node, 2), Arg(node, 0), true)) return;
     if (k == "aten::embedding") {
       const ValueId w = Arg(node, 0), ids = Arg(node, 1);
-      const bool token_ids = ids.valid() && std::find(g_.inputs().begin(), g_.inputs().end(), ids) != g_.inputs().end();
+      const bool token_ids = ids.valid() && std::find(g_.inputs().begin(), g_.inputs().end(), g_.StorageRoot(ids)) !=
+                                                g_.inputs().end();
       if (token_ids && Splittable(w, RegionKind::kEmbedding)) {
         // Vocab-parallel embedding: each rank looks up its rows (zeros elsewhere); the partial sums are all-reduced.
         SplitParam(w, 0, node);
         out_.output_all_reduced[static_cast<size_t>(node.id.index)] = 1;
+        out_.replicated_weight_grad[static_cast<size_t>(node.id.index)] = 1;
         AddCollective(node, node.outputs.at(0), StepPhase::kForward, "vocab-parallel embedding all-reduce");
         return;
       }
@@ -304,6 +308,7 @@ TensorParallelRank ShardForTensorParallel(const Graph& graph, int tp, bool vocab
     TensorParallelRank rank;
     rank.graph = graph;
     rank.output_all_reduced.assign(graph.nodes().size(), 0);
+    rank.replicated_weight_grad.assign(graph.nodes().size(), 0);
     rank.input_grad_all_reduced.resize(graph.nodes().size());
     rank.split_dim.assign(graph.values().size(), -1);
     return rank;
@@ -320,6 +325,12 @@ int64_t TensorParallelHooks::ExtraTransientBytes(const OpNode& node, sim::Phase 
   const size_t n = static_cast<size_t>(node.id.index);
   if (!rank_ || n >= rank_->loss_workspace_bytes.size()) return 0;
   return phase == sim::Phase::kForward || phase == sim::Phase::kBackward ? rank_->loss_workspace_bytes[n] : 0;
+}
+
+int64_t TensorParallelHooks::InputGradBytes(const OpNode& node, size_t input, int64_t bytes) const {
+  const size_t n = static_cast<size_t>(node.id.index);
+  const bool whole = rank_ && input == 0 && n < rank_->replicated_weight_grad.size() && rank_->replicated_weight_grad[n];
+  return whole ? bytes * rank_->tp : bytes;
 }
 
 bool TensorParallelHooks::InputGradReplacedByCollective(const OpNode& node, size_t input) const {

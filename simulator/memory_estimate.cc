@@ -47,28 +47,20 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
   }
   AllocatorModel& lower_bound = *lower_bound_model;
   bool limited_oom = false;
-  std::unordered_set<int64_t> limited_live;
 
   // Step 3: replay, tracking live blocks to explain the peak.
-  std::unordered_map<int64_t, const MemoryEvent*> live;
+  // Block ids are dense (0 .. number of blocks): the live set is a table indexed by id.
+  std::vector<const MemoryEvent*> live(tl.block_labels.size(), nullptr);
   std::array<int64_t, kNumCategories> live_by_category{};
   size_t peak_event = 0;
   int64_t peak = -1;
   for (size_t i = 0; i < tl.events.size(); ++i) {
     const MemoryEvent& e = tl.events[i];
     if (e.bytes == 0) continue;  // empty tensors take no memory, in PyTorch and in the models
-    if (limited && !limited_oom) {
-      if (e.is_alloc) {
-        limited_oom = !limited->Alloc(e.block, e.bytes);
-        if (!limited_oom) limited_live.insert(e.block);
-      } else if (limited_live.erase(e.block)) {
-        limited->Free(e.block);
-      }
-    }
     if (e.is_alloc) {
       LLMEM_CHECK(model->Alloc(e.block, e.bytes)) << "an unlimited allocator model ran out of memory";
       lower_bound.Alloc(e.block, e.bytes);
-      live[e.block] = &e;
+      live[static_cast<size_t>(e.block)] = &e;
       live_by_category[static_cast<size_t>(e.category)] += e.bytes;
       switch (e.category) {
         case MemoryCategory::kWeights: est.weights_bytes += e.bytes; break;
@@ -77,12 +69,12 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
         default: break;
       }
     } else {
-      auto it = live.find(e.block);
-      LLMEM_CHECK(it != live.end()) << "free of a block that is not live";
+      const MemoryEvent*& it = live.at(static_cast<size_t>(e.block));
+      LLMEM_CHECK(it != nullptr) << "free of a block that is not live";
       model->Free(e.block);
       lower_bound.Free(e.block);
-      live_by_category[static_cast<size_t>(it->second->category)] -= it->second->bytes;
-      live.erase(it);
+      live_by_category[static_cast<size_t>(it->category)] -= it->bytes;
+      it = nullptr;
     }
     const int64_t allocated = model->Stats().allocated_bytes;
     auto& phase_peak = est.phase_peak_bytes[static_cast<size_t>(e.phase)];
@@ -94,18 +86,16 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
     }
   }
   // Step 4: the blocks live at the peak, by replaying up to it once.
-  live.clear();
+  std::fill(live.begin(), live.end(), nullptr);
   for (size_t i = 0; i <= peak_event && i < tl.events.size(); ++i) {
     const MemoryEvent& e = tl.events[i];
     if (e.bytes == 0) continue;
-    if (e.is_alloc) {
-      live[e.block] = &e;
-    } else {
-      live.erase(e.block);
-    }
+    live[static_cast<size_t>(e.block)] = e.is_alloc ? &e : nullptr;
   }
-  for (const auto& [block, ev] : live) {
-    est.largest_at_peak.push_back({tl.block_labels[static_cast<size_t>(block)], ev->category, ev->bytes});
+  for (size_t block = 0; block < live.size(); ++block) {
+    if (const MemoryEvent* ev = live[block]) {
+      est.largest_at_peak.push_back({tl.block_labels[block], ev->category, ev->bytes});
+    }
   }
   std::sort(est.largest_at_peak.begin(), est.largest_at_peak.end(), [](const LiveBlock& a, const LiveBlock& b) {
     return a.bytes != b.bytes ? a.bytes > b.bytes : a.label < b.label;
@@ -114,6 +104,24 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
 
   const AllocatorStats stats = model->Stats();
   est.peak_allocated_bytes = stats.peak_allocated_bytes;
+  // The GPU-limited run differs from the unlimited one only when the demand exceeds the device: below it no
+  // allocation fails and nothing is released, so it is replayed only then.
+  if (limited && stats.peak_reserved_bytes + est.fixed_overhead_bytes > est.capacity_bytes) {
+    std::vector<bool> limited_live(tl.block_labels.size(), false);
+    for (const MemoryEvent& e : tl.events) {
+      if (e.bytes == 0) continue;
+      if (e.is_alloc) {
+        limited_oom = !limited->Alloc(e.block, e.bytes);
+        if (limited_oom) break;
+        limited_live[static_cast<size_t>(e.block)] = true;
+      } else if (limited_live[static_cast<size_t>(e.block)]) {
+        limited_live[static_cast<size_t>(e.block)] = false;
+        limited->Free(e.block);
+      }
+    }
+  } else {
+    limited.reset();  // same figures as the unlimited run
+  }
   // When the step fits, the GPU-limited run is what the device would show: near capacity the allocator releases
   // cached segments and retries instead of growing. When it does not fit, report the unlimited demand.
   if (limited && !limited_oom) {

@@ -46,6 +46,9 @@ class StepHooks {
   virtual bool OutputReplacedByCollective(const OpNode& node) const { return false; }
   // The same in backward for the gradient of tensor input `input` (e.g. a column-parallel linear's input gradient).
   virtual bool InputGradReplacedByCollective(const OpNode& node, size_t input) const { return false; }
+  // Bytes of the gradient an op's backward makes for tensor input `input` (`bytes`: the input's own size), when the
+  // parallel implementation makes it larger (DTensor's vocab-parallel embedding returns a replicated gradient).
+  virtual int64_t InputGradBytes(const OpNode& node, size_t input, int64_t bytes) const { return bytes; }
   // Temporaries the parallel implementation of an op allocates beyond the single-GPU rule, alive while the op
   // runs in `phase` (e.g. the shifted logits of a vocab-parallel log-softmax).
   virtual int64_t ExtraTransientBytes(const OpNode& node, Phase phase) const { return 0; }

@@ -135,6 +135,13 @@ std::vector<DType> SimulatedDTypes(const Graph& graph, Precision precision, cons
   return dt;
 }
 
+// True the first time `index` is added to `seen` (a few entries per op: linear search).
+bool DropOnce(std::vector<int32_t>& seen, int32_t index) {
+  if (std::find(seen.begin(), seen.end(), index) != seen.end()) return false;
+  seen.push_back(index);
+  return true;
+}
+
 // Builds the events; one instance per simulation.
 class StepBuilder : private StepMemory {
  public:
@@ -290,10 +297,13 @@ void StepBuilder::Forward() {
 
   // Inside an op, an input that autocast copied has the copy's dtype (e.g. cross_entropy's fp32 copy of 16-bit
   // logits), so the rule sizes what the op really sees.
-  std::map<int32_t, DType> op_input_dtype;
+  // A handful of entries per op: a flat list, reused across ops.
+  std::vector<std::pair<int32_t, DType>> op_input_dtype;
   auto dtype_in_op = [this, &op_input_dtype](ValueId v) {
-    auto it = op_input_dtype.find(v.index);
-    return it != op_input_dtype.end() ? it->second : out_.value_dtypes[static_cast<size_t>(v.index)];
+    for (const auto& [index, dtype] : op_input_dtype) {
+      if (index == v.index) return dtype;
+    }
+    return out_.value_dtypes[static_cast<size_t>(v.index)];
   };
   RuleContext ctx{graph_, backend_, dtype_in_op,
                   [this, &dtype_in_op](ValueId v) { return ShapeBytes(graph_.value(v).shape, dtype_in_op(v)); }};
@@ -302,6 +312,7 @@ void StepBuilder::Forward() {
   const DType low = config_.precision == Precision::kFp16Autocast ? DType::kF16 : DType::kBF16;
   std::map<int32_t, int64_t> weight_cast_cache;  // value index -> autocast copy storage (held until forward ends)
 
+  std::vector<int32_t> dropped;  // values released after the current op (each once)
   rules_.resize(nodes.size());
   saved_.resize(nodes.size());
   cast_of_input_.resize(nodes.size());
@@ -317,7 +328,7 @@ void StepBuilder::Forward() {
     const DType cast_to = autocast_class == AutocastClass::kLowerPrecision ? low : DType::kF32;
     if (casts_inputs) {
       for (ValueId in : inputs) {
-        if (IsFloating(out_.value_dtypes[static_cast<size_t>(in.index)])) op_input_dtype[in.index] = cast_to;
+        if (IsFloating(out_.value_dtypes[static_cast<size_t>(in.index)])) op_input_dtype.emplace_back(in.index, cast_to);
       }
     }
     auto rule = RuleFor(node, ctx);
@@ -452,15 +463,15 @@ void StepBuilder::Forward() {
       }
     }
     // Values whose last use was this op.
-    std::set<int32_t> dropped;
+    dropped.clear();
     for (ValueId v : inputs) {
-      if (last_use[static_cast<size_t>(v.index)] == node.id.index && dropped.insert(v.index).second) {
+      if (last_use[static_cast<size_t>(v.index)] == node.id.index && DropOnce(dropped, v.index)) {
         const auto role = graph_.value(v).role;
         if (role == ValueRole::kActivation) Unref(storage_of_[static_cast<size_t>(v.index)], node.id.index);
       }
     }
     for (ValueId v : node.outputs) {
-      if (last_use[static_cast<size_t>(v.index)] == node.id.index && dropped.insert(v.index).second) {
+      if (last_use[static_cast<size_t>(v.index)] == node.id.index && DropOnce(dropped, v.index)) {
         Unref(storage_of_[static_cast<size_t>(v.index)], node.id.index);
       }
     }
@@ -559,9 +570,9 @@ void StepBuilder::Backward() {
         Ref(grad_out);
         deliver(in, grad_out, false);
       } else {
-        const int64_t contribution =
-            NewStorage(in_bytes, Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
-                       "d " + v.name, node.id.index);
+        const int64_t contribution = NewStorage(
+            hooks_->InputGradBytes(node, i, in_bytes),
+            Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads, "d " + v.name, node.id.index);
         const bool transposed_weight_grad =
             i == 1 && (node.kind == "aten::linear" || node.kind == "aten::matmul" || node.kind == "aten::mm");
         deliver(in, CollectiveCopy(node, i, contribution), transposed_weight_grad);

@@ -284,5 +284,29 @@ TEST(Fsdp2HooksTest, EstimateMemoryReportsTheHandCountedPeak) {
   EXPECT_EQ(est2.at_peak[static_cast<size_t>(MemoryCategory::kGatheredParams)], 496);  // root + both layers
 }
 
+// gloo (CPU ranks): all_gather_into_tensor makes two transient output-sized buffers one after the other, and
+// reduce_scatter_tensor a transient copy of its input; NCCL makes neither. The first all-gather in forward is
+// the root's (320 B): its first gloo buffer brings the live bytes to 840 + 320 + 320 = 1480.
+TEST(Fsdp2HooksTest, GlooCollectivesAddTheirTransientBuffers) {
+  Graph g = TwoLayerLm();
+  Fsdp2Hooks gloo(FsdpGroups(ManagedParams(g, sim::Precision::kFp32), 2, g.num_layers()), 2, true, true);
+  const auto tl = sim::SimulateTrainingStep(g, CpuConfig(), &gloo).timeline;
+  int all_gather_copies = 0, reduce_scatter_copies = 0;
+  int64_t live = 0, peak_before_first_op = 0;
+  for (const auto& e : tl.events) {
+    live += e.is_alloc ? e.bytes : -e.bytes;
+    const std::string& label = tl.block_labels[static_cast<size_t>(e.block)];
+    if (e.is_alloc && label == "gloo all-gather buffer") {
+      ++all_gather_copies;
+      if (all_gather_copies == 1) peak_before_first_op = live;
+    }
+    if (e.is_alloc && label == "gloo reduce-scatter input copy") ++reduce_scatter_copies;
+  }
+  // Forward: root + 2 layers; backward: 2 layers again; 2 buffers each. Reduce-scatters: 2 layers + root.
+  EXPECT_EQ(all_gather_copies, 2 * (3 + 2));
+  EXPECT_EQ(reduce_scatter_copies, 3);
+  EXPECT_EQ(peak_before_first_op, 840 + 320 + 320);  // setup, the root's flat output, one gloo buffer
+}
+
 }  // namespace
 }  // namespace llmem::dist

@@ -219,7 +219,11 @@ TEST(EstimateRankTest, ZeroOneKeepsStatesOfTheOwnedParametersOnly) {
   EXPECT_EQ(z1.memory.weights_bytes, 448);
   EXPECT_EQ(z1.memory.peak_allocated_bytes, 2408);
   EXPECT_EQ(z1.memory.phase_peak_bytes[kOptimizer], 2176);
-  ASSERT_EQ(z1.collectives.size(), 1u);  // the DDP bucket all-reduce
+  // The DDP bucket all-reduce, then the owners' broadcast of updated parameters (an all-gather's volume: 448 B).
+  ASSERT_EQ(z1.collectives.size(), 2u);
+  EXPECT_EQ(z1.collectives[1].kind, CollectiveKind::kAllGather);
+  EXPECT_EQ(z1.collectives[1].bytes, 448);
+  EXPECT_EQ(z1.collectives[1].phase, StepPhase::kOptimizer);
   // 4 ranks: wte, wh, w0, w1 one each; the largest is rank 0 (wte): states 2 * 144 = 288.
   EXPECT_EQ(EstimateRank(g, CpuConfig(), Plan(4, 1, DataParallelEngine::kZero1)).memory.optimizer_state_bytes, 288);
 }

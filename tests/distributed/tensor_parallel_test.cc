@@ -175,6 +175,11 @@ TEST(TensorParallelTest, VocabParallelEmbeddingAndHead) {
   EXPECT_EQ(split(vp, t.logits), 2);
   EXPECT_EQ(vp.graph.value(t.logits).shape, (Shape{1, 3, 5}));
   EXPECT_EQ(vp.graph.value(vp.graph.loss()).shape, Shape{});  // the loss is a replicated scalar
+  // DTensor hands back the embedding's weight gradient whole: [10, 8] fp32 = 320 B, not the 160 B shard.
+  const TensorParallelHooks hooks(&vp);
+  const OpNode& embedding = vp.graph.node(ProducerOf(t.graph, t.x0));
+  EXPECT_EQ(hooks.InputGradBytes(embedding, 0, 160), 320);
+  EXPECT_EQ(hooks.InputGradBytes(vp.graph.node(ProducerOf(t.graph, t.logits)), 1, 160), 160);  // the LM head's: a shard
 
   const TensorParallelRank plain = ShardForTensorParallel(t.graph, 2, /*vocab_parallel=*/false);
   EXPECT_EQ(split(plain, t.wte), -1);
