@@ -3,10 +3,14 @@
 //
 //   build/bench/recommend_benchmark [--benchmark_filter=...]
 #include <benchmark/benchmark.h>
+#include <malloc.h>
 
 #include <string>
 
+#include "distributed/interconnect.h"
 #include "distributed/rank_estimate.h"
+#include "distributed/recommend.h"
+#include "simulator/training_step_simulator.h"
 #include "graph/torchscript_importer.h"
 #include "simulator/gpu_catalog.h"
 
@@ -38,6 +42,13 @@ void BM_SingleGpuEstimate(benchmark::State& state) {
 }
 BENCHMARK(BM_SingleGpuEstimate)->Unit(benchmark::kMillisecond);
 
+void BM_TimelineOnly(benchmark::State& state) {
+  const auto& g = Llama70b();
+  const auto config = H100Config();
+  for (auto _ : state) benchmark::DoNotOptimize(llmem::sim::SimulateTrainingStep(g, config));
+}
+BENCHMARK(BM_TimelineOnly)->Unit(benchmark::kMillisecond);
+
 void BM_RankEstimate(benchmark::State& state) {
   const auto& g = Llama70b();
   const auto config = H100Config();
@@ -52,6 +63,33 @@ BENCHMARK(BM_RankEstimate)
     ->Args({4, 2, 3})
     ->Unit(benchmark::kMillisecond);
 
+// The whole `llmem recommend --gpus 8 --gpu h100-80 --seq 4096 --batch 1` sweep (16 layouts, two batch sizes
+// each, step times) after loading: the graphs at batch 1 and 2 are built before timing starts.
+void BM_RecommendSweep8Gpus(benchmark::State& state) {
+  static const llmem::Graph at2 = [] {
+    auto model = llmem::TorchScriptModel::Load(std::string(LLMEM_SOURCE_DIR) + "/models/llama-3-70b.meta.pt");
+    return model.BuildGraph(2, 4096);
+  }();
+  const auto& at1 = Llama70b();
+  llmem::dist::RecommendRequest req;
+  req.gpus = 8;
+  req.micro_batch = 1;
+  req.config = H100Config();
+  req.intra_node = *llmem::dist::FindInterconnect("nvlink4");
+  req.inter_node = *llmem::dist::FindInterconnect("ib-ndr");
+  const llmem::dist::GraphAtBatch graph_at = [&](int64_t b) -> const llmem::Graph& { return b == 1 ? at1 : at2; };
+  for (auto _ : state) benchmark::DoNotOptimize(llmem::dist::Recommend(req, graph_at));
+}
+BENCHMARK(BM_RecommendSweep8Gpus)->Unit(benchmark::kMillisecond);
+
 }  // namespace
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  // As the llmem binary does (cli/main.cc): keep freed memory in the heap between simulations.
+  mallopt(M_MMAP_THRESHOLD, 256 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -32,6 +32,13 @@ std::vector<dist::DataParallelEngine> ParseEngines(const std::string& list) {
   return out;
 }
 
+// Left-aligns `s` in `width` columns, counting UTF-8 code points ("×" is one column, two bytes).
+std::string Pad(const std::string& s, size_t width) {
+  size_t columns = 0;
+  for (unsigned char c : s) columns += (c & 0xC0) != 0x80;
+  return s + std::string(columns < width ? width - columns : 0, ' ');
+}
+
 std::string Seconds(double s) {
   char buf[32];
   if (s >= 1) {
@@ -42,9 +49,12 @@ std::string Seconds(double s) {
   return buf;
 }
 
+// The data-parallel engine, or "none" when there is no data parallelism (TP alone, one GPU).
+std::string EngineOf(const dist::ParallelPlan& p) { return p.dp > 1 ? std::string(dist::EngineName(p.engine)) : "none"; }
+
 json RowJson(const dist::PlanRow& r) {
-  json j{{"layout", r.plan.Name()}, {"dp", r.plan.dp}, {"tp", r.plan.tp},
-         {"engine", std::string(dist::EngineName(r.plan.engine))}, {"micro_batch", r.micro_batch}};
+  json j{{"layout", r.plan.Name()}, {"dp", r.plan.dp}, {"tp", r.plan.tp}, {"engine", EngineOf(r.plan)},
+         {"micro_batch", r.micro_batch}};
   if (!r.skipped.empty()) {
     j["skipped"] = r.skipped;
     return j;
@@ -117,14 +127,15 @@ int RunRecommend(const RecommendOptions& o) {
   auto model = TorchScriptModel::Load(o.model);
   std::map<int64_t, std::unique_ptr<Graph>> graphs;
   double build_seconds = 0;
+  // The sweep asks for every batch it needs before estimating in parallel; later calls only look up.
   auto graph_at = [&](int64_t batch) -> const Graph& {
-    auto& g = graphs[batch];
-    if (!g) {
+    auto it = graphs.find(batch);
+    if (it == graphs.end()) {
       const auto b0 = std::chrono::steady_clock::now();
-      g = std::make_unique<Graph>(model.BuildGraph(batch, o.seq));
+      it = graphs.emplace(batch, std::make_unique<Graph>(model.BuildGraph(batch, o.seq))).first;
       build_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - b0).count();
     }
-    return *g;
+    return *it->second;
   };
   const double load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const auto s0 = std::chrono::steady_clock::now();
@@ -165,19 +176,18 @@ int RunRecommend(const RecommendOptions& o) {
               req.global_batch > 0 ? "global batch" : "batch per GPU",
               static_cast<long long>(req.global_batch > 0 ? req.global_batch : req.micro_batch), o.precision.c_str(),
               o.optimizer.c_str());
-  std::printf(" %-3s %-16s %-16s %6s %13s %5s %9s %10s %12s\n", "#", "layout", "engine", "batch", "memory/GPU",
-              "fits", "max batch", "step time", "tokens/s");
+  std::printf(" %-3s %s %s %6s %13s %5s %9s %10s %12s\n", "#", Pad("layout", 14).c_str(), Pad("engine", 16).c_str(),
+              "batch", "memory/GPU", "fits", "max batch", "step time", "tokens/s");
   int index = 0;
   for (const auto& r : rec.rows) {
     ++index;
     if (!r.skipped.empty()) {
-      std::printf(" %-3d %-16s %-16s %6lld  n/a: %s\n", index, r.plan.Name().c_str(),
-                  std::string(dist::EngineName(r.plan.engine)).c_str(), static_cast<long long>(r.micro_batch),
-                  r.skipped.c_str());
+      std::printf(" %-3d %s %s %6lld  n/a: %s\n", index, Pad(r.plan.Name(), 14).c_str(),
+                  Pad(EngineOf(r.plan), 16).c_str(), static_cast<long long>(r.micro_batch), r.skipped.c_str());
       continue;
     }
-    std::printf(" %-3d %-16s %-16s %6lld %13s %5s %9lld %10s %12.0f\n", index, r.plan.Name().c_str(),
-                std::string(dist::EngineName(r.plan.engine)).c_str(), static_cast<long long>(r.micro_batch),
+    std::printf(" %-3d %s %s %6lld %13s %5s %9lld %10s %12.0f\n", index, Pad(r.plan.Name(), 14).c_str(),
+                Pad(EngineOf(r.plan), 16).c_str(), static_cast<long long>(r.micro_batch),
                 FormatBytes(r.nvidia_smi_bytes).c_str(), r.fits ? "yes" : "OOM",
                 static_cast<long long>(r.max_micro_batch), Seconds(r.time.total_s).c_str(), r.tokens_per_second);
   }

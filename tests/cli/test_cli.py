@@ -144,6 +144,113 @@ class CliTest(unittest.TestCase):
         self.assertEqual(j["parameters"], 6738415616)
         self.assertEqual(j["regions"]["embedding"]["parameters"], 32000 * 4096)
 
+    # --- several GPUs -------------------------------------------------------------------------------------------
+
+    def test_parallel_bad_input(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")  # 4 heads, 2 key/value heads, hidden 256, MLP 688, vocab 8192
+        rec = ("recommend", llama, "--gpu", "a100-80", "--seq", "64")
+        self.assert_one_line_error(run(*rec, "--gpus", "6", "--tp", "4"), 2, "not divisible by the tensor-parallel degree 4")
+        self.assert_one_line_error(run(*rec, "--gpus", "8", "--tp", "8"), 2, "does not divide the 4 attention heads")
+        self.assert_one_line_error(run(*rec, "--gpus", "4", "--tp", "4"), 2, "does not divide the 2 key/value heads")
+        self.assert_one_line_error(run(*rec, "--gpus", "0"), 2, "at least 1")
+        self.assert_one_line_error(run(*rec, "--gpus", "-2"), 2, "at least 1")
+        self.assert_one_line_error(run(*rec, "--gpus", "8", "--nodes", "3"), 2, "do not split evenly over 3 nodes")
+        self.assert_one_line_error(run(*rec, "--gpus", "8", "--batch", "2", "--global-batch", "16"), 2, "not both")
+        self.assert_one_line_error(run(*rec, "--gpus", "8", "--batch", "-1"), 2, "positive")
+        self.assert_one_line_error(run("recommend", llama, "--gpus", "8", "--gpu", "tpu-v9"), 2, "unknown GPU 'tpu-v9'")
+        self.assert_one_line_error(run(*rec, "--gpus", "8", "--interconnect", "smoke-signals"), 2,
+                                   "unknown interconnect 'smoke-signals'", "nvlink3")
+        self.assert_one_line_error(run(*rec, "--gpus", "16", "--nodes", "2", "--inter-node", "carrier-pigeon"), 2,
+                                   "unknown interconnect 'carrier-pigeon'")
+        self.assert_one_line_error(run(*rec, "--gpus", "8", "--engines", "ddp,zero9"), 2, "unknown engine 'zero9'")
+        est = ("estimate", llama, "-b", "1", "-s", "64", "--gpu", "cpu")
+        self.assert_one_line_error(run(*est, "--tp", "3"), 2, "does not divide the 4 attention heads")
+        self.assert_one_line_error(run(*est, "--dp", "0"), 2, "at least 1")
+        self.assert_one_line_error(run(*est, "--dp", "2", "--engine", "zero7"), 2, "unknown engine 'zero7'")
+        self.assert_one_line_error(run(*est, "--dp", "2", "--engine", "gemini", "-p", "fp32"), 2, "16-bit")
+
+    def test_recommend_ranks_layouts_and_the_best_fits(self):
+        proc = run("recommend", os.path.join(BUNDLED, "opt-1.3b.meta.pt"), "--gpus", "8", "--gpu", "a100-80",
+                   "--seq", "2048", "--batch", "8", "--json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        j = json.loads(proc.stdout)
+        plans = j["plans"]
+        layouts = {p["layout"] for p in plans}
+        for name in ("DP8", "ZeRO-3×8", "TP8", "DP4×TP2", "DP2×TP4", "ZeRO-3×4×TP2", "ZeRO-1×8", "ZeRO-2×8"):
+            self.assertIn(name, layouts)
+        self.assertEqual(j["recommended"], plans[0]["layout"])
+        best = plans[0]
+        self.assertTrue(best["fits"])
+        self.assertLessEqual(best["nvidia_smi_bytes"], j["capacity_bytes"])
+        fitting = [p for p in plans if p.get("fits")]
+        # Ranked by throughput among the layouts that fit; nothing that fits ranks below one that does not.
+        self.assertEqual([p["tokens_per_second"] for p in fitting],
+                         sorted((p["tokens_per_second"] for p in fitting), reverse=True))
+        self.assertEqual([p.get("fits", False) for p in plans[:len(fitting)]], [True] * len(fitting))
+        for p in plans:
+            if "skipped" in p:
+                continue
+            self.assertEqual(p["dp"] * p["tp"], 8)
+            self.assertEqual(p["fits"], p["nvidia_smi_bytes"] <= j["capacity_bytes"])
+            self.assertGreater(p["step_seconds"], 0)
+            self.assertEqual(p["max_micro_batch"] >= 8, p["fits"])
+        # Sharding can only help: ZeRO-3 needs less memory per GPU than plain data parallelism.
+        by_name = {p["layout"]: p for p in plans}
+        self.assertLess(by_name["ZeRO-3×8"]["peak_allocated_bytes"], by_name["DP8"]["peak_allocated_bytes"])
+        self.assertTrue(j["assumptions"])
+
+    def test_recommend_when_nothing_fits_names_a_gpu_count(self):
+        proc = run("recommend", os.path.join(BUNDLED, "llama-2-7b.meta.pt"), "--gpus", "1", "--gpu", "a100-40",
+                   "--seq", "512", "--batch", "1", "--precision", "bf16-autocast", "--json")
+        self.assertEqual(proc.returncode, 3, proc.stderr)
+        j = json.loads(proc.stdout)
+        self.assertIsNone(j["recommended"])
+        self.assertGreater(j["smallest_gpu_count_that_fits"], 1)
+
+    def test_distributed_estimate_shards_states(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        common = ("estimate", llama, "-b", "1", "-s", "64", "--gpu", "cpu", "-p", "fp32", "--json")
+        single = json.loads(run(*common).stdout)
+        ddp = json.loads(run(*common, "--dp", "2").stdout)
+        zero3 = json.loads(run(*common, "--dp", "2", "--engine", "zero3").stdout)
+        # DDP adds one gradient bucket set (the fp32 gradients' size); ZeRO-3 halves the optimizer states.
+        self.assertEqual(ddp["peak_allocated_bytes"] - single["peak_allocated_bytes"], single["gradients_bytes"])
+        self.assertLess(zero3["optimizer_state_bytes"], single["optimizer_state_bytes"] * 0.51)
+
+    def test_validate_rejects_bad_runs_files(self):
+        path = os.path.join(self.dir, "runs.jsonl")
+        with open(path, "w") as f:
+            f.write('{"arch": "llama"}\n')
+        self.assert_one_line_error(run("validate", path), 2, "runs line 1 has no")
+        with open(path, "w") as f:
+            f.write("not json\n")
+        self.assert_one_line_error(run("validate", path), 2, "line 1 is not JSON")
+        self.assert_one_line_error(run("validate", os.path.join(self.dir, "absent.jsonl")), 2, "cannot read")
+
+    def test_validate_compares_and_fails_outside_the_limits(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        est = json.loads(run("estimate", llama, "-b", "1", "-s", "64", "--gpu", "cpu", "-p", "fp32", "--dp", "2",
+                             "--json").stdout)["peak_allocated_bytes"]
+        path = os.path.join(self.dir, "runs2.jsonl")
+
+        def write(peaks):
+            with open(path, "w") as f:
+                for rank, peak in enumerate(peaks):
+                    f.write(json.dumps(dict(arch="llama", size="tiny", export=llama, method="ddp", dp=2, tp=1,
+                                            world_size=2, rank=rank, batch=1, seq=64, precision="fp32",
+                                            optimizer="adamw", device="cpu", peak_bytes=peak)) + "\n")
+
+        write([est, est])
+        ok = run("validate", path, "--json")
+        self.assertEqual(ok.returncode, 0, ok.stderr)
+        self.assertEqual(json.loads(ok.stdout)["max_abs_case_error_percent"], 0)
+        write([int(est / 0.9), int(est / 0.9)])  # the estimate 10 % under the measurement
+        bad = run("validate", path, "--json")
+        self.assertEqual(bad.returncode, 4, bad.stderr)
+        j = json.loads(bad.stdout)
+        self.assertFalse(j["ok"])
+        self.assertAlmostEqual(j["cases"][0]["error_percent"], -10.0, places=2)
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
