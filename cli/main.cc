@@ -16,6 +16,7 @@
 #include "graph/torchscript_importer.h"
 #include "measure/training_step_runner.h"
 #include "cli/recommend_command.h"
+#include "cli/training_options.h"
 #include "cli/validate_command.h"
 #include "distributed/parallel_plan.h"
 #include "distributed/rank_estimate.h"
@@ -56,21 +57,8 @@ void AddStepOptions(CLI::App* cmd, StepOptions& o) {
 }
 
 llmem::sim::TrainingConfig MakeConfig(const StepOptions& o, const std::string& target) {
-  llmem::sim::TrainingConfig cfg;
-  auto precision = llmem::sim::ParsePrecision(o.precision);
-  if (!precision) throw llmem::ConfigError("unknown precision '" + o.precision + "' (fp32, bf16-autocast, fp16-autocast, bf16)");
-  auto optimizer = llmem::sim::ParseOptimizer(o.optimizer);
-  if (!optimizer) throw llmem::ConfigError("unknown optimizer '" + o.optimizer + "' (adamw, sgd)");
-  cfg.precision = *precision;
-  cfg.optimizer = *optimizer;
+  auto cfg = llmem::cli::ParseTrainingConfig(o.precision, o.optimizer, target);
   cfg.allow_unknown_ops = o.allow_unknown_ops;
-  if (target == "cpu") {
-    cfg.target.is_cpu = true;
-  } else {
-    auto gpu = llmem::sim::FindGpu(target);
-    if (!gpu) throw llmem::ConfigError("unknown GPU '" + target + "' (known: " + llmem::sim::GpuNames() + ", cpu)");
-    cfg.target.gpu = *gpu;
-  }
   return cfg;
 }
 

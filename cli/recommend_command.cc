@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cli/training_options.h"
 #include "distributed/interconnect.h"
 #include "distributed/recommend.h"
 #include "graph/error.h"
@@ -102,15 +103,9 @@ int RunRecommend(const RecommendOptions& o) {
   req.global_batch = o.global_batch;
   if (o.batch == 0 && o.global_batch == 0) req.micro_batch = 1;
   if (o.seq <= 0) throw ConfigError("the sequence length must be positive (got " + std::to_string(o.seq) + ")");
-  auto gpu = sim::FindGpu(o.gpu);
-  if (!gpu) throw ConfigError("unknown GPU '" + o.gpu + "' (known: " + sim::GpuNames() + ")");
-  req.config.target.gpu = *gpu;
-  auto precision = sim::ParsePrecision(o.precision);
-  if (!precision) throw ConfigError("unknown precision '" + o.precision + "' (fp32, bf16-autocast, fp16-autocast, bf16)");
-  auto optimizer = sim::ParseOptimizer(o.optimizer);
-  if (!optimizer) throw ConfigError("unknown optimizer '" + o.optimizer + "' (adamw, sgd)");
-  req.config.precision = *precision;
-  req.config.optimizer = *optimizer;
+  if (o.gpu == "cpu") throw ConfigError("recommend needs a GPU from the catalog (" + sim::GpuNames() + ")");
+  req.config = ParseTrainingConfig(o.precision, o.optimizer, o.gpu);
+  const auto gpu = &req.config.target.gpu;
   const std::string intra_name = o.interconnect.empty() ? gpu->intra_node_link : o.interconnect;
   auto intra = dist::FindInterconnect(intra_name);
   if (!intra) throw ConfigError("unknown interconnect '" + intra_name + "' (known: " + dist::InterconnectNames() + ")");

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <tuple>
 
+#include "cli/training_options.h"
 #include "distributed/rank_estimate.h"
 #include "graph/error.h"
 #include "graph/torchscript_importer.h"
@@ -121,20 +122,13 @@ int RunValidate(const ValidateOptions& o) {
     if (!model) model = std::make_unique<TorchScriptModel>(TorchScriptModel::Load(path));
     auto& graph = graphs[{path, batch, seq}];
     if (!graph) graph = std::make_unique<Graph>(model->BuildGraph(batch, seq));
-    sim::TrainingConfig config;
-    auto precision = sim::ParsePrecision(Get<std::string>(j, "precision", 0));
-    auto optimizer = sim::ParseOptimizer(Get<std::string>(j, "optimizer", 0));
-    if (!precision || !optimizer) throw ConfigError("run " + key + ": unknown precision or optimizer");
-    config.precision = *precision;
-    config.optimizer = *optimizer;
-    if (j.value("device", std::string("cpu")) == "cpu") {
-      config.target.is_cpu = true;
-    } else {
-      const std::string name = o.gpu.empty() ? GpuFromDeviceName(j.value("device_name", std::string())) : o.gpu;
-      auto gpu = sim::FindGpu(name);
-      if (!gpu) throw ConfigError("run " + key + ": name the GPU with --gpu (" + sim::GpuNames() + ")");
-      config.target.gpu = *gpu;
+    std::string target = "cpu";
+    if (j.value("device", std::string("cpu")) != "cpu") {
+      target = o.gpu.empty() ? GpuFromDeviceName(j.value("device_name", std::string())) : o.gpu;
+      if (target.empty()) throw ConfigError("run " + key + ": name the GPU with --gpu (" + sim::GpuNames() + ")");
     }
+    const sim::TrainingConfig config =
+        ParseTrainingConfig(Get<std::string>(j, "precision", 0), Get<std::string>(j, "optimizer", 0), target);
     dist::DistributedOptions opts;
     opts.tp_vocab_parallel = j.value("tp_vocab_parallel", false);
     opts.gpus_per_node = 0;  // the runs say where their ranks are
