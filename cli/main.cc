@@ -70,6 +70,7 @@ json StepJson(const StepOptions& o) {
 
 json EstimateJson(const llmem::sim::MemoryEstimate& e, const StepOptions& o) {
   json j = StepJson(o);
+  if (o.dp > 1 || o.tp > 1) j["layout"] = {{"dp", o.dp}, {"tp", o.tp}, {"engine", o.engine}};
   j["target"] = e.target;
   j["peak_allocated_bytes"] = e.peak_allocated_bytes;
   j["peak_reserved_bytes"] = e.peak_reserved_bytes;
@@ -99,6 +100,12 @@ void PrintEstimate(const llmem::sim::MemoryEstimate& e, const llmem::Graph& g, c
   std::printf("model      %s (%d layers, %zu parameter tensors)\n", o.model.c_str(), g.num_layers(), g.params().size());
   std::printf("step       batch %lld x seq %lld, %s, %s, target %s\n", static_cast<long long>(o.batch),
               static_cast<long long>(o.seq), o.precision.c_str(), o.optimizer.c_str(), e.target.c_str());
+  const bool parallel = o.dp > 1 || o.tp > 1;
+  if (parallel) {
+    const auto engine = llmem::dist::ParseEngine(o.engine);
+    std::printf("layout     one rank of %s\n",
+                llmem::dist::ParallelPlan{.dp = o.dp, .tp = o.tp, .engine = *engine}.Name().c_str());
+  }
   std::printf("\nlive at the peak (%s, %s):\n", std::string(llmem::sim::PhaseName(e.peak_phase)).c_str(), e.peak_op.c_str());
   for (size_t c = 0; c < llmem::sim::kNumCategories; ++c) {
     if (e.at_peak[c] == 0) continue;
@@ -112,8 +119,9 @@ void PrintEstimate(const llmem::sim::MemoryEstimate& e, const llmem::Graph& g, c
   std::printf("peak reserved    %s   (max_memory_reserved; no-fragmentation bound %s)\n",
               FormatBytes(e.peak_reserved_bytes).c_str(), FormatBytes(e.lower_bound_bytes).c_str());
   if (e.capacity_bytes > 0) {
-    std::printf("nvidia-smi       %s   (reserved + CUDA context %s, an assumption)\n",
-                FormatBytes(e.nvidia_smi_bytes).c_str(), FormatBytes(e.fixed_overhead_bytes).c_str());
+    std::printf("nvidia-smi       %s   (reserved + CUDA context%s %s, %s)\n", FormatBytes(e.nvidia_smi_bytes).c_str(),
+                parallel ? " and NCCL buffers" : "", FormatBytes(e.fixed_overhead_bytes).c_str(),
+                parallel ? "assumptions" : "an assumption");
     std::printf("capacity         %s   -> %s\n", FormatBytes(e.capacity_bytes).c_str(),
                 e.fits ? "fits" : "DOES NOT FIT (out of memory)");
   }

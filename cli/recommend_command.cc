@@ -64,6 +64,11 @@ json RowJson(const dist::PlanRow& r) {
   j["peak_allocated_bytes"] = r.peak_allocated_bytes;
   j["peak_reserved_bytes"] = r.peak_reserved_bytes;
   j["nvidia_smi_bytes"] = r.nvidia_smi_bytes;
+  json at_peak = json::object();
+  for (size_t c = 0; c < sim::kNumCategories; ++c) {
+    if (r.at_peak_bytes[c] != 0) at_peak[std::string(sim::CategoryName(static_cast<sim::MemoryCategory>(c)))] = r.at_peak_bytes[c];
+  }
+  j["at_peak_bytes"] = at_peak;
   j["max_micro_batch"] = r.max_micro_batch;
   j["step_seconds"] = r.time.total_s;
   j["tokens_per_second"] = r.tokens_per_second;

@@ -196,6 +196,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     row.peak_allocated_bytes = at[k].memory.peak_allocated_bytes;
     row.peak_reserved_bytes = at[k].memory.peak_reserved_bytes;
     row.nvidia_smi_bytes = at[k].memory.nvidia_smi_bytes;
+    row.at_peak_bytes = at[k].memory.at_peak;
     row.fits = Fits(at[k]);
     const double slope = slopes[{row.micro_batch, plan.tp}];
     const double room = capacity - static_cast<double>(at[k].memory.nvidia_smi_bytes);
@@ -252,17 +253,19 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
   }
   auto fits_with = [&](int n) {
     const int node_size = std::min(n, per_node);
-    // The highest tensor-parallel degrees shard the most: try them first.
-    auto plans = EnumeratePlans(n, node_size, frugal, req.tp);
-    std::stable_sort(plans.begin(), plans.end(), [](const ParallelPlan& a, const ParallelPlan& b) { return a.tp > b.tp; });
-    for (const ParallelPlan& plan : plans) {
+    std::vector<std::pair<ParallelPlan, int64_t>> candidates;  // layout, micro-batch
+    for (const ParallelPlan& plan : EnumeratePlans(n, node_size, frugal, req.tp)) {
       if (!sweep.Unrunnable(plan).empty() || (plan.engine == DataParallelEngine::kGemini && plan.tp > 1)) continue;
       if (req.global_batch > 0 && req.global_batch % plan.dp != 0) continue;
-      if (Fits(sweep.Estimate(plan, req.global_batch > 0 ? req.global_batch / plan.dp : req.micro_batch, node_size))) {
-        return true;
-      }
+      const int64_t b = req.global_batch > 0 ? req.global_batch / plan.dp : req.micro_batch;
+      sweep.RankGraph(b, plan.tp);  // built here, read by the estimates below
+      candidates.emplace_back(plan, b);
     }
-    return false;
+    std::vector<uint8_t> fits(candidates.size(), 0);
+    ParallelFor(candidates.size(), [&](size_t k) {
+      fits[k] = Fits(sweep.Estimate(candidates[k].first, candidates[k].second, node_size));
+    });
+    return std::find(fits.begin(), fits.end(), 1) != fits.end();
   };
   // Sharded memory shrinks as GPUs are added, down to what every GPU holds whatever the count (activations,
   // autocast copies): if the largest count does not fit, none does. Otherwise gallop to a count that fits, then

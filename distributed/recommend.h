@@ -7,6 +7,7 @@
 // compare fairly at a fixed per-GPU micro-batch; with a global batch every layout trains the same tokens per step.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -17,6 +18,7 @@
 #include "distributed/parallel_plan.h"
 #include "distributed/step_time_model.h"
 #include "graph/graph.h"
+#include "simulator/memory_timeline.h"
 #include "simulator/training_config.h"
 
 namespace llmem::dist {
@@ -43,6 +45,7 @@ struct PlanRow {
   int64_t peak_allocated_bytes = 0;
   int64_t peak_reserved_bytes = 0;
   int64_t nvidia_smi_bytes = 0;   // reserved + CUDA context + NCCL buffers
+  std::array<int64_t, sim::kNumCategories> at_peak_bytes{};  // live per category at the peak (body vs LM head, ...)
   bool fits = false;
   int64_t max_micro_batch = 0;    // largest per-GPU micro-batch that fits (0: not even 1)
   StepTime time;
