@@ -1,0 +1,546 @@
+#!/usr/bin/env python3
+"""One distributed fine-tuning job, every rank: the torchrun entry point of scripts/distributed_runs.py.
+
+Measures what each rank's tensors really occupy when PyTorch's own engines (DistributedDataParallel,
+ZeroRedundancyOptimizer, FSDP2 `fully_shard`, DTensor tensor parallelism) run training steps of a Hugging Face
+model built exactly as models/export_hf.py builds it for its TorchScript export (same preset, seed, dropout 0,
+train mode, use_cache False, SDPA attention; the loss is export_hf.LossWrapper's model(input_ids, labels).loss).
+
+  python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/distributed_worker.py \
+      --arch llama --size tiny --method fsdp2 --batch 2 --seq 256 --out-dir /tmp/run1
+
+Memory on CPU: a counting c10 CPU allocator (scripts/counting_allocator.py) installed before anything else, so
+every CPU tensor storage of the process is counted (absolute live bytes: weights, gradients, optimizer states,
+DDP buckets, FSDP2 all-gather/reduce-scatter buffers, activations, inputs). On CUDA: the caching allocator's
+torch.cuda.memory_allocated / max_memory_allocated.
+
+Steps: --steps (default 3). The reported peak_bytes is the maximum of live bytes from the start of step index 1
+(after its inputs exist) to the end of the last step's zero_grad; phase peaks and start_bytes are those of the
+last step. Phases: forward (forward + loss, under autocast when asked), backward (loss.backward(), then the loss
+is released), optimizer (optimizer.step() + zero_grad(set_to_none=True)).
+
+Each rank writes OUT_DIR/rank<R>.json (one JSON object); on an error it writes OUT_DIR/rank<R>.error (the last
+line of the error first, then the traceback) and exits 1.
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(_HERE)
+sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.join(REPO, "models"))
+
+METHODS = ["single", "ddp", "zero1", "zero2", "fsdp2", "tp", "fsdp2_tp"]
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # q/k/v/o_proj + gate/up/down_proj decoder layers
+ADAMW_LR = 1e-4       # torch.optim.AdamW defaults otherwise (weight_decay 0.01), as llmem measure runs it
+SGD_LR, SGD_MOMENTUM = 1e-4, 0.9
+INPUT_SEED = 1234     # input ids of data-parallel rank d come from torch.Generator().manual_seed(INPUT_SEED + d)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", required=True, help="architecture key of models/export_hf.py (llama, gpt2, ...)")
+    ap.add_argument("--size", default="tiny", help="preset of models/export_hf.py (tiny, small, real-size name)")
+    ap.add_argument("--export", default="", help="the TorchScript export of the same config (recorded only)")
+    ap.add_argument("--method", required=True, choices=METHODS)
+    ap.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (tp: world size; fsdp2_tp: 2)")
+    ap.add_argument("--batch", type=int, required=True, help="micro-batch per data-parallel rank")
+    ap.add_argument("--seq", type=int, required=True)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16-autocast"])
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    ap.add_argument("--tp-vocab-parallel", action="store_true",
+                    help="tp/fsdp2_tp: also shard the embedding (RowwiseParallel(input_layouts=Replicate())) and "
+                         "lm_head (ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)); the loss "
+                         "runs under loss_parallel()")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--log-allocs", type=int, default=0, metavar="BYTES",
+                    help="cpu: record the sizes of allocations (positive) and frees (negative) >= BYTES, in "
+                         "order, in each phase of the last step and in the DDP/FSDP/TP setup (0 = off)")
+    ap.add_argument("--out-dir", required=True)
+    return ap.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory probes. Both expose: current(), a per-phase peak (slot 0) and a window peak (slot 1).
+# ---------------------------------------------------------------------------------------------------------
+
+class CpuProbe:
+    def __init__(self):
+        import counting_allocator
+
+        self.alloc = counting_allocator.install()  # before any tensor that should be counted
+
+    def current(self):
+        return self.alloc.current()
+
+    def reset_peak(self, slot):
+        self.alloc.reset_peak(slot)
+
+    def peak(self, slot):
+        return self.alloc.peak(slot)
+
+    def start_log(self, min_bytes):
+        self.alloc.start_log(min_bytes, True)
+
+    def stop_log(self):
+        return self.alloc.stop_log()
+
+
+class CudaProbe:
+    """torch.cuda has one peak counter (slot 0); the window peak is the maximum of the phase peaks that tile
+    the window (between phases only the next batch is made, after the previous one was released)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.device = torch, device
+
+    def current(self):
+        return self.torch.cuda.memory_allocated(self.device)
+
+    def reset_peak(self, slot):
+        if slot == 0:
+            self.torch.cuda.synchronize(self.device)
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self, slot):
+        if slot != 0:
+            return None
+        self.torch.cuda.synchronize(self.device)
+        return self.torch.cuda.max_memory_allocated(self.device)
+
+    def reserved_peak(self):
+        return self.torch.cuda.max_memory_reserved(self.device)
+
+    def start_log(self, min_bytes):
+        pass
+
+    def stop_log(self):
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model, parallelism, optimizer.
+# ---------------------------------------------------------------------------------------------------------
+
+def build_eager_model(arch, size):
+    """The export's model: export_hf.resolve + build_model (fp32, dropout 0, train, use_cache False, seed 0)."""
+    import torch
+    import export_hf
+
+    arch, model_type, kwargs, label = export_hf.resolve(arch, size)
+    model, attn = export_hf.build_model(arch, model_type, kwargs, "cpu", torch.float32, keep_dropout=False,
+                                        seed=0)
+    return arch, model, attn, label
+
+
+def decoder_layers(model):
+    """The nn.ModuleList of decoder layers (model.model.layers, model.transformer.h, ...)."""
+    import torch
+
+    n = model.config.num_hidden_layers
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if len(lists) != 1:
+        raise RuntimeError(f"cannot find the decoder layers: {len(lists)} ModuleLists of length {n}: "
+                           f"{[name for name, _ in lists]}")
+    return lists[0]
+
+
+def tp_layer_plan():
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {
+        "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+        "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(),
+    }
+
+
+def apply_tp(model, arch, tp_mesh, vocab_parallel):
+    """Megatron-style TP of every decoder layer; optionally vocab-parallel embedding and lm_head."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    if arch not in LLAMA_FAMILY:
+        raise RuntimeError(f"tensor parallelism is implemented for the Llama family ({', '.join(LLAMA_FAMILY)}), "
+                           f"not {arch}")
+    heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    size = tp_mesh.size()
+    if heads % size or kv % size:
+        raise RuntimeError(f"tp degree {size} does not divide {heads} attention heads / {kv} key-value heads")
+    _, layers = decoder_layers(model)
+    for layer in layers:
+        parallelize_module(layer, tp_mesh, tp_layer_plan())
+    if vocab_parallel:
+        if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+            # parallelize_module replaces embed_tokens.weight with a new DTensor Parameter; lm_head keeps the old
+            # one and gets its own shard: the tie is silently broken (qwen2 tiny: 51 parameters instead of 50).
+            raise RuntimeError("--tp-vocab-parallel with tied embeddings is not supported (parallelize_module "
+                               "would untie lm_head from the embedding)")
+        parallelize_module(model, tp_mesh, {
+            "model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
+        })
+
+
+def apply_fully_shard(model, mesh, reshard_after_forward):
+    from torch.distributed.fsdp import fully_shard
+
+    _, layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+
+
+def make_optimizer(name, params, method):
+    """AdamW(lr=1e-4) or SGD(momentum 0.9) with PyTorch's default implementation choice (foreach=None).
+
+    DTensor and plain parameters go into separate param groups: a foreach step (the CUDA default) cannot mix
+    them in one group ("got mixed torch.Tensor and DTensor"). On CPU the default is the single-tensor loop, where
+    the grouping changes nothing. zero1: ZeroRedundancyOptimizer around the same optimizer class.
+    """
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    cls, kw = ((torch.optim.AdamW, dict(lr=ADAMW_LR)) if name == "adamw"
+               else (torch.optim.SGD, dict(lr=SGD_LR, momentum=SGD_MOMENTUM)))
+    params = list(params)
+    if method == "zero1":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kw), 1
+    dt = [p for p in params if isinstance(p, DTensor)]
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    groups = [{"params": g} for g in (dt, plain) if g]
+    return cls(groups, **kw), len(groups)
+
+
+def optimizer_impl(opt):
+    """What each param group's step will run: foreach/fused when set, else PyTorch's default choice."""
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    out = []
+    for g in getattr(opt, "optim", opt).param_groups:
+        if g.get("fused"):
+            out.append("fused")
+        elif g.get("foreach") is not None:
+            out.append("foreach" if g["foreach"] else "single-tensor")
+        else:
+            _, foreach = _default_to_fused_or_foreach(g["params"], False, use_fused=False)
+            out.append("foreach" if foreach else "single-tensor")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Byte counts of identifiable state.
+# ---------------------------------------------------------------------------------------------------------
+
+def _sizes(value):
+    """DDP logging data keeps bucket sizes as a string "a, b, c"; returns [a, b, c] (ints)."""
+    if value is None or isinstance(value, list):
+        return value
+    return [int(x) for x in str(value).replace(",", " ").split()]
+
+
+def _local(t):
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def storage_bytes(tensors):
+    """Bytes of the distinct storages behind the tensors (local shards of DTensors; tied weights once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        t = _local(t)
+        st = t.untyped_storage()
+        key = (st.data_ptr(), st.nbytes())
+        if key not in seen and st.nbytes() > 0:
+            seen.add(key)
+            total += st.nbytes()
+    return total
+
+
+def optimizer_state_tensors(opt):
+    inner = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer keeps its local optimizer in .optim
+    out = []
+    for state in inner.state.values():
+        out.extend(v for v in state.values() if hasattr(v, "untyped_storage"))
+    return out
+
+
+def fsdp_groups(model):
+    """Per fully_shard group: its parameters' padded shard and padded unsharded (all-gather) bytes."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = []
+    for name, m in model.named_modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        pg = m._get_fsdp_state()._fsdp_param_group
+        if pg is None:
+            continue
+        sharded = unsharded = 0
+        for fp in pg.fsdp_params:
+            n = 1
+            for d in fp.padded_sharded_param_size:
+                n *= d
+            elt = fp.sharded_param.element_size()
+            sharded += n * elt
+            unsharded += n * elt * pg.mesh_info.shard_mesh_size
+        groups.append({"module": name or "<root>", "params": len(pg.fsdp_params), "padded_shard_bytes": sharded,
+                       "padded_unsharded_bytes": unsharded})
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The job.
+# ---------------------------------------------------------------------------------------------------------
+
+def run(args, rank, world, local_rank, record):
+    import torch
+
+    times = record.setdefault("times_s", {})
+    t_start = time.perf_counter()
+    device = torch.device("cuda", local_rank) if args.device == "cuda" else torch.device("cpu")
+    if args.device == "cuda":
+        torch.cuda.set_device(device)
+        probe = CudaProbe(device)
+    else:
+        probe = CpuProbe()  # first: everything the process allocates from here on is counted
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+    # -- layout: data-parallel x tensor-parallel ranks
+    method = args.method
+    if method == "single":
+        tp = 1
+    elif method == "tp":
+        tp = args.tp or world
+    elif method == "fsdp2_tp":
+        tp = args.tp or 2
+    else:
+        tp = 1
+    if method in ("ddp", "zero1", "zero2", "fsdp2") and args.tp not in (None, 1):
+        raise RuntimeError(f"{method} takes no --tp")
+    if method == "single" and world != 1:
+        raise RuntimeError(f"single runs one process (got world size {world})")
+    if method == "tp" and tp != world:
+        raise RuntimeError(f"tp uses every rank for tensor parallelism: --tp {tp} != world size {world}")
+    if world % tp:
+        raise RuntimeError(f"world size {world} is not a multiple of --tp {tp}")
+    dp = world // tp
+    if args.steps < 1 or args.batch < 1 or args.seq < 2:
+        raise RuntimeError("--steps and --batch must be >= 1 and --seq >= 2")
+    if args.tp_vocab_parallel and method not in ("tp", "fsdp2_tp"):
+        raise RuntimeError("--tp-vocab-parallel applies to tp and fsdp2_tp only")
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    record.update(dp=dp, tp=tp, backend=backend if method != "single" else None)
+
+    import torch.distributed as dist
+
+    if method != "single":
+        dist.init_process_group(backend)
+    record["baseline_bytes"] = probe.current()  # live before the model exists (process group state, ...)
+
+    # -- model (same preset, seed and settings as the TorchScript export)
+    t0 = time.perf_counter()
+    arch, model, attn, label = build_eager_model(args.arch, args.size)
+    record.update(arch=arch, attn_implementation=attn, label=label,
+                  num_parameters=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
+    model.to(device)
+    record["model_bytes"] = probe.current()
+    times["build"] = time.perf_counter() - t0
+
+    # -- parallelism
+    t0 = time.perf_counter()
+    if args.log_allocs:
+        probe.start_log(args.log_allocs)
+    mesh = None
+    dp_rank = 0
+    if method in ("fsdp2", "zero2", "tp", "fsdp2_tp"):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if method == "fsdp2_tp":
+            mesh = init_device_mesh(args.device, (dp, tp), mesh_dim_names=("dp", "tp"))
+        elif method == "tp":
+            mesh = init_device_mesh(args.device, (tp,), mesh_dim_names=("tp",))
+        else:
+            mesh = init_device_mesh(args.device, (dp,), mesh_dim_names=("dp",))
+    import export_hf
+
+    if method in ("ddp", "zero1"):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        kw = {"device_ids": [local_rank]} if args.device == "cuda" else {}
+        step_module = DDP(export_hf.LossWrapper(model), **kw)  # defaults: bucket_cap_mb None, no bucket views
+        dp_rank = rank
+        ld = step_module._get_ddp_logging_data()
+        record["ddp"] = {"bucket_sizes_at_construction": _sizes(ld.get("bucket_sizes")),
+                         "bucket_cap_bytes": ld.get("bucket_cap_bytes"),
+                         "gradient_as_bucket_view": ld.get("gradient_as_bucket_view")}
+    else:
+        if method in ("tp", "fsdp2_tp"):
+            apply_tp(model, arch, mesh["tp"], args.tp_vocab_parallel)
+        if method in ("fsdp2", "zero2", "fsdp2_tp"):
+            apply_fully_shard(model, mesh["dp"], reshard_after_forward=(method != "zero2"))
+            record["fsdp_groups"] = fsdp_groups(model)
+        if method in ("fsdp2", "zero2"):
+            dp_rank = rank
+        elif method == "fsdp2_tp":
+            dp_rank = mesh["dp"].get_local_rank()
+        step_module = export_hf.LossWrapper(model)
+    if args.log_allocs:
+        record["setup_alloc_sizes"] = probe.stop_log()
+    record["wrapped_bytes"] = probe.current()
+    record["param_bytes"] = storage_bytes(model.parameters())
+    record["dp_rank"] = dp_rank
+    times["wrap"] = time.perf_counter() - t0
+
+    opt, ngroups = make_optimizer(args.optimizer, step_module.parameters(), method)
+    record["optimizer_param_groups"] = ngroups
+    record["optimizer_impl"] = optimizer_impl(opt)
+    record["optimizer_init_bytes"] = probe.current()
+
+    # -- steps
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(INPUT_SEED + dp_rank)
+
+    def autocast():
+        if args.precision == "bf16-autocast":
+            return torch.autocast(args.device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    if args.tp_vocab_parallel:
+        from torch.distributed.tensor.parallel import loss_parallel
+        loss_ctx = loss_parallel
+    else:
+        loss_ctx = contextlib.nullcontext
+    window_start = 1 if args.steps > 1 else 0
+    losses, steps = [], []
+    ids = labels = None
+    for step in range(args.steps):
+        step_rec = {"peak": {}, "end": {}, "times_s": {}}
+        ids = labels = None  # the previous batch is gone before the next one exists
+        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen, dtype=torch.long).to(device)
+        labels = ids.clone()  # a separate tensor, as data collators (and llmem measure) make it
+        if step == 0:
+            record["input_bytes"] = storage_bytes([ids, labels])
+        if step == window_start:
+            probe.reset_peak(1)
+        step_rec["start_bytes"] = probe.current()
+        log = step == args.steps - 1 and args.log_allocs
+
+        def phase(name, fn):
+            if log:
+                probe.start_log(args.log_allocs)
+            probe.reset_peak(0)
+            t = time.perf_counter()
+            out = fn()
+            if args.device == "cuda":
+                torch.cuda.synchronize(device)
+            step_rec["times_s"][name] = round(time.perf_counter() - t, 4)
+            step_rec["peak"][name] = probe.peak(0)
+            step_rec["end"][name] = probe.current()
+            if log:
+                step_rec.setdefault("alloc_sizes", {})[name] = probe.stop_log()
+            return out
+
+        def forward():
+            with loss_ctx(), autocast():
+                return step_module(ids, labels)
+
+        loss = phase("forward", forward)
+
+        def backward():
+            nonlocal loss
+            with loss_ctx():
+                loss.backward()
+            value = _local(loss).detach().item()  # replicated DTensor loss: the local value is the loss
+            loss = None
+            return value
+
+        losses.append(round(phase("backward", backward), 6))
+        if step == args.steps - 1:
+            record["grad_bytes"] = storage_bytes(p.grad for p in step_module.parameters())
+
+        def optimizer_step():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        phase("optimizer", optimizer_step)
+        left = [n for n, p in step_module.named_parameters() if p.grad is not None]
+        if left:
+            raise RuntimeError(f"zero_grad(set_to_none=True) left {len(left)} gradients, e.g. {left[0]}")
+        step_rec["peak_bytes"] = max(step_rec["peak"].values())
+        if method in ("ddp", "zero1"):
+            ld = step_module._get_ddp_logging_data()
+            step_rec["ddp_bucket_sizes"] = _sizes(ld.get("rebuilt_bucket_sizes") or ld.get("bucket_sizes"))
+        steps.append(step_rec)
+
+    last = steps[-1]
+    window_phase_max = max(s["peak_bytes"] for s in steps[window_start:])
+    record["peak_bytes"] = probe.peak(1) if args.device == "cpu" else window_phase_max
+    if record["peak_bytes"] != window_phase_max:
+        raise RuntimeError(f"window peak {record['peak_bytes']} != max of phase peaks {window_phase_max}")
+    record["phase_peak_bytes"] = dict(last["peak"])
+    record["phase_end_bytes"] = dict(last["end"])
+    record["start_bytes"] = last["start_bytes"]
+    record["end_bytes"] = probe.current()
+    record["optimizer_state_bytes"] = storage_bytes(optimizer_state_tensors(opt))
+    record["losses"] = losses
+    record["steps"] = steps
+    if args.device == "cuda":
+        record["peak_reserved_bytes"] = probe.reserved_peak()
+    if method in ("ddp", "zero1"):
+        record["ddp"]["bucket_sizes_after_steps"] = steps[-1]["ddp_bucket_sizes"]
+    times["total"] = time.perf_counter() - t_start
+    for k in times:
+        times[k] = round(times[k], 3)
+    if method != "single":
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main():
+    args = parse_args()
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    os.makedirs(args.out_dir, exist_ok=True)
+    import torch
+
+    record = {"arch": args.arch, "size": args.size, "export": args.export, "method": args.method,
+              "world_size": world, "rank": rank, "batch": args.batch, "seq": args.seq,
+              "precision": args.precision, "optimizer": args.optimizer, "tp_vocab_parallel": args.tp_vocab_parallel,
+              "device": args.device, "torch": torch.__version__, "steps_run": args.steps}
+    try:
+        run(args, rank, world, local_rank, record)
+    except BaseException as exc:  # noqa: BLE001 - reported to the driver, then the rank fails
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        head = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+        with open(os.path.join(args.out_dir, f"rank{rank}.error"), "w") as f:
+            f.write(head + "\n" + traceback.format_exc())
+        raise
+    # key order: what the C++ side reads first
+    first = ["arch", "size", "export", "method", "dp", "tp", "world_size", "rank", "batch", "seq", "precision",
+             "optimizer", "tp_vocab_parallel", "device", "backend", "torch", "peak_bytes", "phase_peak_bytes",
+             "start_bytes", "losses"]
+    out = {k: record[k] for k in first if k in record}
+    out.update({k: v for k, v in record.items() if k not in out})
+    tmp = os.path.join(args.out_dir, f"rank{rank}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(out, f)
+    os.replace(tmp, os.path.join(args.out_dir, f"rank{rank}.json"))
+
+
+if __name__ == "__main__":
+    main()
