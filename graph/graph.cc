@@ -27,6 +27,11 @@ Graph::Graph(std::vector<TensorValue> values, std::vector<OpNode> nodes, std::ve
       loss_(loss),
       batch_(batch),
       seq_(seq) {
+  tensor_inputs_.reserve(nodes_.size());
+  for (const auto& node : nodes_) {
+    auto& in = tensor_inputs_.emplace_back();
+    for (const auto& arg : node.args) in.insert(in.end(), arg.tensors.begin(), arg.tensors.end());
+  }
   VerifyGraph(*this);
 }
 

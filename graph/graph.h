@@ -111,6 +111,8 @@ class Graph {
   const std::vector<ValueId>& inputs() const { return inputs_; }
   const TensorValue& value(ValueId id) const { return values_.at(static_cast<size_t>(id.index)); }
   const OpNode& node(NodeId id) const { return nodes_.at(static_cast<size_t>(id.index)); }
+  // The op's tensor inputs in schema order, tensor lists flattened (computed once: simulations read them often).
+  const std::vector<ValueId>& tensor_inputs(NodeId id) const { return tensor_inputs_.at(static_cast<size_t>(id.index)); }
   ValueId loss() const { return loss_; }
   int64_t batch() const { return batch_; }
   int64_t seq() const { return seq_; }
@@ -128,6 +130,7 @@ class Graph {
   std::vector<OpNode> nodes_;
   std::vector<Parameter> params_;
   std::vector<ValueId> inputs_;
+  std::vector<std::vector<ValueId>> tensor_inputs_;  // per node
   ValueId loss_;
   int64_t batch_ = 0;
   int64_t seq_ = 0;

@@ -522,6 +522,8 @@ def main():
               "world_size": world, "rank": rank, "batch": args.batch, "seq": args.seq,
               "precision": args.precision, "optimizer": args.optimizer, "tp_vocab_parallel": args.tp_vocab_parallel,
               "device": args.device, "torch": torch.__version__, "steps_run": args.steps}
+    if args.device == "cuda":  # llmem validate maps the name to its GPU catalog
+        record["device_name"] = torch.cuda.get_device_name(local_rank)
     try:
         run(args, rank, world, local_rank, record)
     except BaseException as exc:  # noqa: BLE001 - reported to the driver, then the rank fails

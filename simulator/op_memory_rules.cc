@@ -62,7 +62,7 @@ bool IsKnownNonDifferentiable(const std::string& kind) { return NonDifferentiabl
 
 std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) {
   const std::string& k = node.kind;
-  const auto inputs = TensorInputs(node);
+  const auto& inputs = ctx.graph.tensor_inputs(node.id);
   const size_t n = inputs.size();
   auto input_bytes = [&](size_t i) { return ctx.bytes(inputs.at(i)); };
   auto output_bytes = [&](size_t i) { return ctx.bytes(node.outputs.at(i)); };

@@ -89,7 +89,7 @@ std::vector<DType> SimulatedDTypes(const Graph& graph, Precision precision, cons
   const DType low = precision == Precision::kBf16Autocast ? DType::kBF16 : DType::kF16;
   for (const auto& node : graph.nodes()) {
     const AutocastClass cls = backend.Autocast(node.kind);
-    const auto inputs = TensorInputs(node);
+    const auto& inputs = graph.tensor_inputs(node.id);
     // Type promotion (c10 result_type): tensors with dimensions decide; 0-dim tensors only when no dimensioned
     // floating tensor takes part (the traced scalar constants are 0-dim float64 tensors).
     std::optional<DType> promoted, promoted_half;  // promoted_half: what the bf16-weights run saw
@@ -288,7 +288,7 @@ void StepBuilder::Forward() {
   // Last forward use of every value; the loss lives until backward.
   std::vector<int32_t> last_use(graph_.values().size(), -1);
   for (const auto& node : nodes) {
-    for (ValueId in : TensorInputs(node)) last_use[static_cast<size_t>(in.index)] = node.id.index;
+    for (ValueId in : graph_.tensor_inputs(node.id)) last_use[static_cast<size_t>(in.index)] = node.id.index;
     for (ValueId out : node.outputs) {
       last_use[static_cast<size_t>(out.index)] = std::max(last_use[static_cast<size_t>(out.index)], node.id.index);
     }
@@ -318,7 +318,7 @@ void StepBuilder::Forward() {
   cast_of_input_.resize(nodes.size());
   for (const auto& node : nodes) {
     const size_t n = static_cast<size_t>(node.id.index);
-    const auto inputs = TensorInputs(node);
+    const auto& inputs = graph_.tensor_inputs(node.id);
     current_node_ = node.id.index;
     EnterRegionOf(node);
     op_input_dtype.clear();
@@ -502,7 +502,7 @@ void StepBuilder::Backward() {
     }
     if (grad_out < 0) continue;  // no gradient reaches this op
     const auto& rule = rules_[n];
-    const auto inputs = TensorInputs(node);
+    const auto& inputs = graph_.tensor_inputs(node.id);
     int64_t workspace = -1;
     if (rule.backward_workspace_bytes > 0) {
       workspace = NewStorage(rule.backward_workspace_bytes, MemoryCategory::kTransient, node.kind + " backward",
