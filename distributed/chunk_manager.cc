@@ -137,8 +137,14 @@ CollectiveList ChunkCollectives(const ChunkLayout& layout, int dp, bool crosses_
   int64_t bytes16 = 0;
   for (const auto& c : layout.chunks) bytes16 += c.numel * 2;
   auto add = [&](CollectiveKind k, StepPhase ph, const char* what) {
-    out.push_back(Collective{.kind = k, .bytes = bytes16, .group_size = dp, .crosses_nodes = crosses_nodes,
-                             .phase = ph, .overlapped = false, .count = 1, .what = what});
+    out.push_back(Collective{.kind = k,
+                             .bytes = bytes16,
+                             .group_size = dp,
+                             .crosses_nodes = crosses_nodes,
+                             .phase = ph,
+                             .overlapped = false,
+                             .count = 1,
+                             .what = what});
   };
   if (layout.keep_gathered) {
     add(CollectiveKind::kAllReduce, StepPhase::kBackward, "Gemini gradient all-reduce (gathered chunk)");
@@ -194,7 +200,8 @@ void GeminiHooks::OnRegionStart(sim::Phase phase, const Region& region, sim::Ste
     const Chunk& c = layout_.chunks[i];
     const int first_use = phase == sim::Phase::kForward ? c.first_region : c.last_region;
     if (first_use == r && gathered_[i] < 0) {
-      gathered_[i] = mem.Alloc(c.numel * 2, sim::MemoryCategory::kGatheredParams, "gathered chunk " + std::to_string(i));
+      gathered_[i] =
+          mem.Alloc(c.numel * 2, sim::MemoryCategory::kGatheredParams, "gathered chunk " + std::to_string(i));
     }
   }
 }
@@ -222,7 +229,8 @@ void GeminiHooks::OnRegionEnd(sim::Phase phase, const Region& region, sim::StepM
 
 void GeminiHooks::OnOptimizerStepEnd(sim::StepMemory& mem) {
   // HybridAdam reads each chunk's 16-bit gradient shard as fp32, one chunk at a time.
-  for (const auto& c : layout_.chunks) mem.Free(mem.Alloc(ShardNumel(c) * 4, sim::MemoryCategory::kTransient, "fp32 gradient shard"));
+  for (const auto& c : layout_.chunks)
+    mem.Free(mem.Alloc(ShardNumel(c) * 4, sim::MemoryCategory::kTransient, "fp32 gradient shard"));
 }
 
 }  // namespace llmem::dist

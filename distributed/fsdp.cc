@@ -7,8 +7,8 @@ namespace llmem::dist {
 std::vector<FsdpGroup> FsdpGroups(const std::vector<ManagedParam>& params, int world, int32_t num_layers) {
   std::vector<FsdpGroup> groups(static_cast<size_t>(num_layers) + 1);
   for (const auto& p : params) {
-    const bool in_layer = p.region.kind == RegionKind::kDecoderLayer && p.region.layer >= 0 &&
-                          p.region.layer < num_layers;
+    const bool in_layer =
+        p.region.kind == RegionKind::kDecoderLayer && p.region.layer >= 0 && p.region.layer < num_layers;
     FsdpGroup& g = groups[in_layer ? static_cast<size_t>(p.region.layer) + 1 : 0];
     g.params.push_back(p);
     g.shard_bytes += PaddedShardNumel(p, world) * p.element_size;
@@ -22,28 +22,32 @@ CollectiveList FsdpCollectives(const std::vector<FsdpGroup>& groups, int world, 
   CollectiveList out;
   if (world <= 1) return out;
   int64_t layer_bytes = 0, root_bytes = groups.empty() ? 0 : groups[0].unsharded_bytes;
-  int layers = 0;
-  for (size_t i = 1; i < groups.size(); ++i) {
-    layer_bytes += groups[i].unsharded_bytes;
-    ++layers;
-  }
+  for (size_t i = 1; i < groups.size(); ++i) layer_bytes += groups[i].unsharded_bytes;
   auto add = [&](CollectiveKind kind, int64_t bytes, StepPhase phase, const char* what) {
     if (bytes > 0) {
-      out.push_back(Collective{.kind = kind, .bytes = bytes, .group_size = world, .crosses_nodes = crosses_nodes,
-                               .phase = phase, .overlapped = true, .count = 1, .what = what});
+      out.push_back(Collective{.kind = kind,
+                               .bytes = bytes,
+                               .group_size = world,
+                               .crosses_nodes = crosses_nodes,
+                               .phase = phase,
+                               .overlapped = true,
+                               .count = 1,
+                               .what = what});
     }
   };
   add(CollectiveKind::kAllGather, layer_bytes + root_bytes, StepPhase::kForward, "FSDP2 all-gather (forward)");
   if (reshard_after_forward) {
     add(CollectiveKind::kAllGather, layer_bytes, StepPhase::kBackward, "FSDP2 all-gather (backward)");
   }
-  add(CollectiveKind::kReduceScatter, layer_bytes + root_bytes, StepPhase::kBackward, "FSDP2 reduce-scatter of gradients");
-  (void)layers;
+  add(CollectiveKind::kReduceScatter, layer_bytes + root_bytes, StepPhase::kBackward,
+      "FSDP2 reduce-scatter of gradients");
   return out;
 }
 
 Fsdp2Hooks::Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward, bool gloo_copies)
-    : groups_(std::move(groups)), world_(world), reshard_after_forward_(reshard_after_forward),
+    : groups_(std::move(groups)),
+      world_(world),
+      reshard_after_forward_(reshard_after_forward),
       gloo_copies_(gloo_copies) {
   unsharded_.resize(groups_.size());
   flat_.assign(groups_.size(), -1);
@@ -129,7 +133,8 @@ void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
   if (grads.empty()) return;
   if (pending_reduce_input_ >= 0) mem.Free(pending_reduce_input_);
   const std::string name = group == 0 ? "root" : "layer " + std::to_string(group - 1);
-  pending_reduce_input_ = mem.Alloc(input_bytes, sim::MemoryCategory::kCommBuffers, "FSDP2 reduce-scatter input (" + name + ")");
+  pending_reduce_input_ =
+      mem.Alloc(input_bytes, sim::MemoryCategory::kCommBuffers, "FSDP2 reduce-scatter input (" + name + ")");
   for (int64_t grad : grads) mem.Free(grad);
   mem.Alloc(input_bytes / world_, sim::MemoryCategory::kGradients, "FSDP2 sharded gradients (" + name + ")");
   if (gloo_copies_ && world_ > 1) {

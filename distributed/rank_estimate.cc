@@ -20,7 +20,9 @@ namespace {
 class CombinedHooks : public sim::StepHooks {
  public:
   CombinedHooks(const TensorParallelHooks& tp, sim::StepHooks& dp) : tp_(tp), dp_(dp) {}
-  int64_t ResidentParamBytes(const Parameter& p, int64_t full) const override { return dp_.ResidentParamBytes(p, full); }
+  int64_t ResidentParamBytes(const Parameter& p, int64_t full) const override {
+    return dp_.ResidentParamBytes(p, full);
+  }
   int64_t OptimizedBytes(const Parameter& p, int64_t full) const override { return dp_.OptimizedBytes(p, full); }
   bool ComputesWithLowPrecisionWeights() const override { return dp_.ComputesWithLowPrecisionWeights(); }
   void OnSetup(sim::StepMemory& mem) override { dp_.OnSetup(mem); }
@@ -83,9 +85,13 @@ RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config,
       // After its local step each rank broadcasts the parameters it owns: an all-gather's volume in all.
       int64_t param_bytes = 0;
       for (const auto& p : params) param_bytes += p.bytes();
-      out.collectives.push_back(Collective{.kind = CollectiveKind::kAllGather, .bytes = param_bytes, .group_size = dp,
-                                           .crosses_nodes = dp_crosses_nodes, .phase = StepPhase::kOptimizer,
-                                           .overlapped = false, .count = 1,
+      out.collectives.push_back(Collective{.kind = CollectiveKind::kAllGather,
+                                           .bytes = param_bytes,
+                                           .group_size = dp,
+                                           .crosses_nodes = dp_crosses_nodes,
+                                           .phase = StepPhase::kOptimizer,
+                                           .overlapped = false,
+                                           .count = 1,
                                            .what = "ZeRO-1 broadcast of updated parameters"});
       dp_hooks = std::make_unique<ZeroRedundancyHooks>(std::move(buckets), params, dp);
       break;

@@ -28,14 +28,17 @@ int64_t OptimizerParamBytes(const Graph& rank_graph, const ParallelPlan& plan, s
 // Sweeps one GPU count; reuses the tensor-parallel split per (batch, tp).
 class Sweep {
  public:
-  Sweep(const RecommendRequest& req, const GraphAtBatch& graph_at) : req_(req), graph_at_(graph_at) {}
+  Sweep(const RecommendRequest& req, const GraphAtBatch& graph_at)
+      : req_(req), graph_at_(graph_at), config_(req.config) {
+    config_.keep_labels = false;  // the sweep reads figures only
+  }
 
   // Memory (and time when `with_time`) of one layout at a micro-batch.
   RankEstimate Estimate(const ParallelPlan& plan, int64_t batch, int gpus_per_node) {
     DistributedOptions opts;
     opts.tp_vocab_parallel = req_.tp_vocab_parallel;
     opts.gpus_per_node = gpus_per_node;
-    return EstimateRank(graph_at_(batch), req_.config, plan, opts, Split(batch, plan.tp));
+    return EstimateRank(graph_at_(batch), config_, plan, opts, Split(batch, plan.tp));
   }
 
   const Graph& RankGraph(int64_t batch, int tp) {
@@ -48,7 +51,8 @@ class Sweep {
     auto it = tp_errors_.find(plan.tp);
     if (it == tp_errors_.end()) {
       const Graph& g = graph_at_(req_.micro_batch > 0 ? req_.micro_batch : 1);
-      it = tp_errors_.emplace(plan.tp, CheckTensorParallelDegree(ReadModelDims(g), plan.tp, req_.tp_vocab_parallel)).first;
+      it = tp_errors_.emplace(plan.tp, CheckTensorParallelDegree(ReadModelDims(g), plan.tp, req_.tp_vocab_parallel))
+               .first;
     }
     return it->second;
   }
@@ -66,6 +70,7 @@ class Sweep {
 
   const RecommendRequest& req_;
   const GraphAtBatch& graph_at_;
+  sim::TrainingConfig config_;
   std::map<std::pair<int64_t, int>, TensorParallelRank> splits_;
   std::map<int, std::string> tp_errors_;
 };
@@ -124,7 +129,8 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
   }
   const int per_node = req.gpus / req.nodes;
   if (req.tp) {
-    if (*req.tp < 1) throw ConfigError("the tensor-parallel degree must be at least 1 (got " + std::to_string(*req.tp) + ")");
+    if (*req.tp < 1)
+      throw ConfigError("the tensor-parallel degree must be at least 1 (got " + std::to_string(*req.tp) + ")");
     if (req.gpus % *req.tp != 0) {
       throw ConfigError(std::to_string(req.gpus) + " GPUs are not divisible by the tensor-parallel degree " +
                         std::to_string(*req.tp));
@@ -133,8 +139,8 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
       throw ConfigError("tensor-parallel degree " + std::to_string(*req.tp) + " exceeds the " +
                         std::to_string(per_node) + " GPUs of a node");
     }
-    const std::string why = CheckTensorParallelDegree(ReadModelDims(graph_at(req.micro_batch > 0 ? req.micro_batch : 1)),
-                                                      *req.tp, req.tp_vocab_parallel);
+    const std::string why = CheckTensorParallelDegree(
+        ReadModelDims(graph_at(req.micro_batch > 0 ? req.micro_batch : 1)), *req.tp, req.tp_vocab_parallel);
     if (!why.empty()) throw ConfigError(why);
   }
   Sweep sweep(req, graph_at);
@@ -234,9 +240,8 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     int fitting = 0;
     for (const auto& r : out.rows) fitting += r.skipped.empty() && r.fits;
     out.why = b.plan.Name() + (b.plan.dp > 1 ? " (" + std::string(EngineName(b.plan.engine)) + ")" : "") +
-              " is the fastest of the " +
-              std::to_string(fitting) + " layouts that fit: " +
-              std::to_string(static_cast<int64_t>(b.tokens_per_second)) + " tokens/s, " +
+              " is the fastest of the " + std::to_string(fitting) +
+              " layouts that fit: " + std::to_string(static_cast<int64_t>(b.tokens_per_second)) + " tokens/s, " +
               FormatBytes(b.nvidia_smi_bytes) + " per GPU of " + FormatBytes(req.config.target.gpu.capacity_bytes);
     return out;
   }

@@ -43,9 +43,9 @@ int MapRightAligned(const std::vector<int64_t>& in, int d, const std::vector<int
 }
 
 bool IsViewLike(const std::string& k) {
-  static const char* kinds[] = {"aten::view", "aten::reshape", "aten::_unsafe_view", "aten::flatten",
-                                "aten::unflatten", "aten::view_as", "aten::reshape_as", "aten::unsqueeze",
-                                "aten::squeeze"};
+  static const char* kinds[] = {"aten::view",       "aten::reshape",   "aten::_unsafe_view",
+                                "aten::flatten",    "aten::unflatten", "aten::view_as",
+                                "aten::reshape_as", "aten::unsqueeze", "aten::squeeze"};
   return std::find(std::begin(kinds), std::end(kinds), k) != std::end(kinds);
 }
 
@@ -140,8 +140,8 @@ class Sharder {
     if (k == "aten::addmm" && VisitLinear(node, Arg(node, 1), Arg(node, 2), Arg(node, 0), true)) return;
     if (k == "aten::embedding") {
       const ValueId w = Arg(node, 0), ids = Arg(node, 1);
-      const bool token_ids = ids.valid() && std::find(g_.inputs().begin(), g_.inputs().end(), g_.StorageRoot(ids)) !=
-                                                g_.inputs().end();
+      const bool token_ids =
+          ids.valid() && std::find(g_.inputs().begin(), g_.inputs().end(), g_.StorageRoot(ids)) != g_.inputs().end();
       if (token_ids && Splittable(w, RegionKind::kEmbedding)) {
         // Vocab-parallel embedding: each rank looks up its rows (zeros elsewhere); the partial sums are all-reduced.
         SplitParam(w, 0, node);
@@ -213,9 +213,9 @@ class Sharder {
         dim = d;  // same shape: elementwise, copies, casts, in-place ops, slices along other dims
       } else {
         dim = MapRightAligned(in, d, os);
-        if (dim < 0 && os.size() == in.size() && (k == "aten::slice" || k == "aten::narrow" || k == "aten::split" ||
-                                                   k == "aten::split_with_sizes" || k == "aten::chunk" ||
-                                                   k == "aten::cat" || k == "aten::unsafe_split")) {
+        if (dim < 0 && os.size() == in.size() &&
+            (k == "aten::slice" || k == "aten::narrow" || k == "aten::split" || k == "aten::split_with_sizes" ||
+             k == "aten::chunk" || k == "aten::cat" || k == "aten::unsafe_split")) {
           dim = d;  // sliced or concatenated along the split dim: every piece is split the same way
         }
       }
@@ -254,7 +254,8 @@ class Sharder {
     out_.loss_workspace_bytes.assign(g_.nodes().size(), 0);
     for (int32_t n : loss_nodes_) {
       const ValueId logits = Arg(g_.node(NodeId{n}), 0);
-      out_.loss_workspace_bytes[static_cast<size_t>(n)] = NumElements(values[static_cast<size_t>(logits.index)].shape) * 4;
+      out_.loss_workspace_bytes[static_cast<size_t>(n)] =
+          NumElements(values[static_cast<size_t>(logits.index)].shape) * 4;
     }
     Graph rank(std::move(values), g_.nodes(), std::move(params), g_.inputs(), g_.loss(), g_.batch(), g_.seq());
     rank.set_runs_with_bf16_weights(g_.runs_with_bf16_weights());
@@ -329,7 +330,8 @@ int64_t TensorParallelHooks::ExtraTransientBytes(const OpNode& node, sim::Phase 
 
 int64_t TensorParallelHooks::InputGradBytes(const OpNode& node, size_t input, int64_t bytes) const {
   const size_t n = static_cast<size_t>(node.id.index);
-  const bool whole = rank_ && input == 0 && n < rank_->replicated_weight_grad.size() && rank_->replicated_weight_grad[n];
+  const bool whole =
+      rank_ && input == 0 && n < rank_->replicated_weight_grad.size() && rank_->replicated_weight_grad[n];
   return whole ? bytes * rank_->tp : bytes;
 }
 

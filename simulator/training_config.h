@@ -39,6 +39,8 @@ struct TrainingConfig {
   OptimizerKind optimizer = OptimizerKind::kAdamW;
   Target target;
   bool allow_unknown_ops = false;  // estimate unknown ops conservatively instead of failing
+  bool keep_labels = true;         // name every block of the timeline (for --trace and the peak's largest blocks);
+                                   // sweeps that only need the figures turn it off
 };
 
 }  // namespace llmem::sim

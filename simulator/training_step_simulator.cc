@@ -4,6 +4,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <type_traits>
 
 #include "graph/error.h"
 #include "simulator/backend_rules.h"
@@ -54,7 +55,8 @@ std::optional<DType> CastTarget(const OpNode& node) {
   const OpArg* dtype_arg = nullptr;
   if (node.args.size() > 1 && node.args[1].kind == OpArg::Kind::kInt) {
     dtype_arg = &node.args[1];  // to.dtype / to.dtype_layout
-  } else if (node.args.size() > 2 && node.args[1].kind == OpArg::Kind::kOther && node.args[2].kind == OpArg::Kind::kInt) {
+  } else if (node.args.size() > 2 && node.args[1].kind == OpArg::Kind::kOther &&
+             node.args[2].kind == OpArg::Kind::kInt) {
     dtype_arg = &node.args[2];  // to.device
   }
   if (!dtype_arg) return std::nullopt;
@@ -181,10 +183,16 @@ class StepBuilder : private StepMemory {
     int refs = 0;
   };
 
-  int64_t NewStorage(int64_t bytes, MemoryCategory category, const std::string& label, int32_t node) {
+  // `label` is a string or a function making one: labels are built only when the configuration keeps them.
+  template <typename Label>
+  int64_t NewStorage(int64_t bytes, MemoryCategory category, Label&& label, int32_t node) {
     const int64_t id = static_cast<int64_t>(storages_.size());
     storages_.push_back(Storage{id, bytes, 1});
-    out_.timeline.block_labels.push_back(label);
+    if constexpr (std::is_invocable_v<Label>) {
+      out_.timeline.block_labels.push_back(config_.keep_labels ? std::string(label()) : std::string());
+    } else {
+      out_.timeline.block_labels.push_back(config_.keep_labels ? std::string(label) : std::string());
+    }
     out_.timeline.events.push_back(MemoryEvent{true, id, bytes, category, phase_, node});
     return id;
   }
@@ -268,7 +276,7 @@ void StepBuilder::Setup() {
     const int64_t bytes = hooks_->OptimizedBytes(*p, Bytes(p->value));
     if (bytes == 0) continue;
     for (int s = 0; s < states; ++s) {
-      NewStorage(bytes, MemoryCategory::kOptimizerState, p->name + (s ? " exp_avg_sq" : " state"), -1);
+      NewStorage(bytes, MemoryCategory::kOptimizerState, [&] { return p->name + (s ? " exp_avg_sq" : " state"); }, -1);
     }
   }
   if (backend_.library_workspaces) {
@@ -328,7 +336,8 @@ void StepBuilder::Forward() {
     const DType cast_to = autocast_class == AutocastClass::kLowerPrecision ? low : DType::kF32;
     if (casts_inputs) {
       for (ValueId in : inputs) {
-        if (IsFloating(out_.value_dtypes[static_cast<size_t>(in.index)])) op_input_dtype.emplace_back(in.index, cast_to);
+        if (IsFloating(out_.value_dtypes[static_cast<size_t>(in.index)]))
+          op_input_dtype.emplace_back(in.index, cast_to);
       }
     }
     auto rule = RuleFor(node, ctx);
@@ -371,13 +380,14 @@ void StepBuilder::Forward() {
             auto it = weight_cast_cache.find(in.index);
             if (it == weight_cast_cache.end()) {
               const int64_t s = NewStorage(bytes, MemoryCategory::kAutocastCopies,
-                                           graph_.value(in).name + " autocast copy", node.id.index);
+                                           [&] { return graph_.value(in).name + " autocast copy"; }, node.id.index);
               it = weight_cast_cache.emplace(in.index, s).first;
             }
             cast_of_input_[n][i] = it->second;
           } else {
-            const int64_t s = NewStorage(bytes, MemoryCategory::kAutocastCopies,
-                                         graph_.value(in).name + " autocast copy for " + node.kind, node.id.index);
+            const int64_t s = NewStorage(
+                bytes, MemoryCategory::kAutocastCopies,
+                [&] { return graph_.value(in).name + " autocast copy for " + node.kind; }, node.id.index);
             cast_of_input_[n][i] = s;
             op_temporaries.push_back(s);
           }
@@ -395,14 +405,14 @@ void StepBuilder::Forward() {
         const DType out_d = out_.value_dtypes[static_cast<size_t>(out.index)];
         owns = in_d != out_d || !v.alias_of.valid();
         if (owns && v.alias_of.valid()) {
-          storage_of_[static_cast<size_t>(out.index)] =
-              NewStorage(Bytes(out), ActivationCategory(node), v.name + " = " + node.kind, node.id.index);
+          storage_of_[static_cast<size_t>(out.index)] = NewStorage(
+              Bytes(out), ActivationCategory(node), [&] { return v.name + " = " + node.kind; }, node.id.index);
           continue;
         }
       }
       if (owns) {
-        storage_of_[static_cast<size_t>(out.index)] =
-            NewStorage(StorageBytes(out), ActivationCategory(node), v.name + " = " + node.kind, node.id.index);
+        storage_of_[static_cast<size_t>(out.index)] = NewStorage(
+            StorageBytes(out), ActivationCategory(node), [&] { return v.name + " = " + node.kind; }, node.id.index);
       } else {
         // A view shares the storage of the tensor it views (the first input), which may be a simulated cast copy
         // rather than the IR's storage root.
@@ -414,8 +424,9 @@ void StepBuilder::Forward() {
     }
     // Extra buffers.
     for (const auto& extra : rule->forward_extra) {
-      const int64_t s = NewStorage(extra.bytes, extra.saved ? ActivationCategory(node) : MemoryCategory::kTransient,
-                                   node.kind + (extra.saved ? " saved buffer" : " workspace"), node.id.index);
+      const int64_t s = NewStorage(
+          extra.bytes, extra.saved ? ActivationCategory(node) : MemoryCategory::kTransient,
+          [&] { return node.kind + (extra.saved ? " saved buffer" : " workspace"); }, node.id.index);
       if (extra.saved) {
         saved_[n].push_back(s);
       } else {
@@ -447,8 +458,8 @@ void StepBuilder::Forward() {
       saved_[n].clear();
     }
     if (const int64_t extra = hooks_->ExtraTransientBytes(node, Phase::kForward); extra > 0) {
-      op_temporaries.push_back(NewStorage(extra, MemoryCategory::kTransient, node.kind + " parallel workspace",
-                                          node.id.index));
+      op_temporaries.push_back(NewStorage(
+          extra, MemoryCategory::kTransient, [&] { return node.kind + " parallel workspace"; }, node.id.index));
     }
     for (int64_t s : op_temporaries) Unref(s, node.id.index);
     // A collective (e.g. the all-reduce of a partial sum) hands on a fresh copy of the output.
@@ -457,7 +468,7 @@ void StepBuilder::Forward() {
         int64_t& s = storage_of_[static_cast<size_t>(out.index)];
         if (s < 0 || graph_.value(out).alias_of.valid()) continue;
         const int64_t copy = NewStorage(storages_[static_cast<size_t>(s)].bytes, ActivationCategory(node),
-                                        graph_.value(out).name + " after collective", node.id.index);
+                                        [&] { return graph_.value(out).name + " after collective"; }, node.id.index);
         Unref(s, node.id.index);
         s = copy;
       }
@@ -505,12 +516,14 @@ void StepBuilder::Backward() {
     const auto& inputs = graph_.tensor_inputs(node.id);
     int64_t workspace = -1;
     if (rule.backward_workspace_bytes > 0) {
-      workspace = NewStorage(rule.backward_workspace_bytes, MemoryCategory::kTransient, node.kind + " backward",
-                             node.id.index);
+      workspace = NewStorage(
+          rule.backward_workspace_bytes, MemoryCategory::kTransient, [&] { return node.kind + " backward"; },
+          node.id.index);
     }
     int64_t parallel_workspace = -1;
     if (const int64_t extra = hooks_->ExtraTransientBytes(node, Phase::kBackward); extra > 0) {
-      parallel_workspace = NewStorage(extra, MemoryCategory::kTransient, node.kind + " parallel backward", node.id.index);
+      parallel_workspace = NewStorage(
+          extra, MemoryCategory::kTransient, [&] { return node.kind + " parallel backward"; }, node.id.index);
     }
     // Hands `contribution` (one reference owned by the caller) to input `in` as (part of) its gradient.
     auto deliver = [&](ValueId in, int64_t contribution, bool transposed_weight_grad) {
@@ -525,8 +538,9 @@ void StepBuilder::Backward() {
       // the last reference to its storage (input_buffer.cpp can_accumulate_inplace). A matmul's weight gradient
       // is a transposed view of the product and fails that test, so the sum is a new tensor.
       if (!inplace_ok_.count(slot)) {
-        const int64_t sum = NewStorage(Bytes(in), Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
-                                       "d " + v.name + " (sum)", node.id.index);
+        const int64_t sum = NewStorage(
+            Bytes(in), Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
+            [&] { return "d " + v.name + " (sum)"; }, node.id.index);
         Unref(slot, node.id.index);
         slot = sum;
         inplace_ok_.insert(sum);
@@ -537,9 +551,9 @@ void StepBuilder::Backward() {
     // gradient) hands on a fresh copy and releases the op's own.
     auto CollectiveCopy = [&](const OpNode& op, size_t input, int64_t contribution) {
       if (!hooks_->InputGradReplacedByCollective(op, input)) return contribution;
-      const int64_t copy = NewStorage(storages_[static_cast<size_t>(contribution)].bytes,
-                                      MemoryCategory::kActivationGrads,
-                                      "d " + graph_.value(inputs[input]).name + " after collective", op.id.index);
+      const int64_t copy = NewStorage(
+          storages_[static_cast<size_t>(contribution)].bytes, MemoryCategory::kActivationGrads,
+          [&] { return "d " + graph_.value(inputs[input]).name + " after collective"; }, op.id.index);
       Unref(contribution, op.id.index);
       return copy;
     };
@@ -563,7 +577,7 @@ void StepBuilder::Backward() {
         // separate autograd node, after this one has released its saved tensors (below).
         pending_casts.push_back({i, in, NewStorage(storages_[static_cast<size_t>(*cast)].bytes,
                                                 MemoryCategory::kActivationGrads,
-                                                "d " + v.name + " (autocast dtype)", node.id.index)});
+                                                [&] { return "d " + v.name + " (autocast dtype)"; }, node.id.index)});
       } else if (kind == GradKind::kView ||
                  (kind == GradKind::kPassThrough && node.outputs.size() >= 1 && Bytes(node.outputs[0]) == in_bytes &&
                   out_.value_dtypes[static_cast<size_t>(node.outputs[0].index)] == in_dtype)) {
@@ -572,7 +586,8 @@ void StepBuilder::Backward() {
       } else {
         const int64_t contribution = NewStorage(
             hooks_->InputGradBytes(node, i, in_bytes),
-            Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads, "d " + v.name, node.id.index);
+            Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
+            [&] { return "d " + v.name; }, node.id.index);
         const bool transposed_weight_grad =
             i == 1 && (node.kind == "aten::linear" || node.kind == "aten::matmul" || node.kind == "aten::mm");
         deliver(in, CollectiveCopy(node, i, contribution), transposed_weight_grad);
@@ -592,9 +607,9 @@ void StepBuilder::Backward() {
     saved_[n].clear();
     // ToCopyBackward of each autocast copy: a fresh tensor in the input's dtype.
     for (const auto& pending : pending_casts) {
-      const int64_t contribution =
-          NewStorage(Bytes(pending.in), Trainable(pending.in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
-                     "d " + graph_.value(pending.in).name, node.id.index);
+      const int64_t contribution = NewStorage(
+          Bytes(pending.in), Trainable(pending.in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
+          [&] { return "d " + graph_.value(pending.in).name; }, node.id.index);
       Unref(pending.copy_grad, node.id.index);
       deliver(pending.in, CollectiveCopy(node, pending.input, contribution), false);
     }
@@ -627,15 +642,17 @@ void StepBuilder::AdamTemporaries() {
     // _multi_tensor_adamw: exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs) for the whole group, freed after addcdiv_.
     std::vector<int64_t> sqrt_copies;
     for (const auto& [name, bytes] : params) {
-      sqrt_copies.push_back(NewStorage(bytes, MemoryCategory::kTransient, name + " sqrt(exp_avg_sq)", -1));
+      sqrt_copies.push_back(NewStorage(
+          bytes, MemoryCategory::kTransient, [&] { return name + " sqrt(exp_avg_sq)"; }, -1));
     }
     for (int64_t s : sqrt_copies) Unref(s, -1);
   } else {
     // torch::optim::AdamW: denom = (exp_avg_sq.sqrt() / sqrt(bias_correction2)).add_(eps): the sqrt temporary and
     // the quotient are alive together; the quotient (denom) lives until addcdiv_.
     for (const auto& [name, bytes] : params) {
-      const int64_t sqrt_tmp = NewStorage(bytes, MemoryCategory::kTransient, name + " sqrt(exp_avg_sq)", -1);
-      const int64_t denom = NewStorage(bytes, MemoryCategory::kTransient, name + " denom", -1);
+      const int64_t sqrt_tmp = NewStorage(
+          bytes, MemoryCategory::kTransient, [&] { return name + " sqrt(exp_avg_sq)"; }, -1);
+      const int64_t denom = NewStorage(bytes, MemoryCategory::kTransient, [&] { return name + " denom"; }, -1);
       Unref(sqrt_tmp, -1);
       Unref(denom, -1);
     }
