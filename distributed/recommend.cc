@@ -240,8 +240,9 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     int fitting = 0;
     for (const auto& r : out.rows) fitting += r.skipped.empty() && r.fits;
     out.why = b.plan.Name() + (b.plan.dp > 1 ? " (" + std::string(EngineName(b.plan.engine)) + ")" : "") +
-              " is the fastest of the " + std::to_string(fitting) +
-              " layouts that fit: " + std::to_string(static_cast<int64_t>(b.tokens_per_second)) + " tokens/s, " +
+              (fitting == 1 ? " is the only layout that fits: "
+                            : " is the fastest of the " + std::to_string(fitting) + " layouts that fit: ") +
+              std::to_string(static_cast<int64_t>(b.tokens_per_second)) + " tokens/s, " +
               FormatBytes(b.nvidia_smi_bytes) + " per GPU of " + FormatBytes(req.config.target.gpu.capacity_bytes);
     return out;
   }
@@ -289,7 +290,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
       out.smallest_gpu_count_that_fits = counts[hi];
     }
   }
-  out.why = "no layout of " + std::to_string(req.gpus) + " GPUs fits";
+  out.why = "no layout of " + std::to_string(req.gpus) + (req.gpus == 1 ? " GPU fits" : " GPUs fits");
   return out;
 }
 
