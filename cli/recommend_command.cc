@@ -86,7 +86,7 @@ void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   cmd->add_option("--nodes", o.nodes, "number of nodes the GPUs are spread over")->capture_default_str();
   cmd->add_option("--gpu,-g", o.gpu, "GPU from the catalog")->capture_default_str();
   cmd->add_option("--seq,-s", o.seq, "sequence length in tokens")->capture_default_str();
-  cmd->add_option("--batch,-b", o.batch, "micro-batch per GPU (data-parallel rank)");
+  cmd->add_option("--batch,-b", o.batch, "micro-batch per GPU (data-parallel rank); default 1");
   cmd->add_option("--global-batch", o.global_batch, "global batch, split over the data-parallel ranks");
   cmd->add_option("--tp", o.tp, "only layouts with this tensor-parallel degree");
   cmd->add_option("--precision,-p", o.precision, "fp32 | bf16-autocast | fp16-autocast | bf16")->capture_default_str();
@@ -103,10 +103,20 @@ int RunRecommend(const RecommendOptions& o) {
   dist::RecommendRequest req;
   req.gpus = o.gpus;
   req.nodes = o.nodes;
-  if (o.tp != 0) req.tp = o.tp;
-  req.micro_batch = o.batch;
-  req.global_batch = o.global_batch;
-  if (o.batch == 0 && o.global_batch == 0) req.micro_batch = 1;
+  constexpr int64_t kUnset = RecommendOptions::kUnset;
+  if (o.batch != kUnset && o.batch <= 0) throw ConfigError("--batch must be positive (got " + std::to_string(o.batch) + ")");
+  if (o.global_batch != kUnset && o.global_batch <= 0) {
+    throw ConfigError("--global-batch must be positive (got " + std::to_string(o.global_batch) + ")");
+  }
+  if (o.tp != kUnset) {
+    if (o.tp < 1 || o.tp > std::numeric_limits<int>::max()) {
+      throw ConfigError("the tensor-parallel degree must be at least 1 (got " + std::to_string(o.tp) + ")");
+    }
+    req.tp = static_cast<int>(o.tp);
+  }
+  req.micro_batch = o.batch == kUnset ? 0 : o.batch;
+  req.global_batch = o.global_batch == kUnset ? 0 : o.global_batch;
+  if (req.micro_batch == 0 && req.global_batch == 0) req.micro_batch = 1;
   if (o.seq <= 0) throw ConfigError("the sequence length must be positive (got " + std::to_string(o.seq) + ")");
   if (o.gpu == "cpu") throw ConfigError("recommend needs a GPU from the catalog (" + sim::GpuNames() + ")");
   req.config = ParseTrainingConfig(o.precision, o.optimizer, o.gpu);
@@ -121,7 +131,6 @@ int RunRecommend(const RecommendOptions& o) {
   req.engines = ParseEngines(o.engines);
   req.tp_vocab_parallel = !o.no_vocab_parallel;
   if (o.gpus < 1 || o.nodes < 1) throw ConfigError("--gpus and --nodes must be at least 1");
-  if (o.batch < 0 || o.global_batch < 0) throw ConfigError("batch sizes must be positive");
 
   const auto t0 = std::chrono::steady_clock::now();
   auto model = TorchScriptModel::Load(o.model);

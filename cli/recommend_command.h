@@ -3,6 +3,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 namespace llmem::cli {
@@ -13,9 +14,11 @@ struct RecommendOptions {
   int nodes = 1;
   std::string gpu = "a100-80";
   int64_t seq = 2048;
-  int64_t batch = 0;
-  int64_t global_batch = 0;
-  int tp = 0;  // 0: every degree
+  // Unset options keep these sentinels (so an explicit 0 is an error, not "unset").
+  static constexpr int64_t kUnset = std::numeric_limits<int64_t>::min();
+  int64_t batch = kUnset;         // default: 1 per GPU
+  int64_t global_batch = kUnset;
+  int64_t tp = kUnset;            // default: every degree
   std::string precision = "bf16-autocast";
   std::string optimizer = "adamw";
   std::string interconnect;      // default: the GPU's own link

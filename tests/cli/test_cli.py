@@ -157,6 +157,9 @@ class CliTest(unittest.TestCase):
         self.assert_one_line_error(run(*rec, "--gpus", "8", "--nodes", "3"), 2, "do not split evenly over 3 nodes")
         self.assert_one_line_error(run(*rec, "--gpus", "8", "--batch", "2", "--global-batch", "16"), 2, "not both")
         self.assert_one_line_error(run(*rec, "--gpus", "8", "--batch", "-1"), 2, "positive")
+        self.assert_one_line_error(run(*rec, "--gpus", "8", "--batch", "0"), 2, "--batch must be positive")
+        self.assert_one_line_error(run(*rec, "--gpus", "8", "--global-batch", "0"), 2, "--global-batch must be positive")
+        self.assert_one_line_error(run(*rec, "--gpus", "8", "--tp", "0"), 2, "at least 1")
         self.assert_one_line_error(run("recommend", llama, "--gpus", "8", "--gpu", "tpu-v9"), 2, "unknown GPU 'tpu-v9'")
         self.assert_one_line_error(run(*rec, "--gpus", "8", "--interconnect", "smoke-signals"), 2,
                                    "unknown interconnect 'smoke-signals'", "nvlink3")
