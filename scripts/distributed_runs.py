@@ -15,7 +15,7 @@ On CPU the ranks use gloo and a counting CPU allocator (scripts/counting_allocat
 $LLMEM_BUILD_DIR/countalloc); with --device cuda, NCCL and torch.cuda.max_memory_allocated (one GPU per rank;
 cases that need more GPUs than there are are skipped with the reason printed).
 
-  scripts/distributed_runs.py --cases quick --out /tmp/dist_runs/quick.jsonl     # what CI runs (< 4 min, 2 cores)
+  scripts/distributed_runs.py --cases quick --out build/distributed_runs.jsonl   # what CI runs (< 4 min, 2 cores)
   scripts/distributed_runs.py --cases full --only fsdp2 --out runs.jsonl
   scripts/distributed_runs.py --list --cases full
 

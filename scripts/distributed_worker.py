@@ -7,7 +7,7 @@ model built exactly as models/export_hf.py builds it for its TorchScript export 
 train mode, use_cache False, SDPA attention; the loss is export_hf.LossWrapper's model(input_ids, labels).loss).
 
   python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/distributed_worker.py \
-      --arch llama --size tiny --method fsdp2 --batch 2 --seq 256 --out-dir /tmp/run1
+      --arch llama --size tiny --method fsdp2 --batch 2 --seq 256 --out-dir build/run1
 
 Memory on CPU: a counting c10 CPU allocator (scripts/counting_allocator.py) installed before anything else, so
 every CPU tensor storage of the process is counted (absolute live bytes: weights, gradients, optimizer states,
