@@ -33,7 +33,7 @@ class Sweep {
     config_.keep_labels = false;  // the sweep reads figures only
   }
 
-  // Memory (and time when `with_time`) of one layout at a micro-batch.
+  // One rank's memory under a layout at a micro-batch.
   RankEstimate Estimate(const ParallelPlan& plan, int64_t batch, int gpus_per_node) {
     DistributedOptions opts;
     opts.tp_vocab_parallel = req_.tp_vocab_parallel;
@@ -169,11 +169,17 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     } else {
       row.skipped = sweep.Unrunnable(plan);
     }
+    if (row.skipped.empty()) {
+      try {
+        sweep.RankGraph(row.micro_batch, plan.tp);  // the tensor-parallel split, which may not apply to this model
+      } catch (const Error& e) {  // e.g. a dim the degree does not divide
+        row.skipped = e.what();
+      }
+    }
     out.rows.push_back(row);
     if (!row.skipped.empty()) continue;
     const auto key = std::make_pair(row.micro_batch, plan.tp);
     const bool slope = slope_owner.insert(key).second;
-    sweep.RankGraph(row.micro_batch, plan.tp);
     if (slope) {
       sweep.RankGraph(row.micro_batch + 1, plan.tp);
       costs.emplace(key, SumCosts(sweep.RankGraph(row.micro_batch, plan.tp), CostOptionsFor(req.config.precision)));
@@ -264,7 +270,11 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
       if (!sweep.Unrunnable(plan).empty() || (plan.engine == DataParallelEngine::kGemini && plan.tp > 1)) continue;
       if (req.global_batch > 0 && req.global_batch % plan.dp != 0) continue;
       const int64_t b = req.global_batch > 0 ? req.global_batch / plan.dp : req.micro_batch;
-      sweep.RankGraph(b, plan.tp);  // built here, read by the estimates below
+      try {
+        sweep.RankGraph(b, plan.tp);  // built here, read by the estimates below
+      } catch (const Error&) {
+        continue;  // this model cannot be split that way
+      }
       candidates.emplace_back(plan, b);
     }
     std::vector<uint8_t> fits(candidates.size(), 0);

@@ -18,21 +18,29 @@ int64_t IntArg(const OpNode& node, size_t i, int64_t fallback) {
   return fallback;
 }
 
-// The output dim of a reshape that holds input dim `d`: the output dim whose element range covers the input
-// dim's range, or, when the input dim is split into several output dims, the outermost of them.
-int MapThroughReshape(const std::vector<int64_t>& in, int d, const std::vector<int64_t>& out, int tp) {
+// Where a reshape puts split input dim `d`: the output dim whose element range covers the input dim's range
+// (`merged` when it is wider: other dims were folded in), or, when the input dim is spread over several output
+// dims, the outermost of them. -1 when neither applies.
+struct ReshapedSplit {
+  int dim = -1;
+  bool merged = false;
+  bool spread = false;
+};
+ReshapedSplit MapThroughReshape(const std::vector<int64_t>& in, int d, const std::vector<int64_t>& out) {
   int64_t prefix = 1;
   for (int i = 0; i < d; ++i) prefix *= in[static_cast<size_t>(i)];
   const int64_t end = prefix * in[static_cast<size_t>(d)];
   int64_t p = 1;
   for (size_t k = 0; k < out.size(); ++k) {
     const int64_t next = p * out[k];
-    if (out[k] != 1 && p <= prefix && next >= end && out[k] % tp == 0) return static_cast<int>(k);  // covers
-    if (out[k] != 1 && p == prefix && out[k] % tp == 0) return static_cast<int>(k);  // outermost of a split
+    if (out[k] != 1 && p <= prefix && next >= end) {
+      return {static_cast<int>(k), p < prefix || next > end, false};  // covers
+    }
+    if (out[k] != 1 && p == prefix) return {static_cast<int>(k), false, true};  // spread
     p = next;
     if (p > prefix) break;
   }
-  return -1;
+  return {};
 }
 
 // Elementwise and broadcasting ops: dims line up from the right.
@@ -52,7 +60,11 @@ bool IsViewLike(const std::string& k) {
 class Sharder {
  public:
   Sharder(const Graph& graph, int tp, bool vocab_parallel)
-      : g_(graph), tp_(tp), vocab_parallel_(vocab_parallel), split_(graph.values().size(), -1) {
+      : g_(graph),
+        tp_(tp),
+        vocab_parallel_(vocab_parallel),
+        split_(graph.values().size(), -1),
+        merged_(graph.values().size(), 0) {
     out_.tp = tp;
     out_.output_all_reduced.assign(graph.nodes().size(), 0);
     out_.replicated_weight_grad.assign(graph.nodes().size(), 0);
@@ -208,7 +220,20 @@ class Sharder {
           dim = static_cast<int>(os.size()) - (r - d);
         }
       } else if (IsViewLike(k) && os != in) {
-        dim = MapThroughReshape(in, d, os, tp_);
+        // A dim that folded other dims in (e.g. [B * heads]) does not say which part carries the split: spreading
+        // it again is ambiguous. Refuse rather than guess (a wrong guess could under-state memory).
+        const ReshapedSplit r = MapThroughReshape(in, d, os);
+        if (r.dim >= 0 && os[static_cast<size_t>(r.dim)] % tp_ != 0) {
+          throw ConfigError("tensor-parallel degree " + std::to_string(tp_) + " does not divide dim " +
+                            std::to_string(r.dim) + " (" + std::to_string(os[static_cast<size_t>(r.dim)]) + ") of " +
+                            g_.value(out).name);
+        }
+        if (r.dim < 0 || (r.spread && merged_[static_cast<size_t>(src.index)])) {
+          throw UnsupportedOpError("tensor parallelism: cannot follow the split through " + k + " (" + node.scope +
+                                   ")");
+        }
+        dim = r.dim;
+        merged_[static_cast<size_t>(out.index)] = r.merged || (merged_[static_cast<size_t>(src.index)] && !r.spread);
       } else if (os.size() == in.size() && k != "aten::cat" && os == in) {
         dim = d;  // same shape: elementwise, copies, casts, in-place ops, slices along other dims
       } else {
@@ -220,6 +245,7 @@ class Sharder {
         }
       }
       set(out, dim);
+      if (!IsViewLike(k)) merged_[static_cast<size_t>(out.index)] = merged_[static_cast<size_t>(src.index)];
     }
   }
 
@@ -297,6 +323,7 @@ class Sharder {
   int tp_;
   bool vocab_parallel_;
   std::vector<int> split_;
+  std::vector<uint8_t> merged_;  // per value: its split dim folded other dims in
   std::vector<int32_t> loss_nodes_;
   TensorParallelRank out_;
 };

@@ -234,8 +234,9 @@ TEST(TensorParallelTest, DegreesThatDoNotSplitAreConfigErrors) {
     ShardForTensorParallel(t.graph, 3, /*vocab_parallel=*/false);
     FAIL() << "expected ConfigError";
   } catch (const ConfigError& e) {
-    // The first split value (in id order) that 3 does not divide: q_proj.weight [8,8] on dim 0.
-    EXPECT_EQ(std::string(e.what()), "tensor-parallel degree 3 does not divide dim 0 (8) of q_proj.weight");
+    // The split is followed in op order: the first reshape it cannot cross is q's view to [1,3,2,4] heads,
+    // whose 2 heads 3 does not divide.
+    EXPECT_EQ(std::string(e.what()), "tensor-parallel degree 3 does not divide dim 2 (2) of %10");
   }
 }
 
@@ -259,6 +260,34 @@ TEST(TensorParallelTest, LinearOnAHeadSplitTensorIsUnsupported) {
   } catch (const UnsupportedOpError& e) {
     EXPECT_EQ(std::string(e.what()),
               "tensor parallelism: the input of model.layers.0.odd is split along dim 1, not its last dim");
+  }
+}
+
+TEST(TensorParallelTest, SpreadingADimThatFoldedOthersInIsRefused) {
+  // BLOOM-style, batch 2: heads folded into the batch ([2,2,3,4] -> [4,3,4], the split now inside dim 0), then
+  // spread again ([4,3,4] -> [2,2,3,4]): which output dim holds the split (the batch or the heads, both 2) is
+  // ambiguous, so the split is refused rather than guessed.
+  TestGraphBuilder b;
+  ValueId x = b.Input("x", {2, 3, 8}, DType::kF32);
+  ValueId labels = b.Input("labels", {2, 3});
+  b.SetLayer(0);
+  ValueId w = b.Param("w", {8, 8});
+  ValueId q = b.Op("aten::linear", {T(x), T(w), None()}, {2, 3, 8});
+  ValueId qv = b.OpOut("aten::view", {T(q), Ints({2, 3, 2, 4})}, Out({2, 3, 2, 4}).AliasOf(q));
+  ValueId qt = b.OpOut("aten::transpose", {T(qv), I(1), I(2)}, Out({2, 2, 3, 4}).AliasOf(q));
+  ValueId folded = b.Op("aten::reshape", {T(qt), Ints({4, 3, 4})}, {4, 3, 4});
+  ValueId spread = b.OpOut("aten::view", {T(folded), Ints({2, 2, 3, 4})}, Out({2, 2, 3, 4}).AliasOf(folded),
+                           "model.layers.0.attn");
+  ValueId back = b.OpOut("aten::transpose", {T(spread), I(1), I(2)}, Out({2, 3, 2, 4}).AliasOf(folded));
+  ValueId flat = b.Op("aten::reshape", {T(back), Ints({2, 3, 8})}, {2, 3, 8});
+  ValueId w2 = b.Param("w2", {8, 8});
+  ValueId y = b.Op("aten::linear", {T(flat), T(w2), None()}, {2, 3, 8});
+  Graph g = b.Build(CrossEntropy(b, y, labels), 2, 3);
+  try {
+    ShardForTensorParallel(g, 2, false);
+    FAIL() << "expected UnsupportedOpError";
+  } catch (const UnsupportedOpError& e) {
+    EXPECT_EQ(std::string(e.what()), "tensor parallelism: cannot follow the split through aten::view (model.layers.0.attn)");
   }
 }
 
