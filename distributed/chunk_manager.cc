@@ -6,7 +6,6 @@
 #include <numeric>
 #include <string>
 
-#include "simulator/op_memory_rules.h"
 
 namespace llmem::dist {
 namespace {
@@ -73,7 +72,7 @@ ChunkLayout PackChunks(const Graph& graph, const std::vector<ManagedParam>& para
   };
   std::map<int32_t, std::pair<int, int>> uses;  // storage root -> first/last region order
   for (const auto& node : graph.nodes()) {
-    for (ValueId in : sim::TensorInputs(node)) {
+    for (ValueId in : graph.tensor_inputs(node.id)) {
       const int32_t root = graph.StorageRoot(in).index;
       auto [it, fresh] = uses.emplace(root, std::make_pair(order(node.region), order(node.region)));
       if (!fresh) {

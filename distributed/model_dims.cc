@@ -8,12 +8,6 @@
 namespace llmem::dist {
 namespace {
 
-// The token ids, or a view of them (OPT flattens them with view(-1, S) first).
-bool IsGraphInput(const Graph& graph, ValueId v) {
-  const ValueId root = graph.StorageRoot(v);
-  return std::find(graph.inputs().begin(), graph.inputs().end(), root) != graph.inputs().end();
-}
-
 const TensorValue* ArgTensor(const Graph& graph, const OpNode& node, size_t arg) {
   if (arg >= node.args.size() || node.args[arg].tensors.empty()) return nullptr;
   return &graph.value(node.args[arg].tensors[0]);
@@ -39,6 +33,11 @@ int64_t HeadsBeforeExpansion(const Graph& graph, ValueId v, int64_t heads, int64
 
 }  // namespace
 
+bool IsGraphInputOrView(const Graph& graph, ValueId v) {
+  const ValueId root = graph.StorageRoot(v);
+  return std::find(graph.inputs().begin(), graph.inputs().end(), root) != graph.inputs().end();
+}
+
 ModelDims ReadModelDims(const Graph& graph) {
   ModelDims dims;
   dims.layers = graph.num_layers();
@@ -46,7 +45,7 @@ ModelDims ReadModelDims(const Graph& graph) {
     if (node.kind != "aten::embedding") continue;
     const TensorValue* weight = ArgTensor(graph, node, 0);
     if (!weight || weight->shape.size() != 2 || node.args.size() < 2 || node.args[1].tensors.empty()) continue;
-    if (!IsGraphInput(graph, node.args[1].tensors[0])) continue;  // position embeddings index positions
+    if (!IsGraphInputOrView(graph, node.args[1].tensors[0])) continue;  // position embeddings index positions
     dims.vocab = weight->shape[0];
     dims.hidden = weight->shape[1];
     break;

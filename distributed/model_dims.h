@@ -18,6 +18,9 @@ struct ModelDims {
   int32_t layers = 0;
 };
 
+// True for a graph input (the token ids or labels) or a view of one (OPT flattens the ids with view(-1, S)).
+bool IsGraphInputOrView(const Graph& graph, ValueId v);
+
 // Throws ModelLoadError when the graph has no token embedding or no attention in layer 0.
 ModelDims ReadModelDims(const Graph& graph);
 

@@ -5,7 +5,6 @@
 #include <set>
 
 #include "graph/dtype.h"
-#include "simulator/op_memory_rules.h"
 
 namespace llmem::dist {
 
@@ -13,7 +12,7 @@ std::vector<ManagedParam> ManagedParams(const Graph& graph, sim::Precision preci
   // First forward use of each storage root.
   std::map<int32_t, int32_t> first_use;
   for (const auto& node : graph.nodes()) {
-    for (ValueId in : sim::TensorInputs(node)) first_use.emplace(graph.StorageRoot(in).index, node.id.index);
+    for (ValueId in : graph.tensor_inputs(node.id)) first_use.emplace(graph.StorageRoot(in).index, node.id.index);
   }
   std::vector<std::pair<int32_t, ManagedParam>> ordered;
   std::set<int32_t> seen;

@@ -4,9 +4,9 @@
 #include <optional>
 #include <string>
 
+#include "distributed/model_dims.h"
 #include "graph/dtype.h"
 #include "graph/error.h"
-#include "simulator/op_memory_rules.h"
 
 namespace llmem::dist {
 namespace {
@@ -73,7 +73,7 @@ class Sharder {
 
   TensorParallelRank Run() {
     for (const auto& node : g_.nodes()) {
-      out_.input_grad_all_reduced[static_cast<size_t>(node.id.index)].assign(sim::TensorInputs(node).size(), 0);
+      out_.input_grad_all_reduced[static_cast<size_t>(node.id.index)].assign(g_.tensor_inputs(node.id).size(), 0);
       Visit(node);
     }
     out_.split_dim = split_;
@@ -136,7 +136,7 @@ class Sharder {
     SplitParam(w, weight_in_out ? 1 : 0, node);
     if (bias.valid() && g_.value(bias).param >= 0) SplitParam(bias, 0, node);
     split_[static_cast<size_t>(y.index)] = static_cast<int>(Shape(y).size()) - 1;
-    const auto inputs = sim::TensorInputs(node);
+    const auto& inputs = g_.tensor_inputs(node.id);
     for (size_t i = 0; i < inputs.size(); ++i) {
       if (inputs[i] == x && g_.value(x).requires_grad) {
         out_.input_grad_all_reduced[n][i] = 1;
@@ -152,8 +152,7 @@ class Sharder {
     if (k == "aten::addmm" && VisitLinear(node, Arg(node, 1), Arg(node, 2), Arg(node, 0), true)) return;
     if (k == "aten::embedding") {
       const ValueId w = Arg(node, 0), ids = Arg(node, 1);
-      const bool token_ids =
-          ids.valid() && std::find(g_.inputs().begin(), g_.inputs().end(), g_.StorageRoot(ids)) != g_.inputs().end();
+      const bool token_ids = ids.valid() && IsGraphInputOrView(g_, ids);
       if (token_ids && Splittable(w, RegionKind::kEmbedding)) {
         // Vocab-parallel embedding: each rank looks up its rows (zeros elsewhere); the partial sums are all-reduced.
         SplitParam(w, 0, node);
@@ -177,7 +176,7 @@ class Sharder {
     const std::string& k = node.kind;
     // The first split tensor input drives the outputs' split.
     ValueId src;
-    for (ValueId in : sim::TensorInputs(node)) {
+    for (ValueId in : g_.tensor_inputs(node.id)) {
       if (Split(in) >= 0) {
         src = in;
         break;

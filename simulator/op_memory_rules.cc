@@ -52,12 +52,6 @@ const std::set<std::string>& NonDifferentiableOps() {
 
 }  // namespace
 
-std::vector<ValueId> TensorInputs(const OpNode& node) {
-  std::vector<ValueId> out;
-  for (const auto& arg : node.args) out.insert(out.end(), arg.tensors.begin(), arg.tensors.end());
-  return out;
-}
-
 bool IsKnownNonDifferentiable(const std::string& kind) { return NonDifferentiableOps().count(kind) > 0; }
 
 std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) {

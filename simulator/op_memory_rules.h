@@ -32,15 +32,12 @@ struct ExtraBuffer {
 };
 
 struct OpMemoryRule {
-  std::vector<int> saved_inputs;         // indices into the op's flattened tensor inputs
+  std::vector<int> saved_inputs;         // indices into the op's tensor inputs (Graph::tensor_inputs)
   std::vector<int> saved_outputs;        // indices into the op's outputs
   std::vector<ExtraBuffer> forward_extra;
   std::vector<GradKind> input_grads;     // one per flattened tensor input
   int64_t backward_workspace_bytes = 0;  // allocated before the input gradients, freed after them
 };
-
-// The op's tensor inputs in schema order (tensor lists flattened).
-std::vector<ValueId> TensorInputs(const OpNode& node);
 
 // Context a rule may read: the dtype each value has under the simulated precision.
 struct RuleContext {

@@ -397,8 +397,8 @@ TEST(OpMemoryRulesTest, TensorInputsFlattenListsInSchemaOrder) {
   ValueId c = b.Op("aten::cat", {llmem::testing::TList({x, y}), I(0)}, {4, 4});
   ValueId s = b.Op("aten::add", {T(c), T(z), I(1)}, {4, 4});
   Graph g = b.Build(CloseWithSum(b, s));
-  EXPECT_EQ(TensorInputs(g.node(NodeId{0})), (std::vector<ValueId>{x, y}));
-  EXPECT_EQ(TensorInputs(g.node(NodeId{1})), (std::vector<ValueId>{c, z}));
+  EXPECT_EQ(g.tensor_inputs(NodeId{0}), (std::vector<ValueId>{x, y}));
+  EXPECT_EQ(g.tensor_inputs(NodeId{1}), (std::vector<ValueId>{c, z}));
 }
 
 }  // namespace

@@ -72,7 +72,7 @@ void CheckTimelineInvariants(const Graph& graph, const Timeline& tl) {
     bool out_reaches = false;
     for (ValueId o : it->outputs) out_reaches = out_reaches || reaches_loss[static_cast<size_t>(o.index)];
     if (!out_reaches || IsKnownNonDifferentiable(it->kind)) continue;
-    for (ValueId in : TensorInputs(*it)) reaches_loss[static_cast<size_t>(in.index)] = true;
+    for (ValueId in : graph.tensor_inputs(it->id)) reaches_loss[static_cast<size_t>(in.index)] = true;
   }
   std::set<int32_t> trainable_roots;
   for (const auto& p : graph.params()) {
