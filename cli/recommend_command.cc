@@ -83,7 +83,7 @@ json RowJson(const dist::PlanRow& r) {
 void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   cmd->add_option("model", o.model, "TorchScript export of the model (forward(input_ids, labels) -> loss)")->required();
   cmd->add_option("--gpus,-n", o.gpus, "number of GPUs")->capture_default_str();
-  cmd->add_option("--nodes", o.nodes, "number of nodes the GPUs are spread over")->capture_default_str();
+  cmd->add_option("--nodes", o.nodes, "number of nodes the GPUs are spread over; default: nodes of 8 GPUs");
   cmd->add_option("--gpu,-g", o.gpu, "GPU from the catalog")->capture_default_str();
   cmd->add_option("--seq,-s", o.seq, "sequence length in tokens")->capture_default_str();
   cmd->add_option("--batch,-b", o.batch, "micro-batch per GPU (data-parallel rank); default 1");
@@ -102,8 +102,13 @@ void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
 int RunRecommend(const RecommendOptions& o) {
   dist::RecommendRequest req;
   req.gpus = o.gpus;
-  req.nodes = o.nodes;
   constexpr int64_t kUnset = RecommendOptions::kUnset;
+  if (o.nodes != kUnset) {
+    if (o.nodes < 1 || o.nodes > std::numeric_limits<int>::max()) {
+      throw ConfigError("the node count must be at least 1 (got " + std::to_string(o.nodes) + ")");
+    }
+    req.nodes = static_cast<int>(o.nodes);
+  }
   if (o.batch != kUnset && o.batch <= 0) throw ConfigError("--batch must be positive (got " + std::to_string(o.batch) + ")");
   if (o.global_batch != kUnset && o.global_batch <= 0) {
     throw ConfigError("--global-batch must be positive (got " + std::to_string(o.global_batch) + ")");
@@ -130,7 +135,7 @@ int RunRecommend(const RecommendOptions& o) {
   req.inter_node = *inter;
   req.engines = ParseEngines(o.engines);
   req.tp_vocab_parallel = !o.no_vocab_parallel;
-  if (o.gpus < 1 || o.nodes < 1) throw ConfigError("--gpus and --nodes must be at least 1");
+  if (o.gpus < 1) throw ConfigError("the GPU count must be at least 1 (got " + std::to_string(o.gpus) + ")");
 
   const auto t0 = std::chrono::steady_clock::now();
   auto model = TorchScriptModel::Load(o.model);
@@ -155,7 +160,7 @@ int RunRecommend(const RecommendOptions& o) {
   if (o.json_out) {
     json j{{"model", o.model},
            {"gpus", o.gpus},
-           {"nodes", o.nodes},
+           {"nodes", rec.nodes.nodes},
            {"gpu", o.gpu},
            {"capacity_bytes", gpu->capacity_bytes},
            {"interconnect", {{"intra_node", intra->name}, {"inter_node", inter->name}}},
@@ -180,8 +185,8 @@ int RunRecommend(const RecommendOptions& o) {
   }
 
   std::printf("%s on %d x %s (%d node%s, %s inside a node%s), seq %lld, %s %lld, %s, %s\n\n", o.model.c_str(), o.gpus,
-              o.gpu.c_str(), o.nodes, o.nodes > 1 ? "s" : "", intra->name.c_str(),
-              o.nodes > 1 ? (", " + inter->name + " between nodes").c_str() : "", static_cast<long long>(o.seq),
+              o.gpu.c_str(), rec.nodes.nodes, rec.nodes.nodes > 1 ? "s" : "", intra->name.c_str(),
+              rec.nodes.nodes > 1 ? (", " + inter->name + " between nodes").c_str() : "", static_cast<long long>(o.seq),
               req.global_batch > 0 ? "global batch" : "batch per GPU",
               static_cast<long long>(req.global_batch > 0 ? req.global_batch : req.micro_batch), o.precision.c_str(),
               o.optimizer.c_str());
@@ -210,7 +215,7 @@ int RunRecommend(const RecommendOptions& o) {
     std::printf("nothing fits: %s, nor on up to 4096 of them\n", rec.why.c_str());
   }
   std::printf("\nmemory/GPU: peak reserved + CUDA context + NCCL buffers (what nvidia-smi shows); max batch: "
-              "extrapolated linearly from exact simulations at the batch and one more\n");
+              "the largest batch whose exact estimate fits (the next one does not)\n");
   std::printf("assumptions:\n");
   for (const auto& a : rec.assumptions) std::printf("  - %s\n", a.c_str());
   std::printf("  - %s\n", "an autocast precision keeps autocast's 16-bit weight copies for the whole forward, under "

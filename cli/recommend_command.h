@@ -11,7 +11,6 @@ namespace llmem::cli {
 struct RecommendOptions {
   std::string model;
   int gpus = 8;
-  int nodes = 1;
   std::string gpu = "a100-80";
   int64_t seq = 2048;
   // Unset options keep these sentinels (so an explicit 0 is an error, not "unset").
@@ -19,6 +18,7 @@ struct RecommendOptions {
   int64_t batch = kUnset;         // default: 1 per GPU
   int64_t global_batch = kUnset;
   int64_t tp = kUnset;            // default: every degree
+  int64_t nodes = kUnset;         // default: whole nodes of the GPU kind's usual size
   std::string precision = "bf16-autocast";
   std::string optimizer = "adamw";
   std::string interconnect;      // default: the GPU's own link

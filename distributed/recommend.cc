@@ -8,6 +8,7 @@
 #include <set>
 #include <thread>
 
+#include "distributed/largest_batch_search.h"
 #include "distributed/model_dims.h"
 #include "distributed/rank_estimate.h"
 #include "distributed/sharded_params.h"
@@ -39,6 +40,19 @@ class Sweep {
     opts.tp_vocab_parallel = req_.tp_vocab_parallel;
     opts.gpus_per_node = gpus_per_node;
     return EstimateRank(graph_at_(batch), config_, plan, opts, Split(batch, plan.tp));
+  }
+
+  // Builds what an estimate at (batch, tp) reads; false when it cannot be built (e.g. byte counts that overflow).
+  bool Prepare(int64_t batch, int tp) {
+    const auto key = std::make_pair(batch, tp);
+    if (unbuildable_.count(key)) return false;
+    try {
+      RankGraph(batch, tp);
+      return true;
+    } catch (const Error&) {
+      unbuildable_.insert(key);
+      return false;
+    }
   }
 
   const Graph& RankGraph(int64_t batch, int tp) {
@@ -73,9 +87,27 @@ class Sweep {
   sim::TrainingConfig config_;
   std::map<std::pair<int64_t, int>, TensorParallelRank> splits_;
   std::map<int, std::string> tp_errors_;
+  std::set<std::pair<int64_t, int>> unbuildable_;
 };
 
 bool Fits(const RankEstimate& e) { return e.memory.fits; }
+
+// Why an engine cannot run this layout at this precision ("" when it can).
+std::string EngineUnavailable(const ParallelPlan& plan, sim::Precision precision) {
+  if (plan.engine != DataParallelEngine::kGemini) return "";
+  if (plan.tp > 1) return "chunk-based ZeRO is modelled without tensor parallelism";
+  if (precision == sim::Precision::kFp32) return "chunk-based ZeRO trains in 16-bit";
+  return "";
+}
+
+// No batch above this fits: the step's inputs alone (token ids and labels, on the GPU) would fill the GPU. Bounds
+// the largest-batch search without a constant of its own.
+int64_t BatchLimit(const Graph& graph, int64_t capacity_bytes) {
+  int64_t input_bytes = 0;
+  for (ValueId v : graph.inputs()) input_bytes += ShapeBytes(graph.value(v).shape, graph.value(v).dtype);
+  const int64_t per_sample = std::max<int64_t>(1, input_bytes / std::max<int64_t>(1, graph.batch()));
+  return std::max<int64_t>(1, capacity_bytes / per_sample);
+}
 
 // Runs fn(0..n-1) on up to one thread per core; fn must only read shared state.
 void ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
@@ -118,16 +150,11 @@ std::vector<ParallelPlan> EnumeratePlans(int gpus, int gpus_per_node, const std:
 }
 
 Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_at) {
-  if (req.gpus < 1) throw ConfigError("the GPU count must be at least 1 (got " + std::to_string(req.gpus) + ")");
-  if (req.nodes < 1) throw ConfigError("the node count must be at least 1 (got " + std::to_string(req.nodes) + ")");
-  if (req.gpus % req.nodes != 0) {
-    throw ConfigError(std::to_string(req.gpus) + " GPUs do not split evenly over " + std::to_string(req.nodes) +
-                      " nodes");
-  }
+  const NodeLayout nodes = ResolveNodeLayout(req.gpus, req.nodes, req.config.target.gpu);
   if (req.micro_batch < 0 || req.global_batch < 0 || (req.micro_batch == 0) == (req.global_batch == 0)) {
     throw ConfigError("give a positive --batch (per GPU) or a positive --global-batch, not both");
   }
-  const int per_node = req.gpus / req.nodes;
+  const int per_node = nodes.gpus_per_node;
   if (req.tp) {
     if (*req.tp < 1)
       throw ConfigError("the tensor-parallel degree must be at least 1 (got " + std::to_string(*req.tp) + ")");
@@ -145,15 +172,10 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
   }
   Sweep sweep(req, graph_at);
   Recommendation out;
-  const double capacity = static_cast<double>(req.config.target.gpu.capacity_bytes);
+  out.nodes = nodes;
   // 1. The layouts, and what each needs prepared (graphs and tensor-parallel splits are built here, once, so the
   //    estimates below only read them).
-  struct Work {
-    size_t row;
-    bool slope;  // also simulate batch + 1: this row gives the slope for its (batch, tp)
-  };
-  std::vector<Work> work;
-  std::set<std::pair<int64_t, int>> slope_owner;
+  std::vector<size_t> work;  // rows to estimate
   std::map<std::pair<int64_t, int>, GraphCost> costs;
   for (const ParallelPlan& plan : EnumeratePlans(req.gpus, per_node, req.engines, req.tp)) {
     PlanRow row;
@@ -162,13 +184,10 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     if (req.global_batch > 0 && req.global_batch % plan.dp != 0) {
       row.skipped = "global batch " + std::to_string(req.global_batch) + " does not split over " +
                     std::to_string(plan.dp) + " data-parallel ranks";
-    } else if (plan.engine == DataParallelEngine::kGemini && plan.tp > 1) {
-      row.skipped = "chunk-based ZeRO is modelled without tensor parallelism";
-    } else if (plan.engine == DataParallelEngine::kGemini && req.config.precision == sim::Precision::kFp32) {
-      row.skipped = "chunk-based ZeRO trains in 16-bit";
     } else {
-      row.skipped = sweep.Unrunnable(plan);
+      row.skipped = EngineUnavailable(plan, req.config.precision);
     }
+    if (row.skipped.empty()) row.skipped = sweep.Unrunnable(plan);
     if (row.skipped.empty()) {
       try {
         sweep.RankGraph(row.micro_batch, plan.tp);  // the tensor-parallel split, which may not apply to this model
@@ -179,45 +198,62 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     out.rows.push_back(row);
     if (!row.skipped.empty()) continue;
     const auto key = std::make_pair(row.micro_batch, plan.tp);
-    const bool slope = slope_owner.insert(key).second;
-    if (slope) {
-      sweep.RankGraph(row.micro_batch + 1, plan.tp);
+    if (!costs.count(key)) {
       costs.emplace(key, SumCosts(sweep.RankGraph(row.micro_batch, plan.tp), CostOptionsFor(req.config.precision)));
     }
-    work.push_back({out.rows.size() - 1, slope});
+    work.push_back(out.rows.size() - 1);
   }
-  // 2. The estimates, independent of each other: spread over the cores.
-  std::vector<RankEstimate> at(work.size()), next(work.size());
+  // 2. The estimates at the requested batch, independent of each other: spread over the cores.
+  std::vector<RankEstimate> at(work.size());
   ParallelFor(work.size(), [&](size_t k) {
-    const PlanRow& row = out.rows[work[k].row];
+    const PlanRow& row = out.rows[work[k]];
     at[k] = sweep.Estimate(row.plan, row.micro_batch, per_node);
-    if (work[k].slope) next[k] = sweep.Estimate(row.plan, row.micro_batch + 1, per_node);
   });
-  // 3. Largest micro-batch: memory grows linearly with the batch (activations, which the data-parallel engines do
-  //    not change), so exact simulations at B and B + 1 of one layout per tensor-parallel degree give the slope.
-  std::map<std::pair<int64_t, int>, double> slopes;  // (micro-batch, tp) -> bytes per extra sample
+  // 3. The largest micro-batch of every layout, by exact estimates (largest_batch_search.h), all layouts a round
+  //    at a time: the batches a round asks for are built once (shared by the layouts that ask for the same batch),
+  //    then estimated in parallel.
+  std::vector<LargestBatchSearch> searches;
   for (size_t k = 0; k < work.size(); ++k) {
-    if (!work[k].slope) continue;
-    const PlanRow& row = out.rows[work[k].row];
-    slopes[{row.micro_batch, row.plan.tp}] =
-        static_cast<double>(next[k].memory.nvidia_smi_bytes - at[k].memory.nvidia_smi_bytes);
+    const PlanRow& row = out.rows[work[k]];
+    searches.emplace_back(req.config.target.gpu.capacity_bytes,
+                          BatchLimit(graph_at(row.micro_batch), req.config.target.gpu.capacity_bytes));
+    searches.back().Record(row.micro_batch, at[k].memory.nvidia_smi_bytes, Fits(at[k]));
   }
+  for (;;) {
+    std::vector<std::pair<size_t, int64_t>> probes;  // (search, batch)
+    for (size_t k = 0; k < searches.size(); ++k) {
+      for (int64_t b : searches[k].NextProbes()) probes.emplace_back(k, b);
+    }
+    if (probes.empty()) break;
+    std::vector<uint8_t> buildable(probes.size(), 0);
+    for (size_t p = 0; p < probes.size(); ++p) {
+      buildable[p] = sweep.Prepare(probes[p].second, out.rows[work[probes[p].first]].plan.tp);
+    }
+    std::vector<std::optional<RankEstimate>> estimates(probes.size());
+    ParallelFor(probes.size(), [&](size_t p) {
+      if (!buildable[p]) return;
+      try {
+        estimates[p] = sweep.Estimate(out.rows[work[probes[p].first]].plan, probes[p].second, per_node);
+      } catch (const Error&) {  // the batch's byte counts cannot be simulated: it does not fit
+      }
+    });
+    for (size_t p = 0; p < probes.size(); ++p) {
+      const auto& e = estimates[p];
+      searches[probes[p].first].Record(probes[p].second, e ? std::optional(e->memory.nvidia_smi_bytes) : std::nullopt,
+                                       e && Fits(*e));
+    }
+  }
+  if (!nodes.assumption.empty()) out.assumptions.push_back(nodes.assumption);
+  std::vector<std::string> time_assumptions;  // the same for every row
   for (size_t k = 0; k < work.size(); ++k) {
-    PlanRow& row = out.rows[work[k].row];
+    PlanRow& row = out.rows[work[k]];
     const ParallelPlan& plan = row.plan;
     row.peak_allocated_bytes = at[k].memory.peak_allocated_bytes;
     row.peak_reserved_bytes = at[k].memory.peak_reserved_bytes;
     row.nvidia_smi_bytes = at[k].memory.nvidia_smi_bytes;
     row.at_peak_bytes = at[k].memory.at_peak;
     row.fits = Fits(at[k]);
-    const double slope = slopes[{row.micro_batch, plan.tp}];
-    const double room = capacity - static_cast<double>(at[k].memory.nvidia_smi_bytes);
-    if (slope <= 0) {
-      row.max_micro_batch = row.fits ? row.micro_batch : 0;
-    } else {
-      row.max_micro_batch = std::max<int64_t>(0, row.micro_batch + static_cast<int64_t>(std::floor(room / slope)));
-      if (row.fits) row.max_micro_batch = std::max(row.max_micro_batch, row.micro_batch);
-    }
+    row.max_micro_batch = searches[k].Largest();
     // Step time of the rank.
     StepTimeInputs t;
     const Graph& rank_graph = sweep.RankGraph(row.micro_batch, plan.tp);
@@ -232,8 +268,9 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     row.time = EstimateStepTime(t);
     const double tokens = static_cast<double>(row.micro_batch) * plan.dp * static_cast<double>(rank_graph.seq());
     row.tokens_per_second = row.time.total_s > 0 ? tokens / row.time.total_s : 0;
-    if (out.assumptions.empty()) out.assumptions = row.time.assumptions;
+    if (time_assumptions.empty()) time_assumptions = row.time.assumptions;
   }
+  out.assumptions.insert(out.assumptions.end(), time_assumptions.begin(), time_assumptions.end());
   std::stable_sort(out.rows.begin(), out.rows.end(), [](const PlanRow& a, const PlanRow& b) {
     auto rank = [](const PlanRow& r) { return !r.skipped.empty() ? 2 : (r.fits ? 0 : 1); };
     if (rank(a) != rank(b)) return rank(a) < rank(b);
@@ -259,15 +296,17 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     if (e == DataParallelEngine::kFsdp2Zero3 || e == DataParallelEngine::kGemini) frugal.push_back(e);
   }
   if (frugal.empty()) frugal = req.engines;
+  // Growing counts fill nodes of the size given (--nodes) or usual for the GPU kind.
+  const int node_capacity = req.nodes ? per_node : UsualGpusPerNode(req.config.target.gpu);
   std::vector<int> counts;  // every count up to a node, then whole nodes
   for (int n = req.gpus + 1; n <= 4096; ++n) {
-    if (n <= per_node || n % per_node == 0) counts.push_back(n);
+    if (n <= node_capacity || n % node_capacity == 0) counts.push_back(n);
   }
   auto fits_with = [&](int n) {
-    const int node_size = std::min(n, per_node);
+    const int node_size = std::min(n, node_capacity);
     std::vector<std::pair<ParallelPlan, int64_t>> candidates;  // layout, micro-batch
     for (const ParallelPlan& plan : EnumeratePlans(n, node_size, frugal, req.tp)) {
-      if (!sweep.Unrunnable(plan).empty() || (plan.engine == DataParallelEngine::kGemini && plan.tp > 1)) continue;
+      if (!EngineUnavailable(plan, req.config.precision).empty() || !sweep.Unrunnable(plan).empty()) continue;
       if (req.global_batch > 0 && req.global_batch % plan.dp != 0) continue;
       const int64_t b = req.global_batch > 0 ? req.global_batch / plan.dp : req.micro_batch;
       try {
