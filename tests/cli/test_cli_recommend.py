@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""End-to-end tests of `llmem recommend`: the largest batch per layout is the same whatever batch is asked for
+and its exact estimate (`llmem estimate` of the layout) fits while the next batch does not; GPUs beyond a node
+are spread over whole nodes of 8 unless --nodes says otherwise, an assumption printed with the table and in
+JSON; fp32 requests that fit nowhere still name the smallest GPU count. Needs LLMEM_BIN, LLMEM_TINY_MODELS and
+LLMEM_MODELS_DIR."""
+import json
+import os
+import subprocess
+import unittest
+
+LLMEM = os.environ["LLMEM_BIN"]
+TINY = os.environ["LLMEM_TINY_MODELS"]
+BUNDLED = os.environ["LLMEM_MODELS_DIR"]
+
+ENGINE_FLAGS = {"DDP": "ddp", "ZeRO-1": "zero1", "ZeRO-2 (FSDP2)": "zero2", "ZeRO-3 (FSDP2)": "zero3",
+                "ZeRO-3 (chunks)": "gemini"}
+
+
+def run(*args):
+    return subprocess.run([LLMEM, *args], capture_output=True, text=True, timeout=600)
+
+
+def recommend_json(*args):
+    proc = run("recommend", *args, "--json")
+    if proc.returncode not in (0, 3):
+        raise AssertionError(proc.stderr)
+    return json.loads(proc.stdout)
+
+
+class RecommendTest(unittest.TestCase):
+    def assert_one_line_error(self, proc, code, *needles):
+        self.assertEqual(proc.returncode, code, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, proc.stderr)
+        self.assertTrue(lines[0].startswith("llmem: error: "), lines[0])
+        for n in needles:
+            self.assertIn(n, lines[0])
+
+    def fits(self, model, plan, batch, common):
+        args = ["estimate", model, "--batch", str(batch), "--dp", str(plan["dp"]), "--tp", str(plan["tp"]),
+                "--json", *common]
+        if plan["dp"] > 1:
+            args += ["--engine", ENGINE_FLAGS[plan["engine"]]]
+        proc = run(*args)
+        self.assertIn(proc.returncode, (0, 3), proc.stderr)
+        return json.loads(proc.stdout)["fits"]
+
+    def test_max_batch_is_exact_and_independent_of_the_batch_asked(self):
+        model = os.path.join(BUNDLED, "opt-1.3b.meta.pt")
+        common = ["--gpu", "a100-80", "--seq", "2048"]
+        maxima = {}
+        for batch in ("1", "8", "200"):
+            j = recommend_json(model, "--gpus", "8", "--tp", "1", "--batch", batch, *common)
+            for p in j["plans"]:
+                if "skipped" in p:
+                    continue
+                maxima.setdefault(p["layout"], set()).add(p["max_micro_batch"])
+        self.assertTrue(maxima)
+        for layout, found in maxima.items():
+            self.assertEqual(len(found), 1, f"{layout}: {found}")
+        # `estimate` of the layout agrees: the max batch fits, the next one does not.
+        zero1 = {"dp": 8, "tp": 1, "engine": "ZeRO-1"}
+        best = maxima["ZeRO-1×8"].pop()
+        self.assertTrue(self.fits(model, zero1, best, common))
+        self.assertFalse(self.fits(model, zero1, best + 1, common))
+
+    def test_gpus_beyond_a_node_default_to_nodes_of_eight_unless_given(self):
+        llama = os.path.join(BUNDLED, "llama-2-7b.meta.pt")
+        j = recommend_json(llama, "--gpus", "64", "--gpu", "h100-80", "--seq", "512", "--engines", "zero3")
+        self.assertEqual(j["nodes"], 8)
+        self.assertLessEqual(max(p["tp"] for p in j["plans"]), 8)
+        self.assertTrue(any("a node holds 8 h100-80 GPUs" in a for a in j["assumptions"]), j["assumptions"])
+        text = run("recommend", llama, "--gpus", "64", "--gpu", "h100-80", "--seq", "512", "--engines", "zero3")
+        self.assertIn("64 x h100-80 (8 nodes", text.stdout)
+        self.assertIn("a node holds 8 h100-80 GPUs", text.stdout)
+        # An explicit --nodes wins: one node of 16.
+        j = recommend_json(llama, "--gpus", "16", "--nodes", "1", "--gpu", "h100-80", "--seq", "512",
+                           "--engines", "zero3")
+        self.assertEqual(j["nodes"], 1)
+        self.assertEqual(max(p["tp"] for p in j["plans"]), 16)
+        self.assertFalse(any("a node holds" in a for a in j["assumptions"]))
+
+    def test_partial_nodes_need_the_node_count(self):
+        llama = os.path.join(BUNDLED, "llama-2-7b.meta.pt")
+        self.assert_one_line_error(run("recommend", llama, "--gpus", "12", "--gpu", "a100-80"), 2,
+                                   "12 GPUs do not fill whole nodes of 8", "--nodes")
+        self.assert_one_line_error(run("recommend", llama, "--gpus", "16", "--tp", "16", "--gpu", "a100-80"), 2,
+                                   "exceeds the 8 GPUs of a node")
+        self.assert_one_line_error(run("recommend", llama, "--gpus", "8", "--nodes", "0", "--gpu", "a100-80"), 2,
+                                   "node count must be at least 1")
+
+    def test_fp32_that_fits_nowhere_names_the_smallest_gpu_count(self):
+        proc = run("recommend", os.path.join(BUNDLED, "llama-2-7b.meta.pt"), "--gpus", "1", "--gpu", "a100-80",
+                   "--seq", "512", "--precision", "fp32", "--json")
+        self.assertEqual(proc.returncode, 3, proc.stderr)
+        j = json.loads(proc.stdout)
+        self.assertIsNone(j["recommended"])
+        self.assertGreater(j["smallest_gpu_count_that_fits"], 1)
+
+
+if __name__ == "__main__":
+    unittest.main()
