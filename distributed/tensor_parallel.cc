@@ -1,6 +1,7 @@
 #include "distributed/tensor_parallel.h"
 
 #include <algorithm>
+#include <map>
 #include <optional>
 #include <string>
 
@@ -64,7 +65,8 @@ class Sharder {
         tp_(tp),
         vocab_parallel_(vocab_parallel),
         split_(graph.values().size(), -1),
-        merged_(graph.values().size(), 0) {
+        merged_(graph.values().size(), 0),
+        fused_from_(graph.values().size(), -1) {
     out_.tp = tp;
     out_.output_all_reduced.assign(graph.nodes().size(), 0);
     out_.replicated_weight_grad.assign(graph.nodes().size(), 0);
@@ -76,6 +78,7 @@ class Sharder {
       out_.input_grad_all_reduced[static_cast<size_t>(node.id.index)].assign(g_.tensor_inputs(node.id).size(), 0);
       Visit(node);
     }
+    CheckFusedPieces();
     out_.split_dim = split_;
     out_.graph = BuildRankGraph();
     return std::move(out_);
@@ -136,6 +139,7 @@ class Sharder {
     SplitParam(w, weight_in_out ? 1 : 0, node);
     if (bias.valid() && g_.value(bias).param >= 0) SplitParam(bias, 0, node);
     split_[static_cast<size_t>(y.index)] = static_cast<int>(Shape(y).size()) - 1;
+    fused_from_[static_cast<size_t>(y.index)] = node.id.index;
     const auto& inputs = g_.tensor_inputs(node.id);
     for (size_t i = 0; i < inputs.size(); ++i) {
       if (inputs[i] == x && g_.value(x).requires_grad) {
@@ -233,6 +237,7 @@ class Sharder {
         }
         dim = r.dim;
         merged_[static_cast<size_t>(out.index)] = r.merged || (merged_[static_cast<size_t>(src.index)] && !r.spread);
+        if (!r.merged && !r.spread) fused_from_[static_cast<size_t>(out.index)] = fused_from_[static_cast<size_t>(src.index)];
       } else if (os.size() == in.size() && k != "aten::cat" && os == in) {
         dim = d;  // same shape: elementwise, copies, casts, in-place ops, slices along other dims
       } else {
@@ -241,10 +246,37 @@ class Sharder {
             (k == "aten::slice" || k == "aten::narrow" || k == "aten::split" || k == "aten::split_with_sizes" ||
              k == "aten::chunk" || k == "aten::cat" || k == "aten::unsafe_split")) {
           dim = d;  // sliced or concatenated along the split dim: every piece is split the same way
+          const int32_t linear = fused_from_[static_cast<size_t>(src.index)];
+          if (linear >= 0 && k != "aten::cat") {
+            auto& cuts = pieces_[linear];
+            cuts.kind = k;
+            cuts.widths.push_back(os[static_cast<size_t>(d)]);
+          }
         }
       }
       set(out, dim);
       if (!IsViewLike(k)) merged_[static_cast<size_t>(out.index)] = merged_[static_cast<size_t>(src.index)];
+    }
+  }
+
+  // Note [Fused projections]: a column-parallel linear whose output is cut along its features into pieces (GPT-2's
+  // c_attn split into q, k, v; Phi-3's qkv_proj slices and gate_up_proj chunk) is modelled as Megatron's fused
+  // layout (and vLLM's QKVParallelLinear / MergedColumnParallelLinear): the weight's rows are interleaved so that
+  // each rank holds 1/tp of every piece. A plain column split of the fused weight would not give each rank its
+  // share of every piece (which is why HF's own plans replicate such outputs, `colwise_rep`). With pieces of equal
+  // widths the interleaving is the usual one and the shares follow; with unequal ones (fused GQA or MQA q/k/v)
+  // each rank's share depends on how the checkpoint interleaves the groups, which the graph does not say: refused.
+  void CheckFusedPieces() const {
+    for (const auto& [linear, cuts] : pieces_) {
+      const bool equal = std::all_of(cuts.widths.begin(), cuts.widths.end(),
+                                     [&](int64_t w) { return w == cuts.widths.front(); });
+      if (equal) continue;
+      std::string widths;
+      for (int64_t w : cuts.widths) widths += (widths.empty() ? "" : ", ") + std::to_string(w);
+      const OpNode& node = g_.node(NodeId{linear});
+      throw UnsupportedOpError("tensor parallelism: the fused projection " + node.scope + " (" + node.kind +
+                               ") is cut by " + cuts.kind + " into pieces of unequal widths (" + widths +
+                               "): each rank's share depends on how its weight is interleaved, which is not modelled");
     }
   }
 
@@ -323,6 +355,12 @@ class Sharder {
   bool vocab_parallel_;
   std::vector<int> split_;
   std::vector<uint8_t> merged_;  // per value: its split dim folded other dims in
+  std::vector<int32_t> fused_from_;  // per value: the column-parallel linear (node) whose features it holds whole
+  struct Cuts {
+    std::string kind;              // the op that cuts (aten::slice, aten::split, ...)
+    std::vector<int64_t> widths;   // features of each piece
+  };
+  std::map<int32_t, Cuts> pieces_;  // per column-parallel linear (node): the pieces its output is cut into
   std::vector<int32_t> loss_nodes_;
   TensorParallelRank out_;
 };

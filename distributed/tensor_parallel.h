@@ -21,6 +21,10 @@
 // weight gradient as a Replicate()d tensor of the whole vocabulary on every rank (measured: 8,388,608 B for a
 // [4096, 256] shard of an [8192, 256] table at 2 ranks), held until zero_grad.
 //
+// A fused projection (one column-parallel linear whose output is cut into pieces along its features: GPT-2's
+// c_attn, Phi-3's qkv_proj and gate_up_proj) follows Megatron's fused layout, each rank holding 1/tp of every
+// piece; cut into pieces of unequal widths (fused GQA/MQA q/k/v) it is refused (Note [Fused projections]).
+//
 // A reshape or contiguous() whose operand is split may become a view where the whole tensor needed a copy (e.g.
 // GQA's repeat_kv with one key/value head per rank), so the rank graph recomputes view-or-copy with ATen's rule.
 #pragma once
@@ -46,7 +50,7 @@ struct TensorParallelRank {
 };
 
 // Throws ConfigError when tp does not divide a split dimension, UnsupportedOpError when the layer's structure
-// cannot be split (e.g. a fused q/k/v projection split by fixed sizes).
+// cannot be split (e.g. a fused q/k/v projection cut into pieces of unequal widths).
 TensorParallelRank ShardForTensorParallel(const Graph& graph, int tp, bool vocab_parallel);
 
 class TensorParallelHooks : public sim::StepHooks {

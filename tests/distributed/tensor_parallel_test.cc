@@ -291,6 +291,90 @@ TEST(TensorParallelTest, SpreadingADimThatFoldedOthersInIsRefused) {
   }
 }
 
+// A fused projection: linear(x, w [sum of widths, 8]) [1,3,sum] cut by `cut` into pieces of `widths` features
+// along the last dim (the split one); each piece feeds a row-parallel linear back to 8 features, summed.
+Graph FusedProjection(const std::vector<int64_t>& widths, const std::string& cut) {
+  TestGraphBuilder b;
+  ValueId x = b.Input("x", {1, 3, 8}, DType::kF32);
+  ValueId labels = b.Input("labels", {1, 3});
+  b.SetLayer(0);
+  int64_t total = 0;
+  for (int64_t w : widths) total += w;
+  ValueId w = b.Param("qkv_proj.weight", {total, 8});
+  ValueId fused = b.OpOut("aten::linear", {T(x), T(w), None()}, Out({1, 3, total}), "model.layers.0.attn.qkv_proj");
+  std::vector<ValueId> pieces;
+  if (cut == "aten::slice") {
+    int64_t start = 0;
+    for (int64_t width : widths) {
+      pieces.push_back(b.OpOut("aten::slice", {T(fused), I(2), I(start), I(start + width), I(1)},
+                               Out({1, 3, width}).AliasOf(fused), "model.layers.0.attn"));
+      start += width;
+    }
+  } else {  // aten::split_with_sizes: one op, one output per piece
+    std::vector<Out> outs;
+    for (int64_t width : widths) outs.push_back(Out({1, 3, width}).AliasOf(fused));
+    pieces = b.OpN("aten::split_with_sizes", {T(fused), Ints(widths), I(2)}, outs, "model.layers.0.attn");
+  }
+  ValueId sum;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    ValueId wo = b.Param("o" + std::to_string(i) + ".weight", {8, widths[i]});
+    ValueId o = b.Op("aten::linear", {T(pieces[i]), T(wo), None()}, {1, 3, 8});
+    sum = sum.valid() ? b.Op("aten::add", {T(sum), T(o), I(1)}, {1, 3, 8}) : o;
+  }
+  return b.Build(CrossEntropy(b, sum, labels), 1, 3);
+}
+
+TEST(TensorParallelTest, FusedProjectionGivesEachRankAShareOfEveryPieceOnlyWhenPiecesAreEqual) {
+  // Equal pieces (MHA q/k/v, gate/up): Megatron's fused layout, 1/tp of every piece per rank.
+  for (const std::string cut : {"aten::slice", "aten::split_with_sizes"}) {
+    const Graph g = FusedProjection({8, 8, 8}, cut);
+    const TensorParallelRank rank = ShardForTensorParallel(g, 2, false);
+    EXPECT_EQ(ParamNamed(rank.graph, "qkv_proj.weight").shape, (Shape{12, 8})) << cut;
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_EQ(ParamNamed(rank.graph, "o" + std::to_string(i) + ".weight").shape, (Shape{8, 4})) << cut;
+    }
+  }
+  // Unequal pieces (fused GQA q/k/v: 8 query features, 4 key, 4 value): refused with the projection named.
+  for (const std::string cut : {"aten::slice", "aten::split_with_sizes"}) {
+    const Graph g = FusedProjection({8, 4, 4}, cut);
+    try {
+      ShardForTensorParallel(g, 2, false);
+      ADD_FAILURE() << "expected UnsupportedOpError for " << cut;
+    } catch (const UnsupportedOpError& e) {
+      EXPECT_EQ(std::string(e.what()),
+                "tensor parallelism: the fused projection model.layers.0.attn.qkv_proj (aten::linear) is cut by " +
+                    cut + " into pieces of unequal widths (8, 4, 4): each rank's share depends on how its weight "
+                    "is interleaved, which is not modelled");
+    }
+  }
+}
+
+TEST(TensorParallelTest, FusedConv1DProjectionIsFollowedThroughTheViewBackToThreeDims) {
+  // GPT-2's c_attn: addmm(bias, x [B*S, 8], w [8, total]) [3, total] -> view [1, 3, total] -> split.
+  auto build = [](const std::vector<int64_t>& widths) {
+    TestGraphBuilder b;
+    ValueId x = b.Input("x", {3, 8}, DType::kF32);
+    ValueId labels = b.Input("labels", {1, 3});
+    b.SetLayer(0);
+    int64_t total = 0;
+    for (int64_t w : widths) total += w;
+    ValueId bias = b.Param("c_attn.bias", {total});
+    ValueId w = b.Param("c_attn.weight", {8, total});
+    ValueId flat = b.OpOut("aten::addmm", {T(bias), T(x), T(w), I(1), I(1)}, Out({3, total}), "h.0.attn.c_attn");
+    ValueId fused = b.OpOut("aten::view", {T(flat), Ints({1, 3, total})}, Out({1, 3, total}).AliasOf(flat));
+    std::vector<Out> outs;
+    for (int64_t width : widths) outs.push_back(Out({1, 3, width}).AliasOf(flat));
+    std::vector<ValueId> pieces = b.OpN("aten::split_with_sizes", {T(fused), Ints(widths), I(2)}, outs);
+    ValueId wo = b.Param("c_proj.weight", {8, widths[0]});
+    ValueId o = b.Op("aten::linear", {T(pieces[0]), T(wo), None()}, {1, 3, 8});
+    return b.Build(CrossEntropy(b, o, labels), 1, 3);
+  };
+  const TensorParallelRank rank = ShardForTensorParallel(build({4, 4, 4}), 2, false);
+  EXPECT_EQ(ParamNamed(rank.graph, "c_attn.weight").shape, (Shape{8, 6}));  // [in, out]: out split
+  EXPECT_EQ(ParamNamed(rank.graph, "c_attn.bias").shape, (Shape{6}));
+  EXPECT_THROW(ShardForTensorParallel(build({4, 2, 2}), 2, false), UnsupportedOpError);
+}
+
 TEST(TensorParallelTest, WeightSplitTwoWaysIsUnsupported) {
   // w [8,8] is column-parallel in the first linear (dim 0) and row-parallel in the second (dim 1).
   TestGraphBuilder b;
