@@ -9,6 +9,8 @@ import os
 import subprocess
 import unittest
 
+import test_cli  # the shared one-line-error check (the module, so its tests are not run twice)
+
 LLMEM = os.environ["LLMEM_BIN"]
 TINY = os.environ["LLMEM_TINY_MODELS"]
 BUNDLED = os.environ["LLMEM_MODELS_DIR"]
@@ -29,13 +31,7 @@ def recommend_json(*args):
 
 
 class RecommendTest(unittest.TestCase):
-    def assert_one_line_error(self, proc, code, *needles):
-        self.assertEqual(proc.returncode, code, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        self.assertEqual(len(lines), 1, proc.stderr)
-        self.assertTrue(lines[0].startswith("llmem: error: "), lines[0])
-        for n in needles:
-            self.assertIn(n, lines[0])
+    assert_one_line_error = test_cli.CliTest.assert_one_line_error  # one line on stderr, the exit code
 
     def fits(self, model, plan, batch, common):
         args = ["estimate", model, "--batch", str(batch), "--dp", str(plan["dp"]), "--tp", str(plan["tp"]),
