@@ -19,6 +19,12 @@ NodeLayout ResolveNodeLayout(int gpus, std::optional<int> nodes, const sim::GpuS
     }
     layout.nodes = *nodes;
     layout.gpus_per_node = gpus / *nodes;
+    const int usual = UsualGpusPerNode(gpu);
+    if (layout.gpus_per_node > usual) {  // as given, but worth a line: TP may now span more than one usual server
+      layout.assumption = "--nodes " + std::to_string(*nodes) + ": " + std::to_string(layout.gpus_per_node) +
+                          " GPUs per node, more than the usual " + std::to_string(usual) + " of a " + gpu.name +
+                          " server; tensor parallelism up to a node is taken to run over the link inside a node";
+    }
     return layout;
   }
   const int usual = UsualGpusPerNode(gpu);

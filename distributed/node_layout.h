@@ -17,7 +17,8 @@ namespace llmem::dist {
 struct NodeLayout {
   int nodes = 1;
   int gpus_per_node = 1;
-  std::string assumption;  // the node size assumed, in words; empty when the user gave the node count
+  std::string assumption;  // the node size assumed, in words; with a given node count, only a note when a node
+                           // holds more than the usual size
 };
 
 // GPUs per node of this GPU kind when the user does not say (see above).

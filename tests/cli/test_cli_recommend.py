@@ -76,6 +76,7 @@ class RecommendTest(unittest.TestCase):
         self.assertEqual(j["nodes"], 1)
         self.assertEqual(max(p["tp"] for p in j["plans"]), 16)
         self.assertFalse(any("a node holds" in a for a in j["assumptions"]))
+        self.assertTrue(any("16 GPUs per node, more than the usual 8" in a for a in j["assumptions"]))
 
     def test_partial_nodes_need_the_node_count(self):
         llama = os.path.join(BUNDLED, "llama-2-7b.meta.pt")

@@ -28,7 +28,9 @@ TEST(NodeLayoutTest, ExplicitNodesWin) {
   const NodeLayout l = ResolveNodeLayout(64, 2, Gpu("a100-80"));
   EXPECT_EQ(l.nodes, 2);
   EXPECT_EQ(l.gpus_per_node, 32);
-  EXPECT_TRUE(l.assumption.empty());
+  // Larger nodes than usual are taken as given, with a note.
+  EXPECT_NE(l.assumption.find("32 GPUs per node, more than the usual 8"), std::string::npos) << l.assumption;
+  EXPECT_TRUE(ResolveNodeLayout(64, 8, Gpu("a100-80")).assumption.empty());
 }
 
 TEST(NodeLayoutTest, PartialNodesNeedTheNodeCount) {
