@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <ostream>
 #include <string>
 
 #include "distributed/interconnect.h"
@@ -75,12 +76,15 @@ bool FitsAt(Graphs& graphs, const RecommendRequest& req, const ParallelPlan& pla
 }
 
 struct Case {
+  std::string name;  // of the test instance
   std::string path;
   int64_t seq;
   int gpus;
   const char* gpu;
   sim::Precision precision;
 };
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 class LargestBatchProperty : public ::testing::TestWithParam<Case> {};
 
@@ -113,10 +117,13 @@ TEST_P(LargestBatchProperty, MaxBatchFitsTheNextDoesNotWhateverTheBatchAsked) {
 
 INSTANTIATE_TEST_SUITE_P(
     Models, LargestBatchProperty,
-    ::testing::Values(Case{TinyModel("llama"), 1024, 8, "a100-80", sim::Precision::kBf16Autocast},
-                      Case{TinyModel("gpt2"), 1024, 4, "l4-24", sim::Precision::kFp32},
-                      Case{BundledModel("opt-1.3b.meta.pt"), 2048, 8, "a100-80", sim::Precision::kBf16Autocast},
-                      Case{BundledModel("llama-2-7b.meta.pt"), 2048, 8, "a100-80", sim::Precision::kBf16Autocast}));
+    ::testing::Values(
+        Case{"LlamaTiny8xA100", TinyModel("llama"), 1024, 8, "a100-80", sim::Precision::kBf16Autocast},
+        Case{"Gpt2TinyFp32On4xL4", TinyModel("gpt2"), 1024, 4, "l4-24", sim::Precision::kFp32},
+        Case{"Opt1p3b8xA100", BundledModel("opt-1.3b.meta.pt"), 2048, 8, "a100-80", sim::Precision::kBf16Autocast},
+        Case{"Llama2_7b8xA100", BundledModel("llama-2-7b.meta.pt"), 2048, 8, "a100-80",
+             sim::Precision::kBf16Autocast}),
+    [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
 
 TEST(RecommendNodesTest, UnsaidNodesKeepTensorParallelismInsideEightGpus) {
   Graphs graphs(TinyModel("llama"), 1024);
