@@ -191,11 +191,20 @@ void AddValidateOptions(CLI::App* cmd, ValidateOptions& o) {
 }
 
 int RunValidate(const ValidateOptions& o) {
-  std::ifstream in(o.runs);
-  if (!in) throw ConfigError("cannot read runs file " + o.runs);
+  // A negative or NaN limit would fail every run, an infinite one pass every run.
+  for (const auto& [flag, limit] :
+       {std::pair{"--max-mean-error", o.max_mean_error}, std::pair{"--max-error", o.max_case_error}}) {
+    if (!std::isfinite(limit) || limit < 0) {
+      char text[32];
+      std::snprintf(text, sizeof text, "%g", limit);
+      throw ConfigError(std::string(flag) + " must be a finite percentage of 0 or more, not " + text);
+    }
+  }
   if (!o.gpu.empty() && !sim::FindGpu(o.gpu)) {
     throw ConfigError("unknown GPU '" + o.gpu + "' (known: " + sim::GpuNames() + ")");
   }
+  std::ifstream in(o.runs);
+  if (!in) throw ConfigError("cannot read runs file " + o.runs);
   std::map<std::string, Case> cases;
   std::vector<std::string> order;
   std::string text;

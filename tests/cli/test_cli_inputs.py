@@ -135,6 +135,11 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         cuda = [self.record(rank=r, device="cuda", device_name="NVIDIA A100 80GB PCIe") for r in (0, 1)]
         self.assert_bad_input(self.validate(*cuda), "line 1", "NVIDIA A100 80GB PCIe", "--gpu")
 
+    def test_validate_refuses_limits_that_cannot_be_met_or_missed(self):
+        r0, r1 = self.record(rank=0), self.record(rank=1)
+        self.assert_bad_input(self.validate(r0, r1, args=("--max-error", "nan")), "--max-error")
+        self.assert_bad_input(self.validate(r0, r1, args=("--max-mean-error", "-1")), "--max-mean-error")
+
     def test_validate_reads_the_gpu_from_the_name_nvidia_smi_prints(self):
         def estimate(device_name, *args):
             lines = [self.record(rank=r, device="cuda", device_name=device_name) for r in (0, 1)]
