@@ -1,21 +1,26 @@
 // llmem command line: parses flags and calls the library.
-// Exit codes: 0 ok, 1 internal error, 2 bad input (model file or options), 3 the job does not fit, 4 a validation
-// against measured runs is outside its limits.
+// Exit codes: 0 ok, 2 bad input (model file or options, or the host ran out of memory), 3 the job does not fit,
+// 4 a validation against measured runs is outside its limits, 1 an internal error (a bug in llmem).
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
 #include <malloc.h>
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
 #include <map>
+#include <new>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <string_view>
 
 #include "graph/error.h"
 #include "graph/ir_printer.h"
 #include "graph/torchscript_importer.h"
 #include "measure/training_step_runner.h"
 #include "cli/recommend_command.h"
+#include "cli/trace_file.h"
 #include "cli/training_options.h"
 #include "cli/validate_command.h"
 #include "distributed/parallel_plan.h"
@@ -37,6 +42,7 @@ struct StepOptions {
   std::string precision = "bf16-autocast";
   std::string optimizer = "adamw";
   std::string gpu = "a100-80";
+  std::string gpu_memory;  // --gpu-memory: capacity of a GPU the catalog lacks (other figures from --gpu)
   bool json_out = false;
   bool allow_unknown_ops = false;
   std::string trace_path;
@@ -45,6 +51,7 @@ struct StepOptions {
   int tp = 1;
   std::string engine = "ddp";
   bool no_vocab_parallel = false;
+  bool engine_given = false;  // --engine was on the command line
 };
 
 void AddStepOptions(CLI::App* cmd, StepOptions& o) {
@@ -57,7 +64,7 @@ void AddStepOptions(CLI::App* cmd, StepOptions& o) {
 }
 
 llmem::sim::TrainingConfig MakeConfig(const StepOptions& o, const std::string& target) {
-  auto cfg = llmem::cli::ParseTrainingConfig(o.precision, o.optimizer, target);
+  auto cfg = llmem::cli::ParseTrainingConfig(o.precision, o.optimizer, target, o.gpu_memory);
   cfg.allow_unknown_ops = o.allow_unknown_ops;
   return cfg;
 }
@@ -124,11 +131,29 @@ void PrintEstimate(const llmem::sim::MemoryEstimate& e, const llmem::Graph& g, c
                 parallel ? "assumptions" : "an assumption");
     std::printf("capacity         %s   -> %s\n", FormatBytes(e.capacity_bytes).c_str(),
                 e.fits ? "fits" : "DOES NOT FIT (out of memory)");
+    if (!o.gpu_memory.empty()) {
+      std::printf("                 (capacity from --gpu-memory; CUDA context, cuBLAS workspaces, compute capability "
+                  "and throughput of %s assumed)\n", o.gpu.c_str());
+    }
   }
-  if (!e.unknown_ops.empty()) {
-    std::printf("WARNING: ops without a memory rule were estimated conservatively:");
-    for (const auto& k : e.unknown_ops) std::printf(" %s", k.c_str());
-    std::printf("\n");
+}
+
+// On stderr, so that --json output stays parseable.
+void WarnAboutUnknownOps(const llmem::sim::MemoryEstimate& e) {
+  if (e.unknown_ops.empty()) return;
+  std::string kinds;
+  for (const auto& k : e.unknown_ops) kinds += " " + k;
+  std::fprintf(stderr, "llmem: warning: ops without a memory rule were estimated conservatively:%s\n", kinds.c_str());
+}
+
+// Layout options that only mean something with several GPUs are refused rather than silently ignored.
+void CheckLayoutOptions(const StepOptions& o) {
+  if (o.dp < 1 || o.tp < 1) throw llmem::ConfigError("--dp and --tp must be at least 1");
+  if (o.engine_given && o.dp == 1) {
+    throw llmem::ConfigError("--engine " + o.engine + " needs data parallelism: add --dp 2 or more");
+  }
+  if (o.no_vocab_parallel && o.tp == 1) {
+    throw llmem::ConfigError("--no-vocab-parallel needs tensor parallelism: add --tp 2 or more");
   }
 }
 
@@ -197,7 +222,7 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   auto config = MakeConfig(o, target);
   const auto engine = llmem::dist::ParseEngine(o.engine);
   if (!engine) throw llmem::ConfigError("unknown engine '" + o.engine + "' (ddp, zero1, zero2, zero3, gemini)");
-  if (o.dp < 1 || o.tp < 1) throw llmem::ConfigError("--dp and --tp must be at least 1");
+  CheckLayoutOptions(o);
   if (o.batch <= 0 || o.seq <= 0) throw llmem::ConfigError("batch and sequence length must be positive");
   auto model = llmem::TorchScriptModel::Load(o.model);
   auto graph = model.BuildGraph(o.batch, o.seq);
@@ -209,26 +234,13 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
     dopts.tp_vocab_parallel = !o.no_vocab_parallel;
     est = llmem::dist::EstimateRank(graph, config, {.dp = o.dp, .tp = o.tp, .engine = *engine}, dopts).memory;
   }
-  if (!o.trace_path.empty()) {
-    // One line per event: +/- bytes category phase label.
-    const auto& sim = *est.simulation;
-    std::FILE* f = std::fopen(o.trace_path.c_str(), "w");
-    if (!f) throw llmem::ConfigError("cannot write trace file " + o.trace_path);
-    int64_t live = 0;
-    for (const auto& e : sim.timeline.events) {
-      live += e.is_alloc ? e.bytes : -e.bytes;
-      std::fprintf(f, "%c %lld %s %s %s | live %lld\n", e.is_alloc ? '+' : '-', static_cast<long long>(e.bytes),
-                   std::string(llmem::sim::CategoryName(e.category)).c_str(),
-                   std::string(llmem::sim::PhaseName(e.phase)).c_str(),
-                   sim.timeline.block_labels[static_cast<size_t>(e.block)].c_str(), static_cast<long long>(live));
-    }
-    std::fclose(f);
-  }
+  if (!o.trace_path.empty()) llmem::cli::WriteEstimateTrace(o.trace_path, est.simulation->timeline);
   if (o.json_out) {
     std::cout << EstimateJson(est, o).dump(2) << "\n";
   } else {
     PrintEstimate(est, graph, o);
   }
+  WarnAboutUnknownOps(est);
   return est.fits ? 0 : kExitDoesNotFit;
 }
 
@@ -244,15 +256,7 @@ int RunMeasure(const StepOptions& o, const std::string& device, int64_t steps) {
   m.record_events = !o.trace_path.empty();
   if (o.batch <= 0 || o.seq <= 0) throw llmem::ConfigError("batch and sequence length must be positive");
   auto r = llmem::MeasureTrainingStep(m);
-  if (!o.trace_path.empty()) {
-    std::FILE* f = std::fopen(o.trace_path.c_str(), "w");
-    if (!f) throw llmem::ConfigError("cannot write trace file " + o.trace_path);
-    for (const auto& e : r.events) {
-      std::fprintf(f, "%c %lld %s | live %lld\n", e.is_alloc ? '+' : '-', static_cast<long long>(e.bytes),
-                   e.phase.c_str(), static_cast<long long>(e.current_bytes_after));
-    }
-    std::fclose(f);
-  }
+  if (!o.trace_path.empty()) llmem::cli::WriteMeasureTrace(o.trace_path, r.events);
   if (o.json_out) {
     json j = StepJson(o);
     j["device"] = r.device_name;
@@ -293,6 +297,52 @@ int RunMeasure(const StepOptions& o, const std::string& device, int64_t steps) {
   return 0;
 }
 
+// CLI11 rejects a trace path that is empty (it would silently write nothing).
+const CLI::Validator kNonEmptyPath(
+    [](std::string& path) { return path.empty() ? std::string("needs a file name") : std::string(); }, "FILE");
+
+// Levenshtein distance, to suggest the subcommand a typo meant.
+size_t EditDistance(std::string_view a, std::string_view b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = up;
+    }
+  }
+  return row[b.size()];
+}
+
+// The first argument names the subcommand; CLI11 would only say that one is required. Names the unknown one and
+// the closest known.
+std::optional<std::string> UnknownSubcommand(const CLI::App& app, int argc, char** argv) {
+  if (argc < 2 || argv[1][0] == '-') return std::nullopt;
+  const std::string given = argv[1];
+  std::string closest;
+  size_t best = std::string::npos;
+  for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; })) {
+    if (sub->get_name() == given) return std::nullopt;
+    const size_t d = EditDistance(given, sub->get_name());
+    if (d < best) best = d, closest = sub->get_name();
+  }
+  std::string message = "unknown subcommand '" + given + "'";
+  if (best <= given.size() / 2 + 1) message += " (did you mean '" + closest + "'?)";
+  return message + "; run llmem --help for the list";
+}
+
+// One line on stderr for every parse error (CLI11 adds a "Run with --help" line); help and version exit 0.
+int ReportParseError(const CLI::App& app, const CLI::ParseError& e) {
+  if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);
+  std::string message = e.what();
+  std::replace(message.begin(), message.end(), '\n', ' ');
+  std::fprintf(stderr, "llmem: error: %s\n", message.c_str());
+  return kExitBadInput;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -317,15 +367,20 @@ int main(int argc, char** argv) {
   StepOptions est_opts;
   auto* estimate = app.add_subcommand("estimate", "peak memory of one training step on a GPU (or --gpu cpu)");
   AddStepOptions(estimate, est_opts);
-  estimate->add_option("--gpu,-g", est_opts.gpu, "GPU from the catalog, or 'cpu' to predict `llmem measure`")
+  estimate->add_option("--gpu,-g", est_opts.gpu,
+                       "GPU from the catalog (or the name nvidia-smi prints), or 'cpu' to predict `llmem measure`")
       ->capture_default_str();
-  estimate->add_option("--trace", est_opts.trace_path, "write the simulated allocation timeline to this file");
+  estimate->add_option("--gpu-memory", est_opts.gpu_memory,
+                       "memory of a GPU the catalog lacks, e.g. 24GiB or 81920MiB (other figures from --gpu)");
+  estimate->add_option("--trace", est_opts.trace_path, "write the simulated allocation timeline (TSV) to this file")
+      ->check(kNonEmptyPath);
   estimate->add_flag("--allow-unknown-ops", est_opts.allow_unknown_ops,
                      "estimate ops without a memory rule conservatively (with a warning)");
   estimate->add_option("--dp", est_opts.dp, "data-parallel degree (the estimate is one rank's)")->capture_default_str();
   estimate->add_option("--tp", est_opts.tp, "tensor-parallel degree")->capture_default_str();
-  estimate->add_option("--engine", est_opts.engine, "data-parallel engine: ddp | zero1 | zero2 | zero3 | gemini")
-      ->capture_default_str();
+  auto* engine_option =
+      estimate->add_option("--engine", est_opts.engine, "data-parallel engine: ddp | zero1 | zero2 | zero3 | gemini")
+          ->capture_default_str();
   estimate->add_flag("--no-vocab-parallel", est_opts.no_vocab_parallel,
                      "with --tp: keep the embedding and LM head whole on every rank");
 
@@ -337,7 +392,8 @@ int main(int argc, char** argv) {
   AddStepOptions(measure, measure_opts);
   measure->add_option("--device,-d", device, "cpu | cuda | meta (PyTorch's own allocations, no real memory)")
       ->capture_default_str();
-  measure->add_option("--trace", measure_opts.trace_path, "write every allocation and free to this file");
+  measure->add_option("--trace", measure_opts.trace_path, "write every allocation and free (TSV) to this file")
+      ->check(kNonEmptyPath);
   measure->add_option("--steps", steps, "training steps to run (the steady state shows from step 2)")
       ->capture_default_str();
 
@@ -350,11 +406,16 @@ int main(int argc, char** argv) {
   auto* validate = app.add_subcommand("validate", "compare measured per-rank peaks of distributed runs with estimates");
   llmem::cli::AddValidateOptions(validate, val_opts);
 
+  if (const auto unknown = UnknownSubcommand(app, argc, argv)) {
+    std::fprintf(stderr, "llmem: error: %s\n", unknown->c_str());
+    return kExitBadInput;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : kExitBadInput;
+    return ReportParseError(app, e);
   }
+  est_opts.engine_given = engine_option->count() > 0;
   try {
     if (*inspect) return RunInspect(inspect_path, inspect_batch, inspect_seq, print_ir, inspect_json);
     if (*estimate) return RunEstimate(est_opts, est_opts.gpu);
@@ -363,6 +424,9 @@ int main(int argc, char** argv) {
     if (*validate) return llmem::cli::RunValidate(val_opts);
   } catch (const llmem::Error& e) {
     std::fprintf(stderr, "llmem: error: %s\n", e.what());
+    return kExitBadInput;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "llmem: error: this machine ran out of memory (host RAM or the process's memory limit)\n");
     return kExitBadInput;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "llmem: internal error: %s\n", e.what());

@@ -1,14 +1,22 @@
-// Turns the command line's names (precision, optimizer, GPU or "cpu") into a training configuration; shared by
-// every command that simulates a step. Unknown names throw llmem::ConfigError naming the known ones.
+// Turns the command line's names (precision, optimizer, GPU or "cpu", a memory size) into a training
+// configuration; shared by every command that simulates a step. Unknown names throw llmem::ConfigError naming the
+// known ones.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "simulator/training_config.h"
 
 namespace llmem::cli {
 
+// `gpu_memory` (may be empty) replaces the capacity of the GPU named by `target`, for a part the catalog lacks:
+// every other figure (CUDA context, cuBLAS workspaces, compute capability, throughput) stays that GPU's.
 sim::TrainingConfig ParseTrainingConfig(const std::string& precision, const std::string& optimizer,
-                                        const std::string& target);
+                                        const std::string& target, const std::string& gpu_memory = "");
+
+// "24GiB", "81920 MiB", "80GB", "1.5 TiB", "512B": a positive byte count. Binary units (KiB, MiB, GiB, TiB) are
+// powers of 1024, decimal ones (KB, MB, GB, TB) of 1000 (nvidia-smi prints MiB); a unit is required.
+int64_t ParseByteSize(const std::string& text);
 
 }  // namespace llmem::cli

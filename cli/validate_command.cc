@@ -9,6 +9,8 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "cli/training_options.h"
 #include "distributed/rank_estimate.h"
@@ -23,41 +25,155 @@ using nlohmann::json;
 
 constexpr int kExitValidationFailed = 4;
 
+// One line of the runs file: one rank of one measured run, with its types and ranges checked.
+struct RankRecord {
+  int line = 0;  // 1-based line of the runs file
+  std::string export_path, method, precision, optimizer, device, device_name;
+  int dp = 1, tp = 1, world_size = 1, rank = 0;
+  int64_t batch = 0, seq = 0, peak_bytes = 0;
+  bool vocab_parallel = false;
+  std::string key;  // arch-size method dp×tp BxS precision optimizer [vocab-parallel] device: the run it belongs to
+};
+
 // One measured run (all its ranks).
 struct Case {
-  std::string key;     // arch/size/method/dp×tp/BxS/precision/optimizer/vocab
-  json first;          // the rank-0 (or first) line, for the settings
-  std::vector<std::pair<int, int64_t>> rank_peaks;
+  std::string key;
+  RankRecord first;                                 // the first line seen, for the settings
+  std::map<int, std::pair<int, int64_t>> rank_peaks;  // rank -> (line, measured peak bytes)
   int64_t estimate = 0;
 };
 
+std::string AtLine(int line) { return "runs line " + std::to_string(line); }
+
+template <typename T>
+bool HasType(const json& v) {
+  if constexpr (std::is_same_v<T, std::string>) return v.is_string();
+  else if constexpr (std::is_same_v<T, bool>) return v.is_boolean();
+  else return v.is_number_integer();
+}
+
 template <typename T>
 T Get(const json& j, const char* key, int line) {
-  if (!j.contains(key)) throw ConfigError("runs line " + std::to_string(line) + " has no \"" + key + "\"");
+  if (!j.contains(key)) throw ConfigError(AtLine(line) + " has no \"" + key + "\"");
+  const json& v = j.at(key);
+  if (!HasType<T>(v)) {
+    throw ConfigError(AtLine(line) + ": \"" + key + "\" must be " +
+                      (std::is_same_v<T, std::string> ? "a string" : std::is_same_v<T, bool> ? "true or false"
+                                                                                                : "an integer") +
+                      ", not " + v.dump());
+  }
   try {
-    return j.at(key).get<T>();
-  } catch (const json::exception&) {
-    throw ConfigError("runs line " + std::to_string(line) + ": \"" + key + "\" has the wrong type");
+    return v.get<T>();
+  } catch (const json::exception&) {  // an integer out of T's range
+    throw ConfigError(AtLine(line) + ": \"" + key + "\" is out of range: " + v.dump());
   }
 }
 
-dist::ParallelPlan PlanOf(const std::string& method, int dp, int tp, int line) {
-  dist::ParallelPlan p{.dp = dp, .tp = tp, .engine = dist::DataParallelEngine::kDdp};
-  if (method == "single" || method == "ddp" || method == "tp") return p;
-  if (method == "zero1") p.engine = dist::DataParallelEngine::kZero1;
-  else if (method == "zero2") p.engine = dist::DataParallelEngine::kFsdp2Zero2;
-  else if (method == "fsdp2" || method == "fsdp2_tp") p.engine = dist::DataParallelEngine::kFsdp2Zero3;
-  else throw ConfigError("runs line " + std::to_string(line) + ": unknown method '" + method + "'");
+template <typename T>
+T GetOr(const json& j, const char* key, T fallback, int line) {
+  return j.contains(key) ? Get<T>(j, key, line) : fallback;
+}
+
+void CheckAtLeast(int64_t value, int64_t minimum, const char* key, int line) {
+  if (value < minimum) {
+    throw ConfigError(AtLine(line) + ": \"" + key + "\" must be at least " + std::to_string(minimum) + ", not " +
+                      std::to_string(value));
+  }
+}
+
+// The engine of a recorded method (scripts/distributed_runs.py), and the layouts each method runs.
+dist::ParallelPlan PlanOf(const RankRecord& r) {
+  dist::ParallelPlan p{.dp = r.dp, .tp = r.tp, .engine = dist::DataParallelEngine::kDdp};
+  bool layout_ok = r.tp == 1;
+  if (r.method == "single") layout_ok = r.dp == 1 && r.tp == 1;
+  else if (r.method == "tp") layout_ok = r.dp == 1;
+  else if (r.method == "fsdp2_tp") layout_ok = true, p.engine = dist::DataParallelEngine::kFsdp2Zero3;
+  else if (r.method == "zero1") p.engine = dist::DataParallelEngine::kZero1;
+  else if (r.method == "zero2") p.engine = dist::DataParallelEngine::kFsdp2Zero2;
+  else if (r.method == "fsdp2") p.engine = dist::DataParallelEngine::kFsdp2Zero3;
+  else if (r.method != "ddp") {
+    throw ConfigError(AtLine(r.line) + ": unknown method '" + r.method +
+                      "' (single, ddp, zero1, zero2, fsdp2, tp, fsdp2_tp)");
+  }
+  if (!layout_ok) {
+    throw ConfigError(AtLine(r.line) + ": method " + r.method + " does not run on dp " + std::to_string(r.dp) +
+                      " x tp " + std::to_string(r.tp));
+  }
   return p;
 }
 
-std::string GpuFromDeviceName(const std::string& name) {
-  std::string n = name;
-  std::transform(n.begin(), n.end(), n.begin(), ::tolower);
-  if (n.find("h200") != std::string::npos) return "h200-141";
-  if (n.find("h100") != std::string::npos) return "h100-80";
-  if (n.find("a100") != std::string::npos) return n.find("40") != std::string::npos ? "a100-40" : "a100-80";
-  return "";
+RankRecord ParseRecord(const std::string& text, int line) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::exception&) {
+    throw ConfigError(AtLine(line) + " is not JSON");
+  }
+  if (!j.is_object()) throw ConfigError(AtLine(line) + " is not a JSON object but " + std::string(j.type_name()));
+  RankRecord r;
+  r.line = line;
+  const std::string arch = Get<std::string>(j, "arch", line), size = Get<std::string>(j, "size", line);
+  r.export_path = Get<std::string>(j, "export", line);
+  r.method = Get<std::string>(j, "method", line);
+  r.dp = Get<int>(j, "dp", line);
+  r.tp = Get<int>(j, "tp", line);
+  CheckAtLeast(r.dp, 1, "dp", line);
+  CheckAtLeast(r.tp, 1, "tp", line);
+  r.world_size = GetOr<int>(j, "world_size", r.dp * r.tp, line);
+  if (r.world_size != r.dp * r.tp) {
+    throw ConfigError(AtLine(line) + ": world_size " + std::to_string(r.world_size) + " is not dp x tp = " +
+                      std::to_string(r.dp * r.tp));
+  }
+  r.rank = Get<int>(j, "rank", line);
+  if (r.rank < 0 || r.rank >= r.world_size) {
+    throw ConfigError(AtLine(line) + ": rank " + std::to_string(r.rank) + " is outside 0.." +
+                      std::to_string(r.world_size - 1));
+  }
+  r.batch = Get<int64_t>(j, "batch", line);
+  r.seq = Get<int64_t>(j, "seq", line);
+  CheckAtLeast(r.batch, 1, "batch", line);
+  CheckAtLeast(r.seq, 1, "seq", line);
+  r.precision = Get<std::string>(j, "precision", line);
+  r.optimizer = Get<std::string>(j, "optimizer", line);
+  if (!sim::ParsePrecision(r.precision)) {
+    throw ConfigError(AtLine(line) + ": unknown precision '" + r.precision + "' (fp32, bf16-autocast, fp16-autocast, bf16)");
+  }
+  if (!sim::ParseOptimizer(r.optimizer)) {
+    throw ConfigError(AtLine(line) + ": unknown optimizer '" + r.optimizer + "' (adamw, sgd)");
+  }
+  r.vocab_parallel = GetOr<bool>(j, "tp_vocab_parallel", false, line);
+  r.device = GetOr<std::string>(j, "device", "cpu", line);
+  if (r.device != "cpu" && r.device != "cuda") {
+    throw ConfigError(AtLine(line) + ": unknown device '" + r.device + "' (cpu, cuda)");
+  }
+  r.device_name = GetOr<std::string>(j, "device_name", "", line);
+  r.peak_bytes = Get<int64_t>(j, "peak_bytes", line);
+  CheckAtLeast(r.peak_bytes, 1, "peak_bytes", line);
+  PlanOf(r);  // the method is known and runs on this layout
+  r.key = arch + "-" + size + " " + r.method + " dp" + std::to_string(r.dp) + "×tp" + std::to_string(r.tp) + " " +
+          std::to_string(r.batch) + "×" + std::to_string(r.seq) + " " + r.precision + " " + r.optimizer +
+          (r.vocab_parallel ? " vocab-parallel" : "") + " " + r.device;
+  return r;
+}
+
+// Every rank 0..world_size-1 of a run exactly once.
+void CheckRanks(const Case& c) {
+  std::string missing;
+  for (int rank = 0; rank < c.first.world_size; ++rank) {
+    if (!c.rank_peaks.contains(rank)) missing += (missing.empty() ? "" : ", ") + std::to_string(rank);
+  }
+  if (!missing.empty()) {
+    throw ConfigError(AtLine(c.first.line) + ": run " + c.key + " of " + std::to_string(c.first.world_size) +
+                      " ranks has no line for rank " + missing);
+  }
+}
+
+// The catalog GPU of a CUDA run: --gpu, else the device name the run recorded (as nvidia-smi prints it).
+std::string GpuOf(const RankRecord& r, const std::string& gpu_option) {
+  if (!gpu_option.empty()) return gpu_option;
+  if (const auto gpu = sim::FindGpu(r.device_name)) return gpu->name;
+  throw ConfigError(AtLine(r.line) + ": run " + r.key + " was on '" + r.device_name +
+                    "', which the GPU catalog lacks; name the GPU with --gpu (" + sim::GpuNames() + ")");
 }
 
 double Percent(int64_t est, int64_t real) { return 100.0 * static_cast<double>(est - real) / static_cast<double>(real); }
@@ -75,6 +191,18 @@ void AddValidateOptions(CLI::App* cmd, ValidateOptions& o) {
 }
 
 int RunValidate(const ValidateOptions& o) {
+  // A negative or NaN limit would fail every run, an infinite one pass every run.
+  for (const auto& [flag, limit] :
+       {std::pair{"--max-mean-error", o.max_mean_error}, std::pair{"--max-error", o.max_case_error}}) {
+    if (!std::isfinite(limit) || limit < 0) {
+      char text[32];
+      std::snprintf(text, sizeof text, "%g", limit);
+      throw ConfigError(std::string(flag) + " must be a finite percentage of 0 or more, not " + text);
+    }
+  }
+  if (!o.gpu.empty() && !sim::FindGpu(o.gpu)) {
+    throw ConfigError("unknown GPU '" + o.gpu + "' (known: " + sim::GpuNames() + ")");
+  }
   std::ifstream in(o.runs);
   if (!in) throw ConfigError("cannot read runs file " + o.runs);
   std::map<std::string, Case> cases;
@@ -84,27 +212,19 @@ int RunValidate(const ValidateOptions& o) {
   while (std::getline(in, text)) {
     ++line;
     if (text.find_first_not_of(" \t\r") == std::string::npos) continue;
-    json j;
-    try {
-      j = json::parse(text);
-    } catch (const json::exception&) {
-      throw ConfigError("runs line " + std::to_string(line) + " is not JSON");
-    }
-    const std::string key = Get<std::string>(j, "arch", line) + "-" + Get<std::string>(j, "size", line) + " " +
-                            Get<std::string>(j, "method", line) + " dp" + std::to_string(Get<int>(j, "dp", line)) +
-                            "×tp" + std::to_string(Get<int>(j, "tp", line)) + " " +
-                            std::to_string(Get<int64_t>(j, "batch", line)) + "×" +
-                            std::to_string(Get<int64_t>(j, "seq", line)) + " " + Get<std::string>(j, "precision", line) +
-                            " " + Get<std::string>(j, "optimizer", line) +
-                            (j.value("tp_vocab_parallel", false) ? " vocab-parallel" : "") + " " +
-                            j.value("device", std::string("cpu"));
-    auto [it, fresh] = cases.emplace(key, Case{});
+    RankRecord record = ParseRecord(text, line);
+    auto [it, fresh] = cases.emplace(record.key, Case{});
+    Case& c = it->second;
     if (fresh) {
-      it->second.key = key;
-      it->second.first = j;
-      order.push_back(key);
+      c.key = record.key;
+      order.push_back(record.key);
     }
-    it->second.rank_peaks.emplace_back(Get<int>(j, "rank", line), Get<int64_t>(j, "peak_bytes", line));
+    const auto [seen, first_time] = c.rank_peaks.emplace(record.rank, std::make_pair(line, record.peak_bytes));
+    if (!first_time) {
+      throw ConfigError(AtLine(line) + ": rank " + std::to_string(record.rank) + " of run " + record.key +
+                        " appears again (first on line " + std::to_string(seen->second.first) + ")");
+    }
+    if (fresh) c.first = std::move(record);
   }
   if (cases.empty()) throw ConfigError("runs file " + o.runs + " holds no runs");
 
@@ -113,32 +233,29 @@ int RunValidate(const ValidateOptions& o) {
   json out_cases = json::array();
   double sum_abs = 0, max_case = 0;
   int ranks = 0;
+  for (const auto& key : order) CheckRanks(cases[key]);
   for (const auto& key : order) {
     Case& c = cases[key];
-    const json& j = c.first;
-    const std::string path = Get<std::string>(j, "export", 0);
-    const int64_t batch = Get<int64_t>(j, "batch", 0), seq = Get<int64_t>(j, "seq", 0);
-    auto& model = models[path];
-    if (!model) model = std::make_unique<TorchScriptModel>(TorchScriptModel::Load(path));
-    auto& graph = graphs[{path, batch, seq}];
-    if (!graph) graph = std::make_unique<Graph>(model->BuildGraph(batch, seq));
-    std::string target = "cpu";
-    if (j.value("device", std::string("cpu")) != "cpu") {
-      target = o.gpu.empty() ? GpuFromDeviceName(j.value("device_name", std::string())) : o.gpu;
-      if (target.empty()) throw ConfigError("run " + key + ": name the GPU with --gpu (" + sim::GpuNames() + ")");
+    const RankRecord& r = c.first;
+    const std::string target = r.device == "cpu" ? "cpu" : GpuOf(r, o.gpu);
+    const sim::TrainingConfig config = ParseTrainingConfig(r.precision, r.optimizer, target);
+    auto& model = models[r.export_path];
+    auto& graph = graphs[{r.export_path, r.batch, r.seq}];
+    try {
+      if (!model) model = std::make_unique<TorchScriptModel>(TorchScriptModel::Load(r.export_path));
+      if (!graph) graph = std::make_unique<Graph>(model->BuildGraph(r.batch, r.seq));
+      dist::DistributedOptions opts;
+      opts.tp_vocab_parallel = r.vocab_parallel;
+      opts.gpus_per_node = 0;  // the runs say where their ranks are
+      // CUDA runs record max_memory_allocated; the cpu target's peak is the counting allocator's.
+      c.estimate = dist::EstimateRank(*graph, config, PlanOf(r), opts).memory.peak_allocated_bytes;
+    } catch (const Error& e) {
+      throw ConfigError(AtLine(r.line) + " (run " + r.key + "): " + e.what());
     }
-    const sim::TrainingConfig config =
-        ParseTrainingConfig(Get<std::string>(j, "precision", 0), Get<std::string>(j, "optimizer", 0), target);
-    dist::DistributedOptions opts;
-    opts.tp_vocab_parallel = j.value("tp_vocab_parallel", false);
-    opts.gpus_per_node = 0;  // the runs say where their ranks are
-    const auto plan = PlanOf(Get<std::string>(j, "method", 0), Get<int>(j, "dp", 0), Get<int>(j, "tp", 0), 0);
-    const auto est = dist::EstimateRank(*graph, config, plan, opts).memory;
-    // CUDA runs record max_memory_allocated; the cpu target's peak is the counting allocator's.
-    c.estimate = est.peak_allocated_bytes;
     int64_t real_max = 0;
     json rank_json = json::array();
-    for (const auto& [rank, peak] : c.rank_peaks) {
+    for (const auto& [rank, line_and_peak] : c.rank_peaks) {
+      const int64_t peak = line_and_peak.second;
       const double err = Percent(c.estimate, peak);
       sum_abs += std::fabs(err);
       ++ranks;

@@ -2,6 +2,7 @@
 
 #include <ATen/record_function.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -56,9 +57,15 @@ class CounterState {
 
   void OnAlloc(const void* key, int64_t bytes) {
     std::lock_guard<std::mutex> lock(mu_);
-    live_[key] = {bytes, generation_};
-    counters_.current_bytes += bytes;
     counters_.num_allocs += 1;
+    int64_t current = 0;
+    if (__builtin_add_overflow(counters_.current_bytes, bytes, &current)) {
+      // Not added (and so not subtracted when freed): the counts stay defined, and the flag makes them void.
+      counters_.overflowed = true;
+      return;
+    }
+    live_[key] = {bytes, generation_};
+    counters_.current_bytes = current;
     if (counters_.current_bytes > counters_.peak_bytes) counters_.peak_bytes = counters_.current_bytes;
     if (record_events_) events_.push_back({true, bytes, counters_.current_bytes, phase_, CurrentOps()});
   }
@@ -123,7 +130,10 @@ class CountingCpuAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (n == 0) return {nullptr, nullptr, &CpuFree, c10::Device(c10::DeviceType::CPU)};
     void* data = nullptr;
-    if (posix_memalign(&data, kCpuAlignmentBytes, n) != 0 || data == nullptr) throw std::bad_alloc();
+    if (posix_memalign(&data, kCpuAlignmentBytes, n) != 0 || data == nullptr) {
+      // c10's own allocators raise OutOfMemoryError, which callers (and the runner) tell apart from other errors.
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "CPU out of memory: tried to allocate ", n, " bytes");
+    }
     State().OnAlloc(data, static_cast<int64_t>(n));
     return {data, data, &CpuFree, c10::Device(c10::DeviceType::CPU)};
   }

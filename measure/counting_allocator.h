@@ -26,6 +26,7 @@ struct AllocationCounters {
   int64_t current_bytes = 0;  // live bytes now (those allocated while counting and not yet freed)
   int64_t peak_bytes = 0;     // max of current_bytes since the last ResetPeak()
   int64_t num_allocs = 0;     // allocations since installation
+  bool overflowed = false;    // live bytes passed INT64_MAX at some allocation (that allocation was not added)
 };
 
 // Installs counting allocators for `devices` (CPU and/or Meta) for its lifetime and restores the previous ones.

@@ -22,6 +22,7 @@
 #include <set>
 #include <utility>
 
+#include "graph/dtype.h"
 #include "graph/error.h"
 #include "graph/meta_kernels.h"
 #include "measure/counting_allocator.h"
@@ -56,6 +57,9 @@ class CountingProbe final : public MemoryProbe {
   void ResetPeak() override { counting_.ResetPeak(); }
   PhaseMemory Read() override {
     const AllocationCounters c = counting_.counters();
+    if (c.overflowed) {
+      throw ConfigError("the live bytes of this step overflow a 64-bit integer (over 8 EiB): batch x seq is too large");
+    }
     return {c.peak_bytes, c.current_bytes, 0, 0};
   }
   void SetPhase(const std::string& phase) override { counting_.SetPhase(phase); }
@@ -183,6 +187,8 @@ void Validate(const MeasureOptions& options) {
                       std::to_string(options.seq) + ")");
   }
   if (options.steps < 1) throw ConfigError("steps must be >= 1 (got " + std::to_string(options.steps) + ")");
+  // input_ids and labels are int64 batch x seq tensors.
+  CheckedMul(CheckedMul(options.batch, options.seq, "the token ids"), sizeof(int64_t), "the token ids");
   const bool autocast = options.precision == MeasurePrecision::kBf16Autocast ||
                         options.precision == MeasurePrecision::kFp16Autocast;
   if (options.device == MeasureDevice::kMeta && autocast) {
@@ -207,6 +213,17 @@ c10::Device TorchDevice(const MeasureOptions& options) {
   return c10::Device(c10::DeviceType::CPU);
 }
 
+// Weight-free exports (models/*.meta.pt) keep their parameters on meta whatever device the loader maps to.
+bool HoldsMetaTensors(const torch::jit::Module& module) {
+  for (const at::Tensor& p : module.parameters(/*recurse=*/true)) {
+    if (p.is_meta()) return true;
+  }
+  for (const at::Tensor& b : module.buffers(/*recurse=*/true)) {
+    if (b.is_meta()) return true;
+  }
+  return false;
+}
+
 torch::jit::Module LoadModel(const std::string& path, const c10::Device& device) {
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec)) throw ModelLoadError("model file not found: " + path);
@@ -214,8 +231,16 @@ torch::jit::Module LoadModel(const std::string& path, const c10::Device& device)
   try {
     // Meta: read on CPU, then move the tensors (loading straight to meta needs aten::equal on meta tensors).
     module = torch::jit::load(path, device.is_meta() ? c10::Device(c10::DeviceType::CPU) : device);
+  } catch (const c10::OutOfMemoryError& e) {
+    throw ConfigError("out of memory while loading " + path + ": " + FirstLine(e.what_without_backtrace()));
+  } catch (const std::bad_alloc&) {
+    throw ConfigError("out of memory while loading " + path);
   } catch (const c10::Error& e) {
     throw ModelLoadError("cannot load " + path + " as TorchScript: " + FirstLine(e.what_without_backtrace()));
+  }
+  if (!device.is_meta() && HoldsMetaTensors(module)) {
+    throw ConfigError(path + " is a weight-free export (its parameters are on the meta device), so it cannot run on " +
+                      device.str() + ": measure it with --device meta (PyTorch's own allocations of the same step)");
   }
   auto forward = module.find_method("forward");
   // arguments: self, input_ids, labels
@@ -267,7 +292,9 @@ std::string RunErrorMessage(const std::string& text) {
 [[noreturn]] void ThrowRunError(const std::string& text, bool out_of_memory, const std::string& phase,
                                 const MeasureOptions& options) {
   const std::string message = RunErrorMessage(text);
-  if (out_of_memory || message.find("out of memory") != std::string::npos) {
+  // std::bad_alloc (from host containers) reaches here as its what() text.
+  if (out_of_memory || message.find("out of memory") != std::string::npos ||
+      message.find("bad_alloc") != std::string::npos) {
     throw ConfigError("out of memory in " + phase + ": " + message);
   }
   if (message.find("'Meta' backend") != std::string::npos || message.find("Meta kernel") != std::string::npos) {
@@ -375,7 +402,9 @@ MeasureResult MeasureTrainingStep(const MeasureOptions& options) {
   probe->SetPhase("load");
   torch::jit::Module module = LoadModel(options.model_path, device);
   module.train();
-  if (options.precision == MeasurePrecision::kBf16) module.to(at::kBFloat16);
+  if (options.precision == MeasurePrecision::kBf16) {
+    RunPhase("conversion to bf16", options, [&] { module.to(at::kBFloat16); });
+  }
   std::vector<at::Tensor> params = Parameters(module);
   std::set<const c10::StorageImpl*> seen;  // tied weights (GPT-2's wte/lm_head) appear once per module slot
   for (const at::Tensor& p : params) {
@@ -401,11 +430,14 @@ MeasureResult MeasureTrainingStep(const MeasureOptions& options) {
 
   // Step 3: inputs. Labels are a copy of the ids, as data collators for causal LMs make them (the model shifts
   // them), so both tensors are counted.
-  const at::Tensor input_ids =
-      at::arange(options.batch * options.seq, at::TensorOptions().dtype(at::kLong).device(device))
-          .remainder(kInputIdRange)
-          .view({options.batch, options.seq});
-  const at::Tensor labels = input_ids.clone();
+  at::Tensor input_ids;
+  at::Tensor labels;
+  RunPhase("creating the inputs", options, [&] {
+    input_ids = at::arange(options.batch * options.seq, at::TensorOptions().dtype(at::kLong).device(device))
+                    .remainder(kInputIdRange)
+                    .view({options.batch, options.seq});
+    labels = input_ids.clone();
+  });
   result.inputs_bytes = probe->Read().end_bytes - result.weights_bytes - result.loader_bytes;
 
   // Step 4: the training steps, one probe reading per phase.

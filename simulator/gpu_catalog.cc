@@ -1,5 +1,8 @@
 #include "simulator/gpu_catalog.h"
 
+#include <algorithm>
+#include <cctype>
+
 #include "graph/dtype.h"
 
 namespace llmem::sim {
@@ -22,8 +25,10 @@ struct Throughput {
   bool bf16_tensor_cores = true;
 };
 
-GpuSpec Make(std::string name, std::string description, int64_t capacity_bytes, int cc, const Throughput& t) {
+GpuSpec Make(std::string name, std::string description, int64_t capacity_bytes, int cc, const Throughput& t,
+             std::vector<std::string> device_names) {
   GpuSpec g;
+  g.device_names = std::move(device_names);
   g.name = std::move(name);
   g.description = std::move(description);
   g.capacity_bytes = capacity_bytes;
@@ -65,21 +70,38 @@ constexpr Throughput kRtx4090{165, 165.2, 82.6, 82.6, 1008, "pcie4"};
 const std::vector<GpuSpec>& GpuCatalog() {
   // Capacities: total_memory as PyTorch reports it for each part (binary units as nvidia-smi shows them).
   static const std::vector<GpuSpec> catalog = {
-      Make("v100-16", "NVIDIA V100 16GB", 16 * kGiB - 512 * kMiB, 70, kV100Sxm2),
-      Make("v100-32", "NVIDIA V100 32GB", 32 * kGiB - 512 * kMiB, 70, kV100Sxm2),
-      Make("a100-40", "NVIDIA A100 40GB", 40 * kGiB - 448 * kMiB, 80, kA100Sxm40),
-      Make("a100-80", "NVIDIA A100 80GB", 80 * kGiB - 512 * kMiB, 80, kA100Sxm80),
-      Make("h100-80", "NVIDIA H100 80GB", 80 * kGiB - 512 * kMiB, 90, kH100Sxm),
-      Make("h200-141", "NVIDIA H200 141GB", 141 * kGiB - 2 * kGiB, 90, kH200Sxm),
-      Make("l4-24", "NVIDIA L4 24GB", 23 * kGiB, 89, kL4),
-      Make("rtx4090-24", "NVIDIA GeForce RTX 4090 24GB", 24 * kGiB - 512 * kMiB, 89, kRtx4090),
+      Make("v100-16", "NVIDIA V100 16GB", 16 * kGiB - 512 * kMiB, 70, kV100Sxm2, {"Tesla V100-SXM2-16GB"}),
+      Make("v100-32", "NVIDIA V100 32GB", 32 * kGiB - 512 * kMiB, 70, kV100Sxm2, {"Tesla V100-SXM2-32GB"}),
+      Make("a100-40", "NVIDIA A100 40GB", 40 * kGiB - 448 * kMiB, 80, kA100Sxm40, {"NVIDIA A100-SXM4-40GB"}),
+      Make("a100-80", "NVIDIA A100 80GB", 80 * kGiB - 512 * kMiB, 80, kA100Sxm80, {"NVIDIA A100-SXM4-80GB"}),
+      Make("h100-80", "NVIDIA H100 80GB", 80 * kGiB - 512 * kMiB, 90, kH100Sxm, {"NVIDIA H100 80GB HBM3"}),
+      Make("h200-141", "NVIDIA H200 141GB", 141 * kGiB - 2 * kGiB, 90, kH200Sxm, {"NVIDIA H200"}),
+      Make("l4-24", "NVIDIA L4 24GB", 23 * kGiB, 89, kL4, {"NVIDIA L4"}),
+      Make("rtx4090-24", "NVIDIA GeForce RTX 4090 24GB", 24 * kGiB - 512 * kMiB, 89, kRtx4090,
+           {"NVIDIA GeForce RTX 4090"}),
   };
   return catalog;
 }
 
+namespace {
+// Lower case without the vendor prefix nvidia-smi puts before the product ("NVIDIA ", older parts "Tesla ").
+std::string NormalizedGpuName(std::string_view name) {
+  std::string n(name);
+  std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  for (std::string_view prefix : {"nvidia ", "tesla "}) {
+    if (n.starts_with(prefix)) n.erase(0, prefix.size());
+  }
+  return n;
+}
+}  // namespace
+
 std::optional<GpuSpec> FindGpu(std::string_view name) {
+  const std::string wanted = NormalizedGpuName(name);
   for (const auto& g : GpuCatalog()) {
-    if (g.name == name) return g;
+    if (NormalizedGpuName(g.name) == wanted) return g;
+    for (const auto& device_name : g.device_names) {
+      if (NormalizedGpuName(device_name) == wanted) return g;
+    }
   }
   return std::nullopt;
 }

@@ -16,6 +16,11 @@
 //   datasheet quotes only the sparse figure (H100, H200, L4 tensor cores) the dense one is half of it. Memory
 //   bandwidth is the datasheet's GB/s (1e9 B/s). The catalog keys name no form factor: the 16/32 GB V100s, the A100s
 //   and the H100 are taken as SXM parts (NVLink), whose capacities and peaks these are.
+// - device_names: what `nvidia-smi --query-gpu=name` (and torch.cuda.get_device_name) prints for that part, as it
+//   appears in NVIDIA's driver PCI-id table comments (V100: "Tesla V100-SXM2-16GB", "Tesla V100-SXM2-32GB") and in
+//   cloud providers' GPU type lists, which are those names verbatim (RunPod: "NVIDIA A100-SXM4-80GB", "NVIDIA
+//   H100 80GB HBM3", "NVIDIA H200", "NVIDIA L4", "NVIDIA GeForce RTX 4090"). Only the form factor whose figures
+//   the entry holds is listed: a PCIe A100 or H100 has other bandwidth and clocks, so its name stays unknown.
 #pragma once
 
 #include <cstdint>
@@ -43,9 +48,12 @@ struct GpuSpec {
   double memory_bandwidth_gb_per_s = 0;  // device memory (HBM or GDDR) peak, GB/s = 1e9 B/s
   std::string intra_node_link;       // default GPU-to-GPU link inside a node, e.g. "nvlink3": a key of the
                                      // interconnect catalog (distributed/interconnect.h)
+  std::vector<std::string> device_names;  // names nvidia-smi prints for this part, e.g. "NVIDIA A100-SXM4-80GB"
 };
 
 const std::vector<GpuSpec>& GpuCatalog();
+// By catalog key or by a name nvidia-smi prints, ignoring case (and a leading "NVIDIA "/"Tesla "), so "A100-80",
+// "NVIDIA A100-SXM4-80GB" and "a100-sxm4-80gb" all find a100-80.
 std::optional<GpuSpec> FindGpu(std::string_view name);
 std::string GpuNames();  // "v100-16, v100-32, ..."
 

@@ -4,22 +4,18 @@ does not fit exits 3, and JSON output parses. Needs the llmem binary (LLMEM_BIN)
 (LLMEM_TINY_MODELS) and the bundled weight-free exports (LLMEM_MODELS_DIR)."""
 import json
 import os
-import subprocess
 import tempfile
 import unittest
 
 import torch
 
-LLMEM = os.environ["LLMEM_BIN"]
+from cli_assertions import OneLineErrorAssertions, run
+
 TINY = os.environ["LLMEM_TINY_MODELS"]
 BUNDLED = os.environ["LLMEM_MODELS_DIR"]
 
 
-def run(*args):
-    return subprocess.run([LLMEM, *args], capture_output=True, text=True, timeout=600)
-
-
-class CliTest(unittest.TestCase):
+class CliTest(OneLineErrorAssertions, unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.TemporaryDirectory()
@@ -29,14 +25,6 @@ class CliTest(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         cls.tmp.cleanup()
-
-    def assert_one_line_error(self, proc, code, *needles):
-        self.assertEqual(proc.returncode, code, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        self.assertEqual(len(lines), 1, proc.stderr)
-        self.assertTrue(lines[0].startswith("llmem: error: "), lines[0])
-        for n in needles:
-            self.assertIn(n, lines[0])
 
     def test_missing_file(self):
         path = os.path.join(self.dir, "nope.pt")
@@ -98,8 +86,12 @@ class CliTest(unittest.TestCase):
                                    "--allow-unknown-ops")
         ok = run("estimate", path, "--gpu", "cpu", "--allow-unknown-ops")
         self.assertEqual(ok.returncode, 0, ok.stderr)
-        self.assertIn("WARNING", ok.stdout)
-        self.assertIn("aten::special_erfcx", ok.stdout)
+        self.assertIn("llmem: warning: ", ok.stderr)
+        self.assertIn("aten::special_erfcx", ok.stderr)
+        self.assertNotIn("warning", ok.stdout)
+        # The warning is on stderr, so --json output stays parseable.
+        as_json = run("estimate", path, "--gpu", "cpu", "--allow-unknown-ops", "--json")
+        self.assertEqual(json.loads(as_json.stdout)["unknown_ops"], ["aten::special_erfcx"])
 
     def test_bad_sizes(self):
         self.assert_one_line_error(run("estimate", self.gpt2, "-b", "0"), 2, "batch")

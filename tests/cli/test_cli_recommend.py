@@ -6,21 +6,15 @@ JSON; fp32 requests that fit nowhere still name the smallest GPU count. Needs LL
 LLMEM_MODELS_DIR."""
 import json
 import os
-import subprocess
 import unittest
 
-import test_cli  # the shared one-line-error check (the module, so its tests are not run twice)
+from cli_assertions import OneLineErrorAssertions, run
 
-LLMEM = os.environ["LLMEM_BIN"]
 TINY = os.environ["LLMEM_TINY_MODELS"]
 BUNDLED = os.environ["LLMEM_MODELS_DIR"]
 
 ENGINE_FLAGS = {"DDP": "ddp", "ZeRO-1": "zero1", "ZeRO-2 (FSDP2)": "zero2", "ZeRO-3 (FSDP2)": "zero3",
                 "ZeRO-3 (chunks)": "gemini"}
-
-
-def run(*args):
-    return subprocess.run([LLMEM, *args], capture_output=True, text=True, timeout=600)
 
 
 def recommend_json(*args):
@@ -30,8 +24,7 @@ def recommend_json(*args):
     return json.loads(proc.stdout)
 
 
-class RecommendTest(unittest.TestCase):
-    assert_one_line_error = test_cli.CliTest.assert_one_line_error  # one line on stderr, the exit code
+class RecommendTest(OneLineErrorAssertions, unittest.TestCase):
 
     def fits(self, model, plan, batch, common):
         args = ["estimate", model, "--batch", str(batch), "--dp", str(plan["dp"]), "--tp", str(plan["tp"]),

@@ -72,6 +72,16 @@ TEST(CountingAllocatorTest, CountsMetaTensorsWithoutMemory) {
   EXPECT_EQ(counting.counters().current_bytes, 0);
 }
 
+TEST(CountingAllocatorTest, LiveBytesPastInt64AreFlaggedNotWrapped) {
+  ScopedCountingAllocator counting(c10::DeviceType::Meta);
+  const auto meta = at::TensorOptions().dtype(at::kFloat).device(at::kMeta);
+  at::Tensor a = at::empty({int64_t{1} << 60}, meta);  // 2^62 bytes each: two of them reach 2^63
+  EXPECT_FALSE(counting.counters().overflowed);
+  at::Tensor b = at::empty({int64_t{1} << 60}, meta);
+  EXPECT_TRUE(counting.counters().overflowed);
+  EXPECT_EQ(counting.counters().current_bytes, int64_t{1} << 62);  // the sum that still fits, never negative
+}
+
 TEST(CountingAllocatorTest, RecordsEventsWithPhase) {
   ScopedCountingAllocator counting(c10::DeviceType::Meta, /*record_events=*/true);
   counting.SetPhase("forward");

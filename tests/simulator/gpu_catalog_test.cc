@@ -60,7 +60,31 @@ TEST(GpuCatalogTest, Capacities) {
 TEST(GpuCatalogTest, UnknownNameIsNullopt) {
   EXPECT_FALSE(FindGpu("nope").has_value());
   EXPECT_FALSE(FindGpu("").has_value());
-  EXPECT_FALSE(FindGpu("A100-80").has_value());  // keys are lower-case
+  EXPECT_FALSE(FindGpu("NVIDIA").has_value());
+  // PCIe parts have other bandwidth and clocks than the SXM figures of the catalog.
+  EXPECT_FALSE(FindGpu("NVIDIA A100 80GB PCIe").has_value());
+  EXPECT_FALSE(FindGpu("NVIDIA H100 PCIe").has_value());
+}
+
+TEST(GpuCatalogTest, KeysIgnoreCase) {
+  ASSERT_TRUE(FindGpu("A100-80").has_value());
+  EXPECT_EQ(FindGpu("A100-80")->name, "a100-80");
+  EXPECT_EQ(FindGpu("H200-141")->name, "h200-141");
+}
+
+TEST(GpuCatalogTest, FindsTheNamesNvidiaSmiPrints) {
+  const std::pair<const char*, const char*> names[] = {
+      {"Tesla V100-SXM2-16GB", "v100-16"},   {"Tesla V100-SXM2-32GB", "v100-32"},
+      {"NVIDIA A100-SXM4-40GB", "a100-40"},  {"NVIDIA A100-SXM4-80GB", "a100-80"},
+      {"NVIDIA H100 80GB HBM3", "h100-80"},  {"H100 80GB HBM3", "h100-80"},
+      {"NVIDIA H200", "h200-141"},           {"NVIDIA L4", "l4-24"},
+      {"NVIDIA GeForce RTX 4090", "rtx4090-24"}, {"nvidia a100-sxm4-80gb", "a100-80"},
+  };
+  for (const auto& [device_name, key] : names) {
+    auto g = FindGpu(device_name);
+    ASSERT_TRUE(g.has_value()) << device_name;
+    EXPECT_EQ(g->name, key) << device_name;
+  }
 }
 
 }  // namespace

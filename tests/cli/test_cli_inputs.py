@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Inputs the command line must answer right or refuse in one line: parse errors, options that would be ignored,
+weight-free exports and overflowing sizes in `measure`, a process memory limit, every field of a `validate` runs
+file, GPU names and sizes, and the --trace file format. Needs LLMEM_BIN, LLMEM_TINY_MODELS and LLMEM_MODELS_DIR."""
+import csv
+import json
+import os
+import resource
+import tempfile
+import unittest
+
+from cli_assertions import OneLineErrorAssertions, run
+
+TINY = os.environ["LLMEM_TINY_MODELS"]
+BUNDLED = os.environ["LLMEM_MODELS_DIR"]
+GiB = 2**30
+
+
+def built_with_address_sanitizer():
+    with open(os.environ["LLMEM_BIN"], "rb") as f:
+        return b"__asan_init" in f.read()
+
+
+def read_tsv(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return rows[0], rows[1:]
+
+
+class InputsTest(OneLineErrorAssertions, unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.dir = cls.tmp.name
+        cls.gpt2 = os.path.join(TINY, "gpt2-tiny.pt")
+        cls.llama = os.path.join(TINY, "llama-tiny.pt")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def assert_bad_input(self, proc, *needles):
+        self.assert_one_line_error(proc, 2, *needles)
+
+    # --- parsing ---------------------------------------------------------------------------------------------
+
+    def test_parse_errors_are_one_line(self):
+        self.assert_bad_input(run("estimate", self.gpt2, "--batch", "abc"), "--batch", "abc")
+        self.assert_bad_input(run("estimate", self.gpt2, "--bogus"), "--bogus")
+        self.assert_bad_input(run("estimate"), "model")
+        self.assert_bad_input(run())
+        self.assert_bad_input(run("measure", self.gpt2, "--steps"), "--steps")
+        self.assertEqual(run("--help").returncode, 0)
+        self.assertEqual(run("estimate", "--help").returncode, 0)
+
+    def test_a_subcommand_typo_is_named_with_the_closest(self):
+        self.assert_bad_input(run("estimat", self.gpt2), "unknown subcommand 'estimat'", "'estimate'")
+        self.assert_bad_input(run("recomend", self.gpt2), "'recomend'", "'recommend'")
+        self.assert_bad_input(run("zzzzzzzzzz"), "unknown subcommand 'zzzzzzzzzz'")
+
+    # --- options that would be silently ignored ----------------------------------------------------------------
+
+    def test_an_empty_trace_path_is_refused(self):
+        self.assert_bad_input(run("estimate", self.gpt2, "--gpu", "cpu", "--trace", ""), "--trace")
+        self.assert_bad_input(run("measure", self.gpt2, "--trace", ""), "--trace")
+
+    def test_layout_options_without_the_layout_are_refused(self):
+        est = ("estimate", self.llama, "-b", "1", "-s", "64", "--gpu", "cpu")
+        self.assert_bad_input(run(*est, "--engine", "zero3"), "--engine zero3", "--dp")
+        self.assert_bad_input(run(*est, "--tp", "2", "--engine", "zero1"), "--dp")
+        self.assert_bad_input(run(*est, "--no-vocab-parallel"), "--no-vocab-parallel", "--tp")
+        self.assert_bad_input(run(*est, "--dp", "2", "--no-vocab-parallel"), "--tp")
+        self.assertEqual(run(*est, "--dp", "2", "--engine", "zero3").returncode, 0)
+        self.assertEqual(run(*est, "--tp", "2", "--no-vocab-parallel").returncode, 0)
+
+    # --- measure -----------------------------------------------------------------------------------------------
+
+    def test_measure_refuses_a_weight_free_export_off_meta(self):
+        opt = os.path.join(BUNDLED, "opt-1.3b.meta.pt")
+        self.assert_bad_input(run("measure", opt, "-b", "1", "-s", "16"), "weight-free", "--device meta")
+        on_meta = run("measure", opt, "-b", "1", "-s", "16", "--device", "meta", "--steps", "1", "--json")
+        self.assertEqual(on_meta.returncode, 0, on_meta.stderr)
+        # OPT-1.3B's 1.3e9 fp32 weights alone are over 4.9 GiB.
+        self.assertGreater(json.loads(on_meta.stdout)["peak_allocated_bytes"], 4.9 * GiB)
+
+    def test_measure_refuses_byte_counts_past_64_bits(self):
+        # 2^40 x 64 tokens: every tensor fits in int64 bytes, their sum does not.
+        proc = run("measure", self.gpt2, "--device", "meta", "-b", str(2**40), "-s", "64", "--steps", "1")
+        self.assert_bad_input(proc, "overflow")
+        self.assert_bad_input(run("measure", self.gpt2, "--device", "meta", "-b", str(2**62), "-s", "64"),
+                                   "overflow")
+
+    @unittest.skipIf(built_with_address_sanitizer(), "AddressSanitizer's shadow memory needs more address space")
+    def test_measure_under_a_memory_limit_says_memory_ran_out(self):
+        def limit_address_space():  # LibTorch maps about 3 GiB of libraries; the inputs alone need 32 GiB
+            resource.setrlimit(resource.RLIMIT_AS, (6 * GiB, 6 * GiB))
+
+        proc = run("measure", self.gpt2, "-b", "4096", "-s", str(2**20), preexec_fn=limit_address_space)
+        self.assert_bad_input(proc, "out of memory")
+
+    # --- validate ----------------------------------------------------------------------------------------------
+
+    def record(self, **changes):
+        r = dict(arch="llama", size="tiny", export=self.llama, method="ddp", dp=2, tp=1, world_size=2, rank=0,
+                 batch=1, seq=64, precision="fp32", optimizer="adamw", device="cpu", peak_bytes=10_000_000)
+        r.update(changes)
+        return json.dumps(r)
+
+    def validate(self, *lines, args=()):
+        path = os.path.join(self.dir, "runs.jsonl")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return run("validate", path, *args)
+
+    def test_validate_checks_every_record(self):
+        r0, r1 = self.record(rank=0), self.record(rank=1)
+        self.assert_bad_input(self.validate(r0, "[1, 2]"), "line 2", "not a JSON object")
+        self.assert_bad_input(self.validate('"a string"'), "line 1", "not a JSON object")
+        self.assert_bad_input(self.validate(r0, self.record(rank=1, peak_bytes=-5)), "line 2", "peak_bytes")
+        self.assert_bad_input(self.validate(self.record(peak_bytes=0), r1), "line 1", "peak_bytes")
+        self.assert_bad_input(self.validate(r0, self.record(rank=1, peak_bytes="big")), "line 2", "peak_bytes")
+        self.assert_bad_input(self.validate(r0, self.record(rank=1, dp=2.5)), "line 2", "\"dp\"")
+        self.assert_bad_input(self.validate(r0, self.record(rank=2)), "line 2", "rank 2")
+        self.assert_bad_input(self.validate(r0, self.record(rank=-1)), "line 2", "rank -1")
+        self.assert_bad_input(self.validate(r0, self.record(rank=1, world_size=3)), "line 2", "world_size")
+        self.assert_bad_input(self.validate(r0, r1, self.record(rank=1, method="zero9")), "line 3",
+                                   "unknown method 'zero9'")
+        self.assert_bad_input(self.validate(self.record(method="tp")), "line 1", "method tp")
+        self.assert_bad_input(self.validate(r0, self.record(rank=1, precision="fp8")), "line 2", "fp8")
+        self.assert_bad_input(self.validate(r0, self.record(rank=1, device="tpu")), "line 2", "tpu")
+
+    def test_validate_needs_every_rank_exactly_once(self):
+        r0, r1 = self.record(rank=0), self.record(rank=1)
+        self.assert_bad_input(self.validate(r0), "line 1", "rank 1")
+        self.assert_bad_input(self.validate(r0, r1, r1), "line 3", "rank 1", "line 2")
+        self.assert_bad_input(self.validate(r0, r0, r1), "line 2", "rank 0")
+
+    def test_validate_refuses_an_unknown_gpu(self):
+        r0, r1 = self.record(rank=0), self.record(rank=1)
+        self.assert_bad_input(self.validate(r0, r1, args=("--gpu", "foo")), "unknown GPU 'foo'")
+        cuda = [self.record(rank=r, device="cuda", device_name="NVIDIA A100 80GB PCIe") for r in (0, 1)]
+        self.assert_bad_input(self.validate(*cuda), "line 1", "NVIDIA A100 80GB PCIe", "--gpu")
+
+    def test_validate_refuses_limits_that_cannot_be_met_or_missed(self):
+        r0, r1 = self.record(rank=0), self.record(rank=1)
+        self.assert_bad_input(self.validate(r0, r1, args=("--max-error", "nan")), "--max-error")
+        self.assert_bad_input(self.validate(r0, r1, args=("--max-mean-error", "-1")), "--max-mean-error")
+
+    def test_validate_reads_the_gpu_from_the_name_nvidia_smi_prints(self):
+        def estimate(device_name, *args):
+            lines = [self.record(rank=r, device="cuda", device_name=device_name) for r in (0, 1)]
+            proc = self.validate(*lines, args=("--json", "--max-error", "1e9", "--max-mean-error", "1e9", *args))
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            return json.loads(proc.stdout)["cases"][0]["estimated_bytes"]
+
+        for device_name, key in (("Tesla V100-SXM2-32GB", "v100-32"), ("NVIDIA L4", "l4-24"),
+                                 ("NVIDIA H100 80GB HBM3", "h100-80")):
+            self.assertEqual(estimate(device_name), estimate("unknown part", "--gpu", key), device_name)
+        # The 32 MiB Hopper cuBLAS workspace against 8.1 MiB before Hopper tells the two apart.
+        self.assertGreater(estimate("NVIDIA H100 80GB HBM3"), estimate("NVIDIA A100-SXM4-80GB"))
+
+    # --- GPU names and sizes -----------------------------------------------------------------------------------
+
+    def estimate_json(self, *args):
+        proc = run("estimate", self.gpt2, "-b", "1", "-s", "64", "--json", *args)
+        self.assertIn(proc.returncode, (0, 3), proc.stderr)
+        return json.loads(proc.stdout)
+
+    def test_gpu_names_ignore_case_and_take_what_nvidia_smi_prints(self):
+        reference = self.estimate_json("--gpu", "h100-80")
+        for name in ("H100-80", "NVIDIA H100 80GB HBM3", "H100 80GB HBM3", "nvidia h100 80gb hbm3"):
+            self.assertEqual(self.estimate_json("--gpu", name)["peak_reserved_bytes"],
+                             reference["peak_reserved_bytes"], name)
+            self.assertEqual(self.estimate_json("--gpu", name)["capacity_bytes"], reference["capacity_bytes"], name)
+        self.assertEqual(self.estimate_json("--gpu", "NVIDIA H200")["capacity_bytes"],
+                         self.estimate_json("--gpu", "h200-141")["capacity_bytes"])
+        self.assert_bad_input(run("estimate", self.gpt2, "--gpu", "NVIDIA H100 PCIe"), "unknown GPU",
+                                   "--gpu-memory")
+
+    def test_gpu_memory_sets_the_capacity(self):
+        self.assertEqual(self.estimate_json("--gpu", "l4-24", "--gpu-memory", "20GiB")["capacity_bytes"], 20 * GiB)
+        self.assertEqual(self.estimate_json("--gpu-memory", "81920 MiB")["capacity_bytes"], 80 * GiB)
+        self.assertEqual(self.estimate_json("--gpu-memory", "48GB")["capacity_bytes"], 48 * 10**9)
+        tiny = self.estimate_json("--gpu-memory", "500MiB")
+        self.assertFalse(tiny["fits"])  # 400 MiB of CUDA context plus the step exceed 500 MiB
+        text = run("estimate", self.gpt2, "-b", "1", "-s", "64", "--gpu-memory", "24GiB").stdout
+        self.assertIn("--gpu-memory", text)
+        for bad in ("24", "GiB", "-3GiB", "24 parsecs", "0B", "1e30GiB"):
+            self.assert_bad_input(run("estimate", self.gpt2, "--gpu-memory", bad), "memory size")
+        self.assert_bad_input(run("estimate", self.gpt2, "--gpu-memory", "100MiB"), "CUDA context")
+        self.assert_bad_input(run("estimate", self.gpt2, "--gpu", "cpu", "--gpu-memory", "8GiB"), "cpu")
+
+    # --- trace files -------------------------------------------------------------------------------------------
+
+    def test_estimate_trace_is_tab_separated_and_reaches_the_peak(self):
+        path = os.path.join(self.dir, "estimate.tsv")
+        proc = run("estimate", self.gpt2, "-b", "2", "-s", "32", "--gpu", "cpu", "--json", "--trace", path)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        header, rows = read_tsv(path)
+        self.assertEqual(header, ["event", "bytes", "live_bytes", "category", "phase", "label"])
+        self.assertTrue(rows)
+        live = 0
+        for row in rows:
+            self.assertEqual(len(row), len(header), row)
+            self.assertIn(row[0], ("alloc", "free"))
+            live += int(row[1]) if row[0] == "alloc" else -int(row[1])
+            self.assertEqual(int(row[2]), live)
+        self.assertIn("optimizer states", {row[3] for row in rows})  # a category with a space stays one field
+        self.assertEqual(max(int(row[2]) for row in rows), json.loads(proc.stdout)["peak_allocated_bytes"])
+
+    def test_measure_trace_is_tab_separated_and_reaches_the_peak(self):
+        path = os.path.join(self.dir, "measure.tsv")
+        proc = run("measure", self.gpt2, "-b", "2", "-s", "32", "--json", "--trace", path)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        j = json.loads(proc.stdout)
+        header, rows = read_tsv(path)
+        self.assertEqual(header, ["event", "bytes", "live_bytes", "phase", "op"])
+        for row in rows:
+            self.assertEqual(len(row), len(header), row)
+            self.assertIn(row[0], ("alloc", "free"))
+        self.assertTrue({"forward", "backward", "optimizer"} <= {row[3] for row in rows})
+        after_load = [int(row[2]) for row in rows if row[3] != "load"]
+        self.assertEqual(max(after_load) - j["loader_bytes"], j["peak_allocated_bytes"])
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
