@@ -12,67 +12,37 @@ using namespace llmem::sim::testing;  // NOLINT
 
 int32_t ReleaseOf(const std::vector<int32_t>& release, ValueId v) { return release[static_cast<size_t>(v.index)]; }
 
-// A causal-LM head: the final norm's output and the LM head's logits are returned to the model's forward
-// (`outputs = self.model(...)`, `logits = self.lm_head(h)`), whose loss function upcasts the logits.
-//
-//   op  path            value                  torchscript  eager (released after op)
-//   0   model.body.norm h = mul(x, x)          1            3 (held by the model's frame until it returns)
-//   1   model.lm_head   logits = linear(h, w)  2            3
-//   2   model           f = to(logits, f32)    3            3 (stays inside the model's call)
-//   3   model           loss = ce(f, labels)   (loss: held until backward)
+ValueId OutputOf(const Graph& g, int32_t node) { return g.node(NodeId{node}).outputs.at(0); }
+
+// Graph D (tiny_graphs.h): the norm output h and the logits are returned to the model's forward (`outputs =
+// self.model(...)`, `logits = self.lm_head(h)`), whose loss function upcasts the logits.
+//   value                     torchscript  eager (released after op)
+//   h = mul(x, x)             1            3 (held by the model's frame until it returns)
+//   logits = linear(h, w)     2            3
+//   f = to(logits, f32)       3            3 (stays inside the model's call)
+//   loss                      4            4 (held until backward)
 TEST(ForwardLifetimesTest, ValuesReturnedToAFrameLiveUntilItReturns) {
-  TestGraphBuilder b;
-  ValueId x = b.Input("x", {4, 8}, DType::kF32);
-  ValueId labels = b.Input("labels", {4});
-  ValueId w = b.Param("w", {16, 8});
-  ValueId h = b.OpOut("aten::mul", {T(x), T(x)}, Out({4, 8}), "model.body.norm");
-  ValueId logits = b.OpOut("aten::linear", {T(h), T(w), None()}, Out({4, 16}), "model.lm_head");
-  ValueId f = b.OpOut("aten::to", {T(logits), I(6), B(false), B(false), None()}, Out({4, 16}).AliasOf(logits),
-                      "model");
-  ValueId loss = b.OpOut("aten::cross_entropy_loss", {T(f), T(labels), None(), I(1), I(-100), D(0.0)}, Out({}),
-                         "model");
-  Graph g = b.Build(loss);
-
+  Graph g = CausalLmHead();
+  const std::vector<ValueId> values = {OutputOf(g, 0), OutputOf(g, 1), OutputOf(g, 2), g.loss()};
   const auto ts = ForwardReleasePoints(g, Lifetimes::kTorchScript);
-  EXPECT_EQ(ReleaseOf(ts, h), 1);
-  EXPECT_EQ(ReleaseOf(ts, logits), 2);
-  EXPECT_EQ(ReleaseOf(ts, f), 3);
-  EXPECT_EQ(ReleaseOf(ts, loss), 4);
-
   const auto eager = ForwardReleasePoints(g, Lifetimes::kEager);
-  EXPECT_EQ(ReleaseOf(eager, h), 3);
-  EXPECT_EQ(ReleaseOf(eager, logits), 3);
-  EXPECT_EQ(ReleaseOf(eager, f), 3);
-  EXPECT_EQ(ReleaseOf(eager, loss), 4);
+  std::vector<int32_t> ts_at, eager_at;
+  for (ValueId v : values) {
+    ts_at.push_back(ReleaseOf(ts, v));
+    eager_at.push_back(ReleaseOf(eager, v));
+  }
+  EXPECT_EQ(ts_at, (std::vector<int32_t>{1, 2, 3, 4}));
+  EXPECT_EQ(eager_at, (std::vector<int32_t>{3, 3, 3, 4}));
 }
 
 // The same head when the model's own forward casts the logits (`lm_logits = lm_logits.to(torch.float32)`, as
-// GPT-Neo does): the frame rebinds its name to the cast, so the 16-bit logits die at the cast; h is still held.
-//
-//   op  path            code        value                  eager
-//   0   model.body.norm             h = mul(x, x)          3
-//   1   model.lm_head               logits = linear(h, w)  2 (rebound to the cast)
-//   2   model           the model's f = to(logits, f32)    3
-//   3   model                       loss = ce(f, labels)
+// GPT-Neo does): the frame rebinds its name to the cast, so the logits die at the cast (op 2); h is still held.
 TEST(ForwardLifetimesTest, AFrameThatRebindsAValueToItsCastDropsItThere) {
-  TestGraphBuilder b;
-  ValueId x = b.Input("x", {4, 8}, DType::kF32);
-  ValueId labels = b.Input("labels", {4});
-  ValueId w = b.Param("w", {16, 8});
-  ValueId h = b.OpOut("aten::mul", {T(x), T(x)}, Out({4, 8}), "model.body.norm");
-  ValueId logits = b.OpOut("aten::linear", {T(h), T(w), None()}, Out({4, 16}), "model.lm_head");
-  b.SetInModuleCode(true);
-  ValueId f = b.OpOut("aten::to", {T(logits), I(6), B(false), B(false), None()}, Out({4, 16}).AliasOf(logits),
-                      "model");
-  b.SetInModuleCode(false);
-  ValueId loss = b.OpOut("aten::cross_entropy_loss", {T(f), T(labels), None(), I(1), I(-100), D(0.0)}, Out({}),
-                         "model");
-  Graph g = b.Build(loss);
-
+  Graph g = CausalLmHead(/*model_casts=*/true);
   const auto eager = ForwardReleasePoints(g, Lifetimes::kEager);
-  EXPECT_EQ(ReleaseOf(eager, h), 3);
-  EXPECT_EQ(ReleaseOf(eager, logits), 2);
-  EXPECT_EQ(ReleaseOf(eager, f), 3);
+  EXPECT_EQ(ReleaseOf(eager, OutputOf(g, 0)), 3);
+  EXPECT_EQ(ReleaseOf(eager, OutputOf(g, 1)), 2);
+  EXPECT_EQ(ReleaseOf(eager, OutputOf(g, 2)), 3);
 }
 
 // An argument passed into a module call is held until that call returns; a temporary inside one call dies at its

@@ -243,26 +243,12 @@ TEST(TrainingStepSimulatorTest, TiedParameterNamesShareOneStorage) {
   EXPECT_EQ(r.phase_peak[kOptimizer] - r.phase_start[kOptimizer], 512);  // sqrt + denom of one 256 B parameter
 }
 
-// A causal-LM head with module paths: the norm output h and the logits are returned to the model's forward, whose
-// loss function upcasts the logits (Note [Eager lifetimes]). h [4,8] f32 = 128 B; logits [4,16].
+// Graph D: the norm output h and the logits are returned to the model's forward, whose loss function upcasts the
+// logits (Note [Eager lifetimes]).
 //   fp32: h is saved by the linear and the upcast is a view of the logits: both lifetimes give the same step.
 //   bf16 autocast: the linear reads a 16-bit copy of h, so the TorchScript interpreter frees h (128 B) after the
 //   linear and the bf16 logits (4*16*2 = 128 B) after their fp32 copy; eager Python holds both until the model's
 //   forward returns, i.e. across the cross entropy, where the forward peaks: +256 B, and nothing else changes.
-Graph CausalLmHead() {
-  TestGraphBuilder b;
-  ValueId x = b.Input("x", {4, 8}, DType::kF32);
-  ValueId labels = b.Input("labels", {4});
-  ValueId w = b.Param("w", {16, 8});
-  b.SetHead();
-  ValueId h = b.OpOut("aten::mul", {T(x), T(x)}, Out({4, 8}), "model.body.norm");
-  ValueId logits = b.OpOut("aten::linear", {T(h), T(w), None()}, Out({4, 16}), "model.lm_head");
-  ValueId f = b.OpOut("aten::to", {T(logits), I(6), B(false), B(false), None()}, Out({4, 16}).AliasOf(logits),
-                      "model");
-  return b.Build(b.OpOut("aten::cross_entropy_loss", {T(f), T(labels), None(), I(1), I(-100), D(0.0)}, Out({}),
-                         "model"));
-}
-
 TEST(TrainingStepSimulatorTest, EagerFramesHoldTheHeadsSixteenBitLogitsAcrossTheLoss) {
   Graph g = CausalLmHead();
   for (Precision p : {Precision::kFp32, Precision::kBf16Autocast}) {
