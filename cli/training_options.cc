@@ -63,4 +63,10 @@ int64_t ParseByteSize(const std::string& text) {
   throw ConfigError(bad);
 }
 
+sim::Lifetimes ParseLifetimesOption(const std::string& name) {
+  auto l = sim::ParseLifetimes(name);
+  if (!l) throw ConfigError("unknown lifetimes '" + name + "' (eager, torchscript)");
+  return *l;
+}
+
 }  // namespace llmem::cli

@@ -19,4 +19,7 @@ sim::TrainingConfig ParseTrainingConfig(const std::string& precision, const std:
 // powers of 1024, decimal ones (KB, MB, GB, TB) of 1000 (nvidia-smi prints MiB); a unit is required.
 int64_t ParseByteSize(const std::string& text);
 
+// --lifetimes: eager (the user's eager Python program, default) | torchscript (what `llmem measure` runs).
+sim::Lifetimes ParseLifetimesOption(const std::string& name);
+
 }  // namespace llmem::cli
