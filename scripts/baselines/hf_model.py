@@ -55,6 +55,7 @@ def fake_cpu_model(arch, size):
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives every parameter a new tensor, which unties a tied LM head
     for module in model.modules():
         # OPT's LayerDrop draws torch.rand([]) < layerdrop in train mode, a data-dependent branch fake tensors
         # cannot take; at layerdrop 0 (as exported) it never skips a layer, so leaving the draw out is the
