@@ -3,7 +3,7 @@
 Source: huggingface/accelerate, src/accelerate/commands/estimate.py (gather_data: `dtype_training_size =
 dtype_total_size * 4`) and utils/modeling.py (calculate_maximum_sizes: every parameter and buffer at its dtype).
 """
-from baselines.hf_model import CannotExpress, build_meta_model
+from baselines.hf_model import CannotExpress, build_meta_model, require_single_process
 
 NAME = "accelerate estimate-memory"
 SOURCE = "huggingface/accelerate `commands/estimate.py` (training with Adam = 4 x load size)"
@@ -12,6 +12,7 @@ WHAT = ("parameters + buffers at the weights' dtype, x4 (weights, gradients, two
 
 
 def estimate(case):
+    require_single_process(case, "a one-GPU rule (no data or tensor parallelism)")
     if case["optimizer"] != "adamw":
         raise CannotExpress("the rule is stated for Adam only")
     model = build_meta_model(case["arch"], case["size"])

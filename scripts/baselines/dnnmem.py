@@ -20,7 +20,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.func import functional_call
 
-from baselines.hf_model import fake_cpu_model, unique_parameters, untraced_paths
+from baselines.hf_model import fake_cpu_model, require_single_process, unique_parameters, untraced_paths
 
 WHAT = ("the fp32 training graph (aten ops of forward + backward), tensor lifetimes by reference counting, weights "
         "+ inputs + optimizer states persistent, 512 B rounding; no mixed precision, no optimizer temporaries.")
@@ -58,6 +58,7 @@ def _aliases_input(node):
 
 
 def estimate(case):
+    require_single_process(case, "the paper models one GPU")
     model, gm = _joint_graph(case)
     nodes = list(gm.graph.nodes)
     # Step 1: the storage of every value (its own, an element of a tuple result, or the one it aliases) and

@@ -69,3 +69,14 @@ def untraced_paths():
     """HF's mask code on the path an untraced training step without padding takes (no data-dependent
     torch.all check, which fake tensors cannot answer); the ground-truth exports were traced under it too."""
     return export_hf.untraced_masking()
+
+
+def layout(case):
+    """(method, dp, tp) of a case; single-process cases have neither key."""
+    return case.get("method", "single"), case.get("dp", 1), case.get("tp", 1)
+
+
+def require_single_process(case, why):
+    method, dp, tp = layout(case)
+    if dp * tp > 1:
+        raise CannotExpress(why)

@@ -10,6 +10,8 @@ model upcasts its logits). Its rules, followed here:
   truth is allocated bytes). Gradients have no term of their own: Gemini keeps them in the 16-bit chunks;
 - optimizer states: two fp32 tensors (Adam's moments) per parameter of every nn.Embedding / nn.Linear, the last
   such parameter (the LM head) counted once at the activation width instead;
+- over N data-parallel GPUs (its CDP/ADP method is Colossal-AI Gemini, a ZeRO-3: here the FSDP2 runs): the states
+  and m_base divided by N, plus (N-1)/N of every 16-bit parameter (the gathered copies);
 - input: token ids at 8 bytes;
 - transformer part: the output of every nn.Embedding (twice: token and position) and nn.Linear, and every
   decoder layer's input, in module order, with the code's skips (the first Linear of a `*Block`, a second
@@ -19,7 +21,7 @@ shape is read from a forward pass (the same sizes wherever the chaining works).
 """
 import torch
 
-from baselines.hf_model import CannotExpress, fake_cpu_model, untraced_paths
+from baselines.hf_model import CannotExpress, fake_cpu_model, layout, untraced_paths
 
 WHAT = ("2 MiB-rounded sizes: weights (m_base), two fp32 Adam states per Embedding/Linear parameter, the outputs "
         "of every Embedding/Linear and decoder-layer input, the LM head + loss part; no separate gradients, no "
@@ -55,6 +57,10 @@ def _has_output(module):
 def estimate(case):
     if case["optimizer"] != "adamw":
         raise CannotExpress("its optimizer term is Adam's two fp32 states (Colossal-AI HybridAdam)")
+    method, gpu_n, tp = layout(case)
+    if method not in ("single", "fsdp2"):
+        raise CannotExpress("its data parallelism is ZeRO-3 chunks (FSDP2 rows here); its TP and DP+TP formulas "
+                            "are not re-implemented here")
     mode, model = fake_cpu_model(case["arch"], case["size"])
     mods = list(model.modules())
     if any(m._get_name() == "Conv1D" for m in mods):
@@ -108,9 +114,14 @@ def estimate(case):
     if mods[last] not in out_shape:
         raise CannotExpress("its LM head rule needs the model's last module to be the Linear LM head")
 
-    # param_bytes (one GPU, no TP): Adam's fp32 states per parameter; the last parameter (lm_head) once.
+    # param_bytes (no TP): per parameter the gathered 16-bit copies of the other ranks' shards (ZeRO-3) and
+    # Adam's fp32 states of this rank's shard; the last parameter (lm_head) once, whole.
     params = [p for m in mods[1:] if _holds_params(m) for p in m.parameters(recurse=False)]
-    param_bytes = sum(2 * _up(p.numel() * STATE_BYTES) for p in params[:-1]) + _up(params[-1].numel() * width)
+    param_bytes = _up(params[-1].numel() * width)
+    for p in params[:-1]:
+        if gpu_n > 1:
+            param_bytes += _up(p.numel() * width * (gpu_n - 1) / gpu_n)
+        param_bytes += 2 * _up(p.numel() * STATE_BYTES / gpu_n)
     input_bytes = _up(b * s * INPUT_BYTES)
     body = sum(_up(_numel(sz) * width) for sz in sizes[:-1])
     logits = list(sizes[-1])
@@ -118,5 +129,5 @@ def estimate(case):
     lm_part = _up(_numel(logits) * lm_width)
     logits[1] -= 1  # the shifted logits of the loss
     lm_part += 2 * _up(_numel(logits) * lm_width)
-    m_base = _up(sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()))
+    m_base = _up(sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()) / gpu_n)
     return m_base + param_bytes + input_bytes + body + lm_part
