@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -32,10 +33,13 @@ from baselines.hf_model import CannotExpress, build_meta_model, parameter_count 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = dict(archs="llama,opt,gpt2", points="1x128,2x256", precisions="fp32,bf16-autocast", optimizers="adamw",
-               meta="opt-1.3b", meta_points="1x512")
+               meta="opt-1.3b", meta_points="1x512",
+               # names of scripts/distributed_runs.py cases (--cases full); '' for none
+               distributed="llama-tiny/ddp/dp2xtp1/b2s256/fp32/adamw,llama-tiny/zero2/dp2xtp1/b2s256/fp32/adamw,"
+                           "llama-tiny/fsdp2/dp2xtp1/b2s256/fp32/adamw,llama-tiny/tp/dp1xtp2/b2s256/fp32/adamw")
 FULL = dict(archs="gpt2,opt,bloom,llama,gpt_neo,codegen,gpt_bigcode,mistral,qwen2", points="1x128,2x256,4x512",
             precisions="fp32,bf16-autocast", optimizers="adamw,sgd", meta="llama-2-7b,opt-1.3b",
-            meta_points="1x512,1x2048")
+            meta_points="1x512,1x2048", distributed="all")
 MARGIN = 3.0  # percent
 
 
@@ -67,12 +71,20 @@ def llmem_measure(device):
     return measure
 
 
-TRUTH = {"cpu": llmem_measure("cpu"), "meta": llmem_measure("meta")}
+def recorded_runs(args, cases):
+    """Per-rank peaks recorded by scripts/distributed_runs.py (torchrun, PyTorch's engines): the largest rank."""
+    return [c["recorded_peak"] for c in cases]
+
+
+TRUTH = {"cpu": llmem_measure("cpu"), "meta": llmem_measure("meta"), "distributed": recorded_runs}
 TRUTH_DOC = {
     "cpu": "`llmem measure --device cpu`: the exported training step (2 steps) run for real with LibTorch on this "
            "CPU through a counting allocator; peak allocated bytes",
     "meta": "`llmem measure --device meta`: the real-size weight-free export's step run by PyTorch on the meta "
             "device, peak of PyTorch's own allocation trace",
+    "distributed": "`scripts/distributed_runs.py` (`--distributed-runs FILE`): torchrun fine-tuning with PyTorch's "
+                   "engines (DDP, ZeroRedundancyOptimizer, FSDP2, DTensor TP) on CPU ranks (gloo), each rank's peak "
+                   "from a counting allocator; the case's figure is its largest rank",
 }
 
 
@@ -80,8 +92,19 @@ TRUTH_DOC = {
 # Methods: name -> (function(args, case) -> bytes, source, what it counts)
 # ---------------------------------------------------------------------------------------------
 
+# distributed_runs.py method -> llmem's --engine (as `llmem validate` maps them)
+ENGINE = {"ddp": "ddp", "zero1": "zero1", "zero2": "zero2", "fsdp2": "zero3", "fsdp2_tp": "zero3"}
+
+
 def llmem_estimate(args, case):
-    return _llmem_json(args, "estimate", *_step_args(case), "--gpu", "cpu")["peak_allocated_bytes"]
+    extra = []
+    if case.get("method", "single") != "single":
+        extra = ["--dp", str(case["dp"]), "--tp", str(case["tp"])]
+        if case["method"] in ENGINE:
+            extra += ["--engine", ENGINE[case["method"]]]
+        if case["tp"] > 1 and not case["vocab_parallel"]:
+            extra.append("--no-vocab-parallel")
+    return _llmem_json(args, "estimate", *_step_args(case), "--gpu", "cpu", *extra)["peak_allocated_bytes"]
 
 
 METHODS = {
@@ -132,7 +155,50 @@ def build_cases(args):
             cases.append(dict(arch=name, size=name, truth="meta", batch=b, seq=s, precision="fp32",
                               optimizer="adamw", export=os.path.join(REPO, "models", f"{name}.meta.pt")))
     for c in cases:
-        c["label"] = f"{c['arch']}-{c['size']} {c['batch']}x{c['seq']} {c['precision']} {c['optimizer']}"
+        model = c["arch"] if c["truth"] == "meta" else f"{c['arch']}-{c['size']}"
+        c["label"] = f"{model} {c['batch']}x{c['seq']} {c['precision']} {c['optimizer']}"
+    runs = args.distributed_runs
+    if not runs and args.distributed:
+        runs = run_distributed(args)
+    if runs:
+        cases += distributed_cases(runs)
+    return cases
+
+
+def run_distributed(args):
+    """Launch the named cases of scripts/distributed_runs.py (torchrun, gloo) into a runs file."""
+    out = os.path.join(REPO, "build", "compare_distributed_runs.jsonl")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if os.path.exists(out):
+        os.remove(out)
+    cmd = [sys.executable, os.path.join(REPO, "scripts", "distributed_runs.py"), "--cases", "full", "--out", out,
+           "--export-dir", args.models]
+    for name in ([] if args.distributed == "all" else _names(args.distributed)):
+        cmd += ["--only", name]
+    print("ground truth 'distributed': " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0 and not os.path.exists(out):
+        raise RuntimeError(f"distributed_runs.py failed ({proc.returncode})")
+    return out
+
+
+def distributed_cases(path):
+    """One case per launch of the runs file (its ranks grouped by the case name)."""
+    by_case = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                by_case.setdefault(r["case"], []).append(r)
+    cases = []
+    for name, ranks in by_case.items():
+        r = ranks[0]
+        if r.get("device", "cpu") != "cpu":
+            continue  # the methods are compared on the cpu target here
+        cases.append(dict(arch=r["arch"], size=r["size"], truth="distributed", batch=r["batch"], seq=r["seq"],
+                          precision=r["precision"], optimizer=r["optimizer"], method=r["method"], dp=r["dp"],
+                          tp=r["tp"], vocab_parallel=r.get("tp_vocab_parallel", False), export=r["export"],
+                          label=name, recorded_peak=max(x["peak_bytes"] for x in ranks)))
     return cases
 
 
@@ -169,65 +235,62 @@ def headline(summary):
             lines.append(f"| {m} | – | – | – | – | {s['cannot']} | – |")
             continue
         under = f"{s['worst_under']:+.2f} %" if s["worst_under"] < 0 else "none"
-        lines.append(f"| {m} | {s['median']:.2f} % | {s['max']:.1f} % | {under} | "
+        lines.append(f"| {m} | {s['median']:.2f} % | {s['max']:.2f} % | {under} | "
                      f"{s['fail_rate']:.0f} % | {s['cannot']} | {s['seconds']:.2f} s |")
     return "\n".join(lines)
 
 
 def write_plots(rows, summary, out_dir):
+    """Error per case and method, |error| vs model size, time per estimate: three PNGs in out_dir."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = list(summary)
+    os.makedirs(out_dir, exist_ok=True)
     paths = {}
+
+    def errors_of(m):
+        return [r for r in rows if r["methods"][m].get("error") is not None]
+
+    def save(key, fig, ax, title, ylabel):
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        fig.tight_layout()
+        paths[key] = os.path.join(out_dir, f"comparison_{key}.png")
+        fig.savefig(paths[key], dpi=110)
+        plt.close(fig)
+
+    methods = [m for m in summary if summary[m]["n"]]
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    data = [[r["methods"][m]["error"] for r in rows if r["methods"][m].get("error") is not None] for m in methods]
     ax.axhline(0, color="grey", lw=0.8)
-    for i, d in enumerate(data):
-        ax.scatter([i] * len(d), d, s=14, alpha=0.7)
+    for i, m in enumerate(methods):
+        errs = [r["methods"][m]["error"] for r in errors_of(m)]
+        ax.scatter([i] * len(errs), errs, s=14, alpha=0.7)
     ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
     ax.set_yscale("symlog", linthresh=1)
-    ax.set_ylabel("signed error, % (symlog; < 0 under-estimates)")
-    ax.set_title("Error per case and method")
-    fig.tight_layout()
-    paths["errors"] = os.path.join(out_dir, "comparison_errors.png")
-    fig.savefig(paths["errors"], dpi=110)
-    plt.close(fig)
+    save("errors", fig, ax, "Error per case and method", "signed error, % (symlog; < 0 under-estimates)")
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for m in methods:
-        pts = [(r["params"], abs(r["methods"][m]["error"])) for r in rows if r["methods"][m].get("error") is not None]
-        if pts:
-            ax.scatter(*zip(*pts), s=16, alpha=0.7, label=m)
+        ax.scatter([r["params"] for r in errors_of(m)], [abs(r["methods"][m]["error"]) for r in errors_of(m)],
+                   s=16, alpha=0.7, label=m)
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=0.1)
     ax.set_xlabel("parameters")
-    ax.set_ylabel("|error|, % (symlog)")
-    ax.set_title("Error vs model size")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    paths["size"] = os.path.join(out_dir, "comparison_error_vs_size.png")
-    fig.savefig(paths["size"], dpi=110)
-    plt.close(fig)
+    save("error_vs_size", fig, ax, "Error vs model size", "|error|, % (symlog)")
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    timed = [m for m in methods if summary[m]["n"]]
-    ax.bar(range(len(timed)), [summary[m]["seconds"] for m in timed])
-    ax.set_xticks(range(len(timed)), timed, rotation=30, ha="right")
+    ax.bar(range(len(methods)), [summary[m]["seconds"] for m in methods])
+    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
     ax.set_yscale("log")
-    ax.set_ylabel("median wall seconds per estimate (log)")
-    ax.set_title("Time per estimate on this machine")
-    fig.tight_layout()
-    paths["time"] = os.path.join(out_dir, "comparison_time.png")
-    fig.savefig(paths["time"], dpi=110)
-    plt.close(fig)
+    save("time", fig, ax, "Time per estimate on this machine", "median wall seconds per estimate (log)")
     return paths
 
 
 def write_markdown(path, args, rows, summary, plots, started):
     rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(path)))  # noqa: E731
-    cmd = " ".join(["scripts/compare.py"] + sys.argv[1:])
+    cmd = shlex.join(["scripts/compare.py"] + sys.argv[1:])
     out = ["# llmem vs published GPU-memory estimators", "",
            f"Written by `scripts/compare.py` from one run on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
            f"UTC ({platform.machine()}, {os.cpu_count()} cores, {time.time() - started:.0f} s): `{cmd}`. "
@@ -236,13 +299,18 @@ def write_markdown(path, args, rows, summary, plots, started):
            f"*OOM at {MARGIN:g} % margin*: the real peak exceeds the method's estimate + {MARGIN:g} %, i.e. a GPU "
            "sized by the method would run out of memory.", "",
            "## Summary", "", headline(summary), "",
-           f"![errors]({rel(plots['errors'])})", "", f"![error vs size]({rel(plots['size'])})", "",
+           f"![errors]({rel(plots['errors'])})", "", f"![error vs size]({rel(plots['error_vs_size'])})", "",
            f"![time]({rel(plots['time'])})", "",
            "| method | n | median | p90 | max | mean signed | under-estimates |", "|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         if s["n"]:
             out.append(f"| {m} | {s['n']} | {s['median']:.3f} % | {s['p90']:.3f} % | {s['max']:.3f} % | "
                        f"{s['mean_signed']:+.3f} % | {s['under']} |")
+    for source in TRUTH_DOC:
+        part = [r for r in rows if r["truth"] == source]
+        if part:
+            out += ["", f"### Ground truth '{source}' ({len(part)} cases)", "",
+                    headline({m: summarize(part, m) for m in METHODS})]
     out += ["", "## Ground truth", ""] + [f"- **{k}**: {v}" for k, v in TRUTH_DOC.items()]
     out += ["", "## Methods: what each counts and where it comes from", ""]
     for m, (_, source, what) in METHODS.items():
@@ -264,8 +332,8 @@ def write_markdown(path, args, rows, summary, plots, started):
             else:
                 cells.append(f"{e['bytes'] / 2**20:.1f} MiB ({e['error']:+.2f} %{', OOM' if r['measured'] > e['bytes'] * (1 + MARGIN / 100) else ''})")
         out.append(f"| {r['label']} | {r['truth']} | {r['measured'] / 2**20:.2f} MiB | " + " | ".join(cells) + " |")
-    out += ["", "Not covered yet: the distributed (torchrun/gloo) runs and GPU run files; eager HF phase peaks as "
-            "ground truth (see the TRUTH table of `scripts/compare.py`).", ""]
+    out += ["", "Not covered yet: GPU run files (`distributed_runs.py --device cuda`) and eager HF phase peaks as "
+            "ground truth (a new entry of the TRUTH table of `scripts/compare.py`).", ""]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(out))
@@ -280,6 +348,8 @@ def main():
         ap.add_argument("--" + key.replace("_", "-"), help=f"comma list (default {DEFAULT[key]!r}; --full: "
                         f"{FULL[key]!r}); '' for none")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of methods")
+    ap.add_argument("--distributed-runs", metavar="FILE",
+                    help="also compare on the per-rank peaks of scripts/distributed_runs.py --out FILE")
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "COMPARISON.md"))
     ap.add_argument("--plots-dir", help="folder for the plots (default: the folder of --out)")
     ap.add_argument("--headline", action="store_true", help="print README's headline table")
