@@ -221,8 +221,12 @@ def summarize(rows, method):
     abs_errs = [abs(e) for e in errs]
     ooms = sum(1 for r in rows if r["methods"][method].get("bytes") is not None and r["measured"]
                > r["methods"][method]["bytes"] * (1 + MARGIN / 100))
+    worst = min((r for r in rows if r["methods"][method].get("error") is not None),
+                key=lambda r: r["methods"][method]["error"])
+    under_bytes = worst["methods"][method]["bytes"] - worst["measured"]  # of the case with the worst error
     return dict(n=len(errs), cannot=cannot, failed=failed, median=statistics.median(abs_errs),
                 p90=_pct(abs_errs, 0.9), max=max(abs_errs), mean_signed=statistics.mean(errs), worst_under=min(errs),
+                worst_under_bytes=under_bytes,
                 under=sum(1 for e in errs if e < 0), fail_rate=100.0 * ooms / len(errs),
                 seconds=statistics.median(times))
 
@@ -234,7 +238,8 @@ def headline(summary):
         if not s["n"]:
             lines.append(f"| {m} | – | – | – | – | {s['cannot']} | – |")
             continue
-        under = f"{s['worst_under']:+.2f} %" if s["worst_under"] < 0 else "none"
+        under = (f"{s['worst_under']:+.2f} % ({s['worst_under_bytes']:+,} B)" if s["worst_under_bytes"] < 0
+                 else "none")
         lines.append(f"| {m} | {s['median']:.2f} % | {s['max']:.2f} % | {under} | "
                      f"{s['fail_rate']:.0f} % | {s['cannot']} | {s['seconds']:.2f} s |")
     return "\n".join(lines)
@@ -276,6 +281,7 @@ def write_plots(rows, summary, out_dir):
                    s=16, alpha=0.7, label=m)
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("parameters")
     ax.legend(fontsize=7, ncol=2)
     save("error_vs_size", fig, ax, "Error vs model size", "|error|, % (symlog)")
@@ -309,7 +315,7 @@ def write_markdown(path, args, rows, summary, plots, started):
     for source in TRUTH_DOC:
         part = [r for r in rows if r["truth"] == source]
         if part:
-            out += ["", f"### Ground truth '{source}' ({len(part)} cases)", "",
+            out += ["", f"### Ground truth '{source}' ({len(part)} case{'s' if len(part) > 1 else ''})", "",
                     headline({m: summarize(part, m) for m in METHODS})]
     out += ["", "## Ground truth", ""] + [f"- **{k}**: {v}" for k, v in TRUTH_DOC.items()]
     out += ["", "## Methods: what each counts and where it comes from", ""]
