@@ -40,6 +40,11 @@ then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q "torch==$TORCH_VERSION" "transformers==$TRANSFORMERS_VERSION"
 fi
+# matplotlib draws the plots of scripts/compare.py (docs/COMPARISON.md).
+MATPLOTLIB_VERSION=3.11.2
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('matplotlib') != '$MATPLOTLIB_VERSION')" 2>/dev/null; then
+  .venv/bin/pip install -q "matplotlib==$MATPLOTLIB_VERSION"
+fi
 
 build_dir="${LLMEM_BUILD_DIR:-build}"
 torch_prefix="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
