@@ -436,11 +436,15 @@ TpMlp MakeTpMlp() {
 //   optimizer (cpu, one parameter at a time): sqrt + denom of a 128 B parameter: 2080 + 256            = 2336
 TEST(TensorParallelTest, AllReduceCopiesLiveBesideThePartialsHandCount) {
   TpMlp t = MakeTpMlp();
+  // The count above frees each value at its last use: the graph's module paths are not a real program's frames
+  // (its residual add sits outside the layer), so eager frame lifetimes would hold `d` for the whole forward.
+  sim::TrainingConfig config = CpuConfig();
+  config.lifetimes = sim::Lifetimes::kTorchScript;
   const TensorParallelRank rank = ShardForTensorParallel(t.graph, 2, /*vocab_parallel=*/false);
   EXPECT_EQ(rank.graph.value(t.u).shape, (Shape{1, 2, 8}));
   EXPECT_EQ(rank.collectives.size(), 2u);  // up's input gradient (backward), down's output (forward)
   TensorParallelHooks hooks(&rank);
-  sim::StepSimulation sim = sim::SimulateTrainingStep(rank.graph, CpuConfig(), &hooks);
+  sim::StepSimulation sim = sim::SimulateTrainingStep(rank.graph, config, &hooks);
   Replay r = ReplayExact(sim.timeline);
   EXPECT_EQ(r.phase_peak[static_cast<size_t>(Phase::kSetup)], 1568);
   EXPECT_EQ((r.node_peak[{Phase::kForward, 3}]), 1792);  // partial + all-reduced copy of d
@@ -467,16 +471,16 @@ TEST(TensorParallelTest, AllReduceCopiesLiveBesideThePartialsHandCount) {
   EXPECT_EQ(at("backward +d " + x + " after collective 32") + 1, at("backward -d " + x));
 
   // Without the hooks the same rank graph holds no copy: 32 B less at the down projection.
-  sim::StepSimulation bare = sim::SimulateTrainingStep(rank.graph, CpuConfig());
+  sim::StepSimulation bare = sim::SimulateTrainingStep(rank.graph, config);
   EXPECT_EQ((ReplayExact(bare.timeline).node_peak[{Phase::kForward, 3}]), 1760);
 
   // The estimate on the cpu target reports the same peak and the rank's weights.
   TensorParallelHooks hooks2(&rank);
-  sim::MemoryEstimate est = sim::EstimateMemory(rank.graph, CpuConfig(), &hooks2);
+  sim::MemoryEstimate est = sim::EstimateMemory(rank.graph, config, &hooks2);
   EXPECT_EQ(est.peak_allocated_bytes, 2336);
   EXPECT_EQ(est.phase_peak_bytes[static_cast<size_t>(Phase::kForward)], 1892);
   EXPECT_EQ(est.weights_bytes, 512);
-  EXPECT_EQ(sim::EstimateMemory(t.graph, CpuConfig()).weights_bytes, 768);  // one GPU holds the whole layer
+  EXPECT_EQ(sim::EstimateMemory(t.graph, config).weights_bytes, 768);  // one GPU holds the whole layer
 }
 
 }  // namespace
