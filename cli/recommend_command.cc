@@ -85,6 +85,8 @@ void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   cmd->add_option("--gpus,-n", o.gpus, "number of GPUs")->capture_default_str();
   cmd->add_option("--nodes", o.nodes, "number of nodes the GPUs are spread over; default: nodes of 8 GPUs");
   cmd->add_option("--gpu,-g", o.gpu, "GPU from the catalog")->capture_default_str();
+  cmd->add_option("--gpu-memory", o.gpu_memory,
+                  "memory of each GPU (e.g. 24GiB, 80GB) for a part the catalog lacks; other figures from --gpu");
   cmd->add_option("--seq,-s", o.seq, "sequence length in tokens")->capture_default_str();
   cmd->add_option("--batch,-b", o.batch, "micro-batch per GPU (data-parallel rank); default 1");
   cmd->add_option("--global-batch", o.global_batch, "global batch, split over the data-parallel ranks");
@@ -125,7 +127,7 @@ int RunRecommend(const RecommendOptions& o) {
   if (req.micro_batch == 0 && req.global_batch == 0) req.micro_batch = 1;
   if (o.seq <= 0) throw ConfigError("the sequence length must be positive (got " + std::to_string(o.seq) + ")");
   if (o.gpu == "cpu") throw ConfigError("recommend needs a GPU from the catalog (" + sim::GpuNames() + ")");
-  req.config = ParseTrainingConfig(o.precision, o.optimizer, o.gpu);
+  req.config = ParseTrainingConfig(o.precision, o.optimizer, o.gpu, o.gpu_memory);
   req.config.lifetimes = ParseLifetimesOption(o.lifetimes);
   const auto gpu = &req.config.target.gpu;
   const std::string intra_name = o.interconnect.empty() ? gpu->intra_node_link : o.interconnect;
@@ -155,7 +157,12 @@ int RunRecommend(const RecommendOptions& o) {
   };
   const double load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const auto s0 = std::chrono::steady_clock::now();
-  const dist::Recommendation rec = dist::Recommend(req, graph_at);
+  dist::Recommendation rec = dist::Recommend(req, graph_at);
+  if (!o.gpu_memory.empty()) {
+    rec.assumptions.push_back("GPU memory " + FormatBytes(gpu->capacity_bytes) +
+                              " from --gpu-memory; CUDA context, cuBLAS workspaces, compute capability, throughput "
+                              "and links of " + o.gpu + " assumed");
+  }
   const double sweep_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - s0).count() - build_seconds;
 

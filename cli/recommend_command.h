@@ -12,6 +12,7 @@ struct RecommendOptions {
   std::string model;
   int gpus = 8;
   std::string gpu = "a100-80";
+  std::string gpu_memory;  // --gpu-memory: capacity of a GPU the catalog lacks (other figures from --gpu)
   int64_t seq = 2048;
   // Unset options keep these sentinels (so an explicit 0 is an error, not "unset").
   static constexpr int64_t kUnset = std::numeric_limits<int64_t>::min();

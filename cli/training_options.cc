@@ -26,7 +26,7 @@ sim::TrainingConfig ParseTrainingConfig(const std::string& precision, const std:
     auto gpu = sim::FindGpu(target);
     if (!gpu) {
       throw ConfigError("unknown GPU '" + target + "' (known: " + sim::GpuNames() +
-                        ", cpu; for another GPU, estimate takes the nearest with --gpu and its memory with --gpu-memory)");
+                        ", cpu; for another GPU, name the nearest with --gpu and its memory with --gpu-memory)");
     }
     cfg.target.gpu = *gpu;
     if (!gpu_memory.empty()) {
