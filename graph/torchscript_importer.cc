@@ -4,26 +4,19 @@
 #include <torch/csrc/jit/ir/constants.h>
 #include <torch/script.h>
 
-#include <filesystem>
-#include <fstream>
+#include <functional>
 #include <map>
 #include <regex>
 #include <unordered_map>
 
 #include "graph/error.h"
 #include "graph/meta_kernels.h"
+#include "graph/model_file_check.h"
 
 namespace llmem {
 namespace {
 
-std::string FirstLine(const std::string& text) {
-  auto pos = text.find('\n');
-  std::string line = pos == std::string::npos ? text : text.substr(0, pos);
-  if (line.size() > 300) line = line.substr(0, 300) + "...";
-  return line;
-}
-
-std::string ErrorText(const c10::Error& e) { return FirstLine(e.what_without_backtrace()); }
+std::string ErrorText(const c10::Error& e) { return BriefLoaderReason(e.what_without_backtrace()); }
 
 DType FromScalarType(at::ScalarType t) {
   switch (t) {
@@ -177,23 +170,16 @@ const std::string& TorchScriptModel::path() const { return impl_->path; }
 
 TorchScriptModel TorchScriptModel::Load(const std::string& path) {
   EnsureMetaKernelsRegistered();
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  if (!fs::exists(path, ec)) throw ModelLoadError("model file not found: " + path);
-  if (fs::is_directory(path, ec)) throw ModelLoadError("model path is a directory, not a TorchScript file: " + path);
-  {
-    std::ifstream probe(path, std::ios::binary);
-    if (!probe) throw ModelLoadError("cannot read model file: " + path);
-  }
+  CheckModelFileReadable(path);
   auto impl = std::make_unique<Impl>();
   impl->path = path;
   try {
     // No map_location: weight-free exports hold meta tensors already; small CPU exports are moved to meta below.
     impl->module = torch::jit::load(path);
   } catch (const c10::Error& e) {
-    throw ModelLoadError("not a readable TorchScript file: " + path + " (" + ErrorText(e) + ")");
+    throw ModelLoadError(DescribeUnloadableModelFile(path, e.what_without_backtrace()));
   } catch (const std::exception& e) {
-    throw ModelLoadError("not a readable TorchScript file: " + path + " (" + FirstLine(e.what()) + ")");
+    throw ModelLoadError(DescribeUnloadableModelFile(path, e.what()));
   }
   auto method = impl->module.find_method("forward");
   if (!method) throw ModelLoadError("not a decoder LM: " + path + " has no forward method");
@@ -329,89 +315,143 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   std::vector<int32_t> node_layers;
   std::unordered_map<const Value*, bool> is_param_attr;
 
-  for (const Node* node : graph->nodes()) {
-    const auto kind = node->kind();
-    if (kind == c10::prim::Constant) {
-      auto iv = torch::jit::toIValue(node->output());
-      LLMEM_CHECK(iv.has_value()) << "constant without value";
-      if (iv->isDevice()) {
-        iv = c10::IValue(c10::Device(at::kMeta));  // traced files bake the export device in
-      } else if (iv->isTensor() && iv->toTensor().defined() && iv->toTensor().dim() > 0) {
-        iv = c10::IValue(iv->toTensor().to(at::kMeta));
+  // Scripted modules keep Python's control flow. Conditions and trip counts that the meta run knows (None checks,
+  // flags, sizes) are followed like the TorchScript interpreter does; one that needs tensor data fails in the op
+  // that reads the data (e.g. aten::Bool on a meta tensor).
+  std::function<void(const torch::jit::Block*)> run_block;
+  auto bool_condition = [&](const Value* v, const char* what) {
+    const c10::IValue& cond = run.env.at(v);
+    if (!cond.isBool()) {
+      throw ModelLoadError(std::string("unsupported ") + what + " condition of type " + cond.tagKind() +
+                           " in the forward graph");
+    }
+    return cond.toBool();
+  };
+  auto run_if = [&](const Node* node) {
+    const torch::jit::Block* taken = node->blocks()[bool_condition(node->input(0), "prim::If") ? 0 : 1];
+    run_block(taken);
+    for (size_t i = 0; i < node->outputs().size(); ++i) run.env[node->outputs()[i]] = run.env.at(taken->outputs()[i]);
+  };
+  // prim::Loop(max_trip_count, initial_condition, carried...): the body takes (trip, carried...) and returns
+  // (condition, carried...); the node's outputs are the carried values after the last trip.
+  auto run_loop = [&](const Node* node) {
+    const torch::jit::Block* body = node->blocks()[0];
+    const int64_t max_trips = run.env.at(node->input(0)).toInt();
+    bool go_on = bool_condition(node->input(1), "prim::Loop");
+    std::vector<c10::IValue> carried;
+    for (size_t i = 2; i < node->inputs().size(); ++i) carried.push_back(run.env.at(node->input(i)));
+    for (int64_t trip = 0; trip < max_trips && go_on; ++trip) {
+      run.env[body->inputs()[0]] = c10::IValue(trip);
+      for (size_t i = 0; i < carried.size(); ++i) run.env[body->inputs()[i + 1]] = carried[i];
+      run_block(body);
+      go_on = bool_condition(body->outputs()[0], "prim::Loop");
+      for (size_t i = 0; i < carried.size(); ++i) carried[i] = run.env.at(body->outputs()[i + 1]);
+    }
+    for (size_t i = 0; i < carried.size(); ++i) run.env[node->outputs()[i]] = carried[i];
+  };
+  run_block = [&](const torch::jit::Block* block) {
+    for (const Node* node : block->nodes()) {
+      const auto kind = node->kind();
+      if (kind == c10::prim::Constant) {
+        auto iv = torch::jit::toIValue(node->output());
+        if (!iv) {
+          // Scripted modules keep constants without an IValue, e.g. the Function a call was inlined from.
+          if (node->output()->uses().empty()) continue;
+          throw ModelLoadError("unsupported constant of type " + node->output()->type()->str() +
+                               " in the forward graph");
+        }
+        if (iv->isDevice()) {
+          iv = c10::IValue(c10::Device(at::kMeta));  // traced files bake the export device in
+        } else if (iv->isTensor() && iv->toTensor().defined() && iv->toTensor().dim() > 0) {
+          iv = c10::IValue(iv->toTensor().to(at::kMeta));
+        }
+        run.env[node->output()] = *iv;
+        continue;
       }
-      run.env[node->output()] = *iv;
-      continue;
-    }
-    if (kind == c10::prim::GetAttr) {
-      const auto& obj = run.env.at(node->input());
-      run.env[node->output()] = obj.toObject()->getAttr(node->s(c10::attr::name));
-      continue;
-    }
-    if (kind == c10::prim::If || kind == c10::prim::Loop || kind == c10::prim::CallMethod ||
-        kind == c10::prim::CallFunction) {
-      throw ModelLoadError(std::string("unsupported control flow ") + kind.toQualString() +
-                           " in the forward graph: export the model with torch.jit.trace");
-    }
-    torch::jit::Stack stack;
-    for (const Value* in : node->inputs()) stack.push_back(run.env.at(in));
-    std::vector<c10::IValue> in_values(stack.begin(), stack.end());
-    try {
-      // The interpreter emits these as instructions rather than registered operators.
-      if (kind == c10::prim::ListConstruct) {
-        c10::impl::GenericList list(node->output()->type()->expectRef<c10::ListType>().getElementType());
-        for (auto& iv : stack) list.push_back(std::move(iv));
-        stack.assign(1, c10::IValue(std::move(list)));
-      } else if (kind == c10::prim::TupleConstruct) {
-        auto tuple = c10::ivalue::Tuple::create(std::vector<c10::IValue>(stack.begin(), stack.end()));
-        stack.assign(1, c10::IValue(std::move(tuple)));
-      } else if (kind == c10::prim::ListUnpack) {
-        std::vector<c10::IValue> items(stack.back().toListRef().begin(), stack.back().toListRef().end());
-        stack = std::move(items);
-      } else if (kind == c10::prim::TupleUnpack) {
-        std::vector<c10::IValue> items(stack.back().toTupleRef().elements().begin(),
-                                       stack.back().toTupleRef().elements().end());
-        stack = std::move(items);
-      } else {
-        torch::jit::Operation op = node->getOperation();
-        op(stack);
+      if (kind == c10::prim::GetAttr) {
+        const auto& obj = run.env.at(node->input());
+        run.env[node->output()] = obj.toObject()->getAttr(node->s(c10::attr::name));
+        continue;
       }
-    } catch (const torch::jit::ErrorReport& e) {
-      throw ModelLoadError(std::string("op ") + kind.toQualString() + " has no implementation: " + FirstLine(e.what()));
-    } catch (const c10::Error& e) {
-      const std::string msg = ErrorText(e);
-      if (msg.find("overflow") != std::string::npos) {
-        throw ConfigError("batch " + std::to_string(batch) + " x sequence " + std::to_string(seq) +
-                          " is too large: " + msg);
+      if (kind == c10::prim::If) {
+        run_if(node);
+        continue;
       }
-      throw ModelLoadError(std::string("op ") + kind.toQualString() + " failed while tracing shapes on meta: " + msg);
-    }
-    LLMEM_CHECK(stack.size() == node->outputs().size()) << kind.toQualString();
-    for (size_t i = 0; i < stack.size(); ++i) run.env[node->outputs()[i]] = stack[i];
+      if (kind == c10::prim::Loop) {
+        run_loop(node);
+        continue;
+      }
+      if (kind == c10::prim::CallMethod || kind == c10::prim::CallFunction) {
+        throw ModelLoadError(std::string("unsupported call ") + kind.toQualString() +
+                             " left in the inlined forward graph: export the model with torch.jit.trace");
+      }
+      torch::jit::Stack stack;
+      for (const Value* in : node->inputs()) stack.push_back(run.env.at(in));
+      std::vector<c10::IValue> in_values(stack.begin(), stack.end());
+      try {
+        // The interpreter emits these as instructions rather than registered operators.
+        if (kind == c10::prim::ListConstruct) {
+          c10::impl::GenericList list(node->output()->type()->expectRef<c10::ListType>().getElementType());
+          for (auto& iv : stack) list.push_back(std::move(iv));
+          stack.assign(1, c10::IValue(std::move(list)));
+        } else if (kind == c10::prim::TupleConstruct) {
+          auto tuple = c10::ivalue::Tuple::create(std::vector<c10::IValue>(stack.begin(), stack.end()));
+          stack.assign(1, c10::IValue(std::move(tuple)));
+        } else if (kind == c10::prim::ListUnpack) {
+          std::vector<c10::IValue> items(stack.back().toListRef().begin(), stack.back().toListRef().end());
+          stack = std::move(items);
+        } else if (kind == c10::prim::TupleUnpack) {
+          std::vector<c10::IValue> items(stack.back().toTupleRef().elements().begin(),
+                                         stack.back().toTupleRef().elements().end());
+          stack = std::move(items);
+        } else {
+          torch::jit::Operation op = node->getOperation();
+          op(stack);
+        }
+      } catch (const torch::jit::ErrorReport& e) {
+        throw ModelLoadError(std::string("op ") + kind.toQualString() +
+                             " has no implementation: " + BriefLoaderReason(e.what()));
+      } catch (const c10::Error& e) {
+        const std::string msg = ErrorText(e);
+        if (msg.find("overflow") != std::string::npos) {
+          throw ConfigError("batch " + std::to_string(batch) + " x sequence " + std::to_string(seq) +
+                            " is too large: " + msg);
+        }
+        throw ModelLoadError(std::string("op ") + kind.toQualString() + " failed while tracing shapes on meta: " + msg);
+      } catch (const std::exception& e) {
+        // e.g. prim::RaiseException of a scripted forward (torch::jit::JITException)
+        throw ModelLoadError(std::string("op ") + kind.toQualString() + " failed while tracing shapes on meta: " +
+                             BriefLoaderReason(e.what()));
+      }
+      LLMEM_CHECK(stack.size() == node->outputs().size()) << kind.toQualString();
+      for (size_t i = 0; i < stack.size(); ++i) run.env[node->outputs()[i]] = stack[i];
 
-    const bool is_aten = kind.is_aten();
-    bool has_tensor_out = false;
-    for (const auto& iv : stack) has_tensor_out |= iv.isTensor() || iv.isTensorList();
-    // Pure routing (prim list/tuple ops) and shape queries create no IR op; their tensors keep their identity.
-    if (!is_aten || !has_tensor_out) continue;
+      const bool is_aten = kind.is_aten();
+      bool has_tensor_out = false;
+      for (const auto& iv : stack) has_tensor_out |= iv.isTensor() || iv.isTensorList();
+      // Pure routing (prim list/tuple ops) and shape queries create no IR op; their tensors keep their identity.
+      if (!is_aten || !has_tensor_out) continue;
 
-    OpNode op;
-    op.id = NodeId{static_cast<int32_t>(run.nodes.size())};
-    op.kind = kind.toQualString();
-    op.scope = ModulePath(node, mod);
-    Region provisional{RegionKind::kEmbedding, -1};
-    for (const auto& iv : in_values) op.args.push_back(to_arg(iv, provisional));
-    for (const auto& iv : stack) {
-      if (iv.isTensor() && iv.toTensor().defined()) {
-        op.outputs.push_back(new_value(ValueRole::kActivation, iv.toTensor(), op.id, ""));
-      } else if (iv.isTensorList()) {
-        for (const at::Tensor& t : iv.toTensorVector()) {
-          op.outputs.push_back(new_value(ValueRole::kActivation, t, op.id, ""));
+      OpNode op;
+      op.id = NodeId{static_cast<int32_t>(run.nodes.size())};
+      op.kind = kind.toQualString();
+      op.scope = ModulePath(node, mod);
+      Region provisional{RegionKind::kEmbedding, -1};
+      for (const auto& iv : in_values) op.args.push_back(to_arg(iv, provisional));
+      for (const auto& iv : stack) {
+        if (iv.isTensor() && iv.toTensor().defined()) {
+          op.outputs.push_back(new_value(ValueRole::kActivation, iv.toTensor(), op.id, ""));
+        } else if (iv.isTensorList()) {
+          for (const at::Tensor& t : iv.toTensorVector()) {
+            op.outputs.push_back(new_value(ValueRole::kActivation, t, op.id, ""));
+          }
         }
       }
+      node_layers.push_back(LayerIndex(op.scope));
+      run.nodes.push_back(std::move(op));
     }
-    node_layers.push_back(LayerIndex(op.scope));
-    run.nodes.push_back(std::move(op));
-  }
+  };
+  run_block(graph->block());
 
   // Regions.
   int first_layer_node = -1, last_layer_node = -1;

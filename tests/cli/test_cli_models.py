@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""End-to-end tests of what llmem accepts as a model file: scripted TorchScript runs like a trace, and files
+that are not a decoder-LM export (a FIFO, a torch.save checkpoint, a truncated archive, an encoder), options
+that contradict the export (its dtype, its position table) and sizes that overflow are one line on stderr and
+exit 2. Needs LLMEM_BIN, LLMEM_TINY_MODELS and LLMEM_MODELS_DIR, like test_cli.py."""
+import json
+import os
+import subprocess
+import tempfile
+import unittest
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LLMEM = os.environ["LLMEM_BIN"]
+TINY = os.environ["LLMEM_TINY_MODELS"]
+BUNDLED = os.environ["LLMEM_MODELS_DIR"]
+VOCAB = 64
+HIDDEN = 16
+
+
+def run(*args, timeout=600):
+    return subprocess.run([LLMEM, *args], capture_output=True, text=True, timeout=timeout)
+
+
+class Attention(nn.Module):
+    def __init__(self, causal):
+        super().__init__()
+        self.qkv = nn.Linear(HIDDEN, 3 * HIDDEN)
+        self.out = nn.Linear(HIDDEN, HIDDEN)
+        self.causal = causal
+        self.hidden = HIDDEN
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, self.hidden // 2).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=self.causal)
+        return x + self.out(y.transpose(1, 2).reshape(b, t, self.hidden))
+
+
+class TinyLM(nn.Module):
+    """A decoder LM written so that torch.jit.script keeps control flow: a loop over layers, None checks and
+    size tests (prim::If), a range loop (prim::Loop) and the Function constants of inlined calls."""
+
+    def __init__(self, causal=True, positions=0):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.pos = nn.Embedding(max(positions, 1), HIDDEN)
+        self.use_pos = positions > 0
+        self.layers = nn.ModuleList([Attention(causal), Attention(causal)])
+        self.head = nn.Linear(HIDDEN, VOCAB)
+        self.vocab = VOCAB
+
+    def forward(self, input_ids, labels):
+        x = self.embed(input_ids)
+        if self.use_pos:
+            x = x + self.pos(torch.arange(input_ids.size(1), device=input_ids.device))
+        for layer in self.layers:
+            x = layer(x)
+        for _ in range(2):
+            x = x * 1.0
+        if x.dim() == 3:
+            x = x + 0
+        logits = self.head(x)
+        return F.cross_entropy(logits.view(-1, self.vocab), labels.view(-1))
+
+
+class ModelFileTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.dir = cls.tmp.name
+        cls.gpt2 = os.path.join(TINY, "gpt2-tiny.pt")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def assert_one_line_error(self, proc, code, *needles):
+        self.assertEqual(proc.returncode, code, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, proc.stderr)
+        self.assertTrue(lines[0].startswith("llmem: error: "), lines[0])
+        for n in needles:
+            self.assertIn(n, lines[0])
+
+    def peaks(self, *args):
+        proc = run(*args, "--json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return json.loads(proc.stdout)
+
+    # --- scripted modules ---------------------------------------------------------------------------------------
+
+    def test_scripted_module_estimates_what_a_cpu_step_measures(self):
+        path = self.path("scripted.pt")
+        torch.manual_seed(0)
+        torch.jit.script(TinyLM()).save(path)
+        shape = ("-b", "2", "-s", "16", "-p", "fp32")
+        estimate = self.peaks("estimate", path, *shape, "--gpu", "cpu")
+        measured = self.peaks("measure", path, *shape, "--steps", "2")
+        self.assertEqual(estimate["peak_allocated_bytes"], measured["peak_allocated_bytes"])
+        proc = run("inspect", path)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("layers      2", proc.stdout)
+
+    def test_scripted_control_flow_on_tensor_data_is_refused(self):
+        class DataDependent(TinyLM):
+            def forward(self, input_ids, labels):
+                x = self.embed(input_ids)
+                if bool(x.sum() > 0):
+                    x = x * 2
+                return F.cross_entropy(self.head(x).view(-1, self.vocab), labels.view(-1))
+
+        path = self.path("data_dependent.pt")
+        torch.jit.script(DataDependent()).save(path)
+        self.assert_one_line_error(run("estimate", path, "-b", "1", "-s", "8"), 2, "aten::Bool")
+
+    # --- files that are not TorchScript exports -------------------------------------------------------------------
+
+    def test_fifo_is_refused_without_blocking(self):
+        path = self.path("fifo.pt")
+        os.mkfifo(path)
+        for command in ("inspect", "estimate"):
+            self.assert_one_line_error(run(command, path, timeout=30), 2, "FIFO", "not a regular file", path)
+
+    def test_state_dict_is_named_not_corrupted(self):
+        path = self.path("state_dict.pt")
+        torch.save(TinyLM().state_dict(), path)
+        proc = run("estimate", path)
+        self.assert_one_line_error(proc, 2, "state dict", "torch.save", "not a TorchScript export",
+                                   "torch.jit.trace")
+        self.assertNotIn("corrupted", proc.stderr)
+        self.assertNotIn("miniz", proc.stderr)
+
+    def test_pickled_module_is_named(self):
+        path = self.path("pickled.pt")
+        torch.save(nn.Linear(2, 2), path)
+        proc = run("inspect", path)
+        self.assert_one_line_error(proc, 2, "pickled torch.nn.modules.linear.Linear", "not a TorchScript export")
+        self.assertNotIn("corrupted", proc.stderr)
+
+    def test_truncated_archive_says_so(self):
+        path = self.path("truncated.pt")
+        with open(self.gpt2, "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read(4096))
+        proc = run("estimate", path)
+        self.assert_one_line_error(proc, 2, "truncated or damaged zip archive")
+        self.assertNotIn("internal miniz error", proc.stderr)
+
+    def test_text_file_is_not_a_zip_archive(self):
+        path = self.path("text.pt")
+        with open(path, "w") as f:
+            f.write("hello\n")
+        self.assert_one_line_error(run("inspect", path), 2, "not a zip archive")
+
+    def test_missing_code_gives_a_reason(self):
+        import zipfile
+        good, bad = self.path("good_code.pt"), self.path("missing_code.pt")
+        torch.jit.script(TinyLM()).save(good)
+        with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+            for item in src.infolist():
+                if not item.filename.endswith("modules/linear.py"):
+                    dst.writestr(item, src.read(item.filename))
+        proc = run("inspect", bad)
+        self.assert_one_line_error(proc, 2, "not a readable TorchScript file", "Linear")
+        self.assertNotIn("()", proc.stderr)
+
+if __name__ == "__main__":
+    unittest.main()
