@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <string>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -58,14 +59,22 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
     const MemoryEvent& e = tl.events[i];
     if (e.bytes == 0) continue;  // empty tensors take no memory, in PyTorch and in the models
     if (e.is_alloc) {
-      LLMEM_CHECK(model->Alloc(e.block, e.bytes)) << "an unlimited allocator model ran out of memory";
-      lower_bound.Alloc(e.block, e.bytes);
+      // The unlimited model fails only when its reserved bytes would pass the largest 64-bit count.
+      if (!model->Alloc(e.block, e.bytes) || !lower_bound.Alloc(e.block, e.bytes)) {
+        throw ConfigError("batch " + std::to_string(graph.batch()) + " x sequence " + std::to_string(graph.seq()) +
+                          " is too large: the step's memory overflows a 64-bit byte count");
+      }
       live[static_cast<size_t>(e.block)] = &e;
-      live_by_category[static_cast<size_t>(e.category)] += e.bytes;
+      int64_t& category_bytes = live_by_category[static_cast<size_t>(e.category)];
+      category_bytes = CheckedAdd(category_bytes, e.bytes, "the live tensors of the step");
       switch (e.category) {
-        case MemoryCategory::kWeights: est.weights_bytes += e.bytes; break;
-        case MemoryCategory::kGradients: est.gradients_bytes += e.bytes; break;
-        case MemoryCategory::kOptimizerState: est.optimizer_state_bytes += e.bytes; break;
+        case MemoryCategory::kWeights: est.weights_bytes = CheckedAdd(est.weights_bytes, e.bytes, "the weights"); break;
+        case MemoryCategory::kGradients:
+          est.gradients_bytes = CheckedAdd(est.gradients_bytes, e.bytes, "the gradients");
+          break;
+        case MemoryCategory::kOptimizerState:
+          est.optimizer_state_bytes = CheckedAdd(est.optimizer_state_bytes, e.bytes, "the optimizer states");
+          break;
         default: break;
       }
     } else {
@@ -106,7 +115,8 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
   est.peak_allocated_bytes = stats.peak_allocated_bytes;
   // The GPU-limited run differs from the unlimited one only when the demand exceeds the device: below it no
   // allocation fails and nothing is released, so it is replayed only then.
-  if (limited && stats.peak_reserved_bytes + est.fixed_overhead_bytes > est.capacity_bytes) {
+  if (limited && CheckedAdd(stats.peak_reserved_bytes, est.fixed_overhead_bytes, "the nvidia-smi figure") >
+                     est.capacity_bytes) {
     std::vector<bool> limited_live(tl.block_labels.size(), false);
     for (const MemoryEvent& e : tl.events) {
       if (e.bytes == 0) continue;
@@ -130,7 +140,7 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
     est.peak_reserved_bytes = backend.caching_allocator ? stats.peak_reserved_bytes : stats.peak_allocated_bytes;
   }
   est.lower_bound_bytes = lower_bound.Stats().peak_allocated_bytes;
-  est.nvidia_smi_bytes = est.peak_reserved_bytes + est.fixed_overhead_bytes;
+  est.nvidia_smi_bytes = CheckedAdd(est.peak_reserved_bytes, est.fixed_overhead_bytes, "the nvidia-smi figure");
   if (limited_oom || (est.capacity_bytes > 0 && est.nvidia_smi_bytes > est.capacity_bytes)) est.fits = false;
   if (!tl.events.empty()) {
     const MemoryEvent& e = tl.events[peak_event];

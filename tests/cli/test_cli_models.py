@@ -170,5 +170,15 @@ class ModelFileTest(unittest.TestCase):
         self.assert_one_line_error(proc, 2, "not a readable TorchScript file", "Linear")
         self.assertNotIn("()", proc.stderr)
 
+    # --- sizes whose byte counts overflow -------------------------------------------------------------------------
+
+    def test_step_memory_past_64_bits_is_a_config_error(self):
+        huge = ("-b", str(2**40), "-s", "64")
+        for extra in ((), ("--gpu", "cpu"), ("--tp", "2"), ("--dp", "2", "--engine", "zero3")):
+            self.assert_one_line_error(run("estimate", self.gpt2, *huge, *extra), 2, "overflows a 64-bit")
+        self.assert_one_line_error(run("recommend", self.gpt2, "--gpus", "2", "--seq", "64", "--batch", str(2**40)),
+                                   2, "overflows a 64-bit")
+
+
 if __name__ == "__main__":
     unittest.main()
