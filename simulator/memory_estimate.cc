@@ -12,10 +12,29 @@
 #include "simulator/simple_allocator_models.h"
 
 namespace llmem::sim {
+namespace {
+
+// A trace bakes its casts in (RMSNorm's .to(input_dtype), the loss's .float()), so the graph of an export traced
+// with 16-bit weights runs in that dtype whatever precision is asked for: an fp32 or autocast step simulated from
+// it would be the 16-bit step under another name. The export's weight dtype must be the precision's.
+void CheckPrecisionMatchesExport(const Graph& graph, Precision precision) {
+  const DType wanted = precision == Precision::kBf16 ? DType::kBF16 : DType::kF32;
+  for (const Parameter& p : graph.params()) {
+    if (!p.trainable || !IsFloating(p.dtype) || p.dtype == DType::kF32 || p.dtype == wanted) continue;
+    const std::string found(DTypeName(p.dtype));
+    const std::string instead = p.dtype == DType::kBF16 ? "use --precision bf16 with it, or" : "";
+    throw ConfigError("the export holds " + found + " weights (" + p.name + "), so a " +
+                      std::string(PrecisionName(precision)) + " step cannot be simulated from it: " + instead +
+                      " export the model in float32 (models/export_hf.py --dtype float32) for fp32 and autocast");
+  }
+}
+
+}  // namespace
 
 MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, StepHooks* hooks,
                               int64_t outside_allocator_bytes) {
-  // Step 1: the timeline.
+  // Step 1: the timeline, of a precision the export can run.
+  CheckPrecisionMatchesExport(graph, config.precision);
   StepSimulation sim = SimulateTrainingStep(graph, config, hooks);
   const Timeline& tl = sim.timeline;
   const BackendRules backend = RulesFor(config.target);

@@ -170,6 +170,17 @@ class ModelFileTest(unittest.TestCase):
         self.assert_one_line_error(proc, 2, "not a readable TorchScript file", "Linear")
         self.assertNotIn("()", proc.stderr)
 
+    # --- options that contradict the export ----------------------------------------------------------------------
+
+    def test_precision_contradicting_a_bf16_export_is_refused(self):
+        bf16 = os.path.join(TINY, "llama-tiny-bf16.pt")
+        for precision in ("fp32", "bf16-autocast"):
+            self.assert_one_line_error(run("estimate", bf16, "-b", "1", "-s", "32", "-p", precision), 2,
+                                       "bf16 weights", precision, "--precision bf16")
+            self.assert_one_line_error(run("recommend", bf16, "--gpus", "2", "--seq", "32", "-p", precision), 2,
+                                       "bf16 weights")
+        self.assertEqual(run("estimate", bf16, "-b", "1", "-s", "32", "-p", "bf16").returncode, 0)
+
     # --- sizes whose byte counts overflow -------------------------------------------------------------------------
 
     def test_step_memory_past_64_bits_is_a_config_error(self):
