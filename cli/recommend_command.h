@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 
 namespace llmem::cli {
@@ -26,6 +27,7 @@ struct RecommendOptions {
   std::string engines = "ddp,zero1,zero2,zero3,gemini";
   bool no_vocab_parallel = false;
   bool json_out = false;
+  std::optional<int64_t> max_positions;  // replaces the config's position limit (scaled RoPE)
 };
 
 void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o);

@@ -17,6 +17,7 @@ Examples:
 import argparse
 import collections
 import contextlib
+import json
 import os
 import sys
 import time
@@ -599,6 +600,22 @@ def strip_debug_info(path):
     os.replace(tmp, path)
 
 
+# The export carries what its graph cannot tell: a RoPE model's position limit lives only in the config.
+# llmem reads this extra file (torch::jit::load(path, device, extra_files)).
+CONFIG_FILE = "hf_config.json"
+
+
+def config_record(config, dtype):
+    """The config fields llmem reads, as JSON: model_type, max_position_embeddings (None when the
+    architecture has none, e.g. BLOOM's ALiBi), rope_scaling and the dtype the export was traced in."""
+    return json.dumps({
+        "model_type": config.model_type,
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "rope_scaling": getattr(config, "rope_scaling", None),
+        "torch_dtype": dtype,
+    }, sort_keys=True)
+
+
 def check_trace_shape(trace_batch, trace_seq):
     # Batch 1 and length 1 are special cases HF branches on in Python, which the trace would bake in:
     # at batch 1 the position ids are not expanded to the batch (the packed-sequence mask then has
@@ -622,7 +639,7 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
     params = sum(p.numel() for p in model.parameters())
     _, traced = trace(model, trace_batch, trace_seq, vocab, device)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    traced.save(out)
+    traced.save(out, _extra_files={CONFIG_FILE: config_record(model.config, dtype)})
     stripped = device == "meta" and os.path.getsize(out) > STRIP_DEBUG_ABOVE
     if stripped:
         strip_debug_info(out)

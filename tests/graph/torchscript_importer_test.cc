@@ -302,5 +302,31 @@ TEST(TorchScriptImporterTest, InputIdsOverflowIsAConfigError) {
   EXPECT_THROW(model.BuildGraph(int64_t{1} << 30, int64_t{1} << 30), ConfigError);
 }
 
+// ---- position limits ----
+
+// The tiny presets have 1024 positions. GPT-2 and OPT learn a table (OPT's has 2 more rows: its ids start at 2);
+// CodeGen indexes a fixed sin/cos table; llama's RoPE has no table, and the tiny exports carry no config.
+TEST(TorchScriptImporterTest, PositionTablesBoundTheSequence) {
+  for (const char* arch : {"gpt2", "opt", "codegen"}) {
+    auto model = TorchScriptModel::Load(ModelPath(arch));
+    const Graph g = model.BuildGraph(1, 16);
+    ASSERT_TRUE(g.position_limit().has_value()) << arch;
+    EXPECT_EQ(g.position_limit()->max_seq, 1024) << arch;
+    EXPECT_NO_THROW(model.BuildGraph(1, 1024)) << arch;
+    EXPECT_THROW(model.BuildGraph(1, 1025), ConfigError) << arch;
+    model.set_max_positions(4096);  // an override does not lift a table
+    EXPECT_THROW(model.BuildGraph(1, 1025), ConfigError) << arch;
+  }
+}
+
+TEST(TorchScriptImporterTest, RopeWithoutConfigHasNoLimitUnlessGiven) {
+  auto model = TorchScriptModel::Load(ModelPath("llama"));
+  EXPECT_FALSE(model.BuildGraph(1, 16).position_limit().has_value());
+  model.set_max_positions(16);
+  EXPECT_EQ(model.BuildGraph(1, 16).position_limit()->max_seq, 16);
+  EXPECT_THROW(model.BuildGraph(1, 17), ConfigError);
+  EXPECT_THROW(model.set_max_positions(0), ConfigError);
+}
+
 }  // namespace
 }  // namespace llmem
