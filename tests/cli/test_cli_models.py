@@ -6,12 +6,15 @@ exit 2. Needs LLMEM_BIN, LLMEM_TINY_MODELS and LLMEM_MODELS_DIR, like test_cli.p
 import json
 import os
 import subprocess
-import tempfile
+import sys
 import unittest
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_cli  # noqa: E402  (the module, not its classes, so that its tests do not run twice)
 
 LLMEM = os.environ["LLMEM_BIN"]
 TINY = os.environ["LLMEM_TINY_MODELS"]
@@ -68,26 +71,13 @@ class TinyLM(nn.Module):
 
 
 class ModelFileTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.tmp = tempfile.TemporaryDirectory()
-        cls.dir = cls.tmp.name
-        cls.gpt2 = os.path.join(TINY, "gpt2-tiny.pt")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.tmp.cleanup()
+    # The fixtures (a scratch directory, the tiny GPT-2) and the one-line error check of test_cli.py.
+    setUpClass = test_cli.CliTest.__dict__["setUpClass"]
+    tearDownClass = test_cli.CliTest.__dict__["tearDownClass"]
+    assert_one_line_error = test_cli.CliTest.assert_one_line_error
 
     def path(self, name):
         return os.path.join(self.dir, name)
-
-    def assert_one_line_error(self, proc, code, *needles):
-        self.assertEqual(proc.returncode, code, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        self.assertEqual(len(lines), 1, proc.stderr)
-        self.assertTrue(lines[0].startswith("llmem: error: "), lines[0])
-        for n in needles:
-            self.assertIn(n, lines[0])
 
     def peaks(self, *args):
         proc = run(*args, "--json")
