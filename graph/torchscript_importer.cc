@@ -211,6 +211,8 @@ struct TorchScriptModel::Impl {
   void ReadConfig(const std::string& text);
   // The longest sequence the model allows, from the lookups of a run at `seq` and the config.
   std::optional<PositionLimit> FindPositionLimit(const Run& run, int64_t seq) const;
+  // That limit, after refusing (ConfigError) a sequence past it or a lookup past its table.
+  std::optional<PositionLimit> CheckPositions(const Run& run, int64_t seq) const;
 
   // Executes the graph on meta and records the IR. `float_dtype` converts floating weights first.
   Run Execute(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype) const;
@@ -499,6 +501,9 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
           throw ConfigError("batch " + std::to_string(batch) + " x sequence " + std::to_string(seq) +
                             " is too large: " + msg);
         }
+        // An op that fails on a sequence past the positions (a mask buffer sized like the table, as GPT-Neo's):
+        // the position limit is the reason.
+        CheckPositions(run, seq);
         throw ModelLoadError(std::string("op ") + kind.toQualString() + " failed while tracing shapes on meta: " + msg);
       } catch (const std::exception& e) {
         // e.g. prim::RaiseException of a scripted forward (torch::jit::JITException)
@@ -631,15 +636,8 @@ std::optional<PositionLimit> TorchScriptModel::Impl::FindPositionLimit(const Run
   return std::nullopt;
 }
 
-Graph TorchScriptModel::BuildGraph(int64_t batch, int64_t seq) const {
-  if (batch <= 0) throw ConfigError("batch size must be positive, got " + std::to_string(batch));
-  if (seq <= 0) throw ConfigError("sequence length must be positive, got " + std::to_string(seq));
-  CheckedMul(batch, seq, "batch x sequence");
-  c10::InferenceMode guard(false);
-  torch::AutoGradMode grad_mode(true);
-
-  Run run = impl_->Execute(batch, seq, std::nullopt);
-  std::optional<PositionLimit> position_limit = impl_->FindPositionLimit(run, seq);
+std::optional<PositionLimit> TorchScriptModel::Impl::CheckPositions(const Run& run, int64_t seq) const {
+  std::optional<PositionLimit> position_limit = FindPositionLimit(run, seq);
   if (position_limit && seq > position_limit->max_seq) {
     const bool learned = position_limit->source.rfind("position table", 0) == 0;
     throw ConfigError("sequence length " + std::to_string(seq) + " exceeds the model's " +
@@ -656,6 +654,18 @@ Graph TorchScriptModel::BuildGraph(int64_t batch, int64_t seq) const {
                         lookup.table + ", which has " + std::to_string(lookup.rows) + " rows");
     }
   }
+  return position_limit;
+}
+
+Graph TorchScriptModel::BuildGraph(int64_t batch, int64_t seq) const {
+  if (batch <= 0) throw ConfigError("batch size must be positive, got " + std::to_string(batch));
+  if (seq <= 0) throw ConfigError("sequence length must be positive, got " + std::to_string(seq));
+  CheckedMul(batch, seq, "batch x sequence");
+  c10::InferenceMode guard(false);
+  torch::AutoGradMode grad_mode(true);
+
+  Run run = impl_->Execute(batch, seq, std::nullopt);
+  std::optional<PositionLimit> position_limit = impl_->CheckPositions(run, seq);
   // Second run with 16-bit weights: values whose dtype changes follow the weights; the rest are fixed by an op.
   // Some traces bake fp32 dtypes in (e.g. BLOOM's alibi) and cannot run with 16-bit weights at all.
   bool runs_with_bf16_weights = true;
