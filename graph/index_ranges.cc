@@ -71,7 +71,8 @@ std::optional<IndexRange> IndexRanges::Of(const at::Tensor& t) const {
   auto it = ranges_.find(t.unsafeGetTensorImpl());
   if (it != ranges_.end()) return it->second;
   // Traces bake scalars as 0-dim CPU tensor constants, whose one value can be read.
-  if (t.device().is_cpu() && t.dim() == 0) {
+  const bool real = at::isFloatingType(t.scalar_type()) || at::isIntegralType(t.scalar_type(), /*includeBool=*/true);
+  if (t.device().is_cpu() && t.dim() == 0 && real) {
     auto v = IntegralScalar(t.item().isIntegral(true) ? c10::IValue(t.item().toLong())
                                                       : c10::IValue(t.item().toDouble()));
     if (v) return IndexRange{*v, *v};
