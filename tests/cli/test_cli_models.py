@@ -206,9 +206,16 @@ class ModelFileTest(unittest.TestCase):
         self.assertEqual(json.loads(proc.stdout)["max_positions"], 4096)
 
     def test_export_without_config_says_no_rope_limit_is_known(self):
-        proc = run("inspect", os.path.join(TINY, "llama-tiny.pt"))
+        import zipfile
+        path = self.path("llama-no-config.pt")
+        with zipfile.ZipFile(os.path.join(TINY, "llama-tiny.pt")) as src, zipfile.ZipFile(path, "w") as dst:
+            for item in src.infolist():
+                if not item.filename.endswith("extra/hf_config.json"):
+                    dst.writestr(item, src.read(item.filename))
+        proc = run("inspect", path)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertIn("positions   no limit known", proc.stdout)
+        self.assertEqual(run("estimate", path, "-b", "1", "-s", "8192").returncode, 0)
 
     # --- encoders -----------------------------------------------------------------------------------------------
 

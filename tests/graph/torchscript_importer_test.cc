@@ -306,7 +306,7 @@ TEST(TorchScriptImporterTest, InputIdsOverflowIsAConfigError) {
 
 // The tiny presets have 1024 positions. GPT-2 and OPT learn a table (OPT's has 2 more rows: its ids start at 2);
 // CodeGen indexes a fixed sin/cos table; GPT-Neo's mask buffer fails first past 1024 tokens, and the table is
-// named as the reason; llama's RoPE has no table, and the tiny exports carry no config.
+// named as the reason.
 TEST(TorchScriptImporterTest, PositionTablesBoundTheSequence) {
   for (const char* arch : {"gpt2", "opt", "gpt_neo", "codegen"}) {
     auto model = TorchScriptModel::Load(ModelPath(arch));
@@ -320,9 +320,14 @@ TEST(TorchScriptImporterTest, PositionTablesBoundTheSequence) {
   }
 }
 
-TEST(TorchScriptImporterTest, RopeWithoutConfigHasNoLimitUnlessGiven) {
+// RoPE has no table: the limit is the max_position_embeddings of the config the export carries (4096 for the
+// tiny RoPE presets), and --max-positions replaces it.
+TEST(TorchScriptImporterTest, RopeLimitIsTheExportedConfigOrTheOverride) {
   auto model = TorchScriptModel::Load(ModelPath("llama"));
-  EXPECT_FALSE(model.BuildGraph(1, 16).position_limit().has_value());
+  const Graph g = model.BuildGraph(1, 16);
+  ASSERT_TRUE(g.position_limit().has_value());
+  EXPECT_EQ(g.position_limit()->max_seq, 4096);
+  EXPECT_NE(g.position_limit()->source.find("max_position_embeddings"), std::string::npos);
   model.set_max_positions(16);
   EXPECT_EQ(model.BuildGraph(1, 16).position_limit()->max_seq, 16);
   EXPECT_THROW(model.BuildGraph(1, 17), ConfigError);
