@@ -2,6 +2,8 @@
 // inlines its forward graph and executes it op by op on the meta device at the requested batch and sequence
 // length, recording every tensor's shape, dtype, storage sharing and requires_grad, and every op's module scope
 // and region. Weights are never materialized: parameters are moved to (or already live on) the meta device.
+// Traced and scripted files both work: scripted control flow (prim::If, prim::Loop) is followed where its
+// conditions are values the meta run knows (None checks, flags, sizes), and refused where they need tensor data.
 //
 // It does not decide anything about memory; it only observes what PyTorch does.
 //
