@@ -63,7 +63,8 @@ std::string NonTorchScriptArchiveKind(caffe2::serialize::PyTorchStreamReader& re
       if (module == "collections" && name == "OrderedDict") {
         return "a state dict saved with torch.save, not a TorchScript export";
       }
-      return "a pickled " + module + "." + name + " object saved with torch.save (e.g. an nn.Module), not a TorchScript export";
+      return "a pickled " + module + "." + name +
+             " object saved with torch.save (e.g. an nn.Module), not a TorchScript export";
     }
   }
   return "a torch.save checkpoint, not a TorchScript export";

@@ -170,8 +170,8 @@ void RefuseBidirectionalAttention(const torch::jit::Node* node, const std::vecto
   }
   throw ModelLoadError("not a decoder LM: attention" + (scope.empty() ? "" : " in " + scope) +
                        (module_class.empty() ? "" : " (" + module_class + ")") +
-                       " has no causal mask (scaled_dot_product_attention with is_causal=False and no mask that hides a "
-                       "position): "
+                       " has no causal mask (scaled_dot_product_attention with is_causal=False and no mask that "
+                       "hides a position): "
                        "bidirectional, as in an encoder or masked LM; llmem estimates decoder (causal) LMs");
 }
 
@@ -616,8 +616,9 @@ void TorchScriptModel::set_max_positions(int64_t n) {
 }
 
 std::optional<PositionLimit> TorchScriptModel::Impl::FindPositionLimit(const Run& run, int64_t seq) const {
-  // A position table (learned, or fixed like CodeGen's sin/cos) is indexed by one id per token, so its indices span exactly `seq` values and grow by
-  // one per token: the longest sequence keeps the largest index inside the table.
+  // A position table (learned, or fixed like CodeGen's sin/cos) is indexed by one id per token, so its indices
+  // span exactly `seq` values and grow by one per token: the longest sequence keeps the largest index inside the
+  // table.
   std::optional<PositionLimit> learned;
   for (const BoundedLookup& lookup : run.bounded_lookups) {
     if (lookup.indices.hi - lookup.indices.lo + 1 != seq) continue;
