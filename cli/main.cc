@@ -53,6 +53,7 @@ struct StepOptions {
   std::string engine = "ddp";
   bool no_vocab_parallel = false;
   bool engine_given = false;  // --engine was on the command line
+  std::optional<int64_t> max_positions;  // replaces the config's position limit (scaled RoPE)
 };
 
 void AddStepOptions(CLI::App* cmd, StepOptions& o) {
@@ -159,10 +160,13 @@ void CheckLayoutOptions(const StepOptions& o) {
   }
 }
 
-int RunInspect(const std::string& path, int64_t batch, int64_t seq, bool print_ir, bool json_out) {
+int RunInspect(const std::string& path, int64_t batch, int64_t seq, std::optional<int64_t> max_positions,
+               bool print_ir, bool json_out) {
   const auto t0 = std::chrono::steady_clock::now();
   auto model = llmem::TorchScriptModel::Load(path);
+  if (max_positions) model.set_max_positions(*max_positions);
   auto graph = model.BuildGraph(batch, seq);
+  const auto& positions = graph.position_limit();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (print_ir) {
     std::cout << llmem::PrintGraph(graph);
@@ -200,6 +204,8 @@ int RunInspect(const std::string& path, int64_t batch, int64_t seq, bool print_i
     for (const auto& [r, v] : regions) j["regions"][r] = {{"parameters", v.first}, {"bytes", v.second}};
     j["dtypes"] = dtypes;
     j["ops"] = ops;
+    j["max_positions"] = positions ? json(positions->max_seq) : json(nullptr);
+    j["max_positions_source"] = positions ? positions->source : "none known";
     j["seconds"] = seconds;
     std::cout << j.dump(2) << "\n";
     return 0;
@@ -211,6 +217,11 @@ int RunInspect(const std::string& path, int64_t batch, int64_t seq, bool print_i
   }
   std::printf("buffers     %lld elements (%s), not trained\n", static_cast<long long>(buffer_elems),
               FormatBytes(buffer_bytes).c_str());
+  if (positions) {
+    std::printf("positions   %lld (%s)\n", static_cast<long long>(positions->max_seq), positions->source.c_str());
+  } else {
+    std::printf("positions   no limit known (no position table in the graph, no config in the export)\n");
+  }
   std::printf("dtypes     ");
   for (const auto& [d, n] : dtypes) std::printf(" %s:%lld", d.c_str(), static_cast<long long>(n));
   std::printf("\nops         %zu in the forward graph (at batch %lld, seq %lld)\n", graph.nodes().size(),
@@ -227,6 +238,7 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   CheckLayoutOptions(o);
   if (o.batch <= 0 || o.seq <= 0) throw llmem::ConfigError("batch and sequence length must be positive");
   auto model = llmem::TorchScriptModel::Load(o.model);
+  if (o.max_positions) model.set_max_positions(*o.max_positions);
   auto graph = model.BuildGraph(o.batch, o.seq);
   llmem::sim::MemoryEstimate est;
   if (o.dp == 1 && o.tp == 1) {
@@ -358,11 +370,13 @@ int main(int argc, char** argv) {
 
   std::string inspect_path;
   int64_t inspect_batch = 1, inspect_seq = 128;
+  std::optional<int64_t> inspect_max_positions;
   bool print_ir = false, inspect_json = false;
   auto* inspect = app.add_subcommand("inspect", "parameters per region, layers, op counts, dtypes");
   inspect->add_option("model", inspect_path, "TorchScript export")->required();
   inspect->add_option("--batch,-b", inspect_batch, "batch size for the op graph")->capture_default_str();
   inspect->add_option("--seq,-s", inspect_seq, "sequence length for the op graph")->capture_default_str();
+  inspect->add_option("--max-positions", inspect_max_positions, "longest sequence the model allows (scaled RoPE)");
   inspect->add_flag("--ir", print_ir, "print the IR, one op per line");
   inspect->add_flag("--json", inspect_json, "print JSON");
 
@@ -383,6 +397,8 @@ int main(int argc, char** argv) {
   auto* engine_option =
       estimate->add_option("--engine", est_opts.engine, "data-parallel engine: ddp | zero1 | zero2 | zero3 | gemini")
           ->capture_default_str();
+  estimate->add_option("--max-positions", est_opts.max_positions,
+                       "longest sequence the model allows, replacing the export's config (scaled RoPE)");
   estimate->add_flag("--no-vocab-parallel", est_opts.no_vocab_parallel,
                      "with --tp: keep the embedding and LM head whole on every rank");
   estimate->add_option("--lifetimes", est_opts.lifetimes,
@@ -422,7 +438,8 @@ int main(int argc, char** argv) {
   }
   est_opts.engine_given = engine_option->count() > 0;
   try {
-    if (*inspect) return RunInspect(inspect_path, inspect_batch, inspect_seq, print_ir, inspect_json);
+    if (*inspect) return RunInspect(inspect_path, inspect_batch, inspect_seq, inspect_max_positions, print_ir,
+                                    inspect_json);
     if (*estimate) return RunEstimate(est_opts, est_opts.gpu);
     if (*measure) return RunMeasure(measure_opts, device, steps);
     if (*recommend) return llmem::cli::RunRecommend(rec_opts);

@@ -98,6 +98,7 @@ void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   cmd->add_option("--inter-node", o.inter_node, "network between nodes")->capture_default_str();
   cmd->add_option("--engines", o.engines, "data-parallel engines to consider")->capture_default_str();
   cmd->add_flag("--no-vocab-parallel", o.no_vocab_parallel, "keep the embedding and LM head whole under TP");
+  cmd->add_option("--max-positions", o.max_positions, "longest sequence the model allows (e.g. scaled RoPE)");
   cmd->add_flag("--json", o.json_out, "print JSON");
   cmd->add_option("--lifetimes", o.lifetimes, "forward value lifetimes: eager | torchscript")->capture_default_str();
 }
@@ -143,6 +144,7 @@ int RunRecommend(const RecommendOptions& o) {
 
   const auto t0 = std::chrono::steady_clock::now();
   auto model = TorchScriptModel::Load(o.model);
+  if (o.max_positions) model.set_max_positions(*o.max_positions);
   std::map<int64_t, std::unique_ptr<Graph>> graphs;
   double build_seconds = 0;
   // The sweep asks for every batch it needs before estimating in parallel; later calls only look up.

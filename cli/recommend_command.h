@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
 
 namespace llmem::cli {
@@ -28,6 +29,7 @@ struct RecommendOptions {
   bool no_vocab_parallel = false;
   bool json_out = false;
   std::string lifetimes = "eager";
+  std::optional<int64_t> max_positions;  // replaces the config's position limit (scaled RoPE)
 };
 
 void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o);

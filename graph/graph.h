@@ -101,6 +101,12 @@ struct Parameter {
   Region region;                // region of its first use
 };
 
+// The longest sequence the model's positions allow, and where that limit comes from.
+struct PositionLimit {
+  int64_t max_seq = 0;  // tokens
+  std::string source;   // "position table model.decoder.embed_positions.weight, 2050 rows", "--max-positions", ...
+};
+
 class Graph {
  public:
   Graph() = default;
@@ -123,6 +129,10 @@ class Graph {
   // carries no information and pure-bf16 estimates are refused.
   bool runs_with_bf16_weights() const { return runs_with_bf16_weights_; }
   void set_runs_with_bf16_weights(bool v) { runs_with_bf16_weights_ = v; }
+  // The position limit the importer found (a learned position table, or the config the export carries); none
+  // when the model has neither (e.g. RoPE in an export without its config).
+  const std::optional<PositionLimit>& position_limit() const { return position_limit_; }
+  void set_position_limit(std::optional<PositionLimit> limit) { position_limit_ = std::move(limit); }
 
   // Follows alias_of to the value that owns the storage.
   ValueId StorageRoot(ValueId id) const;
@@ -137,6 +147,7 @@ class Graph {
   int64_t batch_ = 0;
   int64_t seq_ = 0;
   bool runs_with_bf16_weights_ = true;
+  std::optional<PositionLimit> position_limit_;
 };
 
 // Strides of `v`: the observed ones, or contiguous strides when none were recorded.

@@ -4,26 +4,22 @@
 #include <torch/csrc/jit/ir/constants.h>
 #include <torch/script.h>
 
-#include <filesystem>
-#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include <functional>
 #include <map>
 #include <regex>
 #include <unordered_map>
 
 #include "graph/error.h"
+#include "graph/index_ranges.h"
 #include "graph/meta_kernels.h"
+#include "graph/model_file_check.h"
 
 namespace llmem {
 namespace {
 
-std::string FirstLine(const std::string& text) {
-  auto pos = text.find('\n');
-  std::string line = pos == std::string::npos ? text : text.substr(0, pos);
-  if (line.size() > 300) line = line.substr(0, 300) + "...";
-  return line;
-}
-
-std::string ErrorText(const c10::Error& e) { return FirstLine(e.what_without_backtrace()); }
+std::string ErrorText(const c10::Error& e) { return BriefLoaderReason(e.what_without_backtrace()); }
 
 DType FromScalarType(at::ScalarType t) {
   switch (t) {
@@ -173,6 +169,48 @@ int32_t LayerIndex(const std::string& path) {
   return -1;
 }
 
+// Decoder LMs attend causally: HF passes scaled_dot_product_attention is_causal=True or a causal mask. Attention
+// with is_causal=False and no mask, or a mask the meta run knows to hide nothing (an additive mask of zeros, a
+// bool mask of ones: BERT's mask made from an all-ones attention_mask), is bidirectional, as in encoders and
+// masked LMs, whose step llmem does not model.
+void RefuseBidirectionalAttention(const torch::jit::Node* node, const std::vector<c10::IValue>& args,
+                                  const torch::jit::Module& root, const IndexRanges& ranges) {
+  // scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+  constexpr size_t kMask = 3, kIsCausal = 5;
+  if (args.size() <= kIsCausal) return;
+  const bool is_causal = args[kIsCausal].isBool() && args[kIsCausal].toBool();
+  if (is_causal) return;
+  if (args[kMask].isTensor() && args[kMask].toTensor().defined()) {
+    const at::Tensor& mask = args[kMask].toTensor();
+    const auto bounds = ranges.Of(mask);
+    const int64_t attend = mask.scalar_type() == at::kBool ? 1 : 0;  // the value that hides nothing
+    if (!bounds || bounds->lo != attend || bounds->hi != attend) return;
+  }
+  const std::string scope = ModulePath(node, root);
+  // The class of the module that calls the attention, from the inlined call stack (e.g. BertSdpaSelfAttention).
+  std::string module_class;
+  if (auto cs = node->callstack()) {
+    for (const auto& entry : (*cs)->vec()) {
+      const auto& info = std::get<2>(entry);
+      if (info && info->class_type() && info->class_type()->name()) module_class = info->class_type()->name()->name();
+    }
+  }
+  throw ModelLoadError("not a decoder LM: attention" + (scope.empty() ? "" : " in " + scope) +
+                       (module_class.empty() ? "" : " (" + module_class + ")") +
+                       " has no causal mask (scaled_dot_product_attention with is_causal=False and no mask that "
+                       "hides a position): "
+                       "bidirectional, as in an encoder or masked LM; llmem estimates decoder (causal) LMs");
+}
+
+// An embedding lookup whose indices the meta run bounds: they are built from sizes (positions, token types), not
+// read from the input ids.
+struct BoundedLookup {
+  std::string table;    // the weight's dotted name
+  int64_t rows = 0;     // weight.size(0)
+  IndexRange indices;   // bounds of the indices at this run's sequence length
+  std::string scope;    // module path of the lookup
+};
+
 // Per-run state of the op-by-op interpreter.
 struct Run {
   std::unordered_map<const torch::jit::Value*, c10::IValue> env;
@@ -182,6 +220,7 @@ struct Run {
   std::vector<OpNode> nodes;
   std::vector<Parameter> params;
   std::vector<at::Tensor> keep_alive;  // keeps storages alive so storage addresses are never reused
+  std::vector<BoundedLookup> bounded_lookups;  // in execution order
 };
 
 }  // namespace
@@ -191,6 +230,16 @@ struct TorchScriptModel::Impl {
   torch::jit::Module module;
   std::shared_ptr<torch::jit::Graph> graph;  // inlined copy of forward
   mutable std::map<std::string, at::ScalarType> original_dtypes;  // filled by the first run
+  std::optional<int64_t> config_max_positions;  // max_position_embeddings of the config the export carries
+  std::string config_model_type;                // model_type of that config ("" without one)
+  std::optional<int64_t> max_positions_override;
+
+  // Reads the config the export carries (max_position_embeddings, model_type); nothing when it has none.
+  void ReadConfig(const std::string& text);
+  // The longest sequence the model allows, from the lookups of a run at `seq` and the config.
+  std::optional<PositionLimit> FindPositionLimit(const Run& run, int64_t seq) const;
+  // That limit, after refusing (ConfigError) a sequence past it or a lookup past its table.
+  std::optional<PositionLimit> CheckPositions(const Run& run, int64_t seq) const;
 
   // Executes the graph on meta and records the IR. `float_dtype` converts floating weights first.
   Run Execute(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype) const;
@@ -202,26 +251,45 @@ TorchScriptModel& TorchScriptModel::operator=(TorchScriptModel&&) noexcept = def
 TorchScriptModel::~TorchScriptModel() = default;
 const std::string& TorchScriptModel::path() const { return impl_->path; }
 
+namespace {
+
+// The extra file of an export that holds its Hugging Face config as JSON (models/export_hf.py writes it).
+constexpr const char* kConfigFile = "hf_config.json";
+
+}  // namespace
+
+void TorchScriptModel::Impl::ReadConfig(const std::string& text) {
+  if (text.empty()) return;
+  const nlohmann::json config = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!config.is_object()) throw ModelLoadError(std::string(kConfigFile) + " of " + path + " is not a JSON object");
+  if (auto it = config.find("model_type"); it != config.end() && it->is_string()) {
+    config_model_type = it->get<std::string>();
+  }
+  if (auto it = config.find("max_position_embeddings"); it != config.end() && !it->is_null()) {
+    if (!it->is_number_integer() || it->get<int64_t>() < 1) {
+      throw ModelLoadError(std::string(kConfigFile) + " of " + path + ": max_position_embeddings is not a positive "
+                           "integer");
+    }
+    config_max_positions = it->get<int64_t>();
+  }
+}
+
 TorchScriptModel TorchScriptModel::Load(const std::string& path) {
   EnsureMetaKernelsRegistered();
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  if (!fs::exists(path, ec)) throw ModelLoadError("model file not found: " + path);
-  if (fs::is_directory(path, ec)) throw ModelLoadError("model path is a directory, not a TorchScript file: " + path);
-  {
-    std::ifstream probe(path, std::ios::binary);
-    if (!probe) throw ModelLoadError("cannot read model file: " + path);
-  }
+  CheckModelFileReadable(path);
   auto impl = std::make_unique<Impl>();
   impl->path = path;
+  // models/export_hf.py stores the Hugging Face config beside the code (the only source of a RoPE model's limit).
+  torch::jit::ExtraFilesMap extra_files{{kConfigFile, ""}};
   try {
     // No map_location: weight-free exports hold meta tensors already; small CPU exports are moved to meta below.
-    impl->module = torch::jit::load(path);
+    impl->module = torch::jit::load(path, std::nullopt, extra_files);
   } catch (const c10::Error& e) {
-    throw ModelLoadError("not a readable TorchScript file: " + path + " (" + ErrorText(e) + ")");
+    throw ModelLoadError(DescribeUnloadableModelFile(path, e.what_without_backtrace()));
   } catch (const std::exception& e) {
-    throw ModelLoadError("not a readable TorchScript file: " + path + " (" + FirstLine(e.what()) + ")");
+    throw ModelLoadError(DescribeUnloadableModelFile(path, e.what()));
   }
+  impl->ReadConfig(extra_files[kConfigFile]);
   auto method = impl->module.find_method("forward");
   if (!method) throw ModelLoadError("not a decoder LM: " + path + " has no forward method");
   impl->graph = method->graph()->copy();
@@ -275,6 +343,7 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
     return run.values.back().id;
   };
 
+  IndexRanges ranges;  // token ids and labels have none: their values are data
   auto M = at::TensorOptions().device(at::kMeta).dtype(at::kLong);
   CheckedMul(CheckedMul(batch, seq, "the token ids"), 8, "the token ids");
   at::Tensor ids = at::empty({batch, seq}, M);
@@ -356,90 +425,166 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   std::vector<int32_t> node_layers;
   std::unordered_map<const Value*, bool> is_param_attr;
 
-  for (const Node* node : graph->nodes()) {
-    const auto kind = node->kind();
-    if (kind == c10::prim::Constant) {
-      auto iv = torch::jit::toIValue(node->output());
-      LLMEM_CHECK(iv.has_value()) << "constant without value";
-      if (iv->isDevice()) {
-        iv = c10::IValue(c10::Device(at::kMeta));  // traced files bake the export device in
-      } else if (iv->isTensor() && iv->toTensor().defined() && iv->toTensor().dim() > 0) {
-        iv = c10::IValue(iv->toTensor().to(at::kMeta));
+  // Scripted modules keep Python's control flow. Conditions and trip counts that the meta run knows (None checks,
+  // flags, sizes) are followed like the TorchScript interpreter does; one that needs tensor data fails in the op
+  // that reads the data (e.g. aten::Bool on a meta tensor).
+  std::function<void(const torch::jit::Block*)> run_block;
+  auto bool_condition = [&](const Value* v, const char* what) {
+    const c10::IValue& cond = run.env.at(v);
+    if (!cond.isBool()) {
+      throw ModelLoadError(std::string("unsupported ") + what + " condition of type " + cond.tagKind() +
+                           " in the forward graph");
+    }
+    return cond.toBool();
+  };
+  auto run_if = [&](const Node* node) {
+    const torch::jit::Block* taken = node->blocks()[bool_condition(node->input(0), "prim::If") ? 0 : 1];
+    run_block(taken);
+    for (size_t i = 0; i < node->outputs().size(); ++i) run.env[node->outputs()[i]] = run.env.at(taken->outputs()[i]);
+  };
+  // prim::Loop(max_trip_count, initial_condition, carried...): the body takes (trip, carried...) and returns
+  // (condition, carried...); the node's outputs are the carried values after the last trip.
+  auto run_loop = [&](const Node* node) {
+    const torch::jit::Block* body = node->blocks()[0];
+    const int64_t max_trips = run.env.at(node->input(0)).toInt();
+    bool go_on = bool_condition(node->input(1), "prim::Loop");
+    std::vector<c10::IValue> carried;
+    for (size_t i = 2; i < node->inputs().size(); ++i) carried.push_back(run.env.at(node->input(i)));
+    for (int64_t trip = 0; trip < max_trips && go_on; ++trip) {
+      run.env[body->inputs()[0]] = c10::IValue(trip);
+      for (size_t i = 0; i < carried.size(); ++i) run.env[body->inputs()[i + 1]] = carried[i];
+      run_block(body);
+      go_on = bool_condition(body->outputs()[0], "prim::Loop");
+      for (size_t i = 0; i < carried.size(); ++i) carried[i] = run.env.at(body->outputs()[i + 1]);
+    }
+    for (size_t i = 0; i < carried.size(); ++i) run.env[node->outputs()[i]] = carried[i];
+  };
+  run_block = [&](const torch::jit::Block* block) {
+    for (const Node* node : block->nodes()) {
+      const auto kind = node->kind();
+      if (kind == c10::prim::Constant) {
+        auto iv = torch::jit::toIValue(node->output());
+        if (!iv) {
+          // Scripted modules keep constants without an IValue, e.g. the Function a call was inlined from.
+          if (node->output()->uses().empty()) continue;
+          throw ModelLoadError("unsupported constant of type " + node->output()->type()->str() +
+                               " in the forward graph");
+        }
+        if (iv->isDevice()) {
+          iv = c10::IValue(c10::Device(at::kMeta));  // traced files bake the export device in
+        } else if (iv->isTensor() && iv->toTensor().defined() && iv->toTensor().dim() > 0) {
+          iv = c10::IValue(iv->toTensor().to(at::kMeta));
+        }
+        run.env[node->output()] = *iv;
+        continue;
       }
-      run.env[node->output()] = *iv;
-      continue;
-    }
-    if (kind == c10::prim::GetAttr) {
-      const auto& obj = run.env.at(node->input());
-      run.env[node->output()] = obj.toObject()->getAttr(node->s(c10::attr::name));
-      continue;
-    }
-    if (kind == c10::prim::If || kind == c10::prim::Loop || kind == c10::prim::CallMethod ||
-        kind == c10::prim::CallFunction) {
-      throw ModelLoadError(std::string("unsupported control flow ") + kind.toQualString() +
-                           " in the forward graph: export the model with torch.jit.trace");
-    }
-    torch::jit::Stack stack;
-    for (const Value* in : node->inputs()) stack.push_back(run.env.at(in));
-    std::vector<c10::IValue> in_values(stack.begin(), stack.end());
-    try {
-      // The interpreter emits these as instructions rather than registered operators.
-      if (kind == c10::prim::ListConstruct) {
-        c10::impl::GenericList list(node->output()->type()->expectRef<c10::ListType>().getElementType());
-        for (auto& iv : stack) list.push_back(std::move(iv));
-        stack.assign(1, c10::IValue(std::move(list)));
-      } else if (kind == c10::prim::TupleConstruct) {
-        auto tuple = c10::ivalue::Tuple::create(std::vector<c10::IValue>(stack.begin(), stack.end()));
-        stack.assign(1, c10::IValue(std::move(tuple)));
-      } else if (kind == c10::prim::ListUnpack) {
-        std::vector<c10::IValue> items(stack.back().toListRef().begin(), stack.back().toListRef().end());
-        stack = std::move(items);
-      } else if (kind == c10::prim::TupleUnpack) {
-        std::vector<c10::IValue> items(stack.back().toTupleRef().elements().begin(),
-                                       stack.back().toTupleRef().elements().end());
-        stack = std::move(items);
-      } else {
-        torch::jit::Operation op = node->getOperation();
-        op(stack);
+      if (kind == c10::prim::GetAttr) {
+        const auto& obj = run.env.at(node->input());
+        run.env[node->output()] = obj.toObject()->getAttr(node->s(c10::attr::name));
+        continue;
       }
-    } catch (const torch::jit::ErrorReport& e) {
-      throw ModelLoadError(std::string("op ") + kind.toQualString() + " has no implementation: " + FirstLine(e.what()));
-    } catch (const c10::Error& e) {
-      const std::string msg = ErrorText(e);
-      if (msg.find("overflow") != std::string::npos) {
-        throw ConfigError("batch " + std::to_string(batch) + " x sequence " + std::to_string(seq) +
-                          " is too large: " + msg);
+      if (kind == c10::prim::If) {
+        run_if(node);
+        continue;
       }
-      throw ModelLoadError(std::string("op ") + kind.toQualString() + " failed while tracing shapes on meta: " + msg);
-    }
-    LLMEM_CHECK(stack.size() == node->outputs().size()) << kind.toQualString();
-    for (size_t i = 0; i < stack.size(); ++i) run.env[node->outputs()[i]] = stack[i];
-
-    const bool is_aten = kind.is_aten();
-    bool has_tensor_out = false;
-    for (const auto& iv : stack) has_tensor_out |= iv.isTensor() || iv.isTensorList();
-    // Pure routing (prim list/tuple ops) and shape queries create no IR op; their tensors keep their identity.
-    if (!is_aten || !has_tensor_out) continue;
-
-    OpNode op;
-    op.id = NodeId{static_cast<int32_t>(run.nodes.size())};
-    op.kind = kind.toQualString();
-    op.scope = ModulePath(node, mod);
-    op.in_module_code = InModuleCode(node);
-    Region provisional{RegionKind::kEmbedding, -1};
-    for (const auto& iv : in_values) op.args.push_back(to_arg(iv, provisional));
-    for (const auto& iv : stack) {
-      if (iv.isTensor() && iv.toTensor().defined()) {
-        op.outputs.push_back(new_value(ValueRole::kActivation, iv.toTensor(), op.id, ""));
-      } else if (iv.isTensorList()) {
-        for (const at::Tensor& t : iv.toTensorVector()) {
-          op.outputs.push_back(new_value(ValueRole::kActivation, t, op.id, ""));
+      if (kind == c10::prim::Loop) {
+        run_loop(node);
+        continue;
+      }
+      if (kind == c10::prim::CallMethod || kind == c10::prim::CallFunction) {
+        throw ModelLoadError(std::string("unsupported call ") + kind.toQualString() +
+                             " left in the inlined forward graph: export the model with torch.jit.trace");
+      }
+      torch::jit::Stack stack;
+      for (const Value* in : node->inputs()) stack.push_back(run.env.at(in));
+      std::vector<c10::IValue> in_values(stack.begin(), stack.end());
+      if (kind == c10::aten::scaled_dot_product_attention) RefuseBidirectionalAttention(node, in_values, mod, ranges);
+      try {
+        // The interpreter emits these as instructions rather than registered operators.
+        if (kind == c10::prim::ListConstruct) {
+          c10::impl::GenericList list(node->output()->type()->expectRef<c10::ListType>().getElementType());
+          for (auto& iv : stack) list.push_back(std::move(iv));
+          stack.assign(1, c10::IValue(std::move(list)));
+        } else if (kind == c10::prim::TupleConstruct) {
+          auto tuple = c10::ivalue::Tuple::create(std::vector<c10::IValue>(stack.begin(), stack.end()));
+          stack.assign(1, c10::IValue(std::move(tuple)));
+        } else if (kind == c10::prim::ListUnpack) {
+          std::vector<c10::IValue> items(stack.back().toListRef().begin(), stack.back().toListRef().end());
+          stack = std::move(items);
+        } else if (kind == c10::prim::TupleUnpack) {
+          std::vector<c10::IValue> items(stack.back().toTupleRef().elements().begin(),
+                                         stack.back().toTupleRef().elements().end());
+          stack = std::move(items);
+        } else {
+          torch::jit::Operation op = node->getOperation();
+          op(stack);
+        }
+      } catch (const torch::jit::ErrorReport& e) {
+        throw ModelLoadError(std::string("op ") + kind.toQualString() +
+                             " has no implementation: " + BriefLoaderReason(e.what()));
+      } catch (const c10::Error& e) {
+        const std::string msg = ErrorText(e);
+        if (msg.find("overflow") != std::string::npos) {
+          throw ConfigError("batch " + std::to_string(batch) + " x sequence " + std::to_string(seq) +
+                            " is too large: " + msg);
+        }
+        // An op that fails on a sequence past the positions (a mask buffer sized like the table, as GPT-Neo's):
+        // the position limit is the reason.
+        CheckPositions(run, seq);
+        throw ModelLoadError(std::string("op ") + kind.toQualString() + " failed while tracing shapes on meta: " + msg);
+      } catch (const std::exception& e) {
+        // e.g. prim::RaiseException of a scripted forward (torch::jit::JITException)
+        throw ModelLoadError(std::string("op ") + kind.toQualString() + " failed while tracing shapes on meta: " +
+                             BriefLoaderReason(e.what()));
+      }
+      LLMEM_CHECK(stack.size() == node->outputs().size()) << kind.toQualString();
+      for (size_t i = 0; i < stack.size(); ++i) run.env[node->outputs()[i]] = stack[i];
+      ranges.Observe(node, in_values, stack);
+      // Table lookups: embedding(weight, indices), and module state indexed along dim 0 (CodeGen's sin/cos
+      // table: embed_positions[position_ids]).
+      std::optional<std::pair<at::Tensor, at::Tensor>> lookup;  // table, indices
+      if (kind == c10::aten::embedding && in_values[0].isTensor() && in_values[1].isTensor()) {
+        lookup.emplace(in_values[0].toTensor(), in_values[1].toTensor());
+      } else if (kind == c10::aten::index && in_values[0].isTensor() && in_values[1].isList() &&
+                 in_values[1].toListRef().size() == 1 && in_values[1].toListRef()[0].isTensor() &&
+                 slot_names.count(in_values[0].toTensor().unsafeGetTensorImpl())) {
+        lookup.emplace(in_values[0].toTensor(), in_values[1].toListRef()[0].toTensor());
+      }
+      if (lookup && lookup->first.dim() >= 1) {
+        if (auto bounds = ranges.Of(lookup->second)) {
+          auto slot = slot_names.find(lookup->first.unsafeGetTensorImpl());
+          run.bounded_lookups.push_back(BoundedLookup{slot != slot_names.end() ? slot->second.name : "a table",
+                                                      lookup->first.size(0), *bounds, ModulePath(node, mod)});
         }
       }
+
+      const bool is_aten = kind.is_aten();
+      bool has_tensor_out = false;
+      for (const auto& iv : stack) has_tensor_out |= iv.isTensor() || iv.isTensorList();
+      // Pure routing (prim list/tuple ops) and shape queries create no IR op; their tensors keep their identity.
+      if (!is_aten || !has_tensor_out) continue;
+
+      OpNode op;
+      op.id = NodeId{static_cast<int32_t>(run.nodes.size())};
+      op.kind = kind.toQualString();
+      op.scope = ModulePath(node, mod);
+      op.in_module_code = InModuleCode(node);
+      Region provisional{RegionKind::kEmbedding, -1};
+      for (const auto& iv : in_values) op.args.push_back(to_arg(iv, provisional));
+      for (const auto& iv : stack) {
+        if (iv.isTensor() && iv.toTensor().defined()) {
+          op.outputs.push_back(new_value(ValueRole::kActivation, iv.toTensor(), op.id, ""));
+        } else if (iv.isTensorList()) {
+          for (const at::Tensor& t : iv.toTensorVector()) {
+            op.outputs.push_back(new_value(ValueRole::kActivation, t, op.id, ""));
+          }
+        }
+      }
+      node_layers.push_back(LayerIndex(op.scope));
+      run.nodes.push_back(std::move(op));
     }
-    node_layers.push_back(LayerIndex(op.scope));
-    run.nodes.push_back(std::move(op));
-  }
+  };
+  run_block(graph->block());
 
   // Regions.
   int first_layer_node = -1, last_layer_node = -1;
@@ -493,6 +638,54 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   return run;
 }
 
+void TorchScriptModel::set_max_positions(int64_t n) {
+  if (n < 1) throw ConfigError("--max-positions must be at least 1, got " + std::to_string(n));
+  impl_->max_positions_override = n;
+}
+
+std::optional<PositionLimit> TorchScriptModel::Impl::FindPositionLimit(const Run& run, int64_t seq) const {
+  // A position table (learned, or fixed like CodeGen's sin/cos) is indexed by one id per token, so its indices
+  // span exactly `seq` values and grow by one per token: the longest sequence keeps the largest index inside the
+  // table.
+  std::optional<PositionLimit> learned;
+  for (const BoundedLookup& lookup : run.bounded_lookups) {
+    if (lookup.indices.hi - lookup.indices.lo + 1 != seq) continue;
+    const int64_t max_seq = seq + (lookup.rows - 1 - lookup.indices.hi);
+    if (!learned || max_seq < learned->max_seq) {
+      learned = PositionLimit{max_seq, "position table " + lookup.table + ", " +
+                                           std::to_string(lookup.rows) + " rows"};
+    }
+  }
+  if (learned && (!max_positions_override || *max_positions_override >= learned->max_seq)) return learned;
+  if (max_positions_override) return PositionLimit{*max_positions_override, "--max-positions"};
+  if (config_max_positions) {
+    return PositionLimit{*config_max_positions, "max_position_embeddings of the export's config" +
+                                                    (config_model_type.empty() ? "" : " (" + config_model_type + ")")};
+  }
+  return std::nullopt;
+}
+
+std::optional<PositionLimit> TorchScriptModel::Impl::CheckPositions(const Run& run, int64_t seq) const {
+  std::optional<PositionLimit> position_limit = FindPositionLimit(run, seq);
+  if (position_limit && seq > position_limit->max_seq) {
+    const bool learned = position_limit->source.rfind("position table", 0) == 0;
+    throw ConfigError("sequence length " + std::to_string(seq) + " exceeds the model's " +
+                      std::to_string(position_limit->max_seq) + " positions (" + position_limit->source + ")" +
+                      (learned ? ": the real step fails indexing past the table"
+                               : "; pass --max-positions N when the model's RoPE is scaled past it"));
+  }
+  // The meta run reads no indices, so a lookup past its table runs there; the real step fails ("index out of
+  // range in self").
+  for (const BoundedLookup& lookup : run.bounded_lookups) {
+    if (lookup.indices.lo < 0 || lookup.indices.hi >= lookup.rows) {
+      throw ConfigError("sequence length " + std::to_string(seq) + " makes " + lookup.scope + " index rows " +
+                        std::to_string(lookup.indices.lo) + ".." + std::to_string(lookup.indices.hi) + " of " +
+                        lookup.table + ", which has " + std::to_string(lookup.rows) + " rows");
+    }
+  }
+  return position_limit;
+}
+
 Graph TorchScriptModel::BuildGraph(int64_t batch, int64_t seq) const {
   if (batch <= 0) throw ConfigError("batch size must be positive, got " + std::to_string(batch));
   if (seq <= 0) throw ConfigError("sequence length must be positive, got " + std::to_string(seq));
@@ -501,6 +694,7 @@ Graph TorchScriptModel::BuildGraph(int64_t batch, int64_t seq) const {
   torch::AutoGradMode grad_mode(true);
 
   Run run = impl_->Execute(batch, seq, std::nullopt);
+  std::optional<PositionLimit> position_limit = impl_->CheckPositions(run, seq);
   // Second run with 16-bit weights: values whose dtype changes follow the weights; the rest are fixed by an op.
   // Some traces bake fp32 dtypes in (e.g. BLOOM's alibi) and cannot run with 16-bit weights at all.
   bool runs_with_bf16_weights = true;
@@ -522,6 +716,7 @@ Graph TorchScriptModel::BuildGraph(int64_t batch, int64_t seq) const {
   }
   Graph graph(std::move(run.values), std::move(run.nodes), std::move(run.params), std::move(inputs), loss, batch, seq);
   graph.set_runs_with_bf16_weights(runs_with_bf16_weights);
+  graph.set_position_limit(std::move(position_limit));
   return graph;
 }
 

@@ -2,6 +2,8 @@
 // inlines its forward graph and executes it op by op on the meta device at the requested batch and sequence
 // length, recording every tensor's shape, dtype, storage sharing and requires_grad, and every op's module scope
 // and region. Weights are never materialized: parameters are moved to (or already live on) the meta device.
+// Traced and scripted files both work: scripted control flow (prim::If, prim::Loop) is followed where its
+// conditions are values the meta run knows (None checks, flags, sizes), and refused where they need tensor data.
 //
 // It does not decide anything about memory; it only observes what PyTorch does.
 //
@@ -28,9 +30,15 @@ class TorchScriptModel {
   TorchScriptModel& operator=(TorchScriptModel&&) noexcept;
   ~TorchScriptModel();
 
-  // Runs the forward on meta at [batch, seq] and returns the IR. Throws ConfigError for batch/seq <= 0 or
-  // sizes whose byte counts overflow; ModelLoadError when the graph cannot run (naming the op).
+  // Runs the forward on meta at [batch, seq] and returns the IR. Throws ConfigError for batch/seq <= 0, sizes
+  // whose byte counts overflow, or a sequence longer than the model's positions (a learned position table found
+  // in the graph, else the max_position_embeddings of the config the export carries, else the override);
+  // ModelLoadError when the graph cannot run (naming the op) or is not a decoder LM (bidirectional attention).
   Graph BuildGraph(int64_t batch, int64_t seq) const;
+
+  // Replaces the config's position limit, e.g. for RoPE scaled past it. A learned position table still bounds
+  // the sequence: indexing past it fails in the real step. Throws ConfigError for n < 1.
+  void set_max_positions(int64_t n);
 
   const std::string& path() const;
 

@@ -17,6 +17,7 @@ Examples:
 import argparse
 import collections
 import contextlib
+import json
 import os
 import sys
 import time
@@ -49,6 +50,9 @@ ARCH_TYPES = {
 }
 
 
+ROPE_TINY_POSITIONS = 4096
+
+
 def _gpt2_like(hidden, layers, heads, vocab, positions):
     return dict(n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=positions)
 
@@ -61,7 +65,9 @@ def _llama_like(hidden, inter, layers, heads, kv_heads, vocab, positions, **extr
     return d
 
 
-# tiny: hidden 256, 4 layers, 4 heads (2 key/value heads for GQA), vocab 8192, 1024 positions.
+# tiny: hidden 256, 4 layers, 4 heads (2 key/value heads for GQA), vocab 8192, 1024 positions (4096 for
+# the RoPE presets llama/mistral/qwen2: their limit is only the config's, which the export carries, and
+# costs no parameters; long-sequence tests run them past 1024).
 # small: hidden 512 (384 for codegen), 6-8 layers, 8 heads, real tokenizer vocabularies (32000 for
 # llama/mistral, ~50k for the GPT-2 style ones) with each architecture's MLP ratio, <= 60M params.
 # The tiny local/sliding attention windows (24) are shorter than the verification lengths (37, 64)
@@ -84,7 +90,7 @@ PRESETS = {
         "small": dict(hidden_size=512, n_layer=6, n_head=8, vocab_size=50257),
     },
     "llama": {  # grouped-query attention: fewer key/value heads than query heads
-        "tiny": _llama_like(256, 688, 4, 4, 2, 8192, 1024),
+        "tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS),
         "small": _llama_like(512, 1376, 8, 8, 2, 32000, 4096),
     },
     "gpt_neo": {  # alternating global / local attention layers
@@ -106,11 +112,11 @@ PRESETS = {
         "small": dict(_gpt2_like(512, 6, 8, 49152, 2048), n_inner=2048, multi_query=True),
     },
     "mistral": {  # grouped-query attention + sliding window
-        "tiny": _llama_like(256, 688, 4, 4, 2, 8192, 1024, sliding_window=24),
+        "tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, sliding_window=24),
         "small": _llama_like(512, 1536, 8, 8, 2, 32000, 4096, sliding_window=512),
     },
     "qwen2": {  # grouped-query attention, q/k/v biases, tied embeddings
-        "tiny": _llama_like(256, 688, 4, 4, 2, 8192, 1024, tie_word_embeddings=True),
+        "tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, tie_word_embeddings=True),
         "small": _llama_like(512, 1792, 8, 8, 2, 50000, 4096, tie_word_embeddings=True,
                              use_sliding_window=False),
     },
@@ -599,6 +605,22 @@ def strip_debug_info(path):
     os.replace(tmp, path)
 
 
+# The export carries what its graph cannot tell: a RoPE model's position limit lives only in the config.
+# llmem reads this extra file (torch::jit::load(path, device, extra_files)).
+CONFIG_FILE = "hf_config.json"
+
+
+def config_record(config, dtype):
+    """The config fields llmem reads, as JSON: model_type, max_position_embeddings (None when the
+    architecture has none, e.g. BLOOM's ALiBi), rope_scaling and the dtype the export was traced in."""
+    return json.dumps({
+        "model_type": config.model_type,
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "rope_scaling": getattr(config, "rope_scaling", None),
+        "torch_dtype": dtype,
+    }, sort_keys=True)
+
+
 def check_trace_shape(trace_batch, trace_seq):
     # Batch 1 and length 1 are special cases HF branches on in Python, which the trace would bake in:
     # at batch 1 the position ids are not expanded to the batch (the packed-sequence mask then has
@@ -622,7 +644,7 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
     params = sum(p.numel() for p in model.parameters())
     _, traced = trace(model, trace_batch, trace_seq, vocab, device)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    traced.save(out)
+    traced.save(out, _extra_files={CONFIG_FILE: config_record(model.config, dtype)})
     stripped = device == "meta" and os.path.getsize(out) > STRIP_DEBUG_ABOVE
     if stripped:
         strip_debug_info(out)

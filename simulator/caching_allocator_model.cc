@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "graph/dtype.h"
 #include "graph/error.h"
 #include "simulator/caching_allocator_rules.h"
 
@@ -9,7 +10,7 @@ namespace llmem::sim {
 namespace {
 
 void Increase(int64_t& current, int64_t& peak, int64_t delta_bytes) {
-  current += delta_bytes;
+  current = CheckedAdd(current, delta_bytes, "the allocator's statistics");
   peak = std::max(peak, current);
 }
 
@@ -183,7 +184,7 @@ int32_t CudaCachingAllocatorModel::FindBestFit(int64_t rounded_bytes, bool small
 int32_t CudaCachingAllocatorModel::MallocSegment(int64_t segment_bytes, bool small_pool) {
   if (segment_bytes > config_.capacity_bytes - stats_.reserved_bytes) return kNoBlock;
   const int64_t address = next_segment_address_;
-  next_segment_address_ += segment_bytes;
+  next_segment_address_ = CheckedAdd(next_segment_address_, segment_bytes, "the allocator's segments");
   const int32_t index = NewBlock(Block{.address = address,
                                        .size_bytes = segment_bytes,
                                        .segment_address = address,

@@ -2,12 +2,15 @@
 
 #include <bit>
 
+#include "graph/dtype.h"
 #include "graph/error.h"
 
 namespace llmem::sim {
 namespace {
 
-int64_t RoundUpToMultiple(int64_t bytes, int64_t multiple) { return (bytes + multiple - 1) / multiple * multiple; }
+int64_t RoundUpToMultiple(int64_t bytes, int64_t multiple) {
+  return CheckedAdd(bytes, multiple - 1, "a rounded allocation") / multiple * multiple;
+}
 
 }  // namespace
 
@@ -29,7 +32,7 @@ int64_t RoundUpToPower2Division(int64_t bytes, int divisions) {
   const int64_t power2_floor = static_cast<int64_t>(std::bit_floor(unsigned_bytes));
   const int64_t step_bytes = power2_floor / divisions;
   // The interval is narrower than `divisions` bytes: c10 then rounds to the next power of two.
-  if (step_bytes == 0) return power2_floor * 2;
+  if (step_bytes == 0) return CheckedMul(power2_floor, 2, "a rounded allocation");
   return RoundUpToMultiple(bytes, step_bytes);
 }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <string>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -11,10 +12,29 @@
 #include "simulator/simple_allocator_models.h"
 
 namespace llmem::sim {
+namespace {
+
+// A trace bakes its casts in (RMSNorm's .to(input_dtype), the loss's .float()), so the graph of an export traced
+// with 16-bit weights runs in that dtype whatever precision is asked for: an fp32 or autocast step simulated from
+// it would be the 16-bit step under another name. The export's weight dtype must be the precision's.
+void CheckPrecisionMatchesExport(const Graph& graph, Precision precision) {
+  const DType wanted = precision == Precision::kBf16 ? DType::kBF16 : DType::kF32;
+  for (const Parameter& p : graph.params()) {
+    if (!p.trainable || !IsFloating(p.dtype) || p.dtype == DType::kF32 || p.dtype == wanted) continue;
+    const std::string found(DTypeName(p.dtype));
+    const std::string instead = p.dtype == DType::kBF16 ? "use --precision bf16 with it, or" : "";
+    throw ConfigError("the export holds " + found + " weights (" + p.name + "), so a " +
+                      std::string(PrecisionName(precision)) + " step cannot be simulated from it: " + instead +
+                      " export the model in float32 (models/export_hf.py --dtype float32) for fp32 and autocast");
+  }
+}
+
+}  // namespace
 
 MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, StepHooks* hooks,
                               int64_t outside_allocator_bytes) {
-  // Step 1: the timeline.
+  // Step 1: the timeline, of a precision the export can run.
+  CheckPrecisionMatchesExport(graph, config.precision);
   StepSimulation sim = SimulateTrainingStep(graph, config, hooks);
   const Timeline& tl = sim.timeline;
   const BackendRules backend = RulesFor(config.target);
@@ -67,14 +87,22 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
     enter_phases_up_to(static_cast<size_t>(e.phase), model->Stats().allocated_bytes);
     if (e.bytes == 0) continue;  // empty tensors take no memory, in PyTorch and in the models
     if (e.is_alloc) {
-      LLMEM_CHECK(model->Alloc(e.block, e.bytes)) << "an unlimited allocator model ran out of memory";
-      lower_bound.Alloc(e.block, e.bytes);
+      // The unlimited model fails only when its reserved bytes would pass the largest 64-bit count.
+      if (!model->Alloc(e.block, e.bytes) || !lower_bound.Alloc(e.block, e.bytes)) {
+        throw ConfigError("batch " + std::to_string(graph.batch()) + " x sequence " + std::to_string(graph.seq()) +
+                          " is too large: the step's memory overflows a 64-bit byte count");
+      }
       live[static_cast<size_t>(e.block)] = &e;
-      live_by_category[static_cast<size_t>(e.category)] += e.bytes;
+      int64_t& category_bytes = live_by_category[static_cast<size_t>(e.category)];
+      category_bytes = CheckedAdd(category_bytes, e.bytes, "the live tensors of the step");
       switch (e.category) {
-        case MemoryCategory::kWeights: est.weights_bytes += e.bytes; break;
-        case MemoryCategory::kGradients: est.gradients_bytes += e.bytes; break;
-        case MemoryCategory::kOptimizerState: est.optimizer_state_bytes += e.bytes; break;
+        case MemoryCategory::kWeights: est.weights_bytes = CheckedAdd(est.weights_bytes, e.bytes, "the weights"); break;
+        case MemoryCategory::kGradients:
+          est.gradients_bytes = CheckedAdd(est.gradients_bytes, e.bytes, "the gradients");
+          break;
+        case MemoryCategory::kOptimizerState:
+          est.optimizer_state_bytes = CheckedAdd(est.optimizer_state_bytes, e.bytes, "the optimizer states");
+          break;
         default: break;
       }
     } else {
@@ -116,7 +144,8 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
   est.peak_allocated_bytes = stats.peak_allocated_bytes;
   // The GPU-limited run differs from the unlimited one only when the demand exceeds the device: below it no
   // allocation fails and nothing is released, so it is replayed only then.
-  if (limited && stats.peak_reserved_bytes + est.fixed_overhead_bytes > est.capacity_bytes) {
+  if (limited && CheckedAdd(stats.peak_reserved_bytes, est.fixed_overhead_bytes, "the nvidia-smi figure") >
+                     est.capacity_bytes) {
     std::vector<bool> limited_live(tl.block_labels.size(), false);
     for (const MemoryEvent& e : tl.events) {
       if (e.bytes == 0) continue;
@@ -140,7 +169,7 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
     est.peak_reserved_bytes = backend.caching_allocator ? stats.peak_reserved_bytes : stats.peak_allocated_bytes;
   }
   est.lower_bound_bytes = lower_bound.Stats().peak_allocated_bytes;
-  est.nvidia_smi_bytes = est.peak_reserved_bytes + est.fixed_overhead_bytes;
+  est.nvidia_smi_bytes = CheckedAdd(est.peak_reserved_bytes, est.fixed_overhead_bytes, "the nvidia-smi figure");
   if (limited_oom || (est.capacity_bytes > 0 && est.nvidia_smi_bytes > est.capacity_bytes)) est.fits = false;
   if (!tl.events.empty()) {
     const MemoryEvent& e = tl.events[peak_event];

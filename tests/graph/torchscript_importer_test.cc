@@ -302,5 +302,37 @@ TEST(TorchScriptImporterTest, InputIdsOverflowIsAConfigError) {
   EXPECT_THROW(model.BuildGraph(int64_t{1} << 30, int64_t{1} << 30), ConfigError);
 }
 
+// ---- position limits ----
+
+// The tiny presets have 1024 positions. GPT-2 and OPT learn a table (OPT's has 2 more rows: its ids start at 2);
+// CodeGen indexes a fixed sin/cos table; GPT-Neo's mask buffer fails first past 1024 tokens, and the table is
+// named as the reason.
+TEST(TorchScriptImporterTest, PositionTablesBoundTheSequence) {
+  for (const char* arch : {"gpt2", "opt", "gpt_neo", "codegen"}) {
+    auto model = TorchScriptModel::Load(ModelPath(arch));
+    const Graph g = model.BuildGraph(1, 16);
+    ASSERT_TRUE(g.position_limit().has_value()) << arch;
+    EXPECT_EQ(g.position_limit()->max_seq, 1024) << arch;
+    EXPECT_NO_THROW(model.BuildGraph(1, 1024)) << arch;
+    EXPECT_THROW(model.BuildGraph(1, 1025), ConfigError) << arch;
+    model.set_max_positions(4096);  // an override does not lift a table
+    EXPECT_THROW(model.BuildGraph(1, 1025), ConfigError) << arch;
+  }
+}
+
+// RoPE has no table: the limit is the max_position_embeddings of the config the export carries (4096 for the
+// tiny RoPE presets), and --max-positions replaces it.
+TEST(TorchScriptImporterTest, RopeLimitIsTheExportedConfigOrTheOverride) {
+  auto model = TorchScriptModel::Load(ModelPath("llama"));
+  const Graph g = model.BuildGraph(1, 16);
+  ASSERT_TRUE(g.position_limit().has_value());
+  EXPECT_EQ(g.position_limit()->max_seq, 4096);
+  EXPECT_NE(g.position_limit()->source.find("max_position_embeddings"), std::string::npos);
+  model.set_max_positions(16);
+  EXPECT_EQ(model.BuildGraph(1, 16).position_limit()->max_seq, 16);
+  EXPECT_THROW(model.BuildGraph(1, 17), ConfigError);
+  EXPECT_THROW(model.set_max_positions(0), ConfigError);
+}
+
 }  // namespace
 }  // namespace llmem

@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""End-to-end tests of what llmem accepts as a model file: scripted TorchScript runs like a trace, and files
+that are not a decoder-LM export (a FIFO, a torch.save checkpoint, a truncated archive, an encoder), options
+that contradict the export (its dtype, its position table) and sizes that overflow are one line on stderr and
+exit 2. Needs LLMEM_BIN, LLMEM_TINY_MODELS and LLMEM_MODELS_DIR, like test_cli.py."""
+import json
+import os
+import subprocess
+import sys
+import unittest
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_cli  # noqa: E402  (the module, not its classes, so that its tests do not run twice)
+
+LLMEM = os.environ["LLMEM_BIN"]
+TINY = os.environ["LLMEM_TINY_MODELS"]
+BUNDLED = os.environ["LLMEM_MODELS_DIR"]
+VOCAB = 64
+HIDDEN = 16
+
+
+def run(*args, timeout=600):
+    return subprocess.run([LLMEM, *args], capture_output=True, text=True, timeout=timeout)
+
+
+class Attention(nn.Module):
+    def __init__(self, causal):
+        super().__init__()
+        self.qkv = nn.Linear(HIDDEN, 3 * HIDDEN)
+        self.out = nn.Linear(HIDDEN, HIDDEN)
+        self.causal = causal
+        self.hidden = HIDDEN
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 2, self.hidden // 2).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=self.causal)
+        return x + self.out(y.transpose(1, 2).reshape(b, t, self.hidden))
+
+
+class TinyLM(nn.Module):
+    """A decoder LM written so that torch.jit.script keeps control flow: a loop over layers, None checks and
+    size tests (prim::If), a range loop (prim::Loop) and the Function constants of inlined calls."""
+
+    def __init__(self, causal=True, positions=0):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.pos = nn.Embedding(max(positions, 1), HIDDEN)
+        self.use_pos = positions > 0
+        self.layers = nn.ModuleList([Attention(causal), Attention(causal)])
+        self.head = nn.Linear(HIDDEN, VOCAB)
+        self.vocab = VOCAB
+
+    def forward(self, input_ids, labels):
+        x = self.embed(input_ids)
+        if self.use_pos:
+            x = x + self.pos(torch.arange(input_ids.size(1), device=input_ids.device))
+        for layer in self.layers:
+            x = layer(x)
+        for _ in range(2):
+            x = x * 1.0
+        if x.dim() == 3:
+            x = x + 0
+        logits = self.head(x)
+        return F.cross_entropy(logits.view(-1, self.vocab), labels.view(-1))
+
+
+class ModelFileTest(unittest.TestCase):
+    # The fixtures (a scratch directory, the tiny GPT-2) and the one-line error check of test_cli.py.
+    setUpClass = test_cli.CliTest.__dict__["setUpClass"]
+    tearDownClass = test_cli.CliTest.__dict__["tearDownClass"]
+    assert_one_line_error = test_cli.CliTest.assert_one_line_error
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def peaks(self, *args):
+        proc = run(*args, "--json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return json.loads(proc.stdout)
+
+    # --- scripted modules ---------------------------------------------------------------------------------------
+
+    def test_scripted_module_estimates_what_a_cpu_step_measures(self):
+        path = self.path("scripted.pt")
+        torch.manual_seed(0)
+        torch.jit.script(TinyLM()).save(path)
+        shape = ("-b", "2", "-s", "16", "-p", "fp32")
+        estimate = self.peaks("estimate", path, *shape, "--gpu", "cpu")
+        measured = self.peaks("measure", path, *shape, "--steps", "2")
+        self.assertEqual(estimate["peak_allocated_bytes"], measured["peak_allocated_bytes"])
+        proc = run("inspect", path)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("layers      2", proc.stdout)
+
+    def test_scripted_control_flow_on_tensor_data_is_refused(self):
+        class DataDependent(TinyLM):
+            def forward(self, input_ids, labels):
+                x = self.embed(input_ids)
+                if bool(x.sum() > 0):
+                    x = x * 2
+                return F.cross_entropy(self.head(x).view(-1, self.vocab), labels.view(-1))
+
+        path = self.path("data_dependent.pt")
+        torch.jit.script(DataDependent()).save(path)
+        self.assert_one_line_error(run("estimate", path, "-b", "1", "-s", "8"), 2, "aten::Bool")
+
+    # --- files that are not TorchScript exports -------------------------------------------------------------------
+
+    def test_fifo_is_refused_without_blocking(self):
+        path = self.path("fifo.pt")
+        os.mkfifo(path)
+        for command in ("inspect", "estimate"):
+            self.assert_one_line_error(run(command, path, timeout=30), 2, "FIFO", "not a regular file", path)
+
+    def test_state_dict_is_named_not_corrupted(self):
+        path = self.path("state_dict.pt")
+        torch.save(TinyLM().state_dict(), path)
+        proc = run("estimate", path)
+        self.assert_one_line_error(proc, 2, "state dict", "torch.save", "not a TorchScript export",
+                                   "torch.jit.trace")
+        self.assertNotIn("corrupted", proc.stderr)
+        self.assertNotIn("miniz", proc.stderr)
+
+    def test_pickled_module_is_named(self):
+        path = self.path("pickled.pt")
+        torch.save(nn.Linear(2, 2), path)
+        proc = run("inspect", path)
+        self.assert_one_line_error(proc, 2, "pickled torch.nn.modules.linear.Linear", "not a TorchScript export")
+        self.assertNotIn("corrupted", proc.stderr)
+
+    def test_truncated_archive_says_so(self):
+        path = self.path("truncated.pt")
+        with open(self.gpt2, "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read(4096))
+        proc = run("estimate", path)
+        self.assert_one_line_error(proc, 2, "truncated or damaged zip archive")
+        self.assertNotIn("internal miniz error", proc.stderr)
+
+    def test_text_file_is_not_a_zip_archive(self):
+        path = self.path("text.pt")
+        with open(path, "w") as f:
+            f.write("hello\n")
+        self.assert_one_line_error(run("inspect", path), 2, "not a zip archive")
+
+    def test_missing_code_gives_a_reason(self):
+        import zipfile
+        good, bad = self.path("good_code.pt"), self.path("missing_code.pt")
+        torch.jit.script(TinyLM()).save(good)
+        with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+            for item in src.infolist():
+                if "modules/linear" not in item.filename:
+                    dst.writestr(item, src.read(item.filename))
+        proc = run("inspect", bad)
+        self.assert_one_line_error(proc, 2, "not a readable TorchScript file", "Linear")
+        self.assertNotIn("()", proc.stderr)
+
+    # --- options that contradict the export ----------------------------------------------------------------------
+
+    def test_precision_contradicting_a_bf16_export_is_refused(self):
+        bf16 = os.path.join(TINY, "llama-tiny-bf16.pt")
+        for precision in ("fp32", "bf16-autocast"):
+            self.assert_one_line_error(run("estimate", bf16, "-b", "1", "-s", "32", "-p", precision), 2,
+                                       "bf16 weights", precision, "--precision bf16")
+            self.assert_one_line_error(run("recommend", bf16, "--gpus", "2", "--seq", "32", "-p", precision), 2,
+                                       "bf16 weights")
+        self.assertEqual(run("estimate", bf16, "-b", "1", "-s", "32", "-p", "bf16").returncode, 0)
+
+    # --- position limits -------------------------------------------------------------------------------------------
+
+    def test_sequence_past_a_learned_position_table_is_refused(self):
+        opt = os.path.join(BUNDLED, "opt-1.3b.meta.pt")  # 2050 rows, positions offset by 2: 2048 tokens
+        self.assertEqual(run("estimate", opt, "-b", "1", "-s", "2048").returncode, 0)
+        self.assert_one_line_error(run("estimate", opt, "-b", "1", "-s", "2049"), 2, "2048 positions",
+                                   "embed_positions")
+        self.assert_one_line_error(run("recommend", opt, "--gpus", "8", "--seq", "16384"), 2, "2048 positions")
+        # An override cannot lift a learned table: the real step would index past it.
+        self.assert_one_line_error(run("estimate", opt, "-b", "1", "-s", "8192", "--max-positions", "8192"), 2,
+                                   "2048 positions")
+        proc = run("inspect", opt)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("positions   2048", proc.stdout)
+
+    def test_scripted_position_table_is_found_in_the_graph(self):
+        path = self.path("scripted_positions.pt")
+        torch.jit.script(TinyLM(positions=32)).save(path)
+        self.assertEqual(run("estimate", path, "-b", "1", "-s", "32").returncode, 0)
+        self.assert_one_line_error(run("estimate", path, "-b", "1", "-s", "33"), 2, "32 positions")
+
+    def test_rope_limit_comes_from_the_exported_config(self):
+        llama = os.path.join(BUNDLED, "llama-2-7b.meta.pt")  # max_position_embeddings 4096
+        self.assertIn(run("estimate", llama, "-b", "1", "-s", "4096").returncode, (0, 3))  # accepted
+        self.assert_one_line_error(run("estimate", llama, "-b", "1", "-s", "4097"), 2, "4096 positions",
+                                   "max_position_embeddings", "--max-positions")
+        self.assert_one_line_error(run("recommend", llama, "--gpus", "8", "--seq", "8192"), 2, "4096 positions")
+        # Scaled RoPE: the override replaces the config's limit.
+        proc = run("estimate", llama, "-b", "1", "-s", "8192", "--max-positions", "16384", "--json")
+        self.assertIn(proc.returncode, (0, 3), proc.stderr)
+        self.assert_one_line_error(run("inspect", llama, "--max-positions", "0"), 2, "--max-positions")
+        proc = run("inspect", llama, "--json")
+        self.assertEqual(json.loads(proc.stdout)["max_positions"], 4096)
+
+    def test_export_without_config_says_no_rope_limit_is_known(self):
+        import zipfile
+        path = self.path("llama-no-config.pt")
+        with zipfile.ZipFile(os.path.join(TINY, "llama-tiny.pt")) as src, zipfile.ZipFile(path, "w") as dst:
+            for item in src.infolist():
+                if not item.filename.endswith("extra/hf_config.json"):
+                    dst.writestr(item, src.read(item.filename))
+        proc = run("inspect", path)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("positions   no limit known", proc.stdout)
+        self.assertEqual(run("estimate", path, "-b", "1", "-s", "8192").returncode, 0)
+
+    # --- encoders -----------------------------------------------------------------------------------------------
+
+    def test_masked_lm_is_not_a_decoder_lm(self):
+        import warnings
+        from transformers import BertConfig, BertForMaskedLM
+
+        class Loss(nn.Module):
+            def __init__(self, model):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, labels):
+                return self.model(input_ids=input_ids, labels=labels).loss
+
+        config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=64, attn_implementation="sdpa")
+        ids = torch.zeros(2, 8, dtype=torch.long)
+        path = self.path("bert.pt")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.trace(Loss(BertForMaskedLM(config)).train(), (ids, ids), check_trace=False,
+                            strict=False).save(path)
+        self.assert_one_line_error(run("estimate", path, "-b", "1", "-s", "8"), 2, "not a decoder LM",
+                                   "BertSdpaSelfAttention", "bidirectional")
+
+    def test_scripted_encoder_without_mask_is_not_a_decoder_lm(self):
+        path = self.path("encoder.pt")
+        torch.jit.script(TinyLM(causal=False)).save(path)
+        self.assert_one_line_error(run("inspect", path), 2, "not a decoder LM", "bidirectional")
+
+    # --- sizes whose byte counts overflow -------------------------------------------------------------------------
+
+    def test_step_memory_past_64_bits_is_a_config_error(self):
+        huge = ("-b", str(2**40), "-s", "64")
+        for extra in ((), ("--gpu", "cpu"), ("--tp", "2"), ("--dp", "2", "--engine", "zero3")):
+            self.assert_one_line_error(run("estimate", self.gpt2, *huge, *extra), 2, "overflows a 64-bit")
+        self.assert_one_line_error(run("recommend", self.gpt2, "--gpus", "2", "--seq", "64", "--batch", str(2**40)),
+                                   2, "overflows a 64-bit")
+
+
+if __name__ == "__main__":
+    unittest.main()
