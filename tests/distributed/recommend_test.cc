@@ -102,11 +102,15 @@ TEST_P(LargestBatchProperty, MaxBatchFitsTheNextDoesNotWhateverTheBatchAsked) {
       if (!row.skipped.empty()) continue;
       const std::string name = row.plan.Name() + " asked " + std::to_string(batch);
       const int per_node = rec.nodes.gpus_per_node;
-      if (row.max_micro_batch > 0) EXPECT_TRUE(FitsAt(graphs, req, row.plan, row.max_micro_batch, per_node)) << name;
+      if (row.max_micro_batch > 0) {
+        EXPECT_TRUE(FitsAt(graphs, req, row.plan, row.max_micro_batch, per_node)) << name;
+      }
       EXPECT_FALSE(FitsAt(graphs, req, row.plan, row.max_micro_batch + 1, per_node)) << name;
       EXPECT_EQ(row.fits, row.micro_batch <= row.max_micro_batch) << name;
       auto [it, inserted] = first.emplace(row.plan.Name(), row.max_micro_batch);
-      if (!inserted) EXPECT_EQ(row.max_micro_batch, it->second) << name;
+      if (!inserted) {
+        EXPECT_EQ(row.max_micro_batch, it->second) << name;
+      }
       largest = std::max(largest, row.max_micro_batch);
       ++checked;
     }
