@@ -40,6 +40,7 @@ struct StepOptions {
   bool json_out = false;
   bool allow_unknown_ops = false;
   std::string trace_path;
+  std::string lifetimes = "eager";
   // Parallel layout (estimate): one rank of dp × tp GPUs.
   int dp = 1;
   int tp = 1;
@@ -59,6 +60,7 @@ void AddStepOptions(CLI::App* cmd, StepOptions& o) {
 llmem::sim::TrainingConfig MakeConfig(const StepOptions& o, const std::string& target) {
   auto cfg = llmem::cli::ParseTrainingConfig(o.precision, o.optimizer, target);
   cfg.allow_unknown_ops = o.allow_unknown_ops;
+  cfg.lifetimes = llmem::cli::ParseLifetimesOption(o.lifetimes);
   return cfg;
 }
 
@@ -328,6 +330,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   estimate->add_flag("--no-vocab-parallel", est_opts.no_vocab_parallel,
                      "with --tp: keep the embedding and LM head whole on every rank");
+  estimate->add_option("--lifetimes", est_opts.lifetimes,
+                       "forward value lifetimes: eager (Python frames) | torchscript (freed at last use)")
+      ->capture_default_str();
 
   StepOptions measure_opts;
   measure_opts.precision = "fp32";

@@ -97,6 +97,7 @@ void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   cmd->add_option("--engines", o.engines, "data-parallel engines to consider")->capture_default_str();
   cmd->add_flag("--no-vocab-parallel", o.no_vocab_parallel, "keep the embedding and LM head whole under TP");
   cmd->add_flag("--json", o.json_out, "print JSON");
+  cmd->add_option("--lifetimes", o.lifetimes, "forward value lifetimes: eager | torchscript")->capture_default_str();
 }
 
 int RunRecommend(const RecommendOptions& o) {
@@ -120,6 +121,7 @@ int RunRecommend(const RecommendOptions& o) {
   if (o.seq <= 0) throw ConfigError("the sequence length must be positive (got " + std::to_string(o.seq) + ")");
   if (o.gpu == "cpu") throw ConfigError("recommend needs a GPU from the catalog (" + sim::GpuNames() + ")");
   req.config = ParseTrainingConfig(o.precision, o.optimizer, o.gpu);
+  req.config.lifetimes = ParseLifetimesOption(o.lifetimes);
   const auto gpu = &req.config.target.gpu;
   const std::string intra_name = o.interconnect.empty() ? gpu->intra_node_link : o.interconnect;
   auto intra = dist::FindInterconnect(intra_name);

@@ -26,6 +26,7 @@ struct RecommendOptions {
   std::string engines = "ddp,zero1,zero2,zero3,gemini";
   bool no_vocab_parallel = false;
   bool json_out = false;
+  std::string lifetimes = "eager";
 };
 
 void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o);

@@ -23,4 +23,10 @@ sim::TrainingConfig ParseTrainingConfig(const std::string& precision, const std:
   return cfg;
 }
 
+sim::Lifetimes ParseLifetimesOption(const std::string& name) {
+  auto l = sim::ParseLifetimes(name);
+  if (!l) throw ConfigError("unknown lifetimes '" + name + "' (eager, torchscript)");
+  return *l;
+}
+
 }  // namespace llmem::cli

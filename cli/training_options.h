@@ -11,4 +11,7 @@ namespace llmem::cli {
 sim::TrainingConfig ParseTrainingConfig(const std::string& precision, const std::string& optimizer,
                                         const std::string& target);
 
+// --lifetimes: eager (the user's eager Python program, default) | torchscript (what `llmem measure` runs).
+sim::Lifetimes ParseLifetimesOption(const std::string& name);
+
 }  // namespace llmem::cli

@@ -86,6 +86,8 @@ struct OpNode {
   std::vector<ValueId> outputs; // tensor outputs, flattened (a Tensor[] result becomes several values)
   Region region;
   std::string scope;            // module path, e.g. "model.layers.3.mlp.up_proj"
+  bool in_module_code = false;  // run by the module's own forward: the op's traced source line is in the file
+                                // that defines the module's class, not in a helper function of another file
 };
 
 struct Parameter {

@@ -137,6 +137,33 @@ std::string ModulePath(const torch::jit::Node* node, const torch::jit::Module& r
   return path;
 }
 
+// Whether the innermost module's own code ran the node: the traced source line is in the Python file of the
+// module's class (`__torch__.transformers.models.opt.modeling_opt.OPTForCausalLM` -> .../models/opt/modeling_opt.py),
+// not in a helper of another file (a loss function in loss_utils.py, torch.nn.functional).
+bool InModuleCode(const torch::jit::Node* node) {
+  const auto cs = node->callstack();
+  // A loaded export's ranges point into its serialized code; the range that generated it is the traced line.
+  const auto traced = node->sourceRange().findSourceRangeThatGenerated();
+  const auto file_line = traced ? traced->file_line_col() : std::nullopt;
+  if (!cs || !file_line) return false;
+  const auto& entries = (*cs)->vec();
+  for (auto it = entries.rbegin(); it != entries.rend(); ++it) {
+    const auto& info = std::get<2>(*it);
+    if (!info || !info->class_type() || !info->class_type()->name()) continue;
+    const std::vector<std::string> atoms = info->class_type()->name()->atoms();
+    std::string file;  // the atoms without "__torch__", mangling and the class name, as a path
+    for (size_t i = 0; i + 1 < atoms.size(); ++i) {
+      if (atoms[i] == "__torch__" || atoms[i].rfind("___torch_mangle", 0) == 0) continue;
+      file += "/" + atoms[i];
+    }
+    file += ".py";
+    const std::string& source = std::get<0>(*file_line);
+    return file.size() > 4 && source.size() >= file.size() &&
+           source.compare(source.size() - file.size(), file.size(), file) == 0;
+  }
+  return false;
+}
+
 // Decoder layer index from a module path: the first "<name>.<integer>" step (a child of a container such as
 // ModuleList; decoder architectures keep their layers in one).
 int32_t LayerIndex(const std::string& path) {
@@ -398,6 +425,7 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
     op.id = NodeId{static_cast<int32_t>(run.nodes.size())};
     op.kind = kind.toQualString();
     op.scope = ModulePath(node, mod);
+    op.in_module_code = InModuleCode(node);
     Region provisional{RegionKind::kEmbedding, -1};
     for (const auto& iv : in_values) op.args.push_back(to_arg(iv, provisional));
     for (const auto& iv : stack) {

@@ -52,10 +52,19 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
   // Block ids are dense (0 .. number of blocks): the live set is a table indexed by id.
   std::vector<const MemoryEvent*> live(tl.block_labels.size(), nullptr);
   std::array<int64_t, kNumCategories> live_by_category{};
+  // A phase's peak is at least what is live when it begins, also when it allocates nothing (SGD's in-place step).
+  size_t phase_entered = 0;
+  auto enter_phases_up_to = [&](size_t phase, int64_t allocated) {
+    for (; phase_entered < phase; ++phase_entered) {
+      auto& peak_of_next = est.phase_peak_bytes[phase_entered + 1];
+      peak_of_next = std::max(peak_of_next, allocated);
+    }
+  };
   size_t peak_event = 0;
   int64_t peak = -1;
   for (size_t i = 0; i < tl.events.size(); ++i) {
     const MemoryEvent& e = tl.events[i];
+    enter_phases_up_to(static_cast<size_t>(e.phase), model->Stats().allocated_bytes);
     if (e.bytes == 0) continue;  // empty tensors take no memory, in PyTorch and in the models
     if (e.is_alloc) {
       LLMEM_CHECK(model->Alloc(e.block, e.bytes)) << "an unlimited allocator model ran out of memory";
@@ -85,6 +94,7 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
       est.at_peak = live_by_category;
     }
   }
+  enter_phases_up_to(est.phase_peak_bytes.size() - 1, model->Stats().allocated_bytes);
   // Step 4: the blocks live at the peak, by replaying up to it once.
   std::fill(live.begin(), live.end(), nullptr);
   for (size_t i = 0; i <= peak_event && i < tl.events.size(); ++i) {

@@ -30,4 +30,14 @@ std::string_view OptimizerName(OptimizerKind o) {
   return o == OptimizerKind::kAdamW ? "adamw" : "sgd";
 }
 
+std::optional<Lifetimes> ParseLifetimes(std::string_view name) {
+  if (name == "eager") return Lifetimes::kEager;
+  if (name == "torchscript") return Lifetimes::kTorchScript;
+  return std::nullopt;
+}
+
+std::string_view LifetimesName(Lifetimes l) {
+  return l == Lifetimes::kEager ? "eager" : "torchscript";
+}
+
 }  // namespace llmem::sim

@@ -23,10 +23,18 @@ enum class OptimizerKind : uint8_t {
   kSgdMomentum,  // one momentum buffer per parameter
 };
 
+// Which program's value lifetimes the forward follows (simulator/forward_lifetimes.h, Note [Eager lifetimes]).
+enum class Lifetimes : uint8_t {
+  kEager,        // eager PyTorch / Hugging Face in Python: values handed between module calls live in their frames
+  kTorchScript,  // the TorchScript interpreter (what `llmem measure` runs): every value dies at its last use
+};
+
 std::optional<Precision> ParsePrecision(std::string_view name);  // fp32 | bf16-autocast | fp16-autocast | bf16
 std::string_view PrecisionName(Precision p);
 std::optional<OptimizerKind> ParseOptimizer(std::string_view name);  // adamw | sgd
 std::string_view OptimizerName(OptimizerKind o);
+std::optional<Lifetimes> ParseLifetimes(std::string_view name);  // eager | torchscript
+std::string_view LifetimesName(Lifetimes l);
 
 struct Target {
   bool is_cpu = false;  // true: predict what an instrumented CPU run of the same step allocates
@@ -37,6 +45,7 @@ struct Target {
 struct TrainingConfig {
   Precision precision = Precision::kFp32;
   OptimizerKind optimizer = OptimizerKind::kAdamW;
+  Lifetimes lifetimes = Lifetimes::kEager;
   Target target;
   bool allow_unknown_ops = false;  // estimate unknown ops conservatively instead of failing
   bool keep_labels = true;         // name every block of the timeline (for --trace and the peak's largest blocks);

@@ -8,6 +8,7 @@
 
 #include "graph/error.h"
 #include "simulator/backend_rules.h"
+#include "simulator/forward_lifetimes.h"
 #include "simulator/op_memory_rules.h"
 
 namespace llmem::sim {
@@ -135,13 +136,6 @@ std::vector<DType> SimulatedDTypes(const Graph& graph, Precision precision, cons
     }
   }
   return dt;
-}
-
-// True the first time `index` is added to `seen` (a few entries per op: linear search).
-bool DropOnce(std::vector<int32_t>& seen, int32_t index) {
-  if (std::find(seen.begin(), seen.end(), index) != seen.end()) return false;
-  seen.push_back(index);
-  return true;
 }
 
 // Builds the events; one instance per simulation.
@@ -293,15 +287,27 @@ void StepBuilder::Setup() {
 void StepBuilder::Forward() {
   phase_ = Phase::kForward;
   const auto& nodes = graph_.nodes();
-  // Last forward use of every value; the loss lives until backward.
-  std::vector<int32_t> last_use(graph_.values().size(), -1);
-  for (const auto& node : nodes) {
-    for (ValueId in : graph_.tensor_inputs(node.id)) last_use[static_cast<size_t>(in.index)] = node.id.index;
-    for (ValueId out : node.outputs) {
-      last_use[static_cast<size_t>(out.index)] = std::max(last_use[static_cast<size_t>(out.index)], node.id.index);
+  // Release points (Note [Eager lifetimes]); the loss lives until backward. Per op, the activations released after
+  // it: its inputs and outputs that die there first (in that order), then the values a frame held until there.
+  const std::vector<int32_t> release = ForwardReleasePoints(graph_, config_.lifetimes);
+  std::vector<std::vector<ValueId>> released_after(nodes.size());
+  {
+    std::vector<bool> listed(graph_.values().size(), false);
+    auto list = [&](ValueId v, int32_t at) {
+      const size_t i = static_cast<size_t>(v.index);
+      if (listed[i] || release[i] != at || graph_.value(v).role != ValueRole::kActivation) return;
+      listed[i] = true;
+      released_after[static_cast<size_t>(at)].push_back(v);
+    };
+    for (const auto& node : nodes) {
+      for (ValueId in : graph_.tensor_inputs(node.id)) list(in, node.id.index);
+      for (ValueId out : node.outputs) list(out, node.id.index);
+    }
+    for (const auto& v : graph_.values()) {
+      const int32_t at = release[static_cast<size_t>(v.id.index)];
+      if (at >= 0 && at < static_cast<int32_t>(nodes.size())) list(v.id, at);
     }
   }
-  last_use[static_cast<size_t>(graph_.loss().index)] = static_cast<int32_t>(nodes.size());
 
   // Inside an op, an input that autocast copied has the copy's dtype (e.g. cross_entropy's fp32 copy of 16-bit
   // logits), so the rule sizes what the op really sees.
@@ -320,7 +326,6 @@ void StepBuilder::Forward() {
   const DType low = config_.precision == Precision::kFp16Autocast ? DType::kF16 : DType::kBF16;
   std::map<int32_t, int64_t> weight_cast_cache;  // value index -> autocast copy storage (held until forward ends)
 
-  std::vector<int32_t> dropped;  // values released after the current op (each once)
   rules_.resize(nodes.size());
   saved_.resize(nodes.size());
   cast_of_input_.resize(nodes.size());
@@ -473,19 +478,7 @@ void StepBuilder::Forward() {
         s = copy;
       }
     }
-    // Values whose last use was this op.
-    dropped.clear();
-    for (ValueId v : inputs) {
-      if (last_use[static_cast<size_t>(v.index)] == node.id.index && DropOnce(dropped, v.index)) {
-        const auto role = graph_.value(v).role;
-        if (role == ValueRole::kActivation) Unref(storage_of_[static_cast<size_t>(v.index)], node.id.index);
-      }
-    }
-    for (ValueId v : node.outputs) {
-      if (last_use[static_cast<size_t>(v.index)] == node.id.index && DropOnce(dropped, v.index)) {
-        Unref(storage_of_[static_cast<size_t>(v.index)], node.id.index);
-      }
-    }
+    for (ValueId v : released_after[n]) Unref(storage_of_[static_cast<size_t>(v.index)], node.id.index);
   }
   current_node_ = -1;
   LeaveRegion();

@@ -3,8 +3,9 @@
 //
 // Note [What a step holds]
 // The step starts with weights, optimizer states (steady state: they exist from step 1 on) and the input batch
-// live; gradients were set to None. Forward frees each value after its last use, as the TorchScript interpreter
-// does, unless autograd saved it (op_memory_rules). Backward visits ops in reverse order: it allocates each input's
+// live; gradients were set to None. Forward frees each value when the program drops it (forward_lifetimes.h:
+// eager Python frames by default, or at its last use as the TorchScript interpreter does), unless autograd saved
+// it (op_memory_rules). Backward visits ops in reverse order: it allocates each input's
 // gradient, accumulates gradients that arrive more than once in place, then drops the output gradients and the
 // saved tensors of that op. Parameter gradients stay for the optimizer step, whose temporaries depend on the
 // backend (backend_rules).

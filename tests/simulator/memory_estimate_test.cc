@@ -57,6 +57,9 @@ TEST(MemoryEstimateTest, PeakInBackwardNamesTheOp) {
   EXPECT_EQ(At(est, MemoryCategory::kHeadActivations), 4 + 256);
   EXPECT_EQ(At(est, MemoryCategory::kActivationGrads), 4 + 256);
   EXPECT_EQ(At(est, MemoryCategory::kTransient), 256);
+  // SGD updates in place: the optimizer phase allocates nothing and holds what backward left, w + momentum +
+  // inputs + d w = 1696.
+  EXPECT_EQ(est.phase_peak_bytes[static_cast<size_t>(Phase::kOptimizer)], 1696);
 }
 
 TEST(MemoryEstimateTest, CachingAllocatorTarget) {

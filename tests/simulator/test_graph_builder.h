@@ -93,6 +93,8 @@ class TestGraphBuilder {
   void SetRegion(Region region) { region_ = region; }
   void SetLayer(int32_t layer) { region_ = Region{RegionKind::kDecoderLayer, layer}; }
   void SetHead() { region_ = Region{RegionKind::kHead, -1}; }
+  // Subsequent ops are run by their module's own forward (OpNode::in_module_code) or by a helper (default).
+  void SetInModuleCode(bool in_module_code) { in_module_code_ = in_module_code; }
 
   ValueId Input(const std::string& name, std::vector<int64_t> shape, DType dtype = DType::kI64) {
     TensorValue v = NewValue(name, std::move(shape), dtype, ValueRole::kInput);
@@ -145,6 +147,7 @@ class TestGraphBuilder {
     node.args = std::move(args);
     node.region = region_;
     node.scope = scope;
+    node.in_module_code = in_module_code_;
     bool any_input_grad = false;
     for (const auto& a : node.args) {
       for (ValueId t : a.tensors) any_input_grad |= values_.at(static_cast<size_t>(t.index)).requires_grad;
@@ -202,6 +205,7 @@ class TestGraphBuilder {
   }
 
   Region region_{RegionKind::kEmbedding, -1};
+  bool in_module_code_ = false;
   std::vector<TensorValue> values_;
   std::vector<OpNode> nodes_;
   std::vector<Parameter> params_;

@@ -70,6 +70,30 @@ inline Graph TwoLinears() {
   return b.Build(CrossEntropy(b, logits, labels));
 }
 
+// Graph D: a causal-LM head with module paths (Note [Eager lifetimes]). The norm output h [4,8] = 128 B and the
+// logits [4,16] are returned to the model's forward; the upcast f = to(logits, f32) runs in HF's loss function (a
+// helper of another file), or, with `model_casts`, in the model's own forward (`lm_logits = lm_logits.to(...)`).
+//   op  path             value
+//   0   model.body.norm  h = mul(x, x)
+//   1   model.lm_head    logits = linear(h, w [16,8])
+//   2   model            f = to(logits, f32)           (a view in this fp32 graph)
+//   3   model            loss = cross_entropy(f, labels)
+inline Graph CausalLmHead(bool model_casts = false) {
+  TestGraphBuilder b;
+  ValueId x = b.Input("x", {4, 8}, DType::kF32);
+  ValueId labels = b.Input("labels", {4});
+  ValueId w = b.Param("w", {16, 8});
+  b.SetHead();
+  ValueId h = b.OpOut("aten::mul", {T(x), T(x)}, Out({4, 8}), "model.body.norm");
+  ValueId logits = b.OpOut("aten::linear", {T(h), T(w), None()}, Out({4, 16}), "model.lm_head");
+  b.SetInModuleCode(model_casts);
+  ValueId f = b.OpOut("aten::to", {T(logits), I(6), B(false), B(false), None()}, Out({4, 16}).AliasOf(logits),
+                      "model");
+  b.SetInModuleCode(false);
+  return b.Build(b.OpOut("aten::cross_entropy_loss", {T(f), T(labels), None(), I(1), I(-100), D(0.0)}, Out({}),
+                         "model"));
+}
+
 // Graph C: one weight w [8,8] = 256 B used by two matmuls: h = linear(x, w); y = linear(h, w) [4,8];
 // cross_entropy(y).
 inline Graph SharedWeight() {

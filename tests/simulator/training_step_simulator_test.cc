@@ -243,6 +243,28 @@ TEST(TrainingStepSimulatorTest, TiedParameterNamesShareOneStorage) {
   EXPECT_EQ(r.phase_peak[kOptimizer] - r.phase_start[kOptimizer], 512);  // sqrt + denom of one 256 B parameter
 }
 
+// Graph D: the norm output h and the logits are returned to the model's forward, whose loss function upcasts the
+// logits (Note [Eager lifetimes]).
+//   fp32: h is saved by the linear and the upcast is a view of the logits: both lifetimes give the same step.
+//   bf16 autocast: the linear reads a 16-bit copy of h, so the TorchScript interpreter frees h (128 B) after the
+//   linear and the bf16 logits (4*16*2 = 128 B) after their fp32 copy; eager Python holds both until the model's
+//   forward returns, i.e. across the cross entropy, where the forward peaks: +256 B, and nothing else changes.
+TEST(TrainingStepSimulatorTest, EagerFramesHoldTheHeadsSixteenBitLogitsAcrossTheLoss) {
+  Graph g = CausalLmHead();
+  for (Precision p : {Precision::kFp32, Precision::kBf16Autocast}) {
+    TrainingConfig eager = CpuConfig(p), torchscript = CpuConfig(p);
+    eager.lifetimes = Lifetimes::kEager;
+    torchscript.lifetimes = Lifetimes::kTorchScript;
+    Replay e = ReplayExact(SimulateChecked(g, eager).timeline);
+    Replay t = ReplayExact(SimulateChecked(g, torchscript).timeline);
+    const int64_t held = p == Precision::kFp32 ? 0 : 128 + 128;
+    EXPECT_EQ(e.phase_peak[kForward], t.phase_peak[kForward] + held) << PrecisionName(p);
+    EXPECT_EQ(e.phase_peak[kBackward], t.phase_peak[kBackward]) << PrecisionName(p);
+    EXPECT_EQ(e.phase_peak[kOptimizer], t.phase_peak[kOptimizer]) << PrecisionName(p);
+    EXPECT_EQ(e.end, t.end) << PrecisionName(p);
+  }
+}
+
 TEST(TrainingStepSimulatorTest, Bf16AutocastSavesSixteenBitCopies) {
   // Two-linear graph, cpu, bf16 autocast. h [4,8] and logits [4,16] come out of the linears in bf16 (64 / 128 B).
   //   setup 2464 (weights, grads and states stay f32).

@@ -1,0 +1,103 @@
+// When the forward releases each value, on graphs whose ops carry module paths (Note [Eager lifetimes]).
+#include "simulator/forward_lifetimes.h"
+
+#include <gtest/gtest.h>
+
+#include "tests/simulator/tiny_graphs.h"
+
+namespace llmem::sim {
+namespace {
+
+using namespace llmem::sim::testing;  // NOLINT
+
+int32_t ReleaseOf(const std::vector<int32_t>& release, ValueId v) { return release[static_cast<size_t>(v.index)]; }
+
+ValueId OutputOf(const Graph& g, int32_t node) { return g.node(NodeId{node}).outputs.at(0); }
+
+// Graph D (tiny_graphs.h): the norm output h and the logits are returned to the model's forward (`outputs =
+// self.model(...)`, `logits = self.lm_head(h)`), whose loss function upcasts the logits.
+//   value                     torchscript  eager (released after op)
+//   h = mul(x, x)             1            3 (held by the model's frame until it returns)
+//   logits = linear(h, w)     2            3
+//   f = to(logits, f32)       3            3 (stays inside the model's call)
+//   loss                      4            4 (held until backward)
+TEST(ForwardLifetimesTest, ValuesReturnedToAFrameLiveUntilItReturns) {
+  Graph g = CausalLmHead();
+  const std::vector<ValueId> values = {OutputOf(g, 0), OutputOf(g, 1), OutputOf(g, 2), g.loss()};
+  const auto ts = ForwardReleasePoints(g, Lifetimes::kTorchScript);
+  const auto eager = ForwardReleasePoints(g, Lifetimes::kEager);
+  std::vector<int32_t> ts_at, eager_at;
+  for (ValueId v : values) {
+    ts_at.push_back(ReleaseOf(ts, v));
+    eager_at.push_back(ReleaseOf(eager, v));
+  }
+  EXPECT_EQ(ts_at, (std::vector<int32_t>{1, 2, 3, 4}));
+  EXPECT_EQ(eager_at, (std::vector<int32_t>{3, 3, 3, 4}));
+}
+
+// The same head when the model's own forward casts the logits (`lm_logits = lm_logits.to(torch.float32)`, as
+// GPT-Neo does): the frame rebinds its name to the cast, so the logits die at the cast (op 2); h is still held.
+TEST(ForwardLifetimesTest, AFrameThatRebindsAValueToItsCastDropsItThere) {
+  Graph g = CausalLmHead(/*model_casts=*/true);
+  const auto eager = ForwardReleasePoints(g, Lifetimes::kEager);
+  EXPECT_EQ(ReleaseOf(eager, OutputOf(g, 0)), 3);
+  EXPECT_EQ(ReleaseOf(eager, OutputOf(g, 1)), 2);
+  EXPECT_EQ(ReleaseOf(eager, OutputOf(g, 2)), 3);
+}
+
+// An argument passed into a module call is held until that call returns; a temporary inside one call dies at its
+// last use; a module's result is held by the caller until the caller's call returns.
+//
+//   op  path           value              torchscript  eager
+//   0   layer          a = relu(x)        1            2 (argument of layer.mlp's call, ops 1..2)
+//   1   layer.mlp      t = mul(a, a)      2            2 (a temporary of the mlp)
+//   2   layer.mlp      u = relu(t)        3            4 (returned to layer, whose call ends at op 4)
+//   3   layer          v = mul(u, u)      4            4
+//   4   layer          s = relu(v)        5            5 (returned to the outermost frame: until the end)
+//   5   ""             loss = sum(s)
+TEST(ForwardLifetimesTest, ArgumentsLiveUntilTheCallReturnsTemporariesDieAtLastUse) {
+  TestGraphBuilder b;
+  ValueId x = b.Input("x", {4, 8}, DType::kF32);
+  ValueId a = b.OpOut("aten::relu", {T(x)}, Out({4, 8}), "layer");
+  ValueId t = b.OpOut("aten::mul", {T(a), T(a)}, Out({4, 8}), "layer.mlp");
+  ValueId u = b.OpOut("aten::relu", {T(t)}, Out({4, 8}), "layer.mlp");
+  ValueId v = b.OpOut("aten::mul", {T(u), T(u)}, Out({4, 8}), "layer");
+  ValueId s = b.OpOut("aten::relu", {T(v)}, Out({4, 8}), "layer");
+  ValueId loss = b.OpOut("aten::sum", {T(s), None()}, Out({}), "");
+  Graph g = b.Build(loss);
+
+  const auto ts = ForwardReleasePoints(g, Lifetimes::kTorchScript);
+  EXPECT_EQ((std::vector<int32_t>{ReleaseOf(ts, a), ReleaseOf(ts, t), ReleaseOf(ts, u), ReleaseOf(ts, v),
+                                  ReleaseOf(ts, s)}),
+            (std::vector<int32_t>{1, 2, 3, 4, 5}));
+  const auto eager = ForwardReleasePoints(g, Lifetimes::kEager);
+  EXPECT_EQ((std::vector<int32_t>{ReleaseOf(eager, a), ReleaseOf(eager, t), ReleaseOf(eager, u),
+                                  ReleaseOf(eager, v), ReleaseOf(eager, s)}),
+            (std::vector<int32_t>{2, 2, 4, 4, 5}));
+}
+
+// A module call is a run of consecutive ops inside its path: a value returned from the first of two calls of the
+// same module path is held by their common frame, not by the second call.
+//
+//   op  path        value                torchscript  eager
+//   0   blocks.0    a = relu(x)          1            2 (returned to "blocks", whose run ends at op 2)
+//   1   blocks.1    b = mul(a, a)        2            2
+//   2   blocks.1    c = relu(b)          3            3
+//   3   head        loss = sum(c)
+TEST(ForwardLifetimesTest, ValuesPassedBetweenSiblingCallsLiveInTheirCommonFrame) {
+  TestGraphBuilder bld;
+  ValueId x = bld.Input("x", {4, 8}, DType::kF32);
+  ValueId a = bld.OpOut("aten::relu", {T(x)}, Out({4, 8}), "blocks.0");
+  ValueId b = bld.OpOut("aten::mul", {T(a), T(a)}, Out({4, 8}), "blocks.1");
+  ValueId c = bld.OpOut("aten::relu", {T(b)}, Out({4, 8}), "blocks.1");
+  ValueId loss = bld.OpOut("aten::sum", {T(c), None()}, Out({}), "head");
+  Graph g = bld.Build(loss);
+
+  const auto eager = ForwardReleasePoints(g, Lifetimes::kEager);
+  EXPECT_EQ(ReleaseOf(eager, a), 2);
+  EXPECT_EQ(ReleaseOf(eager, b), 2);
+  EXPECT_EQ(ReleaseOf(eager, c), 3);
+}
+
+}  // namespace
+}  // namespace llmem::sim
