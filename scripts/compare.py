@@ -5,6 +5,7 @@ clock, and writes docs/COMPARISON.md (every case) and its plots from that run.
   scripts/compare.py --llmem build/cli/llmem --models build/tiny_models            # the default, small run
   scripts/compare.py --llmem build/cli/llmem --models build/tiny_models --full     # every architecture and shape
   scripts/compare.py ... --headline      # also print README's headline table (paste it, never type numbers)
+  scripts/compare.py ... --truth torchscript   # single-process truth: `llmem measure` instead of eager PyTorch
 
 Methods: llmem (`estimate --gpu cpu`) and the baselines of scripts/baselines/ (DNNMem, LLMem of Kim et al.,
 accelerate estimate-memory, DeepSpeed's ZeRO-2/3 estimators, Korthikanti et al.'s activation formula, PyTorch's
@@ -12,8 +13,11 @@ MemTracker under FakeTensorMode). Error = (estimate - measured) / measured, sign
 under-estimate, an out-of-memory risk. A method "fails at a 3 % margin" when the real peak exceeds its estimate
 plus 3 % (a GPU sized by it would run out of memory).
 
-Ground truth is pluggable: TRUTH maps a source name to a function from a list of cases to measured peak bytes
-(None where it could not measure). A case names its source in case["truth"].
+Ground truth is pluggable: TRUTH maps a source name to a function from a list of cases to measured peak bytes.
+A case names its source in case["truth"]. The single-process cases (tiny presets) are measured by --truth: eager
+(the default: the user's eager PyTorch / HF training step, scripts/eager_runs.py, all cases in this process) or
+torchscript (`llmem measure --device cpu`, the exported step in LibTorch); the real-size cases by the meta oracle,
+the distributed ones by scripts/distributed_runs.py.
 """
 import argparse
 import datetime
@@ -59,6 +63,18 @@ def _step_args(case):
             "-o", case["optimizer"]]
 
 
+def eager_steps(args, cases):
+    """scripts/eager_runs.py: the eager HF training step of each case, all in this process; the step peak of the
+    steady-state step (the optimizer states exist)."""
+    import eager_runs  # torch's counting allocator and the model code load once for every case
+    out = []
+    for c in cases:
+        out.append(eager_runs.run_case(c["arch"], c["precision"], c["optimizer"], c["batch"], c["seq"],
+                                       size=c["size"])["peak_bytes"])
+        print(f"  measured {c['label']}: {out[-1]} B", flush=True)
+    return out
+
+
 def llmem_measure(device):
     """`llmem measure --device DEVICE`: a real LibTorch training step (cpu: counting allocator; meta: PyTorch's
     own allocation trace of the real-size step)."""
@@ -76,10 +92,17 @@ def recorded_runs(args, cases):
     return [c["recorded_peak"] for c in cases]
 
 
-TRUTH = {"cpu": llmem_measure("cpu"), "meta": llmem_measure("meta"), "distributed": recorded_runs}
+TRUTH = {"eager": eager_steps, "torchscript": llmem_measure("cpu"), "meta": llmem_measure("meta"),
+         "distributed": recorded_runs}
+SINGLE_PROCESS_TRUTHS = ("eager", "torchscript")  # the choices of --truth for the tiny single-process cases
 TRUTH_DOC = {
-    "cpu": "`llmem measure --device cpu`: the exported training step (2 steps) run for real with LibTorch on this "
-           "CPU through a counting allocator; peak allocated bytes",
+    "eager": "`scripts/eager_runs.py` (the default `--truth`): the Hugging Face model of the export's config trained "
+             "eagerly on this CPU, `loss = model(input_ids, labels=labels).loss; loss.backward(); opt.step(); "
+             "opt.zero_grad(set_to_none=True)` (under torch.autocast for bf16-autocast), every CPU tensor storage "
+             "counted; the step peak of the steady-state step (step 2, the optimizer states exist), all cases in one "
+             "Python process",
+    "torchscript": "`llmem measure --device cpu` (`--truth torchscript`): the exported TorchScript training step (2 "
+                   "steps) run for real with LibTorch on this CPU through a counting allocator; peak allocated bytes",
     "meta": "`llmem measure --device meta`: the real-size weight-free export's step run by PyTorch on the meta "
             "device, peak of PyTorch's own allocation trace",
     "distributed": "`scripts/distributed_runs.py` (`--distributed-runs FILE`): torchrun fine-tuning with PyTorch's "
@@ -96,8 +119,12 @@ TRUTH_DOC = {
 ENGINE = {"ddp": "ddp", "zero1": "zero1", "zero2": "zero2", "fsdp2": "zero3", "fsdp2_tp": "zero3"}
 
 
+# sources that run the TorchScript program: their forward values die at last use, not with Python's frames
+TORCHSCRIPT_TRUTHS = ("torchscript", "meta")
+
+
 def llmem_estimate(args, case):
-    extra = []
+    extra = ["--lifetimes", "torchscript" if case["truth"] in TORCHSCRIPT_TRUTHS else "eager"]
     if case.get("method", "single") != "single":
         extra = ["--dp", str(case["dp"]), "--tp", str(case["tp"])]
         if case["method"] in ENGINE:
@@ -108,7 +135,8 @@ def llmem_estimate(args, case):
 
 
 METHODS = {
-    "llmem": (llmem_estimate, "this repository, `llmem estimate --gpu cpu`",
+    "llmem": (llmem_estimate, "this repository, `llmem estimate --gpu cpu` (`--lifetimes torchscript` against the "
+              "TorchScript truths, `eager` otherwise)",
               "the TorchScript graph simulated op by op (saved tensors, autocast copies, optimizer, allocator)"),
     "DNNMem": (lambda a, c: dnnmem.estimate(c), "Gao et al., ESEC/FSE 2020 (paper's algorithm; no public code)",
                dnnmem.WHAT),
@@ -147,7 +175,7 @@ def build_cases(args):
         for b, s in _points(args.points):
             for prec in _names(args.precisions):
                 for opt in _names(args.optimizers):
-                    cases.append(dict(arch=arch, size="tiny", truth="cpu", batch=b, seq=s, precision=prec,
+                    cases.append(dict(arch=arch, size="tiny", truth=args.truth, batch=b, seq=s, precision=prec,
                                       optimizer=opt, export=os.path.join(args.models, f"{arch}-tiny.pt")))
     for name in _names(args.meta):
         for b, s in _points(args.meta_points):
@@ -317,7 +345,9 @@ def write_markdown(path, args, rows, summary, plots, started):
         if part:
             out += ["", f"### Ground truth '{source}' ({len(part)} case{'s' if len(part) > 1 else ''})", "",
                     headline({m: summarize(part, m) for m in METHODS})]
-    out += ["", "## Ground truth", ""] + [f"- **{k}**: {v}" for k, v in TRUTH_DOC.items()]
+    used = {r["truth"] for r in rows}
+    out += ["", "## Ground truth", ""] + [f"- **{k}**{'' if k in used else ' (not in this run)'}: {v}"
+                                          for k, v in TRUTH_DOC.items()]
     out += ["", "## Methods: what each counts and where it comes from", ""]
     for m, (_, source, what) in METHODS.items():
         out.append(f"- **{m}** — {source}. {what}")
@@ -338,8 +368,8 @@ def write_markdown(path, args, rows, summary, plots, started):
             else:
                 cells.append(f"{e['bytes'] / 2**20:.1f} MiB ({e['error']:+.2f} %{', OOM' if r['measured'] > e['bytes'] * (1 + MARGIN / 100) else ''})")
         out.append(f"| {r['label']} | {r['truth']} | {r['measured'] / 2**20:.2f} MiB | " + " | ".join(cells) + " |")
-    out += ["", "Not covered yet: GPU run files (`distributed_runs.py --device cuda`) and eager HF phase peaks as "
-            "ground truth (a new entry of the TRUTH table of `scripts/compare.py`).", ""]
+    out += ["", "Not covered yet: GPU run files (`distributed_runs.py --device cuda`) as ground truth (a new entry "
+            "of the TRUTH table of `scripts/compare.py`).", ""]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(out))
@@ -353,6 +383,8 @@ def main():
     for key in DEFAULT:
         ap.add_argument("--" + key.replace("_", "-"), help=f"comma list (default {DEFAULT[key]!r}; --full: "
                         f"{FULL[key]!r}); '' for none")
+    ap.add_argument("--truth", choices=SINGLE_PROCESS_TRUTHS, default="eager",
+                    help="ground truth of the single-process cases (default eager)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of methods")
     ap.add_argument("--distributed-runs", metavar="FILE",
                     help="also compare on the per-rank peaks of scripts/distributed_runs.py --out FILE")
