@@ -285,7 +285,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     out.why = b.plan.Name() + (b.plan.dp > 1 ? " (" + std::string(EngineName(b.plan.engine)) + ")" : "") +
               (fitting == 1 ? " is the only layout that fits: "
                             : " is the fastest of the " + std::to_string(fitting) + " layouts that fit: ") +
-              std::to_string(static_cast<int64_t>(b.tokens_per_second)) + " tokens/s, " +
+              std::to_string(std::llround(b.tokens_per_second)) + " tokens/s, " +
               FormatBytes(b.nvidia_smi_bytes) + " per GPU of " + FormatBytes(req.config.target.gpu.capacity_bytes);
     return out;
   }
