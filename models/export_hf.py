@@ -431,12 +431,19 @@ def trace(model, batch, seq, vocab, device):
     wrapper = LossWrapper(model)
     wrapper.train()
     ids, labels = make_inputs(batch, seq, vocab, device)
+    traced = trace_wrapper(wrapper, ids, labels, device)
+    return wrapper, traced, (ids, labels)
+
+
+def trace_wrapper(wrapper, ids, labels, device, autocast_dtype=None):
+    """torch.jit.trace of the loss wrapper, under CPU autocast to `autocast_dtype` when given."""
     meta_ctx = cpu_scalar_constants() if device == "meta" else contextlib.nullcontext()
+    autocast_ctx = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
     with warnings.catch_warnings(), untraced_masking(), meta_safe_autocast(), traceable_bloom_gelu(), \
-            meta_ctx:
+            meta_ctx, autocast_ctx:
         warnings.simplefilter("ignore")  # TracerWarnings: --verify checks other shapes instead
-        traced = torch.jit.trace(wrapper, (ids, labels), check_trace=False, strict=False)
-    return wrapper, traced
+        return torch.jit.trace(wrapper, (ids, labels), check_trace=False, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,6 +628,70 @@ def config_record(config, dtype):
     }, sort_keys=True)
 
 
+# The graph bakes every `x.to(y.dtype)` as a cast to the dtype y had at trace time (fp32), which cannot be told
+# from a literal `.float()`. Under autocast y may be 16-bit: this extra file says, per aten::to of the saved
+# graph (graph order), whether a trace under autocast casts to autocast's 16-bit dtype there (true), not
+# (false) or unknown (null). llmem reads it when it models the eager program under an autocast precision.
+AUTOCAST_CASTS_FILE = "autocast_casts.json"
+
+
+def _cast_sites(graph):
+    """The aten::to nodes of an inlined graph in graph order, as (traced source line, ScalarType argument)."""
+    sites = []
+    for node in _nodes(graph):
+        if node.kind() != "aten::to":
+            continue
+        inputs = list(node.inputs())
+        target = None
+        for i in (1, 2):  # to.dtype / to.dtype_layout: argument 1; to.device: argument 2
+            if i < len(inputs) and inputs[i].node().kind() == "prim::Constant" \
+                    and isinstance(inputs[i].type(), torch._C.IntType):
+                target = inputs[i].toIValue()
+                break
+        sites.append((str(node.sourceRange()).split("\n")[0].strip(), target))
+    return sites
+
+
+def autocast_targets(plain_sites, autocast_sites, low_dtype):
+    """Per cast of the plain trace: does the autocast trace's cast at the same place target `low_dtype`?
+
+    Casts are paired in order within one source line, only where both traces have as many casts at that
+    line: autocast adds its own casts (at the line of the op it casts for, e.g. inside F.linear), which
+    makes pairing at such a line ambiguous (None)."""
+    by_line = collections.defaultdict(list)
+    for line, target in autocast_sites:
+        by_line[line].append(target)
+    plain_count = collections.Counter(line for line, _ in plain_sites)
+    seen = collections.Counter()
+    result = []
+    for line, _ in plain_sites:
+        paired = by_line.get(line, [])
+        if not line or len(paired) != plain_count[line]:
+            result.append(None)
+        else:
+            target = paired[seen[line]]
+            result.append(None if target is None else target == low_dtype)
+        seen[line] += 1
+    return result
+
+
+def autocast_takes_effect(device):
+    """CPU autocast acts on CPU tensors only: on meta a matmul stays fp32 and a trace would show no cast."""
+    x = torch.empty(2, 2, device=device)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return torch.mm(x, x).dtype == torch.bfloat16
+
+
+def autocast_cast_record(wrapper, traced, ids, labels, device):
+    """AUTOCAST_CASTS_FILE's JSON for the saved trace; None where autocast cannot be traced (meta)."""
+    if not autocast_takes_effect(device):
+        return None
+    under_autocast = trace_wrapper(wrapper, ids, labels, device, autocast_dtype=torch.bfloat16)
+    plain = _cast_sites(inlined_graph(traced))
+    targets = autocast_targets(plain, _cast_sites(inlined_graph(under_autocast)), 15)  # c10 BFloat16
+    return json.dumps({"aten_to_count": len(plain), "to_autocast_dtype": targets})
+
+
 def check_trace_shape(trace_batch, trace_seq):
     # Batch 1 and length 1 are special cases HF branches on in Python, which the trace would bake in:
     # at batch 1 the position ids are not expanded to the batch (the packed-sequence mask then has
@@ -642,9 +713,13 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
     model, attn = build_model(arch, model_type, kwargs, device, DTYPES[dtype], keep_dropout, seed)
     vocab = model.config.vocab_size
     params = sum(p.numel() for p in model.parameters())
-    _, traced = trace(model, trace_batch, trace_seq, vocab, device)
+    wrapper, traced, (ids, labels) = trace(model, trace_batch, trace_seq, vocab, device)
+    extra = {CONFIG_FILE: config_record(model.config, dtype)}
+    casts = autocast_cast_record(wrapper, traced, ids, labels, device)
+    if casts is not None:
+        extra[AUTOCAST_CASTS_FILE] = casts
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    traced.save(out, _extra_files={CONFIG_FILE: config_record(model.config, dtype)})
+    traced.save(out, _extra_files=extra)
     stripped = device == "meta" and os.path.getsize(out) > STRIP_DEBUG_ABOVE
     if stripped:
         strip_debug_info(out)
