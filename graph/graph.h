@@ -88,6 +88,8 @@ struct OpNode {
   std::string scope;            // module path, e.g. "model.layers.3.mlp.up_proj"
   bool in_module_code = false;  // run by the module's own forward: the op's traced source line is in the file
                                 // that defines the module's class, not in a helper function of another file
+  bool to_autocast_dtype = false;  // aten::to whose target, under autocast, is autocast's 16-bit dtype (the
+                                   // export's autocast trace says so; the graph bakes the trace-time fp32)
 };
 
 struct Parameter {

@@ -10,6 +10,7 @@
 #include <map>
 #include <regex>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "graph/error.h"
 #include "graph/index_ranges.h"
@@ -233,9 +234,13 @@ struct TorchScriptModel::Impl {
   std::optional<int64_t> config_max_positions;  // max_position_embeddings of the config the export carries
   std::string config_model_type;                // model_type of that config ("" without one)
   std::optional<int64_t> max_positions_override;
+  // aten::to nodes of `graph` whose target under autocast is autocast's 16-bit dtype (from the export).
+  std::unordered_set<const torch::jit::Node*> autocast_dtype_casts;
 
   // Reads the config the export carries (max_position_embeddings, model_type); nothing when it has none.
   void ReadConfig(const std::string& text);
+  // Reads which casts of `graph` follow autocast's dtype (the export's autocast trace); nothing when it has none.
+  void ReadAutocastCasts(const std::string& text);
   // The longest sequence the model allows, from the lookups of a run at `seq` and the config.
   std::optional<PositionLimit> FindPositionLimit(const Run& run, int64_t seq) const;
   // That limit, after refusing (ConfigError) a sequence past it or a lookup past its table.
@@ -255,6 +260,18 @@ namespace {
 
 // The extra file of an export that holds its Hugging Face config as JSON (models/export_hf.py writes it).
 constexpr const char* kConfigFile = "hf_config.json";
+// The extra file that says, per aten::to of the graph in graph order, whether a trace under autocast casts to
+// autocast's 16-bit dtype there (true / false / null: unknown); models/export_hf.py writes it for CPU exports.
+constexpr const char* kAutocastCastsFile = "autocast_casts.json";
+
+// The nodes of a block and of its sub-blocks, in graph order (each node before the nodes of its blocks).
+void CollectNodes(const torch::jit::Block* block, const torch::jit::Symbol kind,
+                  std::vector<const torch::jit::Node*>& out) {
+  for (const torch::jit::Node* node : block->nodes()) {
+    if (node->kind() == kind) out.push_back(node);
+    for (const torch::jit::Block* sub : node->blocks()) CollectNodes(sub, kind, out);
+  }
+}
 
 }  // namespace
 
@@ -274,13 +291,32 @@ void TorchScriptModel::Impl::ReadConfig(const std::string& text) {
   }
 }
 
+void TorchScriptModel::Impl::ReadAutocastCasts(const std::string& text) {
+  if (text.empty()) return;
+  const std::string where = std::string(kAutocastCastsFile) + " of " + path;
+  const nlohmann::json record = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  const auto targets = record.is_object() ? record.find("to_autocast_dtype") : record.end();
+  if (targets == record.end() || !targets->is_array()) {
+    throw ModelLoadError(where + " has no to_autocast_dtype list");
+  }
+  std::vector<const torch::jit::Node*> casts;
+  CollectNodes(graph->block(), c10::aten::to, casts);
+  if (targets->size() != casts.size()) {
+    throw ModelLoadError(where + " describes " + std::to_string(targets->size()) + " casts, the graph has " +
+                         std::to_string(casts.size()) + " (re-export the model)");
+  }
+  for (size_t i = 0; i < casts.size(); ++i) {
+    if ((*targets)[i].is_boolean() && (*targets)[i].get<bool>()) autocast_dtype_casts.insert(casts[i]);
+  }
+}
+
 TorchScriptModel TorchScriptModel::Load(const std::string& path) {
   EnsureMetaKernelsRegistered();
   CheckModelFileReadable(path);
   auto impl = std::make_unique<Impl>();
   impl->path = path;
   // models/export_hf.py stores the Hugging Face config beside the code (the only source of a RoPE model's limit).
-  torch::jit::ExtraFilesMap extra_files{{kConfigFile, ""}};
+  torch::jit::ExtraFilesMap extra_files{{kConfigFile, ""}, {kAutocastCastsFile, ""}};
   try {
     // No map_location: weight-free exports hold meta tensors already; small CPU exports are moved to meta below.
     impl->module = torch::jit::load(path, std::nullopt, extra_files);
@@ -302,6 +338,7 @@ TorchScriptModel TorchScriptModel::Load(const std::string& path) {
   if (impl->graph->outputs().size() != 1) {
     throw ModelLoadError("not a decoder LM: forward must return the loss tensor in " + path);
   }
+  impl->ReadAutocastCasts(extra_files[kAutocastCastsFile]);
   return TorchScriptModel(std::move(impl));
 }
 
@@ -569,6 +606,7 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
       op.kind = kind.toQualString();
       op.scope = ModulePath(node, mod);
       op.in_module_code = InModuleCode(node);
+      op.to_autocast_dtype = autocast_dtype_casts.count(node) > 0;
       Region provisional{RegionKind::kEmbedding, -1};
       for (const auto& iv : in_values) op.args.push_back(to_arg(iv, provisional));
       for (const auto& iv : stack) {

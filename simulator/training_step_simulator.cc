@@ -76,8 +76,9 @@ std::optional<DType> CastTarget(const OpNode& node) {
   }
 }
 
-// Step 1: the dtype of every value under the precision.
-std::vector<DType> SimulatedDTypes(const Graph& graph, Precision precision, const BackendRules& backend) {
+// Step 1: the dtype of every value under the precision, in the program `lifetimes` names.
+std::vector<DType> SimulatedDTypes(const Graph& graph, Precision precision, Lifetimes lifetimes,
+                                   const BackendRules& backend) {
   std::vector<DType> dt(graph.values().size());
   for (const auto& v : graph.values()) dt[static_cast<size_t>(v.id.index)] = v.dtype;
   if (precision == Precision::kFp32) return dt;
@@ -123,8 +124,14 @@ std::vector<DType> SimulatedDTypes(const Graph& graph, Precision precision, cons
       } else if (node.kind == "aten::to") {
         // An explicit cast to the dtype in its schema (to.dtype: arg 1; to.device: arg 2); without one it keeps
         // its input's dtype.
+        // The eager program's `x.to(y.dtype)` where autocast made y 16-bit casts to that dtype; the trace (and
+        // the TorchScript step that runs it) baked the trace-time fp32.
         const std::optional<DType> target = CastTarget(node);
-        d = target ? *target : (promoted ? *promoted : v.dtype);
+        if (node.to_autocast_dtype && lifetimes == Lifetimes::kEager) {
+          d = low;
+        } else {
+          d = target ? *target : (promoted ? *promoted : v.dtype);
+        }
       } else if (node.kind == "aten::type_as") {
         d = inputs.size() > 1 ? dt[static_cast<size_t>(inputs[1].index)] : v.dtype;
       } else if (promoted && (!graph.runs_with_bf16_weights() || !promoted_half ||
@@ -653,7 +660,7 @@ void StepBuilder::AdamTemporaries() {
 }
 
 StepSimulation StepBuilder::Run() {
-  out_.value_dtypes = SimulatedDTypes(graph_, config_.precision, backend_);
+  out_.value_dtypes = SimulatedDTypes(graph_, config_.precision, config_.lifetimes, backend_);
   Setup();
   Forward();
   Backward();
