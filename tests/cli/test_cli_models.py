@@ -205,17 +205,40 @@ class ModelFileTest(unittest.TestCase):
         proc = run("inspect", llama, "--json")
         self.assertEqual(json.loads(proc.stdout)["max_positions"], 4096)
 
-    def test_export_without_config_says_no_rope_limit_is_known(self):
+    def without_extra_file(self, export, extra, name):
+        """A copy of a tiny export without one of the extra files export_hf.py writes."""
         import zipfile
-        path = self.path("llama-no-config.pt")
-        with zipfile.ZipFile(os.path.join(TINY, "llama-tiny.pt")) as src, zipfile.ZipFile(path, "w") as dst:
+        path = self.path(name)
+        with zipfile.ZipFile(os.path.join(TINY, export)) as src, zipfile.ZipFile(path, "w") as dst:
             for item in src.infolist():
-                if not item.filename.endswith("extra/hf_config.json"):
+                if not item.filename.endswith("extra/" + extra):
                     dst.writestr(item, src.read(item.filename))
+        return path
+
+    def test_export_without_config_says_no_rope_limit_is_known(self):
+        path = self.without_extra_file("llama-tiny.pt", "hf_config.json", "llama-no-config.pt")
         proc = run("inspect", path)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertIn("positions   no limit known", proc.stdout)
         self.assertEqual(run("estimate", path, "-b", "1", "-s", "8192").returncode, 0)
+
+    def test_cast_to_an_autocast_tensors_dtype_is_16_bit_in_the_eager_program_only(self):
+        # CodeGen's attention casts its weights with `.to(value.dtype)`; the graph bakes the trace-time fp32, the
+        # export's autocast record says that under autocast value is bf16. The eager step then holds a bf16 cast
+        # and no autocast copy where the baked fp32 cast needs one; the TorchScript step really casts to fp32.
+        with_record = os.path.join(TINY, "codegen-tiny.pt")
+        without = self.without_extra_file("codegen-tiny.pt", "autocast_casts.json", "codegen-no-casts.pt")
+        step = ["estimate", "--gpu", "cpu", "-b", "2", "-s", "64"]
+
+        def forward_peak(path, *extra):
+            return self.peaks(*step, path, *extra)["phase_peak_bytes"]["forward"]
+
+        eager = ["--precision", "bf16-autocast"]
+        self.assertLess(forward_peak(with_record, *eager), forward_peak(without, *eager))
+        ts = eager + ["--lifetimes", "torchscript"]
+        self.assertEqual(forward_peak(with_record, *ts), forward_peak(without, *ts))
+        fp32 = ["--precision", "fp32"]  # no autocast
+        self.assertEqual(forward_peak(with_record, *fp32), forward_peak(without, *fp32))
 
     # --- encoders -----------------------------------------------------------------------------------------------
 

@@ -185,6 +185,34 @@ TEST(TorchScriptImporterTest, UntiedLlamaHasTwoVocabMatrices) {
   EXPECT_EQ(roots.size(), 2u);  // embed_tokens and lm_head
 }
 
+TEST(TorchScriptImporterTest, CodegenAttentionCastFollowsAutocastTheLossUpcastDoesNot) {
+  // CodeGen's attention casts its weights with `attn_weights.to(value.dtype)` (modeling_codegen.py), once per
+  // layer; under autocast value is bf16. HF's loss upcasts the logits with a literal `.float()`.
+  auto model = TorchScriptModel::Load(ModelPath("codegen"));
+  Graph g = model.BuildGraph(2, 8);
+  std::set<int> flagged_layers;
+  int flagged = 0, head_casts = 0;
+  for (const auto& node : g.nodes()) {
+    if (node.to_autocast_dtype) {
+      EXPECT_EQ(node.kind, "aten::to");
+      EXPECT_EQ(node.region.kind, RegionKind::kDecoderLayer) << node.scope;
+      EXPECT_NE(node.scope.find(".attn"), std::string::npos) << node.scope;
+      flagged_layers.insert(node.region.layer);
+      ++flagged;
+    }
+    if (node.kind == "aten::to" && node.region.kind == RegionKind::kHead) {
+      ++head_casts;
+      EXPECT_FALSE(node.to_autocast_dtype) << node.scope;
+    }
+  }
+  int layers = 0;
+  for (const auto& p : g.params()) layers = std::max(layers, LayerOfName(p.name) + 1);
+  ASSERT_GT(layers, 1);
+  EXPECT_EQ(flagged, layers);
+  EXPECT_EQ(static_cast<int>(flagged_layers.size()), layers);
+  EXPECT_GE(head_casts, 1);
+}
+
 TEST(TorchScriptImporterTest, Gpt2UnusedCausalMaskBuffersAreListed) {
   // GPT-2 modules hold attn.bias (a [1,1,P,P] bool causal mask) that the sdpa forward never reads.
   auto model = TorchScriptModel::Load(ModelPath("gpt2"));
