@@ -240,6 +240,14 @@ class ModelFileTest(unittest.TestCase):
         fp32 = ["--precision", "fp32"]  # no autocast
         self.assertEqual(forward_peak(with_record, *fp32), forward_peak(without, *fp32))
 
+    def test_autocast_record_that_does_not_fit_the_graph_is_one_line(self):
+        import zipfile
+        src_path = self.without_extra_file("codegen-tiny.pt", "autocast_casts.json", "codegen-bad-casts.pt")
+        with zipfile.ZipFile(src_path, "a") as z:
+            prefix = next(n for n in z.namelist() if n.endswith("extra/hf_config.json"))[:-len("hf_config.json")]
+            z.writestr(prefix + "autocast_casts.json", '{"to_autocast_dtype": [true]}')
+        self.assert_one_line_error(run("estimate", src_path), 2, "autocast_casts.json", "describes 1 casts")
+
     # --- encoders -----------------------------------------------------------------------------------------------
 
     def test_masked_lm_is_not_a_decoder_lm(self):
