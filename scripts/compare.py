@@ -31,9 +31,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from baselines import (accelerate_estimate, deepspeed_zero, dnnmem, korthikanti, llmem_kim,  # noqa: E402
-                       memtracker)
-from baselines.hf_model import CannotExpress, build_meta_model, parameter_count  # noqa: E402
+from baselines import (accelerate_estimate, deepspeed_zero, dnnmem, fsdp_memtracker, korthikanti,  # noqa: E402
+                       llmem_kim, memtracker)
+from baselines.hf_model import CannotExpress, build_meta_model, layout, parameter_count  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = dict(archs="llama,opt,gpt2", points="1x128,2x256", precisions="fp32,bf16-autocast", optimizers="adamw",
@@ -134,6 +134,12 @@ def llmem_estimate(args, case):
     return _llmem_json(args, "estimate", *_step_args(case), "--gpu", "cpu", *extra)["peak_allocated_bytes"]
 
 
+def pytorch_tracker(case):
+    """PyTorch's trackers: MemTracker for one process, FSDPMemTracker (rank 0, fake process group) for the
+    fully_shard rows."""
+    return (memtracker if layout(case)[0] == "single" else fsdp_memtracker).estimate(case)
+
+
 METHODS = {
     "llmem": (llmem_estimate, "this repository, `llmem estimate --gpu cpu` (`--lifetimes torchscript` against the "
               "TorchScript truths, `eager` otherwise)",
@@ -142,8 +148,10 @@ METHODS = {
                dnnmem.WHAT),
     "LLMem (Kim et al.)": (lambda a, c: llmem_kim.estimate(c),
                            "Kim et al., IJCAI 2024; taehokim20/LLMem `size_estimator.py`", llmem_kim.WHAT),
-    "MemTracker": (lambda a, c: memtracker.estimate(c),
-                   "pytorch/pytorch `torch/distributed/_tools/mem_tracker.py`, torch 2.11", memtracker.WHAT),
+    "MemTracker": (lambda a, c: pytorch_tracker(c),
+                   "pytorch/pytorch `torch/distributed/_tools/mem_tracker.py` (one process) and "
+                   "`fsdp2_mem_tracker.py` (FSDPMemTracker, the fully_shard rows), torch 2.11",
+                   memtracker.WHAT + " Over several GPUs (FSDPMemTracker): " + fsdp_memtracker.WHAT),
     "accelerate": (lambda a, c: accelerate_estimate.estimate(c), accelerate_estimate.SOURCE,
                    accelerate_estimate.WHAT),
     "DeepSpeed ZeRO-2": (lambda a, c: deepspeed_zero.zero2(c),
