@@ -235,6 +235,8 @@ def distributed_cases(path):
                           precision=r["precision"], optimizer=r["optimizer"], method=r["method"], dp=r["dp"],
                           tp=r["tp"], vocab_parallel=r.get("tp_vocab_parallel", False), export=r["export"],
                           label=name, recorded_peak=max(x["peak_bytes"] for x in ranks)))
+        if all("param_bytes" in x for x in ranks):  # the rank's weights after the layout was applied
+            cases[-1]["placed_param_bytes"] = max(x["param_bytes"] for x in ranks)
     return cases
 
 
