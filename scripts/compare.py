@@ -42,7 +42,8 @@ DEFAULT = dict(archs="llama,opt,gpt2", points="1x128,2x256", precisions="fp32,bf
                meta="opt-1.3b", meta_points="1x512",
                # names of scripts/distributed_runs.py cases (--cases full); '' for none
                distributed="llama-tiny/ddp/dp2xtp1/b2s256/fp32/adamw,llama-tiny/zero2/dp2xtp1/b2s256/fp32/adamw,"
-                           "llama-tiny/fsdp2/dp2xtp1/b2s256/fp32/adamw,llama-tiny/tp/dp1xtp2/b2s256/fp32/adamw")
+                           "llama-tiny/fsdp2/dp2xtp1/b2s256/fp32/adamw,llama-tiny/tp/dp1xtp2/b2s256/fp32/adamw,"
+                           "llama-tiny/fsdp2_tp/dp2xtp2/b2s256/fp32/adamw")
 FULL = dict(archs="gpt2,opt,bloom,llama,gpt_neo,codegen,gpt_bigcode,mistral,qwen2", points="1x128,2x256,4x512",
             precisions="fp32,bf16-autocast", optimizers="adamw,sgd", meta="llama-2-7b,opt-1.3b",
             meta_points="1x512,1x2048", distributed="all")
