@@ -10,7 +10,7 @@ clock, and writes docs/COMPARISON.md (every case) and its plots from that run.
 
 Methods: llmem (`estimate --gpu cpu`) and the baselines of scripts/baselines/ (DNNMem, LLMem of Kim et al.,
 accelerate estimate-memory, DeepSpeed's ZeRO-2/3 estimators, Korthikanti et al.'s activation formula, PyTorch's
-MemTracker under FakeTensorMode). Error = (estimate - measured) / measured, signed: negative is an
+MemTracker under FakeTensorMode, FSDPMemTracker under a fake process group for the fully_shard rows). Error = (estimate - measured) / measured, signed: negative is an
 under-estimate, an out-of-memory risk. A method "fails at a 3 % margin" when the real peak exceeds its estimate
 plus 3 % (a GPU sized by it would run out of memory).
 
@@ -154,7 +154,8 @@ METHODS = {
     "DNNMem": (lambda a, c: dnnmem.estimate(c), "Gao et al., ESEC/FSE 2020 (paper's algorithm; no public code)",
                dnnmem.WHAT),
     "LLMem (Kim et al.)": (lambda a, c: llmem_kim.estimate(c),
-                           "Kim et al., IJCAI 2024; taehokim20/LLMem `size_estimator.py`", llmem_kim.WHAT),
+                           "Kim et al., IJCAI 2024; taehokim20/LLMem `size_estimator.py` (as `dp_real.py` and `tp_real.py` "
+                           "call it; TP1D layouts of its `colossalai/nn/parallel/layers`)", llmem_kim.WHAT),
     "MemTracker": (lambda a, c: pytorch_tracker(c),
                    "pytorch/pytorch `torch/distributed/_tools/mem_tracker.py` (one process) and "
                    "`fsdp2_mem_tracker.py` (FSDPMemTracker, the fully_shard rows), torch 2.11",
@@ -395,7 +396,7 @@ def write_markdown(path, args, rows, summary, plots, started):
         out.append(f"- **{m}** — {source}. {what}")
     out += ["", "All baselines start from the architecture's config (`models/export_hf.py`, the one the ground-truth "
             "export was made from); those that run the model (DNNMem, LLMem, MemTracker) run it under "
-            "FakeTensorMode. None has the CUDA context or a GPU workspace in it: the ground truth is allocated bytes.",
+            "FakeTensorMode (FSDPMemTracker also under a fake process group, rank 0 of the case's world). None has the CUDA context or a GPU workspace in it: the ground truth is allocated bytes.",
             "", "## Every case", "",
             "| case | truth | measured | " + " | ".join(METHODS) + " |",
             "|---|---|---|" + "---|" * len(METHODS)]
