@@ -6,10 +6,11 @@ clock, and writes docs/COMPARISON.md (every case) and its plots from that run.
   scripts/compare.py --llmem build/cli/llmem --models build/tiny_models --full     # every architecture and shape
   scripts/compare.py ... --headline      # also print README's headline table (paste it, never type numbers)
   scripts/compare.py ... --truth torchscript   # single-process truth: `llmem measure` instead of eager PyTorch
+  scripts/compare.py ... --gpu-runs runs.jsonl  # also GPU runs (scripts/distributed_runs.py --device cuda)
 
 Methods: llmem (`estimate --gpu cpu`) and the baselines of scripts/baselines/ (DNNMem, LLMem of Kim et al.,
 accelerate estimate-memory, DeepSpeed's ZeRO-2/3 estimators, Korthikanti et al.'s activation formula, PyTorch's
-MemTracker under FakeTensorMode). Error = (estimate - measured) / measured, signed: negative is an
+MemTracker under FakeTensorMode, FSDPMemTracker under a fake process group for the fully_shard rows). Error = (estimate - measured) / measured, signed: negative is an
 under-estimate, an out-of-memory risk. A method "fails at a 3 % margin" when the real peak exceeds its estimate
 plus 3 % (a GPU sized by it would run out of memory).
 
@@ -17,7 +18,8 @@ Ground truth is pluggable: TRUTH maps a source name to a function from a list of
 A case names its source in case["truth"]. The single-process cases (tiny presets) are measured by --truth: eager
 (the default: the user's eager PyTorch / HF training step, scripts/eager_runs.py, all cases in this process) or
 torchscript (`llmem measure --device cpu`, the exported step in LibTorch); the real-size cases by the meta oracle,
-the distributed ones by scripts/distributed_runs.py.
+the distributed ones by scripts/distributed_runs.py, and --gpu-runs FILE adds the GPU runs of its --device cuda mode
+(single-GPU and distributed cases; llmem estimates them for the GPU the run names).
 """
 import argparse
 import datetime
@@ -31,16 +33,17 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from baselines import (accelerate_estimate, deepspeed_zero, dnnmem, korthikanti, llmem_kim,  # noqa: E402
-                       memtracker)
-from baselines.hf_model import CannotExpress, build_meta_model, parameter_count  # noqa: E402
+from baselines import (accelerate_estimate, deepspeed_zero, dnnmem, fsdp_memtracker, korthikanti,  # noqa: E402
+                       llmem_kim, memtracker)
+from baselines.hf_model import CannotExpress, build_meta_model, layout, parameter_count  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = dict(archs="llama,opt,gpt2", points="1x128,2x256", precisions="fp32,bf16-autocast", optimizers="adamw",
                meta="opt-1.3b", meta_points="1x512",
                # names of scripts/distributed_runs.py cases (--cases full); '' for none
                distributed="llama-tiny/ddp/dp2xtp1/b2s256/fp32/adamw,llama-tiny/zero2/dp2xtp1/b2s256/fp32/adamw,"
-                           "llama-tiny/fsdp2/dp2xtp1/b2s256/fp32/adamw,llama-tiny/tp/dp1xtp2/b2s256/fp32/adamw")
+                           "llama-tiny/fsdp2/dp2xtp1/b2s256/fp32/adamw,llama-tiny/tp/dp1xtp2/b2s256/fp32/adamw,"
+                           "llama-tiny/fsdp2_tp/dp2xtp2/b2s256/fp32/adamw")
 FULL = dict(archs="gpt2,opt,bloom,llama,gpt_neo,codegen,gpt_bigcode,mistral,qwen2", points="1x128,2x256,4x512",
             precisions="fp32,bf16-autocast", optimizers="adamw,sgd", meta="llama-2-7b,opt-1.3b",
             meta_points="1x512,1x2048", distributed="all")
@@ -93,7 +96,7 @@ def recorded_runs(args, cases):
 
 
 TRUTH = {"eager": eager_steps, "torchscript": llmem_measure("cpu"), "meta": llmem_measure("meta"),
-         "distributed": recorded_runs}
+         "distributed": recorded_runs, "gpu": recorded_runs}
 SINGLE_PROCESS_TRUTHS = ("eager", "torchscript")  # the choices of --truth for the tiny single-process cases
 TRUTH_DOC = {
     "eager": "`scripts/eager_runs.py` (the default `--truth`): the Hugging Face model of the export's config trained "
@@ -108,6 +111,9 @@ TRUTH_DOC = {
     "distributed": "`scripts/distributed_runs.py` (`--distributed-runs FILE`): torchrun fine-tuning with PyTorch's "
                    "engines (DDP, ZeroRedundancyOptimizer, FSDP2, DTensor TP) on CPU ranks (gloo), each rank's peak "
                    "from a counting allocator; the case's figure is its largest rank",
+    "gpu": "`--gpu-runs FILE`: the same harness's `--device cuda` mode (NCCL, one GPU per rank; single-GPU cases "
+           "too), each rank's torch.cuda.max_memory_allocated; the case's figure is its largest rank; llmem "
+           "estimates for the GPU the run names (`--gpu-target` overrides)",
 }
 
 
@@ -131,7 +137,14 @@ def llmem_estimate(args, case):
             extra += ["--engine", ENGINE[case["method"]]]
         if case["tp"] > 1 and not case["vocab_parallel"]:
             extra.append("--no-vocab-parallel")
-    return _llmem_json(args, "estimate", *_step_args(case), "--gpu", "cpu", *extra)["peak_allocated_bytes"]
+    return _llmem_json(args, "estimate", *_step_args(case), "--gpu", case.get("gpu", "cpu"),
+                       *extra)["peak_allocated_bytes"]
+
+
+def pytorch_tracker(case):
+    """PyTorch's trackers: MemTracker for one process, FSDPMemTracker (rank 0, fake process group) for the
+    fully_shard rows."""
+    return (memtracker if layout(case)[0] == "single" else fsdp_memtracker).estimate(case)
 
 
 METHODS = {
@@ -141,9 +154,12 @@ METHODS = {
     "DNNMem": (lambda a, c: dnnmem.estimate(c), "Gao et al., ESEC/FSE 2020 (paper's algorithm; no public code)",
                dnnmem.WHAT),
     "LLMem (Kim et al.)": (lambda a, c: llmem_kim.estimate(c),
-                           "Kim et al., IJCAI 2024; taehokim20/LLMem `size_estimator.py`", llmem_kim.WHAT),
-    "MemTracker": (lambda a, c: memtracker.estimate(c),
-                   "pytorch/pytorch `torch/distributed/_tools/mem_tracker.py`, torch 2.11", memtracker.WHAT),
+                           "Kim et al., IJCAI 2024; taehokim20/LLMem `size_estimator.py` (as `dp_real.py` and `tp_real.py` "
+                           "call it; TP1D layouts of its `colossalai/nn/parallel/layers`)", llmem_kim.WHAT),
+    "MemTracker": (lambda a, c: pytorch_tracker(c),
+                   "pytorch/pytorch `torch/distributed/_tools/mem_tracker.py` (one process) and "
+                   "`fsdp2_mem_tracker.py` (FSDPMemTracker, the fully_shard rows), torch 2.11",
+                   memtracker.WHAT + " Over several GPUs (FSDPMemTracker): " + fsdp_memtracker.WHAT),
     "accelerate": (lambda a, c: accelerate_estimate.estimate(c), accelerate_estimate.SOURCE,
                    accelerate_estimate.WHAT),
     "DeepSpeed ZeRO-2": (lambda a, c: deepspeed_zero.zero2(c),
@@ -189,7 +205,9 @@ def build_cases(args):
     if not runs and args.distributed:
         runs = run_distributed(args)
     if runs:
-        cases += distributed_cases(runs)
+        cases += recorded_cases(runs, "distributed")
+    if args.gpu_runs:
+        cases += recorded_cases(args.gpu_runs, "gpu", args.gpu_target)
     return cases
 
 
@@ -210,8 +228,21 @@ def run_distributed(args):
     return out
 
 
-def distributed_cases(path):
-    """One case per launch of the runs file (its ranks grouped by the case name)."""
+# a recorded CUDA device name -> llmem's --gpu (the rule `llmem validate` applies to the same files)
+GPU_NAMES = (("h200", "h200-141"), ("h100", "h100-80"), ("a100", None))
+
+
+def gpu_target(device_name):
+    n = device_name.lower()
+    for key, target in GPU_NAMES:
+        if key in n:
+            return target or ("a100-40" if "40" in n else "a100-80")
+    return None
+
+
+def recorded_cases(path, truth, target=None):
+    """One case per launch of a scripts/distributed_runs.py runs file (its ranks grouped by the case name).
+    truth 'distributed': its cpu runs; 'gpu': its CUDA runs, estimated for `target` or the GPU each names."""
     by_case = {}
     with open(path) as f:
         for line in f:
@@ -221,12 +252,24 @@ def distributed_cases(path):
     cases = []
     for name, ranks in by_case.items():
         r = ranks[0]
-        if r.get("device", "cpu") != "cpu":
-            continue  # the methods are compared on the cpu target here
-        cases.append(dict(arch=r["arch"], size=r["size"], truth="distributed", batch=r["batch"], seq=r["seq"],
+        on_gpu = r.get("device", "cpu") != "cpu"
+        if on_gpu != (truth == "gpu"):
+            if truth == "gpu":
+                raise SystemExit(f"compare: --gpu-runs {path}: {name} is a {r.get('device', 'cpu')} run")
+            continue  # CUDA runs in a cpu runs file are compared through --gpu-runs
+        gpu = "cpu"
+        if on_gpu:
+            gpu = target or gpu_target(r.get("device_name", ""))
+            if not gpu:
+                raise SystemExit(f"compare: --gpu-runs {path}: {name} ran on {r.get('device_name')!r}; name "
+                                 "llmem's GPU with --gpu-target")
+        cases.append(dict(arch=r["arch"], size=r["size"], truth=truth, gpu=gpu, batch=r["batch"], seq=r["seq"],
                           precision=r["precision"], optimizer=r["optimizer"], method=r["method"], dp=r["dp"],
                           tp=r["tp"], vocab_parallel=r.get("tp_vocab_parallel", False), export=r["export"],
-                          label=name, recorded_peak=max(x["peak_bytes"] for x in ranks)))
+                          label=name + (f" ({r.get('device_name')})" if on_gpu else ""),
+                          recorded_peak=max(x["peak_bytes"] for x in ranks)))
+        if all("param_bytes" in x for x in ranks):  # the rank's weights after the layout was applied
+            cases[-1]["placed_param_bytes"] = max(x["param_bytes"] for x in ranks)
     return cases
 
 
@@ -353,7 +396,7 @@ def write_markdown(path, args, rows, summary, plots, started):
         out.append(f"- **{m}** — {source}. {what}")
     out += ["", "All baselines start from the architecture's config (`models/export_hf.py`, the one the ground-truth "
             "export was made from); those that run the model (DNNMem, LLMem, MemTracker) run it under "
-            "FakeTensorMode. None has the CUDA context or a GPU workspace in it: the ground truth is allocated bytes.",
+            "FakeTensorMode (FSDPMemTracker also under a fake process group, rank 0 of the case's world). None has the CUDA context or a GPU workspace in it: the ground truth is allocated bytes.",
             "", "## Every case", "",
             "| case | truth | measured | " + " | ".join(METHODS) + " |",
             "|---|---|---|" + "---|" * len(METHODS)]
@@ -368,8 +411,9 @@ def write_markdown(path, args, rows, summary, plots, started):
             else:
                 cells.append(f"{e['bytes'] / 2**20:.1f} MiB ({e['error']:+.2f} %{', OOM' if r['measured'] > e['bytes'] * (1 + MARGIN / 100) else ''})")
         out.append(f"| {r['label']} | {r['truth']} | {r['measured'] / 2**20:.2f} MiB | " + " | ".join(cells) + " |")
-    out += ["", "Not covered yet: GPU run files (`distributed_runs.py --device cuda`) as ground truth (a new entry "
-            "of the TRUTH table of `scripts/compare.py`).", ""]
+    if "gpu" not in used:
+        out += ["", "No GPU run has been compared yet: this run had no `--gpu-runs FILE` (the runs of "
+                "`scripts/distributed_runs.py --device cuda`); every number above is from this CPU.", ""]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(out))
@@ -388,6 +432,10 @@ def main():
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of methods")
     ap.add_argument("--distributed-runs", metavar="FILE",
                     help="also compare on the per-rank peaks of scripts/distributed_runs.py --out FILE")
+    ap.add_argument("--gpu-runs", metavar="FILE",
+                    help="also compare on GPU runs: scripts/distributed_runs.py --device cuda --out FILE")
+    ap.add_argument("--gpu-target", metavar="GPU",
+                    help="llmem's --gpu for the --gpu-runs cases (default: from each run's device name)")
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "COMPARISON.md"))
     ap.add_argument("--plots-dir", help="folder for the plots (default: the folder of --out)")
     ap.add_argument("--headline", action="store_true", help="print README's headline table")

@@ -19,7 +19,7 @@ STEPS = 2  # the ground-truth step count: optimizer states exist from step 2 on
 
 
 def estimate(case):
-    require_single_process(case, "FSDPMemTracker under a fake process group is not run here yet")
+    require_single_process(case, "MemTracker tracks one process (fully_shard rows: fsdp_memtracker)")
     mode, model = fake_cpu_model(case["arch"], case["size"])
     with mode, untraced_paths():
         params = list(model.parameters())
