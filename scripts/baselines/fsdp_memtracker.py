@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from baselines.hf_model import CannotExpress, fake_cpu_model, layout, untraced_paths
-from baselines.memtracker import STEPS
+from baselines.memtracker import tracked_peak
 
 WHAT = ("every tensor storage rank 0 creates, tracked per FSDP module and phase: sharded and unsharded parameters "
         "and gradients, FSDP2's all-gather and reduce-scatter buffers, activations, temporaries, optimizer states "
@@ -58,18 +58,6 @@ def estimate(case):
             opt, _ = distributed_worker.make_optimizer(case["optimizer"], model.parameters(), method)
             ids = torch.zeros(case["batch"], case["seq"], dtype=torch.long)
             labels = ids.clone()  # a tensor of its own, as the worker's data makes it
-            autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if case["precision"] == "bf16-autocast"
-                        else contextlib.nullcontext())
             tracker = FSDPMemTracker(model, opt)
             tracker.track_inputs((ids, labels))
-            with tracker:
-                for step in range(STEPS):
-                    if step:
-                        tracker.reset_mod_stats()  # per-module stats are per iteration; the device peak is kept
-                    with autocast:
-                        loss = model(input_ids=ids, labels=labels, use_cache=False).loss
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-            peak = tracker.get_tracker_snapshot("peak")
-    return max(dev["Total"] for dev in peak.values())
+            return tracked_peak(tracker, case, model, opt, ids, labels)

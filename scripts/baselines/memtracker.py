@@ -28,18 +28,23 @@ def estimate(case):
         else:
             opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
         ids = torch.zeros(case["batch"], case["seq"], dtype=torch.long)
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if case["precision"] == "bf16-autocast"
-                    else contextlib.nullcontext())
         tracker = MemTracker()
         tracker.track_external(model, opt)
-        with tracker:
-            for step in range(STEPS):
-                if step:
-                    tracker.reset_mod_stats()  # per-module stats are per iteration; the device peak is kept
-                with autocast:
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        peak = tracker.get_tracker_snapshot("peak")
+        return tracked_peak(tracker, case, model, opt, ids, ids)
+
+
+def tracked_peak(tracker, case, model, opt, ids, labels):
+    """The device peak ("Total") of the tracker over STEPS eager training steps of the case."""
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if case["precision"] == "bf16-autocast"
+                else contextlib.nullcontext())
+    with tracker:
+        for step in range(STEPS):
+            if step:
+                tracker.reset_mod_stats()  # per-module stats are per iteration; the device peak is kept
+            with autocast:
+                loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    peak = tracker.get_tracker_snapshot("peak")
     return max(dev["Total"] for dev in peak.values())
