@@ -135,8 +135,7 @@ void PrintEstimate(const llmem::sim::MemoryEstimate& e, const llmem::Graph& g, c
     std::printf("capacity         %s   -> %s\n", FormatBytes(e.capacity_bytes).c_str(),
                 e.fits ? "fits" : "DOES NOT FIT (out of memory)");
     if (!o.gpu_memory.empty()) {
-      std::printf("                 (capacity from --gpu-memory; CUDA context, cuBLAS workspaces, compute capability "
-                  "and throughput of %s assumed)\n", o.gpu.c_str());
+      std::printf("                 (%s)\n", llmem::cli::GpuMemoryAssumption(o.gpu).c_str());
     }
   }
 }

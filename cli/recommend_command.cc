@@ -161,9 +161,8 @@ int RunRecommend(const RecommendOptions& o) {
   const auto s0 = std::chrono::steady_clock::now();
   dist::Recommendation rec = dist::Recommend(req, graph_at);
   if (!o.gpu_memory.empty()) {
-    rec.assumptions.push_back("GPU memory " + FormatBytes(gpu->capacity_bytes) +
-                              " from --gpu-memory; CUDA context, cuBLAS workspaces, compute capability, throughput "
-                              "and links of " + o.gpu + " assumed");
+    rec.assumptions.push_back(FormatBytes(gpu->capacity_bytes) + " GPU " + GpuMemoryAssumption(o.gpu) +
+                              " (and its links)");
   }
   const double sweep_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - s0).count() - build_seconds;

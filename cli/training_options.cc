@@ -63,6 +63,11 @@ int64_t ParseByteSize(const std::string& text) {
   throw ConfigError(bad);
 }
 
+std::string GpuMemoryAssumption(const std::string& gpu) {
+  return "capacity from --gpu-memory; CUDA context, cuBLAS workspaces, compute capability and throughput of " + gpu +
+         " assumed";
+}
+
 sim::Lifetimes ParseLifetimesOption(const std::string& name) {
   auto l = sim::ParseLifetimes(name);
   if (!l) throw ConfigError("unknown lifetimes '" + name + "' (eager, torchscript)");

@@ -19,6 +19,9 @@ sim::TrainingConfig ParseTrainingConfig(const std::string& precision, const std:
 // powers of 1024, decimal ones (KB, MB, GB, TB) of 1000 (nvidia-smi prints MiB); a unit is required.
 int64_t ParseByteSize(const std::string& text);
 
+// What a --gpu-memory estimate takes from `gpu` (the catalogue part named with --gpu), in words for the output.
+std::string GpuMemoryAssumption(const std::string& gpu);
+
 // --lifetimes: eager (the user's eager Python program, default) | torchscript (what `llmem measure` runs).
 sim::Lifetimes ParseLifetimesOption(const std::string& name);
 
