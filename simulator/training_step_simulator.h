@@ -1,5 +1,6 @@
 // IR + training config -> the memory timeline of one steady-state training step (forward, backward, optimizer
-// step), as a pure function.
+// step), as a pure function: the passes build the step plan (step_plan_builder.h, Note [Step plan]), the executor
+// runs it (step_executor.h), and the timeline's invariants are checked (timeline_invariants.h).
 //
 // Note [What a step holds]
 // The step starts with weights, optimizer states (steady state: they exist from step 1 on) and the input batch
@@ -10,7 +11,6 @@
 // saved tensors of that op. Parameter gradients stay for the optimizer step, whose temporaries depend on the
 // backend (backend_rules).
 //
-// Not modelled here: activation checkpointing, gradient accumulation over micro-batches, multiple streams.
 // Parallel engines change the step through StepHooks (step_hooks.h).
 #pragma once
 

@@ -1,4 +1,4 @@
-#include "simulator/training_config.h"
+#include "simulator/recipe.h"
 
 namespace llmem::sim {
 

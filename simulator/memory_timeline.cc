@@ -1,0 +1,33 @@
+#include "simulator/memory_timeline.h"
+
+namespace llmem::sim {
+
+std::string_view CategoryName(MemoryCategory c) {
+  switch (c) {
+    case MemoryCategory::kWeights: return "weights";
+    case MemoryCategory::kGradients: return "gradients";
+    case MemoryCategory::kOptimizerState: return "optimizer states";
+    case MemoryCategory::kInputs: return "inputs";
+    case MemoryCategory::kActivations: return "activations (body)";
+    case MemoryCategory::kHeadActivations: return "LM head + loss";
+    case MemoryCategory::kAutocastCopies: return "autocast copies";
+    case MemoryCategory::kActivationGrads: return "activation grads";
+    case MemoryCategory::kTransient: return "workspaces";
+    case MemoryCategory::kLibraryWorkspace: return "cuBLAS workspaces";
+    case MemoryCategory::kGatheredParams: return "gathered params";
+    case MemoryCategory::kCommBuffers: return "comm buffers";
+  }
+  return "?";
+}
+
+std::string_view PhaseName(Phase p) {
+  switch (p) {
+    case Phase::kSetup: return "setup";
+    case Phase::kForward: return "forward";
+    case Phase::kBackward: return "backward";
+    case Phase::kOptimizer: return "optimizer";
+  }
+  return "?";
+}
+
+}  // namespace llmem::sim

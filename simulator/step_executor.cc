@@ -1,0 +1,547 @@
+#include "simulator/step_executor.h"
+
+#include <algorithm>
+#include <map>
+#include <optional>
+#include <set>
+#include <type_traits>
+
+#include "graph/error.h"
+#include "simulator/backend_rules.h"
+#include "simulator/forward_lifetimes.h"
+#include "simulator/op_memory_rules.h"
+
+namespace llmem::sim {
+namespace {
+
+// Builds the events of one plan; one instance per simulation.
+class StepExecutor : private StepMemory {
+ public:
+  StepExecutor(const Graph& graph, const StepPlan& plan, const TrainingConfig& config, StepHooks* hooks)
+      : graph_(graph),
+        plan_(plan),
+        config_(config),
+        backend_(RulesFor(config.target)),
+        hooks_(hooks ? hooks : &no_hooks_) {}
+
+  StepSimulation Run();
+
+ private:
+  // StepMemory: what the parallel engine's hooks may do.
+  int64_t Alloc(int64_t bytes, MemoryCategory category, const std::string& label) override {
+    return NewStorage(bytes, category, label, current_node_);
+  }
+  void Free(int64_t block) override { Unref(block, current_node_); }
+  int64_t TakeParamGrad(int32_t param) override {
+    int64_t& slot = grad_of_[static_cast<size_t>(graph_.params().at(static_cast<size_t>(param)).value.index)];
+    const int64_t g = slot;
+    slot = -1;
+    return g;
+  }
+  // Calls the hooks when the op at `node` belongs to another region than the previous one.
+  void EnterRegionOf(const OpNode& node) {
+    if (in_region_ && current_region_ == node.region) return;
+    if (in_region_) hooks_->OnRegionEnd(phase_, current_region_, *this);
+    current_region_ = node.region;
+    in_region_ = true;
+    hooks_->OnRegionStart(phase_, current_region_, *this);
+  }
+  void LeaveRegion() {
+    if (in_region_) hooks_->OnRegionEnd(phase_, current_region_, *this);
+    in_region_ = false;
+  }
+
+  struct Storage {
+    int64_t block = -1;
+    int64_t bytes = 0;
+    int refs = 0;
+  };
+
+  // `label` is a string or a function making one: labels are built only when the configuration keeps them.
+  template <typename Label>
+  int64_t NewStorage(int64_t bytes, MemoryCategory category, Label&& label, int32_t node) {
+    const int64_t id = static_cast<int64_t>(storages_.size());
+    storages_.push_back(Storage{id, bytes, 1});
+    if constexpr (std::is_invocable_v<Label>) {
+      out_.timeline.block_labels.push_back(config_.keep_labels ? std::string(label()) : std::string());
+    } else {
+      out_.timeline.block_labels.push_back(config_.keep_labels ? std::string(label) : std::string());
+    }
+    out_.timeline.events.push_back(MemoryEvent{true, id, bytes, category, phase_, node});
+    return id;
+  }
+  void Ref(int64_t s) { storages_[static_cast<size_t>(s)].refs++; }
+  void Unref(int64_t s, int32_t node) {
+    auto& st = storages_[static_cast<size_t>(s)];
+    LLMEM_CHECK(st.refs > 0) << "double free of " << out_.timeline.block_labels[static_cast<size_t>(s)];
+    if (--st.refs == 0) {
+      out_.timeline.events.push_back(MemoryEvent{false, s, st.bytes, MemoryCategory::kTransient, phase_, node});
+    }
+  }
+  int64_t Bytes(ValueId v) const {
+    return ShapeBytes(graph_.value(v).shape, out_.value_dtypes[static_cast<size_t>(v.index)]);
+  }
+  int64_t StorageBytes(ValueId root) const {
+    return CheckedMul(graph_.value(root).storage_numel, ElementSize(out_.value_dtypes[static_cast<size_t>(root.index)]),
+                      "a tensor storage");
+  }
+  MemoryCategory ActivationCategory(const OpNode& node) const {
+    return node.region.kind == RegionKind::kHead ? MemoryCategory::kHeadActivations : MemoryCategory::kActivations;
+  }
+  bool Trainable(ValueId v) const {
+    const auto& tv = graph_.value(v);
+    return tv.param >= 0 && graph_.params()[static_cast<size_t>(tv.param)].trainable;
+  }
+
+  // The parameters the optimizer updates, with their plans.
+  std::vector<std::pair<const Parameter*, const ParamPlan*>> OptimizedParams() const {
+    std::vector<std::pair<const Parameter*, const ParamPlan*>> params;
+    for (const ParamPlan& pp : plan_.params) {
+      if (pp.optimized) params.emplace_back(&graph_.params()[static_cast<size_t>(pp.param)], &pp);
+    }
+    return params;
+  }
+  // Bytes of a per-parameter block for the part of `p` this rank's optimizer updates (0: none of it).
+  int64_t RankBlockBytes(const Parameter& p, const PerParamBlock& block) const {
+    const DType param_dtype = out_.value_dtypes[static_cast<size_t>(p.value.index)];
+    const int64_t rank_bytes = hooks_->OptimizedBytes(p, Bytes(p.value));
+    if (!block.dtype || *block.dtype == param_dtype) return rank_bytes;
+    return CheckedMul(rank_bytes / ElementSize(param_dtype), ElementSize(*block.dtype), "an optimizer tensor");
+  }
+
+  void Setup();
+  void Forward();
+  void Backward();
+  void OptimizerStep();
+  void OptimizerTemporaries();
+
+  const Graph& graph_;
+  const StepPlan& plan_;
+  const TrainingConfig& config_;
+  BackendRules backend_;
+  StepHooks no_hooks_;
+  StepHooks* hooks_;
+  int32_t current_node_ = -1;
+  Region current_region_;
+  bool in_region_ = false;
+  StepSimulation out_;
+  Phase phase_ = Phase::kSetup;
+  std::vector<Storage> storages_;
+  std::vector<int64_t> storage_of_;     // per value: storage id of its root, -1 if none
+  std::vector<OpMemoryRule> rules_;      // per node
+  std::vector<std::vector<int64_t>> saved_;  // per node: storages this node's backward still needs
+  std::vector<std::vector<std::optional<int64_t>>> cast_of_input_;  // per node, per tensor input: autocast copy
+  std::vector<int64_t> grad_of_;         // per value: storage of its gradient, -1 if none yet
+  std::set<int64_t> inplace_ok_;        // gradient storages a second gradient may be added to in place
+};
+
+void StepExecutor::Setup() {
+  phase_ = Phase::kSetup;
+  storage_of_.assign(graph_.values().size(), -1);
+  grad_of_.assign(graph_.values().size(), -1);
+  // Weights (deduplicated by storage: tied weights share one).
+  for (const auto& p : graph_.params()) {
+    const ValueId root = graph_.StorageRoot(p.value);
+    if (storage_of_[static_cast<size_t>(root.index)] < 0) {
+      storage_of_[static_cast<size_t>(root.index)] =
+          NewStorage(hooks_->ResidentParamBytes(p, StorageBytes(root)), MemoryCategory::kWeights, p.name, -1);
+    }
+    storage_of_[static_cast<size_t>(p.value.index)] = storage_of_[static_cast<size_t>(root.index)];
+  }
+  hooks_->OnSetup(*this);
+  // Optimizer states exist in the steady state.
+  for (const auto& [p, pp] : OptimizedParams()) {
+    for (const PerParamBlock& state : pp->states) {
+      const int64_t bytes = RankBlockBytes(*p, state);
+      if (bytes == 0) continue;
+      NewStorage(bytes, MemoryCategory::kOptimizerState, [&] { return p->name + " " + state.name; }, -1);
+    }
+  }
+  if (backend_.library_workspaces) {
+    NewStorage(config_.target.gpu.cublas_workspace_bytes, MemoryCategory::kLibraryWorkspace, "cuBLAS workspace", -1);
+    NewStorage(config_.target.gpu.cublaslt_workspace_bytes, MemoryCategory::kLibraryWorkspace, "cuBLASLt workspace",
+               -1);
+  }
+  for (ValueId in : graph_.inputs()) {
+    storage_of_[static_cast<size_t>(in.index)] =
+        NewStorage(StorageBytes(in), MemoryCategory::kInputs, graph_.value(in).name, -1);
+  }
+}
+
+void StepExecutor::Forward() {
+  phase_ = Phase::kForward;
+  const auto& nodes = graph_.nodes();
+  // Release points (Note [Eager lifetimes]); the loss lives until backward. Per op, the activations released after
+  // it: its inputs and outputs that die there first (in that order), then the values a frame held until there.
+  const std::vector<int32_t> release = ForwardReleasePoints(graph_, config_.lifetimes);
+  std::vector<std::vector<ValueId>> released_after(nodes.size());
+  {
+    std::vector<bool> listed(graph_.values().size(), false);
+    auto list = [&](ValueId v, int32_t at) {
+      const size_t i = static_cast<size_t>(v.index);
+      if (listed[i] || release[i] != at || graph_.value(v).role != ValueRole::kActivation) return;
+      listed[i] = true;
+      released_after[static_cast<size_t>(at)].push_back(v);
+    };
+    for (const auto& node : nodes) {
+      for (ValueId in : graph_.tensor_inputs(node.id)) list(in, node.id.index);
+      for (ValueId out : node.outputs) list(out, node.id.index);
+    }
+    for (const auto& v : graph_.values()) {
+      const int32_t at = release[static_cast<size_t>(v.id.index)];
+      if (at >= 0 && at < static_cast<int32_t>(nodes.size())) list(v.id, at);
+    }
+  }
+
+  // Inside an op, an input that autocast copied has the copy's dtype (e.g. cross_entropy's fp32 copy of 16-bit
+  // logits), so the rule sizes what the op really sees.
+  // A handful of entries per op: a flat list, reused across ops.
+  std::vector<std::pair<int32_t, DType>> op_input_dtype;
+  auto dtype_in_op = [this, &op_input_dtype](ValueId v) {
+    for (const auto& [index, dtype] : op_input_dtype) {
+      if (index == v.index) return dtype;
+    }
+    return out_.value_dtypes[static_cast<size_t>(v.index)];
+  };
+  RuleContext ctx{graph_, backend_, dtype_in_op,
+                  [this, &dtype_in_op](ValueId v) { return ShapeBytes(graph_.value(v).shape, dtype_in_op(v)); }};
+  const bool autocast =
+      config_.precision == Precision::kBf16Autocast || config_.precision == Precision::kFp16Autocast;
+  const DType low = config_.precision == Precision::kFp16Autocast ? DType::kF16 : DType::kBF16;
+  std::map<int32_t, int64_t> weight_cast_cache;  // value index -> autocast copy storage (held until forward ends)
+
+  rules_.resize(nodes.size());
+  saved_.resize(nodes.size());
+  cast_of_input_.resize(nodes.size());
+  for (const auto& node : nodes) {
+    const size_t n = static_cast<size_t>(node.id.index);
+    const auto& inputs = graph_.tensor_inputs(node.id);
+    current_node_ = node.id.index;
+    EnterRegionOf(node);
+    op_input_dtype.clear();
+    const AutocastClass autocast_class = autocast ? backend_.Autocast(node.kind) : AutocastClass::kNone;
+    const bool casts_inputs =
+        autocast_class == AutocastClass::kLowerPrecision || autocast_class == AutocastClass::kFp32;
+    const DType cast_to = autocast_class == AutocastClass::kLowerPrecision ? low : DType::kF32;
+    if (casts_inputs) {
+      for (ValueId in : inputs) {
+        if (IsFloating(out_.value_dtypes[static_cast<size_t>(in.index)]))
+          op_input_dtype.emplace_back(in.index, cast_to);
+      }
+    }
+    auto rule = RuleFor(node, ctx);
+    if (!rule) {
+      bool differentiable = false;
+      for (ValueId out : node.outputs) differentiable |= graph_.value(out).requires_grad;
+      if (!config_.allow_unknown_ops) {
+        throw UnsupportedOpError("op " + node.kind + " (" + RegionName(node.region) +
+                                 (node.scope.empty() ? "" : ", " + node.scope) +
+                                 ") has no memory rule; rerun with --allow-unknown-ops for a conservative estimate");
+      }
+      // Conservative: save every input and output, new gradients for every input.
+      OpMemoryRule r;
+      for (size_t i = 0; i < inputs.size(); ++i) r.saved_inputs.push_back(static_cast<int>(i));
+      for (size_t i = 0; i < node.outputs.size(); ++i) r.saved_outputs.push_back(static_cast<int>(i));
+      r.input_grads.assign(inputs.size(), differentiable ? GradKind::kNew : GradKind::kNone);
+      rule = r;
+      if (std::find(out_.unknown_ops.begin(), out_.unknown_ops.end(), node.kind) == out_.unknown_ops.end()) {
+        out_.unknown_ops.push_back(node.kind);
+      }
+    }
+    rules_[n] = *rule;
+    cast_of_input_[n].assign(inputs.size(), std::nullopt);
+
+    // Autocast: inputs of lower-precision ops become 16-bit copies; weights' copies are cached for the forward.
+    std::vector<int64_t> op_temporaries;
+    if (casts_inputs) {
+      {
+        const AutocastClass cls = autocast_class;
+        const DType want = cast_to;
+        for (size_t i = 0; i < inputs.size(); ++i) {
+          const ValueId in = inputs[i];
+          const DType have = out_.value_dtypes[static_cast<size_t>(in.index)];
+          if (!IsFloating(have) || have == want) continue;
+          const int64_t bytes = CheckedMul(NumElements(graph_.value(in).shape), ElementSize(want), "a cast");
+          if (Trainable(in) && cls == AutocastClass::kLowerPrecision && hooks_->ComputesWithLowPrecisionWeights()) {
+            continue;  // the engine's weights are already 16-bit
+          }
+          if (Trainable(in) && cls == AutocastClass::kLowerPrecision) {
+            auto it = weight_cast_cache.find(in.index);
+            if (it == weight_cast_cache.end()) {
+              const int64_t s = NewStorage(bytes, MemoryCategory::kAutocastCopies,
+                                           [&] { return graph_.value(in).name + " autocast copy"; }, node.id.index);
+              it = weight_cast_cache.emplace(in.index, s).first;
+            }
+            cast_of_input_[n][i] = it->second;
+          } else {
+            const int64_t s = NewStorage(
+                bytes, MemoryCategory::kAutocastCopies,
+                [&] { return graph_.value(in).name + " autocast copy for " + node.kind; }, node.id.index);
+            cast_of_input_[n][i] = s;
+            op_temporaries.push_back(s);
+          }
+        }
+      }
+    }
+
+    // Outputs that own new storage. aten::to allocates exactly when the simulated dtypes differ.
+    for (ValueId out : node.outputs) {
+      const auto& v = graph_.value(out);
+      const ValueId root = graph_.StorageRoot(out);
+      bool owns = !v.alias_of.valid();
+      if (node.kind == "aten::to" && !inputs.empty()) {
+        const DType in_d = out_.value_dtypes[static_cast<size_t>(inputs[0].index)];
+        const DType out_d = out_.value_dtypes[static_cast<size_t>(out.index)];
+        owns = in_d != out_d || !v.alias_of.valid();
+        if (owns && v.alias_of.valid()) {
+          storage_of_[static_cast<size_t>(out.index)] = NewStorage(
+              Bytes(out), ActivationCategory(node), [&] { return v.name + " = " + node.kind; }, node.id.index);
+          continue;
+        }
+      }
+      if (owns) {
+        storage_of_[static_cast<size_t>(out.index)] = NewStorage(
+            StorageBytes(out), ActivationCategory(node), [&] { return v.name + " = " + node.kind; }, node.id.index);
+      } else {
+        // A view shares the storage of the tensor it views (the first input), which may be a simulated cast copy
+        // rather than the IR's storage root.
+        const bool views_input = !inputs.empty() && graph_.StorageRoot(inputs[0]) == root;
+        const int64_t s = storage_of_[static_cast<size_t>((views_input ? inputs[0] : root).index)];
+        storage_of_[static_cast<size_t>(out.index)] = s;
+        if (s >= 0) Ref(s);
+      }
+    }
+    // Extra buffers.
+    for (const auto& extra : rule->forward_extra) {
+      const int64_t s = NewStorage(
+          extra.bytes, extra.saved ? ActivationCategory(node) : MemoryCategory::kTransient,
+          [&] { return node.kind + (extra.saved ? " saved buffer" : " workspace"); }, node.id.index);
+      if (extra.saved) {
+        saved_[n].push_back(s);
+      } else {
+        op_temporaries.push_back(s);
+      }
+    }
+    // Saved tensors (their autocast copies when the op saw copies). Only ops on the gradient path save anything.
+    bool on_grad_path = false;
+    for (ValueId out : node.outputs) on_grad_path |= graph_.value(out).requires_grad;
+    if (on_grad_path) {
+      for (int i : rule->saved_inputs) {
+        if (i >= static_cast<int>(inputs.size())) continue;
+        const auto cast = cast_of_input_[n][static_cast<size_t>(i)];
+        const int64_t s = cast ? *cast : storage_of_[static_cast<size_t>(inputs[static_cast<size_t>(i)].index)];
+        if (s >= 0) {
+          Ref(s);
+          saved_[n].push_back(s);
+        }
+      }
+      for (int o : rule->saved_outputs) {
+        const int64_t s = storage_of_[static_cast<size_t>(node.outputs.at(static_cast<size_t>(o)).index)];
+        if (s >= 0) {
+          Ref(s);
+          saved_[n].push_back(s);
+        }
+      }
+    } else {
+      for (int64_t s : saved_[n]) Unref(s, node.id.index);  // extra buffers nobody will read
+      saved_[n].clear();
+    }
+    if (const int64_t extra = hooks_->ExtraTransientBytes(node, Phase::kForward); extra > 0) {
+      op_temporaries.push_back(NewStorage(
+          extra, MemoryCategory::kTransient, [&] { return node.kind + " parallel workspace"; }, node.id.index));
+    }
+    for (int64_t s : op_temporaries) Unref(s, node.id.index);
+    // A collective (e.g. the all-reduce of a partial sum) hands on a fresh copy of the output.
+    if (hooks_->OutputReplacedByCollective(node)) {
+      for (ValueId out : node.outputs) {
+        int64_t& s = storage_of_[static_cast<size_t>(out.index)];
+        if (s < 0 || graph_.value(out).alias_of.valid()) continue;
+        const int64_t copy = NewStorage(storages_[static_cast<size_t>(s)].bytes, ActivationCategory(node),
+                                        [&] { return graph_.value(out).name + " after collective"; }, node.id.index);
+        Unref(s, node.id.index);
+        s = copy;
+      }
+    }
+    for (ValueId v : released_after[n]) Unref(storage_of_[static_cast<size_t>(v.index)], node.id.index);
+  }
+  current_node_ = -1;
+  LeaveRegion();
+  // Leaving the autocast region clears the weight-cast cache.
+  for (const auto& [value, s] : weight_cast_cache) Unref(s, -1);
+}
+
+void StepExecutor::Backward() {
+  phase_ = Phase::kBackward;
+  const auto& nodes = graph_.nodes();
+  const ValueId loss = graph_.loss();
+  // loss.backward() seeds with ones_like(loss); the interpreter then drops the loss value itself.
+  grad_of_[static_cast<size_t>(loss.index)] = NewStorage(Bytes(loss), MemoryCategory::kActivationGrads, "d loss", -1);
+  for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
+    const auto& node = *it;
+    const size_t n = static_cast<size_t>(node.id.index);
+    current_node_ = node.id.index;
+    EnterRegionOf(node);
+    int64_t grad_out = -1;
+    for (ValueId out : node.outputs) {
+      if (grad_of_[static_cast<size_t>(out.index)] >= 0) {
+        grad_out = grad_of_[static_cast<size_t>(out.index)];
+        break;
+      }
+    }
+    if (grad_out < 0) continue;  // no gradient reaches this op
+    const auto& rule = rules_[n];
+    const auto& inputs = graph_.tensor_inputs(node.id);
+    int64_t workspace = -1;
+    if (rule.backward_workspace_bytes > 0) {
+      workspace = NewStorage(
+          rule.backward_workspace_bytes, MemoryCategory::kTransient, [&] { return node.kind + " backward"; },
+          node.id.index);
+    }
+    int64_t parallel_workspace = -1;
+    if (const int64_t extra = hooks_->ExtraTransientBytes(node, Phase::kBackward); extra > 0) {
+      parallel_workspace = NewStorage(
+          extra, MemoryCategory::kTransient, [&] { return node.kind + " parallel backward"; }, node.id.index);
+    }
+    // Hands `contribution` (one reference owned by the caller) to input `in` as (part of) its gradient.
+    auto deliver = [&](ValueId in, int64_t contribution, bool transposed_weight_grad) {
+      const auto& v = graph_.value(in);
+      int64_t& slot = grad_of_[static_cast<size_t>(in.index)];
+      if (slot < 0) {
+        slot = contribution;
+        if (!transposed_weight_grad && contribution != grad_out) inplace_ok_.insert(contribution);
+        return;
+      }
+      // Note [Gradient accumulation]: the engine adds a second gradient in place only when the buffered one holds
+      // the last reference to its storage (input_buffer.cpp can_accumulate_inplace). A matmul's weight gradient
+      // is a transposed view of the product and fails that test, so the sum is a new tensor.
+      if (!inplace_ok_.count(slot)) {
+        const int64_t sum = NewStorage(
+            Bytes(in), Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
+            [&] { return "d " + v.name + " (sum)"; }, node.id.index);
+        Unref(slot, node.id.index);
+        slot = sum;
+        inplace_ok_.insert(sum);
+      }
+      Unref(contribution, node.id.index);
+    };
+    // A collective on an input gradient (e.g. the all-reduce of a column-parallel linear's partial input
+    // gradient) hands on a fresh copy and releases the op's own.
+    auto CollectiveCopy = [&](const OpNode& op, size_t input, int64_t contribution) {
+      if (!hooks_->InputGradReplacedByCollective(op, input)) return contribution;
+      const int64_t copy = NewStorage(
+          storages_[static_cast<size_t>(contribution)].bytes, MemoryCategory::kActivationGrads,
+          [&] { return "d " + graph_.value(inputs[input]).name + " after collective"; }, op.id.index);
+      Unref(contribution, op.id.index);
+      return copy;
+    };
+    struct PendingCast {
+      size_t input;
+      ValueId in;
+      int64_t copy_grad;
+    };
+    std::vector<PendingCast> pending_casts;
+    std::set<int32_t> done;
+    for (size_t i = 0; i < inputs.size() && i < rule.input_grads.size(); ++i) {
+      const ValueId in = inputs[i];
+      const auto& v = graph_.value(in);
+      if (!v.requires_grad || rule.input_grads[i] == GradKind::kNone || !done.insert(in.index).second) continue;
+      const int64_t in_bytes = Bytes(in);
+      const DType in_dtype = out_.value_dtypes[static_cast<size_t>(in.index)];
+      const auto cast = cast_of_input_[n][i];
+      const GradKind kind = rule.input_grads[i];
+      if (cast) {
+        // The op differentiates its autocast copy; the copy's ToCopyBackward converts to the input's dtype as a
+        // separate autograd node, after this one has released its saved tensors (below).
+        pending_casts.push_back({i, in, NewStorage(storages_[static_cast<size_t>(*cast)].bytes,
+                                                MemoryCategory::kActivationGrads,
+                                                [&] { return "d " + v.name + " (autocast dtype)"; }, node.id.index)});
+      } else if (kind == GradKind::kView ||
+                 (kind == GradKind::kPassThrough && node.outputs.size() >= 1 && Bytes(node.outputs[0]) == in_bytes &&
+                  out_.value_dtypes[static_cast<size_t>(node.outputs[0].index)] == in_dtype)) {
+        Ref(grad_out);
+        deliver(in, grad_out, false);
+      } else {
+        const int64_t contribution = NewStorage(
+            hooks_->InputGradBytes(node, i, in_bytes),
+            Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
+            [&] { return "d " + v.name; }, node.id.index);
+        const bool transposed_weight_grad =
+            i == 1 && (node.kind == "aten::linear" || node.kind == "aten::matmul" || node.kind == "aten::mm");
+        deliver(in, CollectiveCopy(node, i, contribution), transposed_weight_grad);
+      }
+    }
+    if (workspace >= 0) Unref(workspace, node.id.index);
+    if (parallel_workspace >= 0) Unref(parallel_workspace, node.id.index);
+    // Output gradients and saved tensors are no longer needed.
+    for (ValueId out : node.outputs) {
+      int64_t& g = grad_of_[static_cast<size_t>(out.index)];
+      if (g >= 0) {
+        Unref(g, node.id.index);
+        g = -1;
+      }
+    }
+    for (int64_t s : saved_[n]) Unref(s, node.id.index);
+    saved_[n].clear();
+    // ToCopyBackward of each autocast copy: a fresh tensor in the input's dtype.
+    for (const auto& pending : pending_casts) {
+      const int64_t contribution = NewStorage(
+          Bytes(pending.in), Trainable(pending.in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
+          [&] { return "d " + graph_.value(pending.in).name; }, node.id.index);
+      Unref(pending.copy_grad, node.id.index);
+      deliver(pending.in, CollectiveCopy(node, pending.input, contribution), false);
+    }
+  }
+  current_node_ = -1;
+  LeaveRegion();
+  // Saved tensors of ops no gradient reached, and the loss value, go when the graph is freed.
+  for (size_t n = 0; n < saved_.size(); ++n) {
+    for (int64_t s : saved_[n]) Unref(s, -1);
+    saved_[n].clear();
+  }
+  Unref(storage_of_[static_cast<size_t>(loss.index)], -1);
+  hooks_->OnBackwardEnd(*this);
+}
+
+void StepExecutor::OptimizerStep() {
+  phase_ = Phase::kOptimizer;
+  OptimizerTemporaries();
+  hooks_->OnOptimizerStepEnd(*this);
+}
+
+void StepExecutor::OptimizerTemporaries() {
+  const OptimizerStepPlan& step = plan_.optimizer_step;
+  if (step.temporaries.empty()) return;  // an in-place update (SGD with momentum)
+  // Per parameter, its temporaries are alive together; a whole-group step makes them for every parameter first.
+  std::vector<int64_t> live;
+  for (const auto& [p, pp] : OptimizedParams()) {
+    if (hooks_->OptimizedBytes(*p, Bytes(p->value)) == 0) continue;
+    for (const PerParamBlock& temp : step.temporaries) {
+      live.push_back(NewStorage(
+          RankBlockBytes(*p, temp), MemoryCategory::kTransient, [&] { return p->name + " " + temp.name; }, -1));
+    }
+    if (!step.whole_group) {
+      for (int64_t s : live) Unref(s, -1);
+      live.clear();
+    }
+  }
+  for (int64_t s : live) Unref(s, -1);
+}
+
+StepSimulation StepExecutor::Run() {
+  out_.value_dtypes = plan_.value_dtypes;
+  Setup();
+  Forward();
+  Backward();
+  OptimizerStep();
+  return std::move(out_);
+}
+
+}  // namespace
+
+StepSimulation ExecuteStepPlan(const Graph& graph, const StepPlan& plan, const TrainingConfig& config,
+                               StepHooks* hooks) {
+  StepExecutor executor(graph, plan, config, hooks);
+  return executor.Run();
+}
+
+}  // namespace llmem::sim

@@ -1,0 +1,56 @@
+// Note [Step plan]
+// One training step as plain data: what the recipe makes of a graph before anything is simulated. A pipeline of
+// passes (simulator/passes/, one recipe concern per file, each a pure function of graph, plan and recipe) fills
+// it; the executor (step_executor.h) turns it into the timeline, and parallel engines change that through
+// StepHooks. A new recipe feature is a field here, the pass that sets it, and the executor step that reads it.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "graph/dtype.h"
+#include "graph/graph.h"
+
+namespace llmem::sim {
+
+// A tensor the optimizer keeps or makes per parameter, sized from the part of the parameter this rank updates.
+struct PerParamBlock {
+  std::string name;  // "exp_avg", "sqrt(exp_avg_sq)", ...
+  std::optional<DType> dtype;  // one element per parameter element, in this dtype (none: the parameter's)
+};
+
+struct ParamPlan {
+  int32_t param = -1;  // index into Graph::params()
+  bool trainable = false;  // requires_grad as the file has it
+  bool optimized = false;  // the optimizer updates it: trainable, reached by the loss, first of its storage
+  std::vector<PerParamBlock> states;  // the optimizer's state tensors (steady state: they exist from step 1 on)
+};
+
+// What autograd keeps of an op's inputs and outputs for backward.
+enum class SavePolicy : uint8_t {
+  kSave,       // what the op's memory rule saves
+  kRecompute,  // nothing: a checkpointed region recomputes it during backward
+};
+
+struct OpPlan {
+  SavePolicy save = SavePolicy::kSave;
+};
+
+// The optimizer step's temporaries.
+struct OptimizerStepPlan {
+  // true: one kernel call per tensor list (torch.optim foreach), so each temporary exists for every parameter at
+  // once; false: one parameter at a time.
+  bool whole_group = false;
+  std::vector<PerParamBlock> temporaries;  // per parameter, alive together
+};
+
+struct StepPlan {
+  std::vector<DType> value_dtypes;  // per IR value: its dtype under the recipe's precision
+  std::vector<ParamPlan> params;    // per Graph::params() entry
+  std::vector<OpPlan> ops;          // per IR node
+  OptimizerStepPlan optimizer_step;
+};
+
+}  // namespace llmem::sim
