@@ -142,6 +142,14 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
 
   const AllocatorStats stats = model->Stats();
   est.peak_allocated_bytes = stats.peak_allocated_bytes;
+  // The categories are a breakdown of the peak: the requested bytes live at it, which the allocator rounds up
+  // (CUDA) or hands out exactly (cpu).
+  int64_t categories_at_peak = 0;
+  for (int64_t b : est.at_peak) categories_at_peak += b;
+  LLMEM_CHECK(tl.events.empty() || (backend.caching_allocator ? categories_at_peak <= est.peak_allocated_bytes
+                                                              : categories_at_peak == est.peak_allocated_bytes))
+      << "the categories at the peak sum to " << categories_at_peak << " bytes, the peak is "
+      << est.peak_allocated_bytes;
   // The GPU-limited run differs from the unlimited one only when the demand exceeds the device: below it no
   // allocation fails and nothing is released, so it is replayed only then.
   if (limited && CheckedAdd(stats.peak_reserved_bytes, est.fixed_overhead_bytes, "the nvidia-smi figure") >
