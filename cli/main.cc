@@ -19,6 +19,7 @@
 #include "graph/ir_printer.h"
 #include "graph/torchscript_importer.h"
 #include "measure/training_step_runner.h"
+#include "cli/recipe_options.h"
 #include "cli/recommend_command.h"
 #include "cli/trace_file.h"
 #include "cli/training_options.h"
@@ -54,6 +55,7 @@ struct StepOptions {
   bool no_vocab_parallel = false;
   bool engine_given = false;  // --engine was on the command line
   std::optional<int64_t> max_positions;  // replaces the config's position limit (scaled RoPE)
+  llmem::cli::RecipeOptions recipe;      // estimate only: checkpointing, accumulation, loss, loop, ...
 };
 
 void AddStepOptions(CLI::App* cmd, StepOptions& o) {
@@ -69,6 +71,7 @@ llmem::sim::TrainingConfig MakeConfig(const StepOptions& o, const std::string& t
   auto cfg = llmem::cli::ParseTrainingConfig(o.precision, o.optimizer, target, o.gpu_memory);
   cfg.allow_unknown_ops = o.allow_unknown_ops;
   cfg.lifetimes = llmem::cli::ParseLifetimesOption(o.lifetimes);
+  llmem::cli::ApplyRecipeOptions(o.recipe, cfg);
   return cfg;
 }
 
@@ -78,8 +81,9 @@ json StepJson(const StepOptions& o) {
               {"optimizer", o.optimizer}};
 }
 
-json EstimateJson(const llmem::sim::MemoryEstimate& e, const StepOptions& o) {
+json EstimateJson(const llmem::sim::MemoryEstimate& e, const StepOptions& o, const llmem::sim::Recipe& recipe) {
   json j = StepJson(o);
+  j["recipe"] = llmem::cli::RecipeJson(recipe);
   if (o.dp > 1 || o.tp > 1) j["layout"] = {{"dp", o.dp}, {"tp", o.tp}, {"engine", o.engine}};
   j["target"] = e.target;
   j["peak_allocated_bytes"] = e.peak_allocated_bytes;
@@ -106,10 +110,12 @@ json EstimateJson(const llmem::sim::MemoryEstimate& e, const StepOptions& o) {
   return j;
 }
 
-void PrintEstimate(const llmem::sim::MemoryEstimate& e, const llmem::Graph& g, const StepOptions& o) {
+void PrintEstimate(const llmem::sim::MemoryEstimate& e, const llmem::Graph& g, const StepOptions& o,
+                   const llmem::sim::Recipe& recipe) {
   std::printf("model      %s (%d layers, %zu parameter tensors)\n", o.model.c_str(), g.num_layers(), g.params().size());
   std::printf("step       batch %lld x seq %lld, %s, %s, target %s\n", static_cast<long long>(o.batch),
               static_cast<long long>(o.seq), o.precision.c_str(), o.optimizer.c_str(), e.target.c_str());
+  std::printf("recipe     %s\n", llmem::cli::RecipeSummary(recipe).c_str());
   const bool parallel = o.dp > 1 || o.tp > 1;
   if (parallel) {
     const auto engine = llmem::dist::ParseEngine(o.engine);
@@ -249,9 +255,9 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   }
   if (!o.trace_path.empty()) llmem::cli::WriteEstimateTrace(o.trace_path, est.simulation->timeline);
   if (o.json_out) {
-    std::cout << EstimateJson(est, o).dump(2) << "\n";
+    std::cout << EstimateJson(est, o, config).dump(2) << "\n";
   } else {
-    PrintEstimate(est, graph, o);
+    PrintEstimate(est, graph, o, config);
   }
   WarnAboutUnknownOps(est);
   return est.fits ? 0 : kExitDoesNotFit;
@@ -403,6 +409,7 @@ int main(int argc, char** argv) {
   estimate->add_option("--lifetimes", est_opts.lifetimes,
                        "forward value lifetimes: eager (Python frames) | torchscript (freed at last use)")
       ->capture_default_str();
+  llmem::cli::AddRecipeOptions(estimate, est_opts.recipe);
 
   StepOptions measure_opts;
   measure_opts.precision = "fp32";

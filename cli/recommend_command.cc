@@ -100,6 +100,7 @@ void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   cmd->add_flag("--no-vocab-parallel", o.no_vocab_parallel, "keep the embedding and LM head whole under TP");
   cmd->add_option("--max-positions", o.max_positions, "longest sequence the model allows (e.g. scaled RoPE)");
   cmd->add_flag("--json", o.json_out, "print JSON");
+  AddRecipeOptions(cmd, o.recipe);
   cmd->add_option("--lifetimes", o.lifetimes, "forward value lifetimes: eager | torchscript")->capture_default_str();
 }
 
@@ -130,6 +131,7 @@ int RunRecommend(const RecommendOptions& o) {
   if (o.gpu == "cpu") throw ConfigError("recommend needs a GPU from the catalog (" + sim::GpuNames() + ")");
   req.config = ParseTrainingConfig(o.precision, o.optimizer, o.gpu, o.gpu_memory);
   req.config.lifetimes = ParseLifetimesOption(o.lifetimes);
+  ApplyRecipeOptions(o.recipe, req.config);
   const auto gpu = &req.config.target.gpu;
   const std::string intra_name = o.interconnect.empty() ? gpu->intra_node_link : o.interconnect;
   auto intra = dist::FindInterconnect(intra_name);
@@ -176,7 +178,8 @@ int RunRecommend(const RecommendOptions& o) {
            {"interconnect", {{"intra_node", intra->name}, {"inter_node", inter->name}}},
            {"seq", o.seq},
            {"precision", o.precision},
-           {"optimizer", o.optimizer}};
+           {"optimizer", o.optimizer},
+           {"recipe", RecipeJson(req.config)}};
     if (req.global_batch > 0) {
       j["global_batch"] = req.global_batch;
     } else {
@@ -194,12 +197,13 @@ int RunRecommend(const RecommendOptions& o) {
     return rec.best >= 0 ? 0 : 3;
   }
 
-  std::printf("%s on %d x %s (%d node%s, %s inside a node%s), seq %lld, %s %lld, %s, %s\n\n", o.model.c_str(), o.gpus,
+  std::printf("%s on %d x %s (%d node%s, %s inside a node%s), seq %lld, %s %lld, %s, %s\n", o.model.c_str(), o.gpus,
               o.gpu.c_str(), rec.nodes.nodes, rec.nodes.nodes > 1 ? "s" : "", intra->name.c_str(),
               rec.nodes.nodes > 1 ? (", " + inter->name + " between nodes").c_str() : "", static_cast<long long>(o.seq),
               req.global_batch > 0 ? "global batch" : "batch per GPU",
               static_cast<long long>(req.global_batch > 0 ? req.global_batch : req.micro_batch), o.precision.c_str(),
               o.optimizer.c_str());
+  std::printf("recipe: %s\n\n", RecipeSummary(req.config).c_str());
   std::printf(" %-3s %s %s %6s %13s %5s %9s %10s %12s\n", "#", Pad("layout", 14).c_str(), Pad("engine", 16).c_str(),
               "batch", "memory/GPU", "fits", "max batch", "step time", "tokens/s");
   int index = 0;

@@ -7,6 +7,8 @@
 #include <optional>
 #include <string>
 
+#include "cli/recipe_options.h"
+
 namespace llmem::cli {
 
 struct RecommendOptions {
@@ -30,6 +32,7 @@ struct RecommendOptions {
   bool json_out = false;
   std::string lifetimes = "eager";
   std::optional<int64_t> max_positions;  // replaces the config's position limit (scaled RoPE)
+  RecipeOptions recipe;
 };
 
 void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o);

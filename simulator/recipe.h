@@ -53,10 +53,19 @@ enum class LossVariant : uint8_t {
   kFusedLinear,  // a fused linear + cross-entropy (Liger-style): the logits are never materialized
 };
 
+// Which kernels the optimizer step runs (torch.optim's foreach / fused / for-loop choice).
+enum class OptimizerImplChoice : uint8_t {
+  kDefault,   // the backend's default: foreach on CUDA (torch.optim), per parameter on the cpu target (torch::optim)
+  kForeach,   // _foreach_* kernels over the whole parameter group
+  kFused,     // one fused kernel per group (fused=True)
+  kForLoop,   // one parameter at a time (foreach=False)
+};
+
 struct Recipe {
   Precision precision = Precision::kFp32;
   OptimizerKind optimizer = OptimizerKind::kAdamW;
   Lifetimes lifetimes = Lifetimes::kEager;
+  OptimizerImplChoice optimizer_impl = OptimizerImplChoice::kDefault;
   Checkpointing checkpointing;
   int grad_accum = 1;  // micro-batches per optimizer step
   LossVariant loss = LossVariant::kStandard;
@@ -73,5 +82,13 @@ std::optional<OptimizerKind> ParseOptimizer(std::string_view name);  // adamw | 
 std::string_view OptimizerName(OptimizerKind o);
 std::optional<Lifetimes> ParseLifetimes(std::string_view name);  // eager | torchscript
 std::string_view LifetimesName(Lifetimes l);
+std::optional<Checkpointing> ParseCheckpointing(std::string_view mode, std::string_view impl);  // none|full|every-K|selective
+std::string CheckpointingName(const Checkpointing& c);  // "none", "full", "every-2", "selective"
+std::string_view CheckpointingImplName(CheckpointingImpl impl);
+std::optional<OptimizerImplChoice> ParseOptimizerImpl(std::string_view name);  // default|foreach|fused|for-loop
+std::string_view OptimizerImplName(OptimizerImplChoice impl);
+// standard | chunked-N | fused-linear; `chunks` gets N (1 otherwise).
+std::optional<LossVariant> ParseLoss(std::string_view name, int& chunks);
+std::string LossName(LossVariant loss, int chunks);
 
 }  // namespace llmem::sim
