@@ -30,6 +30,7 @@ void CheckTimelineInvariants(const Timeline& tl) {
   std::vector<MemoryCategory> category(tl.block_labels.size(), MemoryCategory::kTransient);
   auto label = [&](int64_t b) { return "block " + std::to_string(b) + " (" + tl.block_labels[static_cast<size_t>(b)] + ")"; };
   int64_t live = 0;
+  bool live_overflowed = false;  // a step past 64-bit byte counts: EstimateMemory refuses it; sizes stay checked
   for (const MemoryEvent& e : tl.events) {
     LLMEM_CHECK(e.block >= 0 && static_cast<size_t>(e.block) < state.size()) << "event for unknown block " << e.block;
     LLMEM_CHECK(e.bytes >= 0) << "negative size of " << label(e.block);
@@ -38,12 +39,12 @@ void CheckTimelineInvariants(const Timeline& tl) {
       LLMEM_CHECK(s == State::kUnseen) << label(e.block) << " allocated twice";
       s = State::kLive;
       category[static_cast<size_t>(e.block)] = e.category;
-      live += e.bytes;
+      live_overflowed |= __builtin_add_overflow(live, e.bytes, &live);
     } else {
       LLMEM_CHECK(s == State::kLive) << label(e.block) << (s == State::kFreed ? " freed twice" : " freed before it exists");
       s = State::kFreed;
       live -= e.bytes;
-      LLMEM_CHECK(live >= 0) << "live bytes below zero after freeing " << label(e.block);
+      LLMEM_CHECK(live_overflowed || live >= 0) << "live bytes below zero after freeing " << label(e.block);
     }
   }
   for (size_t b = 0; b < state.size(); ++b) {
