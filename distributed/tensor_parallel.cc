@@ -8,6 +8,7 @@
 #include "distributed/model_dims.h"
 #include "graph/dtype.h"
 #include "graph/error.h"
+#include "graph/op_registry.h"
 
 namespace llmem::dist {
 namespace {
@@ -51,12 +52,8 @@ int MapRightAligned(const std::vector<int64_t>& in, int d, const std::vector<int
   return out[static_cast<size_t>(o)] == in[static_cast<size_t>(d)] ? o : -1;
 }
 
-bool IsViewLike(const std::string& k) {
-  static const char* kinds[] = {"aten::view",       "aten::reshape",   "aten::_unsafe_view",
-                                "aten::flatten",    "aten::unflatten", "aten::view_as",
-                                "aten::reshape_as", "aten::unsqueeze", "aten::squeeze"};
-  return std::find(std::begin(kinds), std::end(kinds), k) != std::end(kinds);
-}
+// Ops that change the shape only, keeping the elements in order (graph/op_registry.h).
+bool IsViewLike(const std::string& k) { return OpHas(k, kReshape); }
 
 class Sharder {
  public:
@@ -323,8 +320,8 @@ class Sharder {
   void RecomputeViews(std::vector<TensorValue>& values) const {
     for (const auto& node : g_.nodes()) {
       const std::string& k = node.kind;
-      const bool reshape = k == "aten::reshape" || k == "aten::flatten" || k == "aten::reshape_as";
-      if ((!reshape && k != "aten::contiguous") || node.outputs.size() != 1) continue;
+      const bool reshape = OpHas(k, kReshape);
+      if (!OpHas(k, kViewOrCopy) || node.outputs.size() != 1) continue;
       const ValueId in = Arg(node, 0);
       const ValueId out = node.outputs[0];
       if (!in.valid() || (Split(in) < 0 && Split(out) < 0)) continue;
