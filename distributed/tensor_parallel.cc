@@ -239,9 +239,7 @@ class Sharder {
         dim = d;  // same shape: elementwise, copies, casts, in-place ops, slices along other dims
       } else {
         dim = MapRightAligned(in, d, os);
-        if (dim < 0 && os.size() == in.size() &&
-            (k == "aten::slice" || k == "aten::narrow" || k == "aten::split" || k == "aten::split_with_sizes" ||
-             k == "aten::chunk" || k == "aten::cat" || k == "aten::unsafe_split")) {
+        if (dim < 0 && os.size() == in.size() && (OpHas(k, kSlicesAlongDim) || k == "aten::cat")) {
           dim = d;  // sliced or concatenated along the split dim: every piece is split the same way
           const int32_t linear = fused_from_[static_cast<size_t>(src.index)];
           if (linear >= 0 && k != "aten::cat") {

@@ -500,13 +500,13 @@ OpCost CostReduction(const CostContext& ctx, const OpNode& node) {
   return cost;
 }
 
-// Ops that only move or create data: no arithmetic.
 // A gradient that is a view of the output gradient needs no backward kernel (op_memory_rules: kView).
 bool GradientIsAView(const OpNode& node) {
   const GradFormula g = GradOf(node);
   return g == GradFormula::kViewOfGrad || g == GradFormula::kSlicesOfGrad;
 }
 
+// Ops that only move or create data: no arithmetic.
 OpCost CostDataMovement(const CostContext& ctx, const OpNode& node) {
   OpCost cost;
   if (node.kind == "aten::empty" || node.kind == "aten::empty_like" || node.kind == "aten::new_empty") return cost;

@@ -19,6 +19,7 @@ using C = CostFamily;
 //   comparisons, floor_divide, the factories) is never differentiable.
 constexpr uint32_t kViewReshape = kView | kReshape | kKeepsValues;
 constexpr uint32_t kMaybeCopyReshape = kViewOrCopy | kReshape | kKeepsValues;
+constexpr uint32_t kSliceView = kView | kSlicesAlongDim;
 
 // Columns: kind, overloads, flags, autocast on CPU, autocast on CUDA, gradient formula, cost family.
 constexpr std::array kOps = std::to_array<OpInfo>({
@@ -57,13 +58,14 @@ constexpr std::array kOps = std::to_array<OpInfo>({
     {"aten::_to_copy", "", kCastOp | kKeepsValues, A::kNone, A::kNone, G::kCast, C::kDataMovement},
 
     // Slicing, gathering, padding, joining.
-    {"aten::slice", "Tensor", kView | kKeepsValues, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
+    {"aten::slice", "Tensor", kSliceView | kKeepsValues, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
     {"aten::select", "int", kView | kKeepsValues, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
-    {"aten::narrow", "", kView | kKeepsValues, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
+    {"aten::narrow", "", kSliceView | kKeepsValues, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
     // split_backward / unbind_backward: cat or stack of the piece gradients, a new input-sized tensor.
-    {"aten::split", "Tensor", kView, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
-    {"aten::split_with_sizes", "", kView, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
-    {"aten::chunk", "", kView, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
+    {"aten::split", "Tensor", kSliceView, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
+    {"aten::split_with_sizes", "", kSliceView, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
+    {"aten::unsafe_split", "Tensor", kSliceView, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
+    {"aten::chunk", "", kSliceView, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
     {"aten::unbind", "int", kView, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
     {"aten::index", "Tensor", 0, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
     {"aten::index_select", "", kKeepsValues, A::kNone, A::kNone, G::kUnmodelled, C::kDataMovement},

@@ -94,6 +94,7 @@ enum OpFlag : uint32_t {
   kInPlace = 1u << 3,         // writes into its first argument
   kCastOp = 1u << 4,          // converts dtype (Tensor.to, type_as)
   kKeepsValues = 1u << 5,     // every output element is an unchanged element of input 0 (views, copies, casts)
+  kSlicesAlongDim = 1u << 6,  // every output is a range of input 0 along one dim (slice, narrow, split, chunk)
 };
 
 struct OpInfo {
