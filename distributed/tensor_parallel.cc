@@ -8,6 +8,7 @@
 #include "distributed/model_dims.h"
 #include "graph/dtype.h"
 #include "graph/error.h"
+#include "graph/op_registry.h"
 
 namespace llmem::dist {
 namespace {
@@ -51,12 +52,8 @@ int MapRightAligned(const std::vector<int64_t>& in, int d, const std::vector<int
   return out[static_cast<size_t>(o)] == in[static_cast<size_t>(d)] ? o : -1;
 }
 
-bool IsViewLike(const std::string& k) {
-  static const char* kinds[] = {"aten::view",       "aten::reshape",   "aten::_unsafe_view",
-                                "aten::flatten",    "aten::unflatten", "aten::view_as",
-                                "aten::reshape_as", "aten::unsqueeze", "aten::squeeze"};
-  return std::find(std::begin(kinds), std::end(kinds), k) != std::end(kinds);
-}
+// Ops that change the shape only, keeping the elements in order (graph/op_registry.h).
+bool IsViewLike(const std::string& k) { return OpHas(k, kReshape); }
 
 class Sharder {
  public:
@@ -242,9 +239,7 @@ class Sharder {
         dim = d;  // same shape: elementwise, copies, casts, in-place ops, slices along other dims
       } else {
         dim = MapRightAligned(in, d, os);
-        if (dim < 0 && os.size() == in.size() &&
-            (k == "aten::slice" || k == "aten::narrow" || k == "aten::split" || k == "aten::split_with_sizes" ||
-             k == "aten::chunk" || k == "aten::cat" || k == "aten::unsafe_split")) {
+        if (dim < 0 && os.size() == in.size() && (OpHas(k, kSlicesAlongDim) || k == "aten::cat")) {
           dim = d;  // sliced or concatenated along the split dim: every piece is split the same way
           const int32_t linear = fused_from_[static_cast<size_t>(src.index)];
           if (linear >= 0 && k != "aten::cat") {
@@ -323,8 +318,8 @@ class Sharder {
   void RecomputeViews(std::vector<TensorValue>& values) const {
     for (const auto& node : g_.nodes()) {
       const std::string& k = node.kind;
-      const bool reshape = k == "aten::reshape" || k == "aten::flatten" || k == "aten::reshape_as";
-      if ((!reshape && k != "aten::contiguous") || node.outputs.size() != 1) continue;
+      const bool reshape = OpHas(k, kReshape);
+      if (!OpHas(k, kViewOrCopy) || node.outputs.size() != 1) continue;
       const ValueId in = Arg(node, 0);
       const ValueId out = node.outputs[0];
       if (!in.valid() || (Split(in) < 0 && Split(out) < 0)) continue;

@@ -3,21 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
-#include <unordered_set>
+
+#include "graph/op_registry.h"
 
 namespace llmem {
 namespace {
-
-// Ops whose output holds a subset of the elements of input 0, unchanged (views, copies, casts between dtypes
-// that keep integer values).
-const std::unordered_set<std::string>& SameValueOps() {
-  static const std::unordered_set<std::string> ops{
-      "aten::to",        "aten::type_as", "aten::slice",   "aten::view",    "aten::reshape", "aten::unsqueeze",
-      "aten::squeeze",   "aten::expand",  "aten::expand_as", "aten::contiguous", "aten::clone", "aten::select",
-      "aten::flatten",   "aten::transpose", "aten::permute", "aten::detach", "aten::repeat", "aten::t",
-      "aten::narrow",    "aten::index_select"};
-  return ops;
-}
 
 std::optional<int64_t> IntegralScalar(const c10::IValue& v) {
   if (v.isInt()) return v.toInt();
@@ -158,7 +148,7 @@ void IndexRanges::Observe(const torch::jit::Node* node, const std::vector<c10::I
     } else if (a && v) {
       range = IndexRange{std::min(a->lo, v->lo), std::max(a->hi, v->hi)};
     }
-  } else if (SameValueOps().count(kind)) {
+  } else if (OpHas(kind, kKeepsValues)) {  // views, copies, casts that keep integer values
     range = in(0);
   }
   // The output may be an input returned as is (aten::to to its own dtype), so it is replaced only now.

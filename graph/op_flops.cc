@@ -6,6 +6,7 @@
 #include <string_view>
 
 #include "graph/error.h"
+#include "graph/op_registry.h"
 
 namespace llmem {
 namespace {
@@ -135,9 +136,10 @@ double OutputElements(const CostContext& ctx, const OpNode& node) {
   for (ValueId v : node.outputs) n += ctx.Elements(v);
   return n;
 }
-// "aten::add_" writes into its first argument; "aten::__and__" is not in-place.
-bool IsInPlaceKind(std::string_view kind) {
-  return kind.size() >= 2 && kind.back() == '_' && kind[kind.size() - 2] != '_';
+// The op's row: its gradient formula and cost family (graph/op_registry.h).
+GradFormula GradOf(const OpNode& node) {
+  const OpInfo* op = FindOp(node.kind);
+  return op == nullptr ? GradFormula::kUnmodelled : op->grad;
 }
 
 // --- Matmul-like ops --------------------------------------------------------------------------------------------
@@ -391,14 +393,13 @@ std::optional<OpCost> CostAttention(const CostContext& ctx, const OpNode& node) 
 
 // --- Losses, softmax, normalization, embedding ------------------------------------------------------------------
 
-std::optional<OpCost> CostSoftmaxOrLoss(const CostContext& ctx, const OpNode& node) {
-  const std::string& k = node.kind;
+std::optional<OpCost> CostSoftmaxOrLoss(const CostContext& ctx, const OpNode& node, CostFamily family) {
   auto x = TensorArg(node, 0);
   if (!x || node.outputs.empty()) return std::nullopt;
   const double n = ctx.Elements(*x);
   const bool x_grad = AnyOutputRequiresGrad(ctx, node) && ctx.RequiresGrad(*x);
   OpCost cost;
-  if (k == "aten::softmax" || k == "aten::log_softmax" || k == "aten::_softmax" || k == "aten::_log_softmax") {
+  if (family == CostFamily::kSoftmax) {
     cost.fwd_flops = kSoftmaxFlopsPerElement * n;
     cost.fwd_bytes = ctx.ReadBytes(*x) + OutputBytes(ctx, node);
     if (x_grad) {  // reads the gradient and the saved result, writes the input gradient
@@ -410,7 +411,7 @@ std::optional<OpCost> CostSoftmaxOrLoss(const CostContext& ctx, const OpNode& no
   auto target = TensorArg(node, 1);
   const double target_bytes = target ? ctx.ReadBytes(*target) : 0;
   const double rows = n / static_cast<double>(ctx.Shape(*x).size() >= 2 ? ctx.Dim(*x, 1) : ctx.Dim(*x, 0));
-  if (k == "aten::cross_entropy_loss") {
+  if (family == CostFamily::kCrossEntropy) {
     // log_softmax (writes x-sized log-probabilities, kept for backward), then nll_loss gathers one per row.
     cost.fwd_flops = kSoftmaxFlopsPerElement * n + rows;
     cost.fwd_bytes = ctx.ReadBytes(*x) + ctx.Bytes(*x) + target_bytes + OutputBytes(ctx, node);
@@ -422,7 +423,7 @@ std::optional<OpCost> CostSoftmaxOrLoss(const CostContext& ctx, const OpNode& no
     }
     return cost;
   }
-  if (k == "aten::nll_loss" || k == "aten::nll_loss_nd") {
+  if (family == CostFamily::kNllLoss) {
     cost.fwd_flops = rows;
     cost.fwd_bytes = rows * static_cast<double>(ElementSize(ctx.Dtype(*x))) + target_bytes + OutputBytes(ctx, node);
     if (x_grad) {
@@ -434,11 +435,8 @@ std::optional<OpCost> CostSoftmaxOrLoss(const CostContext& ctx, const OpNode& no
   return std::nullopt;
 }
 
-std::optional<OpCost> CostNorm(const CostContext& ctx, const OpNode& node) {
-  const std::string& k = node.kind;
-  const bool layer_norm = k == "aten::layer_norm" || k == "aten::native_layer_norm";
-  const bool rms_norm = k == "aten::rms_norm" || k == "aten::_fused_rms_norm";
-  if (!layer_norm && !rms_norm) return std::nullopt;
+std::optional<OpCost> CostNorm(const CostContext& ctx, const OpNode& node, CostFamily family) {
+  const bool layer_norm = family == CostFamily::kLayerNorm;
   auto x = TensorArg(node, 0);
   if (!x || node.outputs.empty()) return std::nullopt;
   const OpArg* normalized = ArgAt(node, 1);
@@ -472,7 +470,6 @@ std::optional<OpCost> CostNorm(const CostContext& ctx, const OpNode& node) {
 }
 
 std::optional<OpCost> CostEmbedding(const CostContext& ctx, const OpNode& node) {
-  if (node.kind != "aten::embedding") return std::nullopt;
   auto weight = TensorArg(node, 0), indices = TensorArg(node, 1);
   if (!weight || !indices || node.outputs.empty()) return std::nullopt;
   const ValueId out = node.outputs[0];
@@ -489,14 +486,6 @@ std::optional<OpCost> CostEmbedding(const CostContext& ctx, const OpNode& node) 
 
 // --- Reductions, data movement, elementwise ---------------------------------------------------------------------
 
-const std::set<std::string, std::less<>>& ReductionKinds() {
-  static const std::set<std::string, std::less<>> kinds = {
-      "aten::sum", "aten::mean", "aten::amax", "aten::amin", "aten::max", "aten::min", "aten::var", "aten::std",
-      "aten::norm", "aten::linalg_vector_norm", "aten::logsumexp", "aten::prod", "aten::argmax", "aten::argmin",
-      "aten::any", "aten::all"};
-  return kinds;
-}
-
 OpCost CostReduction(const CostContext& ctx, const OpNode& node) {
   OpCost cost;
   auto x = TensorArg(node, 0);
@@ -504,35 +493,20 @@ OpCost CostReduction(const CostContext& ctx, const OpNode& node) {
   cost.fwd_flops = ctx.Elements(*x);
   cost.fwd_bytes = ctx.ReadBytes(*x) + OutputBytes(ctx, node);
   if (!AnyOutputRequiresGrad(ctx, node) || !ctx.RequiresGrad(*x)) return cost;
-  if (node.kind == "aten::sum") return cost;  // the gradient is an expanded view of the output gradient
+  if (GradOf(node) == GradFormula::kSum) return cost;  // the gradient is an expanded view of the output gradient
   cost.bwd_flops = ctx.Elements(*x);
   cost.bwd_bytes = OutputBytes(ctx, node) + ctx.Bytes(*x);  // mean: grad.expand / numel, written input-sized
-  if (node.kind != "aten::mean") cost.bwd_bytes += ctx.ReadBytes(*x);  // the rest also read the saved input
+  if (GradOf(node) != GradFormula::kMean) cost.bwd_bytes += ctx.ReadBytes(*x);  // the rest also read the saved input
   return cost;
 }
 
-// Ops that only move or create data: no arithmetic.
-const std::set<std::string, std::less<>>& DataMovementKinds() {
-  static const std::set<std::string, std::less<>> kinds = {
-      "aten::contiguous", "aten::clone", "aten::reshape", "aten::flatten", "aten::view", "aten::to",
-      "aten::type_as", "aten::_to_copy", "aten::copy_", "aten::cat", "aten::stack", "aten::pad",
-      "aten::constant_pad_nd", "aten::index", "aten::index_select", "aten::gather", "aten::repeat",
-      "aten::repeat_interleave", "aten::roll", "aten::flip", "aten::expand", "aten::slice", "aten::select",
-      "aten::narrow", "aten::split", "aten::split_with_sizes", "aten::chunk", "aten::unbind", "aten::permute",
-      "aten::transpose", "aten::unsqueeze", "aten::squeeze", "aten::arange", "aten::full", "aten::ones",
-      "aten::zeros", "aten::new_ones", "aten::new_zeros", "aten::new_full", "aten::full_like", "aten::zeros_like",
-      "aten::ones_like", "aten::fill_", "aten::zero_", "aten::empty", "aten::empty_like", "aten::new_empty"};
-  return kinds;
-}
-// Their gradient is a view or the output gradient itself: no backward kernel (op_memory_rules: kView).
-const std::set<std::string, std::less<>>& ViewGradientKinds() {
-  static const std::set<std::string, std::less<>> kinds = {
-      "aten::contiguous", "aten::clone", "aten::reshape", "aten::flatten", "aten::view", "aten::cat",
-      "aten::stack", "aten::permute", "aten::transpose", "aten::unsqueeze", "aten::squeeze",
-      "aten::split", "aten::split_with_sizes", "aten::chunk", "aten::unbind", "aten::copy_"};
-  return kinds;
+// A gradient that is a view of the output gradient needs no backward kernel (op_memory_rules: kView).
+bool GradientIsAView(const OpNode& node) {
+  const GradFormula g = GradOf(node);
+  return g == GradFormula::kViewOfGrad || g == GradFormula::kSlicesOfGrad;
 }
 
+// Ops that only move or create data: no arithmetic.
 OpCost CostDataMovement(const CostContext& ctx, const OpNode& node) {
   OpCost cost;
   if (node.kind == "aten::empty" || node.kind == "aten::empty_like" || node.kind == "aten::new_empty") return cost;
@@ -547,12 +521,12 @@ OpCost CostDataMovement(const CostContext& ctx, const OpNode& node) {
                                out_elems * static_cast<double>(ElementSize(ctx.Dtype(inputs[i]))));
   }
   cost.fwd_bytes += OutputBytes(ctx, node);
-  if (!AnyOutputRequiresGrad(ctx, node) || ViewGradientKinds().count(node.kind)) return cost;
+  if (!AnyOutputRequiresGrad(ctx, node) || GradientIsAView(node)) return cost;
   for (ValueId v : inputs) {
     if (!ctx.RequiresGrad(v)) continue;
     const bool same_dtype = std::all_of(node.outputs.begin(), node.outputs.end(),
                                         [&](ValueId o) { return ctx.Dtype(o) == ctx.Dtype(v); });
-    const bool is_cast = node.kind == "aten::to" || node.kind == "aten::type_as" || node.kind == "aten::_to_copy";
+    const bool is_cast = OpHas(node.kind, kCastOp);
     if (is_cast && same_dtype) continue;  // the gradient passes through
     // A cast back, or a zero-filled input-sized gradient the output gradient is scattered into.
     cost.bwd_bytes += OutputBytes(ctx, node) + ctx.Bytes(v);
@@ -560,26 +534,13 @@ OpCost CostDataMovement(const CostContext& ctx, const OpNode& node) {
   return cost;
 }
 
-const std::set<std::string, std::less<>>& ElementwiseKinds() {
-  static const std::set<std::string, std::less<>> kinds = {
-      "aten::add", "aten::add_", "aten::sub", "aten::sub_", "aten::rsub", "aten::mul", "aten::mul_", "aten::div",
-      "aten::div_", "aten::neg", "aten::pow", "aten::rsqrt", "aten::sqrt", "aten::exp", "aten::log", "aten::tanh",
-      "aten::gelu", "aten::silu", "aten::relu", "aten::sigmoid", "aten::sin", "aten::cos", "aten::abs",
-      "aten::clamp", "aten::clamp_min", "aten::clamp_max", "aten::minimum", "aten::maximum", "aten::reciprocal",
-      "aten::erf", "aten::masked_fill", "aten::masked_fill_", "aten::where", "aten::triu", "aten::tril",
-      "aten::eq", "aten::ne", "aten::lt", "aten::le", "aten::gt", "aten::ge", "aten::__and__", "aten::__or__",
-      "aten::bitwise_and", "aten::bitwise_or", "aten::bitwise_not", "aten::logical_and", "aten::logical_or",
-      "aten::logical_not", "aten::floor_divide", "aten::remainder", "aten::cumsum", "aten::diff", "aten::dropout"};
-  return kinds;
-}
-
 OpCost CostElementwise(const CostContext& ctx, const OpNode& node) {
   OpCost cost;
-  const std::string& k = node.kind;
   const std::vector<ValueId> inputs = DistinctTensorInputs(node);
   const double out_elems = OutputElements(ctx, node);
   const double out_bytes = OutputBytes(ctx, node);
-  if (k == "aten::dropout") {
+  const GradFormula grad = GradOf(node);
+  if (grad == GradFormula::kDropout) {
     // At p = 0 or in eval mode ATen returns the input: no kernel. Otherwise a 1-byte mask is drawn and applied.
     if (NumberArg(node, 1, 0.0) == 0.0 || !BoolArg(node, 2, true) || inputs.empty()) return cost;
     cost.fwd_flops = out_elems;
@@ -594,13 +555,13 @@ OpCost CostElementwise(const CostContext& ctx, const OpNode& node) {
   for (ValueId v : inputs) cost.fwd_bytes += ctx.ReadBytes(v);
   cost.fwd_bytes += out_bytes;
   if (!AnyOutputRequiresGrad(ctx, node)) return cost;
-  const bool additive = k == "aten::add" || k == "aten::add_" || k == "aten::sub" || k == "aten::sub_";
+  const bool additive = grad == GradFormula::kAdd || grad == GradFormula::kSub;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const ValueId v = inputs[i];
     if (!ctx.RequiresGrad(v)) continue;
     if (additive) {
       const bool broadcast = ctx.Elements(v) < out_elems;
-      const bool negated = i == 1 && (k == "aten::sub" || k == "aten::sub_");
+      const bool negated = i == 1 && grad == GradFormula::kSub;
       if (!broadcast && !negated) continue;  // the output gradient passes through unchanged
       cost.bwd_flops += out_elems;           // sum_to the input's shape, or negate
       cost.bwd_bytes += out_bytes + ctx.Bytes(v);
@@ -620,31 +581,53 @@ OpCost CostElementwise(const CostContext& ctx, const OpNode& node) {
 // --- Dispatch ---------------------------------------------------------------------------------------------------
 
 // Ops that launch no device kernel: shape queries, scalar conversions, the interpreter's own ops.
-bool RunsNoKernel(const OpNode& node) {
-  static const std::set<std::string, std::less<>> kinds = {"aten::size", "aten::Int", "aten::ScalarImplicit",
-                                                          "aten::dim", "aten::numel", "aten::detach",
-                                                          "aten::alias", "aten::lift_fresh"};
-  return node.outputs.empty() || node.kind.starts_with("prim::") || kinds.count(node.kind) > 0;
+bool RunsNoKernel(const OpNode& node, CostFamily family) {
+  return node.outputs.empty() || node.kind.starts_with("prim::") || family == CostFamily::kNoKernel;
 }
 
 // A view: every output shares an input's storage and the op does not write in place.
 bool IsView(const CostContext& ctx, const OpNode& node) {
-  if (IsInPlaceKind(node.kind)) return false;
+  if (IsInPlace(node.kind)) return false;
   return std::all_of(node.outputs.begin(), node.outputs.end(),
                      [&](ValueId v) { return ctx.graph().value(v).alias_of.valid(); });
 }
 
 OpCost Cost(const CostContext& ctx, const OpNode& node, bool* generic) {
   *generic = false;
-  if (RunsNoKernel(node) || IsView(ctx, node)) return {};
-  if (auto c = CostMatmulLike(ctx, node)) return *c;
-  if (auto c = CostAttention(ctx, node)) return *c;
-  if (auto c = CostSoftmaxOrLoss(ctx, node)) return *c;
-  if (auto c = CostNorm(ctx, node)) return *c;
-  if (auto c = CostEmbedding(ctx, node)) return *c;
-  if (ReductionKinds().count(node.kind)) return CostReduction(ctx, node);
-  if (DataMovementKinds().count(node.kind)) return CostDataMovement(ctx, node);
-  *generic = !ElementwiseKinds().count(node.kind);
+  const OpInfo* op = FindOp(node.kind);
+  const CostFamily family = op == nullptr ? CostFamily::kGeneric : op->cost;
+  if (RunsNoKernel(node, family) || IsView(ctx, node)) return {};
+  std::optional<OpCost> cost;
+  switch (family) {
+    case CostFamily::kContraction:
+      cost = CostMatmulLike(ctx, node);
+      break;
+    case CostFamily::kAttention:
+      cost = CostAttention(ctx, node);
+      break;
+    case CostFamily::kSoftmax:
+    case CostFamily::kCrossEntropy:
+    case CostFamily::kNllLoss:
+      cost = CostSoftmaxOrLoss(ctx, node, family);
+      break;
+    case CostFamily::kLayerNorm:
+    case CostFamily::kRmsNorm:
+      cost = CostNorm(ctx, node, family);
+      break;
+    case CostFamily::kEmbedding:
+      cost = CostEmbedding(ctx, node);
+      break;
+    case CostFamily::kReduction:
+      return CostReduction(ctx, node);
+    case CostFamily::kDataMovement:
+      return CostDataMovement(ctx, node);
+    case CostFamily::kElementwise:
+    case CostFamily::kNoKernel:
+    case CostFamily::kGeneric:
+      break;
+  }
+  if (cost) return *cost;
+  *generic = family != CostFamily::kElementwise;  // no rule of its own, or one its arguments did not fit
   return CostElementwise(ctx, node);
 }
 

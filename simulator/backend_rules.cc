@@ -1,40 +1,22 @@
 #include "simulator/backend_rules.h"
 
-#include <algorithm>
-#include <array>
+#include "graph/op_registry.h"
 
 namespace llmem::sim {
-namespace {
-// Ops of the decoder graphs this project handles, classified per aten/src/ATen/autocast_mode.cpp.
-// CPU lower_precision_fp list (subset that decoders use).
-constexpr std::array<std::string_view, 9> kCpuLower = {"aten::linear",  "aten::matmul", "aten::mm",
-                                                       "aten::bmm",     "aten::addmm",  "aten::baddbmm",
-                                                       "aten::addbmm",  "aten::conv1d", "aten::scaled_dot_product_attention"};
-// CPU fp32 list: losses (the decoder-relevant members).
-constexpr std::array<std::string_view, 3> kCpuFp32 = {"aten::cross_entropy_loss", "aten::nll_loss", "aten::mse_loss"};
-// CUDA lower_precision_fp list.
-constexpr std::array<std::string_view, 9> kCudaLower = {"aten::linear",  "aten::matmul", "aten::mm",
-                                                        "aten::bmm",     "aten::addmm",  "aten::baddbmm",
-                                                        "aten::addbmm",  "aten::conv1d", "aten::scaled_dot_product_attention"};
-// CUDA fp32 list (decoder-relevant members), including the fp32_set_opt_dtype softmax family.
-constexpr std::array<std::string_view, 12> kCudaFp32 = {
-    "aten::pow",         "aten::rsqrt",       "aten::layer_norm",       "aten::native_layer_norm",
-    "aten::softmax",     "aten::log_softmax", "aten::cross_entropy_loss", "aten::nll_loss",
-    "aten::exp",         "aten::log",         "aten::mse_loss",         "aten::cumsum"};
 
-template <size_t N>
-bool Contains(const std::array<std::string_view, N>& list, std::string_view kind) {
-  return std::find(list.begin(), list.end(), kind) != list.end();
-}
-}  // namespace
-
+// The simulator has no fp32_set_opt_dtype step of its own: such ops are simulated as fp32 ops, which cast a 16-bit
+// input to float32 where PyTorch passes dtype=float to the kernel instead (the same result, one copy more).
 AutocastClass BackendRules::Autocast(std::string_view op_kind) const {
-  if (cuda) {
-    if (Contains(kCudaLower, op_kind)) return AutocastClass::kLowerPrecision;
-    if (Contains(kCudaFp32, op_kind)) return AutocastClass::kFp32;
-  } else {
-    if (Contains(kCpuLower, op_kind)) return AutocastClass::kLowerPrecision;
-    if (Contains(kCpuFp32, op_kind)) return AutocastClass::kFp32;
+  const OpInfo* op = FindOp(op_kind);
+  if (op == nullptr) return AutocastClass::kNone;
+  switch (cuda ? op->autocast_cuda : op->autocast_cpu) {
+    case AutocastPolicy::kLowerPrecision:
+      return AutocastClass::kLowerPrecision;
+    case AutocastPolicy::kFp32:
+    case AutocastPolicy::kFp32SetOptDtype:
+      return AutocastClass::kFp32;
+    case AutocastPolicy::kNone:
+      break;
   }
   return AutocastClass::kNone;
 }

@@ -17,7 +17,7 @@
 //                            |                                               | segments, splitting)
 //  fixed overhead            | none                                          | CUDA context (outside the allocator)
 //
-// Sources: aten/src/ATen/autocast_mode.cpp (op lists), aten/src/ATen/native/Dropout.cpp (_dropout_impl vs
+// Sources: the autocast columns of graph/op_registry.h (op lists), aten/src/ATen/native/Dropout.cpp (_dropout_impl vs
 // native_dropout), aten/src/ATen/native/transformers/sdp_utils_cpp.cpp and attention.cpp (backend choice and saved
 // tensors), torch/csrc/api/src/optim/adamw.cpp and torch/optim/adamw.py (_multi_tensor_adamw),
 // aten/src/ATen/cuda/CublasHandlePool.cpp (workspaces).

@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <string_view>
 
+#include "graph/op_registry.h"
+
 namespace llmem::sim {
 
 namespace {
@@ -31,7 +33,7 @@ size_t CommonDepth(const std::vector<std::string_view>& a, const std::vector<std
 // local only (HF's loss function: `logits = logits.float()`), so the caller still holds the value.
 bool RebindsToACast(const OpNode& last_use, size_t holder_depth) {
   const bool direct = PathComponents(last_use.scope).size() == holder_depth;
-  return direct && last_use.in_module_code && (last_use.kind == "aten::to" || last_use.kind == "aten::type_as");
+  return direct && last_use.in_module_code && OpHas(last_use.kind, kCastOp);
 }
 
 }  // namespace

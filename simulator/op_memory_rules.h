@@ -1,6 +1,6 @@
 // What autograd keeps and allocates for each aten op of a decoder graph: which tensors the forward saves for
 // backward, which extra buffers the op creates (kept for backward or freed at once), and what backward allocates
-// for each input's gradient. One rule per op kind, each following the op's entry in
+// for each input's gradient. One rule per gradient formula family of graph/op_registry.h, each following the entry in
 // tools/autograd/derivatives.yaml and its ATen implementation (named per rule in the .cc).
 //
 // Forward output allocation is not a rule: the IR observed which outputs own new storage.

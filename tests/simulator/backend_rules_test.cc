@@ -46,6 +46,21 @@ TEST(BackendRulesTest, NormsAndPointwiseFp32OpsAreFp32OnCudaOnly) {
   }
 }
 
+// autocast_mode.h: einsum is on CUDA's lower_precision_fp list; AutocastCPU does not register it. The FLOP count
+// already computed it in the autocast dtype.
+TEST(BackendRulesTest, EinsumRunsInLowerPrecisionOnCudaOnly) {
+  EXPECT_EQ(RulesFor(GpuTarget("a100-80")).Autocast("aten::einsum"), AutocastClass::kLowerPrecision);
+  EXPECT_EQ(RulesFor(CpuTarget()).Autocast("aten::einsum"), AutocastClass::kNone);
+}
+
+// fp32_set_opt_dtype (CUDA): simulated as fp32 ops.
+TEST(BackendRulesTest, SumAndProdComputeInFp32OnCuda) {
+  EXPECT_EQ(RulesFor(GpuTarget("a100-80")).Autocast("aten::sum"), AutocastClass::kFp32);
+  EXPECT_EQ(RulesFor(GpuTarget("a100-80")).Autocast("aten::prod"), AutocastClass::kFp32);
+  EXPECT_EQ(RulesFor(CpuTarget()).Autocast("aten::prod"), AutocastClass::kFp32);  // CPU's fp32 list
+  EXPECT_EQ(RulesFor(CpuTarget()).Autocast("aten::sum"), AutocastClass::kNone);
+}
+
 TEST(BackendRulesTest, OpsOutsideTheListsAreUntouched) {
   for (const BackendRules& rules : {RulesFor(CpuTarget()), RulesFor(GpuTarget("a100-80"))}) {
     for (const char* op : {"aten::add", "aten::mul", "aten::gelu", "aten::silu", "aten::embedding", "aten::dropout",

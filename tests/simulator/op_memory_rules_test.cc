@@ -370,6 +370,47 @@ TEST(OpMemoryRulesTest, UnknownOpHasNoRule) {
   EXPECT_FALSE(Rule(g, Cuda()).has_value());
 }
 
+// derivatives.yaml gives these a formula; only their usual inputs (masks, position ids) carry no gradient, and the
+// FLOP count already gave them a backward. A trainable input gets its gradient.
+TEST(OpMemoryRulesTest, TriuAndCumsumOfATrainableValueHaveAGradient) {
+  for (const char* kind : {"aten::triu", "aten::cumsum"}) {
+    TestGraphBuilder b;
+    ValueId x = b.Param("x", {4, 4});
+    ValueId y = b.Op(kind, {T(x), I(0)}, {4, 4});
+    Graph g = b.Build(CloseWithSum(b, y));
+    auto r = Rule(g, Cpu());
+    ASSERT_TRUE(r.has_value()) << kind;
+    EXPECT_EQ(r->input_grads, (std::vector<GradKind>{GradKind::kNew})) << kind;  // grad.triu(), cumsum_backward
+    EXPECT_TRUE(r->saved_inputs.empty() && r->saved_outputs.empty()) << kind;
+    EXPECT_FALSE(IsKnownNonDifferentiable(kind)) << kind;
+  }
+}
+
+TEST(OpMemoryRulesTest, CopySendsTheGradientToItsSource) {
+  // buf.copy_(src): src gets the output gradient, buf's overwritten value gets zeros.
+  TestGraphBuilder b;
+  ValueId buf = b.Input("buf", {4, 8}, DType::kF32);
+  ValueId src = b.Param("src", {4, 8});
+  ValueId y = b.OpOut("aten::copy_", {T(buf), T(src), B(false)}, Out({4, 8}).AliasOf(buf));
+  Graph g = b.Build(CloseWithSum(b, y));
+  auto r = Rule(g, Cpu());
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->input_grads, (std::vector<GradKind>{GradKind::kNew, GradKind::kPassThrough}));
+}
+
+TEST(OpMemoryRulesTest, FullMaxSavesInputAndResult) {
+  // evenly_distribute_backward(grad, self, result).
+  TestGraphBuilder b;
+  ValueId x = b.Param("x", {4, 8});
+  ValueId m = b.Op("aten::max", {T(x)}, {});
+  Graph g = b.Build(m);
+  auto r = Rule(g, Cpu());
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->input_grads, (std::vector<GradKind>{GradKind::kNew}));
+  EXPECT_EQ(r->saved_inputs, (std::vector<int>{0}));
+  EXPECT_EQ(r->saved_outputs, (std::vector<int>{0}));
+}
+
 TEST(OpMemoryRulesTest, NonDifferentiableOpsCarryNoGradient) {
   EXPECT_TRUE(IsKnownNonDifferentiable("aten::arange"));
   EXPECT_TRUE(IsKnownNonDifferentiable("aten::eq"));
