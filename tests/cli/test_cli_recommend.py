@@ -2,7 +2,8 @@
 """End-to-end tests of `llmem recommend`: the largest batch per layout is the same whatever batch is asked for
 and its exact estimate (`llmem estimate` of the layout) fits while the next batch does not; GPUs beyond a node
 are spread over whole nodes of 8 unless --nodes says otherwise, an assumption printed with the table and in
-JSON; fp32 requests that fit nowhere still name the smallest GPU count. Needs LLMEM_BIN, LLMEM_TINY_MODELS and
+JSON; fp32 requests that fit nowhere still name the smallest GPU count (with a global batch, and with the chunk
+engine asked for, which needs 16-bit training). Needs LLMEM_BIN, LLMEM_TINY_MODELS and
 LLMEM_MODELS_DIR."""
 import json
 import os
@@ -87,6 +88,26 @@ class RecommendTest(OneLineErrorAssertions, unittest.TestCase):
         j = json.loads(proc.stdout)
         self.assertIsNone(j["recommended"])
         self.assertGreater(j["smallest_gpu_count_that_fits"], 1)
+
+    def assert_smallest_count_fits(self, *request):
+        """Nothing fits on 2 GPUs, a larger count is named, and recommend at that count finds a layout."""
+        llama = os.path.join(BUNDLED, "llama-2-7b.meta.pt")
+        common = ["--gpu", "a100-40", "--seq", "4096", "--precision", "fp32", *request]
+        j = recommend_json(llama, "--gpus", "2", *common)
+        self.assertIsNone(j["recommended"])
+        smallest = j["smallest_gpu_count_that_fits"]
+        self.assertGreater(smallest, 2, j["why"])
+        at = recommend_json(llama, "--gpus", str(smallest), *common)
+        self.assertIsNotNone(at["recommended"], at["why"])
+
+    def test_fp32_global_batch_names_a_count_it_splits_over(self):
+        # The largest count searched (4096) cannot split a global batch of 8; smaller counts can.
+        self.assert_smallest_count_fits("--global-batch", "8")
+
+    def test_fp32_with_the_chunk_engine_asked_searches_the_engines_that_run(self):
+        # Chunk-based ZeRO needs 16-bit training: the search falls back to DDP and to tensor parallelism alone.
+        self.assert_smallest_count_fits("--batch", "1", "--engines", "gemini,ddp")
+        self.assert_smallest_count_fits("--global-batch", "8", "--engines", "gemini,ddp")
 
 
 if __name__ == "__main__":
