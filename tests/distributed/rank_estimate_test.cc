@@ -256,5 +256,21 @@ TEST(EstimateRankTest, TensorParallelAppendsItsCollectives) {
   EXPECT_EQ(hybrid.memory.peak_allocated_bytes, est.memory.peak_allocated_bytes + 1952);
 }
 
+TEST(EstimateRankTest, TensorParallelAllReducesFollowTheAutocastDtype) {
+  // The row-parallel o_proj's partial output, [1,3,8]: fp32 (96 B) in an fp32 step, bf16 (48 B) under autocast.
+  const TpBlock t = MakeTpBlock();
+  auto o_proj_bytes = [&](sim::Precision precision) {
+    sim::TrainingConfig config = CpuConfig();
+    config.precision = precision;
+    for (const Collective& c : EstimateRank(t.graph, config, Plan(1, 2)).collectives) {
+      if (c.what.find("o_proj") != std::string::npos) return c.bytes;
+    }
+    ADD_FAILURE() << "no o_proj all-reduce";
+    return int64_t{0};
+  };
+  EXPECT_EQ(o_proj_bytes(sim::Precision::kFp32), 96);
+  EXPECT_EQ(o_proj_bytes(sim::Precision::kBf16Autocast), 48);
+}
+
 }  // namespace
 }  // namespace llmem::dist
