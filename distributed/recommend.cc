@@ -10,6 +10,7 @@
 
 #include "distributed/largest_batch_search.h"
 #include "distributed/model_dims.h"
+#include "distributed/nccl_memory.h"
 #include "distributed/rank_estimate.h"
 #include "distributed/sharded_params.h"
 #include "distributed/tensor_parallel.h"
@@ -244,6 +245,9 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     }
   }
   if (!nodes.assumption.empty()) out.assumptions.push_back(nodes.assumption);
+  const bool communicates = std::any_of(out.rows.begin(), out.rows.end(),
+                                        [](const PlanRow& r) { return CommunicatorsPerRank(r.plan) > 0; });
+  if (communicates) out.assumptions.push_back(NcclAssumption(req.config.target.gpu));
   std::vector<std::string> time_assumptions;  // the same for every row
   for (size_t k = 0; k < work.size(); ++k) {
     PlanRow& row = out.rows[work[k]];

@@ -7,6 +7,7 @@
 
 #include "distributed/model_dims.h"
 #include "distributed/nccl_memory.h"
+#include "graph/dtype.h"
 #include "graph/error.h"
 #include "simulator/gpu_catalog.h"
 #include "simulator/memory_estimate.h"
@@ -160,6 +161,24 @@ TEST(NcclMemoryTest, CommunicatorsTimesChannelsTimesTwoConnections) {
   EXPECT_EQ(NcclBytesPerRank(Plan(8, 1), a100), 616'562'688);     // 1 * 32 * 2 * 9,633,792
   EXPECT_EQ(NcclBytesPerRank(Plan(4, 2), h100), 1'233'125'376);   // 2 * 32 * 2 * 9,633,792
   EXPECT_EQ(NcclBytesPerRank(Plan(2, 1), l4), 77'070'336);        // 1 *  4 * 2 * 9,633,792
+}
+
+TEST(NcclMemoryTest, TheAssumptionStatesTheFiguresItCounts) {
+  const auto l4 = *sim::FindGpu("l4-24");
+  const auto a100 = *sim::FindGpu("a100-80");
+  const std::string words = NcclAssumption(l4);
+  EXPECT_NE(words.find(FormatBytes(NcclBytesPerRank(Plan(2, 1), l4)) + " per communicator"), std::string::npos)
+      << words;
+  EXPECT_NE(words.find("4 channels x 2 ring connections x " + FormatBytes(kNcclBytesPerConnection)), std::string::npos)
+      << words;
+  for (const char* env : {"NCCL_BUFFSIZE", "NCCL_LL_BUFFSIZE", "NCCL_LL128_BUFFSIZE", "NCCL_MAX_NCHANNELS"}) {
+    EXPECT_NE(words.find(env), std::string::npos) << env;
+  }
+  EXPECT_NE(NcclAssumption(a100).find("32 channels"), std::string::npos);
+  EXPECT_EQ(NcclRankAssumption(Plan(4, 2), a100).rfind("2 NCCL communicators on this rank, " +
+                                                          FormatBytes(NcclBytesPerRank(Plan(4, 2), a100)),
+                                                      0),
+            0u);
 }
 
 TEST(EstimateRankTest, NcclBuffersAreFixedOverheadOnGpusOnly) {
