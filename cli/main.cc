@@ -24,6 +24,7 @@
 #include "cli/trace_file.h"
 #include "cli/training_options.h"
 #include "cli/validate_command.h"
+#include "distributed/nccl_memory.h"
 #include "distributed/parallel_plan.h"
 #include "distributed/rank_estimate.h"
 #include "simulator/memory_estimate.h"
@@ -81,10 +82,12 @@ json StepJson(const StepOptions& o) {
               {"optimizer", o.optimizer}};
 }
 
-json EstimateJson(const llmem::sim::MemoryEstimate& e, const StepOptions& o, const llmem::sim::Recipe& recipe) {
+json EstimateJson(const llmem::sim::MemoryEstimate& e, const StepOptions& o, const llmem::sim::Recipe& recipe,
+                  const std::vector<std::string>& assumptions) {
   json j = StepJson(o);
   j["recipe"] = llmem::cli::RecipeJson(recipe);
   if (o.dp > 1 || o.tp > 1) j["layout"] = {{"dp", o.dp}, {"tp", o.tp}, {"engine", o.engine}};
+  if (!assumptions.empty()) j["assumptions"] = assumptions;
   j["target"] = e.target;
   j["peak_allocated_bytes"] = e.peak_allocated_bytes;
   j["peak_reserved_bytes"] = e.peak_reserved_bytes;
@@ -111,7 +114,7 @@ json EstimateJson(const llmem::sim::MemoryEstimate& e, const StepOptions& o, con
 }
 
 void PrintEstimate(const llmem::sim::MemoryEstimate& e, const llmem::Graph& g, const StepOptions& o,
-                   const llmem::sim::Recipe& recipe) {
+                   const llmem::sim::Recipe& recipe, const std::vector<std::string>& assumptions) {
   std::printf("model      %s (%d layers, %zu parameter tensors)\n", o.model.c_str(), g.num_layers(), g.params().size());
   std::printf("step       batch %lld x seq %lld, %s, %s, target %s\n", static_cast<long long>(o.batch),
               static_cast<long long>(o.seq), o.precision.c_str(), o.optimizer.c_str(), e.target.c_str());
@@ -143,6 +146,10 @@ void PrintEstimate(const llmem::sim::MemoryEstimate& e, const llmem::Graph& g, c
     if (!o.gpu_memory.empty()) {
       std::printf("                 (%s)\n", llmem::cli::GpuMemoryAssumption(o.gpu).c_str());
     }
+  }
+  if (!assumptions.empty()) {
+    std::printf("\nassumptions:\n");
+    for (const auto& a : assumptions) std::printf("  - %s\n", a.c_str());
   }
 }
 
@@ -246,18 +253,21 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   if (o.max_positions) model.set_max_positions(*o.max_positions);
   auto graph = model.BuildGraph(o.batch, o.seq);
   llmem::sim::MemoryEstimate est;
+  std::vector<std::string> assumptions;  // of a parallel layout on a GPU: NCCL's buffers
   if (o.dp == 1 && o.tp == 1) {
     est = llmem::sim::EstimateMemory(graph, config);
   } else {
     llmem::dist::DistributedOptions dopts;
     dopts.tp_vocab_parallel = !o.no_vocab_parallel;
-    est = llmem::dist::EstimateRank(graph, config, {.dp = o.dp, .tp = o.tp, .engine = *engine}, dopts).memory;
+    const llmem::dist::ParallelPlan plan{.dp = o.dp, .tp = o.tp, .engine = *engine};
+    est = llmem::dist::EstimateRank(graph, config, plan, dopts).memory;
+    if (!config.target.is_cpu) assumptions.push_back(llmem::dist::NcclRankAssumption(plan, config.target.gpu));
   }
   if (!o.trace_path.empty()) llmem::cli::WriteEstimateTrace(o.trace_path, est.simulation->timeline);
   if (o.json_out) {
-    std::cout << EstimateJson(est, o, config).dump(2) << "\n";
+    std::cout << EstimateJson(est, o, config, assumptions).dump(2) << "\n";
   } else {
-    PrintEstimate(est, graph, o, config);
+    PrintEstimate(est, graph, o, config, assumptions);
   }
   WarnAboutUnknownOps(est);
   return est.fits ? 0 : kExitDoesNotFit;

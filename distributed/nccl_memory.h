@@ -14,13 +14,26 @@
 
 namespace llmem::dist {
 
-constexpr int64_t kNcclBytesPerConnection = 4 * 1024 * 1024 + 512 * 1024 + 4'915'200;
+// Per-connection buffer of each protocol at NCCL's defaults (NCCL_BUFFSIZE, NCCL_LL_BUFFSIZE, NCCL_LL128_BUFFSIZE
+// unset; x86 hosts: some releases default SIMPLE to 1 MiB on ARM).
+constexpr int64_t kNcclSimpleBufferBytes = 4 * 1024 * 1024;  // DEFAULT_BUFFSIZE (1 << 22)
+constexpr int64_t kNcclLlBufferBytes = 512 * 1024;           // DEFAULT_LL_BUFFSIZE
+constexpr int64_t kNcclLl128BufferBytes = 4'915'200;         // DEFAULT_LL128_BUFFSIZE
+constexpr int64_t kNcclBytesPerConnection = kNcclSimpleBufferBytes + kNcclLlBufferBytes + kNcclLl128BufferBytes;
+constexpr int kNcclRingConnectionsPerChannel = 2;  // a ring channel connects to the previous and the next rank
 
 // One communicator per process group that runs collectives: the data-parallel group when dp > 1, the
 // tensor-parallel group when tp > 1 (and for dp > 1 × tp > 1 both).
 int CommunicatorsPerRank(const ParallelPlan& plan);
 int NcclChannels(const sim::GpuSpec& gpu);
 int64_t NcclBytesPerRank(const ParallelPlan& plan, const sim::GpuSpec& gpu);
+int64_t NcclBytesPerCommunicator(const sim::GpuSpec& gpu);
+
+// What the figures above assume, in words with the numbers, for the assumptions printed with a table of parallel
+// layouts: buffer sizes per protocol and the NCCL variables left at their defaults, the channel count, and what
+// is not counted.
 std::string NcclAssumption(const sim::GpuSpec& gpu);
+// The same for one rank of `plan`: its communicators and their total first.
+std::string NcclRankAssumption(const ParallelPlan& plan, const sim::GpuSpec& gpu);
 
 }  // namespace llmem::dist

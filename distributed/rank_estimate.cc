@@ -117,10 +117,13 @@ RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config,
       break;
     }
   }
-  if (tp) out.collectives.insert(out.collectives.end(), tp->collectives.begin(), tp->collectives.end());
   CombinedHooks hooks(tp_hooks, *dp_hooks);
   out.nccl_bytes = config.target.is_cpu ? 0 : NcclBytesPerRank(plan, config.target.gpu);
   out.memory = sim::EstimateMemory(rank_graph, config, &hooks, out.nccl_bytes);
+  if (tp) {  // sized by the dtypes of the simulated step (16-bit partial outputs under autocast)
+    const CollectiveList tp_collectives = TensorParallelCollectives(*tp, out.memory.simulation->value_dtypes);
+    out.collectives.insert(out.collectives.end(), tp_collectives.begin(), tp_collectives.end());
+  }
   return out;
 }
 

@@ -10,6 +10,7 @@
 
 #include "distributed/largest_batch_search.h"
 #include "distributed/model_dims.h"
+#include "distributed/nccl_memory.h"
 #include "distributed/rank_estimate.h"
 #include "distributed/sharded_params.h"
 #include "distributed/tensor_parallel.h"
@@ -244,6 +245,9 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     }
   }
   if (!nodes.assumption.empty()) out.assumptions.push_back(nodes.assumption);
+  const bool communicates = std::any_of(out.rows.begin(), out.rows.end(),
+                                        [](const PlanRow& r) { return CommunicatorsPerRank(r.plan) > 0; });
+  if (communicates) out.assumptions.push_back(NcclAssumption(req.config.target.gpu));
   std::vector<std::string> time_assumptions;  // the same for every row
   for (size_t k = 0; k < work.size(); ++k) {
     PlanRow& row = out.rows[work[k]];
@@ -290,24 +294,36 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     return out;
   }
   // Nothing fits: the smallest GPU count with a layout that fits, searching the most frugal engines (ZeRO-3
-  // style) over growing counts: whole nodes beyond one node.
-  std::vector<DataParallelEngine> frugal;
+  // style) that can train at this precision over growing counts: whole nodes beyond one node.
+  std::vector<DataParallelEngine> usable, frugal;
   for (auto e : req.engines) {
+    if (!EngineUnavailable({.dp = 2, .tp = 1, .engine = e}, req.config.precision).empty()) continue;
+    usable.push_back(e);
     if (e == DataParallelEngine::kFsdp2Zero3 || e == DataParallelEngine::kGemini) frugal.push_back(e);
   }
-  if (frugal.empty()) frugal = req.engines;
+  if (frugal.empty()) frugal = usable;  // no engine at all: tensor parallelism alone (one data-parallel rank)
   // Growing counts fill nodes of the size given (--nodes) or usual for the GPU kind.
   const int node_capacity = req.nodes ? per_node : UsualGpusPerNode(req.config.target.gpu);
-  std::vector<int> counts;  // every count up to a node, then whole nodes
-  for (int n = req.gpus + 1; n <= 4096; ++n) {
-    if (n <= node_capacity || n % node_capacity == 0) counts.push_back(n);
-  }
-  auto fits_with = [&](int n) {
-    const int node_size = std::min(n, node_capacity);
-    std::vector<std::pair<ParallelPlan, int64_t>> candidates;  // layout, micro-batch
-    for (const ParallelPlan& plan : EnumeratePlans(n, node_size, frugal, req.tp)) {
+  // The layouts of a count that can run at all: the engine at this precision, degrees that divide the model, a
+  // data-parallel degree that divides the global batch.
+  auto runnable_at = [&](int n) {
+    std::vector<ParallelPlan> plans;
+    for (const ParallelPlan& plan : EnumeratePlans(n, std::min(n, node_capacity), frugal, req.tp)) {
       if (!EngineUnavailable(plan, req.config.precision).empty() || !sweep.Unrunnable(plan).empty()) continue;
       if (req.global_batch > 0 && req.global_batch % plan.dp != 0) continue;
+      plans.push_back(plan);
+    }
+    return plans;
+  };
+  // Every count up to a node, then whole nodes, that has a layout to try (a global batch splits over only some
+  // data-parallel degrees; with no usable engine only tensor parallelism within a node is left).
+  std::vector<int> counts;
+  for (int n = req.gpus + 1; n <= 4096; ++n) {
+    if ((n <= node_capacity || n % node_capacity == 0) && !runnable_at(n).empty()) counts.push_back(n);
+  }
+  auto fits_with = [&](int n) {
+    std::vector<std::pair<ParallelPlan, int64_t>> candidates;  // layout, micro-batch
+    for (const ParallelPlan& plan : runnable_at(n)) {
       const int64_t b = req.global_batch > 0 ? req.global_batch / plan.dp : req.micro_batch;
       try {
         sweep.RankGraph(b, plan.tp);  // built here, read by the estimates below
@@ -318,13 +334,13 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     }
     std::vector<uint8_t> fits(candidates.size(), 0);
     ParallelFor(candidates.size(), [&](size_t k) {
-      fits[k] = Fits(sweep.Estimate(candidates[k].first, candidates[k].second, node_size));
+      fits[k] = Fits(sweep.Estimate(candidates[k].first, candidates[k].second, std::min(n, node_capacity)));
     });
     return std::find(fits.begin(), fits.end(), 1) != fits.end();
   };
   // Sharded memory shrinks as GPUs are added, down to what every GPU holds whatever the count (activations,
-  // autocast copies): if the largest count does not fit, none does. Otherwise gallop to a count that fits, then
-  // bisect below it.
+  // autocast copies): if the largest count with a layout does not fit, none does. Otherwise gallop to a count
+  // that fits, then bisect below it.
   size_t hi = counts.empty() || !fits_with(counts.back()) ? counts.size() : 0;
   while (hi < counts.size() && !fits_with(counts[hi])) hi = std::min(counts.size() - 1, hi == 0 ? 1 : hi * 2);
   if (hi < counts.size()) {

@@ -62,7 +62,7 @@ struct Recommendation {
   int best = -1;                  // index into rows, -1 when nothing fits
   std::string why;                // one sentence on the choice
   int smallest_gpu_count_that_fits = 0;  // when nothing fits (0: none up to the search limit)
-  std::vector<std::string> assumptions;  // the node size when assumed, then the time model's
+  std::vector<std::string> assumptions;  // the node size when assumed, NCCL's buffers, then the time model's
 };
 
 // The IR at a batch size (the caller builds and caches it; the sweep asks for each micro-batch it simulates, one

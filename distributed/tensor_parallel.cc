@@ -105,14 +105,8 @@ class Sharder {
     }
     s = dim;
   }
-  void AddCollective(const OpNode& node, ValueId v, StepPhase phase, const std::string& what) {
-    Collective c;
-    c.kind = CollectiveKind::kAllReduce;
-    c.bytes = ShapeBytes(Shape(v), g_.value(v).dtype);
-    c.group_size = tp_;
-    c.phase = phase;
-    c.what = what + " (" + node.scope + ")";
-    out_.collectives.push_back(c);
+  void AddAllReduce(const OpNode& node, ValueId v, StepPhase phase, const std::string& what) {
+    out_.all_reduces.push_back({.value = v, .phase = phase, .what = what + " (" + node.scope + ")"});
   }
 
   // A linear (weight [out, in], or [in, out] for addmm's Conv1D layout) in a decoder layer or the LM head.
@@ -125,7 +119,7 @@ class Sharder {
       // Row-parallel: the input's last dim is split; partial sums are all-reduced into a replicated output.
       SplitParam(w, weight_in_out ? 0 : 1, node);
       out_.output_all_reduced[n] = 1;
-      AddCollective(node, y, StepPhase::kForward, "row-parallel output all-reduce");
+      AddAllReduce(node, y, StepPhase::kForward, "row-parallel output all-reduce");
       return true;
     }
     if (x_split >= 0) {
@@ -141,7 +135,7 @@ class Sharder {
     for (size_t i = 0; i < inputs.size(); ++i) {
       if (inputs[i] == x && g_.value(x).requires_grad) {
         out_.input_grad_all_reduced[n][i] = 1;
-        AddCollective(node, x, StepPhase::kBackward, "column-parallel input-gradient all-reduce");
+        AddAllReduce(node, x, StepPhase::kBackward, "column-parallel input-gradient all-reduce");
       }
     }
     return true;
@@ -159,7 +153,7 @@ class Sharder {
         SplitParam(w, 0, node);
         out_.output_all_reduced[static_cast<size_t>(node.id.index)] = 1;
         out_.replicated_weight_grad[static_cast<size_t>(node.id.index)] = 1;
-        AddCollective(node, node.outputs.at(0), StepPhase::kForward, "vocab-parallel embedding all-reduce");
+        AddAllReduce(node, node.outputs.at(0), StepPhase::kForward, "vocab-parallel embedding all-reduce");
         return;
       }
     }
@@ -374,6 +368,20 @@ TensorParallelRank ShardForTensorParallel(const Graph& graph, int tp, bool vocab
     return rank;
   }
   return Sharder(graph, tp, vocab_parallel).Run();
+}
+
+CollectiveList TensorParallelCollectives(const TensorParallelRank& rank, const std::vector<DType>& value_dtypes) {
+  CollectiveList out;
+  for (const TensorParallelAllReduce& a : rank.all_reduces) {
+    Collective c;
+    c.kind = CollectiveKind::kAllReduce;
+    c.bytes = ShapeBytes(rank.graph.value(a.value).shape, value_dtypes.at(static_cast<size_t>(a.value.index)));
+    c.group_size = rank.tp;
+    c.phase = a.phase;
+    c.what = a.what;
+    out.push_back(std::move(c));
+  }
+  return out;
 }
 
 bool TensorParallelHooks::OutputReplacedByCollective(const OpNode& node) const {

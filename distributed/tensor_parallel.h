@@ -27,16 +27,32 @@
 //
 // A reshape or contiguous() whose operand is split may become a view where the whole tensor needed a copy (e.g.
 // GQA's repeat_kv with one key/value head per rank), so the rank graph recomputes view-or-copy with ATen's rule.
+//
+// An all-reduce moves its tensor in the dtype the step gives it, which the split alone does not know: under
+// autocast a row-parallel linear's partial output is 16-bit, while a column-parallel input gradient is reduced
+// in its input's dtype, after autocast's ToCopyBackward (DTensor redistributes the Partial gradient where
+// ColwiseParallel's from_local wrapped the input, before the cast; torch/distributed/tensor/_api.py
+// _FromTorchTensor.backward). TensorParallelCollectives sizes them from the simulated dtypes.
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "distributed/collective.h"
+#include "graph/dtype.h"
 #include "graph/graph.h"
 #include "simulator/step_hooks.h"
 
 namespace llmem::dist {
+
+// One all-reduce the split adds to the step: the tensor reduced (replicated on every rank once reduced; for a
+// backward one, the gradient of this value) and when it runs.
+struct TensorParallelAllReduce {
+  ValueId value;                       // a row-parallel output, a column-parallel input (its gradient), ...
+  StepPhase phase = StepPhase::kForward;
+  std::string what;                    // "row-parallel output all-reduce (model.layers.0.attn.o_proj)"
+};
 
 struct TensorParallelRank {
   int tp = 1;                                            // ranks the split tensors are divided over
@@ -46,12 +62,16 @@ struct TensorParallelRank {
   std::vector<int> split_dim;                            // per value: the dim split across ranks, -1 if replicated
   std::vector<int64_t> loss_workspace_bytes;             // per node: vocab-parallel cross-entropy temporaries
   std::vector<uint8_t> replicated_weight_grad;           // per node: the weight gradient is whole on every rank
-  CollectiveList collectives;                            // per step, group = the tp ranks
+  std::vector<TensorParallelAllReduce> all_reduces;     // per step, in graph order, group = the tp ranks
 };
 
 // Throws ConfigError when tp does not divide a split dimension, UnsupportedOpError when the layer's structure
 // cannot be split (e.g. a fused q/k/v projection cut into pieces of unequal widths).
 TensorParallelRank ShardForTensorParallel(const Graph& graph, int tp, bool vocab_parallel);
+
+// The rank's collectives per step, each tensor's bytes in its dtype under the simulated precision
+// (`value_dtypes`: sim::StepSimulation::value_dtypes of the rank graph).
+CollectiveList TensorParallelCollectives(const TensorParallelRank& rank, const std::vector<DType>& value_dtypes);
 
 class TensorParallelHooks : public sim::StepHooks {
  public:

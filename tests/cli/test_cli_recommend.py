@@ -2,7 +2,9 @@
 """End-to-end tests of `llmem recommend`: the largest batch per layout is the same whatever batch is asked for
 and its exact estimate (`llmem estimate` of the layout) fits while the next batch does not; GPUs beyond a node
 are spread over whole nodes of 8 unless --nodes says otherwise, an assumption printed with the table and in
-JSON; fp32 requests that fit nowhere still name the smallest GPU count. Needs LLMEM_BIN, LLMEM_TINY_MODELS and
+JSON; fp32 requests that fit nowhere still name the smallest GPU count (with a global batch, and with the chunk
+engine asked for, which needs 16-bit training); NCCL's buffer assumption comes with every table of parallel
+layouts (recommend and estimate, text and JSON). Needs LLMEM_BIN, LLMEM_TINY_MODELS and
 LLMEM_MODELS_DIR."""
 import json
 import os
@@ -87,6 +89,51 @@ class RecommendTest(OneLineErrorAssertions, unittest.TestCase):
         j = json.loads(proc.stdout)
         self.assertIsNone(j["recommended"])
         self.assertGreater(j["smallest_gpu_count_that_fits"], 1)
+
+    def test_nccl_buffer_assumption_comes_with_every_parallel_table(self):
+        opt = os.path.join(BUNDLED, "opt-1.3b.meta.pt")
+        common = ["--gpu", "l4-24", "--seq", "512"]
+        needles = ("NCCL buffers outside PyTorch's allocator", "4 channels x 2 ring connections", "NCCL_BUFFSIZE")
+
+        def nccl_lines(lines):
+            return [a for a in lines if all(n in a for n in needles)]
+
+        j = recommend_json(opt, "--gpus", "4", *common)
+        self.assertEqual(len(nccl_lines(j["assumptions"])), 1, j["assumptions"])
+        self.assertEqual(len(nccl_lines(run("recommend", opt, "--gpus", "4", *common).stdout.splitlines())), 1)
+        self.assertEqual(nccl_lines(recommend_json(opt, "--gpus", "1", *common)["assumptions"]), [])
+        # estimate of one rank: this rank's communicators and their bytes, as counted in the fixed overhead.
+        for layout, communicators in ((("--dp", "2"), 1), (("--tp", "2"), 1), (("--dp", "2", "--tp", "2"), 2)):
+            est = ["estimate", opt, "-b", "1", *common, *layout]
+            proc = run(*est, "--json")
+            self.assertIn(proc.returncode, (0, 3), proc.stderr)
+            e = json.loads(proc.stdout)
+            lines = nccl_lines(e["assumptions"])
+            self.assertEqual(len(lines), 1, e["assumptions"])
+            self.assertTrue(lines[0].startswith(f"{communicators} NCCL communicator"), lines[0])
+            self.assertEqual(len(nccl_lines(run(*est).stdout.splitlines())), 1)
+        one = json.loads(run("estimate", opt, "-b", "1", *common, "--json").stdout)
+        self.assertNotIn("assumptions", one)
+
+    def assert_smallest_count_fits(self, *request):
+        """Nothing fits on 2 GPUs, a larger count is named, and recommend at that count finds a layout."""
+        llama = os.path.join(BUNDLED, "llama-2-7b.meta.pt")
+        common = ["--gpu", "a100-40", "--seq", "4096", "--precision", "fp32", *request]
+        j = recommend_json(llama, "--gpus", "2", *common)
+        self.assertIsNone(j["recommended"])
+        smallest = j["smallest_gpu_count_that_fits"]
+        self.assertGreater(smallest, 2, j["why"])
+        at = recommend_json(llama, "--gpus", str(smallest), *common)
+        self.assertIsNotNone(at["recommended"], at["why"])
+
+    def test_fp32_global_batch_names_a_count_it_splits_over(self):
+        # The largest count searched (4096) cannot split a global batch of 8; smaller counts can.
+        self.assert_smallest_count_fits("--global-batch", "8")
+
+    def test_fp32_with_the_chunk_engine_asked_searches_the_engines_that_run(self):
+        # Chunk-based ZeRO needs 16-bit training: the search falls back to DDP and to tensor parallelism alone.
+        self.assert_smallest_count_fits("--batch", "1", "--engines", "gemini,ddp")
+        self.assert_smallest_count_fits("--global-batch", "8", "--engines", "gemini,ddp")
 
 
 if __name__ == "__main__":

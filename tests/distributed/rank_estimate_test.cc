@@ -7,6 +7,7 @@
 
 #include "distributed/model_dims.h"
 #include "distributed/nccl_memory.h"
+#include "graph/dtype.h"
 #include "graph/error.h"
 #include "simulator/gpu_catalog.h"
 #include "simulator/memory_estimate.h"
@@ -162,6 +163,24 @@ TEST(NcclMemoryTest, CommunicatorsTimesChannelsTimesTwoConnections) {
   EXPECT_EQ(NcclBytesPerRank(Plan(2, 1), l4), 77'070'336);        // 1 *  4 * 2 * 9,633,792
 }
 
+TEST(NcclMemoryTest, TheAssumptionStatesTheFiguresItCounts) {
+  const auto l4 = *sim::FindGpu("l4-24");
+  const auto a100 = *sim::FindGpu("a100-80");
+  const std::string words = NcclAssumption(l4);
+  EXPECT_NE(words.find(FormatBytes(NcclBytesPerRank(Plan(2, 1), l4)) + " per communicator"), std::string::npos)
+      << words;
+  EXPECT_NE(words.find("4 channels x 2 ring connections x " + FormatBytes(kNcclBytesPerConnection)), std::string::npos)
+      << words;
+  for (const char* env : {"NCCL_BUFFSIZE", "NCCL_LL_BUFFSIZE", "NCCL_LL128_BUFFSIZE", "NCCL_MAX_NCHANNELS"}) {
+    EXPECT_NE(words.find(env), std::string::npos) << env;
+  }
+  EXPECT_NE(NcclAssumption(a100).find("32 channels"), std::string::npos);
+  EXPECT_EQ(NcclRankAssumption(Plan(4, 2), a100).rfind("2 NCCL communicators on this rank, " +
+                                                          FormatBytes(NcclBytesPerRank(Plan(4, 2), a100)),
+                                                      0),
+            0u);
+}
+
 TEST(EstimateRankTest, NcclBuffersAreFixedOverheadOnGpusOnly) {
   const Graph g = TwoLayerLm();
   const auto gpu = sim::testing::GpuConfig("a100-80");
@@ -254,6 +273,22 @@ TEST(EstimateRankTest, TensorParallelAppendsItsCollectives) {
   EXPECT_EQ(hybrid.collectives.size(), 9u);
   EXPECT_EQ(hybrid.collectives[0].bytes, 1952);
   EXPECT_EQ(hybrid.memory.peak_allocated_bytes, est.memory.peak_allocated_bytes + 1952);
+}
+
+TEST(EstimateRankTest, TensorParallelAllReducesFollowTheAutocastDtype) {
+  // The row-parallel o_proj's partial output, [1,3,8]: fp32 (96 B) in an fp32 step, bf16 (48 B) under autocast.
+  const TpBlock t = MakeTpBlock();
+  auto o_proj_bytes = [&](sim::Precision precision) {
+    sim::TrainingConfig config = CpuConfig();
+    config.precision = precision;
+    for (const Collective& c : EstimateRank(t.graph, config, Plan(1, 2)).collectives) {
+      if (c.what.find("o_proj") != std::string::npos) return c.bytes;
+    }
+    ADD_FAILURE() << "no o_proj all-reduce";
+    return int64_t{0};
+  };
+  EXPECT_EQ(o_proj_bytes(sim::Precision::kFp32), 96);
+  EXPECT_EQ(o_proj_bytes(sim::Precision::kBf16Autocast), 48);
 }
 
 }  // namespace

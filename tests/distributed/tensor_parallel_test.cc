@@ -33,6 +33,13 @@ const Parameter& ParamNamed(const Graph& g, const std::string& name) {
 
 NodeId ProducerOf(const Graph& g, ValueId v) { return g.value(v).producer; }
 
+// Every value in the dtype of the traced program (what an fp32 step runs).
+std::vector<DType> TraceDTypes(const Graph& g) {
+  std::vector<DType> dtypes;
+  for (const auto& v : g.values()) dtypes.push_back(v.dtype);
+  return dtypes;
+}
+
 // ---- The split of a decoder layer (TpBlock, tp = 2) ----
 
 TEST(TensorParallelTest, AttentionAndMlpSplitColumnThenRow) {
@@ -147,15 +154,33 @@ TEST(TensorParallelTest, CollectiveFlagsAndList) {
       {StepPhase::kForward, "row-parallel output all-reduce (model.layers.0.mlp.down)"},
       {StepPhase::kBackward, "column-parallel input-gradient all-reduce (lm_head)"},
   };
-  ASSERT_EQ(rank.collectives.size(), want.size());
+  const CollectiveList collectives = TensorParallelCollectives(rank, TraceDTypes(rank.graph));
+  ASSERT_EQ(collectives.size(), want.size());
   for (size_t i = 0; i < want.size(); ++i) {
-    const auto& c = rank.collectives[i];
+    const auto& c = collectives[i];
     EXPECT_EQ(c.kind, CollectiveKind::kAllReduce) << i;
     EXPECT_EQ(c.bytes, 96) << i;
     EXPECT_EQ(c.group_size, 2) << i;
     EXPECT_EQ(c.phase, want[i].phase) << i;
     EXPECT_EQ(c.what.rfind(want[i].what, 0), 0u) << c.what;
   }
+}
+
+// Under bf16 autocast the row-parallel linears' partial outputs are 16-bit, so their all-reduces move half the
+// bytes; a column-parallel input gradient is reduced in its input's dtype after autocast's ToCopyBackward (fp32
+// here: the residual stream adds fp32 embeddings), and the embedding's output is fp32 (not an autocast op).
+TEST(TensorParallelTest, AllReducesMoveTheDtypeOfTheSimulatedStep) {
+  TpBlock t = MakeTpBlock();
+  const TensorParallelRank rank = ShardForTensorParallel(t.graph, 2, /*vocab_parallel=*/true);
+  sim::TrainingConfig config = CpuConfig();
+  config.precision = sim::Precision::kBf16Autocast;
+  TensorParallelHooks hooks(&rank);
+  const sim::StepSimulation sim = sim::SimulateTrainingStep(rank.graph, config, &hooks);
+  const CollectiveList collectives = TensorParallelCollectives(rank, sim.value_dtypes);
+  // [1,3,8] replicated: 96 B in fp32, 48 B in bf16; in the order of the fp32 list above.
+  const std::vector<int64_t> want = {96, 96, 96, 96, 48, 96, 48, 96};
+  ASSERT_EQ(collectives.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(collectives[i].bytes, want[i]) << collectives[i].what;
 }
 
 TEST(TensorParallelTest, VocabParallelEmbeddingAndHead) {
@@ -187,7 +212,7 @@ TEST(TensorParallelTest, VocabParallelEmbeddingAndHead) {
   EXPECT_EQ(split(plain, t.logits), -1);
   EXPECT_EQ(plain.graph.value(t.logits).shape, (Shape{1, 3, 10}));
   EXPECT_EQ(plain.output_all_reduced[static_cast<size_t>(ProducerOf(t.graph, t.x0).index)], 0);
-  EXPECT_EQ(plain.collectives.size(), 6u);  // q, k, v, o, up, down
+  EXPECT_EQ(plain.all_reduces.size(), 6u);  // q, k, v, o, up, down
   // The layer is split the same way either way.
   EXPECT_EQ(split(plain, t.wq), 0);
   EXPECT_EQ(split(plain, t.w2), 1);
@@ -196,7 +221,7 @@ TEST(TensorParallelTest, VocabParallelEmbeddingAndHead) {
 TEST(TensorParallelTest, DegreeOneIsTheGraphItself) {
   TpBlock t = MakeTpBlock();
   const TensorParallelRank rank = ShardForTensorParallel(t.graph, 1, true);
-  EXPECT_TRUE(rank.collectives.empty());
+  EXPECT_TRUE(rank.all_reduces.empty());
   ASSERT_EQ(rank.graph.values().size(), t.graph.values().size());
   for (size_t i = 0; i < t.graph.values().size(); ++i) {
     EXPECT_EQ(rank.graph.values()[i].shape, t.graph.values()[i].shape);
@@ -442,7 +467,7 @@ TEST(TensorParallelTest, AllReduceCopiesLiveBesideThePartialsHandCount) {
   config.lifetimes = sim::Lifetimes::kTorchScript;
   const TensorParallelRank rank = ShardForTensorParallel(t.graph, 2, /*vocab_parallel=*/false);
   EXPECT_EQ(rank.graph.value(t.u).shape, (Shape{1, 2, 8}));
-  EXPECT_EQ(rank.collectives.size(), 2u);  // up's input gradient (backward), down's output (forward)
+  EXPECT_EQ(rank.all_reduces.size(), 2u);  // up's input gradient (backward), down's output (forward)
   TensorParallelHooks hooks(&rank);
   sim::StepSimulation sim = sim::SimulateTrainingStep(rank.graph, config, &hooks);
   Replay r = ReplayExact(sim.timeline);
