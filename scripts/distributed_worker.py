@@ -76,7 +76,7 @@ def parse_args(argv=None):
 def _recipe(text):
     try:
         return training_recipe.parse_recipe(text)
-    except ValueError as e:
+    except training_recipe.RecipeError as e:
         raise argparse.ArgumentTypeError(str(e))
 
 

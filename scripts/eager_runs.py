@@ -80,7 +80,7 @@ def parse_case(text):
         raise argparse.ArgumentTypeError(f"expected ARCH:PRECISION:OPTIMIZER:BxS[:RECIPE], got {text!r}")
     try:
         recipe = training_recipe.parse_recipe(fields[4] if len(fields) == 5 else "")
-    except ValueError as e:
+    except training_recipe.RecipeError as e:
         raise argparse.ArgumentTypeError(f"case {text!r}: {e}")
     return arch, precision, optimizer, batch, seq, recipe
 
@@ -97,8 +97,12 @@ def main():
         print(f"eager_runs: error: {e}", file=sys.stderr)
         sys.exit(2)
     out = open(args.out, "a") if args.out else sys.stdout
-    for c in cases:
-        rec = run_case(*c, size=args.size)
+    for text, c in zip(args.case, cases):
+        try:
+            rec = run_case(*c, size=args.size)
+        except training_recipe.RecipeError as e:  # a recipe this model cannot take
+            print(f"eager_runs: error: case {text!r}: {e}", file=sys.stderr)
+            sys.exit(2)
         out.write(json.dumps(rec) + "\n")
         out.flush()
 

@@ -60,19 +60,23 @@ NOT_IN_HARNESS = {
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default, what HF and torchtune mask labels with
 
 
+class RecipeError(ValueError):
+    """A recipe that cannot be run as given (bad key or value, or one the model cannot take); one line."""
+
+
 def _positive_int(key, text):
     try:
         value = int(text)
-    except ValueError:
+    except ValueError:  # int() of a non-number
         value = 0
     if value < 1 or str(value) != text:
-        raise ValueError(f"{key} needs a positive integer, got {text!r}")
+        raise RecipeError(f"{key} needs a positive integer, got {text!r}")
     return value
 
 
 def _flag(key, text):
     if text not in ("0", "1"):
-        raise ValueError(f"{key} is 0 or 1, got {text!r}")
+        raise RecipeError(f"{key} is 0 or 1, got {text!r}")
     return text == "1"
 
 
@@ -82,12 +86,12 @@ def _checkpointing(key, text):
     if text.startswith("every-"):
         _positive_int("checkpointing every-K: K", text[len("every-"):])
         return text
-    raise ValueError(f"{key} is none, full, every-K or selective, got {text!r}")
+    raise RecipeError(f"{key} is none, full, every-K or selective, got {text!r}")
 
 
 def _impl(key, text):
     if text not in CHECKPOINTING_IMPLS:
-        raise ValueError(f"{key} is {' or '.join(CHECKPOINTING_IMPLS)}, got {text!r}")
+        raise RecipeError(f"{key} is {' or '.join(CHECKPOINTING_IMPLS)}, got {text!r}")
     return text
 
 
@@ -98,9 +102,9 @@ def _loss(key, text):
         _positive_int("loss chunked-N: N", text[len("chunked-"):])
         return text
     if text == "fused-linear":
-        raise ValueError("loss fused-linear cannot run here: Liger's fused linear cross-entropy is Triton-only and "
+        raise RecipeError("loss fused-linear cannot run here: Liger's fused linear cross-entropy is Triton-only and "
                          "no pinned package runs one on CPU")
-    raise ValueError(f"{key} is standard, chunked-N or fused-linear, got {text!r}")
+    raise RecipeError(f"{key} is standard, chunked-N or fused-linear, got {text!r}")
 
 
 def _norm(key, text):
@@ -109,7 +113,7 @@ def _norm(key, text):
     except ValueError:
         value = 0.0
     if not value > 0.0 or value == float("inf"):
-        raise ValueError(f"{key} needs a positive finite number, got {text!r}")
+        raise RecipeError(f"{key} needs a positive finite number, got {text!r}")
     return value
 
 
@@ -118,18 +122,18 @@ PARSERS = {"checkpointing": _checkpointing, "checkpointing-impl": _impl, "grad-a
 
 
 def parse_recipe(text):
-    """'k=v,k=v' -> {key: value} without the keys at their default; ValueError (one line) on bad input."""
+    """'k=v,k=v' -> {key: value} without the keys at their default; RecipeError (one line) on bad input."""
     recipe = {}
     for item in text.split(",") if text else []:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
-            raise ValueError(f"recipe item {item!r} is not key=value")
+            raise RecipeError(f"recipe item {item!r} is not key=value")
         if key in NOT_IN_HARNESS:
-            raise ValueError(f"recipe key {key} is not run by this harness: {NOT_IN_HARNESS[key]}")
+            raise RecipeError(f"recipe key {key} is not run by this harness: {NOT_IN_HARNESS[key]}")
         if key not in PARSERS:
-            raise ValueError(f"unknown recipe key {key!r} (known: {', '.join(PARSERS)})")
+            raise RecipeError(f"unknown recipe key {key!r} (known: {', '.join(PARSERS)})")
         if key in recipe:
-            raise ValueError(f"recipe key {key} given twice")
+            raise RecipeError(f"recipe key {key} given twice")
         recipe[key] = PARSERS[key](key, value)
     check_combination(recipe)
     return {k: v for k, v in recipe.items() if v != DEFAULTS[k]}
@@ -138,14 +142,14 @@ def parse_recipe(text):
 def check_combination(recipe):
     options = {**DEFAULTS, **recipe}
     if "checkpointing-impl" in recipe and options["checkpointing"] == "none":
-        raise ValueError("checkpointing-impl needs checkpointing full, every-K or selective")
+        raise RecipeError("checkpointing-impl needs checkpointing full, every-K or selective")
     if options["checkpointing"] == "selective" and recipe.get("checkpointing-impl") == "reentrant":
-        raise ValueError("checkpointing selective is non-reentrant only (context_fn needs use_reentrant=False)")
+        raise RecipeError("checkpointing selective is non-reentrant only (context_fn needs use_reentrant=False)")
     if options["optimizer-in-backward"] and options["grad-accum"] > 1:
-        raise ValueError("optimizer-in-backward does not combine with grad-accum > 1 (torchtune refuses it: "
+        raise RecipeError("optimizer-in-backward does not combine with grad-accum > 1 (torchtune refuses it: "
                          "the per-parameter step would run on every micro-batch)")
     if options["optimizer-in-backward"] and options["grad-clip"] is not None:
-        raise ValueError("optimizer-in-backward does not combine with grad-clip (torchtune refuses it: no full "
+        raise RecipeError("optimizer-in-backward does not combine with grad-clip (torchtune refuses it: no full "
                          "set of gradients exists to take the norm of)")
 
 
@@ -213,7 +217,7 @@ def apply_checkpointing(model, layers, recipe):
         return []
     if not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
         kind = type(layers[0]).__name__
-        raise ValueError(f"checkpointing {mode}: {kind} is not a GradientCheckpointingLayer, so HF's "
+        raise RecipeError(f"checkpointing {mode}: {kind} is not a GradientCheckpointingLayer, so HF's "
                          f"gradient_checkpointing_enable() would not checkpoint it")
     if mode == "selective":
         kwargs = {"use_reentrant": False, "preserve_rng_state": False,
@@ -225,7 +229,7 @@ def apply_checkpointing(model, layers, recipe):
     if mode.startswith("every-"):
         k = int(mode[len("every-"):])
         if k > len(layers):
-            raise ValueError(f"checkpointing {mode}: K is above the model's {len(layers)} decoder layers")
+            raise RecipeError(f"checkpointing {mode}: K is above the model's {len(layers)} decoder layers")
         wrapped = [i for i in wrapped if (i + 1) % k == 0]
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = i in wrapped
@@ -281,7 +285,7 @@ def main():
         sys.exit("usage: training_recipe.py KEY=VALUE[,KEY=VALUE...]")
     try:
         recipe = parse_recipe(sys.argv[1])
-    except ValueError as e:
+    except RecipeError as e:
         print(f"training_recipe: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(recipe_text(recipe))
