@@ -34,8 +34,10 @@ What each option runs (the loop itself is scripts/distributed_worker.py's `run`)
   (`torch.hstack((labels[..., 1:], ignore_labels_cache))`), then CEWithChunkedOutputLoss
   (torchtune/modules/loss/ce_chunked_output_loss.py): per chunk `F.cross_entropy(chunk.float(), labels,
   reduction="sum", ignore_index=-100)`, summed, divided by the count of labels that are not ignored.
-  loss=fused-linear is not run: Liger's fused linear cross-entropy is Triton-only and no pinned package here runs a
-  fused linear + cross-entropy on CPU.
+  loss=fused-linear is not run: Liger-Kernel's fused linear cross-entropy and cut-cross-entropy's CCE are Triton
+  (GPU) kernels, and cut-cross-entropy's other implementation, "torch_compile" (cut_cross_entropy/torch_compile.py),
+  computes `logits = e @ c.T` and then cross_entropy, so its logits exist in full: no package runs a fused
+  linear + cross-entropy on CPU.
 - keep-outputs=1: the accelerate / PEFT example loop `outputs = model(**batch); loss = outputs.loss;
   loss.backward(); opt.step(); opt.zero_grad()`: `outputs` (the ModelOutput with the logits) stays bound until the
   next forward returns, so the previous step's logits are live in the next forward.
@@ -102,8 +104,8 @@ def _loss(key, text):
         _positive_int("loss chunked-N: N", text[len("chunked-"):])
         return text
     if text == "fused-linear":
-        raise RecipeError("loss fused-linear cannot run here: Liger's fused linear cross-entropy is Triton-only and "
-                         "no pinned package runs one on CPU")
+        raise RecipeError("loss fused-linear cannot run here: the fused linear cross-entropy kernels (Liger-Kernel, "
+                          "cut-cross-entropy) are Triton-only; no package runs one on CPU")
     raise RecipeError(f"{key} is standard, chunked-N or fused-linear, got {text!r}")
 
 
