@@ -26,8 +26,10 @@ What each option runs (the loop itself is scripts/distributed_worker.py's `run`)
   (aten._scaled_dot_product_flash_attention_for_cpu) and addmm (Conv1D/biased Linear) are not on that list, so on
   this CPU they are recomputed. Non-reentrant only (context_fn needs use_reentrant=False).
 - grad-accum=K: HF Trainer's loop: K micro-batches of the case's batch, `(loss / K).backward()` each, one
-  `opt.step(); opt.zero_grad(set_to_none=True)` after the K-th. Phase peaks: the maximum over the micro-batches of
-  the steady-state step, and per micro-batch in `micro_batch_phase_peak_bytes`.
+  `opt.step(); opt.zero_grad(set_to_none=True)` after the K-th. (Trainer.training_step divides by K when the model
+  takes no loss kwargs; for HF causal LMs it passes num_items_in_batch into the loss instead, a token sum divided
+  by the count: the two differ by scalar tensors only.) Phase peaks: the maximum over the micro-batches of the
+  steady-state step, and per micro-batch in `micro_batch_phase_peak_bytes`; `losses` holds the scaled losses.
 - loss=chunked-N: torchtune's loop shape: the last hidden state from the base model (`model.base_model`), the LM
   head applied per chunk, `[lm_head(c) for c in h.tensor_split(N, dim=1)]` (torchtune/modules/transformer.py,
   TransformerDecoder.chunked_output), the labels shifted as torchtune's recipes do after the forward
