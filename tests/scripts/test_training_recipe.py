@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The training-recipe field of a real-run case (scripts/training_recipe.py, scripts/eager_runs.py): bad keys and
 values get one error line and exit 2 before anything runs, defaults give the plain case, the recipe turns into
-llmem's flags, and the checkpointing options wrap the decoder layers torchtitan's rules name."""
+llmem's flags, the checkpointing options wrap the decoder layers torchtitan's rules name, and real steps show
+what the loop variants keep alive (counting allocator: the extension is built under $LLMEM_BUILD_DIR)."""
 import os
 import subprocess
 import sys
@@ -121,6 +122,56 @@ class CheckpointingLayersTest(unittest.TestCase):
         with self.assertRaises(RecipeError) as caught:
             training_recipe.apply_checkpointing(model, layers, parse_recipe("checkpointing=full"))
         self.assertIn("GPTBigCodeBlock", str(caught.exception))
+
+
+class EagerRecipeRunsTest(unittest.TestCase):
+    """Real steps of the tiny Llama through the counting allocator: what the loop variants keep alive."""
+
+    @classmethod
+    def setUpClass(cls):
+        import eager_runs
+
+        cls.run_case = staticmethod(eager_runs.run_case)
+        cls.plain = eager_runs.run_case("llama", "fp32", "adamw", 1, 64)
+
+    def recipe_run(self, text):
+        return self.run_case("llama", "fp32", "adamw", 1, 64, parse_recipe(text))
+
+    def test_kept_outputs_hold_the_logits_into_the_next_forward(self):
+        kept = self.recipe_run("keep-outputs=1")
+        import distributed_worker
+
+        _, model, _, _ = distributed_worker.build_eager_model("llama", "tiny")
+        logits_bytes = 1 * 64 * model.config.vocab_size * 4  # fp32 logits of the previous step
+        loss_bytes = 4  # and its fp32 loss, outputs.loss
+        self.assertEqual(kept["start_bytes"] - self.plain["start_bytes"], logits_bytes + loss_bytes)
+        self.assertEqual(kept["phase_peak_bytes"]["forward"] - self.plain["phase_peak_bytes"]["forward"],
+                         logits_bytes + loss_bytes)
+        self.assertEqual(kept["recipe"], {"keep-outputs": True})
+
+    def test_accumulation_keeps_the_gradients_across_micro_batches(self):
+        accum = self.recipe_run("grad-accum=2")
+        first, second = accum["micro_batch_phase_peak_bytes"]
+        self.assertEqual(first["forward"], self.plain["phase_peak_bytes"]["forward"])  # no gradient yet
+        self.assertEqual(second["forward"] - first["forward"], accum["grad_bytes"])
+        self.assertEqual(accum["grad_bytes"], accum["param_bytes"])
+        self.assertEqual(accum["phase_peak_bytes"]["forward"], second["forward"])
+        self.assertEqual(len(accum["losses"]), 2 * 2)
+
+    def test_checkpointing_keeps_less_and_computes_the_same(self):
+        full = self.recipe_run("checkpointing=full")
+        every_2 = self.recipe_run("checkpointing=every-2")
+        self.assertLess(full["phase_peak_bytes"]["forward"], every_2["phase_peak_bytes"]["forward"])
+        self.assertLess(every_2["phase_peak_bytes"]["forward"], self.plain["phase_peak_bytes"]["forward"])
+        self.assertEqual(full["losses"], self.plain["losses"])
+        self.assertEqual(every_2["checkpointed_layers"], [1, 3])
+
+    def test_optimizer_in_backward_leaves_no_gradients_for_the_step(self):
+        in_backward = self.recipe_run("optimizer-in-backward=1")
+        self.assertEqual(in_backward["grad_bytes"], 0)
+        self.assertEqual(in_backward["optimizer_state_bytes"], self.plain["optimizer_state_bytes"])
+        self.assertEqual(in_backward["losses"], self.plain["losses"])  # the same updates, one parameter at a time
+        self.assertLess(in_backward["phase_peak_bytes"]["optimizer"], self.plain["phase_peak_bytes"]["optimizer"])
 
 
 if __name__ == "__main__":
