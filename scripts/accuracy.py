@@ -18,6 +18,14 @@ Errors are signed: (estimate - measured) / measured. A negative error is an unde
   scripts/accuracy.py ... --torchscript         # also the TorchScript step (llmem measure), step peak
   scripts/accuracy.py ... --meta-files models/llama-2-7b.meta.pt,models/opt-1.3b.meta.pt  # the meta oracle
   scripts/accuracy.py ... --distributed full   # also real torchrun runs (DDP, ZeRO-1/2/3, TP, FSDP2+TP), per rank
+  scripts/accuracy.py ... --archs "" --recipes [--quick]   # the training-recipe cases (RECIPE_CASES) only
+
+--recipes adds RECIPE_CASES: each training-recipe feature (activation checkpointing full / non-reentrant / every-K /
+selective, gradient accumulation, chunked loss, kept outputs, optimizer in backward, gradient clipping) on several
+architectures, shapes and precisions, run by scripts/eager_runs.py with the case's recipe (scripts/training_recipe.py
+says what each option runs) and estimated with the same recipe as llmem flags (`--checkpointing full ...`), phase by
+phase like the plain cases. A case llmem cannot estimate (a flag it does not have yet) is listed as not estimated,
+with llmem's error line, instead of stopping the run; under --check such a case fails.
 
 --check P exits 1 if any |error| of any phase (or step) exceeds P percent.
 """
@@ -31,6 +39,10 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import eager_runs  # noqa: E402  (torch and the counting allocator load at the first case, once for all)
+import training_recipe  # noqa: E402
+
 ARCHS = ["gpt2", "opt", "bloom", "llama", "gpt_neo", "codegen", "gpt_bigcode", "mistral", "qwen2"]
 POINTS = [(1, 128), (2, 256), (4, 512)]
 META_POINTS = [(1, 512), (1, 2048), (4, 1024)]
@@ -38,12 +50,30 @@ PRECISIONS = ["fp32", "bf16-autocast"]
 QUICK = dict(points="2x256", precisions="fp32,bf16-autocast", optimizers="adamw")
 PHASES = ["forward", "backward", "optimizer"]
 COLUMNS = PHASES + ["step"]  # "step": the peak of the whole step
+# One recipe per feature; each runs on RECIPE_ARCHS x RECIPE_POINTS x PRECISIONS with AdamW.
+RECIPES = ["checkpointing=full", "checkpointing=full,checkpointing-impl=non-reentrant", "checkpointing=every-2",
+           "checkpointing=selective", "grad-accum=2", "loss=chunked-4", "keep-outputs=1", "optimizer-in-backward=1",
+           "grad-clip=1.0"]
+RECIPE_ARCHS = ["llama", "gpt2", "mistral", "opt"]
+RECIPE_POINTS = [(1, 128), (2, 256)]
+RECIPE_CASES = [f"{arch}:{precision}:adamw:{b}x{s}:{recipe}" for recipe in RECIPES for arch in RECIPE_ARCHS
+                for precision in PRECISIONS for b, s in RECIPE_POINTS]
+# --quick: every feature once in each precision, on two architectures
+RECIPE_QUICK_CASES = [f"{arch}:{precision}:adamw:2x256:{recipe}" for recipe in RECIPES
+                      for arch, precision in (("llama", "bf16-autocast"), ("gpt2", "fp32"))]
+
+
+class CommandFailed(RuntimeError):
+    def __init__(self, cmd, proc):
+        super().__init__(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        lines = proc.stderr.strip().splitlines()
+        self.last_line = lines[-1] if lines else f"exit code {proc.returncode}"
 
 
 def run_json(cmd):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode not in (0, 3):
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        raise CommandFailed(cmd, proc)
     return json.loads(proc.stdout)
 
 
@@ -69,6 +99,8 @@ def main():
     ap.add_argument("--meta-points", default=",".join(f"{b}x{s}" for b, s in META_POINTS))
     ap.add_argument("--distributed", choices=["quick", "full"],
                     help="also run scripts/distributed_runs.py with these cases and compare per rank (llmem validate)")
+    ap.add_argument("--recipes", action="store_true",
+                    help="also the training-recipe cases (RECIPE_CASES; with --quick RECIPE_QUICK_CASES)")
     ap.add_argument("--out", help="write the markdown report here")
     ap.add_argument("--check", type=float, help="fail if any |error| (percent) of any phase exceeds this")
     args = ap.parse_args()
@@ -79,26 +111,41 @@ def main():
     def parse_points(text):
         return [tuple(int(x) for x in p.split("x")) for p in text.split(",") if p]
 
-    def estimate(model, precision, optimizer, batch, seq, lifetimes):
+    def estimate(model, precision, optimizer, batch, seq, lifetimes, flags=()):
         return run_json([args.llmem, "estimate", model, "-b", str(batch), "-s", str(seq), "-p", precision,
-                         "-o", optimizer, "--json", "--gpu", "cpu", "--lifetimes", lifetimes])
+                         "-o", optimizer, "--json", "--gpu", "cpu", "--lifetimes", lifetimes, *flags])
 
     def error(e, m):
         return 100.0 * (e - m) / m
 
-    def compare_eager(model, arch, precision, optimizer, batch, seq):
+    def compare_eager(model, arch, precision, optimizer, batch, seq, recipe=None):
         t0 = time.time()
-        est = estimate(model, precision, optimizer, batch, seq, "eager")
+        try:
+            est = estimate(model, precision, optimizer, batch, seq, "eager", training_recipe.llmem_flags(recipe or {}))
+        except CommandFailed as e:
+            if not recipe:
+                raise
+            est = None  # llmem cannot estimate this recipe (yet): the real run is still listed
+            est_error = e.last_line
         t_est = time.time() - t0
-        run = eager_runs.run_case(arch, precision, optimizer, batch, seq, size=args.size)
-        e = {ph: est["phase_peak_bytes"][ph] for ph in PHASES}
-        e["step"] = est["peak_allocated_bytes"]
+        run = eager_runs.run_case(arch, precision, optimizer, batch, seq, recipe, size=args.size)
         m = {ph: run["phase_peak_bytes"][ph] for ph in PHASES}
         m["step"] = run["peak_bytes"]
-        row = dict(arch=arch, precision=precision, optimizer=optimizer, batch=batch, seq=seq, estimated=e,
-                   measured=m, errors={c: error(e[c], m[c]) for c in COLUMNS}, peak_phase=est["peak_phase"],
+        row = dict(arch=arch, precision=precision, optimizer=optimizer, batch=batch, seq=seq, measured=m,
                    estimate_seconds=t_est, measure_seconds=run["times_s"]["total"])
-        print(f"{arch:12s} {precision:14s} {optimizer:5s} b={batch} s={seq:4d}  step est {mib(e['step']):8.2f} MiB "
+        label = f"{arch:12s} {precision:14s} {optimizer:5s} b={batch} s={seq:4d}"
+        if recipe:
+            row["recipe"] = training_recipe.recipe_text(recipe)
+            label += f" {row['recipe']}"
+        if est is None:
+            row["estimate_error"] = est_error
+            print(f"{label}  NOT ESTIMATED ({est_error})  eager " +
+                  " ".join(f"{c} {mib(m[c]):.2f} MiB" for c in COLUMNS), flush=True)
+            return row
+        e = {ph: est["phase_peak_bytes"][ph] for ph in PHASES}
+        e["step"] = est["peak_allocated_bytes"]
+        row.update(estimated=e, errors={c: error(e[c], m[c]) for c in COLUMNS}, peak_phase=est["peak_phase"])
+        print(f"{label}  step est {mib(e['step']):8.2f} MiB "
               f"eager {mib(m['step']):8.2f} MiB  err " +
               " ".join(f"{c} {row['errors'][c]:+.3f}%" for c in COLUMNS) + f"  ({est['peak_phase']})", flush=True)
         return row
@@ -127,20 +174,27 @@ def main():
             for precision in args.precisions.split(","):
                 for batch, seq in parse_points(args.points):
                     cases.append((model, arch, precision, optimizer, batch, seq))
+    recipe_cases = []
+    if args.recipes:
+        for text in RECIPE_QUICK_CASES if args.quick else RECIPE_CASES:
+            arch, precision, optimizer, batch, seq, recipe = eager_runs.parse_case(text)
+            model = os.path.join(args.models, f"{arch}-{args.size}.pt")
+            if not os.path.exists(model):
+                sys.exit(f"accuracy: missing export {model} (run models/export_hf.py --all {args.models} "
+                         f"--size {args.size})")
+            recipe_cases.append((model, arch, precision, optimizer, batch, seq, recipe))
     started = time.time()
-    rows = []
-    if cases:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import eager_runs  # torch, the counting allocator and the model code load once for every case
-
-        rows = [compare_eager(*c) for c in cases]
+    rows = [compare_eager(*c) for c in cases]  # eager_runs loads torch and the counting allocator once for all
+    recipe_rows = [compare_eager(*c) for c in recipe_cases]
+    not_estimated = [r for r in recipe_rows if "estimate_error" in r]
+    recipe_rows_estimated = [r for r in recipe_rows if "estimate_error" not in r]
     ts_rows = [compare_torchscript(*c, "cpu") for c in cases] if args.torchscript else []
     meta_rows = []
     for path in [f for f in args.meta_files.split(",") if f]:
         name = os.path.basename(path).replace(".meta.pt", "")
         for batch, seq in parse_points(args.meta_points):
             meta_rows.append(compare_torchscript(path, name, "fp32", "adamw", batch, seq, "meta"))
-    rows_all = rows + ts_rows + meta_rows
+    rows_all = rows + recipe_rows_estimated + ts_rows + meta_rows
     dist = None
     if args.distributed:
         runs = os.path.join(os.path.dirname(os.path.abspath(args.llmem)), "..", "accuracy_distributed_runs.jsonl")
@@ -173,6 +227,12 @@ def main():
     if rows:
         for c in COLUMNS:
             print(f"eager {c:9s}: " + summary(rows, c))
+    if recipe_rows_estimated:
+        for c in COLUMNS:
+            print(f"recipe {c:9s}: " + summary(recipe_rows_estimated, c))
+    if not_estimated:
+        print(f"recipes: {len(not_estimated)} of {len(recipe_rows)} cases not estimated by llmem "
+              f"(first: {not_estimated[0]['estimate_error']})")
     if ts_rows:
         print("torchscript step: " + summary(ts_rows))
     if meta_rows:
@@ -197,6 +257,17 @@ def main():
                     " | ".join(f"{mib(r['measured'][c]):.2f} | {r['errors'][c]:+.3f}%" for c in COLUMNS) +
                     f" | {r['peak_phase']} |\n")
 
+    def recipe_table(f, rs):
+        f.write("| model | precision | batch | seq | recipe | " +
+                " | ".join(f"{c} eager MiB | {c} error" for c in COLUMNS) + " | peak in |\n")
+        f.write("|---|---|---:|---:|---|" + "---:|---:|" * len(COLUMNS) + "---|\n")
+        for r in rs:
+            errs = r.get("errors")
+            f.write(f"| {r['arch']} | {r['precision']} | {r['batch']} | {r['seq']} | `{r['recipe']}` | " +
+                    " | ".join(f"{mib(r['measured'][c]):.2f} | " + (f"{errs[c]:+.3f}%" if errs else "—")
+                               for c in COLUMNS) +
+                    f" | {r.get('peak_phase', 'not estimated')} |\n")
+
     if args.out:
         import torch  # the venv's torch version goes into the report
         with open(args.out, "w") as f:
@@ -220,6 +291,24 @@ def main():
                     f.write(f"- **{c}: {summary(rows, c)}.**\n")
                 f.write("\n")
                 phase_table(f, rows)
+            if recipe_rows:
+                f.write("\n## Training recipes: eager steps with checkpointing, accumulation, loss and loop variants\n\n")
+                f.write("- measured: `scripts/eager_runs.py` with the case's recipe (`scripts/training_recipe.py`: HF "
+                        "`gradient_checkpointing_enable` reentrant / non-reentrant, torchtitan's every-K layer rule "
+                        "and op-level selective AC policy, HF Trainer's gradient accumulation, torchtune's chunked "
+                        "output with CEWithChunkedOutputLoss and optimizer-in-backward, the accelerate / PEFT loop "
+                        "that keeps the outputs, `clip_grad_norm_`); the peaks of each phase of the steady-state "
+                        "step (with accumulation: the highest micro-batch)\n")
+                f.write("- estimated: `llmem estimate --gpu cpu` with the recipe as flags (`--checkpointing full`, "
+                        "`--grad-accum 2`, ...)\n\n")
+                if recipe_rows_estimated:
+                    for c in COLUMNS:
+                        f.write(f"- **{c}: {summary(recipe_rows_estimated, c)}.**\n")
+                if not_estimated:
+                    f.write(f"- **{len(not_estimated)} of {len(recipe_rows)} cases not estimated** "
+                            f"(first: `{not_estimated[0]['estimate_error']}`)\n")
+                f.write("\n")
+                recipe_table(f, recipe_rows)
             if ts_rows:
                 f.write("\n## The TorchScript step in LibTorch (`llmem measure`)\n\n")
                 f.write("- measured: `llmem measure --device cpu`: LibTorch runs AdamW (C++ torch::optim::AdamW) "
@@ -264,6 +353,9 @@ def main():
             print(f"FAIL {r['arch']} {r['precision']} {r['optimizer']} b={r['batch']} s={r['seq']} {c}: "
                   f"{r['errors'][c]:+.2f}%")
         print(f"{len(rows_all) - len({id(r) for r, _ in bad})} passed, {len({id(r) for r, _ in bad})} failed")
+        sys.exit(1)
+    if args.check is not None and not_estimated:
+        print(f"FAIL {len(not_estimated)} recipe cases not estimated by llmem")
         sys.exit(1)
     if dist and not dist["ok"]:
         print("distributed: outside the limits (mean 3 %, any case 6 %)")

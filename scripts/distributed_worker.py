@@ -17,7 +17,9 @@ torch.cuda.memory_allocated / max_memory_allocated.
 Steps: --steps (default 3). The reported peak_bytes is the maximum of live bytes from the start of step index 1
 (after its inputs exist) to the end of the last step's zero_grad; phase peaks and start_bytes are those of the
 last step. Phases: forward (forward + loss, under autocast when asked), backward (loss.backward(), then the loss
-is released), optimizer (optimizer.step() + zero_grad(set_to_none=True)).
+is released), optimizer (optimizer.step() + zero_grad(set_to_none=True)). --recipe (single process only) changes
+the loop as scripts/training_recipe.py describes (checkpointing, gradient accumulation, chunked loss, kept outputs,
+optimizer in backward, gradient clipping); the record then carries "recipe".
 
 Each rank writes OUT_DIR/rank<R>.json (one JSON object); on an error it writes OUT_DIR/rank<R>.error (the last
 line of the error first, then the traceback) and exits 1.
@@ -34,6 +36,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(_HERE)
 sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.join(REPO, "models"))
+
+import training_recipe  # noqa: E402
 
 METHODS = ["single", "ddp", "zero1", "zero2", "fsdp2", "tp", "fsdp2_tp"]
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # q/k/v/o_proj + gate/up/down_proj decoder layers
@@ -58,12 +62,22 @@ def parse_args(argv=None):
                     help="tp/fsdp2_tp: also shard the embedding (RowwiseParallel(input_layouts=Replicate())) and "
                          "lm_head (ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)); the loss "
                          "runs under loss_parallel()")
+    ap.add_argument("--recipe", default="", type=_recipe,
+                    help="single: the training recipe, key=value pairs joined by ',' (scripts/training_recipe.py "
+                         "says what each runs); default: the plain HF Trainer step")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--log-allocs", type=int, default=0, metavar="BYTES",
                     help="cpu: record the sizes of allocations (positive) and frees (negative) >= BYTES, in "
                          "order, in each phase of the last step and in the DDP/FSDP/TP setup (0 = off)")
     ap.add_argument("--out-dir", required=True)
     return ap.parse_args(argv)
+
+
+def _recipe(text):
+    try:
+        return training_recipe.parse_recipe(text)
+    except training_recipe.RecipeError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,6 +356,10 @@ def run(args, rank, world, local_rank, record):
         raise RuntimeError("--steps and --batch must be >= 1 and --seq >= 2")
     if args.tp_vocab_parallel and method not in ("tp", "fsdp2_tp"):
         raise RuntimeError("--tp-vocab-parallel applies to tp and fsdp2_tp only")
+    recipe = args.recipe
+    if recipe and method != "single":
+        raise RuntimeError("--recipe applies to --method single only")
+    opts = training_recipe.options(recipe)
     backend = "nccl" if args.device == "cuda" else "gloo"
     record.update(dp=dp, tp=tp, backend=backend if method != "single" else None)
 
@@ -357,6 +375,9 @@ def run(args, rank, world, local_rank, record):
     record.update(arch=arch, attn_implementation=attn, label=label,
                   num_parameters=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
     model.to(device)
+    if recipe:
+        record["recipe"] = dict(recipe)
+        record["checkpointed_layers"] = training_recipe.apply_checkpointing(model, decoder_layers(model)[1], recipe)
     record["model_bytes"] = probe.current()
     times["build"] = time.perf_counter() - t0
 
@@ -405,9 +426,17 @@ def run(args, rank, world, local_rank, record):
     record["dp_rank"] = dp_rank
     times["wrap"] = time.perf_counter() - t0
 
-    opt, ngroups = make_optimizer(args.optimizer, step_module.parameters(), method)
-    record["optimizer_param_groups"] = ngroups
-    record["optimizer_impl"] = optimizer_impl(opt)
+    if opts["optimizer-in-backward"]:
+        per_param = training_recipe.optimizers_in_backward(
+            step_module.parameters(), lambda ps: make_optimizer(args.optimizer, ps, method)[0])
+        optimizers = list(per_param.values())
+        record["optimizers_in_backward"] = len(optimizers)
+        record["optimizer_param_groups"] = 1
+    else:
+        opt, ngroups = make_optimizer(args.optimizer, step_module.parameters(), method)
+        optimizers = [opt]
+        record["optimizer_param_groups"] = ngroups
+    record["optimizer_impl"] = optimizer_impl(optimizers[0])
     record["optimizer_init_bytes"] = probe.current()
 
     # -- steps
@@ -425,18 +454,17 @@ def run(args, rank, world, local_rank, record):
     else:
         loss_ctx = contextlib.nullcontext
     window_start = 1 if args.steps > 1 else 0
+    accum = opts["grad-accum"]
+    chunks = int(opts["loss"].split("-")[1]) if opts["loss"].startswith("chunked-") else 0
+    keep_outputs = opts["keep-outputs"]
+    if chunks:  # torchtune makes its ignore column once, at setup
+        ignore_column = torch.full((args.batch, 1), training_recipe.IGNORE_INDEX, dtype=torch.long, device=device)
     losses, steps = [], []
     ids = labels = None
+    outputs = None  # keep-outputs: the last forward's outputs, bound until the next forward returns
     for step in range(args.steps):
         step_rec = {"peak": {}, "end": {}, "times_s": {}}
-        ids = labels = None  # the previous batch is gone before the next one exists
-        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen, dtype=torch.long).to(device)
-        labels = ids.clone()  # a separate tensor, as data collators (and llmem measure) make it
-        if step == 0:
-            record["input_bytes"] = storage_bytes([ids, labels])
-        if step == window_start:
-            probe.reset_peak(1)
-        step_rec["start_bytes"] = probe.current()
+        micro_batches = []
         log = step == args.steps - 1 and args.log_allocs
 
         def phase(name, fn):
@@ -447,32 +475,65 @@ def run(args, rank, world, local_rank, record):
             out = fn()
             if args.device == "cuda":
                 torch.cuda.synchronize(device)
-            step_rec["times_s"][name] = round(time.perf_counter() - t, 4)
-            step_rec["peak"][name] = probe.peak(0)
-            step_rec["end"][name] = probe.current()
+            seconds = round(time.perf_counter() - t, 4)
+            peak, end = probe.peak(0), probe.current()
+            if name != "optimizer":
+                micro_batches[-1]["peak"][name] = peak
+            # over the micro-batches of the step: the highest peak, the total time, the last end
+            step_rec["times_s"][name] = round(step_rec["times_s"].get(name, 0.0) + seconds, 4)
+            step_rec["peak"][name] = max(step_rec["peak"].get(name, peak), peak)
+            step_rec["end"][name] = end
             if log:
                 step_rec.setdefault("alloc_sizes", {})[name] = probe.stop_log()
             return out
 
-        def forward():
-            with loss_ctx(), autocast():
-                return step_module(ids, labels)
+        for micro in range(accum):
+            micro_batches.append({"peak": {}})
+            ids = labels = None  # the previous batch is gone before the next one exists
+            ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen, dtype=torch.long).to(device)
+            labels = ids.clone()  # a separate tensor, as data collators (and llmem measure) make it
+            if step == 0 and micro == 0:
+                record["input_bytes"] = storage_bytes([ids, labels])
+            if step == window_start and micro == 0:
+                probe.reset_peak(1)
+            if micro == 0:
+                step_rec["start_bytes"] = probe.current()
 
-        loss = phase("forward", forward)
+            def forward():
+                """(loss, what the loop keeps bound: the outputs for keep-outputs, else nothing)."""
+                with loss_ctx(), autocast():
+                    if chunks:
+                        logits = training_recipe.chunked_output(model, ids, chunks)
+                        shifted = training_recipe.shifted_labels(labels, ignore_column)
+                        return training_recipe.chunked_cross_entropy(logits, shifted), logits
+                    if keep_outputs:
+                        out = model(input_ids=ids, labels=labels, use_cache=False, return_dict=True)
+                        return out.loss, out
+                    return step_module(ids, labels), None
 
-        def backward():
-            nonlocal loss
-            with loss_ctx():
-                loss.backward()
-            value = _local(loss).detach().item()  # replicated DTensor loss: the local value is the loss
-            loss = None
-            return value
+            loss, new_outputs = phase("forward", forward)
+            outputs = new_outputs if keep_outputs else None
+            new_outputs = None
 
-        losses.append(round(phase("backward", backward), 6))
+            def backward():
+                nonlocal loss
+                if accum > 1:
+                    loss = loss / accum  # HF Trainer scales each micro-batch's loss
+                with loss_ctx():
+                    loss.backward()
+                value = _local(loss).detach().item()  # replicated DTensor loss: the local value is the loss
+                loss = None
+                return value
+
+            losses.append(round(phase("backward", backward), 6))
         if step == args.steps - 1:
             record["grad_bytes"] = storage_bytes(p.grad for p in step_module.parameters())
 
         def optimizer_step():
+            if opts["optimizer-in-backward"]:
+                return  # every parameter was stepped and zeroed by its hook during backward
+            if opts["grad-clip"] is not None:
+                torch.nn.utils.clip_grad_norm_(step_module.parameters(), opts["grad-clip"])
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -481,6 +542,8 @@ def run(args, rank, world, local_rank, record):
         if left:
             raise RuntimeError(f"zero_grad(set_to_none=True) left {len(left)} gradients, e.g. {left[0]}")
         step_rec["peak_bytes"] = max(step_rec["peak"].values())
+        if accum > 1:
+            step_rec["micro_batches"] = micro_batches
         if method in ("ddp", "zero1"):
             ld = step_module._get_ddp_logging_data()
             step_rec["ddp_bucket_sizes"] = _sizes(ld.get("rebuilt_bucket_sizes") or ld.get("bucket_sizes"))
@@ -495,7 +558,9 @@ def run(args, rank, world, local_rank, record):
     record["phase_end_bytes"] = dict(last["end"])
     record["start_bytes"] = last["start_bytes"]
     record["end_bytes"] = probe.current()
-    record["optimizer_state_bytes"] = storage_bytes(optimizer_state_tensors(opt))
+    record["optimizer_state_bytes"] = storage_bytes(t for o in optimizers for t in optimizer_state_tensors(o))
+    if accum > 1:
+        record["micro_batch_phase_peak_bytes"] = [mb["peak"] for mb in last["micro_batches"]]
     record["losses"] = losses
     record["steps"] = steps
     if args.device == "cuda":

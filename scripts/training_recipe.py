@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""The training recipe of a real-run case: `key=value` pairs joined by `,`, keys named as llmem's flags without
+their dashes (`checkpointing=full,checkpointing-impl=non-reentrant,grad-accum=2`; a flag without value is
+`keep-outputs=1`), and the libraries' own code that each option runs on the eager Hugging Face model. A value equal
+to its default is dropped, so an all-default recipe is the empty one and gives exactly the plain case.
+
+What each option runs (the loop itself is scripts/distributed_worker.py's `run`):
+
+- checkpointing=full: HF `model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": R})`
+  with R from checkpointing-impl (reentrant, the default, is HF transformers 4.57's own default; non-reentrant is
+  what torchtitan uses). transformers 4.57 wraps every `GradientCheckpointingLayer` (modeling_layers.py): its
+  `__call__` runs `torch.utils.checkpoint.checkpoint(partial(layer.__call__, **kwargs), *args, use_reentrant=R)`
+  (preserve_rng_state left at torch's default True) and forces use_cache=False. A model whose decoder layers are
+  not GradientCheckpointingLayer (gpt_bigcode in 4.57: HF sets the flag but never checkpoints) is refused, not run
+  as a silently uncheckpointed step.
+- checkpointing=every-K: the same, then the per-layer flag turned off except on the layers torchtitan checkpoints:
+  torchtitan's layer-selective AC (`_apply_ac_to_transformer_block`, selective_ac_option "K", in
+  torchtitan/models/llama3/parallelize_llama.py) counts the blocks from 1 and wraps a block when count % K == 0,
+  i.e. the 0-based layers K-1, 2K-1, ... ; 1 <= K <= number of layers.
+- checkpointing=selective: torchtitan's op-level selective AC (selective_ac_option "op", same file): every decoder
+  layer runs `torch.utils.checkpoint.checkpoint(layer, use_reentrant=False, preserve_rng_state=False,
+  context_fn=...)` where context_fn returns `create_selective_checkpoint_contexts(policy)` with a fresh counter per
+  call; the policy saves (MUST_SAVE) the outputs of aten.mm, aten._scaled_dot_product_efficient_attention,
+  aten._scaled_dot_product_flash_attention and aten.max, except every second aten.mm of the layer (counted
+  separately in the forward and in the recompute), and recomputes everything else. The CPU's SDPA kernel
+  (aten._scaled_dot_product_flash_attention_for_cpu) and addmm (Conv1D/biased Linear) are not on that list, so on
+  this CPU they are recomputed. Non-reentrant only (context_fn needs use_reentrant=False).
+- grad-accum=K: HF Trainer's loop: K micro-batches of the case's batch, `(loss / K).backward()` each, one
+  `opt.step(); opt.zero_grad(set_to_none=True)` after the K-th. (Trainer.training_step divides by K when the model
+  takes no loss kwargs; for HF causal LMs it passes num_items_in_batch into the loss instead, a token sum divided
+  by the count: the two differ by scalar tensors only.) Phase peaks: the maximum over the micro-batches of the
+  steady-state step, and per micro-batch in `micro_batch_phase_peak_bytes`; `losses` holds the scaled losses.
+- loss=chunked-N: torchtune's loop shape: the last hidden state from the base model (`model.base_model`), the LM
+  head applied per chunk, `[lm_head(c) for c in h.tensor_split(N, dim=1)]` (torchtune/modules/transformer.py,
+  TransformerDecoder.chunked_output), the labels shifted as torchtune's recipes do after the forward
+  (`torch.hstack((labels[..., 1:], ignore_labels_cache))`), then CEWithChunkedOutputLoss
+  (torchtune/modules/loss/ce_chunked_output_loss.py): per chunk `F.cross_entropy(chunk.float(), labels,
+  reduction="sum", ignore_index=-100)`, summed, divided by the count of labels that are not ignored.
+  loss=fused-linear is not run: Liger-Kernel's fused linear cross-entropy and cut-cross-entropy's CCE are Triton
+  (GPU) kernels, and cut-cross-entropy's other implementation, "torch_compile" (cut_cross_entropy/torch_compile.py),
+  computes `logits = e @ c.T` and then cross_entropy, so its logits exist in full: no package runs a fused
+  linear + cross-entropy on CPU.
+- keep-outputs=1: the accelerate / PEFT example loop `outputs = model(**batch); loss = outputs.loss;
+  loss.backward(); opt.step(); opt.zero_grad()`: `outputs` (the ModelOutput with the logits) stays bound until the
+  next forward returns, so the previous step's logits are live in the next forward.
+- optimizer-in-backward=1: torchtune's pattern: one optimizer per parameter (the case's optimizer class, the same
+  settings), stepped and zeroed (`zero_grad()`, set_to_none) in the parameter's
+  `register_post_accumulate_grad_hook`; the optimizer phase then runs nothing. torchtune refuses it with gradient
+  accumulation or clipping, and so does this harness.
+- grad-clip=NORM: `torch.nn.utils.clip_grad_norm_(parameters, NORM)` (default foreach choice) before `opt.step()`,
+  inside the optimizer phase.
+
+Not in the single-process harness: optimizer-impl (the implementation is PyTorch's default choice, recorded as
+`optimizer_impl`), fsdp-param-dtype / fsdp-reduce-dtype (FSDP2 runs only).
+"""
+CHECKPOINTING_IMPLS = ("reentrant", "non-reentrant")
+DEFAULTS = {"checkpointing": "none", "checkpointing-impl": "reentrant", "grad-accum": 1, "loss": "standard",
+            "keep-outputs": False, "optimizer-in-backward": False, "grad-clip": None}
+NOT_IN_HARNESS = {
+    "optimizer-impl": "the optimizer runs PyTorch's default implementation (recorded as optimizer_impl)",
+    "fsdp-param-dtype": "it applies to FSDP2 runs (scripts/distributed_runs.py), not to a single process",
+    "fsdp-reduce-dtype": "it applies to FSDP2 runs (scripts/distributed_runs.py), not to a single process",
+}
+IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default, what HF and torchtune mask labels with
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run as given (bad key or value, or one the model cannot take); one line."""
+
+
+def _positive_int(key, text):
+    try:
+        value = int(text)
+    except ValueError:  # int() of a non-number
+        value = 0
+    if value < 1 or str(value) != text:
+        raise RecipeError(f"{key} needs a positive integer, got {text!r}")
+    return value
+
+
+def _flag(key, text):
+    if text not in ("0", "1"):
+        raise RecipeError(f"{key} is 0 or 1, got {text!r}")
+    return text == "1"
+
+
+def _checkpointing(key, text):
+    if text in ("none", "full", "selective"):
+        return text
+    if text.startswith("every-"):
+        _positive_int("checkpointing every-K: K", text[len("every-"):])
+        return text
+    raise RecipeError(f"{key} is none, full, every-K or selective, got {text!r}")
+
+
+def _impl(key, text):
+    if text not in CHECKPOINTING_IMPLS:
+        raise RecipeError(f"{key} is {' or '.join(CHECKPOINTING_IMPLS)}, got {text!r}")
+    return text
+
+
+def _loss(key, text):
+    if text == "standard":
+        return text
+    if text.startswith("chunked-"):
+        _positive_int("loss chunked-N: N", text[len("chunked-"):])
+        return text
+    if text == "fused-linear":
+        raise RecipeError("loss fused-linear cannot run here: the fused linear cross-entropy kernels (Liger-Kernel, "
+                          "cut-cross-entropy) are Triton-only; no package runs one on CPU")
+    raise RecipeError(f"{key} is standard, chunked-N or fused-linear, got {text!r}")
+
+
+def _norm(key, text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0.0 or value == float("inf"):
+        raise RecipeError(f"{key} needs a positive finite number, got {text!r}")
+    return value
+
+
+PARSERS = {"checkpointing": _checkpointing, "checkpointing-impl": _impl, "grad-accum": _positive_int,
+           "loss": _loss, "keep-outputs": _flag, "optimizer-in-backward": _flag, "grad-clip": _norm}
+
+
+def parse_recipe(text):
+    """'k=v,k=v' -> {key: value} without the keys at their default; RecipeError (one line) on bad input."""
+    recipe = {}
+    for item in text.split(",") if text else []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise RecipeError(f"recipe item {item!r} is not key=value")
+        if key in NOT_IN_HARNESS:
+            raise RecipeError(f"recipe key {key} is not run by this harness: {NOT_IN_HARNESS[key]}")
+        if key not in PARSERS:
+            raise RecipeError(f"unknown recipe key {key!r} (known: {', '.join(PARSERS)})")
+        if key in recipe:
+            raise RecipeError(f"recipe key {key} given twice")
+        recipe[key] = PARSERS[key](key, value)
+    check_combination(recipe)
+    return {k: v for k, v in recipe.items() if v != DEFAULTS[k]}
+
+
+def check_combination(recipe):
+    options = {**DEFAULTS, **recipe}
+    if "checkpointing-impl" in recipe and options["checkpointing"] == "none":
+        raise RecipeError("checkpointing-impl needs checkpointing full, every-K or selective")
+    if options["checkpointing"] == "selective" and recipe.get("checkpointing-impl") == "reentrant":
+        raise RecipeError("checkpointing selective is non-reentrant only (context_fn needs use_reentrant=False)")
+    if options["optimizer-in-backward"] and options["grad-accum"] > 1:
+        raise RecipeError("optimizer-in-backward does not combine with grad-accum > 1 (torchtune refuses it: "
+                         "the per-parameter step would run on every micro-batch)")
+    if options["optimizer-in-backward"] and options["grad-clip"] is not None:
+        raise RecipeError("optimizer-in-backward does not combine with grad-clip (torchtune refuses it: no full "
+                         "set of gradients exists to take the norm of)")
+
+
+def options(recipe):
+    """Every option, defaults filled in."""
+    return {**DEFAULTS, **recipe}
+
+
+def recipe_text(recipe):
+    """The case's 5th field for a parsed recipe (keys in their canonical order)."""
+    def text(v):
+        return "1" if v is True else ("0" if v is False else (f"{v:g}" if isinstance(v, float) else str(v)))
+
+    return ",".join(f"{k}={text(recipe[k])}" for k in PARSERS if k in recipe)
+
+
+def llmem_flags(recipe):
+    """The same recipe as llmem estimate flags (`--checkpointing full --grad-accum 2 --keep-outputs`)."""
+    flags = []
+    for key in PARSERS:
+        if key not in recipe:
+            continue
+        value = recipe[key]
+        if value is True:
+            flags.append(f"--{key}")
+        else:
+            flags += [f"--{key}", recipe_text({key: value}).split("=", 1)[1]]
+    return flags
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the options run on the model.
+# ---------------------------------------------------------------------------------------------------------
+
+def _torchtitan_op_sac_context_fn():
+    """torchtitan's op-level selective AC policy (torchtitan/models/llama3/parallelize_llama.py), a fresh
+    mm counter per checkpointed call (its forward and its recompute count separately)."""
+    from collections import defaultdict
+
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    save = {torch.ops.aten.mm.default, torch.ops.aten._scaled_dot_product_efficient_attention.default,
+            torch.ops.aten._scaled_dot_product_flash_attention.default, torch.ops.aten.max.default}
+    counts = defaultdict(int)
+
+    def policy(ctx, func, *args, **kwargs):
+        mode = "recompute" if ctx.is_recompute else "forward"
+        if func == torch.ops.aten.mm.default:
+            counts[mode] += 1
+        every_second_mm = func == torch.ops.aten.mm.default and counts[mode] % 2 == 0
+        return (CheckpointPolicy.MUST_SAVE if func in save and not every_second_mm
+                else CheckpointPolicy.PREFER_RECOMPUTE)
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_checkpointing(model, layers, recipe):
+    """Turns on the recipe's activation checkpointing on the HF model; returns the indices of the checkpointed
+    decoder layers (empty without checkpointing)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    mode = options(recipe)["checkpointing"]
+    if mode == "none":
+        return []
+    if not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
+        kind = type(layers[0]).__name__
+        raise RecipeError(f"checkpointing {mode}: {kind} is not a GradientCheckpointingLayer, so HF's "
+                         f"gradient_checkpointing_enable() would not checkpoint it")
+    if mode == "selective":
+        kwargs = {"use_reentrant": False, "preserve_rng_state": False,
+                  "context_fn": _torchtitan_op_sac_context_fn}
+    else:
+        kwargs = {"use_reentrant": options(recipe)["checkpointing-impl"] == "reentrant"}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    wrapped = list(range(len(layers)))
+    if mode.startswith("every-"):
+        k = int(mode[len("every-"):])
+        if k > len(layers):
+            raise RecipeError(f"checkpointing {mode}: K is above the model's {len(layers)} decoder layers")
+        wrapped = [i for i in wrapped if (i + 1) % k == 0]
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i in wrapped
+    return wrapped
+
+
+def shifted_labels(labels, ignore_column):
+    """torchtune's label shift, done after the model's forward: tokens < n predict n, the last one ignored."""
+    import torch
+
+    return torch.hstack((labels[..., 1:], ignore_column[: labels.shape[0]]))
+
+
+def chunked_output(model, input_ids, chunks):
+    """torchtune's TransformerDecoder.chunked_output on the HF model: the LM head per sequence chunk."""
+    hidden = model.base_model(input_ids=input_ids, use_cache=False, return_dict=True).last_hidden_state
+    head = model.get_output_embeddings()
+    return [head(chunk) for chunk in hidden.tensor_split(chunks, dim=1)]
+
+
+def chunked_cross_entropy(logit_chunks, labels):
+    """torchtune's CEWithChunkedOutputLoss: upcast one chunk at a time, CE sum, divide by the label count."""
+    import torch.nn.functional as F
+
+    total_elements = (labels != IGNORE_INDEX).sum()
+    label_chunks = [c.reshape(-1) for c in labels.tensor_split(len(logit_chunks), dim=1)]
+    logit_chunks = [c.reshape(-1, c.size(-1)) for c in logit_chunks]
+    total_loss = 0.0
+    for logits, target in zip(logit_chunks, label_chunks):
+        total_loss += F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total_loss / total_elements
+
+
+def optimizers_in_backward(parameters, make_one):
+    """torchtune's optimizer-in-backward: {parameter: its own optimizer}, each stepped and zeroed by the
+    parameter's post-accumulate-grad hook. make_one(params) builds the case's optimizer over params."""
+    optimizers = {p: make_one([p]) for p in parameters}
+
+    def step(param):
+        optimizers[param].step()
+        optimizers[param].zero_grad()
+
+    for p in optimizers:
+        p.register_post_accumulate_grad_hook(step)
+    return optimizers
+
+
+def main():
+    """Checks a recipe: prints it canonical and as llmem flags, or one error line and exit 2."""
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: training_recipe.py KEY=VALUE[,KEY=VALUE...]")
+    try:
+        recipe = parse_recipe(sys.argv[1])
+    except RecipeError as e:
+        print(f"training_recipe: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(recipe_text(recipe))
+    print(" ".join(llmem_flags(recipe)))
+
+
+if __name__ == "__main__":
+    main()

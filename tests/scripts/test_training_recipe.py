@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""The training-recipe field of a real-run case (scripts/training_recipe.py, scripts/eager_runs.py): bad keys and
+values get one error line and exit 2 before anything runs, defaults give the plain case, the recipe turns into
+llmem's flags, the checkpointing options wrap the decoder layers torchtitan's rules name, and real steps show
+what the loop variants keep alive (counting allocator: the extension is built under $LLMEM_BUILD_DIR)."""
+import os
+import subprocess
+import sys
+import unittest
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts")
+sys.path.insert(0, SCRIPTS)
+sys.path.insert(0, os.path.join(SCRIPTS, "..", "models"))
+
+import training_recipe  # noqa: E402
+from training_recipe import RecipeError, parse_recipe  # noqa: E402
+
+
+def eager_runs(*cases):
+    argv = [sys.executable, os.path.join(SCRIPTS, "eager_runs.py")]
+    for c in cases:
+        argv += ["--case", c]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300)
+
+
+class RecipeParserTest(unittest.TestCase):
+    def assert_refused(self, text, *needles):
+        with self.assertRaises(RecipeError) as caught:
+            parse_recipe(text)
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        for n in needles:
+            self.assertIn(n, message)
+
+    def test_defaults_are_the_plain_case(self):
+        self.assertEqual(parse_recipe(""), {})
+        self.assertEqual(parse_recipe("checkpointing=none,grad-accum=1,keep-outputs=0,loss=standard"), {})
+
+    def test_values(self):
+        recipe = parse_recipe("keep-outputs=1,checkpointing=every-2,checkpointing-impl=non-reentrant,grad-accum=4,"
+                              "loss=chunked-8,grad-clip=0.5")
+        self.assertEqual(recipe, {"keep-outputs": True, "checkpointing": "every-2",
+                                  "checkpointing-impl": "non-reentrant", "grad-accum": 4, "loss": "chunked-8",
+                                  "grad-clip": 0.5})
+        self.assertEqual(training_recipe.recipe_text(recipe), "checkpointing=every-2,checkpointing-impl=non-reentrant,"
+                         "grad-accum=4,loss=chunked-8,keep-outputs=1,grad-clip=0.5")
+
+    def test_llmem_flags(self):
+        self.assertEqual(training_recipe.llmem_flags(parse_recipe("optimizer-in-backward=1,checkpointing=full")),
+                         ["--checkpointing", "full", "--optimizer-in-backward"])
+
+    def test_bad_keys_and_values(self):
+        self.assert_refused("checkpint=full", "unknown recipe key", "checkpint")
+        self.assert_refused("checkpointing", "not key=value")
+        self.assert_refused("checkpointing=partial", "checkpointing", "partial")
+        self.assert_refused("checkpointing=every-0", "every-K", "'0'")
+        self.assert_refused("checkpointing=full,checkpointing-impl=fast", "checkpointing-impl", "fast")
+        self.assert_refused("grad-accum=0", "grad-accum", "positive integer")
+        self.assert_refused("grad-accum=two", "grad-accum")
+        self.assert_refused("loss=chunked-x", "chunked-N")
+        self.assert_refused("keep-outputs=yes", "keep-outputs", "0 or 1")
+        self.assert_refused("grad-clip=-1", "grad-clip", "positive")
+        self.assert_refused("grad-clip=inf", "grad-clip")
+        self.assert_refused("grad-accum=2,grad-accum=2", "twice")
+
+    def test_what_the_harness_cannot_run(self):
+        self.assert_refused("loss=fused-linear", "fused-linear", "Triton")
+        self.assert_refused("fsdp-param-dtype=bf16", "FSDP2")
+        self.assert_refused("optimizer-impl=foreach", "optimizer-impl")
+
+    def test_combinations_torchtune_refuses(self):
+        self.assert_refused("optimizer-in-backward=1,grad-accum=2", "grad-accum")
+        self.assert_refused("optimizer-in-backward=1,grad-clip=1", "grad-clip")
+        self.assert_refused("checkpointing-impl=non-reentrant", "needs checkpointing")
+        self.assert_refused("checkpointing=selective,checkpointing-impl=reentrant", "non-reentrant only")
+
+    def test_eager_runs_refuses_in_one_line_before_running(self):
+        for case, needle in [("llama:fp32:adamw:2x128:grad-accum=0", "grad-accum"),
+                             ("llama:fp32:adamw:2x128:checkpointing=full:x", "ARCH:PRECISION:OPTIMIZER:BxS[:RECIPE]"),
+                             ("llama:fp32:adamw:2x128:bogus=1", "bogus")]:
+            # the good first case must not run: every case is checked first
+            proc = eager_runs("llama:fp32:adamw:2x128", case)
+            self.assertEqual(proc.returncode, 2, proc.stderr)
+            self.assertEqual(proc.stdout, "")
+            lines = proc.stderr.strip().splitlines()
+            self.assertEqual(len(lines), 1, proc.stderr)
+            self.assertTrue(lines[0].startswith("eager_runs: error: "), lines[0])
+            self.assertIn(needle, lines[0])
+
+
+class CheckpointingLayersTest(unittest.TestCase):
+    """Which decoder layers the checkpointing options wrap, on the tiny HF models (no step is run)."""
+
+    @staticmethod
+    def model(arch):
+        import distributed_worker
+
+        _, model, _, _ = distributed_worker.build_eager_model(arch, "tiny")
+        return model, distributed_worker.decoder_layers(model)[1]
+
+    def test_full_wraps_every_layer(self):
+        model, layers = self.model("llama")
+        self.assertEqual(training_recipe.apply_checkpointing(model, layers, parse_recipe("checkpointing=full")),
+                         list(range(len(layers))))
+        self.assertTrue(all(layer.gradient_checkpointing for layer in layers))
+
+    def test_every_k_is_torchtitans_rule(self):
+        model, layers = self.model("gpt2")
+        self.assertEqual(len(layers), 4)
+        wrapped = training_recipe.apply_checkpointing(model, layers, parse_recipe("checkpointing=every-2"))
+        self.assertEqual(wrapped, [1, 3])  # torchtitan counts blocks from 1 and wraps count % K == 0
+        self.assertEqual([layer.gradient_checkpointing for layer in layers], [False, True, False, True])
+
+    def test_every_k_above_the_layers_is_refused(self):
+        model, layers = self.model("gpt2")
+        with self.assertRaises(RecipeError) as caught:
+            training_recipe.apply_checkpointing(model, layers, parse_recipe("checkpointing=every-5"))
+        self.assertIn("4 decoder layers", str(caught.exception))
+
+    def test_a_model_hf_does_not_checkpoint_is_refused(self):
+        model, layers = self.model("gpt_bigcode")  # transformers 4.57: plain nn.Module blocks
+        with self.assertRaises(RecipeError) as caught:
+            training_recipe.apply_checkpointing(model, layers, parse_recipe("checkpointing=full"))
+        self.assertIn("GPTBigCodeBlock", str(caught.exception))
+
+
+class EagerRecipeRunsTest(unittest.TestCase):
+    """Real steps of the tiny Llama through the counting allocator: what the loop variants keep alive."""
+
+    @classmethod
+    def setUpClass(cls):
+        import eager_runs
+
+        cls.run_case = staticmethod(eager_runs.run_case)
+        cls.plain = eager_runs.run_case("llama", "fp32", "adamw", 1, 64)
+
+    def recipe_run(self, text):
+        return self.run_case("llama", "fp32", "adamw", 1, 64, parse_recipe(text))
+
+    def test_kept_outputs_hold_the_logits_into_the_next_forward(self):
+        kept = self.recipe_run("keep-outputs=1")
+        import distributed_worker
+
+        _, model, _, _ = distributed_worker.build_eager_model("llama", "tiny")
+        logits_bytes = 1 * 64 * model.config.vocab_size * 4  # fp32 logits of the previous step
+        loss_bytes = 4  # and its fp32 loss, outputs.loss
+        self.assertEqual(kept["start_bytes"] - self.plain["start_bytes"], logits_bytes + loss_bytes)
+        self.assertEqual(kept["phase_peak_bytes"]["forward"] - self.plain["phase_peak_bytes"]["forward"],
+                         logits_bytes + loss_bytes)
+        self.assertEqual(kept["recipe"], {"keep-outputs": True})
+
+    def test_accumulation_keeps_the_gradients_across_micro_batches(self):
+        accum = self.recipe_run("grad-accum=2")
+        first, second = accum["micro_batch_phase_peak_bytes"]
+        self.assertEqual(first["forward"], self.plain["phase_peak_bytes"]["forward"])  # no gradient yet
+        self.assertEqual(second["forward"] - first["forward"], accum["grad_bytes"])
+        self.assertEqual(accum["grad_bytes"], accum["param_bytes"])
+        self.assertEqual(accum["phase_peak_bytes"]["forward"], second["forward"])
+        self.assertEqual(len(accum["losses"]), 2 * 2)
+
+    def test_checkpointing_keeps_less_and_computes_the_same(self):
+        full = self.recipe_run("checkpointing=full")
+        every_2 = self.recipe_run("checkpointing=every-2")
+        self.assertLess(full["phase_peak_bytes"]["forward"], every_2["phase_peak_bytes"]["forward"])
+        self.assertLess(every_2["phase_peak_bytes"]["forward"], self.plain["phase_peak_bytes"]["forward"])
+        self.assertEqual(full["losses"], self.plain["losses"])
+        self.assertEqual(every_2["checkpointed_layers"], [1, 3])
+
+    def test_optimizer_in_backward_leaves_no_gradients_for_the_step(self):
+        in_backward = self.recipe_run("optimizer-in-backward=1")
+        self.assertEqual(in_backward["grad_bytes"], 0)
+        self.assertEqual(in_backward["optimizer_state_bytes"], self.plain["optimizer_state_bytes"])
+        self.assertEqual(in_backward["losses"], self.plain["losses"])  # the same updates, one parameter at a time
+        self.assertLess(in_backward["phase_peak_bytes"]["optimizer"], self.plain["phase_peak_bytes"]["optimizer"])
+
+
+if __name__ == "__main__":
+    unittest.main()
