@@ -425,7 +425,8 @@ def optimizer_state_layout(opt, named_params):
 
 def fsdp_groups(model):
     """Per fully_shard group: its parameters' padded shard and padded unsharded (all-gather) bytes; the
-    all-gather moves the MixedPrecisionPolicy's param_dtype when one is set (FSDPParam.param_dtype)."""
+    all-gather moves the MixedPrecisionPolicy's param_dtype when one is set (FSDPParamGroup.mp_policy; the
+    FSDPParam's own dtype attributes only exist after the first forward)."""
     from torch.distributed.fsdp import FSDPModule
 
     groups = []
@@ -441,7 +442,7 @@ def fsdp_groups(model):
             for d in fp.padded_sharded_param_size:
                 n *= d
             elt = fp.sharded_param.element_size()
-            gathered_elt = fp.param_dtype.itemsize if fp.param_dtype is not None else elt
+            gathered_elt = pg.mp_policy.param_dtype.itemsize if pg.mp_policy.param_dtype is not None else elt
             sharded += n * elt
             unsharded += n * gathered_elt * pg.mesh_info.shard_mesh_size
         groups.append({"module": name or "<root>", "params": len(pg.fsdp_params), "padded_shard_bytes": sharded,
