@@ -650,7 +650,8 @@ def run(args, rank, world, local_rank, record):
     record["start_bytes"] = last["start_bytes"]
     record["end_bytes"] = probe.current()
     record["optimizer_state_bytes"] = storage_bytes(optimizer_state_tensors(opt))
-    record["optimizer_state_layout"] = optimizer_state_layout(opt, step_module.named_parameters())
+    # names as in the HF model (the same Parameter objects under DDP/FSDP2 wrappers), as optimizer_embeddings_32bit
+    record["optimizer_state_layout"] = optimizer_state_layout(opt, model.named_parameters())
     record["losses"] = losses
     record["steps"] = steps
     if args.device == "cuda":
