@@ -17,6 +17,7 @@ cases that need more GPUs than there are are skipped with the reason printed).
 
   scripts/distributed_runs.py --cases quick --out build/distributed_runs.jsonl   # what CI runs (< 4 min, 2 cores)
   scripts/distributed_runs.py --cases full --only fsdp2 --out runs.jsonl
+  scripts/distributed_runs.py --cases recipes --out runs.jsonl   # FSDP2 MixedPrecisionPolicy, optimizer kinds
   scripts/distributed_runs.py --list --cases full
 
 Exit status: 0 when every launched case succeeded, 1 when one failed (its rank's last error line is printed),
@@ -40,8 +41,9 @@ EXPORTER = os.path.join(REPO, "models", "export_hf.py")
 
 
 def case(arch, method, nproc, batch, seq, size="tiny", tp=None, precision="fp32", optimizer="adamw",
-         vocab_parallel=False, unsupported=None):
-    """One launch. `unsupported`: a reason; the case is printed and skipped unless --try-unsupported."""
+         vocab_parallel=False, unsupported=None, optimizer_impl="", fsdp_param_dtype=None, fsdp_reduce_dtype=None):
+    """One launch. `unsupported`: a reason; the case is printed and skipped unless --try-unsupported.
+    fsdp_param_dtype / fsdp_reduce_dtype: FSDP2's MixedPrecisionPolicy (None: not set)."""
     if method == "single":
         dp, tp = 1, 1
     elif method == "tp":
@@ -51,10 +53,15 @@ def case(arch, method, nproc, batch, seq, size="tiny", tp=None, precision="fp32"
         dp = nproc // tp
     else:
         dp, tp = nproc, 1
+    mp = fsdp_param_dtype or fsdp_reduce_dtype
     name = (f"{arch}-{size}/{method}/dp{dp}xtp{tp}/b{batch}s{seq}/{precision}/{optimizer}"
+            + (f"-{optimizer_impl}" if optimizer_impl else "")
+            + (f"/mp-param-{fsdp_param_dtype or 'default'}-reduce-{fsdp_reduce_dtype or 'default'}" if mp else "")
             + ("/vocab-parallel" if vocab_parallel else ""))
     return dict(name=name, arch=arch, size=size, method=method, nproc=nproc, dp=dp, tp=tp, batch=batch, seq=seq,
-                precision=precision, optimizer=optimizer, vocab_parallel=vocab_parallel, unsupported=unsupported)
+                precision=precision, optimizer=optimizer, vocab_parallel=vocab_parallel, unsupported=unsupported,
+                optimizer_impl=optimizer_impl, fsdp_param_dtype=fsdp_param_dtype,
+                fsdp_reduce_dtype=fsdp_reduce_dtype)
 
 
 def quick_cases():
@@ -122,7 +129,27 @@ def full_cases():
     return cs
 
 
-CASES = {"quick": quick_cases, "full": full_cases}
+def recipe_cases():
+    """FSDP2's MixedPrecisionPolicy (fp32 weights and optimizer states, 16-bit gathered parameters, no autocast)
+    and the optimizer kinds beyond AdamW/SGD under the data-parallel engines; kept apart from quick/full so that
+    their tables stay as they are."""
+    cs = []
+    for arch in ("llama", "gpt2"):
+        cs += [case(arch, "fsdp2", 2, 2, 128, fsdp_param_dtype="bf16", fsdp_reduce_dtype="fp32"),  # torchtitan's
+               case(arch, "fsdp2", 2, 2, 128, fsdp_param_dtype="bf16", fsdp_reduce_dtype="bf16"),
+               case(arch, "fsdp2", 2, 2, 128, fsdp_param_dtype="bf16"),  # reduce in the param dtype
+               case(arch, "fsdp2", 2, 2, 128, fsdp_reduce_dtype="bf16")]  # fp32 compute, bf16 reduce-scatter
+    cs += [case("llama", "zero2", 2, 2, 128, fsdp_param_dtype="bf16", fsdp_reduce_dtype="fp32"),
+           case("llama", "fsdp2_tp", 4, 2, 128, tp=2, fsdp_param_dtype="bf16", fsdp_reduce_dtype="fp32"),
+           case("llama", "fsdp2", 2, 2, 128),  # the same shape without a policy, for comparison
+           case("llama", "ddp", 2, 2, 128, optimizer="adafactor"),
+           case("llama", "zero1", 2, 2, 128, optimizer="adafactor"),
+           case("llama", "ddp", 2, 2, 128, optimizer="sgd-nomomentum"),
+           case("llama", "ddp", 2, 2, 128, optimizer="adamw8bit")]
+    return cs
+
+
+CASES = {"quick": quick_cases, "full": full_cases, "recipes": recipe_cases}
 
 
 def rel(path):
@@ -201,6 +228,11 @@ def run_case(c, args, export_path, rank_dir):
         cmd += ["--tp", str(c["tp"])]
     if c["vocab_parallel"]:
         cmd += ["--tp-vocab-parallel"]
+    if c["optimizer_impl"]:
+        cmd += ["--optimizer-impl", c["optimizer_impl"]]
+    for flag, value in (("--fsdp-param-dtype", c["fsdp_param_dtype"]), ("--fsdp-reduce-dtype", c["fsdp_reduce_dtype"])):
+        if value:
+            cmd += [flag, value]
     if args.log_allocs:
         cmd += ["--log-allocs", str(args.log_allocs)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))

@@ -44,6 +44,12 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # q/k/v/o_proj + gate/up/down_proj
 ADAMW_LR = 1e-4       # torch.optim.AdamW defaults otherwise (weight_decay 0.01), as llmem measure runs it
 SGD_LR, SGD_MOMENTUM = 1e-4, 0.9
 INPUT_SEED = 1234     # input ids of data-parallel rank d come from torch.Generator().manual_seed(INPUT_SEED + d)
+OPTIMIZERS = ["adamw", "sgd", "sgd-nomomentum", "adafactor", "adamw8bit", "paged-adamw8bit"]
+# --optimizer-impl: torch.optim's step loops (default: PyTorch's own choice, foreach=None), or the library of
+# the 8-bit AdamW. Which applies to which optimizer: OPTIMIZER_IMPLS.
+TORCH_IMPLS = ["single-tensor", "foreach", "fused"]
+OPTIMIZER_IMPLS = {"adamw": TORCH_IMPLS, "sgd": TORCH_IMPLS, "sgd-nomomentum": TORCH_IMPLS, "adafactor": [],
+                   "adamw8bit": ["bitsandbytes", "torchao"], "paged-adamw8bit": ["bitsandbytes"]}
 
 
 def parse_args(argv=None):
@@ -57,7 +63,18 @@ def parse_args(argv=None):
     ap.add_argument("--seq", type=int, required=True)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16-autocast"])
-    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    ap.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                    help="adamw (torch.optim.AdamW), sgd (momentum 0.9), sgd-nomomentum, adafactor (HF "
+                         "transformers' Adafactor as Trainer builds it), adamw8bit, paged-adamw8bit (bitsandbytes)")
+    ap.add_argument("--optimizer-impl", default="", choices=[""] + sorted({i for v in OPTIMIZER_IMPLS.values()
+                                                                           for i in v}),
+                    help="torch.optim: single-tensor|foreach|fused (default: PyTorch's choice); adamw8bit: "
+                         "bitsandbytes (default, as HF Trainer's adamw_bnb_8bit) or torchao (adamw_torch_8bit)")
+    ap.add_argument("--fsdp-param-dtype", default=None, choices=["bf16", "fp32"],
+                    help="fsdp2/fsdp2_tp/zero2: MixedPrecisionPolicy(param_dtype=...) on every fully_shard unit "
+                         "(fp32 weights, no autocast)")
+    ap.add_argument("--fsdp-reduce-dtype", default=None, choices=["bf16", "fp32"],
+                    help="fsdp2/fsdp2_tp/zero2: MixedPrecisionPolicy(reduce_dtype=...)")
     ap.add_argument("--tp-vocab-parallel", action="store_true",
                     help="tp/fsdp2_tp: also shard the embedding (RowwiseParallel(input_layouts=Replicate())) and "
                          "lm_head (ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)); the loss "
@@ -204,45 +221,126 @@ def apply_tp(model, arch, tp_mesh, vocab_parallel):
         })
 
 
-def apply_fully_shard(model, mesh, reshard_after_forward):
+FSDP_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def mixed_precision_policy(param_dtype, reduce_dtype):
+    """FSDP2's MixedPrecisionPolicy for --fsdp-param-dtype / --fsdp-reduce-dtype (None: not given; FSDP then
+    reduces in the parameter dtype), or None when neither is given (no policy, as before)."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if param_dtype is None and reduce_dtype is None:
+        return None
+    dtype = lambda name: getattr(torch, FSDP_DTYPES[name]) if name else None  # noqa: E731
+    return MixedPrecisionPolicy(param_dtype=dtype(param_dtype), reduce_dtype=dtype(reduce_dtype))
+
+
+def apply_fully_shard(model, mesh, reshard_after_forward, mp_policy=None):
     from torch.distributed.fsdp import fully_shard
 
+    kw = {"mp_policy": mp_policy} if mp_policy is not None else {}
     _, layers = decoder_layers(model)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **kw)
 
 
-def make_optimizer(name, params, method):
-    """AdamW(lr=1e-4) or SGD(momentum 0.9) with PyTorch's default implementation choice (foreach=None).
+def optimizer_class(name, impl):
+    """(class, keyword arguments, needs the embedding override) for an optimizer name, built as HF Trainer
+    (transformers 4.57 trainer.py, get_optimizer_cls_and_kwargs) builds the same kind, with lr 1e-4 and the
+    library's defaults otherwise (no weight-decay parameter groups: Trainer's default weight_decay is 0)."""
+    import torch
+
+    loop = {"single-tensor": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+    if impl and impl not in OPTIMIZER_IMPLS[name]:
+        choices = ", ".join(OPTIMIZER_IMPLS[name]) or "none"
+        raise RuntimeError(f"--optimizer-impl {impl} does not apply to {name} (choices: {choices})")
+    if name == "adamw":
+        return torch.optim.AdamW, dict(lr=ADAMW_LR, **loop.get(impl, {})), False
+    if name in ("sgd", "sgd-nomomentum"):
+        momentum = SGD_MOMENTUM if name == "sgd" else 0.0
+        return torch.optim.SGD, dict(lr=SGD_LR, momentum=momentum, **loop.get(impl, {})), False
+    if name == "adafactor":
+        # optim="adafactor": Adafactor(lr=..., scale_parameter=False, relative_step=False), beta1 None
+        from transformers.optimization import Adafactor
+
+        return Adafactor, dict(lr=ADAMW_LR, scale_parameter=False, relative_step=False), False
+    if impl == "torchao":
+        # optim="adamw_torch_8bit": torchao.optim.AdamW8bit (block 256, weight_decay 0.01)
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit, dict(lr=ADAMW_LR), False
+    # optim="adamw_bnb_8bit" / "paged_adamw_8bit": bitsandbytes.optim.AdamW(optim_bits=8, is_paged=...), and
+    # Trainer keeps the weights of every nn.Embedding in 32-bit states (GlobalOptimManager override)
+    import bitsandbytes
+
+    return (bitsandbytes.optim.AdamW, dict(lr=ADAMW_LR, optim_bits=8, is_paged=(name == "paged-adamw8bit")),
+            True)
+
+
+def embeddings_in_32bit(model):
+    """HF Trainer's override for bitsandbytes 8-bit optimizers: nn.Embedding weights get 32-bit states.
+    Returns the overridden parameter names. The manager is a process-wide singleton that holds the modules it
+    was given and matches parameters by id(): it is reset first, so that an earlier case's model (eager_runs.py
+    runs many in one process) neither stays alive nor lends its overrides to a parameter that reuses an id."""
+    import bitsandbytes
+    import torch
+
+    manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    manager.initialize()
+    names = []
+    for mod_name, module in (model.named_modules() if model is not None else []):
+        if isinstance(module, torch.nn.Embedding):
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
+            names.append(f"{mod_name}.weight")
+    return names
+
+
+def make_optimizer(name, params, method, impl="", model=None):
+    """The optimizer of --optimizer NAME (OPTIMIZERS) with --optimizer-impl IMPL ("" = the default choice).
 
     DTensor and plain parameters go into separate param groups: a foreach step (the CUDA default) cannot mix
     them in one group ("got mixed torch.Tensor and DTensor"). On CPU the default is the single-tensor loop, where
-    the grouping changes nothing. zero1: ZeroRedundancyOptimizer around the same optimizer class.
+    the grouping changes nothing. zero1: ZeroRedundancyOptimizer around the same optimizer class. `model`: where
+    the bitsandbytes optimizers look for nn.Embedding modules (HF Trainer's 32-bit override); the names it
+    overrides are in the optimizer's `embeddings_32bit` attribute.
     """
-    import torch
     from torch.distributed.tensor import DTensor
 
-    cls, kw = ((torch.optim.AdamW, dict(lr=ADAMW_LR)) if name == "adamw"
-               else (torch.optim.SGD, dict(lr=SGD_LR, momentum=SGD_MOMENTUM)))
+    cls, kw, override = optimizer_class(name, impl)
     params = list(params)
     if method == "zero1":
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kw), 1
-    dt = [p for p in params if isinstance(p, DTensor)]
-    plain = [p for p in params if not isinstance(p, DTensor)]
-    groups = [{"params": g} for g in (dt, plain) if g]
-    return cls(groups, **kw), len(groups)
+        opt, ngroups = ZeroRedundancyOptimizer(params, optimizer_class=cls, **kw), 1
+    else:
+        dt = [p for p in params if isinstance(p, DTensor)]
+        plain = [p for p in params if not isinstance(p, DTensor)]
+        groups = [{"params": g} for g in (dt, plain) if g]
+        opt, ngroups = cls(groups, **kw), len(groups)
+    opt.embeddings_32bit = embeddings_in_32bit(model) if override else []
+    return opt, ngroups
 
 
 def optimizer_impl(opt):
-    """What each param group's step will run: foreach/fused when set, else PyTorch's default choice."""
+    """What each param group's step will run: foreach/fused when set, else PyTorch's default choice; for the
+    optimizers outside torch.optim, the library's one step loop."""
     from torch.optim.optimizer import _default_to_fused_or_foreach
 
+    inner = getattr(opt, "optim", opt)
+    module = type(inner).__module__
     out = []
-    for g in getattr(opt, "optim", opt).param_groups:
-        if g.get("fused"):
+    for g in inner.param_groups:
+        if module.startswith("bitsandbytes"):
+            # the CPU backend runs a PyTorch reference of the 8-bit step (fp32 dequantized copies); CUDA a kernel
+            devices = {p.device.type for p in g["params"]}
+            out.append("bitsandbytes-" + "+".join(sorted(devices)))
+        elif module.startswith("torchao"):
+            out.append("torchao-compiled")  # torch.compile(single_param_adam) per parameter
+        elif module.startswith("transformers"):
+            out.append("single-tensor")  # Adafactor.step: one parameter at a time
+        elif g.get("fused"):
             out.append("fused")
         elif g.get("foreach") is not None:
             out.append("foreach" if g["foreach"] else "single-tensor")
@@ -269,31 +367,80 @@ def _local(t):
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
+def plain_parts(t):
+    """The plain tensors that hold a tensor's data, by name: {"": t} for a plain tensor; the local shard of a
+    DTensor; the inner tensors of a wrapper subclass (torchao's OptimState8bit: codes, scale, qmap)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    t = _local(t)
+    if not is_traceable_wrapper_subclass(t):
+        return {"": t}
+    out = {}
+    for attr in t.__tensor_flatten__()[0]:
+        out.update({(f"{attr}.{k}" if k else attr): v for k, v in plain_parts(getattr(t, attr)).items()})
+    return out
+
+
 def storage_bytes(tensors):
-    """Bytes of the distinct storages behind the tensors (local shards of DTensors; tied weights once)."""
+    """Bytes of the distinct storages behind the tensors (local shards of DTensors, inner tensors of wrapper
+    subclasses; tied weights and shared tables once)."""
     seen, total = set(), 0
     for t in tensors:
         if t is None:
             continue
-        t = _local(t)
-        st = t.untyped_storage()
-        key = (st.data_ptr(), st.nbytes())
-        if key not in seen and st.nbytes() > 0:
-            seen.add(key)
-            total += st.nbytes()
+        for part in plain_parts(t).values():
+            st = part.untyped_storage()
+            key = (st.data_ptr(), st.nbytes())
+            if key not in seen and st.nbytes() > 0:
+                seen.add(key)
+                total += st.nbytes()
     return total
 
 
 def optimizer_state_tensors(opt):
+    import torch
+
     inner = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer keeps its local optimizer in .optim
     out = []
     for state in inner.state.values():
-        out.extend(v for v in state.values() if hasattr(v, "untyped_storage"))
+        out.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+    return out
+
+
+def optimizer_state_layout(opt, named_params):
+    """Per parameter with optimizer state, in parameter order: its (local) shape and dtype and each state
+    tensor's parts with dtype, shape and storage bytes. A storage already listed (bitsandbytes' qmap tables,
+    shared by every parameter) is marked "shared" and not counted again in optimizer_state_bytes."""
+    import torch
+
+    inner = getattr(opt, "optim", opt)
+    seen, out = set(), []
+    for name, p in named_params:
+        state = inner.state.get(p)
+        if not state:
+            continue
+        local = _local(p)
+        entry = {"param": name, "shape": list(local.shape), "dtype": str(local.dtype).replace("torch.", ""),
+                 "states": {}}
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            for part_name, part in plain_parts(value).items():
+                st = part.untyped_storage()
+                row = {"dtype": str(part.dtype).replace("torch.", ""), "shape": list(part.shape),
+                       "bytes": st.nbytes()}
+                if (st.data_ptr(), st.nbytes()) in seen:
+                    row["shared"] = True
+                seen.add((st.data_ptr(), st.nbytes()))
+                entry["states"][f"{key}.{part_name}" if part_name else key] = row
+        out.append(entry)
     return out
 
 
 def fsdp_groups(model):
-    """Per fully_shard group: its parameters' padded shard and padded unsharded (all-gather) bytes."""
+    """Per fully_shard group: its parameters' padded shard and padded unsharded (all-gather) bytes; the
+    all-gather moves the MixedPrecisionPolicy's param_dtype when one is set (FSDPParamGroup.mp_policy; the
+    FSDPParam's own dtype attributes only exist after the first forward)."""
     from torch.distributed.fsdp import FSDPModule
 
     groups = []
@@ -309,8 +456,9 @@ def fsdp_groups(model):
             for d in fp.padded_sharded_param_size:
                 n *= d
             elt = fp.sharded_param.element_size()
+            gathered_elt = pg.mp_policy.param_dtype.itemsize if pg.mp_policy.param_dtype is not None else elt
             sharded += n * elt
-            unsharded += n * elt * pg.mesh_info.shard_mesh_size
+            unsharded += n * gathered_elt * pg.mesh_info.shard_mesh_size
         groups.append({"module": name or "<root>", "params": len(pg.fsdp_params), "padded_shard_bytes": sharded,
                        "padded_unsharded_bytes": unsharded})
     return groups
@@ -360,6 +508,11 @@ def run(args, rank, world, local_rank, record):
     if recipe and method != "single":
         raise RuntimeError("--recipe applies to --method single only")
     opts = training_recipe.options(recipe)
+    mp_policy = mixed_precision_policy(args.fsdp_param_dtype, args.fsdp_reduce_dtype)
+    if mp_policy is not None and method not in ("fsdp2", "zero2", "fsdp2_tp"):
+        raise RuntimeError("--fsdp-param-dtype/--fsdp-reduce-dtype apply to fsdp2, zero2 and fsdp2_tp only")
+    if mp_policy is not None and args.precision != "fp32":
+        raise RuntimeError("--fsdp-param-dtype/--fsdp-reduce-dtype replace autocast: use --precision fp32")
     backend = "nccl" if args.device == "cuda" else "gloo"
     record.update(dp=dp, tp=tp, backend=backend if method != "single" else None)
 
@@ -412,7 +565,7 @@ def run(args, rank, world, local_rank, record):
         if method in ("tp", "fsdp2_tp"):
             apply_tp(model, arch, mesh["tp"], args.tp_vocab_parallel)
         if method in ("fsdp2", "zero2", "fsdp2_tp"):
-            apply_fully_shard(model, mesh["dp"], reshard_after_forward=(method != "zero2"))
+            apply_fully_shard(model, mesh["dp"], reshard_after_forward=(method != "zero2"), mp_policy=mp_policy)
             record["fsdp_groups"] = fsdp_groups(model)
         if method in ("fsdp2", "zero2"):
             dp_rank = rank
@@ -428,15 +581,17 @@ def run(args, rank, world, local_rank, record):
 
     if opts["optimizer-in-backward"]:
         per_param = training_recipe.optimizers_in_backward(
-            step_module.parameters(), lambda ps: make_optimizer(args.optimizer, ps, method)[0])
+            step_module.parameters(),
+            lambda ps: make_optimizer(args.optimizer, ps, method, args.optimizer_impl, model)[0])
         optimizers = list(per_param.values())
         record["optimizers_in_backward"] = len(optimizers)
         record["optimizer_param_groups"] = 1
     else:
-        opt, ngroups = make_optimizer(args.optimizer, step_module.parameters(), method)
+        opt, ngroups = make_optimizer(args.optimizer, step_module.parameters(), method, args.optimizer_impl, model)
         optimizers = [opt]
         record["optimizer_param_groups"] = ngroups
     record["optimizer_impl"] = optimizer_impl(optimizers[0])
+    record["optimizer_embeddings_32bit"] = optimizers[0].embeddings_32bit
     record["optimizer_init_bytes"] = probe.current()
 
     # -- steps
@@ -561,6 +716,9 @@ def run(args, rank, world, local_rank, record):
     record["optimizer_state_bytes"] = storage_bytes(t for o in optimizers for t in optimizer_state_tensors(o))
     if accum > 1:
         record["micro_batch_phase_peak_bytes"] = [mb["peak"] for mb in last["micro_batches"]]
+    # names as in the HF model (the same Parameter objects under DDP/FSDP2 wrappers), as optimizer_embeddings_32bit
+    if len(optimizers) == 1:
+        record["optimizer_state_layout"] = optimizer_state_layout(optimizers[0], model.named_parameters())
     record["losses"] = losses
     record["steps"] = steps
     if args.device == "cuda":
@@ -585,7 +743,9 @@ def main():
 
     record = {"arch": args.arch, "size": args.size, "export": args.export, "method": args.method,
               "world_size": world, "rank": rank, "batch": args.batch, "seq": args.seq,
-              "precision": args.precision, "optimizer": args.optimizer, "tp_vocab_parallel": args.tp_vocab_parallel,
+              "precision": args.precision, "optimizer": args.optimizer, "optimizer_impl_requested": args.optimizer_impl,
+              "fsdp_param_dtype": args.fsdp_param_dtype, "fsdp_reduce_dtype": args.fsdp_reduce_dtype,
+              "tp_vocab_parallel": args.tp_vocab_parallel,
               "device": args.device, "torch": torch.__version__, "steps_run": args.steps}
     if args.device == "cuda":  # llmem validate maps the name to its GPU catalog
         record["device_name"] = torch.cuda.get_device_name(local_rank)

@@ -45,6 +45,13 @@ MATPLOTLIB_VERSION=3.11.2
 if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('matplotlib') != '$MATPLOTLIB_VERSION')" 2>/dev/null; then
   .venv/bin/pip install -q "matplotlib==$MATPLOTLIB_VERSION"
 fi
+# The real-run harness measures 8-bit AdamW with both libraries HF Trainer offers (adamw_bnb_8bit,
+# adamw_torch_8bit); both run on CPU. --no-deps: they must not move the pinned torch.
+TORCHAO_VERSION=0.18.0
+BITSANDBYTES_VERSION=0.50.2
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('torchao') != '$TORCHAO_VERSION' or m.version('bitsandbytes') != '$BITSANDBYTES_VERSION')" 2>/dev/null; then
+  .venv/bin/pip install -q --no-deps "torchao==$TORCHAO_VERSION" "bitsandbytes==$BITSANDBYTES_VERSION"
+fi
 
 build_dir="${LLMEM_BUILD_DIR:-build}"
 torch_prefix="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
