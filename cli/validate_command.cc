@@ -141,6 +141,17 @@ RankRecord ParseRecord(const std::string& text, int line) {
   if (!sim::ParseOptimizer(r.optimizer)) {
     throw ConfigError(AtLine(line) + ": unknown optimizer '" + r.optimizer + "' (adamw, sgd)");
   }
+  // A run made with recipe options (FSDP2 mixed precision, an optimizer implementation, a loop recipe) would
+  // be scored as the plain step: such runs are refused until validate applies their recipe.
+  for (const char* field : {"fsdp_param_dtype", "fsdp_reduce_dtype", "optimizer_impl_requested", "recipe"}) {
+    const auto it = j.find(field);
+    const bool plain = it == j.end() || it->is_null() || (it->is_string() && (*it == "" || *it == "default")) ||
+                       (it->is_object() && it->empty());
+    if (!plain) {
+      throw ConfigError(AtLine(line) + ": the run carries \"" + field + "\", which validate does not apply yet; "
+                        "compare it with `llmem estimate` and the matching recipe options");
+    }
+  }
   r.vocab_parallel = GetOr<bool>(j, "tp_vocab_parallel", false, line);
   r.device = GetOr<std::string>(j, "device", "cpu", line);
   if (r.device != "cpu" && r.device != "cuda") {

@@ -129,6 +129,15 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_bad_input(self.validate(r0, self.record(rank=1, precision="fp8")), "line 2", "fp8")
         self.assert_bad_input(self.validate(r0, self.record(rank=1, device="tpu")), "line 2", "tpu")
 
+    def test_validate_refuses_runs_with_a_recipe_it_does_not_apply(self):
+        r0, r1 = self.record(rank=0), self.record(rank=1)
+        for field, value in (("fsdp_param_dtype", "bf16"), ("fsdp_reduce_dtype", "fp32"),
+                             ("optimizer_impl_requested", "fused"), ("recipe", {"grad-accum": 2})):
+            self.assert_bad_input(self.validate(r0, self.record(rank=1, **{field: value})), "line 2", field)
+        plain = dict(fsdp_param_dtype=None, optimizer_impl_requested="", recipe={})
+        proc = self.validate(self.record(rank=0, **plain), self.record(rank=1, **plain))
+        self.assertNotIn("does not apply", proc.stderr)
+
     def test_validate_needs_every_rank_exactly_once(self):
         r0, r1 = self.record(rank=0), self.record(rank=1)
         self.assert_bad_input(self.validate(r0), "line 1", "rank 1")
