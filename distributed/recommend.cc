@@ -33,6 +33,10 @@ class Sweep {
   Sweep(const RecommendRequest& req, const GraphAtBatch& graph_at)
       : req_(req), graph_at_(graph_at), config_(req.config) {
     config_.keep_labels = false;  // the sweep reads figures only
+    // MixedPrecisionPolicy is FSDP2's: the other rows train without it.
+    config_without_policy_ = config_;
+    config_without_policy_.fsdp_param_dtype.reset();
+    config_without_policy_.fsdp_reduce_dtype.reset();
   }
 
   // One rank's memory under a layout at a micro-batch.
@@ -40,7 +44,8 @@ class Sweep {
     DistributedOptions opts;
     opts.tp_vocab_parallel = req_.tp_vocab_parallel;
     opts.gpus_per_node = gpus_per_node;
-    return EstimateRank(graph_at_(batch), config_, plan, opts, Split(batch, plan.tp));
+    return EstimateRank(graph_at_(batch), RunsFsdp2(plan) ? config_ : config_without_policy_, plan, opts,
+                        Split(batch, plan.tp));
   }
 
   // Builds what an estimate at (batch, tp) reads; false when it cannot be built (e.g. byte counts that overflow).
@@ -86,6 +91,7 @@ class Sweep {
   const RecommendRequest& req_;
   const GraphAtBatch& graph_at_;
   sim::TrainingConfig config_;
+  sim::TrainingConfig config_without_policy_;
   std::map<std::pair<int64_t, int>, TensorParallelRank> splits_;
   std::map<int, std::string> tp_errors_;
   std::set<std::pair<int64_t, int>> unbuildable_;
@@ -187,6 +193,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
                     std::to_string(plan.dp) + " data-parallel ranks";
     } else {
       row.skipped = EngineUnavailable(plan, req.config.precision);
+      if (row.skipped.empty()) row.skipped = FsdpMixedPrecisionUnavailable(req.config, plan);
     }
     if (row.skipped.empty()) row.skipped = sweep.Unrunnable(plan);
     if (row.skipped.empty()) {
