@@ -6,7 +6,6 @@
 #include "graph/error.h"
 
 namespace llmem::cli {
-namespace {
 
 std::optional<DType> ParseFsdpDtype(const std::string& name, const char* option) {
   if (name.empty()) return std::nullopt;
@@ -15,6 +14,8 @@ std::optional<DType> ParseFsdpDtype(const std::string& name, const char* option)
   if (name == "fp32") return DType::kF32;
   throw ConfigError(std::string("unknown ") + option + " '" + name + "' (bf16, fp16, fp32)");
 }
+
+namespace {
 
 std::string FsdpDtypeName(DType d) { return d == DType::kBF16 ? "bf16" : d == DType::kF16 ? "fp16" : "fp32"; }
 
