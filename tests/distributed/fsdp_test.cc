@@ -313,13 +313,14 @@ TEST(Fsdp2HooksTest, GlooCollectivesAddTheirTransientBuffers) {
 
 // MixedPrecisionPolicy (docs/FSDP2_MIXED_PRECISION.md): fp32 shards, gradients and states; the all-gather in
 // param_dtype from a cast of the shard; the reduce-scatter in reduce_dtype, cast back to fp32 per parameter.
-sim::StepSimulation SimulateWithPolicy(const Graph& g, std::optional<DType> param, std::optional<DType> reduce) {
+sim::StepSimulation SimulateWithPolicy(const Graph& g, std::optional<DType> param, std::optional<DType> reduce,
+                                       bool gloo_copies = false) {
   sim::TrainingConfig config = CpuConfig();
   config.fsdp_param_dtype = param;
   config.fsdp_reduce_dtype = reduce;
   const sim::FsdpPrecision precision = sim::FsdpPrecisionOf(config);
   Fsdp2Hooks hooks(FsdpGroups(ManagedParams(g, sim::Precision::kFp32), 2, g.num_layers(), precision), 2,
-                   /*reshard_after_forward=*/true, /*gloo_copies=*/false, precision);
+                   /*reshard_after_forward=*/true, gloo_copies, precision);
   return sim::SimulateTrainingStep(g, config, &hooks);
 }
 
@@ -362,6 +363,20 @@ TEST(Fsdp2MixedPrecisionTest, Bf16ReductionCastsTheOutputBackToTheParameterDtype
   IndexOf(trace, "backward +d w1 80");
   IndexOf(trace, "backward +FSDP2 reduce-scatter input (layer 1) 40");
   IndexOf(trace, "backward +FSDP2 reduce-scatter output (layer 1) 20");
+}
+
+TEST(Fsdp2MixedPrecisionTest, CpuCopyInToAnotherDtypeCopiesEachGradientFirst) {
+  Graph g = TwoLayerLm();
+  // bf16 gradients into an fp32 reduce-scatter input: d w1 (40 bf16 bytes) is copied once before it is freed.
+  const auto trace = TraceOf(SimulateWithPolicy(g, DType::kBF16, DType::kF32, /*gloo_copies=*/true).timeline,
+                             [](MemoryCategory) { return true; });
+  const size_t input = IndexOf(trace, "backward +FSDP2 reduce-scatter input (layer 1) 80");
+  EXPECT_EQ(trace.at(input + 1), "backward +reduce-scatter copy-in cast 40");
+  EXPECT_EQ(trace.at(input + 3), "backward -d w1");
+  // The same dtype on both sides copies nothing.
+  for (const auto& line : TraceOf(SimulateWithPolicy(g, DType::kBF16, DType::kBF16, true).timeline, FsdpBlock)) {
+    EXPECT_EQ(line.find("copy-in cast"), std::string::npos) << line;
+  }
 }
 
 TEST(Fsdp2MixedPrecisionTest, ThePolicyNeedsFp32Precision) {
