@@ -110,6 +110,10 @@ std::string RecipeSummary(const sim::Recipe& r) {
   }
   if (r.grad_accum > 1) s += ", " + std::to_string(r.grad_accum) + " micro-batches";
   if (r.loss != sim::LossVariant::kStandard) s += ", " + sim::LossName(r.loss, r.loss_chunks) + " loss";
+  if (r.fsdp_param_dtype || r.fsdp_reduce_dtype) {
+    s += ", FSDP2 MixedPrecisionPolicy (param " + (r.fsdp_param_dtype ? FsdpDtypeName(*r.fsdp_param_dtype) : "default") +
+         ", reduce " + (r.fsdp_reduce_dtype ? FsdpDtypeName(*r.fsdp_reduce_dtype) : "default") + ")";
+  }
   s += r.keep_outputs ? ", outputs kept through backward" : ", outputs dropped before backward";
   return s;
 }

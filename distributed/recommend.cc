@@ -16,6 +16,7 @@
 #include "distributed/tensor_parallel.h"
 #include "graph/dtype.h"
 #include "graph/error.h"
+#include "simulator/passes/fsdp_mixed_precision_pass.h"
 
 namespace llmem::dist {
 namespace {
@@ -107,6 +108,19 @@ std::string EngineUnavailable(const ParallelPlan& plan, sim::Precision precision
   return "";
 }
 
+// Why a row without FSDP2 cannot be estimated from an export traced with the 16-bit weights of the policy's
+// param dtype ("" when it can): such a trace runs in 16 bits whatever the row's precision asks for.
+std::string NeedsFp32Export(const Graph& graph, const sim::Recipe& recipe, const ParallelPlan& plan) {
+  if (RunsFsdp2(plan) || !sim::FsdpPrecisionOf(recipe).param_dtype) return "";
+  for (const Parameter& p : graph.params()) {
+    if (p.trainable && IsFloating(p.dtype) && p.dtype != DType::kF32) {
+      return "without FSDP2's MixedPrecisionPolicy this engine trains in fp32, which an export traced with 16-bit "
+             "weights cannot give";
+    }
+  }
+  return "";
+}
+
 // No batch above this fits: the step's inputs alone (token ids and labels, on the GPU) would fill the GPU. Bounds
 // the largest-batch search without a constant of its own.
 int64_t BatchLimit(const Graph& graph, int64_t capacity_bytes) {
@@ -194,6 +208,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     } else {
       row.skipped = EngineUnavailable(plan, req.config.precision);
       if (row.skipped.empty()) row.skipped = FsdpMixedPrecisionUnavailable(req.config, plan);
+      if (row.skipped.empty()) row.skipped = NeedsFp32Export(graph_at(row.micro_batch), req.config, plan);
     }
     if (row.skipped.empty()) row.skipped = sweep.Unrunnable(plan);
     if (row.skipped.empty()) {

@@ -95,6 +95,13 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
                              "2", "--engine", "zero3", "--fsdp-param-dtype", "bf16").returncode, 0)
         self.assert_bad_input(run("estimate", bf16_export, "-b", "1", "-s", "64", "--gpu", "cpu", "-p", "fp32"),
                               "bf16 weights")
+        # recommend: the FSDP2 rows take the policy, the others cannot train in fp32 from this export
+        proc = run("recommend", bf16_export, "--gpus", "2", "--seq", "64", "-p", "fp32", "--fsdp-param-dtype", "bf16",
+                   "--json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        plans = {p["engine"]: p for p in json.loads(proc.stdout)["plans"] if p["dp"] == 2}
+        self.assertGreater(plans["ZeRO-3 (FSDP2)"]["peak_allocated_bytes"], 0)
+        self.assertIn("fp32", plans["DDP"]["skipped"])
 
     # --- measure -----------------------------------------------------------------------------------------------
 
