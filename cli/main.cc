@@ -255,6 +255,7 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   llmem::sim::MemoryEstimate est;
   std::vector<std::string> assumptions;  // of a parallel layout on a GPU: NCCL's buffers
   if (o.dp == 1 && o.tp == 1) {
+    llmem::dist::CheckFsdpMixedPrecision(config, {.dp = 1, .tp = 1, .engine = *engine});
     est = llmem::sim::EstimateMemory(graph, config);
   } else {
     llmem::dist::DistributedOptions dopts;

@@ -6,7 +6,6 @@
 #include "graph/error.h"
 
 namespace llmem::cli {
-namespace {
 
 std::optional<DType> ParseFsdpDtype(const std::string& name, const char* option) {
   if (name.empty()) return std::nullopt;
@@ -15,6 +14,8 @@ std::optional<DType> ParseFsdpDtype(const std::string& name, const char* option)
   if (name == "fp32") return DType::kF32;
   throw ConfigError(std::string("unknown ") + option + " '" + name + "' (bf16, fp16, fp32)");
 }
+
+namespace {
 
 std::string FsdpDtypeName(DType d) { return d == DType::kBF16 ? "bf16" : d == DType::kF16 ? "fp16" : "fp32"; }
 
@@ -109,6 +110,10 @@ std::string RecipeSummary(const sim::Recipe& r) {
   }
   if (r.grad_accum > 1) s += ", " + std::to_string(r.grad_accum) + " micro-batches";
   if (r.loss != sim::LossVariant::kStandard) s += ", " + sim::LossName(r.loss, r.loss_chunks) + " loss";
+  if (r.fsdp_param_dtype || r.fsdp_reduce_dtype) {
+    s += ", FSDP2 MixedPrecisionPolicy (param " + (r.fsdp_param_dtype ? FsdpDtypeName(*r.fsdp_param_dtype) : "default") +
+         ", reduce " + (r.fsdp_reduce_dtype ? FsdpDtypeName(*r.fsdp_reduce_dtype) : "default") + ")";
+  }
   s += r.keep_outputs ? ", outputs kept through backward" : ", outputs dropped before backward";
   return s;
 }

@@ -30,6 +30,9 @@ void AddRecipeOptions(CLI::App* cmd, RecipeOptions& o);
 // Sets the recipe fields of `recipe` from the options; throws ConfigError naming a bad value and the known ones.
 void ApplyRecipeOptions(const RecipeOptions& o, sim::Recipe& recipe);
 
+// An FSDP2 MixedPrecisionPolicy dtype: bf16 | fp16 | fp32, none for ""; throws ConfigError naming `option`.
+std::optional<DType> ParseFsdpDtype(const std::string& name, const char* option);
+
 // Every field of the recipe, by the option names.
 nlohmann::json RecipeJson(const sim::Recipe& recipe);
 

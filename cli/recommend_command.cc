@@ -14,6 +14,7 @@
 #include "graph/error.h"
 #include "graph/torchscript_importer.h"
 #include "simulator/gpu_catalog.h"
+#include "simulator/passes/fsdp_mixed_precision_pass.h"
 
 namespace llmem::cli {
 namespace {
@@ -78,6 +79,21 @@ json RowJson(const dist::PlanRow& r) {
   return j;
 }
 
+// How the rows treat the precision: autocast everywhere, or FSDP2's MixedPrecisionPolicy in the FSDP2 rows only.
+std::string MixedPrecisionAssumption(const sim::Recipe& r) {
+  if (!r.fsdp_param_dtype && !r.fsdp_reduce_dtype) {
+    return "an autocast precision keeps autocast's 16-bit weight copies for the whole forward, under FSDP2 too "
+           "(measured); FSDP2's MixedPrecisionPolicy applies only when --fsdp-param-dtype / --fsdp-reduce-dtype "
+           "are given";
+  }
+  const sim::FsdpPrecision p = sim::FsdpPrecisionOf(r);
+  auto name = [](DType d) { return std::string(d == DType::kBF16 ? "bf16" : d == DType::kF16 ? "fp16" : "fp32"); };
+  return "the FSDP2 rows run MixedPrecisionPolicy: " + name(p.Compute(DType::kF32)) +
+         " gathered parameters and compute, reduce-scatter in " + name(p.Reduce(DType::kF32)) +
+         ", fp32 sharded parameters, gradients and optimizer states, no autocast; the other rows (DDP, ZeRO-1, "
+         "tensor parallelism alone) have no such policy and ignore it: they train in fp32";
+}
+
 }  // namespace
 
 void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
@@ -132,6 +148,7 @@ int RunRecommend(const RecommendOptions& o) {
   req.config = ParseTrainingConfig(o.precision, o.optimizer, o.gpu, o.gpu_memory);
   req.config.lifetimes = ParseLifetimesOption(o.lifetimes);
   ApplyRecipeOptions(o.recipe, req.config);
+  sim::CheckFsdpPolicyPrecision(req.config);  // before the sweep, which takes a failed estimate as not fitting
   const auto gpu = &req.config.target.gpu;
   const std::string intra_name = o.interconnect.empty() ? gpu->intra_node_link : o.interconnect;
   auto intra = dist::FindInterconnect(intra_name);
@@ -166,6 +183,7 @@ int RunRecommend(const RecommendOptions& o) {
     rec.assumptions.push_back(FormatBytes(gpu->capacity_bytes) + " GPU " + GpuMemoryAssumption(o.gpu) +
                               " (and its links)");
   }
+  rec.assumptions.push_back(MixedPrecisionAssumption(req.config));
   const double sweep_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - s0).count() - build_seconds;
 
@@ -232,8 +250,6 @@ int RunRecommend(const RecommendOptions& o) {
               "the largest batch whose exact estimate fits (the next one does not)\n");
   std::printf("assumptions:\n");
   for (const auto& a : rec.assumptions) std::printf("  - %s\n", a.c_str());
-  std::printf("  - %s\n", "an autocast precision keeps autocast's 16-bit weight copies for the whole forward, under "
-                           "FSDP2 too (measured); FSDP2's MixedPrecisionPolicy is not modelled");
   std::printf("\nloaded in %.2f s, graphs built in %.2f s, sweep in %.3f s\n", load_seconds, build_seconds,
               sweep_seconds);
   return rec.best >= 0 ? 0 : 3;

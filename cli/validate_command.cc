@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cli/recipe_options.h"
 #include "cli/training_options.h"
 #include "distributed/rank_estimate.h"
 #include "graph/error.h"
@@ -32,6 +33,7 @@ struct RankRecord {
   int dp = 1, tp = 1, world_size = 1, rank = 0;
   int64_t batch = 0, seq = 0, peak_bytes = 0;
   bool vocab_parallel = false;
+  std::string fsdp_param_dtype, fsdp_reduce_dtype;  // the run's MixedPrecisionPolicy ("": not set)
   std::string key;  // arch-size method dp×tp BxS precision optimizer [vocab-parallel] device: the run it belongs to
 };
 
@@ -158,12 +160,27 @@ RankRecord ParseRecord(const std::string& text, int line) {
     throw ConfigError(AtLine(line) + ": unknown device '" + r.device + "' (cpu, cuda)");
   }
   r.device_name = GetOr<std::string>(j, "device_name", "", line);
+  for (auto [key, field] : {std::pair{"fsdp_param_dtype", &r.fsdp_param_dtype},
+                            std::pair{"fsdp_reduce_dtype", &r.fsdp_reduce_dtype}}) {
+    if (!j.contains(key) || j.at(key).is_null()) continue;  // no policy
+    *field = Get<std::string>(j, key, line);
+    try {
+      ParseFsdpDtype(*field, key);
+    } catch (const ConfigError& e) {
+      throw ConfigError(AtLine(line) + ": " + e.what());
+    }
+  }
   r.peak_bytes = Get<int64_t>(j, "peak_bytes", line);
   CheckAtLeast(r.peak_bytes, 1, "peak_bytes", line);
   PlanOf(r);  // the method is known and runs on this layout
   r.key = arch + "-" + size + " " + r.method + " dp" + std::to_string(r.dp) + "×tp" + std::to_string(r.tp) + " " +
           std::to_string(r.batch) + "×" + std::to_string(r.seq) + " " + r.precision + " " + r.optimizer +
-          (r.vocab_parallel ? " vocab-parallel" : "") + " " + r.device;
+          (r.vocab_parallel ? " vocab-parallel" : "") +
+          (r.fsdp_param_dtype.empty() && r.fsdp_reduce_dtype.empty()
+               ? ""
+               : " param-" + (r.fsdp_param_dtype.empty() ? "default" : r.fsdp_param_dtype) + "-reduce-" +
+                     (r.fsdp_reduce_dtype.empty() ? "default" : r.fsdp_reduce_dtype)) +
+          " " + r.device;
   return r;
 }
 
@@ -249,7 +266,9 @@ int RunValidate(const ValidateOptions& o) {
     Case& c = cases[key];
     const RankRecord& r = c.first;
     const std::string target = r.device == "cpu" ? "cpu" : GpuOf(r, o.gpu);
-    const sim::TrainingConfig config = ParseTrainingConfig(r.precision, r.optimizer, target);
+    sim::TrainingConfig config = ParseTrainingConfig(r.precision, r.optimizer, target);
+    config.fsdp_param_dtype = ParseFsdpDtype(r.fsdp_param_dtype, "fsdp_param_dtype");
+    config.fsdp_reduce_dtype = ParseFsdpDtype(r.fsdp_reduce_dtype, "fsdp_reduce_dtype");
     auto& model = models[r.export_path];
     auto& graph = graphs[{r.export_path, r.batch, r.seq}];
     try {

@@ -3,17 +3,32 @@
 #include <string>
 
 namespace llmem::dist {
+namespace {
 
-std::vector<FsdpGroup> FsdpGroups(const std::vector<ManagedParam>& params, int world, int32_t num_layers) {
+// Bytes per element of the gathered parameter: param_dtype's, else the parameter's own.
+int64_t GatheredElementSize(const ManagedParam& p, const sim::FsdpPrecision& precision) {
+  return precision.param_dtype ? ElementSize(*precision.param_dtype) : p.element_size;
+}
+// Bytes per element of the reduce-scatter: reduce_dtype's, else the gradient's (the gathered parameter's).
+int64_t ReduceElementSize(const ManagedParam& p, const sim::FsdpPrecision& precision) {
+  return precision.reduce_dtype ? ElementSize(*precision.reduce_dtype) : GatheredElementSize(p, precision);
+}
+
+}  // namespace
+
+std::vector<FsdpGroup> FsdpGroups(const std::vector<ManagedParam>& params, int world, int32_t num_layers,
+                                  const sim::FsdpPrecision& precision) {
   std::vector<FsdpGroup> groups(static_cast<size_t>(num_layers) + 1);
   for (const auto& p : params) {
     const bool in_layer =
         p.region.kind == RegionKind::kDecoderLayer && p.region.layer >= 0 && p.region.layer < num_layers;
     FsdpGroup& g = groups[in_layer ? static_cast<size_t>(p.region.layer) + 1 : 0];
     g.params.push_back(p);
-    g.shard_bytes += PaddedShardNumel(p, world) * p.element_size;
+    const int64_t shard_numel = PaddedShardNumel(p, world);
+    g.shard_bytes += shard_numel * p.element_size;
+    g.unsharded_bytes += shard_numel * world * GatheredElementSize(p, precision);
+    g.reduce_bytes += shard_numel * world * ReduceElementSize(p, precision);
   }
-  for (auto& g : groups) g.unsharded_bytes = g.shard_bytes * world;
   return groups;
 }
 
@@ -22,7 +37,9 @@ CollectiveList FsdpCollectives(const std::vector<FsdpGroup>& groups, int world, 
   CollectiveList out;
   if (world <= 1) return out;
   int64_t layer_bytes = 0, root_bytes = groups.empty() ? 0 : groups[0].unsharded_bytes;
+  int64_t reduce_bytes = 0;
   for (size_t i = 1; i < groups.size(); ++i) layer_bytes += groups[i].unsharded_bytes;
+  for (const auto& g : groups) reduce_bytes += g.reduce_bytes;
   auto add = [&](CollectiveKind kind, int64_t bytes, StepPhase phase, const char* what) {
     if (bytes > 0) {
       out.push_back(Collective{.kind = kind,
@@ -39,16 +56,18 @@ CollectiveList FsdpCollectives(const std::vector<FsdpGroup>& groups, int world, 
   if (reshard_after_forward) {
     add(CollectiveKind::kAllGather, layer_bytes, StepPhase::kBackward, "FSDP2 all-gather (backward)");
   }
-  add(CollectiveKind::kReduceScatter, layer_bytes + root_bytes, StepPhase::kBackward,
+  add(CollectiveKind::kReduceScatter, reduce_bytes, StepPhase::kBackward,
       "FSDP2 reduce-scatter of gradients");
   return out;
 }
 
-Fsdp2Hooks::Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward, bool gloo_copies)
+Fsdp2Hooks::Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward, bool gloo_copies,
+                       const sim::FsdpPrecision& precision)
     : groups_(std::move(groups)),
       world_(world),
       reshard_after_forward_(reshard_after_forward),
-      gloo_copies_(gloo_copies) {
+      gloo_copies_(gloo_copies),
+      precision_(precision) {
   unsharded_.resize(groups_.size());
   flat_.assign(groups_.size(), -1);
   reduced_.assign(groups_.size(), false);
@@ -81,8 +100,14 @@ void Fsdp2Hooks::AllGather(int group, sim::StepMemory& mem) {
     return;  // gathered already (ZeRO-2, the root) or in flight (prefetched)
   }
   const std::string name = group == 0 ? "root" : "layer " + std::to_string(group - 1);
+  // With a param_dtype the all-gather inputs are new casts of the shards, dead once copied into the output.
+  const int64_t cast_inputs =
+      precision_.param_dtype
+          ? mem.Alloc(g.unsharded_bytes / world_, sim::MemoryCategory::kCommBuffers, "FSDP2 all-gather input cast")
+          : -1;
   flat_[static_cast<size_t>(group)] =
       mem.Alloc(g.unsharded_bytes, sim::MemoryCategory::kCommBuffers, "FSDP2 all-gather output (" + name + ")");
+  if (cast_inputs >= 0) mem.Free(cast_inputs);
   if (gloo_copies_ && world_ > 1) {
     for (int i = 0; i < 2; ++i) {
       mem.Free(mem.Alloc(g.unsharded_bytes, sim::MemoryCategory::kCommBuffers, "gloo all-gather buffer"));
@@ -101,7 +126,7 @@ void Fsdp2Hooks::CopyOut(int group, bool keep_flat, sim::StepMemory& mem) {
   }
   auto& live = unsharded_[static_cast<size_t>(group)];
   for (const auto& p : groups_[static_cast<size_t>(group)].params) {
-    live.push_back(mem.Alloc(PaddedShardNumel(p, world_) * p.element_size * world_,
+    live.push_back(mem.Alloc(PaddedShardNumel(p, world_) * GatheredElementSize(p, precision_) * world_,
                              sim::MemoryCategory::kGatheredParams, "unsharded param #" + std::to_string(p.index)));
   }
   if (keep_flat) {
@@ -122,12 +147,16 @@ void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
   reduced_[static_cast<size_t>(group)] = true;
   const FsdpGroup& g = groups_[static_cast<size_t>(group)];
   std::vector<int64_t> grads;
-  int64_t input_bytes = 0;
+  int64_t input_bytes = 0, sharded_grad_bytes = 0;
+  bool cast_output = false, cast_input = false;
   for (const auto& p : g.params) {
     const int64_t grad = mem.TakeParamGrad(p.index);
     if (grad < 0) continue;
     grads.push_back(grad);
-    input_bytes += PaddedShardNumel(p, world_) * p.element_size * world_;
+    input_bytes += PaddedShardNumel(p, world_) * ReduceElementSize(p, precision_) * world_;
+    sharded_grad_bytes += PaddedShardNumel(p, world_) * p.element_size;
+    cast_output |= ReduceElementSize(p, precision_) != p.element_size;
+    cast_input |= ReduceElementSize(p, precision_) != GatheredElementSize(p, precision_);
   }
   Reshard(group, mem);
   if (grads.empty()) return;
@@ -135,10 +164,26 @@ void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
   const std::string name = group == 0 ? "root" : "layer " + std::to_string(group - 1);
   pending_reduce_input_ =
       mem.Alloc(input_bytes, sim::MemoryCategory::kCommBuffers, "FSDP2 reduce-scatter input (" + name + ")");
+  if (gloo_copies_ && cast_input) {
+    // The CPU copy-in (torch._chunk_cat into an output of another dtype) makes a copy of each gradient in its
+    // own dtype, one at a time (measured with a counting allocator, torch 2.11, bf16 gradients into fp32).
+    for (const auto& p : g.params) {
+      mem.Free(mem.Alloc(p.numel * GatheredElementSize(p, precision_), sim::MemoryCategory::kCommBuffers,
+                         "reduce-scatter copy-in cast"));
+    }
+  }
   for (int64_t grad : grads) mem.Free(grad);
-  mem.Alloc(input_bytes / world_, sim::MemoryCategory::kGradients, "FSDP2 sharded gradients (" + name + ")");
+  // The reduce-scatter output is the sharded gradient, unless it must be cast to the parameter's dtype: then
+  // each parameter's slice is cast into a new shard and the output dies with the last slice.
+  const int64_t output =
+      mem.Alloc(input_bytes / world_, cast_output ? sim::MemoryCategory::kCommBuffers : sim::MemoryCategory::kGradients,
+                cast_output ? "FSDP2 reduce-scatter output (" + name + ")" : "FSDP2 sharded gradients (" + name + ")");
   if (gloo_copies_ && world_ > 1) {
     mem.Free(mem.Alloc(input_bytes, sim::MemoryCategory::kCommBuffers, "gloo reduce-scatter input copy"));
+  }
+  if (cast_output) {
+    mem.Alloc(sharded_grad_bytes, sim::MemoryCategory::kGradients, "FSDP2 sharded gradients (" + name + ")");
+    mem.Free(output);
   }
 }
 

@@ -15,6 +15,10 @@
 // reduce-scatter input (N × shard, gradient dtype), frees them, and reduce-scatters into an output of one shard
 // that the sharded .grad views until zero_grad. The root's post-backward runs in the final callback, then the
 // last reduce-scatter input is freed.
+// MixedPrecisionPolicy (simulator/passes/fsdp_mixed_precision_pass.h): the all-gather input is a new shard cast
+// to param_dtype (freed once copied in), the all-gather output and the unsharded parameters are in param_dtype;
+// the reduce-scatter input and output are in reduce_dtype, and an output in another dtype than the parameter's is
+// cast per parameter into the sharded gradient (_fsdp_collectives.py foreach_reduce).
 #pragma once
 
 #include <cstdint>
@@ -23,6 +27,7 @@
 
 #include "distributed/collective.h"
 #include "distributed/sharded_params.h"
+#include "simulator/passes/fsdp_mixed_precision_pass.h"
 #include "simulator/step_hooks.h"
 
 namespace llmem::dist {
@@ -30,11 +35,13 @@ namespace llmem::dist {
 struct FsdpGroup {
   std::vector<ManagedParam> params;
   int64_t shard_bytes = 0;     // Σ padded shard bytes (one rank's resident parameters of the group)
-  int64_t unsharded_bytes = 0; // N × shard_bytes: the all-gather output and the copied-out parameters
+  int64_t unsharded_bytes = 0; // N × padded shard elements in param_dtype: the all-gather output, the parameters
+  int64_t reduce_bytes = 0;    // N × padded shard elements in reduce_dtype: the reduce-scatter input
 };
 
 // Group 0 is the root (everything outside the decoder layers); group i + 1 is decoder layer i.
-std::vector<FsdpGroup> FsdpGroups(const std::vector<ManagedParam>& params, int world, int32_t num_layers);
+std::vector<FsdpGroup> FsdpGroups(const std::vector<ManagedParam>& params, int world, int32_t num_layers,
+                                  const sim::FsdpPrecision& precision = {});
 
 // Per step: all-gather of every layer in forward (ZeRO-3) and backward, and one reduce-scatter per group.
 CollectiveList FsdpCollectives(const std::vector<FsdpGroup>& groups, int world, bool reshard_after_forward,
@@ -45,7 +52,8 @@ class Fsdp2Hooks : public sim::StepHooks {
   // `gloo_copies`: the collectives run on gloo (CPU ranks), whose all_gather_into_tensor allocates two transient
   // output-sized buffers one after the other and whose reduce_scatter_tensor copies its whole input (measured
   // with a counting allocator, torch 2.11); NCCL works in place.
-  Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward, bool gloo_copies = false);
+  Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward, bool gloo_copies = false,
+             const sim::FsdpPrecision& precision = {});
 
   int64_t ResidentParamBytes(const Parameter& p, int64_t full_bytes) const override;
   int64_t OptimizedBytes(const Parameter& p, int64_t full_bytes) const override;
@@ -64,6 +72,7 @@ class Fsdp2Hooks : public sim::StepHooks {
   int world_;
   bool reshard_after_forward_;
   bool gloo_copies_;
+  sim::FsdpPrecision precision_;
   std::map<int32_t, int64_t> shard_bytes_of_value_;   // parameter IR value -> padded shard bytes
   std::vector<std::vector<int64_t>> unsharded_;       // per group: live unsharded parameter blocks
   std::vector<bool> reduced_;                         // per group: post-backward done

@@ -46,6 +46,26 @@ class CombinedHooks : public sim::StepHooks {
 
 }  // namespace
 
+bool RunsFsdp2(const ParallelPlan& plan) {
+  return plan.dp > 1 &&
+         (plan.engine == DataParallelEngine::kFsdp2Zero2 || plan.engine == DataParallelEngine::kFsdp2Zero3);
+}
+
+void CheckFsdpMixedPrecision(const sim::Recipe& recipe, const ParallelPlan& plan) {
+  if ((recipe.fsdp_param_dtype || recipe.fsdp_reduce_dtype) && !RunsFsdp2(plan)) {
+    throw ConfigError("--fsdp-param-dtype and --fsdp-reduce-dtype set FSDP2's MixedPrecisionPolicy: they need "
+                      "--engine zero2 or zero3 with --dp 2 or more");
+  }
+  if (const std::string why = FsdpMixedPrecisionUnavailable(recipe, plan); !why.empty()) throw ConfigError(why);
+}
+
+std::string FsdpMixedPrecisionUnavailable(const sim::Recipe& recipe, const ParallelPlan& plan) {
+  if ((recipe.fsdp_param_dtype || recipe.fsdp_reduce_dtype) && RunsFsdp2(plan) && plan.tp > 1) {
+    return "FSDP2's MixedPrecisionPolicy is not modelled with tensor parallelism yet";
+  }
+  return "";
+}
+
 RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config, const ParallelPlan& plan,
                           const DistributedOptions& options, const TensorParallelRank* tp_rank) {
   if (plan.dp < 1 || plan.tp < 1) {
@@ -60,6 +80,7 @@ RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config,
                         std::to_string(options.gpus_per_node) + " GPUs of a node");
     }
   }
+  CheckFsdpMixedPrecision(config, plan);
   RankEstimate out;
   out.plan = plan;
   std::optional<TensorParallelRank> made;
@@ -99,9 +120,11 @@ RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config,
     case DataParallelEngine::kFsdp2Zero2:
     case DataParallelEngine::kFsdp2Zero3: {
       const bool zero3 = plan.engine == DataParallelEngine::kFsdp2Zero3;
-      auto groups = FsdpGroups(params, dp, rank_graph.num_layers());
+      const sim::FsdpPrecision precision = sim::FsdpPrecisionOf(config);
+      auto groups = FsdpGroups(params, dp, rank_graph.num_layers(), precision);
       out.collectives = FsdpCollectives(groups, dp, zero3, dp_crosses_nodes);
-      dp_hooks = std::make_unique<Fsdp2Hooks>(std::move(groups), dp, zero3, /*gloo_copies=*/config.target.is_cpu);
+      dp_hooks = std::make_unique<Fsdp2Hooks>(std::move(groups), dp, zero3, /*gloo_copies=*/config.target.is_cpu,
+                                              precision);
       break;
     }
     case DataParallelEngine::kGemini: {

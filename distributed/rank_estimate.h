@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "distributed/collective.h"
 #include "distributed/parallel_plan.h"
@@ -25,6 +26,13 @@ struct RankEstimate {
   CollectiveList collectives;
   int64_t nccl_bytes = 0;  // outside the allocator, included in memory.fixed_overhead_bytes
 };
+
+// True when the plan's data parallelism is FSDP2 (ZeRO-2 or ZeRO-3), the only engine MixedPrecisionPolicy exists
+// for; CheckFsdpMixedPrecision throws ConfigError for a policy on any other plan (one GPU included).
+bool RunsFsdp2(const ParallelPlan& plan);
+void CheckFsdpMixedPrecision(const sim::Recipe& recipe, const ParallelPlan& plan);
+// Why an FSDP2 plan cannot take the recipe's policy ("" when it can).
+std::string FsdpMixedPrecisionUnavailable(const sim::Recipe& recipe, const ParallelPlan& plan);
 
 // Throws ConfigError for a plan the model or the engine cannot run (degrees that do not divide the model).
 // `tp_rank`: the tensor-parallel split of `graph` for plan.tp when the caller already made it (a sweep reuses

@@ -16,6 +16,7 @@
 #include "distributed/tensor_parallel.h"
 #include "graph/dtype.h"
 #include "graph/error.h"
+#include "simulator/passes/fsdp_mixed_precision_pass.h"
 
 namespace llmem::dist {
 namespace {
@@ -33,6 +34,10 @@ class Sweep {
   Sweep(const RecommendRequest& req, const GraphAtBatch& graph_at)
       : req_(req), graph_at_(graph_at), config_(req.config) {
     config_.keep_labels = false;  // the sweep reads figures only
+    // MixedPrecisionPolicy is FSDP2's: the other rows train without it.
+    config_without_policy_ = config_;
+    config_without_policy_.fsdp_param_dtype.reset();
+    config_without_policy_.fsdp_reduce_dtype.reset();
   }
 
   // One rank's memory under a layout at a micro-batch.
@@ -40,7 +45,8 @@ class Sweep {
     DistributedOptions opts;
     opts.tp_vocab_parallel = req_.tp_vocab_parallel;
     opts.gpus_per_node = gpus_per_node;
-    return EstimateRank(graph_at_(batch), config_, plan, opts, Split(batch, plan.tp));
+    return EstimateRank(graph_at_(batch), RunsFsdp2(plan) ? config_ : config_without_policy_, plan, opts,
+                        Split(batch, plan.tp));
   }
 
   // Builds what an estimate at (batch, tp) reads; false when it cannot be built (e.g. byte counts that overflow).
@@ -86,6 +92,7 @@ class Sweep {
   const RecommendRequest& req_;
   const GraphAtBatch& graph_at_;
   sim::TrainingConfig config_;
+  sim::TrainingConfig config_without_policy_;
   std::map<std::pair<int64_t, int>, TensorParallelRank> splits_;
   std::map<int, std::string> tp_errors_;
   std::set<std::pair<int64_t, int>> unbuildable_;
@@ -98,6 +105,19 @@ std::string EngineUnavailable(const ParallelPlan& plan, sim::Precision precision
   if (plan.engine != DataParallelEngine::kGemini) return "";
   if (plan.tp > 1) return "chunk-based ZeRO is modelled without tensor parallelism";
   if (precision == sim::Precision::kFp32) return "chunk-based ZeRO trains in 16-bit";
+  return "";
+}
+
+// Why a row without FSDP2 cannot be estimated from an export traced with the 16-bit weights of the policy's
+// param dtype ("" when it can): such a trace runs in 16 bits whatever the row's precision asks for.
+std::string NeedsFp32Export(const Graph& graph, const sim::Recipe& recipe, const ParallelPlan& plan) {
+  if (RunsFsdp2(plan) || !sim::FsdpPrecisionOf(recipe).param_dtype) return "";
+  for (const Parameter& p : graph.params()) {
+    if (p.trainable && IsFloating(p.dtype) && p.dtype != DType::kF32) {
+      return "without FSDP2's MixedPrecisionPolicy this engine trains in fp32, which an export traced with 16-bit "
+             "weights cannot give";
+    }
+  }
   return "";
 }
 
@@ -187,6 +207,8 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
                     std::to_string(plan.dp) + " data-parallel ranks";
     } else {
       row.skipped = EngineUnavailable(plan, req.config.precision);
+      if (row.skipped.empty()) row.skipped = FsdpMixedPrecisionUnavailable(req.config, plan);
+      if (row.skipped.empty()) row.skipped = NeedsFp32Export(graph_at(row.micro_batch), req.config, plan);
     }
     if (row.skipped.empty()) row.skipped = sweep.Unrunnable(plan);
     if (row.skipped.empty()) {

@@ -25,8 +25,9 @@ std::vector<ManagedParam> ManagedParams(const Graph& graph, sim::Precision preci
     m.value = p.value.index;
     m.numel = NumElements(p.shape);
     m.dim0 = p.shape.empty() ? 1 : p.shape[0];
-    // Pure bf16 stores the weights in bf16; the other precisions keep fp32 weights (autocast copies are transient).
-    m.element_size = precision == sim::Precision::kBf16 && IsFloating(p.dtype) ? 2 : ElementSize(p.dtype);
+    // Pure bf16 stores the weights in bf16; the other precisions keep fp32 weights (autocast copies are transient,
+    // and FSDP2's MixedPrecisionPolicy keeps fp32 shards even when the export was traced with 16-bit weights).
+    m.element_size = IsFloating(p.dtype) ? (precision == sim::Precision::kBf16 ? 2 : 4) : ElementSize(p.dtype);
     m.region = p.region;
     auto it = first_use.find(root);
     ordered.emplace_back(it == first_use.end() ? INT32_MAX : it->second, m);

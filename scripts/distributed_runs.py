@@ -126,13 +126,13 @@ def full_cases():
                case(arch, "tp", 2, 2, 256),
                case(arch, "fsdp2_tp", 4, 2, 256, tp=2),
                case(arch, "fsdp2", 4, 2, 256)]
-    return cs
+    # MixedPrecisionPolicy cases llmem validate can estimate from the fp32 exports: a 16-bit param_dtype needs an
+    # export traced with 16-bit weights (the fp32 traces bake their casts in)
+    return cs + [c for c in mixed_precision_cases() if not c["fsdp_param_dtype"]]
 
 
-def recipe_cases():
-    """FSDP2's MixedPrecisionPolicy (fp32 weights and optimizer states, 16-bit gathered parameters, no autocast)
-    and the optimizer kinds beyond AdamW/SGD under the data-parallel engines; kept apart from quick/full so that
-    their tables stay as they are."""
+def mixed_precision_cases():
+    """FSDP2's MixedPrecisionPolicy: fp32 weights and optimizer states, 16-bit gathered parameters, no autocast."""
     cs = []
     for arch in ("llama", "gpt2"):
         cs += [case(arch, "fsdp2", 2, 2, 128, fsdp_param_dtype="bf16", fsdp_reduce_dtype="fp32"),  # torchtitan's
@@ -140,8 +140,14 @@ def recipe_cases():
                case(arch, "fsdp2", 2, 2, 128, fsdp_param_dtype="bf16"),  # reduce in the param dtype
                case(arch, "fsdp2", 2, 2, 128, fsdp_reduce_dtype="bf16")]  # fp32 compute, bf16 reduce-scatter
     cs += [case("llama", "zero2", 2, 2, 128, fsdp_param_dtype="bf16", fsdp_reduce_dtype="fp32"),
-           case("llama", "fsdp2_tp", 4, 2, 128, tp=2, fsdp_param_dtype="bf16", fsdp_reduce_dtype="fp32"),
-           case("llama", "fsdp2", 2, 2, 128),  # the same shape without a policy, for comparison
+           case("llama", "fsdp2_tp", 4, 2, 128, tp=2, fsdp_param_dtype="bf16", fsdp_reduce_dtype="fp32")]
+    return cs
+
+
+def recipe_cases():
+    """FSDP2's MixedPrecisionPolicy and the optimizer kinds beyond AdamW/SGD under the data-parallel engines."""
+    cs = mixed_precision_cases()
+    cs += [case("llama", "fsdp2", 2, 2, 128),  # the same shape without a policy, for comparison
            case("llama", "ddp", 2, 2, 128, optimizer="adafactor"),
            case("llama", "zero1", 2, 2, 128, optimizer="adafactor"),
            case("llama", "ddp", 2, 2, 128, optimizer="sgd-nomomentum"),

@@ -9,6 +9,7 @@
 #include "graph/error.h"
 #include "simulator/backend_rules.h"
 #include "simulator/caching_allocator_model.h"
+#include "simulator/passes/fsdp_mixed_precision_pass.h"
 #include "simulator/simple_allocator_models.h"
 
 namespace llmem::sim {
@@ -16,11 +17,16 @@ namespace {
 
 // A trace bakes its casts in (RMSNorm's .to(input_dtype), the loss's .float()), so the graph of an export traced
 // with 16-bit weights runs in that dtype whatever precision is asked for: an fp32 or autocast step simulated from
-// it would be the 16-bit step under another name. The export's weight dtype must be the precision's.
-void CheckPrecisionMatchesExport(const Graph& graph, Precision precision) {
+// it would be the 16-bit step under another name. The export's weight dtype must be the precision's, or that of
+// FSDP2's param_dtype: then the graph runs exactly as the 16-bit gathered parameters do, and the policy keeps the
+// stored parameters in fp32.
+void CheckPrecisionMatchesExport(const Graph& graph, const TrainingConfig& config) {
+  const Precision precision = config.precision;
   const DType wanted = precision == Precision::kBf16 ? DType::kBF16 : DType::kF32;
+  const std::optional<DType> gathered = FsdpPrecisionOf(config).param_dtype;
   for (const Parameter& p : graph.params()) {
     if (!p.trainable || !IsFloating(p.dtype) || p.dtype == DType::kF32 || p.dtype == wanted) continue;
+    if (gathered && p.dtype == *gathered) continue;
     const std::string found(DTypeName(p.dtype));
     const std::string instead = p.dtype == DType::kBF16 ? "use --precision bf16 with it, or" : "";
     throw ConfigError("the export holds " + found + " weights (" + p.name + "), so a " +
@@ -34,7 +40,7 @@ void CheckPrecisionMatchesExport(const Graph& graph, Precision precision) {
 MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, StepHooks* hooks,
                               int64_t outside_allocator_bytes) {
   // Step 1: the timeline, of a precision the export can run.
-  CheckPrecisionMatchesExport(graph, config.precision);
+  CheckPrecisionMatchesExport(graph, config);
   StepSimulation sim = SimulateTrainingStep(graph, config, hooks);
   const Timeline& tl = sim.timeline;
   const BackendRules backend = RulesFor(config.target);

@@ -4,6 +4,7 @@
 
 #include "graph/error.h"
 
+#include "simulator/passes/fsdp_mixed_precision_pass.h"
 #include "simulator/passes/optimizer_pass.h"
 #include "simulator/passes/parameter_pass.h"
 #include "simulator/passes/precision_pass.h"
@@ -21,7 +22,6 @@ void RefuseUnmodelled(const TrainingConfig& c) {
   if (c.grad_accum != 1) refuse("gradient accumulation (--grad-accum)");
   if (c.loss != LossVariant::kStandard) refuse("--loss " + LossName(c.loss, c.loss_chunks));
   if (c.keep_outputs) refuse("--keep-outputs");
-  if (c.fsdp_param_dtype || c.fsdp_reduce_dtype) refuse("FSDP2 mixed precision (--fsdp-param-dtype, --fsdp-reduce-dtype)");
 }
 
 }  // namespace
@@ -33,6 +33,7 @@ StepPlan BuildStepPlan(const Graph& graph, const TrainingConfig& config) {
   plan = PrecisionPass(graph, std::move(plan), config);
   plan = ParameterPass(graph, std::move(plan), config);
   plan = OptimizerPass(graph, std::move(plan), config);
+  plan = FsdpMixedPrecisionPass(graph, std::move(plan), config);
   return plan;
 }
 

@@ -73,6 +73,36 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertEqual(run(*est, "--dp", "2", "--engine", "zero3").returncode, 0)
         self.assertEqual(run(*est, "--tp", "2", "--no-vocab-parallel").returncode, 0)
 
+    def test_fsdp_mixed_precision_needs_fsdp2_and_fp32(self):
+        autocast = ("estimate", self.llama, "-b", "1", "-s", "64", "--gpu", "cpu")
+        est = autocast + ("-p", "fp32")
+        self.assert_bad_input(run(*est, "--fsdp-param-dtype", "bf16"), "--fsdp-param-dtype", "zero3", "--dp")
+        self.assert_bad_input(run(*est, "--dp", "2", "--engine", "ddp", "--fsdp-reduce-dtype", "bf16"),
+                              "MixedPrecisionPolicy", "zero2")
+        self.assert_bad_input(run(*autocast, "--dp", "2", "--engine", "zero3", "--fsdp-reduce-dtype", "bf16"),
+                              "replaces autocast", "--precision fp32")
+        self.assert_bad_input(run("recommend", self.llama, "--gpus", "2", "--seq", "64", "-p", "bf16-autocast",
+                                  "--fsdp-param-dtype", "bf16"), "--precision fp32")
+        self.assert_bad_input(run(*est, "--dp", "2", "--engine", "zero3", "--fsdp-param-dtype", "fp8"),
+                              "--fsdp-param-dtype", "fp8")
+        self.assert_bad_input(run(*est, "--dp", "2", "--engine", "zero3", "--fsdp-param-dtype", "bf16"),
+                              "16-bit", "--dtype bfloat16")  # the fp32 trace bakes its casts in
+        self.assert_bad_input(run(*est, "--dp", "2", "--tp", "2", "--engine", "zero3", "--fsdp-reduce-dtype",
+                                  "bf16"), "tensor parallelism")
+        self.assertEqual(run(*est, "--dp", "2", "--engine", "zero2", "--fsdp-reduce-dtype", "bf16").returncode, 0)
+        bf16_export = os.path.join(TINY, "llama-tiny-bf16.pt")
+        self.assertEqual(run("estimate", bf16_export, "-b", "1", "-s", "64", "--gpu", "cpu", "-p", "fp32", "--dp",
+                             "2", "--engine", "zero3", "--fsdp-param-dtype", "bf16").returncode, 0)
+        self.assert_bad_input(run("estimate", bf16_export, "-b", "1", "-s", "64", "--gpu", "cpu", "-p", "fp32"),
+                              "bf16 weights")
+        # recommend: the FSDP2 rows take the policy, the others cannot train in fp32 from this export
+        proc = run("recommend", bf16_export, "--gpus", "2", "--seq", "64", "-p", "fp32", "--fsdp-param-dtype", "bf16",
+                   "--json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        plans = {p["engine"]: p for p in json.loads(proc.stdout)["plans"] if p["dp"] == 2}
+        self.assertGreater(plans["ZeRO-3 (FSDP2)"]["peak_allocated_bytes"], 0)
+        self.assertIn("fp32", plans["DDP"]["skipped"])
+
     # --- measure -----------------------------------------------------------------------------------------------
 
     def test_measure_refuses_a_weight_free_export_off_meta(self):

@@ -14,8 +14,10 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 
 #include "distributed/sharded_params.h"
+#include "graph/error.h"
 #include "simulator/memory_estimate.h"
 #include "simulator/training_step_simulator.h"
 #include "tests/distributed/distributed_test_graphs.h"
@@ -306,6 +308,82 @@ TEST(Fsdp2HooksTest, GlooCollectivesAddTheirTransientBuffers) {
   EXPECT_EQ(all_gather_copies, 2 * (3 + 2));
   EXPECT_EQ(reduce_scatter_copies, 3);
   EXPECT_EQ(peak_before_first_op, 840 + 320 + 320);  // setup, the root's flat output, one gloo buffer
+}
+
+
+// MixedPrecisionPolicy (docs/FSDP2_MIXED_PRECISION.md): fp32 shards, gradients and states; the all-gather in
+// param_dtype from a cast of the shard; the reduce-scatter in reduce_dtype, cast back to fp32 per parameter.
+sim::StepSimulation SimulateWithPolicy(const Graph& g, std::optional<DType> param, std::optional<DType> reduce,
+                                       bool gloo_copies = false) {
+  sim::TrainingConfig config = CpuConfig();
+  config.fsdp_param_dtype = param;
+  config.fsdp_reduce_dtype = reduce;
+  const sim::FsdpPrecision precision = sim::FsdpPrecisionOf(config);
+  Fsdp2Hooks hooks(FsdpGroups(ManagedParams(g, sim::Precision::kFp32), 2, g.num_layers(), precision), 2,
+                   /*reshard_after_forward=*/true, gloo_copies, precision);
+  return sim::SimulateTrainingStep(g, config, &hooks);
+}
+
+TEST(Fsdp2MixedPrecisionTest, Bf16ParamsGatherHalfTheBytesAndKeepFp32ShardsAndStates) {
+  Graph g = TwoLayerLm();
+  const sim::StepSimulation sim = SimulateWithPolicy(g, DType::kBF16, DType::kF32);
+  const auto trace = TraceOf(sim.timeline, FsdpBlock);
+  // The root's shards (wte 80 + wh 80 fp32) are cast to one 80-byte bf16 input, then gathered into 160 bytes.
+  EXPECT_EQ(IndexOf(trace, "forward +FSDP2 all-gather input cast 80") + 1,
+            IndexOf(trace, "forward +FSDP2 all-gather output (root) 160"));
+  EXPECT_EQ(IndexOf(trace, "forward +FSDP2 all-gather output (root) 160") + 1,
+            IndexOf(trace, "forward -FSDP2 all-gather input cast"));
+  IndexOf(trace, "forward +unsharded param #0 80");
+  IndexOf(trace, "forward +unsharded param #1 48");
+  // Autograd's unsharded gradients are bf16 (d w1: 80 fp32 bytes -> 40); reduce fp32: the input is fp32 (80)
+  // and the output is the sharded fp32 gradient.
+  IndexOf(trace, "backward +d w1 40");
+  IndexOf(trace, "backward +FSDP2 reduce-scatter input (layer 1) 80");
+  IndexOf(trace, "backward +FSDP2 sharded gradients (layer 1) 40");
+  EXPECT_EQ(BlocksLabelled(sim.timeline, "wte"), (std::vector<int64_t>{80}));
+  EXPECT_EQ(BlocksLabelled(sim.timeline, "wte state"), (std::vector<int64_t>{80}));
+  EXPECT_EQ(BlocksLabelled(sim.timeline, "w1 exp_avg_sq"), (std::vector<int64_t>{40}));
+}
+
+TEST(Fsdp2MixedPrecisionTest, Bf16ReductionCastsTheOutputBackToTheParameterDtype) {
+  Graph g = TwoLayerLm();
+  // param bf16 / reduce bf16 (and bf16 / not given, the same policy): a bf16 reduce-scatter of 40 bytes, its
+  // 20-byte output, then the 40-byte fp32 sharded gradient.
+  for (const std::optional<DType> reduce : {std::optional<DType>(DType::kBF16), std::optional<DType>()}) {
+    const auto trace = TraceOf(SimulateWithPolicy(g, DType::kBF16, reduce).timeline, FsdpBlock);
+    const size_t output = IndexOf(trace, "backward +FSDP2 reduce-scatter output (layer 1) 20");
+    EXPECT_EQ(IndexOf(trace, "backward +FSDP2 reduce-scatter input (layer 1) 40") + 2, output);
+    EXPECT_EQ(output + 1, IndexOf(trace, "backward +FSDP2 sharded gradients (layer 1) 40"));
+    EXPECT_EQ(output + 2, IndexOf(trace, "backward -FSDP2 reduce-scatter output (layer 1)"));
+  }
+  // fp32 parameters with a bf16 reduction: fp32 gathers and gradients, a bf16 reduce-scatter.
+  const auto trace = TraceOf(SimulateWithPolicy(g, DType::kF32, DType::kBF16).timeline, FsdpBlock);
+  IndexOf(trace, "forward +FSDP2 all-gather output (root) 320");
+  for (const auto& line : trace) EXPECT_EQ(line.find("all-gather input cast"), std::string::npos) << line;
+  IndexOf(trace, "backward +d w1 80");
+  IndexOf(trace, "backward +FSDP2 reduce-scatter input (layer 1) 40");
+  IndexOf(trace, "backward +FSDP2 reduce-scatter output (layer 1) 20");
+}
+
+TEST(Fsdp2MixedPrecisionTest, CpuCopyInToAnotherDtypeCopiesEachGradientFirst) {
+  Graph g = TwoLayerLm();
+  // bf16 gradients into an fp32 reduce-scatter input: d w1 (40 bf16 bytes) is copied once before it is freed.
+  const auto trace = TraceOf(SimulateWithPolicy(g, DType::kBF16, DType::kF32, /*gloo_copies=*/true).timeline,
+                             [](MemoryCategory) { return true; });
+  const size_t input = IndexOf(trace, "backward +FSDP2 reduce-scatter input (layer 1) 80");
+  EXPECT_EQ(trace.at(input + 1), "backward +reduce-scatter copy-in cast 40");
+  EXPECT_EQ(trace.at(input + 3), "backward -d w1");
+  // The same dtype on both sides copies nothing.
+  for (const auto& line : TraceOf(SimulateWithPolicy(g, DType::kBF16, DType::kBF16, true).timeline, FsdpBlock)) {
+    EXPECT_EQ(line.find("copy-in cast"), std::string::npos) << line;
+  }
+}
+
+TEST(Fsdp2MixedPrecisionTest, ThePolicyNeedsFp32Precision) {
+  Graph g = TwoLayerLm();
+  sim::TrainingConfig config = CpuConfig(sim::Precision::kBf16Autocast);
+  config.fsdp_param_dtype = DType::kBF16;
+  EXPECT_THROW(sim::SimulateTrainingStep(g, config, nullptr), ConfigError);
 }
 
 }  // namespace
