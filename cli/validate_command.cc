@@ -139,7 +139,7 @@ RankRecord ParseRecord(const std::string& text, int line) {
     throw ConfigError(AtLine(line) + ": unknown precision '" + r.precision + "' (fp32, bf16-autocast, fp16-autocast, bf16)");
   }
   if (!sim::ParseOptimizer(r.optimizer)) {
-    throw ConfigError(AtLine(line) + ": unknown optimizer '" + r.optimizer + "' (adamw, sgd)");
+    throw ConfigError(AtLine(line) + ": unknown optimizer '" + r.optimizer + "' (adamw, sgd, sgd-nomomentum, adafactor, adamw8bit, paged-adamw8bit)");
   }
   r.vocab_parallel = GetOr<bool>(j, "tp_vocab_parallel", false, line);
   r.device = GetOr<std::string>(j, "device", "cpu", line);
