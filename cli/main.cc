@@ -140,7 +140,10 @@ void PrintEstimate(const llmem::sim::MemoryEstimate& e, const llmem::Graph& g, c
               FormatBytes(e.peak_reserved_bytes).c_str(), FormatBytes(e.lower_bound_bytes).c_str());
   if (e.capacity_bytes > 0) {
     std::printf("nvidia-smi       %s   (reserved + CUDA context%s %s, %s)\n", FormatBytes(e.nvidia_smi_bytes).c_str(),
-                parallel ? " and NCCL buffers" : "", FormatBytes(e.fixed_overhead_bytes).c_str(),
+                (std::string(parallel ? " and NCCL buffers" : "") +
+                 (e.managed_optimizer_state_bytes > 0 ? " and paged optimizer states" : ""))
+                    .c_str(),
+                FormatBytes(e.fixed_overhead_bytes).c_str(),
                 parallel ? "assumptions" : "an assumption");
     if (e.managed_optimizer_state_bytes > 0) {
       std::printf("                 (of which %s paged optimizer states in CUDA managed memory: outside PyTorch's "
