@@ -64,7 +64,7 @@ void AddStepOptions(CLI::App* cmd, StepOptions& o) {
   cmd->add_option("--batch,-b", o.batch, "micro-batch size per GPU")->capture_default_str();
   cmd->add_option("--seq,-s", o.seq, "sequence length in tokens")->capture_default_str();
   cmd->add_option("--precision,-p", o.precision, "fp32 | bf16-autocast | fp16-autocast | bf16")->capture_default_str();
-  cmd->add_option("--optimizer,-o", o.optimizer, "adamw | sgd (momentum 0.9)")->capture_default_str();
+  cmd->add_option("--optimizer,-o", o.optimizer, "adamw | sgd (momentum 0.9) | sgd-nomomentum | adafactor | adamw8bit | paged-adamw8bit (estimate; measure: adamw | sgd)")->capture_default_str();
   cmd->add_flag("--json", o.json_out, "print JSON");
 }
 
@@ -94,6 +94,7 @@ json EstimateJson(const llmem::sim::MemoryEstimate& e, const StepOptions& o, con
   j["lower_bound_bytes"] = e.lower_bound_bytes;
   j["fixed_overhead_bytes"] = e.fixed_overhead_bytes;
   j["nvidia_smi_bytes"] = e.nvidia_smi_bytes;
+  if (e.managed_optimizer_state_bytes > 0) j["managed_optimizer_state_bytes"] = e.managed_optimizer_state_bytes;
   j["capacity_bytes"] = e.capacity_bytes;
   j["fits"] = e.fits;
   j["peak_phase"] = std::string(llmem::sim::PhaseName(e.peak_phase));
@@ -139,8 +140,16 @@ void PrintEstimate(const llmem::sim::MemoryEstimate& e, const llmem::Graph& g, c
               FormatBytes(e.peak_reserved_bytes).c_str(), FormatBytes(e.lower_bound_bytes).c_str());
   if (e.capacity_bytes > 0) {
     std::printf("nvidia-smi       %s   (reserved + CUDA context%s %s, %s)\n", FormatBytes(e.nvidia_smi_bytes).c_str(),
-                parallel ? " and NCCL buffers" : "", FormatBytes(e.fixed_overhead_bytes).c_str(),
+                (std::string(parallel ? " and NCCL buffers" : "") +
+                 (e.managed_optimizer_state_bytes > 0 ? " and paged optimizer states" : ""))
+                    .c_str(),
+                FormatBytes(e.fixed_overhead_bytes).c_str(),
                 parallel ? "assumptions" : "an assumption");
+    if (e.managed_optimizer_state_bytes > 0) {
+      std::printf("                 (of which %s paged optimizer states in CUDA managed memory: outside PyTorch's "
+                  "allocator, not in allocated / reserved; nvidia-smi counts them while resident)\n",
+                  FormatBytes(e.managed_optimizer_state_bytes).c_str());
+    }
     std::printf("capacity         %s   -> %s\n", FormatBytes(e.capacity_bytes).c_str(),
                 e.fits ? "fits" : "DOES NOT FIT (out of memory)");
     if (!o.gpu_memory.empty()) {

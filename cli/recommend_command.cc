@@ -108,7 +108,7 @@ void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   cmd->add_option("--global-batch", o.global_batch, "global batch, split over the data-parallel ranks");
   cmd->add_option("--tp", o.tp, "only layouts with this tensor-parallel degree");
   cmd->add_option("--precision,-p", o.precision, "fp32 | bf16-autocast | fp16-autocast | bf16")->capture_default_str();
-  cmd->add_option("--optimizer,-o", o.optimizer, "adamw | sgd (momentum 0.9)")->capture_default_str();
+  cmd->add_option("--optimizer,-o", o.optimizer, "adamw | sgd (momentum 0.9) | sgd-nomomentum | adafactor | adamw8bit | paged-adamw8bit")->capture_default_str();
   cmd->add_option("--interconnect", o.interconnect, "link inside a node (default: the GPU's own; " +
                                                         dist::InterconnectNames() + ")");
   cmd->add_option("--inter-node", o.inter_node, "network between nodes")->capture_default_str();

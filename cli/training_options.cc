@@ -16,7 +16,7 @@ sim::TrainingConfig ParseTrainingConfig(const std::string& precision, const std:
   auto p = sim::ParsePrecision(precision);
   if (!p) throw ConfigError("unknown precision '" + precision + "' (fp32, bf16-autocast, fp16-autocast, bf16)");
   auto o = sim::ParseOptimizer(optimizer);
-  if (!o) throw ConfigError("unknown optimizer '" + optimizer + "' (adamw, sgd)");
+  if (!o) throw ConfigError("unknown optimizer '" + optimizer + "' (adamw, sgd, sgd-nomomentum, adafactor, adamw8bit, paged-adamw8bit)");
   cfg.precision = *p;
   cfg.optimizer = *o;
   if (target == "cpu") {

@@ -141,7 +141,7 @@ RankRecord ParseRecord(const std::string& text, int line) {
     throw ConfigError(AtLine(line) + ": unknown precision '" + r.precision + "' (fp32, bf16-autocast, fp16-autocast, bf16)");
   }
   if (!sim::ParseOptimizer(r.optimizer)) {
-    throw ConfigError(AtLine(line) + ": unknown optimizer '" + r.optimizer + "' (adamw, sgd)");
+    throw ConfigError(AtLine(line) + ": unknown optimizer '" + r.optimizer + "' (adamw, sgd, sgd-nomomentum, adafactor, adamw8bit, paged-adamw8bit)");
   }
   // A run made with recipe options (FSDP2 mixed precision, an optimizer implementation, a loop recipe) would
   // be scored as the plain step: such runs are refused until validate applies their recipe.

@@ -6,6 +6,7 @@
 #include <numeric>
 #include <string>
 
+#include "graph/error.h"
 
 namespace llmem::dist {
 namespace {
@@ -155,6 +156,10 @@ CollectiveList ChunkCollectives(const ChunkLayout& layout, int dp, bool crosses_
   return out;
 }
 
+bool GeminiModelsOptimizer(sim::OptimizerKind optimizer) {
+  return optimizer == sim::OptimizerKind::kAdamW || optimizer == sim::OptimizerKind::kSgdMomentum;
+}
+
 GeminiHooks::GeminiHooks(const Graph& graph, std::vector<ManagedParam> params, ChunkLayout layout, int dp,
                          sim::OptimizerKind optimizer)
     : params_(std::move(params)),
@@ -162,6 +167,10 @@ GeminiHooks::GeminiHooks(const Graph& graph, std::vector<ManagedParam> params, C
       dp_(dp),
       num_layers_(graph.num_layers()),
       optimizer_states_(optimizer == sim::OptimizerKind::kAdamW ? 2 : 1) {
+  if (!GeminiModelsOptimizer(optimizer)) {
+    throw ConfigError("chunk-based ZeRO (--engine gemini) is modelled with adamw or sgd, not " +
+                      std::string(sim::OptimizerName(optimizer)));
+  }
   for (const auto& p : params_) managed_values_.insert(p.value);
   gathered_.assign(layout_.chunks.size(), -1);
 }

@@ -58,6 +58,9 @@ ChunkLayout PackChunks(const Graph& graph, const std::vector<ManagedParam>& para
 
 CollectiveList ChunkCollectives(const ChunkLayout& layout, int dp, bool crosses_nodes);
 
+// Gemini's own optimizers (HybridAdam, SGD over the fp32 master chunks) are the ones modelled.
+bool GeminiModelsOptimizer(sim::OptimizerKind optimizer);
+
 class GeminiHooks : public sim::StepHooks {
  public:
   GeminiHooks(const Graph& graph, std::vector<ManagedParam> params, ChunkLayout layout, int dp,

@@ -8,6 +8,7 @@
 #include <set>
 #include <thread>
 
+#include "distributed/chunk_manager.h"
 #include "distributed/largest_batch_search.h"
 #include "distributed/model_dims.h"
 #include "distributed/nccl_memory.h"
@@ -101,10 +102,13 @@ class Sweep {
 bool Fits(const RankEstimate& e) { return e.memory.fits; }
 
 // Why an engine cannot run this layout at this precision ("" when it can).
-std::string EngineUnavailable(const ParallelPlan& plan, sim::Precision precision) {
+std::string EngineUnavailable(const ParallelPlan& plan, const sim::TrainingConfig& config) {
   if (plan.engine != DataParallelEngine::kGemini) return "";
   if (plan.tp > 1) return "chunk-based ZeRO is modelled without tensor parallelism";
-  if (precision == sim::Precision::kFp32) return "chunk-based ZeRO trains in 16-bit";
+  if (config.precision == sim::Precision::kFp32) return "chunk-based ZeRO trains in 16-bit";
+  if (!GeminiModelsOptimizer(config.optimizer)) {
+    return "chunk-based ZeRO is modelled with AdamW or SGD, not " + std::string(sim::OptimizerName(config.optimizer));
+  }
   return "";
 }
 
@@ -206,7 +210,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
       row.skipped = "global batch " + std::to_string(req.global_batch) + " does not split over " +
                     std::to_string(plan.dp) + " data-parallel ranks";
     } else {
-      row.skipped = EngineUnavailable(plan, req.config.precision);
+      row.skipped = EngineUnavailable(plan, req.config);
       if (row.skipped.empty()) row.skipped = FsdpMixedPrecisionUnavailable(req.config, plan);
       if (row.skipped.empty()) row.skipped = NeedsFp32Export(graph_at(row.micro_batch), req.config, plan);
     }
@@ -319,7 +323,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
   // style) that can train at this precision over growing counts: whole nodes beyond one node.
   std::vector<DataParallelEngine> usable, frugal;
   for (auto e : req.engines) {
-    if (!EngineUnavailable({.dp = 2, .tp = 1, .engine = e}, req.config.precision).empty()) continue;
+    if (!EngineUnavailable({.dp = 2, .tp = 1, .engine = e}, req.config).empty()) continue;
     usable.push_back(e);
     if (e == DataParallelEngine::kFsdp2Zero3 || e == DataParallelEngine::kGemini) frugal.push_back(e);
   }
@@ -331,7 +335,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
   auto runnable_at = [&](int n) {
     std::vector<ParallelPlan> plans;
     for (const ParallelPlan& plan : EnumeratePlans(n, std::min(n, node_capacity), frugal, req.tp)) {
-      if (!EngineUnavailable(plan, req.config.precision).empty() || !sweep.Unrunnable(plan).empty()) continue;
+      if (!EngineUnavailable(plan, req.config).empty() || !sweep.Unrunnable(plan).empty()) continue;
       if (req.global_batch > 0 && req.global_batch % plan.dp != 0) continue;
       plans.push_back(plan);
     }

@@ -27,6 +27,31 @@ constexpr int kAdamWForeachPasses = 20;
 // SGD with momentum (torch/optim/sgd.py _multi_tensor_sgd, every step after the first):
 //   _foreach_mul_(bufs, momentum) 2, _foreach_add_(bufs, grads) 3, _foreach_add_(params, bufs, -lr) 3.
 constexpr int kSgdMomentumForeachPasses = 8;
+// SGD without momentum: _foreach_add_(params, grads, alpha=-lr) reads both and writes the parameters.
+constexpr int kSgdForeachPasses = 3;
+// HF Adafactor (transformers/optimization.py, one parameter at a time, fp32 parameters, factored): _rms(p) 1,
+// grad**2 2, + eps 2, row and column means 2, mul(r_factor, c_factor) 1, update.mul_(grad) 3, _rms(update) 1,
+// div_ 2, mul_(lr) 2, -update 2, p.add_ 3. The row/column factors are negligible.
+constexpr int kAdafactorPasses = 21;
+// bitsandbytes 8-bit AdamW on CUDA: one kernel reads the parameter and gradient and writes the parameter
+// (3 parameter-sized passes), and reads and writes both uint8 states (4 passes of a quarter of an fp32
+// parameter): 4 passes of fp32 parameter bytes.
+constexpr int kAdamW8bitPasses = 4;
+
+// How the step-time assumptions name the optimizer's step.
+std::string OptimizerStepWords(sim::OptimizerKind optimizer) {
+  switch (optimizer) {
+    case sim::OptimizerKind::kAdamW: return "AdamW (PyTorch foreach)";
+    case sim::OptimizerKind::kSgdMomentum: return "SGD with momentum (PyTorch foreach)";
+    case sim::OptimizerKind::kSgdNoMomentum: return "SGD without momentum (PyTorch foreach)";
+    case sim::OptimizerKind::kAdafactor: return "Adafactor (HF transformers, one parameter at a time)";
+    case sim::OptimizerKind::kAdamW8bit: return "8-bit AdamW (bitsandbytes' CUDA kernel)";
+    case sim::OptimizerKind::kPagedAdamW8bit:
+      return "paged 8-bit AdamW (bitsandbytes' CUDA kernel; page migration not modelled)";
+  }
+  return "?";
+}
+
 
 std::string Fixed(double v, int decimals) {
   char buf[64];
@@ -127,8 +152,7 @@ std::vector<std::string> Assumptions(const StepTimeInputs& in) {
   }
   a.push_back("kernel launch and CPU dispatch overheads are not modelled: steps made of many tiny ops run slower "
               "than estimated");
-  const bool adamw = in.optimizer == sim::OptimizerKind::kAdamW;
-  a.push_back("optimizer: " + std::string(adamw ? "AdamW" : "SGD with momentum") + " (PyTorch foreach) makes " +
+  a.push_back("optimizer: " + OptimizerStepWords(in.optimizer) + " makes " +
               std::to_string(OptimizerPasses(in.optimizer)) + " memory-bound passes over the " +
               FormatBytes(in.optimizer_param_bytes) + " of parameters this rank updates");
   bool uses_intra = false, uses_inter = false;
@@ -236,8 +260,18 @@ double CollectiveSeconds(const Collective& c, const Interconnect& link) {
 }
 
 int OptimizerPasses(sim::OptimizerKind optimizer) {
-  return optimizer == sim::OptimizerKind::kAdamW ? kAdamWForeachPasses : kSgdMomentumForeachPasses;
+  switch (optimizer) {
+    case sim::OptimizerKind::kAdamW: return kAdamWForeachPasses;
+    case sim::OptimizerKind::kSgdMomentum: return kSgdMomentumForeachPasses;
+    case sim::OptimizerKind::kSgdNoMomentum: return kSgdForeachPasses;
+    case sim::OptimizerKind::kAdafactor: return kAdafactorPasses;
+    case sim::OptimizerKind::kAdamW8bit:
+    case sim::OptimizerKind::kPagedAdamW8bit: return kAdamW8bitPasses;
+  }
+  return kAdamWForeachPasses;
 }
+
+
 
 StepTime EstimateStepTime(const StepTimeInputs& inputs) {
   StepTime t;

@@ -58,9 +58,16 @@ RECIPE_ARCHS = ["llama", "gpt2", "mistral", "opt"]
 RECIPE_POINTS = [(1, 128), (2, 256)]
 RECIPE_CASES = [f"{arch}:{precision}:adamw:{b}x{s}:{recipe}" for recipe in RECIPES for arch in RECIPE_ARCHS
                 for precision in PRECISIONS for b, s in RECIPE_POINTS]
+# The optimizers besides AdamW / SGD (docs/OPTIMIZER_STATES.md), each on OPTIMIZER_ARCHS x RECIPE_POINTS x PRECISIONS
+OPTIMIZERS = ["sgd-nomomentum", "adafactor", "adamw8bit", "paged-adamw8bit"]
+OPTIMIZER_ARCHS = ["llama", "gpt2", "mistral"]
+RECIPE_CASES += [f"{arch}:{precision}:{optimizer}:{b}x{s}" for optimizer in OPTIMIZERS for arch in OPTIMIZER_ARCHS
+                 for precision in PRECISIONS for b, s in RECIPE_POINTS]
 # --quick: every feature once in each precision, on two architectures
 RECIPE_QUICK_CASES = [f"{arch}:{precision}:adamw:2x256:{recipe}" for recipe in RECIPES
                       for arch, precision in (("llama", "bf16-autocast"), ("gpt2", "fp32"))]
+RECIPE_QUICK_CASES += [f"{arch}:{precision}:{optimizer}:2x256" for optimizer in OPTIMIZERS
+                       for arch, precision in (("llama", "bf16-autocast"), ("gpt2", "fp32"))]
 
 
 class CommandFailed(RuntimeError):

@@ -56,7 +56,9 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
   std::unique_ptr<AllocatorModel> limited;
   if (backend.caching_allocator) {
     est.capacity_bytes = config.target.gpu.capacity_bytes;
-    est.fixed_overhead_bytes = config.target.gpu.cuda_context_bytes + outside_allocator_bytes;
+    est.managed_optimizer_state_bytes = sim.managed_bytes;
+    est.fixed_overhead_bytes = CheckedAdd(config.target.gpu.cuda_context_bytes + outside_allocator_bytes,
+                                          est.managed_optimizer_state_bytes, "the memory outside the allocator");
     CachingAllocatorConfig cfg;
     model = std::make_unique<CudaCachingAllocatorModel>(cfg);
     cfg.capacity_bytes = std::max<int64_t>(0, est.capacity_bytes - est.fixed_overhead_bytes);
@@ -184,6 +186,8 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
   }
   est.lower_bound_bytes = lower_bound.Stats().peak_allocated_bytes;
   est.nvidia_smi_bytes = CheckedAdd(est.peak_reserved_bytes, est.fixed_overhead_bytes, "the nvidia-smi figure");
+  est.optimizer_state_bytes =
+      CheckedAdd(est.optimizer_state_bytes, est.managed_optimizer_state_bytes, "the optimizer states");
   if (limited_oom || (est.capacity_bytes > 0 && est.nvidia_smi_bytes > est.capacity_bytes)) est.fits = false;
   if (!tl.events.empty()) {
     const MemoryEvent& e = tl.events[peak_event];

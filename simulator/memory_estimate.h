@@ -36,6 +36,9 @@ struct MemoryEstimate {
   std::array<int64_t, 4> phase_peak_bytes{};       // allocated peak within each phase
   std::vector<LiveBlock> largest_at_peak;           // the ten largest live blocks at the peak
   int64_t weights_bytes = 0, gradients_bytes = 0, optimizer_state_bytes = 0;
+  // Of optimizer_state_bytes, those in CUDA managed memory (paged states): in fixed_overhead_bytes and the
+  // nvidia-smi figure while resident, never in allocated / reserved.
+  int64_t managed_optimizer_state_bytes = 0;
   std::vector<std::string> unknown_ops;
   std::shared_ptr<const StepSimulation> simulation;  // the timeline the figures come from (for --trace)
 };

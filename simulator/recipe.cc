@@ -25,11 +25,23 @@ std::string_view PrecisionName(Precision p) {
 std::optional<OptimizerKind> ParseOptimizer(std::string_view name) {
   if (name == "adamw") return OptimizerKind::kAdamW;
   if (name == "sgd") return OptimizerKind::kSgdMomentum;
+  if (name == "sgd-nomomentum") return OptimizerKind::kSgdNoMomentum;
+  if (name == "adafactor") return OptimizerKind::kAdafactor;
+  if (name == "adamw8bit") return OptimizerKind::kAdamW8bit;
+  if (name == "paged-adamw8bit") return OptimizerKind::kPagedAdamW8bit;
   return std::nullopt;
 }
 
 std::string_view OptimizerName(OptimizerKind o) {
-  return o == OptimizerKind::kAdamW ? "adamw" : "sgd";
+  switch (o) {
+    case OptimizerKind::kAdamW: return "adamw";
+    case OptimizerKind::kSgdMomentum: return "sgd";
+    case OptimizerKind::kSgdNoMomentum: return "sgd-nomomentum";
+    case OptimizerKind::kAdafactor: return "adafactor";
+    case OptimizerKind::kAdamW8bit: return "adamw8bit";
+    case OptimizerKind::kPagedAdamW8bit: return "paged-adamw8bit";
+  }
+  return "?";
 }
 
 std::optional<Lifetimes> ParseLifetimes(std::string_view name) {

@@ -20,8 +20,12 @@ enum class Precision : uint8_t {
 };
 
 enum class OptimizerKind : uint8_t {
-  kAdamW,        // two states per parameter (exp_avg, exp_avg_sq)
-  kSgdMomentum,  // one momentum buffer per parameter
+  kAdamW,           // torch.optim.AdamW: two states per parameter (exp_avg, exp_avg_sq)
+  kSgdMomentum,      // torch.optim.SGD(momentum=0.9): one momentum buffer per parameter
+  kSgdNoMomentum,    // torch.optim.SGD(momentum=0): no state
+  kAdafactor,        // HF transformers Adafactor as Trainer's optim="adafactor" builds it: factored second moment
+  kAdamW8bit,        // bitsandbytes AdamW(optim_bits=8) as Trainer's optim="adamw_bnb_8bit" builds it
+  kPagedAdamW8bit,   // the same with is_paged=True: on CUDA the large states live in CUDA managed memory
 };
 
 // Which program's value lifetimes the forward follows (simulator/forward_lifetimes.h, Note [Eager lifetimes]).
@@ -78,7 +82,7 @@ struct Recipe {
 
 std::optional<Precision> ParsePrecision(std::string_view name);  // fp32 | bf16-autocast | fp16-autocast | bf16
 std::string_view PrecisionName(Precision p);
-std::optional<OptimizerKind> ParseOptimizer(std::string_view name);  // adamw | sgd
+std::optional<OptimizerKind> ParseOptimizer(std::string_view name);  // adamw | sgd | sgd-nomomentum | adafactor | adamw8bit | paged-adamw8bit
 std::string_view OptimizerName(OptimizerKind o);
 std::optional<Lifetimes> ParseLifetimes(std::string_view name);  // eager | torchscript
 std::string_view LifetimesName(Lifetimes l);

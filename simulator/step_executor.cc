@@ -105,8 +105,30 @@ class StepExecutor : private StepMemory {
   int64_t RankBlockBytes(const Parameter& p, const PerParamBlock& block) const {
     const DType param_dtype = out_.value_dtypes[static_cast<size_t>(p.value.index)];
     const int64_t rank_bytes = hooks_->OptimizedBytes(p, Bytes(p.value));
-    if (!block.dtype || *block.dtype == param_dtype) return rank_bytes;
-    return CheckedMul(rank_bytes / ElementSize(param_dtype), ElementSize(*block.dtype), "an optimizer tensor");
+    if (block.layout == BlockLayout::kElementwise && (!block.dtype || *block.dtype == param_dtype)) return rank_bytes;
+    const int64_t elements = BlockElements(graph_.value(p.value).shape, rank_bytes / ElementSize(param_dtype), block);
+    return CheckedMul(elements, ElementSize(block.dtype.value_or(param_dtype)), "an optimizer tensor");
+  }
+  // Elements of `block` for a parameter of `shape` of which this rank updates `rank_elements` (engines shard
+  // dim 0, so the local shape is the full one with dim 0 scaled down).
+  static int64_t BlockElements(const std::vector<int64_t>& shape, int64_t rank_elements, const PerParamBlock& block) {
+    if (rank_elements == 0) return 0;
+    int64_t inner = 1;  // elements per dim-0 slice
+    for (size_t d = 1; d < shape.size(); ++d) inner *= shape[d];
+    const int64_t dim0 = shape.empty() || inner == 0 ? 1 : rank_elements / inner;
+    switch (block.layout) {
+      case BlockLayout::kElementwise: return rank_elements;
+      case BlockLayout::kPerBlock: return (rank_elements + block.count - 1) / block.count;
+      case BlockLayout::kRows: return shape.empty() ? 1 : rank_elements / shape.back();
+      case BlockLayout::kColumns: {
+        if (shape.size() < 2) return rank_elements;
+        int64_t outer = shape.size() == 2 ? 1 : dim0;  // shape[:-2], with the local dim 0
+        for (size_t d = 1; d + 2 < shape.size(); ++d) outer *= shape[d];
+        return outer * shape.back();
+      }
+      case BlockLayout::kFixed: return block.count;
+    }
+    return rank_elements;
   }
 
   void Setup();
@@ -154,6 +176,10 @@ void StepExecutor::Setup() {
     for (const PerParamBlock& state : pp->states) {
       const int64_t bytes = RankBlockBytes(*p, state);
       if (bytes == 0) continue;
+      if (state.managed) {  // outside the allocator: not on the timeline
+        out_.managed_bytes = CheckedAdd(out_.managed_bytes, bytes, "the managed optimizer states");
+        continue;
+      }
       NewStorage(bytes, MemoryCategory::kOptimizerState, [&] { return p->name + " " + state.name; }, -1);
     }
   }
@@ -510,12 +536,11 @@ void StepExecutor::OptimizerStep() {
 
 void StepExecutor::OptimizerTemporaries() {
   const OptimizerStepPlan& step = plan_.optimizer_step;
-  if (step.temporaries.empty()) return;  // an in-place update (SGD with momentum)
   // Per parameter, its temporaries are alive together; a whole-group step makes them for every parameter first.
   std::vector<int64_t> live;
   for (const auto& [p, pp] : OptimizedParams()) {
     if (hooks_->OptimizedBytes(*p, Bytes(p->value)) == 0) continue;
-    for (const PerParamBlock& temp : step.temporaries) {
+    for (const PerParamBlock& temp : pp->step_temporaries.value_or(step.temporaries)) {
       live.push_back(NewStorage(
           RankBlockBytes(*p, temp), MemoryCategory::kTransient, [&] { return p->name + " " + temp.name; }, -1));
     }

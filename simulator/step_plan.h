@@ -15,10 +15,24 @@
 
 namespace llmem::sim {
 
+// How many elements a per-parameter block has, from the parameter's (rank-local) shape.
+enum class BlockLayout : uint8_t {
+  kElementwise,  // one per parameter element
+  kPerBlock,     // one per `count` parameter elements, rounded up (block-wise quantization statistics)
+  kRows,         // shape[:-1] (a factored second moment's row factor)
+  kColumns,      // shape[:-2] + shape[-1:] (its column factor)
+  kFixed,        // `count` elements whatever the parameter (a 0-d scalar, a quantization map)
+};
+
 // A tensor the optimizer keeps or makes per parameter, sized from the part of the parameter this rank updates.
 struct PerParamBlock {
   std::string name;  // "exp_avg", "sqrt(exp_avg_sq)", ...
-  std::optional<DType> dtype;  // one element per parameter element, in this dtype (none: the parameter's)
+  std::optional<DType> dtype;  // element dtype (none: the parameter's)
+  BlockLayout layout = BlockLayout::kElementwise;
+  int64_t count = 1;  // kPerBlock: elements per block; kFixed: elements
+  // CUDA managed memory (cudaMallocManaged) outside PyTorch's caching allocator: bitsandbytes' paged states.
+  // Not in memory_allocated / memory_reserved; nvidia-smi counts it while it is resident.
+  bool managed = false;
 };
 
 struct ParamPlan {
@@ -26,6 +40,9 @@ struct ParamPlan {
   bool trainable = false;  // requires_grad as the file has it
   bool optimized = false;  // the optimizer updates it: trainable, reached by the loss, first of its storage
   std::vector<PerParamBlock> states;  // the optimizer's state tensors (steady state: they exist from step 1 on)
+  // The step's temporaries for this parameter when they differ from OptimizerStepPlan::temporaries (an optimizer
+  // that picks a different path per parameter, e.g. 8-bit vs 32-bit states).
+  std::optional<std::vector<PerParamBlock>> step_temporaries;
 };
 
 // What autograd keeps of an op's inputs and outputs for backward.

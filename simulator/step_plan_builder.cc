@@ -16,7 +16,6 @@ namespace {
 void RefuseUnmodelled(const TrainingConfig& c) {
   auto refuse = [](const std::string& what) { throw ConfigError(what + " is not modelled yet"); };
   if (c.checkpointing.mode != CheckpointingMode::kNone) refuse("activation checkpointing (--checkpointing)");
-  if (c.optimizer_impl != OptimizerImplChoice::kDefault) refuse("--optimizer-impl");
   if (c.optimizer_in_backward) refuse("--optimizer-in-backward");
   if (c.grad_clip) refuse("--grad-clip");
   if (c.grad_accum != 1) refuse("gradient accumulation (--grad-accum)");

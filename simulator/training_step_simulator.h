@@ -27,6 +27,7 @@ struct StepSimulation {
   Timeline timeline;
   std::vector<DType> value_dtypes;  // dtype of every IR value under the simulated precision
   std::vector<std::string> unknown_ops;  // op kinds estimated conservatively (only with allow_unknown_ops)
+  int64_t managed_bytes = 0;  // optimizer states in CUDA managed memory, outside the allocator's timeline
 };
 
 // Throws UnsupportedOpError for an op kind without a rule (unless config.allow_unknown_ops) and ConfigError for

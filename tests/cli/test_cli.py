@@ -106,6 +106,24 @@ class CliTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_one_line_error(run("estimate", self.gpt2, "-o", "lion"), 2, "unknown optimizer 'lion'")
         self.assert_one_line_error(run("measure", self.gpt2, "--device", "tpu"), 2)
 
+    def test_optimizer_choices_a_library_lacks(self):
+        # foreach / fused / for-loop are torch.optim's; bitsandbytes and HF Adafactor have one step loop
+        self.assert_one_line_error(run("estimate", self.gpt2, "-o", "adamw8bit", "--optimizer-impl", "fused"), 2,
+                                   "--optimizer-impl fused", "adamw8bit")
+        self.assert_one_line_error(run("estimate", self.gpt2, "-o", "adafactor", "--dp", "2", "--engine", "gemini",
+                                       "-p", "bf16-autocast"), 2, "chunk-based ZeRO", "adafactor")
+
+    def test_paged_states_are_named_outside_the_allocator(self):
+        r = run("estimate", self.gpt2, "-b", "1", "-s", "64", "-o", "paged-adamw8bit", "--gpu", "a100-80", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        paged = json.loads(r.stdout)
+        plain = json.loads(run("estimate", self.gpt2, "-b", "1", "-s", "64", "-o", "adamw8bit", "--gpu", "a100-80",
+                               "--json").stdout)
+        self.assertGreater(paged["managed_optimizer_state_bytes"], 0)
+        self.assertEqual(paged["fixed_overhead_bytes"],
+                         plain["fixed_overhead_bytes"] + paged["managed_optimizer_state_bytes"])
+        self.assertLess(paged["peak_allocated_bytes"], plain["peak_allocated_bytes"])
+
     def test_pure_bf16_on_an_fp32_trace_that_bakes_dtypes(self):
         self.assert_one_line_error(run("estimate", os.path.join(BUNDLED, "llama-2-7b.meta.pt"), "-p", "bf16"), 2,
                                    "bf16 weights")
