@@ -4,6 +4,7 @@
 
 #include "graph/error.h"
 
+#include "simulator/passes/loop_pass.h"
 #include "simulator/passes/optimizer_pass.h"
 #include "simulator/passes/parameter_pass.h"
 #include "simulator/passes/precision_pass.h"
@@ -16,11 +17,7 @@ void RefuseUnmodelled(const TrainingConfig& c) {
   auto refuse = [](const std::string& what) { throw ConfigError(what + " is not modelled yet"); };
   if (c.checkpointing.mode != CheckpointingMode::kNone) refuse("activation checkpointing (--checkpointing)");
   if (c.optimizer_impl != OptimizerImplChoice::kDefault) refuse("--optimizer-impl");
-  if (c.optimizer_in_backward) refuse("--optimizer-in-backward");
-  if (c.grad_clip) refuse("--grad-clip");
-  if (c.grad_accum != 1) refuse("gradient accumulation (--grad-accum)");
   if (c.loss != LossVariant::kStandard) refuse("--loss " + LossName(c.loss, c.loss_chunks));
-  if (c.keep_outputs) refuse("--keep-outputs");
   if (c.fsdp_param_dtype || c.fsdp_reduce_dtype) refuse("FSDP2 mixed precision (--fsdp-param-dtype, --fsdp-reduce-dtype)");
 }
 
@@ -33,6 +30,7 @@ StepPlan BuildStepPlan(const Graph& graph, const TrainingConfig& config) {
   plan = PrecisionPass(graph, std::move(plan), config);
   plan = ParameterPass(graph, std::move(plan), config);
   plan = OptimizerPass(graph, std::move(plan), config);
+  plan = LoopPass(graph, std::move(plan), config);
   return plan;
 }
 
