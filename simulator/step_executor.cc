@@ -618,7 +618,8 @@ void StepExecutor::StepInBackward(const Parameter& p, const ParamPlan&) {
 // What the model returns besides the loss: the LM head's output (HF CausalLM's `logits`).
 ValueId StepExecutor::ReturnedLogits() const {
   for (auto it = graph_.nodes().rbegin(); it != graph_.nodes().rend(); ++it) {
-    if ((it->scope == "lm_head" || it->scope.starts_with("lm_head.")) && !it->outputs.empty()) return it->outputs[0];
+    // The module's path ends in lm_head (under a wrapper: "model.lm_head").
+    if ((it->scope == "lm_head" || it->scope.ends_with(".lm_head")) && !it->outputs.empty()) return it->outputs[0];
   }
   throw ConfigError("--keep-outputs: the model has no LM head (a module named lm_head) whose logits the loop keeps");
 }
