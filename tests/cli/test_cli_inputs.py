@@ -222,6 +222,20 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         after_load = [int(row[2]) for row in rows if row[3] != "load"]
         self.assertEqual(max(after_load) - j["loader_bytes"], j["peak_allocated_bytes"])
 
+    def test_optimizer_in_backward_refuses_accumulation_and_clipping(self):
+        base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--optimizer-in-backward"]
+        self.assert_one_line_error(run(*base, "--grad-accum", "2"), 2, "--grad-accum")
+        self.assert_one_line_error(run(*base, "--grad-clip", "1.0"), 2, "--grad-clip")
+
+    def test_accumulation_raises_the_forward_by_the_gradients(self):
+        base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json"]
+        plain = json.loads(run(*base).stdout)
+        accum = json.loads(run(*base, "--grad-accum", "2").stdout)
+        self.assertEqual(accum["recipe"]["grad_accum"], 2)
+        # the later micro-batch's forward runs with every gradient alive
+        self.assertGreaterEqual(accum["phase_peak_bytes"]["forward"] - plain["phase_peak_bytes"]["forward"],
+                                plain["gradients_bytes"])
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
