@@ -143,9 +143,9 @@ RankRecord ParseRecord(const std::string& text, int line) {
   if (!sim::ParseOptimizer(r.optimizer)) {
     throw ConfigError(AtLine(line) + ": unknown optimizer '" + r.optimizer + "' (adamw, sgd, sgd-nomomentum, adafactor, adamw8bit, paged-adamw8bit)");
   }
-  // A run made with recipe options (FSDP2 mixed precision, an optimizer implementation, a loop recipe) would
-  // be scored as the plain step: such runs are refused until validate applies their recipe.
-  for (const char* field : {"fsdp_param_dtype", "fsdp_reduce_dtype", "optimizer_impl_requested", "recipe"}) {
+  // A run made with recipe options validate does not apply (an optimizer implementation, a loop recipe) would
+  // be scored as the plain step: such runs are refused. FSDP2 mixed-precision dtypes are applied (below).
+  for (const char* field : {"optimizer_impl_requested", "recipe"}) {
     const auto it = j.find(field);
     const bool plain = it == j.end() || it->is_null() || (it->is_string() && (*it == "" || *it == "default")) ||
                        (it->is_object() && it->empty());

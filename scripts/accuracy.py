@@ -108,6 +108,9 @@ def main():
                     help="also run scripts/distributed_runs.py with these cases and compare per rank (llmem validate)")
     ap.add_argument("--recipes", action="store_true",
                     help="also the training-recipe cases (RECIPE_CASES; with --quick RECIPE_QUICK_CASES)")
+    ap.add_argument("--recipe-filter", default="",
+                    help="with --recipes: only the cases whose recipe contains one of these comma-free "
+                         "substrings, given as a |-separated list (e.g. 'grad-accum|keep-outputs')")
     ap.add_argument("--out", help="write the markdown report here")
     ap.add_argument("--check", type=float, help="fail if any |error| (percent) of any phase exceeds this")
     args = ap.parse_args()
@@ -183,7 +186,10 @@ def main():
                     cases.append((model, arch, precision, optimizer, batch, seq))
     recipe_cases = []
     if args.recipes:
+        wanted = [w for w in args.recipe_filter.split("|") if w]
         for text in RECIPE_QUICK_CASES if args.quick else RECIPE_CASES:
+            if wanted and not any(w in text.split(":", 4)[4] for w in wanted):
+                continue
             arch, precision, optimizer, batch, seq, recipe = eager_runs.parse_case(text)
             model = os.path.join(args.models, f"{arch}-{args.size}.pt")
             if not os.path.exists(model):

@@ -136,6 +136,17 @@ class StepExecutor : private StepMemory {
   void Backward();
   void OptimizerStep();
   void OptimizerTemporaries();
+  // The training loop (LoopPlan).
+  void FindLastGradientNodes();
+  void StartNextMicroBatch();
+  void AfterNodeBackward(int32_t node);
+  void StepInBackward(const Parameter& p, const ParamPlan& pp);
+  void KeepPreviousOutputs();
+  void HoldIfReturned(const OpNode& node);
+  void KeepOutputs();
+  void ReleaseKeptOutputs();
+  ValueId ReturnedLogits() const;
+  void ClipGradNormTemporaries();
 
   const Graph& graph_;
   const StepPlan& plan_;
@@ -155,6 +166,12 @@ class StepExecutor : private StepMemory {
   std::vector<std::vector<std::optional<int64_t>>> cast_of_input_;  // per node, per tensor input: autocast copy
   std::vector<int64_t> grad_of_;         // per value: storage of its gradient, -1 if none yet
   std::set<int64_t> inplace_ok_;        // gradient storages a second gradient may be added to in place
+  // The training loop.
+  std::vector<std::vector<int32_t>> params_done_after_;  // per node: parameters whose last gradient it delivers
+  std::vector<int64_t> earlier_grad_;   // per value: its .grad from an earlier micro-batch, -1 if none
+  std::vector<int64_t> kept_outputs_;   // storages the loop keeps bound (the last forward's outputs)
+  std::vector<int64_t> returned_;       // this forward's outputs, held from their op on
+  ValueId logits_;
 };
 
 void StepExecutor::Setup() {
@@ -337,6 +354,7 @@ void StepExecutor::Forward() {
         if (s >= 0) Ref(s);
       }
     }
+    if (plan_.loop.keep_outputs) HoldIfReturned(node);
     // Extra buffers.
     for (const auto& extra : rule->forward_extra) {
       const int64_t s = NewStorage(
@@ -516,6 +534,7 @@ void StepExecutor::Backward() {
       Unref(pending.copy_grad, node.id.index);
       deliver(pending.in, CollectiveCopy(node, pending.input, contribution), false);
     }
+    AfterNodeBackward(node.id.index);
   }
   current_node_ = -1;
   LeaveRegion();
@@ -530,6 +549,8 @@ void StepExecutor::Backward() {
 
 void StepExecutor::OptimizerStep() {
   phase_ = Phase::kOptimizer;
+  if (plan_.loop.optimizer_in_backward) return;  // every parameter was stepped during backward
+  if (plan_.loop.clip_grad_norm) ClipGradNormTemporaries();
   OptimizerTemporaries();
   hooks_->OnOptimizerStepEnd(*this);
 }
@@ -552,12 +573,155 @@ void StepExecutor::OptimizerTemporaries() {
   for (int64_t s : live) Unref(s, -1);
 }
 
+// Note [Training loop]
+// AccumulateGrad runs as soon as the last gradient of its parameter has arrived: the CPU and CUDA ready queues
+// order nodes by sequence number and AccumulateGrad's is the highest (torch/csrc/autograd/engine.cpp,
+// CompareNodeTaskTime). So right after the backward of a parameter's first use in the forward:
+// - a later micro-batch adds its gradient into the existing .grad in place (`variable_grad += new_grad` in
+//   accumulate_grad.h, grad mode being off in backward) and the new gradient is freed;
+// - an optimizer in backward (torchtune: register_post_accumulate_grad_hook) steps the parameter, with its step
+//   temporaries, and zero_grad(set_to_none) frees the gradient.
+void StepExecutor::FindLastGradientNodes() {
+  const auto& nodes = graph_.nodes();
+  params_done_after_.assign(nodes.size(), {});
+  earlier_grad_.assign(graph_.values().size(), -1);
+  std::vector<int32_t> first_use(graph_.params().size(), -1);
+  for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
+    for (ValueId in : graph_.tensor_inputs(it->id)) {
+      const int32_t param = graph_.value(in).param;
+      if (param >= 0 && graph_.params()[static_cast<size_t>(param)].value == in) {
+        first_use[static_cast<size_t>(param)] = it->id.index;
+      }
+    }
+  }
+  for (size_t p = 0; p < first_use.size(); ++p) {
+    if (first_use[p] >= 0) params_done_after_[static_cast<size_t>(first_use[p])].push_back(static_cast<int32_t>(p));
+  }
+}
+
+// The gradients of the micro-batch before stay as the parameters' .grad; the next forward starts.
+void StepExecutor::StartNextMicroBatch() {
+  for (const auto& p : graph_.params()) {
+    const size_t v = static_cast<size_t>(p.value.index);
+    if (grad_of_[v] < 0) continue;
+    LLMEM_CHECK(earlier_grad_[v] < 0) << "a third micro-batch is never simulated";
+    earlier_grad_[v] = grad_of_[v];
+    grad_of_[v] = -1;
+  }
+}
+
+void StepExecutor::AfterNodeBackward(int32_t node) {
+  for (int32_t param : params_done_after_[static_cast<size_t>(node)]) {
+    const Parameter& p = graph_.params()[static_cast<size_t>(param)];
+    const size_t v = static_cast<size_t>(p.value.index);
+    if (grad_of_[v] < 0) continue;
+    if (earlier_grad_[v] >= 0) {
+      Unref(grad_of_[v], node);  // added into the existing .grad
+      grad_of_[v] = earlier_grad_[v];
+      earlier_grad_[v] = -1;
+    }
+    if (plan_.loop.optimizer_in_backward) {
+      const ParamPlan& pp = plan_.params[static_cast<size_t>(param)];
+      if (pp.optimized) StepInBackward(p, pp);
+    }
+  }
+}
+
+// One parameter's optimizer step inside backward, then its gradient freed.
+void StepExecutor::StepInBackward(const Parameter& p, const ParamPlan&) {
+  std::vector<int64_t> live;
+  for (const PerParamBlock& temp : plan_.optimizer_step.temporaries) {
+    live.push_back(NewStorage(RankBlockBytes(p, temp), MemoryCategory::kTransient,
+                              [&] { return p.name + " " + temp.name; }, current_node_));
+  }
+  for (int64_t s : live) Unref(s, current_node_);
+  int64_t& grad = grad_of_[static_cast<size_t>(p.value.index)];
+  Unref(grad, current_node_);
+  grad = -1;
+}
+
+// What the model returns besides the loss: the LM head's output (HF CausalLM's `logits`).
+ValueId StepExecutor::ReturnedLogits() const {
+  for (auto it = graph_.nodes().rbegin(); it != graph_.nodes().rend(); ++it) {
+    // The module's path ends in lm_head (under a wrapper: "model.lm_head").
+    if ((it->scope == "lm_head" || it->scope.ends_with(".lm_head")) && !it->outputs.empty()) return it->outputs[0];
+  }
+  throw ConfigError("--keep-outputs: the model has no LM head (a module named lm_head) whose logits the loop keeps");
+}
+
+// Note [Kept outputs]
+// `outputs = model(**batch)` stays bound until the next forward returns: the previous step's logits and loss are
+// live through the whole forward, this step's through backward and the optimizer step.
+void StepExecutor::KeepPreviousOutputs() {
+  logits_ = ReturnedLogits();
+  kept_outputs_.push_back(NewStorage(StorageBytes(graph_.StorageRoot(logits_)), MemoryCategory::kHeadActivations,
+                                     "previous step's logits", -1));
+  kept_outputs_.push_back(NewStorage(Bytes(graph_.loss()), MemoryCategory::kHeadActivations, "previous step's loss", -1));
+}
+
+void StepExecutor::HoldIfReturned(const OpNode& node) {
+  for (ValueId out : node.outputs) {
+    if (out != logits_) continue;
+    const int64_t s = storage_of_[static_cast<size_t>(out.index)];
+    Ref(s);
+    returned_.push_back(s);
+  }
+}
+
+// The forward has returned: the previous outputs go, this forward's are bound in their place.
+void StepExecutor::KeepOutputs() {
+  ReleaseKeptOutputs();
+  const int64_t loss = storage_of_[static_cast<size_t>(graph_.loss().index)];
+  Ref(loss);
+  returned_.push_back(loss);
+  kept_outputs_.swap(returned_);
+}
+
+void StepExecutor::ReleaseKeptOutputs() {
+  for (int64_t s : kept_outputs_) Unref(s, -1);
+  kept_outputs_.clear();
+}
+
+// torch.nn.utils.clip_grad_norm_ (torch/nn/utils/clip_grad.py): _foreach_norm gives one 0-d norm per gradient,
+// torch.stack of them and vector_norm the total; then clip_coef = max_norm / (total_norm + 1e-6), clamped to 1,
+// multiplies the gradients in place (_foreach_mul_).
+void StepExecutor::ClipGradNormTemporaries() {
+  std::vector<int64_t> norms;
+  for (const auto& p : graph_.params()) {
+    const size_t v = static_cast<size_t>(p.value.index);
+    if (grad_of_[v] < 0) continue;
+    norms.push_back(NewStorage(ElementSize(out_.value_dtypes[v]), MemoryCategory::kTransient,
+                               [&] { return p.name + " grad norm"; }, -1));
+  }
+  if (norms.empty()) return;
+  const int64_t norm_bytes = storages_[static_cast<size_t>(norms.front())].bytes;
+  const int64_t stacked = NewStorage(norm_bytes * static_cast<int64_t>(norms.size()), MemoryCategory::kTransient,
+                                     "stacked grad norms", -1);
+  const int64_t total = NewStorage(norm_bytes, MemoryCategory::kTransient, "total grad norm", -1);
+  Unref(stacked, -1);
+  for (int64_t s : norms) Unref(s, -1);
+  const int64_t shifted = NewStorage(norm_bytes, MemoryCategory::kTransient, "total norm + eps", -1);
+  const int64_t coef = NewStorage(norm_bytes, MemoryCategory::kTransient, "clip coefficient", -1);
+  Unref(shifted, -1);
+  const int64_t clamped = NewStorage(norm_bytes, MemoryCategory::kTransient, "clamped clip coefficient", -1);
+  Unref(coef, -1);
+  Unref(clamped, -1);
+  Unref(total, -1);
+}
+
 StepSimulation StepExecutor::Run() {
   out_.value_dtypes = plan_.value_dtypes;
   Setup();
-  Forward();
-  Backward();
+  FindLastGradientNodes();
+  if (plan_.loop.keep_outputs) KeepPreviousOutputs();
+  for (int micro_batch = 0; micro_batch < plan_.loop.simulated_micro_batches; ++micro_batch) {
+    if (micro_batch > 0) StartNextMicroBatch();
+    Forward();
+    if (plan_.loop.keep_outputs) KeepOutputs();
+    Backward();
+  }
   OptimizerStep();
+  ReleaseKeptOutputs();
   return std::move(out_);
 }
 
@@ -565,6 +729,10 @@ StepSimulation StepExecutor::Run() {
 
 StepSimulation ExecuteStepPlan(const Graph& graph, const StepPlan& plan, const TrainingConfig& config,
                                StepHooks* hooks) {
+  if (hooks && (plan.loop.simulated_micro_batches > 1 || plan.loop.optimizer_in_backward)) {
+    throw ConfigError(std::string(plan.loop.optimizer_in_backward ? "--optimizer-in-backward" : "--grad-accum > 1") +
+                      " with a parallel engine is not modelled yet");
+  }
   StepExecutor executor(graph, plan, config, hooks);
   return executor.Run();
 }

@@ -63,11 +63,25 @@ struct OptimizerStepPlan {
   std::vector<PerParamBlock> temporaries;  // per parameter, alive together
 };
 
+// The training loop around the step's ops.
+struct LoopPlan {
+  // Micro-batches simulated: the first (no gradients yet) and, under gradient accumulation, one later one, whose
+  // backward adds into existing .grad; later micro-batches repeat the second exactly.
+  int simulated_micro_batches = 1;
+  // The loop keeps the model's outputs (logits, loss) bound until the next forward returns.
+  bool keep_outputs = false;
+  // Each parameter is stepped (and its gradient freed) by a post-accumulate-grad hook; no optimizer phase.
+  bool optimizer_in_backward = false;
+  // clip_grad_norm_ runs before the step.
+  bool clip_grad_norm = false;
+};
+
 struct StepPlan {
   std::vector<DType> value_dtypes;  // per IR value: its dtype under the recipe's precision
   std::vector<ParamPlan> params;    // per Graph::params() entry
   std::vector<OpPlan> ops;          // per IR node
   OptimizerStepPlan optimizer_step;
+  LoopPlan loop;
 };
 
 }  // namespace llmem::sim

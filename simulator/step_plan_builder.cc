@@ -5,6 +5,7 @@
 #include "graph/error.h"
 
 #include "simulator/passes/fsdp_mixed_precision_pass.h"
+#include "simulator/passes/loop_pass.h"
 #include "simulator/passes/optimizer_pass.h"
 #include "simulator/passes/parameter_pass.h"
 #include "simulator/passes/precision_pass.h"
@@ -16,11 +17,7 @@ namespace {
 void RefuseUnmodelled(const TrainingConfig& c) {
   auto refuse = [](const std::string& what) { throw ConfigError(what + " is not modelled yet"); };
   if (c.checkpointing.mode != CheckpointingMode::kNone) refuse("activation checkpointing (--checkpointing)");
-  if (c.optimizer_in_backward) refuse("--optimizer-in-backward");
-  if (c.grad_clip) refuse("--grad-clip");
-  if (c.grad_accum != 1) refuse("gradient accumulation (--grad-accum)");
   if (c.loss != LossVariant::kStandard) refuse("--loss " + LossName(c.loss, c.loss_chunks));
-  if (c.keep_outputs) refuse("--keep-outputs");
 }
 
 }  // namespace
@@ -33,6 +30,7 @@ StepPlan BuildStepPlan(const Graph& graph, const TrainingConfig& config) {
   plan = ParameterPass(graph, std::move(plan), config);
   plan = OptimizerPass(graph, std::move(plan), config);
   plan = FsdpMixedPrecisionPass(graph, std::move(plan), config);
+  plan = LoopPass(graph, std::move(plan), config);
   return plan;
 }
 

@@ -161,8 +161,7 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
 
     def test_validate_refuses_runs_with_a_recipe_it_does_not_apply(self):
         r0, r1 = self.record(rank=0), self.record(rank=1)
-        for field, value in (("fsdp_param_dtype", "bf16"), ("fsdp_reduce_dtype", "fp32"),
-                             ("optimizer_impl_requested", "fused"), ("recipe", {"grad-accum": 2})):
+        for field, value in (("optimizer_impl_requested", "fused"), ("recipe", {"grad-accum": 2})):
             self.assert_bad_input(self.validate(r0, self.record(rank=1, **{field: value})), "line 2", field)
         plain = dict(fsdp_param_dtype=None, optimizer_impl_requested="", recipe={})
         proc = self.validate(self.record(rank=0, **plain), self.record(rank=1, **plain))
@@ -260,6 +259,20 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertTrue({"forward", "backward", "optimizer"} <= {row[3] for row in rows})
         after_load = [int(row[2]) for row in rows if row[3] != "load"]
         self.assertEqual(max(after_load) - j["loader_bytes"], j["peak_allocated_bytes"])
+
+    def test_optimizer_in_backward_refuses_accumulation_and_clipping(self):
+        base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--optimizer-in-backward"]
+        self.assert_one_line_error(run(*base, "--grad-accum", "2"), 2, "--grad-accum")
+        self.assert_one_line_error(run(*base, "--grad-clip", "1.0"), 2, "--grad-clip")
+
+    def test_accumulation_raises_the_forward_by_the_gradients(self):
+        base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json"]
+        plain = json.loads(run(*base).stdout)
+        accum = json.loads(run(*base, "--grad-accum", "2").stdout)
+        self.assertEqual(accum["recipe"]["grad_accum"], 2)
+        # the later micro-batch's forward runs with every gradient alive
+        self.assertGreaterEqual(accum["phase_peak_bytes"]["forward"] - plain["phase_peak_bytes"]["forward"],
+                                plain["gradients_bytes"])
 
 
 if __name__ == "__main__":
