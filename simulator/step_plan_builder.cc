@@ -4,6 +4,7 @@
 
 #include "graph/error.h"
 
+#include "simulator/passes/checkpointing_pass.h"
 #include "simulator/passes/optimizer_pass.h"
 #include "simulator/passes/parameter_pass.h"
 #include "simulator/passes/precision_pass.h"
@@ -14,7 +15,7 @@ namespace {
 // Recipe features that no pass models yet are refused, never ignored.
 void RefuseUnmodelled(const TrainingConfig& c) {
   auto refuse = [](const std::string& what) { throw ConfigError(what + " is not modelled yet"); };
-  if (c.checkpointing.mode != CheckpointingMode::kNone) refuse("activation checkpointing (--checkpointing)");
+  if (c.checkpointing.mode == CheckpointingMode::kSelective) refuse("--checkpointing selective");
   if (c.optimizer_impl != OptimizerImplChoice::kDefault) refuse("--optimizer-impl");
   if (c.optimizer_in_backward) refuse("--optimizer-in-backward");
   if (c.grad_clip) refuse("--grad-clip");
@@ -33,6 +34,7 @@ StepPlan BuildStepPlan(const Graph& graph, const TrainingConfig& config) {
   plan = PrecisionPass(graph, std::move(plan), config);
   plan = ParameterPass(graph, std::move(plan), config);
   plan = OptimizerPass(graph, std::move(plan), config);
+  plan = CheckpointingPass(graph, std::move(plan), config);
   return plan;
 }
 
