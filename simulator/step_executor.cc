@@ -4,6 +4,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <string_view>
 #include <type_traits>
 
 #include "graph/error.h"
@@ -62,10 +63,14 @@ class StepExecutor : private StepMemory {
   int64_t NewStorage(int64_t bytes, MemoryCategory category, Label&& label, int32_t node) {
     const int64_t id = static_cast<int64_t>(storages_.size());
     storages_.push_back(Storage{id, bytes, 1});
+    // What a checkpointed layer's recompute makes is named so, for the breakdown of the backward peak.
+    const std::string_view prefix = recomputing_ ? "recomputed: " : "";
     if constexpr (std::is_invocable_v<Label>) {
-      out_.timeline.block_labels.push_back(config_.keep_labels ? std::string(label()) : std::string());
+      out_.timeline.block_labels.push_back(config_.keep_labels ? std::string(prefix) + std::string(label())
+                                                               : std::string());
     } else {
-      out_.timeline.block_labels.push_back(config_.keep_labels ? std::string(label) : std::string());
+      out_.timeline.block_labels.push_back(config_.keep_labels ? std::string(prefix) + std::string(label)
+                                                               : std::string());
     }
     out_.timeline.events.push_back(MemoryEvent{true, id, bytes, category, phase_, node});
     return id;
@@ -87,6 +92,23 @@ class StepExecutor : private StepMemory {
   }
   MemoryCategory ActivationCategory(const OpNode& node) const {
     return node.region.kind == RegionKind::kHead ? MemoryCategory::kHeadActivations : MemoryCategory::kActivations;
+  }
+  bool ProducedInLayer(ValueId v, int32_t layer) const {
+    const NodeId producer = graph_.value(v).producer;
+    if (!producer.valid()) return false;
+    const Region& r = graph_.nodes()[static_cast<size_t>(producer.index)].region;
+    return r.kind == RegionKind::kDecoderLayer && r.layer == layer;
+  }
+  // The rules' view of the current op: an input autocast copied has the copy's dtype.
+  RuleContext OpRuleContext() const {
+    auto dtype_in_op = [this](ValueId v) {
+      for (const auto& [index, dtype] : op_input_dtype_) {
+        if (index == v.index) return dtype;
+      }
+      return out_.value_dtypes[static_cast<size_t>(v.index)];
+    };
+    return RuleContext{graph_, backend_, dtype_in_op,
+                       [this, dtype_in_op](ValueId v) { return ShapeBytes(graph_.value(v).shape, dtype_in_op(v)); }};
   }
   bool Trainable(ValueId v) const {
     const auto& tv = graph_.value(v);
@@ -133,6 +155,16 @@ class StepExecutor : private StepMemory {
 
   void Setup();
   void Forward();
+  // One op's forward: its outputs, autocast copies, extra buffers and (unless checkpointed, outside a recompute)
+  // what it saves. `weight_casts`: the autocast weight-copy cache of the enclosing autocast region.
+  void ForwardOp(const OpNode& node, const RuleContext& ctx, std::map<int32_t, int64_t>& weight_casts);
+  bool InCheckpointedLayer(const OpNode& node) const {
+    return plan_.ops[static_cast<size_t>(node.id.index)].save == SavePolicy::kRecompute;
+  }
+  void CheckpointForwardOp(const OpNode& node);
+  void RecomputeLayer(int32_t layer, const RuleContext& ctx, int32_t first_reversed);
+  void ReleaseCheckpointedLayer(int32_t layer);
+  bool SavesForBackward(size_t n) const;
   void Backward();
   void OptimizerStep();
   void OptimizerTemporaries();
@@ -172,6 +204,19 @@ class StepExecutor : private StepMemory {
   std::vector<int64_t> kept_outputs_;   // storages the loop keeps bound (the last forward's outputs)
   std::vector<int64_t> returned_;       // this forward's outputs, held from their op on
   ValueId logits_;
+  // Per op, the activations released after it in the forward (Note [Eager lifetimes]).
+  std::vector<std::vector<ValueId>> released_after_;
+  std::vector<std::pair<int32_t, DType>> op_input_dtype_;  // inside the current op: inputs autocast copied
+  // Activation checkpointing (Note [Checkpointed layers]).
+  bool recomputing_ = false;
+  struct CheckpointedLayer {
+    std::vector<int32_t> nodes;             // the layer's ops in forward order
+    std::vector<int64_t> kept;              // storages the checkpoint keeps: the layer's inputs, the RNG state
+    std::set<int32_t> inputs;               // values from outside the layer its ops read
+    std::vector<int64_t> recompute_held;    // recomputed values the reentrant inner backward holds to its end
+    bool recomputed = false;
+  };
+  std::map<int32_t, CheckpointedLayer> checkpointed_;  // by decoder layer
 };
 
 void StepExecutor::Setup() {
@@ -217,7 +262,8 @@ void StepExecutor::Forward() {
   // Release points (Note [Eager lifetimes]); the loss lives until backward. Per op, the activations released after
   // it: its inputs and outputs that die there first (in that order), then the values a frame held until there.
   const std::vector<int32_t> release = ForwardReleasePoints(graph_, config_.lifetimes);
-  std::vector<std::vector<ValueId>> released_after(nodes.size());
+  released_after_.assign(nodes.size(), {});
+  auto& released_after = released_after_;
   {
     std::vector<bool> listed(graph_.values().size(), false);
     auto list = [&](ValueId v, int32_t at) {
@@ -238,30 +284,33 @@ void StepExecutor::Forward() {
 
   // Inside an op, an input that autocast copied has the copy's dtype (e.g. cross_entropy's fp32 copy of 16-bit
   // logits), so the rule sizes what the op really sees.
-  // A handful of entries per op: a flat list, reused across ops.
-  std::vector<std::pair<int32_t, DType>> op_input_dtype;
-  auto dtype_in_op = [this, &op_input_dtype](ValueId v) {
-    for (const auto& [index, dtype] : op_input_dtype) {
-      if (index == v.index) return dtype;
-    }
-    return out_.value_dtypes[static_cast<size_t>(v.index)];
-  };
-  RuleContext ctx{graph_, backend_, dtype_in_op,
-                  [this, &dtype_in_op](ValueId v) { return ShapeBytes(graph_.value(v).shape, dtype_in_op(v)); }};
-  const bool autocast =
-      config_.precision == Precision::kBf16Autocast || config_.precision == Precision::kFp16Autocast;
-  const DType low = config_.precision == Precision::kFp16Autocast ? DType::kF16 : DType::kBF16;
+  const RuleContext ctx = OpRuleContext();
   std::map<int32_t, int64_t> weight_cast_cache;  // value index -> autocast copy storage (held until forward ends)
 
   rules_.resize(nodes.size());
   saved_.resize(nodes.size());
   cast_of_input_.resize(nodes.size());
   for (const auto& node : nodes) {
-    const size_t n = static_cast<size_t>(node.id.index);
-    const auto& inputs = graph_.tensor_inputs(node.id);
     current_node_ = node.id.index;
     EnterRegionOf(node);
-    op_input_dtype.clear();
+    if (InCheckpointedLayer(node)) CheckpointForwardOp(node);
+    ForwardOp(node, ctx, weight_cast_cache);
+  }
+  current_node_ = -1;
+  LeaveRegion();
+  // Leaving the autocast region clears the weight-cast cache.
+  for (const auto& [value, s] : weight_cast_cache) Unref(s, -1);
+}
+
+void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
+                             std::map<int32_t, int64_t>& weight_cast_cache) {
+  const size_t n = static_cast<size_t>(node.id.index);
+  const auto& inputs = graph_.tensor_inputs(node.id);
+  const bool autocast =
+      config_.precision == Precision::kBf16Autocast || config_.precision == Precision::kFp16Autocast;
+  const DType low = config_.precision == Precision::kFp16Autocast ? DType::kF16 : DType::kBF16;
+  {
+    op_input_dtype_.clear();
     const AutocastClass autocast_class = autocast ? backend_.Autocast(node.kind) : AutocastClass::kNone;
     const bool casts_inputs =
         autocast_class == AutocastClass::kLowerPrecision || autocast_class == AutocastClass::kFp32;
@@ -269,7 +318,7 @@ void StepExecutor::Forward() {
     if (casts_inputs) {
       for (ValueId in : inputs) {
         if (IsFloating(out_.value_dtypes[static_cast<size_t>(in.index)]))
-          op_input_dtype.emplace_back(in.index, cast_to);
+          op_input_dtype_.emplace_back(in.index, cast_to);
       }
     }
     auto rule = RuleFor(node, ctx);
@@ -369,7 +418,7 @@ void StepExecutor::Forward() {
     // Saved tensors (their autocast copies when the op saw copies). Only ops on the gradient path save anything.
     bool on_grad_path = false;
     for (ValueId out : node.outputs) on_grad_path |= graph_.value(out).requires_grad;
-    if (on_grad_path) {
+    if (on_grad_path && (recomputing_ || !InCheckpointedLayer(node))) {
       for (int i : rule->saved_inputs) {
         if (i >= static_cast<int>(inputs.size())) continue;
         const auto cast = cast_of_input_[n][static_cast<size_t>(i)];
@@ -406,12 +455,109 @@ void StepExecutor::Forward() {
         s = copy;
       }
     }
-    for (ValueId v : released_after[n]) Unref(storage_of_[static_cast<size_t>(v.index)], node.id.index);
+    for (ValueId v : released_after_[n]) {
+      // A recompute re-makes only the layer's own values; its inputs are the checkpoint's.
+      if (recomputing_ && !ProducedInLayer(v, node.region.layer)) continue;
+      Unref(storage_of_[static_cast<size_t>(v.index)], node.id.index);
+    }
   }
-  current_node_ = -1;
-  LeaveRegion();
-  // Leaving the autocast region clears the weight-cast cache.
-  for (const auto& [value, s] : weight_cast_cache) Unref(s, -1);
+}
+
+// Note [Checkpointed layers]
+// torch.utils.checkpoint around a decoder layer (checkpoint.py): the forward runs the layer without saving
+// anything for backward, keeping only the layer's inputs (reentrant: ctx.save_for_backward; non-reentrant: the
+// recompute closure's args) and, with preserve_rng_state, torch.get_rng_state(). In backward the layer's forward
+// runs again under fork_rng (one more RNG state) with grad enabled and the forward's autocast state (a fresh
+// autocast weight-copy cache, cleared when that autocast region exits), saving what each op saves:
+// - reentrant (CheckpointFunction.backward): the whole layer is recomputed when the gradient reaches it; its
+//   outputs and the incoming output gradients are held until the inner torch.autograd.backward has finished;
+// - non-reentrant (_checkpoint_without_reentrant_generator): the first unpack of a saved tensor recomputes, and
+//   with early stop (the default) the recompute ends once the last saved tensor is re-made; everything else it
+//   made is dropped then.
+void StepExecutor::CheckpointForwardOp(const OpNode& node) {
+  CheckpointedLayer& cl = checkpointed_[node.region.layer];
+  if (cl.nodes.empty() && plan_.checkpointing.rng_state_bytes > 0) {
+    cl.kept.push_back(NewStorage(plan_.checkpointing.rng_state_bytes, ActivationCategory(node),
+                                 [&] { return "checkpoint RNG state (" + RegionName(node.region) + ")"; },
+                                 node.id.index));
+  }
+  cl.nodes.push_back(node.id.index);
+  for (ValueId in : graph_.tensor_inputs(node.id)) {
+    if (graph_.value(in).role != ValueRole::kActivation || ProducedInLayer(in, node.region.layer)) continue;
+    const int64_t s = storage_of_[static_cast<size_t>(in.index)];
+    if (s < 0 || !cl.inputs.insert(in.index).second) continue;
+    Ref(s);
+    cl.kept.push_back(s);
+  }
+}
+
+bool StepExecutor::SavesForBackward(size_t n) const {
+  bool on_grad_path = false;
+  for (ValueId out : graph_.nodes()[n].outputs) on_grad_path |= graph_.value(out).requires_grad;
+  if (!on_grad_path) return false;
+  const OpMemoryRule& rule = rules_[n];
+  bool saves = !rule.saved_inputs.empty() || !rule.saved_outputs.empty();
+  for (const auto& extra : rule.forward_extra) saves |= extra.saved;
+  return saves;
+}
+
+void StepExecutor::RecomputeLayer(int32_t layer, const RuleContext& ctx, int32_t trigger) {
+  CheckpointedLayer& cl = checkpointed_.at(layer);
+  cl.recomputed = true;
+  const bool reentrant = plan_.checkpointing.reentrant;
+  const int64_t fork_state =
+      plan_.checkpointing.rng_state_bytes > 0
+          ? NewStorage(plan_.checkpointing.rng_state_bytes, MemoryCategory::kTransient, "fork_rng state", trigger)
+          : -1;
+  // Reentrant: CheckpointFunction.backward holds its incoming gradients (args) through the inner backward.
+  if (reentrant) {
+    for (int32_t n : cl.nodes) {
+      for (ValueId out : graph_.nodes()[static_cast<size_t>(n)].outputs) {
+        const int64_t g = grad_of_[static_cast<size_t>(out.index)];
+        if (g < 0) continue;
+        Ref(g);
+        cl.recompute_held.push_back(g);
+      }
+    }
+  }
+  size_t stop = cl.nodes.size();
+  if (!reentrant) {
+    while (stop > 0 && !SavesForBackward(static_cast<size_t>(cl.nodes[stop - 1]))) --stop;
+  }
+  std::map<int32_t, int64_t> weight_casts;
+  std::set<int32_t> released;
+  recomputing_ = true;
+  for (size_t i = 0; i < stop; ++i) {
+    const OpNode& op = graph_.nodes()[static_cast<size_t>(cl.nodes[i])];
+    current_node_ = op.id.index;
+    ForwardOp(op, ctx, weight_casts);
+    for (ValueId v : released_after_[static_cast<size_t>(op.id.index)]) released.insert(v.index);
+  }
+  recomputing_ = false;
+  current_node_ = trigger;
+  for (const auto& [value, s] : weight_casts) Unref(s, trigger);
+  // What the recompute made and did not release: the layer's outputs (reentrant: held until the inner backward
+  // ends), and with an early stop the values the rest of the layer would have read.
+  for (size_t i = 0; i < stop; ++i) {
+    for (ValueId out : graph_.nodes()[static_cast<size_t>(cl.nodes[i])].outputs) {
+      const int64_t s = storage_of_[static_cast<size_t>(out.index)];
+      if (s < 0 || released.count(out.index) || graph_.value(out).role != ValueRole::kActivation) continue;
+      if (reentrant) {
+        cl.recompute_held.push_back(s);
+      } else {
+        Unref(s, trigger);
+      }
+    }
+  }
+  if (fork_state >= 0) Unref(fork_state, trigger);
+}
+
+void StepExecutor::ReleaseCheckpointedLayer(int32_t layer) {
+  CheckpointedLayer& cl = checkpointed_.at(layer);
+  for (int64_t s : cl.recompute_held) Unref(s, current_node_);
+  for (int64_t s : cl.kept) Unref(s, current_node_);
+  cl.recompute_held.clear();
+  cl.kept.clear();
 }
 
 void StepExecutor::Backward() {
@@ -420,10 +566,16 @@ void StepExecutor::Backward() {
   const ValueId loss = graph_.loss();
   // loss.backward() seeds with ones_like(loss); the interpreter then drops the loss value itself.
   grad_of_[static_cast<size_t>(loss.index)] = NewStorage(Bytes(loss), MemoryCategory::kActivationGrads, "d loss", -1);
+  const RuleContext ctx = OpRuleContext();
+  int32_t checkpointed_layer = -1;  // the checkpointed layer whose backward is running
   for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
     const auto& node = *it;
     const size_t n = static_cast<size_t>(node.id.index);
     current_node_ = node.id.index;
+    if (checkpointed_layer >= 0 && !(InCheckpointedLayer(node) && node.region.layer == checkpointed_layer)) {
+      ReleaseCheckpointedLayer(checkpointed_layer);
+      checkpointed_layer = -1;
+    }
     EnterRegionOf(node);
     int64_t grad_out = -1;
     for (ValueId out : node.outputs) {
@@ -433,6 +585,15 @@ void StepExecutor::Backward() {
       }
     }
     if (grad_out < 0) continue;  // no gradient reaches this op
+    if (InCheckpointedLayer(node)) {
+      checkpointed_layer = node.region.layer;
+      CheckpointedLayer& cl = checkpointed_.at(checkpointed_layer);
+      // Reentrant: CheckpointFunction.backward runs when the gradient reaches the layer; non-reentrant: the first
+      // unpack of a saved tensor triggers the recompute.
+      if (!cl.recomputed && (plan_.checkpointing.reentrant || SavesForBackward(n))) {
+        RecomputeLayer(checkpointed_layer, ctx, node.id.index);
+      }
+    }
     const auto& rule = rules_[n];
     const auto& inputs = graph_.tensor_inputs(node.id);
     int64_t workspace = -1;
@@ -537,6 +698,7 @@ void StepExecutor::Backward() {
     AfterNodeBackward(node.id.index);
   }
   current_node_ = -1;
+  for (auto& [layer, cl] : checkpointed_) ReleaseCheckpointedLayer(layer);
   LeaveRegion();
   // Saved tensors of ops no gradient reached, and the loss value, go when the graph is freed.
   for (size_t n = 0; n < saved_.size(); ++n) {

@@ -76,12 +76,23 @@ struct LoopPlan {
   bool clip_grad_norm = false;
 };
 
+// Activation checkpointing (torch.utils.checkpoint around whole decoder layers): their ops are kRecompute, the
+// layer keeps its inputs and the RNG state, and backward recomputes the layer when the gradient reaches it.
+struct CheckpointPlan {
+  std::vector<int32_t> layers;  // checkpointed decoder layers, ascending
+  bool reentrant = true;        // use_reentrant=True: whole recompute, then an inner backward
+  // torch.get_rng_state() that preserve_rng_state stashes per layer (and fork_rng again during the recompute), in
+  // the target's memory; a CUDA generator's state is a CPU tensor, so 0 on a GPU target.
+  int64_t rng_state_bytes = 0;
+};
+
 struct StepPlan {
   std::vector<DType> value_dtypes;  // per IR value: its dtype under the recipe's precision
   std::vector<ParamPlan> params;    // per Graph::params() entry
   std::vector<OpPlan> ops;          // per IR node
   OptimizerStepPlan optimizer_step;
   LoopPlan loop;
+  CheckpointPlan checkpointing;
 };
 
 }  // namespace llmem::sim

@@ -100,6 +100,22 @@ class CliTest(OneLineErrorAssertions, unittest.TestCase):
         huge = run("estimate", self.gpt2, "-b", "4000000000", "-s", "4000000000")
         self.assert_one_line_error(huge, 2, "overflow")
 
+    def test_checkpointing_every_k_out_of_range(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")  # 4 decoder layers
+        self.assert_one_line_error(run("estimate", llama, "--gpu", "cpu", "--checkpointing", "every-5"), 2,
+                                   "every-5", "4 decoder layers")
+
+    def test_checkpointing_keeps_only_layer_inputs(self):
+        # A checkpointed forward saves nothing inside the layers, so its forward peak is below the plain one's.
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        peaks = {}
+        for mode in ("none", "full", "every-2"):
+            r = run("estimate", llama, "-b", "2", "-s", "128", "--gpu", "cpu", "--json", "--checkpointing", mode)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            peaks[mode] = json.loads(r.stdout)["phase_peak_bytes"]["forward"]
+        self.assertLess(peaks["full"], peaks["every-2"])
+        self.assertLess(peaks["every-2"], peaks["none"])
+
     def test_bad_names(self):
         self.assert_one_line_error(run("estimate", self.gpt2, "--gpu", "tpu-v9"), 2, "unknown GPU 'tpu-v9'", "a100-80")
         self.assert_one_line_error(run("estimate", self.gpt2, "-p", "fp8"), 2, "unknown precision 'fp8'")
