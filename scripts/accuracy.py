@@ -109,8 +109,8 @@ def main():
     ap.add_argument("--recipes", action="store_true",
                     help="also the training-recipe cases (RECIPE_CASES; with --quick RECIPE_QUICK_CASES)")
     ap.add_argument("--recipe-filter", default="",
-                    help="with --recipes: only the cases whose recipe contains one of these comma-free "
-                         "substrings, given as a |-separated list (e.g. 'grad-accum|keep-outputs')")
+                    help="with --recipes: only the cases that contain one of these comma-free substrings, "
+                         "given as a |-separated list (e.g. 'grad-accum|keep-outputs|adafactor')")
     ap.add_argument("--out", help="write the markdown report here")
     ap.add_argument("--check", type=float, help="fail if any |error| (percent) of any phase exceeds this")
     args = ap.parse_args()
@@ -188,7 +188,7 @@ def main():
     if args.recipes:
         wanted = [w for w in args.recipe_filter.split("|") if w]
         for text in RECIPE_QUICK_CASES if args.quick else RECIPE_CASES:
-            if wanted and not any(w in text.split(":", 4)[4] for w in wanted):
+            if wanted and not any(w in text for w in wanted):
                 continue
             arch, precision, optimizer, batch, seq, recipe = eager_runs.parse_case(text)
             model = os.path.join(args.models, f"{arch}-{args.size}.pt")
@@ -271,12 +271,13 @@ def main():
                     f" | {r['peak_phase']} |\n")
 
     def recipe_table(f, rs):
-        f.write("| model | precision | batch | seq | recipe | " +
+        f.write("| model | precision | batch | seq | optimizer | recipe | " +
                 " | ".join(f"{c} eager MiB | {c} error" for c in COLUMNS) + " | peak in |\n")
-        f.write("|---|---|---:|---:|---|" + "---:|---:|" * len(COLUMNS) + "---|\n")
+        f.write("|---|---|---:|---:|---|---|" + "---:|---:|" * len(COLUMNS) + "---|\n")
         for r in rs:
             errs = r.get("errors")
-            f.write(f"| {r['arch']} | {r['precision']} | {r['batch']} | {r['seq']} | `{r['recipe']}` | " +
+            recipe = f"`{r['recipe']}`" if r.get("recipe") else "—"
+            f.write(f"| {r['arch']} | {r['precision']} | {r['batch']} | {r['seq']} | {r['optimizer']} | {recipe} | " +
                     " | ".join(f"{mib(r['measured'][c]):.2f} | " + (f"{errs[c]:+.3f}%" if errs else "—")
                                for c in COLUMNS) +
                     f" | {r.get('peak_phase', 'not estimated')} |\n")
