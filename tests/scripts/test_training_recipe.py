@@ -174,5 +174,30 @@ class EagerRecipeRunsTest(unittest.TestCase):
         self.assertLess(in_backward["phase_peak_bytes"]["optimizer"], self.plain["phase_peak_bytes"]["optimizer"])
 
 
+class ProcessWideStateTest(unittest.TestCase):
+    """Many cases share one eager_runs.py process: what a library singleton holds of one case's model must be
+    gone before the next case's baseline, or the next case measures that memory too small."""
+
+    def test_the_8bit_optimizer_manager_lets_go_of_the_previous_model(self):
+        import gc
+        import weakref
+
+        import bitsandbytes
+        import torch
+
+        import eager_runs
+
+        embedding = torch.nn.Embedding(16, 4)
+        bitsandbytes.optim.GlobalOptimManager.get_instance().register_module_override(
+            embedding, "weight", {"optim_bits": 32})
+        alive = weakref.ref(embedding.weight)
+        del embedding
+        gc.collect()
+        self.assertIsNotNone(alive(), "the manager holds the module it was given")
+        eager_runs.release_process_wide_state()
+        gc.collect()
+        self.assertIsNone(alive())
+
+
 if __name__ == "__main__":
     unittest.main()
