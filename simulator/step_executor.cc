@@ -808,7 +808,8 @@ ValueId StepExecutor::ReturnedLogits() const {
     // The module's path ends in lm_head (under a wrapper: "model.lm_head").
     if ((it->scope == "lm_head" || it->scope.ends_with(".lm_head")) && !it->outputs.empty()) return it->outputs[0];
   }
-  throw ConfigError("--keep-outputs: the model has no LM head (a module named lm_head) whose logits the loop keeps");
+  throw ConfigError("the loop that keeps the outputs (--keep-outputs, the default) needs an LM head (a module named "
+                    "lm_head) whose logits it keeps, and the model has none; --drop-outputs is HF Trainer's loop");
 }
 
 // Note [Kept outputs]
