@@ -19,6 +19,12 @@ namespace {
 
 std::string FsdpDtypeName(DType d) { return d == DType::kBF16 ? "bf16" : d == DType::kF16 ? "fp16" : "fp32"; }
 
+// The loop by the code people run, and what that code does with the model's outputs.
+std::string TrainingLoopName(const sim::Recipe& r) {
+  return r.keep_outputs ? "accelerate / PEFT example loop (outputs kept until the next forward)"
+                        : "HF Trainer loop (outputs dropped before backward)";
+}
+
 }  // namespace
 
 void AddRecipeOptions(CLI::App* cmd, RecipeOptions& o) {
@@ -35,8 +41,12 @@ void AddRecipeOptions(CLI::App* cmd, RecipeOptions& o) {
   cmd->add_option("--grad-clip", o.grad_clip, "clip_grad_norm_ to this max norm before the step");
   cmd->add_option("--grad-accum", o.grad_accum, "micro-batches per optimizer step")->capture_default_str();
   cmd->add_option("--loss", o.loss, "loss: standard | chunked-N | fused-linear")->capture_default_str();
-  cmd->add_flag("--keep-outputs", o.keep_outputs,
-                "the loop keeps the model's outputs (logits) alive until the next forward returns");
+  auto* keep = cmd->add_flag("--keep-outputs", o.keep_outputs,
+                             "the default: the loop keeps `outputs` (logits, loss) bound until the next forward "
+                             "returns (accelerate / PEFT examples)");
+  auto* drop = cmd->add_flag_callback("--drop-outputs", [&o] { o.keep_outputs = false; },
+                                      "HF Trainer's loop: compute_loss drops the outputs before backward");
+  keep->excludes(drop);
   cmd->add_option("--fsdp-param-dtype", o.fsdp_param_dtype, "FSDP2 MixedPrecisionPolicy param_dtype: bf16 | fp16 | fp32");
   cmd->add_option("--fsdp-reduce-dtype", o.fsdp_reduce_dtype,
                   "FSDP2 MixedPrecisionPolicy reduce_dtype: bf16 | fp16 | fp32");
@@ -90,6 +100,7 @@ nlohmann::json RecipeJson(const sim::Recipe& r) {
       {"grad_accum", r.grad_accum},
       {"loss", sim::LossName(r.loss, r.loss_chunks)},
       {"keep_outputs", r.keep_outputs},
+      {"training_loop", TrainingLoopName(r)},
       {"fsdp_param_dtype", r.fsdp_param_dtype ? nlohmann::json(FsdpDtypeName(*r.fsdp_param_dtype)) : nlohmann::json(nullptr)},
       {"fsdp_reduce_dtype",
        r.fsdp_reduce_dtype ? nlohmann::json(FsdpDtypeName(*r.fsdp_reduce_dtype)) : nlohmann::json(nullptr)},
@@ -114,7 +125,7 @@ std::string RecipeSummary(const sim::Recipe& r) {
     s += ", FSDP2 MixedPrecisionPolicy (param " + (r.fsdp_param_dtype ? FsdpDtypeName(*r.fsdp_param_dtype) : "default") +
          ", reduce " + (r.fsdp_reduce_dtype ? FsdpDtypeName(*r.fsdp_reduce_dtype) : "default") + ")";
   }
-  s += r.keep_outputs ? ", outputs kept through backward" : ", outputs dropped before backward";
+  s += ", " + TrainingLoopName(r);
   return s;
 }
 

@@ -21,7 +21,9 @@ struct RecipeOptions {
   std::optional<double> grad_clip;
   int64_t grad_accum = 1;
   std::string loss = "standard";
-  bool keep_outputs = false;
+  // The cautious default: the loop that keeps `outputs` has the larger peak, so an estimate for a user whose loop
+  // is unknown does not fall short of it (--drop-outputs: HF Trainer's loop).
+  bool keep_outputs = true;
   std::string fsdp_param_dtype, fsdp_reduce_dtype;  // empty: not given
 };
 

@@ -269,6 +269,9 @@ int RunValidate(const ValidateOptions& o) {
     sim::TrainingConfig config = ParseTrainingConfig(r.precision, r.optimizer, target);
     config.fsdp_param_dtype = ParseFsdpDtype(r.fsdp_param_dtype, "fsdp_param_dtype");
     config.fsdp_reduce_dtype = ParseFsdpDtype(r.fsdp_reduce_dtype, "fsdp_reduce_dtype");
+    // A run without a loop recipe ran HF Trainer's loop (scripts/distributed_worker.py): outputs dropped before
+    // backward, not estimate's cautious default.
+    config.keep_outputs = false;
     auto& model = models[r.export_path];
     auto& graph = graphs[{r.export_path, r.batch, r.seq}];
     try {

@@ -167,7 +167,8 @@ def main():
     def compare_torchscript(model, name, precision, optimizer, batch, seq, device):
         common = [model, "-b", str(batch), "-s", str(seq), "-p", precision, "-o", optimizer, "--json"]
         t0 = time.time()
-        est = estimate(model, precision, optimizer, batch, seq, "torchscript")
+        # measure's loop drops the loss after backward and returns nothing else: HF Trainer's loop
+        est = estimate(model, precision, optimizer, batch, seq, "torchscript", ["--drop-outputs"])
         t_est = time.time() - t0
         meas = run_json([args.llmem, "measure", *common, "--device", device])
         e, m = est["peak_allocated_bytes"], meas["peak_allocated_bytes"]
@@ -303,7 +304,8 @@ def main():
                         "opt.zero_grad(set_to_none=True)` (torch.optim.AdamW or SGD with momentum 0.9; "
                         "torch.autocast for bf16-autocast), every CPU tensor counted by a counting allocator; "
                         "the peaks of each phase of the second (steady-state) step\n")
-                f.write("- estimated: `llmem estimate --gpu cpu --lifetimes eager` (the default)\n")
+                f.write("- estimated: `llmem estimate --gpu cpu --lifetimes eager --drop-outputs` (eager lifetimes are "
+                        "the default; `--drop-outputs`: the loop above, HF Trainer's)\n")
                 f.write(f"- models: `{args.size}` presets of `models/export_hf.py` (random weights)\n\n")
                 for c in COLUMNS:
                     f.write(f"- **{c}: {summary(rows, c)}.**\n")
@@ -318,7 +320,7 @@ def main():
                         "that keeps the outputs, `clip_grad_norm_`); the peaks of each phase of the steady-state "
                         "step (with accumulation: the highest micro-batch)\n")
                 f.write("- estimated: `llmem estimate --gpu cpu` with the recipe as flags (`--checkpointing full`, "
-                        "`--grad-accum 2`, ...)\n\n")
+                        "`--grad-accum 2`, ...; `--drop-outputs` unless the recipe keeps the outputs)\n\n")
                 if recipe_rows_estimated:
                     for c in COLUMNS:
                         f.write(f"- **{c}: {summary(recipe_rows_estimated, c)}.**\n")
@@ -332,14 +334,16 @@ def main():
                 f.write("- measured: `llmem measure --device cpu`: LibTorch runs AdamW (C++ torch::optim::AdamW) "
                         "or SGD with momentum training steps of the TorchScript export (graph-executor "
                         "optimizations off, 2 steps, peak over both) through a counting CPU allocator\n")
-                f.write("- estimated: `llmem estimate --gpu cpu --lifetimes torchscript`\n\n")
+                f.write("- estimated: `llmem estimate --gpu cpu --lifetimes torchscript --drop-outputs` (measure "
+                        "drops the loss after backward)\n\n")
                 f.write(f"**{summary(ts_rows)}.**\n\n")
                 table(f, ts_rows, "measured")
             if meta_rows:
                 f.write("\n## Real-size exports against the meta-device oracle\n\n")
                 f.write("- measured: `llmem measure --device meta`: the same LibTorch step (AdamW) on the meta device, "
                         "every allocation counted by PyTorch's own allocator hook (no memory is touched); fp32 only, "
-                        "since autocast does not apply to meta tensors; estimated with `--lifetimes torchscript`\n\n")
+                        "since autocast does not apply to meta tensors; estimated with `--lifetimes torchscript "
+                        "--drop-outputs`\n\n")
                 f.write(f"**{summary(meta_rows)}.**\n\n")
                 table(f, meta_rows, "meta oracle")
             if dist:
@@ -354,7 +358,8 @@ def main():
                         "LM head and `loss_parallel` where marked) and FSDP2 + TP on a 2-D mesh; each rank counts its "
                         "tensors with a counting CPU allocator; the peak is over steps 2-3 (steady state)\n")
                 f.write("- estimated: `llmem validate`: one rank of the same layout (`llmem estimate --gpu cpu --dp "
-                        "--tp --engine`); the error of a case is against its highest rank\n\n")
+                        "--tp --engine --drop-outputs`, the harness's HF Trainer loop); the error of a case is against "
+                        "its highest rank\n\n")
                 f.write(f"**{len(dist['cases'])} cases, {dist['ranks']} ranks: mean |error| per rank "
                         f"{dist['mean_abs_error_percent']:.3f}%, max |error| of a case "
                         f"{dist['max_abs_case_error_percent']:.3f}%, {len(under)} under-estimates"

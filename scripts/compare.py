@@ -130,6 +130,9 @@ TORCHSCRIPT_TRUTHS = ("torchscript", "meta")
 
 
 def llmem_estimate(args, case):
+    # Every truth runs HF Trainer's loop (the outputs dropped before backward; `llmem measure` drops its loss
+    # after backward), not llmem's default that keeps them.
+    loop = ["--drop-outputs"]
     extra = ["--lifetimes", "torchscript" if case["truth"] in TORCHSCRIPT_TRUTHS else "eager"]
     if case.get("method", "single") != "single":
         extra = ["--dp", str(case["dp"]), "--tp", str(case["tp"])]
@@ -138,7 +141,7 @@ def llmem_estimate(args, case):
         if case["tp"] > 1 and not case["vocab_parallel"]:
             extra.append("--no-vocab-parallel")
     return _llmem_json(args, "estimate", *_step_args(case), "--gpu", case.get("gpu", "cpu"),
-                       *extra)["peak_allocated_bytes"]
+                       *extra, *loop)["peak_allocated_bytes"]
 
 
 def pytorch_tracker(case):
@@ -148,8 +151,8 @@ def pytorch_tracker(case):
 
 
 METHODS = {
-    "llmem": (llmem_estimate, "this repository, `llmem estimate --gpu cpu` (`--lifetimes torchscript` against the "
-              "TorchScript truths, `eager` otherwise)",
+    "llmem": (llmem_estimate, "this repository, `llmem estimate --gpu cpu --drop-outputs` (`--lifetimes torchscript` "
+              "against the TorchScript truths, `eager` otherwise)",
               "the TorchScript graph simulated op by op (saved tensors, autocast copies, optimizer, allocator)"),
     "DNNMem": (lambda a, c: dnnmem.estimate(c), "Gao et al., ESEC/FSE 2020 (paper's algorithm; no public code)",
                dnnmem.WHAT),

@@ -171,7 +171,7 @@ def recipe_text(recipe):
 
 
 def llmem_flags(recipe):
-    """The same recipe as llmem estimate flags (`--checkpointing full --grad-accum 2 --keep-outputs`)."""
+    """The same recipe as llmem estimate flags (`--checkpointing full --grad-accum 2 --drop-outputs`)."""
     flags = []
     for key in PARSERS:
         if key not in recipe:
@@ -181,6 +181,8 @@ def llmem_flags(recipe):
             flags.append(f"--{key}")
         else:
             flags += [f"--{key}", recipe_text({key: value}).split("=", 1)[1]]
+    if not recipe.get("keep-outputs"):
+        flags.append("--drop-outputs")  # the eager runs' loop is HF Trainer's; llmem's default keeps the outputs
     return flags
 
 

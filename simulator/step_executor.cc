@@ -805,13 +805,15 @@ void StepExecutor::StepInBackward(const Parameter& p, const ParamPlan&) {
   grad = -1;
 }
 
-// What the model returns besides the loss: the LM head's output (HF CausalLM's `logits`).
+// What the model returns besides the loss: the LM head's output (HF CausalLM's `logits`; an HF export's wrapper
+// returns only the loss, the model the loop calls returns both). A model without an `lm_head` module returns what
+// its graph returns, the loss alone: no value (the loop then keeps only the loss).
 ValueId StepExecutor::ReturnedLogits() const {
   for (auto it = graph_.nodes().rbegin(); it != graph_.nodes().rend(); ++it) {
     // The module's path ends in lm_head (under a wrapper: "model.lm_head").
     if ((it->scope == "lm_head" || it->scope.ends_with(".lm_head")) && !it->outputs.empty()) return it->outputs[0];
   }
-  throw ConfigError("--keep-outputs: the model has no LM head (a module named lm_head) whose logits the loop keeps");
+  return ValueId{};
 }
 
 // Note [Kept outputs]
@@ -819,8 +821,10 @@ ValueId StepExecutor::ReturnedLogits() const {
 // live through the whole forward, this step's through backward and the optimizer step.
 void StepExecutor::KeepPreviousOutputs() {
   logits_ = ReturnedLogits();
-  kept_outputs_.push_back(NewStorage(StorageBytes(graph_.StorageRoot(logits_)), MemoryCategory::kHeadActivations,
-                                     "previous step's logits", -1));
+  if (logits_.valid()) {
+    kept_outputs_.push_back(NewStorage(StorageBytes(graph_.StorageRoot(logits_)), MemoryCategory::kHeadActivations,
+                                       "previous step's logits", -1));
+  }
   kept_outputs_.push_back(NewStorage(Bytes(graph_.loss()), MemoryCategory::kHeadActivations, "previous step's loss", -1));
 }
 

@@ -91,7 +91,7 @@ class ModelFileTest(unittest.TestCase):
         torch.manual_seed(0)
         torch.jit.script(TinyLM()).save(path)
         shape = ("-b", "2", "-s", "16", "-p", "fp32")
-        estimate = self.peaks("estimate", path, *shape, "--gpu", "cpu")
+        estimate = self.peaks("estimate", path, *shape, "--gpu", "cpu", "--drop-outputs")  # measure's loop
         measured = self.peaks("measure", path, *shape, "--steps", "2")
         self.assertEqual(estimate["peak_allocated_bytes"], measured["peak_allocated_bytes"])
         proc = run("inspect", path)
@@ -185,6 +185,26 @@ class ModelFileTest(unittest.TestCase):
         proc = run("inspect", opt)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertIn("positions   2048", proc.stdout)
+
+    def test_loop_that_keeps_the_outputs_of_a_model_returning_only_its_loss_keeps_the_loss(self):
+        # TinyLM's head is not an lm_head module and its forward returns the loss alone: what the loop keeps bound
+        # is what each phase's peak grows by in a real step of the file in Python, both loops.
+        path = self.path("loss_only.pt")
+        torch.manual_seed(0)
+        torch.jit.script(TinyLM()).save(path)
+        shape = ("-b", "2", "-s", "16", "-p", "fp32", "--gpu", "cpu")
+        helper = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eager_step_of_a_file.py")
+        real, est = {}, {}
+        for loop in ("keep", "drop"):
+            proc = subprocess.run([sys.executable, helper, path, "--batch", "2", "--seq", "16", "--loop", loop],
+                                  capture_output=True, text=True, timeout=600)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            real[loop] = json.loads(proc.stdout.splitlines()[-1])
+            est[loop] = self.peaks("estimate", path, *shape, f"--{loop}-outputs")["phase_peak_bytes"]
+        for phase in ("forward", "backward", "optimizer"):
+            self.assertEqual(est["keep"][phase] - est["drop"][phase], real["keep"][phase] - real["drop"][phase],
+                             phase)
+        self.assertEqual(self.peaks("estimate", path, *shape)["recipe"]["keep_outputs"], True)  # the default
 
     def test_scripted_position_table_is_found_in_the_graph(self):
         path = self.path("scripted_positions.pt")

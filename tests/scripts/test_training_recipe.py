@@ -47,7 +47,8 @@ class RecipeParserTest(unittest.TestCase):
 
     def test_llmem_flags(self):
         self.assertEqual(training_recipe.llmem_flags(parse_recipe("optimizer-in-backward=1,checkpointing=full")),
-                         ["--checkpointing", "full", "--optimizer-in-backward"])
+                         ["--checkpointing", "full", "--optimizer-in-backward", "--drop-outputs"])
+        self.assertEqual(training_recipe.llmem_flags(parse_recipe("keep-outputs=1")), ["--keep-outputs"])
 
     def test_bad_keys_and_values(self):
         self.assert_refused("checkpint=full", "unknown recipe key", "checkpint")
