@@ -179,6 +179,13 @@ class StepExecutor : private StepMemory {
   void ReleaseKeptOutputs();
   ValueId ReturnedLogits() const;
   void ClipGradNormTemporaries();
+  // The chunked loss (LossPlan, Note [Chunked loss]).
+  bool ReplacedByLoss(const OpNode& node) const {
+    return !plan_.loss.chunk_lengths.empty() && node.id.index >= plan_.loss.lm_head_node;
+  }
+  void ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts);
+  void ChunkedLossBackward();
+  ValueId ChunkedLossHidden() const;
 
   const Graph& graph_;
   const StepPlan& plan_;
@@ -217,6 +224,17 @@ class StepExecutor : private StepMemory {
     bool recomputed = false;
   };
   std::map<int32_t, CheckpointedLayer> checkpointed_;  // by decoder layer
+  // The chunked loss: per chunk, what its projection and cross-entropy keep for backward.
+  struct LossChunk {
+    int64_t rows = 0;             // batch x the chunk's positions
+    int64_t input = -1;           // the hidden chunk mm saves (its copy, or the hidden state it views)
+    int64_t weight_copy = -1;     // the autocast copy of the weight mm saves
+    int64_t labels = -1;          // the chunk's labels nll_loss saves
+    int64_t log_probs = -1;       // log_softmax's output, saved by it and by nll_loss
+    int64_t total_weight = -1;    // nll_loss's total_weight
+  };
+  std::vector<LossChunk> loss_chunks_;
+  int64_t loss_label_count_ = -1;  // the count of labels the loss divides by (saved by the division)
 };
 
 void StepExecutor::Setup() {
@@ -293,6 +311,10 @@ void StepExecutor::Forward() {
   for (const auto& node : nodes) {
     current_node_ = node.id.index;
     EnterRegionOf(node);
+    if (ReplacedByLoss(node)) {
+      if (node.id.index == plan_.loss.lm_head_node) ChunkedLossForward(weight_cast_cache);
+      continue;
+    }
     if (InCheckpointedLayer(node)) CheckpointForwardOp(node);
     ForwardOp(node, ctx, weight_cast_cache);
   }
@@ -577,6 +599,10 @@ void StepExecutor::Backward() {
       checkpointed_layer = -1;
     }
     EnterRegionOf(node);
+    if (ReplacedByLoss(node)) {
+      if (node.id == graph_.value(graph_.loss()).producer) ChunkedLossBackward();
+      continue;
+    }
     int64_t grad_out = -1;
     for (ValueId out : node.outputs) {
       if (grad_of_[static_cast<size_t>(out.index)] >= 0) {
@@ -874,6 +900,288 @@ void StepExecutor::ClipGradNormTemporaries() {
   Unref(total, -1);
 }
 
+// Note [Chunked loss]
+// torchtune's chunked output and CEWithChunkedOutputLoss (torchtune/modules/transformer.py chunked_output,
+// torchtune/modules/loss/ce_chunked_output_loss.py; torchtune 0.6) on the model's last hidden state, in place of
+// the graph's LM head and loss:
+//   logits = [lm_head(c) for c in hidden.tensor_split(N, dim=1)]
+//   labels = torch.hstack((labels[..., 1:], ignore_column))           # a new int64 tensor
+//   total = (labels != -100).sum(); labels = [c.reshape(-1) for c in labels.tensor_split(N, dim=1)]
+//   loss = sum(F.cross_entropy(c.reshape(-1, V).float(), l, reduction="sum") for c, l in ...) / total
+// What that allocates (aten/src/ATen/native/Linear.cpp, LinearAlgebra.cpp _matmul_impl; derivatives.yaml):
+// - linear on a [B, s, H] chunk runs matmul, which folds it to [B*s, H] with reshape: a view when B == 1 (mm then
+//   saves the hidden state itself), a contiguous copy otherwise (a chunk of dim 1 is not contiguous), and mm saves
+//   the copy. Under autocast the chunk's 16-bit copy is contiguous instead and is what mm saves; the weight's copy
+//   is cast once (autocast's cache) and saved by every chunk's mm.
+// - all N logit chunks live until the loss returns; .float() makes one fp32 copy at a time (none for fp32
+//   logits), log_softmax's fp32 output is saved per chunk; the label chunks are copies when B > 1.
+// Backward follows the engine's order (highest sequence number first): every chunk's cross-entropy backward
+// (nll_loss_backward's zero-filled gradient, then log_softmax_backward's, cast back to the logits' dtype) runs
+// before any projection backward, since all the projections were created before the loss; then each chunk's mm
+// backward, last chunk first (a weight gradient accumulated like any other: the first is a transposed view, so
+// the second makes a new sum, later ones add in place), each followed under autocast by the copy's cast back;
+// then the weight copy's cast to fp32; last each chunk's SliceBackward, a zero-filled hidden-sized gradient that
+// the hidden state's gradient buffer adds in place.
+// HF's full-range logits_to_keep slices before lm_head are not in torchtune's loop: the hidden state is the
+// value they view.
+ValueId StepExecutor::ChunkedLossHidden() const {
+  ValueId hidden = graph_.tensor_inputs(NodeId{plan_.loss.lm_head_node}).at(0);
+  while (true) {
+    const NodeId producer = graph_.value(hidden).producer;
+    if (!producer.valid()) return hidden;
+    const OpNode& op = graph_.nodes()[static_cast<size_t>(producer.index)];
+    const auto& inputs = graph_.tensor_inputs(op.id);
+    if (op.kind != "aten::slice" || inputs.empty() || graph_.value(inputs[0]).shape != graph_.value(hidden).shape) {
+      return hidden;
+    }
+    hidden = inputs[0];
+  }
+}
+
+void StepExecutor::ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts) {
+  const OpNode& linear = graph_.nodes()[static_cast<size_t>(plan_.loss.lm_head_node)];
+  const int32_t head = linear.id.index;
+  const int32_t loss_node = graph_.value(graph_.loss()).producer.index;
+  const ValueId hidden = ChunkedLossHidden();
+  const ValueId weight = graph_.tensor_inputs(linear.id).at(1);
+  const ValueId logits = linear.outputs.at(0);
+  const auto& shape = graph_.value(hidden).shape;  // [B, S, H]
+  const int64_t batch = shape[0], seq = shape[1], width = shape[2];
+  const int64_t vocab = graph_.value(logits).shape.back();
+  auto dtype = [this](ValueId v) { return out_.value_dtypes[static_cast<size_t>(v.index)]; };
+  const bool autocast =
+      config_.precision == Precision::kBf16Autocast || config_.precision == Precision::kFp16Autocast;
+  const DType low = config_.precision == Precision::kFp16Autocast ? DType::kF16 : DType::kBF16;
+  const bool cast_hidden = autocast && IsFloating(dtype(hidden)) && dtype(hidden) != low;
+  const bool cast_weight = autocast && dtype(weight) != low;
+  auto bytes = [](int64_t elements, DType d) { return CheckedMul(elements, ElementSize(d), "a loss chunk"); };
+  auto named = [](const std::string& what, size_t c) { return what + " " + std::to_string(c); };
+  loss_chunks_.assign(plan_.loss.chunk_lengths.size(), {});
+  std::vector<int64_t> logit_chunks;
+  for (size_t c = 0; c < loss_chunks_.size(); ++c) {
+    LossChunk& chunk = loss_chunks_[c];
+    const int64_t positions = plan_.loss.chunk_lengths[c];
+    chunk.rows = batch * positions;
+    // Autocast casts the weight first (its cached copy), then the chunk.
+    int64_t weight_copy = -1;
+    if (cast_weight) {
+      auto it = weight_casts.find(weight.index);
+      if (it == weight_casts.end() || !Trainable(weight)) {
+        const int64_t s = NewStorage(bytes(vocab * width, low), MemoryCategory::kAutocastCopies,
+                                     [&] { return graph_.value(weight).name + " autocast copy"; }, head);
+        if (!Trainable(weight)) {
+          weight_copy = s;
+        } else {
+          it = weight_casts.emplace(weight.index, s).first;
+        }
+      }
+      if (weight_copy < 0) {
+        weight_copy = it->second;
+        Ref(weight_copy);
+      }
+    }
+    int64_t input;
+    if (cast_hidden) {
+      input = NewStorage(bytes(chunk.rows * width, low), MemoryCategory::kAutocastCopies,
+                         [&] { return named("hidden chunk autocast copy", c); }, head);
+    } else if (batch > 1 && positions != seq) {
+      input = NewStorage(bytes(chunk.rows * width, dtype(hidden)), MemoryCategory::kHeadActivations,
+                         [&] { return named("hidden chunk reshape copy", c); }, head);
+    } else {
+      input = storage_of_[static_cast<size_t>(hidden.index)];  // the reshape is a view of the hidden state
+      Ref(input);
+    }
+    logit_chunks.push_back(NewStorage(bytes(chunk.rows * vocab, dtype(logits)), MemoryCategory::kHeadActivations,
+                                      [&] { return named("logits chunk", c); }, head));
+    // mm saves the chunk for the weight's gradient and the weight for the chunk's.
+    if (graph_.value(weight).requires_grad) {
+      chunk.input = input;
+    } else {
+      Unref(input, head);
+    }
+    if (weight_copy >= 0 && graph_.value(hidden).requires_grad) {
+      chunk.weight_copy = weight_copy;
+    } else if (weight_copy >= 0) {
+      Unref(weight_copy, head);
+    }
+  }
+  // The hidden state (and whatever else the model's frame held) goes when chunked_output returns.
+  for (size_t n = static_cast<size_t>(head); n < graph_.nodes().size(); ++n) {
+    for (ValueId v : released_after_[n]) {
+      const int64_t s = storage_of_[static_cast<size_t>(v.index)];
+      if (s >= 0 && graph_.value(v).producer.index < head) Unref(s, head);
+    }
+  }
+  current_node_ = loss_node;
+  // Class-index targets are int64.
+  const int64_t label_bytes = ElementSize(DType::kI64);
+  const int64_t shifted = NewStorage(CheckedMul(batch * seq, label_bytes, "the labels"), MemoryCategory::kHeadActivations,
+                                     "shifted labels", loss_node);
+  // (labels != ignore_index).sum(): a bool mask, summed through an int64 copy of it.
+  const int64_t mask = NewStorage(batch * seq, MemoryCategory::kTransient, "label mask", loss_node);
+  loss_label_count_ = NewStorage(label_bytes, MemoryCategory::kHeadActivations, "label count", loss_node);
+  const int64_t widened = NewStorage(CheckedMul(batch * seq, label_bytes, "the labels"), MemoryCategory::kTransient,
+                                     "label mask as int64", loss_node);
+  Unref(widened, loss_node);
+  Unref(mask, loss_node);
+  for (size_t c = 0; c < loss_chunks_.size(); ++c) {
+    if (batch > 1 && plan_.loss.chunk_lengths[c] != seq) {
+      loss_chunks_[c].labels = NewStorage(loss_chunks_[c].rows * label_bytes, MemoryCategory::kHeadActivations,
+                                          [&] { return named("labels chunk", c); }, loss_node);
+    } else {
+      loss_chunks_[c].labels = shifted;
+      Ref(shifted);
+    }
+  }
+  const int64_t fp32 = ElementSize(DType::kF32);
+  int64_t total = -1;
+  for (size_t c = 0; c < loss_chunks_.size(); ++c) {
+    LossChunk& chunk = loss_chunks_[c];
+    const int64_t upcast =
+        dtype(logits) == DType::kF32
+            ? -1
+            : NewStorage(bytes(chunk.rows * vocab, DType::kF32), MemoryCategory::kTransient,
+                         [&] { return named("logits chunk in fp32", c); }, loss_node);
+    chunk.log_probs = NewStorage(bytes(chunk.rows * vocab, DType::kF32), MemoryCategory::kHeadActivations,
+                                 [&] { return named("log_softmax of chunk", c); }, loss_node);
+    const int64_t value = NewStorage(fp32, MemoryCategory::kHeadActivations, "chunk loss", loss_node);
+    chunk.total_weight = NewStorage(fp32, MemoryCategory::kHeadActivations, "nll_loss total weight", loss_node);
+    if (upcast >= 0) Unref(upcast, loss_node);
+    // total_loss = 0.0 + the first chunk's loss makes a tensor; `+=` then adds the others in place.
+    if (total < 0) total = NewStorage(fp32, MemoryCategory::kHeadActivations, "loss sum", loss_node);
+    Unref(value, loss_node);
+  }
+  const int64_t loss = NewStorage(fp32, MemoryCategory::kHeadActivations, "loss", loss_node);
+  Unref(total, loss_node);
+  storage_of_[static_cast<size_t>(graph_.loss().index)] = loss;
+  // The loop drops the logit chunks and the shifted labels when the loss is computed.
+  Unref(shifted, loss_node);
+  for (int64_t s : logit_chunks) Unref(s, loss_node);
+}
+
+void StepExecutor::ChunkedLossBackward() {
+  const OpNode& linear = graph_.nodes()[static_cast<size_t>(plan_.loss.lm_head_node)];
+  const int32_t head = linear.id.index;
+  const int32_t loss_node = graph_.value(graph_.loss()).producer.index;
+  const ValueId hidden = ChunkedLossHidden();
+  const ValueId weight = graph_.tensor_inputs(linear.id).at(1);
+  const ValueId logits = linear.outputs.at(0);
+  const auto& shape = graph_.value(hidden).shape;
+  const int64_t width = shape[2];
+  const int64_t vocab = graph_.value(logits).shape.back();
+  auto dtype = [this](ValueId v) { return out_.value_dtypes[static_cast<size_t>(v.index)]; };
+  const bool autocast =
+      config_.precision == Precision::kBf16Autocast || config_.precision == Precision::kFp16Autocast;
+  const DType low = config_.precision == Precision::kFp16Autocast ? DType::kF16 : DType::kBF16;
+  const bool cast_hidden = autocast && IsFloating(dtype(hidden)) && dtype(hidden) != low;
+  const bool cast_weight = autocast && dtype(weight) != low;
+  auto bytes = [](int64_t elements, DType d) { return CheckedMul(elements, ElementSize(d), "a loss gradient"); };
+  auto named = [](const std::string& what, size_t c) { return what + " " + std::to_string(c); };
+  const size_t chunks = loss_chunks_.size();
+  current_node_ = loss_node;
+  // DivBackward: grad / total, handed by every AddBackward to every chunk's loss.
+  int64_t& seed = grad_of_[static_cast<size_t>(graph_.loss().index)];
+  const int64_t d_sum = NewStorage(ElementSize(DType::kF32), MemoryCategory::kActivationGrads, "d loss sum", loss_node);
+  Unref(seed, loss_node);
+  seed = -1;
+  Unref(loss_label_count_, loss_node);
+  std::vector<int64_t> d_logits(chunks, -1);
+  for (size_t c = chunks; c-- > 0;) {
+    LossChunk& chunk = loss_chunks_[c];
+    const int64_t d_nll = NewStorage(bytes(chunk.rows * vocab, DType::kF32), MemoryCategory::kActivationGrads,
+                                     [&] { return named("d log_softmax chunk", c); }, loss_node);
+    Unref(chunk.labels, loss_node);
+    Unref(chunk.total_weight, loss_node);
+    int64_t d = NewStorage(bytes(chunk.rows * vocab, DType::kF32), MemoryCategory::kActivationGrads,
+                           [&] { return named("d logits chunk in fp32", c); }, loss_node);
+    Unref(d_nll, loss_node);
+    Unref(chunk.log_probs, loss_node);
+    if (dtype(logits) != DType::kF32) {  // ToCopyBackward of .float()
+      const int64_t back = NewStorage(bytes(chunk.rows * vocab, dtype(logits)), MemoryCategory::kActivationGrads,
+                                      [&] { return named("d logits chunk", c); }, loss_node);
+      Unref(d, loss_node);
+      d = back;
+    }
+    d_logits[c] = d;
+  }
+  Unref(d_sum, loss_node);
+  current_node_ = head;
+  const DType compute = cast_hidden ? low : dtype(hidden);
+  const MemoryCategory weight_grad_category =
+      !cast_weight && Trainable(weight) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads;
+  int64_t d_weight = -1;
+  bool d_weight_addable = false;  // the buffered weight gradient can take the next one in place
+  std::vector<int64_t> d_inputs(chunks, -1);
+  for (size_t c = chunks; c-- > 0;) {
+    LossChunk& chunk = loss_chunks_[c];
+    const int64_t dw = graph_.value(weight).requires_grad
+                           ? NewStorage(bytes(vocab * width, compute), weight_grad_category,
+                                        [&] { return named("d " + graph_.value(weight).name + " chunk", c); }, head)
+                           : -1;
+    int64_t dx = graph_.value(hidden).requires_grad
+                     ? NewStorage(bytes(chunk.rows * width, compute), MemoryCategory::kActivationGrads,
+                                  [&] { return named("d hidden chunk", c); }, head)
+                     : -1;
+    Unref(d_logits[c], head);
+    if (chunk.weight_copy >= 0) Unref(chunk.weight_copy, head);
+    if (chunk.input >= 0) Unref(chunk.input, head);
+    if (dw >= 0 && d_weight < 0) {
+      d_weight = dw;
+    } else if (dw >= 0 && !d_weight_addable) {
+      const int64_t sum = NewStorage(bytes(vocab * width, compute), weight_grad_category,
+                                     [&] { return "d " + graph_.value(weight).name + " (sum)"; }, head);
+      Unref(d_weight, head);
+      Unref(dw, head);
+      d_weight = sum;
+      d_weight_addable = true;
+    } else if (dw >= 0) {
+      Unref(dw, head);
+    }
+    if (dx >= 0 && cast_hidden) {  // ToCopyBackward of the chunk's autocast copy
+      const int64_t back = NewStorage(bytes(chunk.rows * width, dtype(hidden)), MemoryCategory::kActivationGrads,
+                                      [&] { return named("d hidden chunk in its dtype", c); }, head);
+      Unref(dx, head);
+      dx = back;
+    }
+    d_inputs[c] = dx;
+  }
+  if (d_weight >= 0 && cast_weight) {  // ToCopyBackward of the weight's autocast copy
+    const int64_t back = NewStorage(bytes(vocab * width, dtype(weight)),
+                                    Trainable(weight) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
+                                    [&] { return "d " + graph_.value(weight).name; }, head);
+    Unref(d_weight, head);
+    d_weight = back;
+    d_weight_addable = true;
+  }
+  if (d_weight >= 0) {
+    int64_t& slot = grad_of_[static_cast<size_t>(weight.index)];
+    LLMEM_CHECK(slot < 0) << "the LM head weight has a gradient before the LM head's backward";
+    slot = d_weight;
+    if (d_weight_addable) inplace_ok_.insert(d_weight);
+    AfterNodeBackward(head);
+  }
+  // SliceBackward of each chunk, last first: zeros of the hidden state's size with the chunk's gradient copied in.
+  int64_t d_hidden = -1;
+  for (size_t c = chunks; c-- > 0;) {
+    if (d_inputs[c] < 0) continue;
+    const int64_t full = NewStorage(Bytes(hidden), MemoryCategory::kActivationGrads,
+                                    [&] { return named("d hidden from chunk", c); }, head);
+    Unref(d_inputs[c], head);
+    if (d_hidden < 0) {
+      d_hidden = full;
+    } else {
+      Unref(full, head);
+    }
+  }
+  if (d_hidden >= 0) {
+    int64_t& slot = grad_of_[static_cast<size_t>(hidden.index)];
+    LLMEM_CHECK(slot < 0) << "the last hidden state has a gradient before the LM head's backward";
+    slot = d_hidden;
+    inplace_ok_.insert(d_hidden);
+  }
+  loss_chunks_.clear();
+}
+
 StepSimulation StepExecutor::Run() {
   out_.value_dtypes = plan_.value_dtypes;
   Setup();
@@ -894,6 +1202,10 @@ StepSimulation StepExecutor::Run() {
 
 StepSimulation ExecuteStepPlan(const Graph& graph, const StepPlan& plan, const TrainingConfig& config,
                                StepHooks* hooks) {
+  if (hooks && !plan.loss.chunk_lengths.empty()) {
+    throw ConfigError("--loss chunked-" + std::to_string(plan.loss.chunk_lengths.size()) +
+                      " with a parallel engine is not modelled yet");
+  }
   if (hooks && (plan.loop.simulated_micro_batches > 1 || plan.loop.optimizer_in_backward)) {
     throw ConfigError(std::string(plan.loop.optimizer_in_backward ? "--optimizer-in-backward" : "--grad-accum > 1") +
                       " with a parallel engine is not modelled yet");

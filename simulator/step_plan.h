@@ -86,6 +86,14 @@ struct CheckpointPlan {
   int64_t rng_state_bytes = 0;
 };
 
+// The loss the loop computes from the model's last hidden state. By default (no chunks) the graph's own LM head
+// and loss ops run; with chunks, torchtune's chunked output and CEWithChunkedOutputLoss replace every op from the
+// LM head's linear on (Note [Chunked loss] in step_executor.cc).
+struct LossPlan {
+  int32_t lm_head_node = -1;          // the LM head's linear; it and every later op are replaced
+  std::vector<int64_t> chunk_lengths;  // sequence positions per chunk (tensor_split); empty: the graph's loss
+};
+
 struct StepPlan {
   std::vector<DType> value_dtypes;  // per IR value: its dtype under the recipe's precision
   std::vector<ParamPlan> params;    // per Graph::params() entry
@@ -93,6 +101,7 @@ struct StepPlan {
   OptimizerStepPlan optimizer_step;
   LoopPlan loop;
   CheckpointPlan checkpointing;
+  LossPlan loss;
 };
 
 }  // namespace llmem::sim
