@@ -318,7 +318,11 @@ def main():
                         "that keeps the outputs, `clip_grad_norm_`); the peaks of each phase of the steady-state "
                         "step (with accumulation: the highest micro-batch)\n")
                 f.write("- estimated: `llmem estimate --gpu cpu` with the recipe as flags (`--checkpointing full`, "
-                        "`--grad-accum 2`, ...)\n\n")
+                        "`--grad-accum 2`, ...)\n")
+                f.write("- not measured: `--loss fused-linear` (Liger-Kernel's fused linear cross-entropy) is modelled "
+                        "from Liger-Kernel 0.8.2's source; its kernels are Triton-only, so no CPU run exists (and "
+                        "llmem refuses it on the cpu target); unit tests check its byte counts against cases "
+                        "worked by hand from the source\n\n")
                 if recipe_rows_estimated:
                     for c in COLUMNS:
                         f.write(f"- **{c}: {summary(recipe_rows_estimated, c)}.**\n")

@@ -183,9 +183,22 @@ class StepExecutor : private StepMemory {
   bool ReplacedByLoss(const OpNode& node) const {
     return !plan_.loss.chunk_lengths.empty() && node.id.index >= plan_.loss.lm_head_node;
   }
+  // The LM head the replaced loss projects with, and the dtypes it sees.
+  struct LossHead {
+    int32_t linear = -1, loss_node = -1;  // the LM head's linear; the op producing the loss
+    ValueId hidden, weight, logits;       // the last hidden state [B, S, H], the weight [V, H], the graph's logits
+    int64_t batch = 0, seq = 0, width = 0, vocab = 0;
+    DType low = DType::kBF16;              // autocast's 16-bit dtype
+    bool cast_hidden = false, cast_weight = false;  // autocast copies them for matmuls
+  };
+  LossHead LossHeadOf(ValueId hidden) const;
+  ValueId ChunkedLossHidden() const;
+  void ReleaseHeldUntilLoss(int32_t head);
+  void SetLossGradient(ValueId v, int64_t grad, bool addable);
   void ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts);
   void ChunkedLossBackward();
-  ValueId ChunkedLossHidden() const;
+  void FusedLinearLossForward(std::map<int32_t, int64_t>& weight_casts);
+  void FusedLinearLossBackward();
 
   const Graph& graph_;
   const StepPlan& plan_;
@@ -235,6 +248,8 @@ class StepExecutor : private StepMemory {
   };
   std::vector<LossChunk> loss_chunks_;
   int64_t loss_label_count_ = -1;  // the count of labels the loss divides by (saved by the division)
+  // The fused linear cross-entropy's gradients, computed in forward and saved for backward.
+  int64_t fused_grad_input_ = -1, fused_grad_weight_ = -1;
 };
 
 void StepExecutor::Setup() {
@@ -312,7 +327,11 @@ void StepExecutor::Forward() {
     current_node_ = node.id.index;
     EnterRegionOf(node);
     if (ReplacedByLoss(node)) {
-      if (node.id.index == plan_.loss.lm_head_node) ChunkedLossForward(weight_cast_cache);
+      if (node.id.index == plan_.loss.lm_head_node && plan_.loss.fused_linear) {
+        FusedLinearLossForward(weight_cast_cache);
+      } else if (node.id.index == plan_.loss.lm_head_node) {
+        ChunkedLossForward(weight_cast_cache);
+      }
       continue;
     }
     if (InCheckpointedLayer(node)) CheckpointForwardOp(node);
@@ -600,7 +619,11 @@ void StepExecutor::Backward() {
     }
     EnterRegionOf(node);
     if (ReplacedByLoss(node)) {
-      if (node.id == graph_.value(graph_.loss()).producer) ChunkedLossBackward();
+      if (node.id == graph_.value(graph_.loss()).producer && plan_.loss.fused_linear) {
+        FusedLinearLossBackward();
+      } else if (node.id == graph_.value(graph_.loss()).producer) {
+        ChunkedLossBackward();
+      }
       continue;
     }
     int64_t grad_out = -1;
@@ -938,22 +961,56 @@ ValueId StepExecutor::ChunkedLossHidden() const {
   }
 }
 
-void StepExecutor::ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts) {
+StepExecutor::LossHead StepExecutor::LossHeadOf(ValueId hidden) const {
+  LossHead h;
   const OpNode& linear = graph_.nodes()[static_cast<size_t>(plan_.loss.lm_head_node)];
-  const int32_t head = linear.id.index;
-  const int32_t loss_node = graph_.value(graph_.loss()).producer.index;
-  const ValueId hidden = ChunkedLossHidden();
-  const ValueId weight = graph_.tensor_inputs(linear.id).at(1);
-  const ValueId logits = linear.outputs.at(0);
+  h.linear = linear.id.index;
+  h.loss_node = graph_.value(graph_.loss()).producer.index;
+  h.hidden = hidden;
+  h.weight = graph_.tensor_inputs(linear.id).at(1);
+  h.logits = linear.outputs.at(0);
   const auto& shape = graph_.value(hidden).shape;  // [B, S, H]
-  const int64_t batch = shape[0], seq = shape[1], width = shape[2];
-  const int64_t vocab = graph_.value(logits).shape.back();
-  auto dtype = [this](ValueId v) { return out_.value_dtypes[static_cast<size_t>(v.index)]; };
+  h.batch = shape[0];
+  h.seq = shape[1];
+  h.width = shape[2];
+  h.vocab = graph_.value(h.logits).shape.back();
   const bool autocast =
       config_.precision == Precision::kBf16Autocast || config_.precision == Precision::kFp16Autocast;
-  const DType low = config_.precision == Precision::kFp16Autocast ? DType::kF16 : DType::kBF16;
-  const bool cast_hidden = autocast && IsFloating(dtype(hidden)) && dtype(hidden) != low;
-  const bool cast_weight = autocast && dtype(weight) != low;
+  h.low = config_.precision == Precision::kFp16Autocast ? DType::kF16 : DType::kBF16;
+  const DType hidden_dtype = out_.value_dtypes[static_cast<size_t>(hidden.index)];
+  h.cast_hidden = autocast && IsFloating(hidden_dtype) && hidden_dtype != h.low;
+  h.cast_weight = autocast && out_.value_dtypes[static_cast<size_t>(h.weight.index)] != h.low;
+  return h;
+}
+
+// Values the model's frame held until its loss (the last hidden state among them) go when the replaced loss
+// no longer needs them.
+void StepExecutor::ReleaseHeldUntilLoss(int32_t head) {
+  for (size_t n = static_cast<size_t>(head); n < graph_.nodes().size(); ++n) {
+    for (ValueId v : released_after_[n]) {
+      const int64_t s = storage_of_[static_cast<size_t>(v.index)];
+      if (s >= 0 && graph_.value(v).producer.index < head) Unref(s, head);
+    }
+  }
+}
+
+// The replaced loss's backward hands `grad` on as the gradient of `v`, which has none yet: the LM head's weight
+// and hidden state are used by nothing later in the forward. `addable`: a later gradient may be added in place.
+void StepExecutor::SetLossGradient(ValueId v, int64_t grad, bool addable) {
+  int64_t& slot = grad_of_[static_cast<size_t>(v.index)];
+  LLMEM_CHECK(slot < 0) << graph_.value(v).name << " has a gradient before the LM head's backward";
+  slot = grad;
+  if (addable) inplace_ok_.insert(grad);
+}
+
+void StepExecutor::ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts) {
+  const LossHead h = LossHeadOf(ChunkedLossHidden());
+  const int32_t head = h.linear, loss_node = h.loss_node;
+  const ValueId hidden = h.hidden, weight = h.weight, logits = h.logits;
+  const int64_t batch = h.batch, seq = h.seq, width = h.width, vocab = h.vocab;
+  const DType low = h.low;
+  const bool cast_hidden = h.cast_hidden, cast_weight = h.cast_weight;
+  auto dtype = [this](ValueId v) { return out_.value_dtypes[static_cast<size_t>(v.index)]; };
   auto bytes = [](int64_t elements, DType d) { return CheckedMul(elements, ElementSize(d), "a loss chunk"); };
   auto named = [](const std::string& what, size_t c) { return what + " " + std::to_string(c); };
   loss_chunks_.assign(plan_.loss.chunk_lengths.size(), {});
@@ -1005,18 +1062,13 @@ void StepExecutor::ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts) 
       Unref(weight_copy, head);
     }
   }
-  // The hidden state (and whatever else the model's frame held) goes when chunked_output returns.
-  for (size_t n = static_cast<size_t>(head); n < graph_.nodes().size(); ++n) {
-    for (ValueId v : released_after_[n]) {
-      const int64_t s = storage_of_[static_cast<size_t>(v.index)];
-      if (s >= 0 && graph_.value(v).producer.index < head) Unref(s, head);
-    }
-  }
+  // The hidden state goes when chunked_output returns.
+  ReleaseHeldUntilLoss(head);
   current_node_ = loss_node;
   // Class-index targets are int64.
   const int64_t label_bytes = ElementSize(DType::kI64);
-  const int64_t shifted = NewStorage(CheckedMul(batch * seq, label_bytes, "the labels"), MemoryCategory::kHeadActivations,
-                                     "shifted labels", loss_node);
+  const int64_t shifted = NewStorage(CheckedMul(batch * seq, label_bytes, "the labels"),
+                                     MemoryCategory::kHeadActivations, "shifted labels", loss_node);
   // (labels != ignore_index).sum(): a bool mask, summed through an int64 copy of it.
   const int64_t mask = NewStorage(batch * seq, MemoryCategory::kTransient, "label mask", loss_node);
   loss_label_count_ = NewStorage(label_bytes, MemoryCategory::kHeadActivations, "label count", loss_node);
@@ -1060,21 +1112,13 @@ void StepExecutor::ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts) 
 }
 
 void StepExecutor::ChunkedLossBackward() {
-  const OpNode& linear = graph_.nodes()[static_cast<size_t>(plan_.loss.lm_head_node)];
-  const int32_t head = linear.id.index;
-  const int32_t loss_node = graph_.value(graph_.loss()).producer.index;
-  const ValueId hidden = ChunkedLossHidden();
-  const ValueId weight = graph_.tensor_inputs(linear.id).at(1);
-  const ValueId logits = linear.outputs.at(0);
-  const auto& shape = graph_.value(hidden).shape;
-  const int64_t width = shape[2];
-  const int64_t vocab = graph_.value(logits).shape.back();
+  const LossHead h = LossHeadOf(ChunkedLossHidden());
+  const int32_t head = h.linear, loss_node = h.loss_node;
+  const ValueId hidden = h.hidden, weight = h.weight, logits = h.logits;
+  const int64_t width = h.width, vocab = h.vocab;
+  const bool cast_hidden = h.cast_hidden, cast_weight = h.cast_weight;
+  const DType low = h.low;
   auto dtype = [this](ValueId v) { return out_.value_dtypes[static_cast<size_t>(v.index)]; };
-  const bool autocast =
-      config_.precision == Precision::kBf16Autocast || config_.precision == Precision::kFp16Autocast;
-  const DType low = config_.precision == Precision::kFp16Autocast ? DType::kF16 : DType::kBF16;
-  const bool cast_hidden = autocast && IsFloating(dtype(hidden)) && dtype(hidden) != low;
-  const bool cast_weight = autocast && dtype(weight) != low;
   auto bytes = [](int64_t elements, DType d) { return CheckedMul(elements, ElementSize(d), "a loss gradient"); };
   auto named = [](const std::string& what, size_t c) { return what + " " + std::to_string(c); };
   const size_t chunks = loss_chunks_.size();
@@ -1154,10 +1198,7 @@ void StepExecutor::ChunkedLossBackward() {
     d_weight_addable = true;
   }
   if (d_weight >= 0) {
-    int64_t& slot = grad_of_[static_cast<size_t>(weight.index)];
-    LLMEM_CHECK(slot < 0) << "the LM head weight has a gradient before the LM head's backward";
-    slot = d_weight;
-    if (d_weight_addable) inplace_ok_.insert(d_weight);
+    SetLossGradient(weight, d_weight, d_weight_addable);
     AfterNodeBackward(head);
   }
   // SliceBackward of each chunk, last first: zeros of the hidden state's size with the chunk's gradient copied in.
@@ -1173,13 +1214,140 @@ void StepExecutor::ChunkedLossBackward() {
       Unref(full, head);
     }
   }
-  if (d_hidden >= 0) {
-    int64_t& slot = grad_of_[static_cast<size_t>(hidden.index)];
-    LLMEM_CHECK(slot < 0) << "the last hidden state has a gradient before the LM head's backward";
-    slot = d_hidden;
-    inplace_ok_.insert(d_hidden);
-  }
+  if (d_hidden >= 0) SetLossGradient(hidden, d_hidden, true);
   loss_chunks_.clear();
+}
+
+// Note [Fused linear cross-entropy]
+// Liger-Kernel's LigerFusedLinearCrossEntropyFunction (src/liger_kernel/ops/fused_linear_cross_entropy.py, Liger
+// 0.8.2; reduction "mean", no accum_dtype) as its patched HF forward calls it (LigerForCausalLMLoss in
+// transformers/model/loss_utils.py): the labels padded and shifted (`pad(labels, (0, 1))`, then
+// `[..., 1:].contiguous()`, both alive until the loss returns), the hidden state viewed to [BT, H], then in the
+// forward, with the gradients computed there:
+//   grad_input = zeros_like(input); grad_weight = zeros_like(weight); loss_1d = zeros(BT, fp32)
+//   target_mask = target != ignore_index (kept to the end); its .sum().item()
+//   per chunk of FusedLinearChunkRows rows: logits_chunk = input_chunk @ weight.t() (the previous chunk's logits go
+//   only once `grad_logits_chunk` is rebound, after this one exists); the Triton kernel writes the loss and, in
+//   place, the logits' gradient; grad_input[rows] = grad_logits_chunk @ weight (a product copied in);
+//   grad_weight += mm(grad_logits_chunk.t(), input_chunk).float(), or, for an fp32 grad_weight and 16-bit logits on
+//   CUDA capability >= 8, addmm(..., out_dtype=float32, out=grad_weight) with the chunk cast to the logits' dtype
+//   loss = sum(loss_1d); save_for_backward(grad_input, grad_weight)
+// Under autocast (the ambient state in the Function) the matmuls cast as any: each input chunk per product, the
+// weight once (autocast's cache) for grad_input, and `weight.t()`, a view autocast does not cache, per chunk.
+// The backward only scales the saved gradients in place (not even that for a gradient of 1.0: it compares with a
+// new scalar tensor) and returns them; AccumulateGrad takes grad_weight as .grad without a copy, since nothing
+// else references it once the node has released its saved tensors. Liger runs on GPUs only: modelled from the
+// source, not measured.
+void StepExecutor::FusedLinearLossForward(std::map<int32_t, int64_t>& weight_casts) {
+  const LossHead h = LossHeadOf(graph_.tensor_inputs(NodeId{plan_.loss.lm_head_node}).at(0));
+  auto dtype = [this](ValueId v) { return out_.value_dtypes[static_cast<size_t>(v.index)]; };
+  auto bytes = [](int64_t elements, DType d) { return CheckedMul(elements, ElementSize(d), "a fused loss buffer"); };
+  auto named = [](const std::string& what, size_t c) { return what + " " + std::to_string(c); };
+  const int32_t node = h.loss_node;
+  current_node_ = node;
+  const int64_t tokens = h.batch * h.seq;
+  const int64_t label_bytes = ElementSize(DType::kI64);
+  const int64_t padded = NewStorage(CheckedMul(h.batch * (h.seq + 1), label_bytes, "the labels"),
+                                    MemoryCategory::kHeadActivations, "padded labels", node);
+  const int64_t shifted = NewStorage(CheckedMul(tokens, label_bytes, "the labels"), MemoryCategory::kHeadActivations,
+                                     "shifted labels", node);
+  const DType input_dtype = dtype(h.hidden), weight_dtype = dtype(h.weight);
+  const bool weight_grad = graph_.value(h.weight).requires_grad;
+  fused_grad_input_ = NewStorage(bytes(tokens * h.width, input_dtype), MemoryCategory::kActivationGrads,
+                                 "grad_input (fused linear cross-entropy)", node);
+  fused_grad_weight_ = weight_grad ? NewStorage(bytes(h.vocab * h.width, weight_dtype),
+                                                Trainable(h.weight) ? MemoryCategory::kGradients
+                                                                    : MemoryCategory::kActivationGrads,
+                                                "grad_weight (fused linear cross-entropy)", node)
+                                   : -1;
+  const int64_t loss_1d = NewStorage(bytes(tokens, DType::kF32), MemoryCategory::kTransient, "loss_1d", node);
+  const int64_t target_mask = NewStorage(tokens, MemoryCategory::kTransient, "target_mask", node);
+  Unref(NewStorage(label_bytes, MemoryCategory::kTransient, "target_mask.sum()", node), node);
+  const DType logits_dtype = h.cast_weight || h.cast_hidden ? h.low : input_dtype;
+  int64_t previous_logits = -1;
+  for (size_t c = 0; c < plan_.loss.chunk_lengths.size(); ++c) {
+    const int64_t rows = plan_.loss.chunk_lengths[c];
+    auto chunk_cast = [&](const char* what) {
+      return h.cast_hidden ? NewStorage(bytes(rows * h.width, h.low), MemoryCategory::kAutocastCopies,
+                                        [&] { return named(what, c); }, node)
+                           : -1;
+    };
+    // input_chunk @ weight.t(): weight.t() is a view, which autocast does not cache, so it is cast per chunk
+    // (the weight operand first, as the CPU trace shows for linear).
+    const int64_t weight_t_cast =
+        h.cast_weight ? NewStorage(bytes(h.vocab * h.width, h.low), MemoryCategory::kAutocastCopies,
+                                   [&] { return named("weight.t() autocast copy", c); }, node)
+                      : -1;
+    const int64_t cast = chunk_cast("input chunk autocast copy");
+    const int64_t logits = NewStorage(bytes(rows * h.vocab, logits_dtype), MemoryCategory::kHeadActivations,
+                                      [&] { return named("logits chunk", c); }, node);
+    if (cast >= 0) Unref(cast, node);
+    if (weight_t_cast >= 0) Unref(weight_t_cast, node);
+    if (previous_logits >= 0) Unref(previous_logits, node);
+    previous_logits = logits;
+    // grad_logits_chunk @ weight: the weight itself, a leaf, is cast once and cached for the forward.
+    if (h.cast_weight && !weight_casts.count(h.weight.index)) {
+      weight_casts.emplace(h.weight.index, NewStorage(bytes(h.vocab * h.width, h.low), MemoryCategory::kAutocastCopies,
+                                                      [&] { return graph_.value(h.weight).name + " autocast copy"; },
+                                                      node));
+    }
+    // grad_input[rows] = grad_logits_chunk @ weight
+    Unref(NewStorage(bytes(rows * h.width, logits_dtype), MemoryCategory::kTransient,
+                     [&] { return named("grad_logits_chunk @ weight", c); }, node),
+          node);
+    if (weight_grad && plan_.loss.weight_grad_addmm) {
+      if (input_dtype != logits_dtype) {  // input_chunk.to(grad_logits_t.dtype)
+        Unref(NewStorage(bytes(rows * h.width, logits_dtype), MemoryCategory::kTransient,
+                         [&] { return named("input chunk in the logits' dtype", c); }, node),
+              node);
+      }
+    } else if (weight_grad) {
+      const int64_t mm_cast = chunk_cast("input chunk autocast copy for the weight gradient");
+      const int64_t product = NewStorage(bytes(h.vocab * h.width, logits_dtype), MemoryCategory::kTransient,
+                                         [&] { return named("grad_logits_chunk.t() @ input_chunk", c); }, node);
+      if (mm_cast >= 0) Unref(mm_cast, node);
+      if (logits_dtype != DType::kF32) {  // .float()
+        const int64_t widened = NewStorage(bytes(h.vocab * h.width, DType::kF32), MemoryCategory::kTransient,
+                                           [&] { return named("weight gradient chunk in fp32", c); }, node);
+        Unref(product, node);
+        Unref(widened, node);
+      } else {
+        Unref(product, node);
+      }
+    }
+  }
+  const int64_t loss = NewStorage(ElementSize(DType::kF32), MemoryCategory::kHeadActivations, "loss", node);
+  storage_of_[static_cast<size_t>(graph_.loss().index)] = loss;
+  Unref(loss_1d, node);
+  Unref(target_mask, node);
+  if (previous_logits >= 0) Unref(previous_logits, node);
+  Unref(shifted, node);
+  Unref(padded, node);
+  // The model's forward returns: the hidden state goes (nothing saved it).
+  ReleaseHeldUntilLoss(h.linear);
+}
+
+void StepExecutor::FusedLinearLossBackward() {
+  const LossHead h = LossHeadOf(graph_.tensor_inputs(NodeId{plan_.loss.lm_head_node}).at(0));
+  current_node_ = h.loss_node;
+  // torch.equal(grad_output, torch.tensor(1.0)): a scalar on the device.
+  Unref(NewStorage(ElementSize(DType::kF32), MemoryCategory::kTransient, "torch.tensor(1.0)", h.loss_node),
+        h.loss_node);
+  int64_t& seed = grad_of_[static_cast<size_t>(graph_.loss().index)];
+  Unref(seed, h.loss_node);
+  seed = -1;
+  current_node_ = h.linear;
+  if (fused_grad_weight_ >= 0) {
+    SetLossGradient(h.weight, fused_grad_weight_, true);
+    AfterNodeBackward(h.linear);
+  }
+  // The view to [BT, H] hands grad_input on as the LM head input's gradient.
+  if (graph_.value(h.hidden).requires_grad) {
+    SetLossGradient(h.hidden, fused_grad_input_, true);
+  } else {
+    Unref(fused_grad_input_, h.linear);
+  }
+  fused_grad_input_ = fused_grad_weight_ = -1;
 }
 
 StepSimulation StepExecutor::Run() {
@@ -1203,7 +1371,9 @@ StepSimulation StepExecutor::Run() {
 StepSimulation ExecuteStepPlan(const Graph& graph, const StepPlan& plan, const TrainingConfig& config,
                                StepHooks* hooks) {
   if (hooks && !plan.loss.chunk_lengths.empty()) {
-    throw ConfigError("--loss chunked-" + std::to_string(plan.loss.chunk_lengths.size()) +
+    throw ConfigError(std::string("--loss ") +
+                      (plan.loss.fused_linear ? "fused-linear"
+                                              : "chunked-" + std::to_string(plan.loss.chunk_lengths.size())) +
                       " with a parallel engine is not modelled yet");
   }
   if (hooks && (plan.loop.simulated_micro_batches > 1 || plan.loop.optimizer_in_backward)) {

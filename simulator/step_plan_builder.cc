@@ -19,7 +19,6 @@ namespace {
 void RefuseUnmodelled(const TrainingConfig& c) {
   auto refuse = [](const std::string& what) { throw ConfigError(what + " is not modelled yet"); };
   if (c.checkpointing.mode == CheckpointingMode::kSelective) refuse("--checkpointing selective");
-  if (c.loss == LossVariant::kFusedLinear) refuse("--loss " + LossName(c.loss, c.loss_chunks));
 }
 
 }  // namespace
