@@ -1,10 +1,14 @@
-// The chunked loss (LossPlan, Note [Chunked loss]): torchtune's chunked output and CEWithChunkedOutputLoss in place
-// of the graph's LM head and loss. Every expected figure is summed block by block in the comment above it.
+// The loss variants (LossPlan) in place of the graph's LM head and loss: torchtune's chunked output and
+// CEWithChunkedOutputLoss (Note [Chunked loss]) and Liger-Kernel's fused linear cross-entropy (Note [Fused linear
+// cross-entropy]). Every expected figure is summed block by block in the comment above it. Liger's kernels are
+// Triton (GPU) only, so its figures are not measured: its chunk rule is checked against the source's own worked
+// example and its byte counts are worked by hand from what the source allocates.
 #include <gtest/gtest.h>
 
 #include <string>
 
 #include "graph/error.h"
+#include "simulator/passes/loss_pass.h"
 #include "simulator/training_step_simulator.h"
 #include "tests/simulator/tiny_graphs.h"
 
@@ -21,7 +25,7 @@ constexpr size_t kOptimizer = static_cast<size_t>(Phase::kOptimizer);
 // A causal-LM head on a [B, 4, 8] hidden state: h = mul(x, x) in model.body.norm (B = 2: 256 B), lm_head
 // linear(h, w [16,8] = 512 B) -> logits [B, 4, 16] (B = 2: 512 B), viewed to [4B, 16], cross-entropy against
 // labels [B, 4] (i64, B = 2: 64 B) viewed to [4B].
-Graph ChunkableHead(int64_t batch) {
+Graph HeadOnHiddenState(int64_t batch) {
   TestGraphBuilder b;
   ValueId x = b.Input("x", {batch, 4, 8}, DType::kF32);
   ValueId labels = b.Input("labels", {batch, 4});
@@ -56,7 +60,7 @@ TEST(ChunkedLossTest, Fp32ChunksCopyTheHiddenStateAndAccumulateTheWeightGradient
   //   transposed d w cannot take the second: sum +512 = 3652 (peak), -1024: 2628.
   //   SliceBackward: +256 -128, +256 -128 -256: 2628; then d h and the loss go: 2368 = setup + d w.
   // Optimizer: AdamW's two temporaries of w: 2368 + 1024 = 3392.
-  const StepSimulation sim = SimulateTrainingStep(ChunkableHead(2), Chunked(2));
+  const StepSimulation sim = SimulateTrainingStep(HeadOnHiddenState(2), Chunked(2));
   const Replay r = ReplayExact(sim.timeline);
   EXPECT_EQ(r.phase_peak[kForward], 3288);
   EXPECT_EQ(r.phase_peak[kBackward], 3652);
@@ -75,7 +79,8 @@ TEST(ChunkedLossTest, AutocastSavesEachChunksCopyAndOneWeightCopy) {
   //   mm chunk 1: d w 256 + d x 64, -d logits 128, -chunk copy 64, d x to fp32 +128 -64: 2692; chunk 0: +256 +64
   //   -128, -weight copy 256, -chunk copy 64 (2564), sum +256 -512, d x +128 -64: 2372; d w to fp32 +512 -256:
   //   2628; SliceBackward as in fp32: 2628.
-  const Replay r = ReplayExact(SimulateTrainingStep(ChunkableHead(2), Chunked(2, Precision::kBf16Autocast)).timeline);
+  const Replay r =
+      ReplayExact(SimulateTrainingStep(HeadOnHiddenState(2), Chunked(2, Precision::kBf16Autocast)).timeline);
   EXPECT_EQ(r.phase_peak[kForward], 3416);
   EXPECT_EQ(r.phase_peak[kBackward], 3308);
   EXPECT_EQ(r.phase_start[kOptimizer], 2368);
@@ -83,7 +88,7 @@ TEST(ChunkedLossTest, AutocastSavesEachChunksCopyAndOneWeightCopy) {
 
 TEST(ChunkedLossTest, OneSequenceChunksAreViewsOfTheHiddenState) {
   // B = 1: a chunk of dim 1 is contiguous, so reshape is a view and mm saves the hidden state itself.
-  const StepSimulation sim = SimulateTrainingStep(ChunkableHead(1), Chunked(2));
+  const StepSimulation sim = SimulateTrainingStep(HeadOnHiddenState(1), Chunked(2));
   EXPECT_TRUE(BlocksLabelled(sim.timeline, "hidden chunk reshape copy 0").empty());
   EXPECT_TRUE(BlocksLabelled(sim.timeline, "labels chunk 0").empty());
   EXPECT_EQ(BlocksLabelled(sim.timeline, "logits chunk 1"), std::vector<int64_t>{128});
@@ -100,11 +105,73 @@ std::string Refusal(const Graph& graph, const TrainingConfig& config) {
 }
 
 TEST(ChunkedLossTest, RefusesWhatItCannotChunk) {
-  EXPECT_NE(Refusal(ChunkableHead(2), Chunked(5)).find("between 1 and the sequence length 4"), std::string::npos);
+  EXPECT_NE(Refusal(HeadOnHiddenState(2), Chunked(5)).find("between 1 and the sequence length 4"), std::string::npos);
   TrainingConfig kept = Chunked(2);
   kept.keep_outputs = true;
-  EXPECT_NE(Refusal(ChunkableHead(2), kept).find("with --keep-outputs"), std::string::npos);
+  EXPECT_NE(Refusal(HeadOnHiddenState(2), kept).find("with --keep-outputs"), std::string::npos);
   EXPECT_NE(Refusal(LinearCrossEntropy(), Chunked(2)).find("no LM head"), std::string::npos);
+}
+
+// The fused-linear step of HeadOnHiddenState(2) on `gpu`, in bytes above its setup (the GPU target's cuBLAS
+// workspaces included there).
+struct AboveSetup {
+  int64_t forward_peak = 0, backward_start = 0, backward_peak = 0, optimizer_start = 0;
+};
+AboveSetup FusedLinearStep(const char* gpu, Precision precision) {
+  TrainingConfig c = GpuConfig(gpu, precision);
+  c.loss = LossVariant::kFusedLinear;
+  const Replay r = ReplayExact(SimulateTrainingStep(HeadOnHiddenState(2), c).timeline);
+  const int64_t setup = r.phase_start[kForward];
+  return {r.phase_peak[kForward] - setup, r.phase_start[kBackward] - setup, r.phase_peak[kBackward] - setup,
+          r.phase_start[kOptimizer] - setup};
+}
+
+TEST(FusedLinearLossTest, ChunkRowsFollowLigersRule) {
+  // The source's comment: BT = 4096*4, V = 32000, H = 4096 ==> inc_factor = 8, chunk_size = 2048.
+  EXPECT_EQ(FusedLinearChunkRows(4096 * 4, 32000, 4096), 2048);
+  // inc_factor = cdiv(128256, 4096) = 32; cdiv(8192, 32) = 256, a power of two.
+  EXPECT_EQ(FusedLinearChunkRows(8192, 128256, 4096), 256);
+  // inc_factor = cdiv(50257, 768) = 66; cdiv(300, 66) = 5, rounded up to 8.
+  EXPECT_EQ(FusedLinearChunkRows(300, 50257, 768), 8);
+}
+
+TEST(FusedLinearLossTest, Fp32ComputesTheGradientsInForward) {
+  // BT = 8, inc_factor = cdiv(16, 8) = 2, chunk_size = next_power_of_2(4) = 4: two chunks of 4 rows. Above setup:
+  // Forward: h 256; padded labels 2 x 5 x 8 = 80, shifted 64 (400); grad_input 256, grad_weight 512, loss_1d 32,
+  //   target_mask 8 (1208; its sum +8 -8); chunk 0: logits 4 x 16 x 4 = 256, grad_input's product 128 (freed), the
+  //   weight gradient's product 512 = 1976 (peak), freed: 1464; chunk 1: logits 256, then chunk 0's go, and the
+  //   same: 1976; loss 4, -loss_1d -mask -logits -labels, -h: 772 = grad_input + grad_weight + loss.
+  // Backward: d loss 4, torch.tensor(1.0) 4 = 780 (peak), -4 -4; grad_input is h's gradient and goes after h's
+  //   op, the loss goes: 512 = grad_weight, now w's .grad.
+  const AboveSetup step = FusedLinearStep("a100-80", Precision::kFp32);
+  EXPECT_EQ(step.forward_peak, 1976);
+  EXPECT_EQ(step.backward_start, 772);
+  EXPECT_EQ(step.backward_peak, 780);
+  EXPECT_EQ(step.optimizer_start, 512);
+}
+
+TEST(FusedLinearLossTest, AutocastAccumulatesTheWeightGradientByAddmmFromAmpere) {
+  // As fp32 up to the loop (1208: grad_input and grad_weight stay fp32). Chunk 0: weight.t()'s copy 16 x 8 x 2 =
+  //   256, the chunk's copy 4 x 8 x 2 = 64, bf16 logits 128 (1656), -64 -256, the cached weight copy 256 (1592),
+  //   grad_input's bf16 product 64 and addmm's bf16 chunk 64 (each freed); chunk 1: +256 +64 +128 = 2040 (peak),
+  //   -64 -256 -128 (chunk 0's logits), then as chunk 0: 1592; the loss and frees as fp32 leave the weight copy:
+  //   1028, freed when autocast exits: 772.
+  const AboveSetup step = FusedLinearStep("a100-80", Precision::kBf16Autocast);
+  EXPECT_EQ(step.forward_peak, 2040);
+  EXPECT_EQ(step.backward_start, 772);
+}
+
+TEST(FusedLinearLossTest, AutocastBeforeAmpereTakesTheWeightGradientThroughAnFp32Copy) {
+  // Volta (capability 7.0): mm(grad_logits_chunk.t(), input_chunk) casts the chunk (64), makes a bf16 [16, 8]
+  // (256), then .float() an fp32 one (512): 1592 + 64 + 256 - 64 + 512 = 2360 (peak) in each chunk.
+  const AboveSetup step = FusedLinearStep("v100-32", Precision::kBf16Autocast);
+  EXPECT_EQ(step.forward_peak, 2360);
+}
+
+TEST(FusedLinearLossTest, RefusesTheCpuTarget) {
+  TrainingConfig cpu = CpuConfig();
+  cpu.loss = LossVariant::kFusedLinear;
+  EXPECT_NE(Refusal(HeadOnHiddenState(2), cpu).find("need a GPU target"), std::string::npos);
 }
 
 }  // namespace
