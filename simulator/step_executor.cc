@@ -925,7 +925,7 @@ void StepExecutor::ClipGradNormTemporaries() {
 
 // Note [Chunked loss]
 // torchtune's chunked output and CEWithChunkedOutputLoss (torchtune/modules/transformer.py chunked_output,
-// torchtune/modules/loss/ce_chunked_output_loss.py; torchtune 0.6) on the model's last hidden state, in place of
+// torchtune/modules/loss/ce_chunked_output_loss.py; torchtune 0.7) on the model's last hidden state, in place of
 // the graph's LM head and loss:
 //   logits = [lm_head(c) for c in hidden.tensor_split(N, dim=1)]
 //   labels = torch.hstack((labels[..., 1:], ignore_column))           # a new int64 tensor
