@@ -1231,6 +1231,7 @@ void StepExecutor::ChunkedLossBackward() {
 //   place, the logits' gradient; grad_input[rows] = grad_logits_chunk @ weight (a product copied in);
 //   grad_weight += mm(grad_logits_chunk.t(), input_chunk).float(), or, for an fp32 grad_weight and 16-bit logits on
 //   CUDA capability >= 8, addmm(..., out_dtype=float32, out=grad_weight) with the chunk cast to the logits' dtype
+//   (bound to a local until the next chunk)
 //   loss = sum(loss_1d); save_for_backward(grad_input, grad_weight)
 // Under autocast (the ambient state in the Function) the matmuls cast as any: each input chunk per product, the
 // weight once (autocast's cache) for grad_input, and `weight.t()`, a view autocast does not cache, per chunk.
@@ -1264,7 +1265,7 @@ void StepExecutor::FusedLinearLossForward(std::map<int32_t, int64_t>& weight_cas
   const int64_t target_mask = NewStorage(tokens, MemoryCategory::kTransient, "target_mask", node);
   Unref(NewStorage(label_bytes, MemoryCategory::kTransient, "target_mask.sum()", node), node);
   const DType logits_dtype = h.cast_weight || h.cast_hidden ? h.low : input_dtype;
-  int64_t previous_logits = -1;
+  int64_t previous_logits = -1, addmm_chunk = -1;
   for (size_t c = 0; c < plan_.loss.chunk_lengths.size(); ++c) {
     const int64_t rows = plan_.loss.chunk_lengths[c];
     auto chunk_cast = [&](const char* what) {
@@ -1295,13 +1296,12 @@ void StepExecutor::FusedLinearLossForward(std::map<int32_t, int64_t>& weight_cas
     Unref(NewStorage(bytes(rows * h.width, logits_dtype), MemoryCategory::kTransient,
                      [&] { return named("grad_logits_chunk @ weight", c); }, node),
           node);
-    if (weight_grad && plan_.loss.weight_grad_addmm) {
-      if (input_dtype != logits_dtype) {  // input_chunk.to(grad_logits_t.dtype)
-        Unref(NewStorage(bytes(rows * h.width, logits_dtype), MemoryCategory::kTransient,
-                         [&] { return named("input chunk in the logits' dtype", c); }, node),
-              node);
-      }
-    } else if (weight_grad) {
+    if (weight_grad && plan_.loss.weight_grad_addmm && input_dtype != logits_dtype) {
+      // input_chunk = input_chunk.to(grad_logits_t.dtype): the local holds it until the next chunk rebinds it.
+      if (addmm_chunk >= 0) Unref(addmm_chunk, node);
+      addmm_chunk = NewStorage(bytes(rows * h.width, logits_dtype), MemoryCategory::kTransient,
+                               [&] { return named("input chunk in the logits' dtype", c); }, node);
+    } else if (weight_grad && !plan_.loss.weight_grad_addmm) {
       const int64_t mm_cast = chunk_cast("input chunk autocast copy for the weight gradient");
       const int64_t product = NewStorage(bytes(h.vocab * h.width, logits_dtype), MemoryCategory::kTransient,
                                          [&] { return named("grad_logits_chunk.t() @ input_chunk", c); }, node);
@@ -1321,6 +1321,7 @@ void StepExecutor::FusedLinearLossForward(std::map<int32_t, int64_t>& weight_cas
   Unref(loss_1d, node);
   Unref(target_mask, node);
   if (previous_logits >= 0) Unref(previous_logits, node);
+  if (addmm_chunk >= 0) Unref(addmm_chunk, node);
   Unref(shifted, node);
   Unref(padded, node);
   // The model's forward returns: the hidden state goes (nothing saved it).
