@@ -1,4 +1,5 @@
-// The loss pass: which loss the loop computes from the last hidden state, and over which sequence chunks.
+// The loss pass: which loss the loop computes from the last hidden state (the graph's, torchtune's chunked one or
+// Liger-Kernel's fused linear one), and its chunks.
 #pragma once
 
 #include "graph/graph.h"
