@@ -57,9 +57,11 @@ RECIPES = ["checkpointing=full", "checkpointing=full,checkpointing-impl=non-reen
 RECIPE_ARCHS = ["llama", "gpt2", "mistral", "opt"]
 RECIPE_POINTS = [(1, 128), (2, 256)]
 # Recipes in the full matrix only (too slow for --quick): checkpointed layers under gradient accumulation, where
-# the later micro-batch checkpoints and recomputes again, and a second chunk count of the chunked loss
+# the later micro-batch checkpoints and recomputes again; a second chunk count of the chunked loss, and the chunked
+# loss whose logit chunks the loop keeps
 FULL_ONLY_RECIPES = ["checkpointing=full,grad-accum=2",
-                     "checkpointing=full,checkpointing-impl=non-reentrant,grad-accum=2", "loss=chunked-8"]
+                     "checkpointing=full,checkpointing-impl=non-reentrant,grad-accum=2", "loss=chunked-8",
+                     "loss=chunked-4,keep-outputs=1"]
 RECIPE_CASES = [f"{arch}:{precision}:adamw:{b}x{s}:{recipe}" for recipe in RECIPES + FULL_ONLY_RECIPES
                 for arch in RECIPE_ARCHS for precision in PRECISIONS for b, s in RECIPE_POINTS]
 # The optimizers besides AdamW / SGD (docs/OPTIMIZER_STATES.md), each on OPTIMIZER_ARCHS x RECIPE_POINTS x PRECISIONS

@@ -197,6 +197,9 @@ class StepExecutor : private StepMemory {
   void SetLossGradient(ValueId v, int64_t grad, bool addable);
   void ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts);
   void ChunkedLossBackward();
+  // Kept outputs of a replaced loss: the chunked loop keeps the logit chunks it returns, not the loss.
+  bool ChunkedLossReturned() const { return !plan_.loss.chunk_lengths.empty() && !plan_.loss.fused_linear; }
+  void KeepPreviousLossOutputs();
   void FusedLinearLossForward(std::map<int32_t, int64_t>& weight_casts);
   void FusedLinearLossBackward();
 
@@ -867,6 +870,10 @@ ValueId StepExecutor::ReturnedLogits() const {
 // `outputs = model(**batch)` stays bound until the next forward returns: the previous step's logits and loss are
 // live through the whole forward, this step's through backward and the optimizer step.
 void StepExecutor::KeepPreviousOutputs() {
+  if (!plan_.loss.chunk_lengths.empty()) {
+    KeepPreviousLossOutputs();
+    return;
+  }
   logits_ = ReturnedLogits();
   kept_outputs_.push_back(NewStorage(StorageBytes(graph_.StorageRoot(logits_)), MemoryCategory::kHeadActivations,
                                      "previous step's logits", -1));
@@ -885,9 +892,11 @@ void StepExecutor::HoldIfReturned(const OpNode& node) {
 // The forward has returned: the previous outputs go, this forward's are bound in their place.
 void StepExecutor::KeepOutputs() {
   ReleaseKeptOutputs();
-  const int64_t loss = storage_of_[static_cast<size_t>(graph_.loss().index)];
-  Ref(loss);
-  returned_.push_back(loss);
+  if (!ChunkedLossReturned()) {
+    const int64_t loss = storage_of_[static_cast<size_t>(graph_.loss().index)];
+    Ref(loss);
+    returned_.push_back(loss);
+  }
   kept_outputs_.swap(returned_);
 }
 
@@ -1050,6 +1059,10 @@ void StepExecutor::ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts) 
     }
     logit_chunks.push_back(NewStorage(bytes(chunk.rows * vocab, dtype(logits)), MemoryCategory::kHeadActivations,
                                       [&] { return named("logits chunk", c); }, head));
+    if (plan_.loop.keep_outputs) {  // the loop keeps the returned list
+      Ref(logit_chunks.back());
+      returned_.push_back(logit_chunks.back());
+    }
     // mm saves the chunk for the weight's gradient and the weight for the chunk's.
     if (graph_.value(weight).requires_grad) {
       chunk.input = input;
@@ -1216,6 +1229,25 @@ void StepExecutor::ChunkedLossBackward() {
   }
   if (d_hidden >= 0) SetLossGradient(hidden, d_hidden, true);
   loss_chunks_.clear();
+}
+
+// The previous step's outputs the loop still holds (Note [Kept outputs]): torchtune's chunked loop returns the list
+// of logit chunks (its loss is dropped after backward); Liger's patched forward returns no logits (skip_logits),
+// only the loss.
+void StepExecutor::KeepPreviousLossOutputs() {
+  if (ChunkedLossReturned()) {
+    const LossHead h = LossHeadOf(ChunkedLossHidden());
+    const DType dtype = out_.value_dtypes[static_cast<size_t>(h.logits.index)];
+    for (size_t c = 0; c < plan_.loss.chunk_lengths.size(); ++c) {
+      const int64_t elements = CheckedMul(h.batch * plan_.loss.chunk_lengths[c], h.vocab, "a loss chunk");
+      kept_outputs_.push_back(NewStorage(CheckedMul(elements, ElementSize(dtype), "a loss chunk"),
+                                         MemoryCategory::kHeadActivations,
+                                         [&] { return "previous step's logits chunk " + std::to_string(c); }, -1));
+    }
+    return;
+  }
+  kept_outputs_.push_back(
+      NewStorage(Bytes(graph_.loss()), MemoryCategory::kHeadActivations, "previous step's loss", -1));
 }
 
 // Note [Fused linear cross-entropy]

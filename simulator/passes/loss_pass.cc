@@ -32,7 +32,6 @@ StepPlan LossPass(const Graph& graph, StepPlan plan, const TrainingConfig& confi
   plan.loss = {};
   if (config.loss == LossVariant::kStandard) return plan;
   const std::string name = "--loss " + LossName(config.loss, config.loss_chunks);
-  if (config.keep_outputs) throw ConfigError(name + " with --keep-outputs is not modelled yet");
   const bool fused = config.loss == LossVariant::kFusedLinear;
   if (fused && config.target.is_cpu) {
     throw ConfigError(name + " runs Liger-Kernel's Triton kernels, which need a GPU target (no CPU run to predict)");

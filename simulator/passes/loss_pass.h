@@ -13,7 +13,7 @@ namespace llmem::sim {
 int64_t FusedLinearChunkRows(int64_t tokens, int64_t vocab, int64_t hidden);
 
 // Throws ConfigError for a chunk count outside 1..seq, a model without an LM head linear (a module named
-// lm_head) that ends the graph, an LM head with a bias, kept outputs, or the fused linear loss on the cpu target.
+// lm_head) that ends the graph, an LM head with a bias, or the fused linear loss on the cpu target.
 StepPlan LossPass(const Graph& graph, StepPlan plan, const TrainingConfig& config);
 
 }  // namespace llmem::sim

@@ -271,7 +271,6 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
                                    "sequence length 16")
         self.assert_one_line_error(run(*base, "--gpu", "cpu", "--loss", "fused-linear"), 2, "fused-linear",
                                    "GPU target")
-        self.assert_one_line_error(run(*base, "--loss", "chunked-4", "--keep-outputs"), 2, "--keep-outputs")
         self.assert_one_line_error(run(*base, "--loss", "fused-linear", "--dp", "2", "--engine", "ddp"), 2,
                                    "fused-linear", "parallel engine")
 
