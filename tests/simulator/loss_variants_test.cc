@@ -126,9 +126,10 @@ TEST(ChunkedLossTest, RefusesWhatItCannotChunk) {
 struct AboveSetup {
   int64_t forward_peak = 0, backward_start = 0, backward_peak = 0, optimizer_start = 0;
 };
-AboveSetup FusedLinearStep(const char* gpu, Precision precision) {
+AboveSetup FusedLinearStep(const char* gpu, Precision precision, bool keep_outputs = false) {
   TrainingConfig c = GpuConfig(gpu, precision);
   c.loss = LossVariant::kFusedLinear;
+  c.keep_outputs = keep_outputs;
   const Replay r = ReplayExact(SimulateTrainingStep(HeadOnHiddenState(2), c).timeline);
   const int64_t setup = r.phase_start[kForward];
   return {r.phase_peak[kForward] - setup, r.phase_start[kBackward] - setup, r.phase_peak[kBackward] - setup,
@@ -175,6 +176,14 @@ TEST(FusedLinearLossTest, AutocastBeforeAmpereTakesTheWeightGradientThroughAnFp3
   // (256), then .float() an fp32 one (512): 1592 + 64 + 256 - 64 + 512 = 2360 (peak) in each chunk.
   const AboveSetup step = FusedLinearStep("v100-32", Precision::kBf16Autocast);
   EXPECT_EQ(step.forward_peak, 2360);
+}
+
+TEST(FusedLinearLossTest, KeptOutputsAreOnlyTheLoss) {
+  // Liger's forward returns no logits: the loop keeps the previous loss (4 B, part of the setup here) through the
+  // forward, then this one: the forward as without (1976), the backward starts 4 B lower (772 - 4).
+  const AboveSetup step = FusedLinearStep("a100-80", Precision::kFp32, /*keep_outputs=*/true);
+  EXPECT_EQ(step.forward_peak, 1976);
+  EXPECT_EQ(step.backward_start, 768);
 }
 
 TEST(FusedLinearLossTest, RefusesTheCpuTarget) {
