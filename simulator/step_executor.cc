@@ -1082,7 +1082,8 @@ void StepExecutor::ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts) 
   const int64_t label_bytes = ElementSize(DType::kI64);
   const int64_t shifted = NewStorage(CheckedMul(batch * seq, label_bytes, "the labels"),
                                      MemoryCategory::kHeadActivations, "shifted labels", loss_node);
-  // (labels != ignore_index).sum(): a bool mask, summed through an int64 copy of it.
+  // (labels != ignore_index).sum(): a bool mask, summed through an int64 copy of it (make_reduction_from_out_ty in
+  // ReduceOps.cpp casts the input to the output dtype).
   const int64_t mask = NewStorage(batch * seq, MemoryCategory::kTransient, "label mask", loss_node);
   loss_label_count_ = NewStorage(label_bytes, MemoryCategory::kHeadActivations, "label count", loss_node);
   const int64_t widened = NewStorage(CheckedMul(batch * seq, label_bytes, "the labels"), MemoryCategory::kTransient,
@@ -1295,7 +1296,12 @@ void StepExecutor::FusedLinearLossForward(std::map<int32_t, int64_t>& weight_cas
                                    : -1;
   const int64_t loss_1d = NewStorage(bytes(tokens, DType::kF32), MemoryCategory::kTransient, "loss_1d", node);
   const int64_t target_mask = NewStorage(tokens, MemoryCategory::kTransient, "target_mask", node);
-  Unref(NewStorage(label_bytes, MemoryCategory::kTransient, "target_mask.sum()", node), node);
+  // .sum() reduces an int64 copy of the mask (make_reduction_from_out_ty casts the input to the output dtype).
+  const int64_t count = NewStorage(label_bytes, MemoryCategory::kTransient, "target_mask.sum()", node);
+  Unref(NewStorage(CheckedMul(tokens, label_bytes, "the labels"), MemoryCategory::kTransient, "target_mask as int64",
+                   node),
+        node);
+  Unref(count, node);
   const DType logits_dtype = h.cast_weight || h.cast_hidden ? h.low : input_dtype;
   int64_t previous_logits = -1, addmm_chunk = -1;
   for (size_t c = 0; c < plan_.loss.chunk_lengths.size(); ++c) {

@@ -148,7 +148,7 @@ TEST(FusedLinearLossTest, ChunkRowsFollowLigersRule) {
 TEST(FusedLinearLossTest, Fp32ComputesTheGradientsInForward) {
   // BT = 8, inc_factor = cdiv(16, 8) = 2, chunk_size = next_power_of_2(4) = 4: two chunks of 4 rows. Above setup:
   // Forward: h 256; padded labels 2 x 5 x 8 = 80, shifted 64 (400); grad_input 256, grad_weight 512, loss_1d 32,
-  //   target_mask 8 (1208; its sum +8 -8); chunk 0: logits 4 x 16 x 4 = 256, grad_input's product 128 (freed), the
+  //   target_mask 8 (1208; its sum +8 and the int64 mask it reduces +64, freed); chunk 0: logits 4 x 16 x 4 = 256, grad_input's product 128 (freed), the
   //   weight gradient's product 512 = 1976 (peak), freed: 1464; chunk 1: logits 256, then chunk 0's go, and the
   //   same: 1976; loss 4, -loss_1d -mask -logits -labels, -h: 772 = grad_input + grad_weight + loss.
   // Backward: d loss 4, torch.tensor(1.0) 4 = 780 (peak), -4 -4; grad_input is h's gradient and goes after h's
