@@ -57,9 +57,11 @@ RECIPES = ["checkpointing=full", "checkpointing=full,checkpointing-impl=non-reen
 RECIPE_ARCHS = ["llama", "gpt2", "mistral", "opt"]
 RECIPE_POINTS = [(1, 128), (2, 256)]
 # Recipes in the full matrix only (too slow for --quick): checkpointed layers under gradient accumulation, where
-# the later micro-batch checkpoints and recomputes again
+# the later micro-batch checkpoints and recomputes again; a second chunk count of the chunked loss, and the chunked
+# loss whose logit chunks the loop keeps
 FULL_ONLY_RECIPES = ["checkpointing=full,grad-accum=2",
-                     "checkpointing=full,checkpointing-impl=non-reentrant,grad-accum=2"]
+                     "checkpointing=full,checkpointing-impl=non-reentrant,grad-accum=2", "loss=chunked-8",
+                     "loss=chunked-4,keep-outputs=1"]
 RECIPE_CASES = [f"{arch}:{precision}:adamw:{b}x{s}:{recipe}" for recipe in RECIPES + FULL_ONLY_RECIPES
                 for arch in RECIPE_ARCHS for precision in PRECISIONS for b, s in RECIPE_POINTS]
 # The optimizers besides AdamW / SGD (docs/OPTIMIZER_STATES.md), each on OPTIMIZER_ARCHS x RECIPE_POINTS x PRECISIONS
@@ -320,7 +322,11 @@ def main():
                         "that keeps the outputs, `clip_grad_norm_`); the peaks of each phase of the steady-state "
                         "step (with accumulation: the highest micro-batch)\n")
                 f.write("- estimated: `llmem estimate --gpu cpu` with the recipe as flags (`--checkpointing full`, "
-                        "`--grad-accum 2`, ...; `--drop-outputs` unless the recipe keeps the outputs)\n\n")
+                        "`--grad-accum 2`, ...; `--drop-outputs` unless the recipe keeps the outputs)\n")
+                f.write("- not measured: `--loss fused-linear` (Liger-Kernel's fused linear cross-entropy) is modelled "
+                        "from Liger-Kernel 0.8.2's source; its kernels are Triton-only, so no CPU run exists (and "
+                        "llmem refuses it on the cpu target); unit tests check its byte counts against cases "
+                        "worked by hand from the source\n\n")
                 if recipe_rows_estimated:
                     for c in COLUMNS:
                         f.write(f"- **{c}: {summary(recipe_rows_estimated, c)}.**\n")

@@ -179,6 +179,29 @@ class StepExecutor : private StepMemory {
   void ReleaseKeptOutputs();
   ValueId ReturnedLogits() const;
   void ClipGradNormTemporaries();
+  // The chunked loss (LossPlan, Note [Chunked loss]).
+  bool ReplacedByLoss(const OpNode& node) const {
+    return !plan_.loss.chunk_lengths.empty() && node.id.index >= plan_.loss.lm_head_node;
+  }
+  // The LM head the replaced loss projects with, and the dtypes it sees.
+  struct LossHead {
+    int32_t linear = -1, loss_node = -1;  // the LM head's linear; the op producing the loss
+    ValueId hidden, weight, logits;       // the last hidden state [B, S, H], the weight [V, H], the graph's logits
+    int64_t batch = 0, seq = 0, width = 0, vocab = 0;
+    DType low = DType::kBF16;              // autocast's 16-bit dtype
+    bool cast_hidden = false, cast_weight = false;  // autocast copies them for matmuls
+  };
+  LossHead LossHeadOf(ValueId hidden) const;
+  ValueId ChunkedLossHidden() const;
+  void ReleaseHeldUntilLoss(int32_t head);
+  void SetLossGradient(ValueId v, int64_t grad, bool addable);
+  void ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts);
+  void ChunkedLossBackward();
+  // Kept outputs of a replaced loss: the chunked loop keeps the logit chunks it returns, not the loss.
+  bool ChunkedLossReturned() const { return !plan_.loss.chunk_lengths.empty() && !plan_.loss.fused_linear; }
+  void KeepPreviousLossOutputs();
+  void FusedLinearLossForward(std::map<int32_t, int64_t>& weight_casts);
+  void FusedLinearLossBackward();
 
   const Graph& graph_;
   const StepPlan& plan_;
@@ -217,6 +240,19 @@ class StepExecutor : private StepMemory {
     bool recomputed = false;
   };
   std::map<int32_t, CheckpointedLayer> checkpointed_;  // by decoder layer
+  // The chunked loss: per chunk, what its projection and cross-entropy keep for backward.
+  struct LossChunk {
+    int64_t rows = 0;             // batch x the chunk's positions
+    int64_t input = -1;           // the hidden chunk mm saves (its copy, or the hidden state it views)
+    int64_t weight_copy = -1;     // the autocast copy of the weight mm saves
+    int64_t labels = -1;          // the chunk's labels nll_loss saves
+    int64_t log_probs = -1;       // log_softmax's output, saved by it and by nll_loss
+    int64_t total_weight = -1;    // nll_loss's total_weight
+  };
+  std::vector<LossChunk> loss_chunks_;
+  int64_t loss_label_count_ = -1;  // the count of labels the loss divides by (saved by the division)
+  // The fused linear cross-entropy's gradients, computed in forward and saved for backward.
+  int64_t fused_grad_input_ = -1, fused_grad_weight_ = -1;
 };
 
 void StepExecutor::Setup() {
@@ -293,6 +329,14 @@ void StepExecutor::Forward() {
   for (const auto& node : nodes) {
     current_node_ = node.id.index;
     EnterRegionOf(node);
+    if (ReplacedByLoss(node)) {
+      if (node.id.index == plan_.loss.lm_head_node && plan_.loss.fused_linear) {
+        FusedLinearLossForward(weight_cast_cache);
+      } else if (node.id.index == plan_.loss.lm_head_node) {
+        ChunkedLossForward(weight_cast_cache);
+      }
+      continue;
+    }
     if (InCheckpointedLayer(node)) CheckpointForwardOp(node);
     ForwardOp(node, ctx, weight_cast_cache);
   }
@@ -577,6 +621,14 @@ void StepExecutor::Backward() {
       checkpointed_layer = -1;
     }
     EnterRegionOf(node);
+    if (ReplacedByLoss(node)) {
+      if (node.id == graph_.value(graph_.loss()).producer && plan_.loss.fused_linear) {
+        FusedLinearLossBackward();
+      } else if (node.id == graph_.value(graph_.loss()).producer) {
+        ChunkedLossBackward();
+      }
+      continue;
+    }
     int64_t grad_out = -1;
     for (ValueId out : node.outputs) {
       if (grad_of_[static_cast<size_t>(out.index)] >= 0) {
@@ -820,6 +872,10 @@ ValueId StepExecutor::ReturnedLogits() const {
 // `outputs = model(**batch)` stays bound until the next forward returns: the previous step's logits and loss are
 // live through the whole forward, this step's through backward and the optimizer step.
 void StepExecutor::KeepPreviousOutputs() {
+  if (!plan_.loss.chunk_lengths.empty()) {
+    KeepPreviousLossOutputs();
+    return;
+  }
   logits_ = ReturnedLogits();
   if (logits_.valid()) {
     kept_outputs_.push_back(NewStorage(StorageBytes(graph_.StorageRoot(logits_)), MemoryCategory::kHeadActivations,
@@ -840,9 +896,11 @@ void StepExecutor::HoldIfReturned(const OpNode& node) {
 // The forward has returned: the previous outputs go, this forward's are bound in their place.
 void StepExecutor::KeepOutputs() {
   ReleaseKeptOutputs();
-  const int64_t loss = storage_of_[static_cast<size_t>(graph_.loss().index)];
-  Ref(loss);
-  returned_.push_back(loss);
+  if (!ChunkedLossReturned()) {
+    const int64_t loss = storage_of_[static_cast<size_t>(graph_.loss().index)];
+    Ref(loss);
+    returned_.push_back(loss);
+  }
   kept_outputs_.swap(returned_);
 }
 
@@ -878,6 +936,463 @@ void StepExecutor::ClipGradNormTemporaries() {
   Unref(total, -1);
 }
 
+// Note [Chunked loss]
+// torchtune's chunked output and CEWithChunkedOutputLoss (torchtune/modules/transformer.py chunked_output,
+// torchtune/modules/loss/ce_chunked_output_loss.py; torchtune 0.7) on the model's last hidden state, in place of
+// the graph's LM head and loss:
+//   logits = [lm_head(c) for c in hidden.tensor_split(N, dim=1)]
+//   labels = torch.hstack((labels[..., 1:], ignore_column))           # a new int64 tensor
+//   total = (labels != -100).sum(); labels = [c.reshape(-1) for c in labels.tensor_split(N, dim=1)]
+//   loss = sum(F.cross_entropy(c.reshape(-1, V).float(), l, reduction="sum") for c, l in ...) / total
+// What that allocates (aten/src/ATen/native/Linear.cpp, LinearAlgebra.cpp _matmul_impl; derivatives.yaml):
+// - linear on a [B, s, H] chunk runs matmul, which folds it to [B*s, H] with reshape: a view when B == 1 (mm then
+//   saves the hidden state itself), a contiguous copy otherwise (a chunk of dim 1 is not contiguous), and mm saves
+//   the copy. Under autocast the chunk's 16-bit copy is contiguous instead and is what mm saves; the weight's copy
+//   is cast once (autocast's cache) and saved by every chunk's mm.
+// - all N logit chunks live until the loss returns; .float() makes one fp32 copy at a time (none for fp32
+//   logits), log_softmax's fp32 output is saved per chunk; the label chunks are copies when B > 1.
+// Backward follows the engine's order (highest sequence number first): every chunk's cross-entropy backward
+// (nll_loss_backward's zero-filled gradient, then log_softmax_backward's, cast back to the logits' dtype) runs
+// before any projection backward, since all the projections were created before the loss; then each chunk's mm
+// backward, last chunk first (a weight gradient accumulated like any other: the first is a transposed view, so
+// the second makes a new sum, later ones add in place), each followed under autocast by the copy's cast back;
+// then the weight copy's cast to fp32; last each chunk's SliceBackward, a zero-filled hidden-sized gradient that
+// the hidden state's gradient buffer adds in place.
+// HF's full-range logits_to_keep slices before lm_head are not in torchtune's loop: the hidden state is the
+// value they view.
+ValueId StepExecutor::ChunkedLossHidden() const {
+  ValueId hidden = graph_.tensor_inputs(NodeId{plan_.loss.lm_head_node}).at(0);
+  while (true) {
+    const NodeId producer = graph_.value(hidden).producer;
+    if (!producer.valid()) return hidden;
+    const OpNode& op = graph_.nodes()[static_cast<size_t>(producer.index)];
+    const auto& inputs = graph_.tensor_inputs(op.id);
+    if (op.kind != "aten::slice" || inputs.empty() || graph_.value(inputs[0]).shape != graph_.value(hidden).shape) {
+      return hidden;
+    }
+    hidden = inputs[0];
+  }
+}
+
+StepExecutor::LossHead StepExecutor::LossHeadOf(ValueId hidden) const {
+  LossHead h;
+  const OpNode& linear = graph_.nodes()[static_cast<size_t>(plan_.loss.lm_head_node)];
+  h.linear = linear.id.index;
+  h.loss_node = graph_.value(graph_.loss()).producer.index;
+  h.hidden = hidden;
+  h.weight = graph_.tensor_inputs(linear.id).at(1);
+  h.logits = linear.outputs.at(0);
+  const auto& shape = graph_.value(hidden).shape;  // [B, S, H]
+  h.batch = shape[0];
+  h.seq = shape[1];
+  h.width = shape[2];
+  h.vocab = graph_.value(h.logits).shape.back();
+  const bool autocast =
+      config_.precision == Precision::kBf16Autocast || config_.precision == Precision::kFp16Autocast;
+  h.low = config_.precision == Precision::kFp16Autocast ? DType::kF16 : DType::kBF16;
+  const DType hidden_dtype = out_.value_dtypes[static_cast<size_t>(hidden.index)];
+  h.cast_hidden = autocast && IsFloating(hidden_dtype) && hidden_dtype != h.low;
+  h.cast_weight = autocast && out_.value_dtypes[static_cast<size_t>(h.weight.index)] != h.low;
+  return h;
+}
+
+// Values the model's frame held until its loss (the last hidden state among them) go when the replaced loss
+// no longer needs them.
+void StepExecutor::ReleaseHeldUntilLoss(int32_t head) {
+  for (size_t n = static_cast<size_t>(head); n < graph_.nodes().size(); ++n) {
+    for (ValueId v : released_after_[n]) {
+      const int64_t s = storage_of_[static_cast<size_t>(v.index)];
+      if (s >= 0 && graph_.value(v).producer.index < head) Unref(s, head);
+    }
+  }
+}
+
+// The replaced loss's backward hands `grad` on as the gradient of `v`, which has none yet: the LM head's weight
+// and hidden state are used by nothing later in the forward. `addable`: a later gradient may be added in place.
+void StepExecutor::SetLossGradient(ValueId v, int64_t grad, bool addable) {
+  int64_t& slot = grad_of_[static_cast<size_t>(v.index)];
+  LLMEM_CHECK(slot < 0) << graph_.value(v).name << " has a gradient before the LM head's backward";
+  slot = grad;
+  if (addable) inplace_ok_.insert(grad);
+}
+
+void StepExecutor::ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts) {
+  const LossHead h = LossHeadOf(ChunkedLossHidden());
+  const int32_t head = h.linear, loss_node = h.loss_node;
+  const ValueId hidden = h.hidden, weight = h.weight, logits = h.logits;
+  const int64_t batch = h.batch, seq = h.seq, width = h.width, vocab = h.vocab;
+  const DType low = h.low;
+  const bool cast_hidden = h.cast_hidden, cast_weight = h.cast_weight;
+  auto dtype = [this](ValueId v) { return out_.value_dtypes[static_cast<size_t>(v.index)]; };
+  auto bytes = [](int64_t elements, DType d) { return CheckedMul(elements, ElementSize(d), "a loss chunk"); };
+  auto named = [](const std::string& what, size_t c) { return what + " " + std::to_string(c); };
+  loss_chunks_.assign(plan_.loss.chunk_lengths.size(), {});
+  std::vector<int64_t> logit_chunks;
+  for (size_t c = 0; c < loss_chunks_.size(); ++c) {
+    LossChunk& chunk = loss_chunks_[c];
+    const int64_t positions = plan_.loss.chunk_lengths[c];
+    chunk.rows = batch * positions;
+    // Autocast casts the weight first (its cached copy), then the chunk.
+    int64_t weight_copy = -1;
+    if (cast_weight) {
+      auto it = weight_casts.find(weight.index);
+      if (it == weight_casts.end() || !Trainable(weight)) {
+        const int64_t s = NewStorage(bytes(vocab * width, low), MemoryCategory::kAutocastCopies,
+                                     [&] { return graph_.value(weight).name + " autocast copy"; }, head);
+        if (!Trainable(weight)) {
+          weight_copy = s;
+        } else {
+          it = weight_casts.emplace(weight.index, s).first;
+        }
+      }
+      if (weight_copy < 0) {
+        weight_copy = it->second;
+        Ref(weight_copy);
+      }
+    }
+    int64_t input;
+    if (cast_hidden) {
+      input = NewStorage(bytes(chunk.rows * width, low), MemoryCategory::kAutocastCopies,
+                         [&] { return named("hidden chunk autocast copy", c); }, head);
+    } else if (batch > 1 && positions != seq) {
+      input = NewStorage(bytes(chunk.rows * width, dtype(hidden)), MemoryCategory::kHeadActivations,
+                         [&] { return named("hidden chunk reshape copy", c); }, head);
+    } else {
+      input = storage_of_[static_cast<size_t>(hidden.index)];  // the reshape is a view of the hidden state
+      Ref(input);
+    }
+    logit_chunks.push_back(NewStorage(bytes(chunk.rows * vocab, dtype(logits)), MemoryCategory::kHeadActivations,
+                                      [&] { return named("logits chunk", c); }, head));
+    if (plan_.loop.keep_outputs) {  // the loop keeps the returned list
+      Ref(logit_chunks.back());
+      returned_.push_back(logit_chunks.back());
+    }
+    // mm saves the chunk for the weight's gradient and the weight for the chunk's.
+    if (graph_.value(weight).requires_grad) {
+      chunk.input = input;
+    } else {
+      Unref(input, head);
+    }
+    if (weight_copy >= 0 && graph_.value(hidden).requires_grad) {
+      chunk.weight_copy = weight_copy;
+    } else if (weight_copy >= 0) {
+      Unref(weight_copy, head);
+    }
+  }
+  // The hidden state goes when chunked_output returns.
+  ReleaseHeldUntilLoss(head);
+  current_node_ = loss_node;
+  // Class-index targets are int64.
+  const int64_t label_bytes = ElementSize(DType::kI64);
+  const int64_t shifted = NewStorage(CheckedMul(batch * seq, label_bytes, "the labels"),
+                                     MemoryCategory::kHeadActivations, "shifted labels", loss_node);
+  // (labels != ignore_index).sum(): a bool mask, summed through an int64 copy of it (make_reduction_from_out_ty in
+  // ReduceOps.cpp casts the input to the output dtype).
+  const int64_t mask = NewStorage(batch * seq, MemoryCategory::kTransient, "label mask", loss_node);
+  loss_label_count_ = NewStorage(label_bytes, MemoryCategory::kHeadActivations, "label count", loss_node);
+  const int64_t widened = NewStorage(CheckedMul(batch * seq, label_bytes, "the labels"), MemoryCategory::kTransient,
+                                     "label mask as int64", loss_node);
+  Unref(widened, loss_node);
+  Unref(mask, loss_node);
+  for (size_t c = 0; c < loss_chunks_.size(); ++c) {
+    if (batch > 1 && plan_.loss.chunk_lengths[c] != seq) {
+      loss_chunks_[c].labels = NewStorage(loss_chunks_[c].rows * label_bytes, MemoryCategory::kHeadActivations,
+                                          [&] { return named("labels chunk", c); }, loss_node);
+    } else {
+      loss_chunks_[c].labels = shifted;
+      Ref(shifted);
+    }
+  }
+  const int64_t fp32 = ElementSize(DType::kF32);
+  int64_t total = -1;
+  for (size_t c = 0; c < loss_chunks_.size(); ++c) {
+    LossChunk& chunk = loss_chunks_[c];
+    const int64_t upcast =
+        dtype(logits) == DType::kF32
+            ? -1
+            : NewStorage(bytes(chunk.rows * vocab, DType::kF32), MemoryCategory::kTransient,
+                         [&] { return named("logits chunk in fp32", c); }, loss_node);
+    chunk.log_probs = NewStorage(bytes(chunk.rows * vocab, DType::kF32), MemoryCategory::kHeadActivations,
+                                 [&] { return named("log_softmax of chunk", c); }, loss_node);
+    const int64_t value = NewStorage(fp32, MemoryCategory::kHeadActivations, "chunk loss", loss_node);
+    chunk.total_weight = NewStorage(fp32, MemoryCategory::kHeadActivations, "nll_loss total weight", loss_node);
+    if (upcast >= 0) Unref(upcast, loss_node);
+    // total_loss = 0.0 + the first chunk's loss makes a tensor; `+=` then adds the others in place.
+    if (total < 0) total = NewStorage(fp32, MemoryCategory::kHeadActivations, "loss sum", loss_node);
+    Unref(value, loss_node);
+  }
+  const int64_t loss = NewStorage(fp32, MemoryCategory::kHeadActivations, "loss", loss_node);
+  Unref(total, loss_node);
+  storage_of_[static_cast<size_t>(graph_.loss().index)] = loss;
+  // The loop drops the logit chunks and the shifted labels when the loss is computed.
+  Unref(shifted, loss_node);
+  for (int64_t s : logit_chunks) Unref(s, loss_node);
+}
+
+void StepExecutor::ChunkedLossBackward() {
+  const LossHead h = LossHeadOf(ChunkedLossHidden());
+  const int32_t head = h.linear, loss_node = h.loss_node;
+  const ValueId hidden = h.hidden, weight = h.weight, logits = h.logits;
+  const int64_t width = h.width, vocab = h.vocab;
+  const bool cast_hidden = h.cast_hidden, cast_weight = h.cast_weight;
+  const DType low = h.low;
+  auto dtype = [this](ValueId v) { return out_.value_dtypes[static_cast<size_t>(v.index)]; };
+  auto bytes = [](int64_t elements, DType d) { return CheckedMul(elements, ElementSize(d), "a loss gradient"); };
+  auto named = [](const std::string& what, size_t c) { return what + " " + std::to_string(c); };
+  const size_t chunks = loss_chunks_.size();
+  current_node_ = loss_node;
+  // DivBackward: grad / total, handed by every AddBackward to every chunk's loss.
+  int64_t& seed = grad_of_[static_cast<size_t>(graph_.loss().index)];
+  const int64_t d_sum = NewStorage(ElementSize(DType::kF32), MemoryCategory::kActivationGrads, "d loss sum", loss_node);
+  Unref(seed, loss_node);
+  seed = -1;
+  Unref(loss_label_count_, loss_node);
+  std::vector<int64_t> d_logits(chunks, -1);
+  for (size_t c = chunks; c-- > 0;) {
+    LossChunk& chunk = loss_chunks_[c];
+    const int64_t d_nll = NewStorage(bytes(chunk.rows * vocab, DType::kF32), MemoryCategory::kActivationGrads,
+                                     [&] { return named("d log_softmax chunk", c); }, loss_node);
+    Unref(chunk.labels, loss_node);
+    Unref(chunk.total_weight, loss_node);
+    int64_t d = NewStorage(bytes(chunk.rows * vocab, DType::kF32), MemoryCategory::kActivationGrads,
+                           [&] { return named("d logits chunk in fp32", c); }, loss_node);
+    Unref(d_nll, loss_node);
+    Unref(chunk.log_probs, loss_node);
+    if (dtype(logits) != DType::kF32) {  // ToCopyBackward of .float()
+      const int64_t back = NewStorage(bytes(chunk.rows * vocab, dtype(logits)), MemoryCategory::kActivationGrads,
+                                      [&] { return named("d logits chunk", c); }, loss_node);
+      Unref(d, loss_node);
+      d = back;
+    }
+    d_logits[c] = d;
+  }
+  Unref(d_sum, loss_node);
+  current_node_ = head;
+  const DType compute = cast_hidden ? low : dtype(hidden);
+  const MemoryCategory weight_grad_category =
+      !cast_weight && Trainable(weight) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads;
+  int64_t d_weight = -1;
+  bool d_weight_addable = false;  // the buffered weight gradient can take the next one in place
+  std::vector<int64_t> d_inputs(chunks, -1);
+  for (size_t c = chunks; c-- > 0;) {
+    LossChunk& chunk = loss_chunks_[c];
+    const int64_t dw = graph_.value(weight).requires_grad
+                           ? NewStorage(bytes(vocab * width, compute), weight_grad_category,
+                                        [&] { return named("d " + graph_.value(weight).name + " chunk", c); }, head)
+                           : -1;
+    int64_t dx = graph_.value(hidden).requires_grad
+                     ? NewStorage(bytes(chunk.rows * width, compute), MemoryCategory::kActivationGrads,
+                                  [&] { return named("d hidden chunk", c); }, head)
+                     : -1;
+    Unref(d_logits[c], head);
+    if (chunk.weight_copy >= 0) Unref(chunk.weight_copy, head);
+    if (chunk.input >= 0) Unref(chunk.input, head);
+    if (dw >= 0 && d_weight < 0) {
+      d_weight = dw;
+    } else if (dw >= 0 && !d_weight_addable) {
+      const int64_t sum = NewStorage(bytes(vocab * width, compute), weight_grad_category,
+                                     [&] { return "d " + graph_.value(weight).name + " (sum)"; }, head);
+      Unref(d_weight, head);
+      Unref(dw, head);
+      d_weight = sum;
+      d_weight_addable = true;
+    } else if (dw >= 0) {
+      Unref(dw, head);
+    }
+    if (dx >= 0 && cast_hidden) {  // ToCopyBackward of the chunk's autocast copy
+      const int64_t back = NewStorage(bytes(chunk.rows * width, dtype(hidden)), MemoryCategory::kActivationGrads,
+                                      [&] { return named("d hidden chunk in its dtype", c); }, head);
+      Unref(dx, head);
+      dx = back;
+    }
+    d_inputs[c] = dx;
+  }
+  if (d_weight >= 0 && cast_weight) {  // ToCopyBackward of the weight's autocast copy
+    const int64_t back = NewStorage(bytes(vocab * width, dtype(weight)),
+                                    Trainable(weight) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
+                                    [&] { return "d " + graph_.value(weight).name; }, head);
+    Unref(d_weight, head);
+    d_weight = back;
+    d_weight_addable = true;
+  }
+  if (d_weight >= 0) {
+    SetLossGradient(weight, d_weight, d_weight_addable);
+    AfterNodeBackward(head);
+  }
+  // SliceBackward of each chunk, last first: zeros of the hidden state's size with the chunk's gradient copied in.
+  int64_t d_hidden = -1;
+  for (size_t c = chunks; c-- > 0;) {
+    if (d_inputs[c] < 0) continue;
+    const int64_t full = NewStorage(Bytes(hidden), MemoryCategory::kActivationGrads,
+                                    [&] { return named("d hidden from chunk", c); }, head);
+    Unref(d_inputs[c], head);
+    if (d_hidden < 0) {
+      d_hidden = full;
+    } else {
+      Unref(full, head);
+    }
+  }
+  if (d_hidden >= 0) SetLossGradient(hidden, d_hidden, true);
+  loss_chunks_.clear();
+}
+
+// The previous step's outputs the loop still holds (Note [Kept outputs]): torchtune's chunked loop returns the list
+// of logit chunks (its loss is dropped after backward); Liger's patched forward returns no logits (skip_logits),
+// only the loss.
+void StepExecutor::KeepPreviousLossOutputs() {
+  if (ChunkedLossReturned()) {
+    const LossHead h = LossHeadOf(ChunkedLossHidden());
+    const DType dtype = out_.value_dtypes[static_cast<size_t>(h.logits.index)];
+    for (size_t c = 0; c < plan_.loss.chunk_lengths.size(); ++c) {
+      const int64_t elements = CheckedMul(h.batch * plan_.loss.chunk_lengths[c], h.vocab, "a loss chunk");
+      kept_outputs_.push_back(NewStorage(CheckedMul(elements, ElementSize(dtype), "a loss chunk"),
+                                         MemoryCategory::kHeadActivations,
+                                         [&] { return "previous step's logits chunk " + std::to_string(c); }, -1));
+    }
+    return;
+  }
+  kept_outputs_.push_back(
+      NewStorage(Bytes(graph_.loss()), MemoryCategory::kHeadActivations, "previous step's loss", -1));
+}
+
+// Note [Fused linear cross-entropy]
+// Liger-Kernel's LigerFusedLinearCrossEntropyFunction (src/liger_kernel/ops/fused_linear_cross_entropy.py, Liger
+// 0.8.2; reduction "mean", no accum_dtype) as its patched HF forward calls it (LigerForCausalLMLoss in
+// transformers/model/loss_utils.py): the labels padded and shifted (`pad(labels, (0, 1))`, then
+// `[..., 1:].contiguous()`, both alive until the loss returns), the hidden state viewed to [BT, H], then in the
+// forward, with the gradients computed there:
+//   grad_input = zeros_like(input); grad_weight = zeros_like(weight); loss_1d = zeros(BT, fp32)
+//   target_mask = target != ignore_index (kept to the end); its .sum().item()
+//   per chunk of FusedLinearChunkRows rows: logits_chunk = input_chunk @ weight.t() (the previous chunk's logits go
+//   only once `grad_logits_chunk` is rebound, after this one exists); the Triton kernel writes the loss and, in
+//   place, the logits' gradient; grad_input[rows] = grad_logits_chunk @ weight (a product copied in);
+//   grad_weight += mm(grad_logits_chunk.t(), input_chunk).float(), or, for an fp32 grad_weight and 16-bit logits on
+//   CUDA capability >= 8, addmm(..., out_dtype=float32, out=grad_weight) with the chunk cast to the logits' dtype
+//   (bound to a local until the next chunk)
+//   loss = sum(loss_1d); save_for_backward(grad_input, grad_weight)
+// Under autocast (the ambient state in the Function) the matmuls cast as any: each input chunk per product, the
+// weight once (autocast's cache) for grad_input, and `weight.t()`, a view autocast does not cache, per chunk.
+// The backward only scales the saved gradients in place (not even that for a gradient of 1.0: it compares with a
+// new scalar tensor) and returns them; AccumulateGrad takes grad_weight as .grad without a copy, since nothing
+// else references it once the node has released its saved tensors. Liger runs on GPUs only: modelled from the
+// source, not measured.
+void StepExecutor::FusedLinearLossForward(std::map<int32_t, int64_t>& weight_casts) {
+  const LossHead h = LossHeadOf(graph_.tensor_inputs(NodeId{plan_.loss.lm_head_node}).at(0));
+  auto dtype = [this](ValueId v) { return out_.value_dtypes[static_cast<size_t>(v.index)]; };
+  auto bytes = [](int64_t elements, DType d) { return CheckedMul(elements, ElementSize(d), "a fused loss buffer"); };
+  auto named = [](const std::string& what, size_t c) { return what + " " + std::to_string(c); };
+  const int32_t node = h.loss_node;
+  current_node_ = node;
+  const int64_t tokens = h.batch * h.seq;
+  const int64_t label_bytes = ElementSize(DType::kI64);
+  const int64_t padded = NewStorage(CheckedMul(h.batch * (h.seq + 1), label_bytes, "the labels"),
+                                    MemoryCategory::kHeadActivations, "padded labels", node);
+  const int64_t shifted = NewStorage(CheckedMul(tokens, label_bytes, "the labels"), MemoryCategory::kHeadActivations,
+                                     "shifted labels", node);
+  const DType input_dtype = dtype(h.hidden), weight_dtype = dtype(h.weight);
+  const bool weight_grad = graph_.value(h.weight).requires_grad;
+  fused_grad_input_ = NewStorage(bytes(tokens * h.width, input_dtype), MemoryCategory::kActivationGrads,
+                                 "grad_input (fused linear cross-entropy)", node);
+  fused_grad_weight_ = weight_grad ? NewStorage(bytes(h.vocab * h.width, weight_dtype),
+                                                Trainable(h.weight) ? MemoryCategory::kGradients
+                                                                    : MemoryCategory::kActivationGrads,
+                                                "grad_weight (fused linear cross-entropy)", node)
+                                   : -1;
+  const int64_t loss_1d = NewStorage(bytes(tokens, DType::kF32), MemoryCategory::kTransient, "loss_1d", node);
+  const int64_t target_mask = NewStorage(tokens, MemoryCategory::kTransient, "target_mask", node);
+  // .sum() reduces an int64 copy of the mask (make_reduction_from_out_ty casts the input to the output dtype).
+  const int64_t count = NewStorage(label_bytes, MemoryCategory::kTransient, "target_mask.sum()", node);
+  Unref(NewStorage(CheckedMul(tokens, label_bytes, "the labels"), MemoryCategory::kTransient, "target_mask as int64",
+                   node),
+        node);
+  Unref(count, node);
+  const DType logits_dtype = h.cast_weight || h.cast_hidden ? h.low : input_dtype;
+  int64_t previous_logits = -1, addmm_chunk = -1;
+  for (size_t c = 0; c < plan_.loss.chunk_lengths.size(); ++c) {
+    const int64_t rows = plan_.loss.chunk_lengths[c];
+    auto chunk_cast = [&](const char* what) {
+      return h.cast_hidden ? NewStorage(bytes(rows * h.width, h.low), MemoryCategory::kAutocastCopies,
+                                        [&] { return named(what, c); }, node)
+                           : -1;
+    };
+    // input_chunk @ weight.t(): weight.t() is a view, which autocast does not cache, so it is cast per chunk
+    // (the weight operand first, as the CPU trace shows for linear).
+    const int64_t weight_t_cast =
+        h.cast_weight ? NewStorage(bytes(h.vocab * h.width, h.low), MemoryCategory::kAutocastCopies,
+                                   [&] { return named("weight.t() autocast copy", c); }, node)
+                      : -1;
+    const int64_t cast = chunk_cast("input chunk autocast copy");
+    const int64_t logits = NewStorage(bytes(rows * h.vocab, logits_dtype), MemoryCategory::kHeadActivations,
+                                      [&] { return named("logits chunk", c); }, node);
+    if (cast >= 0) Unref(cast, node);
+    if (weight_t_cast >= 0) Unref(weight_t_cast, node);
+    if (previous_logits >= 0) Unref(previous_logits, node);
+    previous_logits = logits;
+    // grad_logits_chunk @ weight: the weight itself, a leaf, is cast once and cached for the forward.
+    if (h.cast_weight && !weight_casts.count(h.weight.index)) {
+      weight_casts.emplace(h.weight.index, NewStorage(bytes(h.vocab * h.width, h.low), MemoryCategory::kAutocastCopies,
+                                                      [&] { return graph_.value(h.weight).name + " autocast copy"; },
+                                                      node));
+    }
+    // grad_input[rows] = grad_logits_chunk @ weight
+    Unref(NewStorage(bytes(rows * h.width, logits_dtype), MemoryCategory::kTransient,
+                     [&] { return named("grad_logits_chunk @ weight", c); }, node),
+          node);
+    if (weight_grad && plan_.loss.weight_grad_addmm && input_dtype != logits_dtype) {
+      // input_chunk = input_chunk.to(grad_logits_t.dtype): the local holds it until the next chunk rebinds it.
+      if (addmm_chunk >= 0) Unref(addmm_chunk, node);
+      addmm_chunk = NewStorage(bytes(rows * h.width, logits_dtype), MemoryCategory::kTransient,
+                               [&] { return named("input chunk in the logits' dtype", c); }, node);
+    } else if (weight_grad && !plan_.loss.weight_grad_addmm) {
+      const int64_t mm_cast = chunk_cast("input chunk autocast copy for the weight gradient");
+      const int64_t product = NewStorage(bytes(h.vocab * h.width, logits_dtype), MemoryCategory::kTransient,
+                                         [&] { return named("grad_logits_chunk.t() @ input_chunk", c); }, node);
+      if (mm_cast >= 0) Unref(mm_cast, node);
+      if (logits_dtype != DType::kF32) {  // .float()
+        const int64_t widened = NewStorage(bytes(h.vocab * h.width, DType::kF32), MemoryCategory::kTransient,
+                                           [&] { return named("weight gradient chunk in fp32", c); }, node);
+        Unref(product, node);
+        Unref(widened, node);
+      } else {
+        Unref(product, node);
+      }
+    }
+  }
+  const int64_t loss = NewStorage(ElementSize(DType::kF32), MemoryCategory::kHeadActivations, "loss", node);
+  storage_of_[static_cast<size_t>(graph_.loss().index)] = loss;
+  Unref(loss_1d, node);
+  Unref(target_mask, node);
+  if (previous_logits >= 0) Unref(previous_logits, node);
+  if (addmm_chunk >= 0) Unref(addmm_chunk, node);
+  Unref(shifted, node);
+  Unref(padded, node);
+  // The model's forward returns: the hidden state goes (nothing saved it).
+  ReleaseHeldUntilLoss(h.linear);
+}
+
+void StepExecutor::FusedLinearLossBackward() {
+  const LossHead h = LossHeadOf(graph_.tensor_inputs(NodeId{plan_.loss.lm_head_node}).at(0));
+  current_node_ = h.loss_node;
+  // torch.equal(grad_output, torch.tensor(1.0)): a scalar on the device.
+  Unref(NewStorage(ElementSize(DType::kF32), MemoryCategory::kTransient, "torch.tensor(1.0)", h.loss_node),
+        h.loss_node);
+  int64_t& seed = grad_of_[static_cast<size_t>(graph_.loss().index)];
+  Unref(seed, h.loss_node);
+  seed = -1;
+  current_node_ = h.linear;
+  if (fused_grad_weight_ >= 0) {
+    SetLossGradient(h.weight, fused_grad_weight_, true);
+    AfterNodeBackward(h.linear);
+  }
+  // The view to [BT, H] hands grad_input on as the LM head input's gradient.
+  if (graph_.value(h.hidden).requires_grad) {
+    SetLossGradient(h.hidden, fused_grad_input_, true);
+  } else {
+    Unref(fused_grad_input_, h.linear);
+  }
+  fused_grad_input_ = fused_grad_weight_ = -1;
+}
+
 StepSimulation StepExecutor::Run() {
   out_.value_dtypes = plan_.value_dtypes;
   Setup();
@@ -898,6 +1413,12 @@ StepSimulation StepExecutor::Run() {
 
 StepSimulation ExecuteStepPlan(const Graph& graph, const StepPlan& plan, const TrainingConfig& config,
                                StepHooks* hooks) {
+  if (hooks && !plan.loss.chunk_lengths.empty()) {
+    throw ConfigError(std::string("--loss ") +
+                      (plan.loss.fused_linear ? "fused-linear"
+                                              : "chunked-" + std::to_string(plan.loss.chunk_lengths.size())) +
+                      " with a parallel engine is not modelled yet");
+  }
   if (hooks && (plan.loop.simulated_micro_batches > 1 || plan.loop.optimizer_in_backward)) {
     throw ConfigError(std::string(plan.loop.optimizer_in_backward ? "--optimizer-in-backward" : "--grad-accum > 1") +
                       " with a parallel engine is not modelled yet");

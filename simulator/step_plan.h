@@ -86,6 +86,21 @@ struct CheckpointPlan {
   int64_t rng_state_bytes = 0;
 };
 
+// The loss the loop computes from the model's last hidden state. By default (no chunks) the graph's own LM head
+// and loss ops run; otherwise every op from the LM head's linear on is replaced by torchtune's chunked output and
+// CEWithChunkedOutputLoss (Note [Chunked loss] in step_executor.cc) or by Liger-Kernel's fused linear
+// cross-entropy (Note [Fused linear cross-entropy]).
+struct LossPlan {
+  int32_t lm_head_node = -1;  // the LM head's linear; it and every later op are replaced
+  // Chunked: sequence positions per chunk (tensor_split). Fused linear: token rows (of batch x seq) per chunk.
+  // Empty: the graph's loss.
+  std::vector<int64_t> chunk_lengths;
+  bool fused_linear = false;
+  // Fused linear: the fp32 weight gradient takes each 16-bit chunk product through addmm(out_dtype=float32, out=)
+  // (CUDA, compute capability 8.0 or more) instead of a 16-bit product and its fp32 copy.
+  bool weight_grad_addmm = false;
+};
+
 struct StepPlan {
   std::vector<DType> value_dtypes;  // per IR value: its dtype under the recipe's precision
   std::vector<ParamPlan> params;    // per Graph::params() entry
@@ -93,6 +108,7 @@ struct StepPlan {
   OptimizerStepPlan optimizer_step;
   LoopPlan loop;
   CheckpointPlan checkpointing;
+  LossPlan loss;
 };
 
 }  // namespace llmem::sim

@@ -6,6 +6,7 @@
 
 #include "simulator/passes/fsdp_mixed_precision_pass.h"
 #include "simulator/passes/loop_pass.h"
+#include "simulator/passes/loss_pass.h"
 #include "simulator/passes/checkpointing_pass.h"
 #include "simulator/passes/optimizer_pass.h"
 #include "simulator/passes/parameter_pass.h"
@@ -18,7 +19,6 @@ namespace {
 void RefuseUnmodelled(const TrainingConfig& c) {
   auto refuse = [](const std::string& what) { throw ConfigError(what + " is not modelled yet"); };
   if (c.checkpointing.mode == CheckpointingMode::kSelective) refuse("--checkpointing selective");
-  if (c.loss != LossVariant::kStandard) refuse("--loss " + LossName(c.loss, c.loss_chunks));
 }
 
 }  // namespace
@@ -33,6 +33,7 @@ StepPlan BuildStepPlan(const Graph& graph, const TrainingConfig& config) {
   plan = FsdpMixedPrecisionPass(graph, std::move(plan), config);
   plan = LoopPass(graph, std::move(plan), config);
   plan = CheckpointingPass(graph, std::move(plan), config);
+  plan = LossPass(graph, std::move(plan), config);
   return plan;
 }
 

@@ -265,6 +265,15 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_one_line_error(run(*base, "--grad-accum", "2"), 2, "--grad-accum")
         self.assert_one_line_error(run(*base, "--grad-clip", "1.0"), 2, "--grad-clip")
 
+    def test_loss_variants_refuse_what_they_do_not_model(self):
+        base = ["estimate", self.llama, "--batch", "1", "--seq", "16"]
+        self.assert_one_line_error(run(*base, "--gpu", "cpu", "--loss", "chunked-17"), 2, "chunked-17",
+                                   "sequence length 16")
+        self.assert_one_line_error(run(*base, "--gpu", "cpu", "--loss", "fused-linear"), 2, "fused-linear",
+                                   "GPU target")
+        self.assert_one_line_error(run(*base, "--loss", "fused-linear", "--dp", "2", "--engine", "ddp"), 2,
+                                   "fused-linear", "parallel engine")
+
     def test_accumulation_raises_the_forward_by_the_gradients(self):
         base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json"]
         plain = json.loads(run(*base).stdout)
