@@ -140,7 +140,9 @@ def mixed_precision_cases():
                case(arch, "fsdp2", 2, 2, 128, fsdp_param_dtype="bf16"),  # reduce in the param dtype
                case(arch, "fsdp2", 2, 2, 128, fsdp_reduce_dtype="bf16")]  # fp32 compute, bf16 reduce-scatter
     cs += [case("llama", "zero2", 2, 2, 128, fsdp_param_dtype="bf16", fsdp_reduce_dtype="fp32"),
-           case("llama", "fsdp2_tp", 4, 2, 128, tp=2, fsdp_param_dtype="bf16", fsdp_reduce_dtype="fp32")]
+           case("llama", "fsdp2_tp", 4, 2, 128, tp=2, fsdp_param_dtype="bf16", fsdp_reduce_dtype="fp32"),
+           case("llama", "fsdp2_tp", 4, 2, 128, tp=2, vocab_parallel=True, fsdp_param_dtype="bf16",
+                fsdp_reduce_dtype="fp32")]
     return cs
 
 
