@@ -88,7 +88,7 @@ std::string MixedPrecisionAssumption(const sim::Recipe& r) {
   }
   const sim::FsdpPrecision p = sim::FsdpPrecisionOf(r);
   auto name = [](DType d) { return std::string(d == DType::kBF16 ? "bf16" : d == DType::kF16 ? "fp16" : "fp32"); };
-  return "the FSDP2 rows run MixedPrecisionPolicy: " + name(p.Compute(DType::kF32)) +
+  return "the FSDP2 rows, with tensor parallelism too, run MixedPrecisionPolicy: " + name(p.Compute(DType::kF32)) +
          " gathered parameters and compute, reduce-scatter in " + name(p.Reduce(DType::kF32)) +
          ", fp32 sharded parameters, gradients and optimizer states, no autocast; the other rows (DDP, ZeRO-1, "
          "tensor parallelism alone) have no such policy and ignore it: they train in fp32";

@@ -172,7 +172,14 @@ void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
                          "reduce-scatter copy-in cast"));
     }
   }
-  for (int64_t grad : grads) mem.Free(grad);
+  // unsharded_grads.clear() after the copy-in frees every gradient but the last: foreach_reduce's loop over the
+  // gradients (the Shard(i > 0) reorder, run with more than one rank) leaves its loop variable bound to the last
+  // one until the function returns, after the reduce-scatter and the output's cast (_fsdp_collectives.py,
+  // torch 2.11).
+  const int64_t held_grad = world_ > 1 ? grads.back() : -1;
+  for (int64_t grad : grads) {
+    if (grad != held_grad) mem.Free(grad);
+  }
   // The reduce-scatter output is the sharded gradient, unless it must be cast to the parameter's dtype: then
   // each parameter's slice is cast into a new shard and the output dies with the last slice.
   const int64_t output =
@@ -185,6 +192,7 @@ void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
     mem.Alloc(sharded_grad_bytes, sim::MemoryCategory::kGradients, "FSDP2 sharded gradients (" + name + ")");
     mem.Free(output);
   }
+  if (held_grad >= 0) mem.Free(held_grad);
 }
 
 void Fsdp2Hooks::OnRegionStart(sim::Phase phase, const Region& region, sim::StepMemory& mem) {

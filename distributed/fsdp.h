@@ -12,8 +12,8 @@
 // all-gather into a flat buffer; a group's own pre-backward copies out (one tensor per parameter) and frees its
 // flat buffer at once (gathering first if nothing prefetched it); post-backward frees the unsharded
 // parameters, frees the previous group's reduce-scatter input, copies the unsharded gradients into a new
-// reduce-scatter input (N × shard, gradient dtype), frees them, and reduce-scatters into an output of one shard
-// that the sharded .grad views until zero_grad. The root's post-backward runs in the final callback, then the
+// reduce-scatter input (N × shard, gradient dtype), frees them but the last (held until the reduce returns), and
+// reduce-scatters into an output of one shard that the sharded .grad views until zero_grad. The root's post-backward runs in the final callback, then the
 // last reduce-scatter input is freed.
 // MixedPrecisionPolicy (simulator/passes/fsdp_mixed_precision_pass.h): the all-gather input is a new shard cast
 // to param_dtype (freed once copied in), the all-gather output and the unsharded parameters are in param_dtype;

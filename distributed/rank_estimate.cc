@@ -56,14 +56,6 @@ void CheckFsdpMixedPrecision(const sim::Recipe& recipe, const ParallelPlan& plan
     throw ConfigError("--fsdp-param-dtype and --fsdp-reduce-dtype set FSDP2's MixedPrecisionPolicy: they need "
                       "--engine zero2 or zero3 with --dp 2 or more");
   }
-  if (const std::string why = FsdpMixedPrecisionUnavailable(recipe, plan); !why.empty()) throw ConfigError(why);
-}
-
-std::string FsdpMixedPrecisionUnavailable(const sim::Recipe& recipe, const ParallelPlan& plan) {
-  if ((recipe.fsdp_param_dtype || recipe.fsdp_reduce_dtype) && RunsFsdp2(plan) && plan.tp > 1) {
-    return "FSDP2's MixedPrecisionPolicy is not modelled with tensor parallelism yet";
-  }
-  return "";
 }
 
 RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config, const ParallelPlan& plan,

@@ -28,11 +28,13 @@ struct RankEstimate {
 };
 
 // True when the plan's data parallelism is FSDP2 (ZeRO-2 or ZeRO-3), the only engine MixedPrecisionPolicy exists
-// for; CheckFsdpMixedPrecision throws ConfigError for a policy on any other plan (one GPU included).
+// for; CheckFsdpMixedPrecision throws ConfigError for a policy on any other plan (one GPU included). With tensor
+// parallelism the policy applies unchanged: fully_shard gathers each DTensor parameter's local (tensor-parallel)
+// shard over the data-parallel ranks in param_dtype and wraps it back into a DTensor of the tensor-parallel
+// placements (torch 2.11 _fsdp_param.py init_unsharded_param), so the rank graph computes in param_dtype and its
+// collectives move 16-bit activations and activation gradients.
 bool RunsFsdp2(const ParallelPlan& plan);
 void CheckFsdpMixedPrecision(const sim::Recipe& recipe, const ParallelPlan& plan);
-// Why an FSDP2 plan cannot take the recipe's policy ("" when it can).
-std::string FsdpMixedPrecisionUnavailable(const sim::Recipe& recipe, const ParallelPlan& plan);
 
 // Throws ConfigError for a plan the model or the engine cannot run (degrees that do not divide the model).
 // `tp_rank`: the tensor-parallel split of `graph` for plan.tp when the caller already made it (a sweep reuses

@@ -211,7 +211,6 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
                     std::to_string(plan.dp) + " data-parallel ranks";
     } else {
       row.skipped = EngineUnavailable(plan, req.config);
-      if (row.skipped.empty()) row.skipped = FsdpMixedPrecisionUnavailable(req.config, plan);
       if (row.skipped.empty()) row.skipped = NeedsFp32Export(graph_at(row.micro_batch), req.config, plan);
     }
     if (row.skipped.empty()) row.skipped = sweep.Unrunnable(plan);

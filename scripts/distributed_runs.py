@@ -140,7 +140,9 @@ def mixed_precision_cases():
                case(arch, "fsdp2", 2, 2, 128, fsdp_param_dtype="bf16"),  # reduce in the param dtype
                case(arch, "fsdp2", 2, 2, 128, fsdp_reduce_dtype="bf16")]  # fp32 compute, bf16 reduce-scatter
     cs += [case("llama", "zero2", 2, 2, 128, fsdp_param_dtype="bf16", fsdp_reduce_dtype="fp32"),
-           case("llama", "fsdp2_tp", 4, 2, 128, tp=2, fsdp_param_dtype="bf16", fsdp_reduce_dtype="fp32")]
+           case("llama", "fsdp2_tp", 4, 2, 128, tp=2, fsdp_param_dtype="bf16", fsdp_reduce_dtype="fp32"),
+           case("llama", "fsdp2_tp", 4, 2, 128, tp=2, vocab_parallel=True, fsdp_param_dtype="bf16",
+                fsdp_reduce_dtype="fp32")]
     return cs
 
 
@@ -168,28 +170,42 @@ def default_export_dir():
     return os.path.join(base if os.path.isabs(base) else os.path.join(REPO, base), "tiny_models")
 
 
-def ensure_export(arch, size, export_dir, python):
-    path = os.path.join(export_dir, f"{arch}-{size}.pt")
+# The export a case is estimated from: FSDP2's 16-bit param_dtype computes in bf16, which only a trace with bf16
+# weights records (an fp32 trace bakes its fp32 casts in); the run itself keeps fp32 weights and lets the policy
+# cast them.
+EXPORT_DTYPES = {"bf16": "bfloat16"}
+
+
+def export_dtype(c):
+    return EXPORT_DTYPES.get(c["fsdp_param_dtype"] or "", "")
+
+
+def ensure_export(arch, size, export_dir, python, dtype=""):
+    suffix = {"bfloat16": "-bf16"}.get(dtype, "")
+    path = os.path.join(export_dir, f"{arch}-{size}{suffix}.pt")
     if os.path.exists(path):
         return path, None
     os.makedirs(export_dir, exist_ok=True)
     t0 = time.time()
-    proc = subprocess.run([python, EXPORTER, arch, "--size", size, "--out", path], capture_output=True, text=True)
+    cmd = [python, EXPORTER, arch, "--size", size, "--out", path] + (["--dtype", dtype] if dtype else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"export of {arch} {size} failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
     return path, time.time() - t0
 
 
-def check_export(arch, size, path):
-    """The workers' eager model (export_hf.build_model of the same preset, seed 0) has exactly the export's
-    parameters and buffers: same names, shapes, dtypes and values. Returns a one-line summary."""
+def check_export(arch, size, path, dtype=""):
+    """The workers' eager model (export_hf.build_model of the same preset, seed 0; in `dtype` for an export traced
+    in it) has exactly the export's parameters and buffers: same names, shapes, dtypes and values. Returns a
+    one-line summary."""
     import torch
 
     sys.path.insert(0, os.path.join(REPO, "models"))
     import export_hf
 
     a, model_type, kwargs, _ = export_hf.resolve(arch, size)
-    eager, _ = export_hf.build_model(a, model_type, kwargs, "cpu", torch.float32, keep_dropout=False, seed=0)
+    eager, _ = export_hf.build_model(a, model_type, kwargs, "cpu", getattr(torch, dtype or "float32"),
+                                     keep_dropout=False, seed=0)
     want = {"model." + k: v for k, v in eager.state_dict(keep_vars=False).items()}
     loaded = torch.jit.load(path, map_location="cpu")
     got = dict(loaded.state_dict())
@@ -334,14 +350,14 @@ def main():
                   flush=True)
             skipped.append(c["name"])
             continue
-        key = (c["arch"], c["size"])
+        key = (c["arch"], c["size"], export_dtype(c))
         if key not in exports:
             try:
-                path, secs = ensure_export(c["arch"], c["size"], export_dir, args.python)
+                path, secs = ensure_export(c["arch"], c["size"], export_dir, args.python, key[2])
                 if secs is not None:
                     print(f"exported {rel(path)} ({secs:.1f} s)", flush=True)
                 if args.check_export:
-                    print(f"export {rel(path)}: {check_export(c['arch'], c['size'], path)}", flush=True)
+                    print(f"export {rel(path)}: {check_export(c['arch'], c['size'], path, key[2])}", flush=True)
                 exports[key] = path
             except Exception as exc:  # noqa: BLE001 - every case of this export fails, with the reason
                 exports[key] = exc

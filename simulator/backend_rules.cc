@@ -26,6 +26,11 @@ AttentionKernel BackendRules::Attention(bool sixteen_bit, bool has_mask) const {
   return sixteen_bit && !has_mask ? AttentionKernel::kCudaFlash : AttentionKernel::kCudaEfficient;
 }
 
+DType BackendRules::LayerNormStats(DType input, bool fp32_params) const {
+  if (cuda) return DType::kF32;
+  return fp32_params && ElementSize(input) == 2 ? DType::kF32 : input;
+}
+
 BackendRules RulesFor(const Target& target) {
   BackendRules rules;
   rules.cuda = !target.is_cpu;

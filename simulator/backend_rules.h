@@ -10,6 +10,8 @@
 //  autocast casts            | AutocastCPU op lists                          | AutocastCUDA op lists
 //  dropout (p > 0)           | input * noise: saves a noise tensor in the    | native_dropout: saves a bool mask
 //                            | input's dtype                                 |
+//  layer_norm mean / rstd    | the input's dtype; float for a 16-bit input   | float (the accumulate type)
+//                            | with fp32 weight or bias (param_scalar_type)  |
 //  optimizer                 | torch::optim (C++), one parameter at a time:  | torch.optim foreach (default on CUDA):
 //                            | AdamW keeps sqrt and denom of one parameter   | AdamW keeps sqrt of all exp_avg_sq
 //  library workspaces        | none                                          | cuBLAS + cuBLASLt workspaces (persistent)
@@ -19,12 +21,14 @@
 //
 // Sources: the autocast columns of graph/op_registry.h (op lists), aten/src/ATen/native/Dropout.cpp (_dropout_impl vs
 // native_dropout), aten/src/ATen/native/transformers/sdp_utils_cpp.cpp and attention.cpp (backend choice and saved
-// tensors), torch/csrc/api/src/optim/adamw.cpp and torch/optim/adamw.py (_multi_tensor_adamw),
+// tensors), aten/src/ATen/native/layer_norm.cpp and cuda/layer_norm_kernel.cu (mean / rstd dtypes; the CPU one
+// measured with torch 2.11: bf16 input and weight give bf16 mean and rstd), torch/csrc/api/src/optim/adamw.cpp and torch/optim/adamw.py (_multi_tensor_adamw),
 // aten/src/ATen/cuda/CublasHandlePool.cpp (workspaces).
 #pragma once
 
 #include <string_view>
 
+#include "graph/dtype.h"
 #include "simulator/training_config.h"
 
 namespace llmem::sim {
@@ -63,6 +67,9 @@ struct BackendRules {
   // CUDA: flash attention takes 16-bit inputs without an explicit mask; fp32, or any explicit mask, takes the
   // memory-efficient kernel (sdp_utils.cpp: flash has no attn_mask support).
   AttentionKernel Attention(bool sixteen_bit, bool has_mask) const;
+  // The dtype of native_layer_norm's saved mean and rstd for an input of dtype `input`; `fp32_params`: the weight
+  // or the bias is fp32.
+  DType LayerNormStats(DType input, bool fp32_params) const;
 };
 
 BackendRules RulesFor(const Target& target);

@@ -236,11 +236,16 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
       return r;
     }
     case GradFormula::kLayerNorm: {
-      // native_layer_norm saves input, weight, bias and mean/rstd: one float per row each (acc type is float).
+      // native_layer_norm saves input, weight, bias and mean/rstd: one value per row each, in the backend's dtype.
       OpMemoryRule r = Uniform(n, GradKind::kNew);
       r.saved_inputs = {0};
-      for (size_t i = 1; i < n; ++i) r.saved_inputs.push_back(static_cast<int>(i));
-      const int64_t row_stats = Rows(ctx.graph.value(inputs[0])) * ElementSize(DType::kF32);
+      bool fp32_params = false;
+      for (size_t i = 1; i < n; ++i) {
+        r.saved_inputs.push_back(static_cast<int>(i));
+        fp32_params |= ctx.dtype(inputs[i]) == DType::kF32;
+      }
+      const DType stats = ctx.backend.LayerNormStats(ctx.dtype(inputs[0]), fp32_params);
+      const int64_t row_stats = Rows(ctx.graph.value(inputs[0])) * ElementSize(stats);
       r.forward_extra.push_back({row_stats, true});
       r.forward_extra.push_back({row_stats, true});
       return r;

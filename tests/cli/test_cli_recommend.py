@@ -135,6 +135,26 @@ class RecommendTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_smallest_count_fits("--batch", "1", "--engines", "gemini,ddp")
         self.assert_smallest_count_fits("--global-batch", "8", "--engines", "gemini,ddp")
 
+    def test_every_fsdp2_row_takes_the_mixed_precision_policy(self):
+        # Each FSDP2 row, with tensor parallelism too, is the estimate of its layout under the policy; the rows of
+        # the other engines cannot train this 16-bit export in fp32 and say so.
+        model = os.path.join(TINY, "llama-tiny-bf16.pt")
+        common = ["--gpu", "a100-80", "--seq", "64", "--batch", "1", "-p", "fp32", "--fsdp-param-dtype", "bf16",
+                  "--fsdp-reduce-dtype", "fp32"]
+        j = recommend_json(model, "--gpus", "4", *common)
+        fsdp2 = [p for p in j["plans"] if p["engine"] in ("ZeRO-2 (FSDP2)", "ZeRO-3 (FSDP2)")]
+        self.assertEqual({(p["dp"], p["tp"]) for p in fsdp2}, {(4, 1), (2, 2)})
+        for p in fsdp2:
+            self.assertNotIn("skipped", p, p)
+            proc = run("estimate", model, "--dp", str(p["dp"]), "--tp", str(p["tp"]), "--engine",
+                       ENGINE_FLAGS[p["engine"]], "--json", *common)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertEqual(p["peak_allocated_bytes"], json.loads(proc.stdout)["peak_allocated_bytes"], p)
+        for p in j["plans"]:
+            if p["engine"] in ("DDP", "ZeRO-1"):
+                self.assertIn("fp32", p["skipped"])
+        self.assertIn("tensor parallelism too", " ".join(j["assumptions"]))
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -92,11 +92,12 @@ const std::vector<std::string> kZero3Trace = {
     // layer 1's pre-backward prefetches layer 0 (its all-gather only)
     "backward +FSDP2 all-gather output (layer 0) 96",  // ZeRO-3 only
     "backward +d w1 80",
-    // layer 1's post-backward: reshard, reduce-scatter input (padded [4,5] = 80), copy-in frees the gradient
+    // layer 1's post-backward: reshard, reduce-scatter input (padded [4,5] = 80); its only gradient is the last
+    // one, held by foreach_reduce until the reduce-scatter returns
     "backward -unsharded param #2",
     "backward +FSDP2 reduce-scatter input (layer 1) 80",
-    "backward -d w1",
     "backward +FSDP2 sharded gradients (layer 1) 40",
+    "backward -d w1",
     // layer 0's pre-backward (the gradient reached its output after layer 1's post-backward): copy-out
     "backward +unsharded param #1 96",                 // ZeRO-3 only
     "backward -FSDP2 all-gather output (layer 0)",     // ZeRO-3 only
@@ -105,17 +106,18 @@ const std::vector<std::string> kZero3Trace = {
     "backward -unsharded param #1",
     "backward -FSDP2 reduce-scatter input (layer 1)",
     "backward +FSDP2 reduce-scatter input (layer 0) 96",
-    "backward -d w0",
     "backward +FSDP2 sharded gradients (layer 0) 48",
+    "backward -d w0",
     "backward +d wte 144",
-    // the final callback: the root's post-backward, then the last reduce-scatter input
+    // the final callback: the root's post-backward (the copy-in frees d wte; d wh, the last, lives through the
+    // reduce-scatter), then the last reduce-scatter input
     "backward -unsharded param #0",
     "backward -unsharded param #3",
     "backward -FSDP2 reduce-scatter input (layer 0)",
     "backward +FSDP2 reduce-scatter input (root) 320",
     "backward -d wte",
-    "backward -d wh",
     "backward +FSDP2 sharded gradients (root) 160",
+    "backward -d wh",
     "backward -FSDP2 reduce-scatter input (root)",
 };
 
@@ -179,8 +181,10 @@ TEST(Fsdp2HooksTest, Zero3EventOrder) {
   // The reduce-scatter input of layer 1 is freed right before layer 0's is allocated.
   EXPECT_EQ(IndexOf(trace, "backward -FSDP2 reduce-scatter input (layer 1)") + 1,
             IndexOf(trace, "backward +FSDP2 reduce-scatter input (layer 0) 96"));
-  // An unsharded gradient is freed after the copy into the reduce-scatter input.
-  EXPECT_EQ(IndexOf(trace, "backward +FSDP2 reduce-scatter input (layer 1) 80") + 1, IndexOf(trace, "backward -d w1"));
+  // An unsharded gradient is freed after the copy into the reduce-scatter input; the group's last one only once
+  // the reduce-scatter has produced the sharded gradient.
+  EXPECT_EQ(IndexOf(trace, "backward +FSDP2 reduce-scatter input (root) 320") + 1, IndexOf(trace, "backward -d wte"));
+  EXPECT_EQ(IndexOf(trace, "backward +FSDP2 sharded gradients (root) 160") + 1, IndexOf(trace, "backward -d wh"));
 }
 
 TEST(Fsdp2HooksTest, Zero2KeepsLayersGatheredFromForwardToBackward) {
@@ -352,9 +356,11 @@ TEST(Fsdp2MixedPrecisionTest, Bf16ReductionCastsTheOutputBackToTheParameterDtype
   for (const std::optional<DType> reduce : {std::optional<DType>(DType::kBF16), std::optional<DType>()}) {
     const auto trace = TraceOf(SimulateWithPolicy(g, DType::kBF16, reduce).timeline, FsdpBlock);
     const size_t output = IndexOf(trace, "backward +FSDP2 reduce-scatter output (layer 1) 20");
-    EXPECT_EQ(IndexOf(trace, "backward +FSDP2 reduce-scatter input (layer 1) 40") + 2, output);
+    EXPECT_EQ(IndexOf(trace, "backward +FSDP2 reduce-scatter input (layer 1) 40") + 1, output);
     EXPECT_EQ(output + 1, IndexOf(trace, "backward +FSDP2 sharded gradients (layer 1) 40"));
     EXPECT_EQ(output + 2, IndexOf(trace, "backward -FSDP2 reduce-scatter output (layer 1)"));
+    // The gradient, the last of its group, is freed when foreach_reduce returns, after the cast.
+    EXPECT_EQ(output + 3, IndexOf(trace, "backward -d w1"));
   }
   // fp32 parameters with a bf16 reduction: fp32 gathers and gradients, a bf16 reduce-scatter.
   const auto trace = TraceOf(SimulateWithPolicy(g, DType::kF32, DType::kBF16).timeline, FsdpBlock);
@@ -367,12 +373,15 @@ TEST(Fsdp2MixedPrecisionTest, Bf16ReductionCastsTheOutputBackToTheParameterDtype
 
 TEST(Fsdp2MixedPrecisionTest, CpuCopyInToAnotherDtypeCopiesEachGradientFirst) {
   Graph g = TwoLayerLm();
-  // bf16 gradients into an fp32 reduce-scatter input: d w1 (40 bf16 bytes) is copied once before it is freed.
+  // bf16 gradients into an fp32 reduce-scatter input: d w1 (40 bf16 bytes) is copied once; it is the last
+  // gradient of its group, freed after the reduce-scatter (output 40 bytes, gloo's copy of the 80-byte input).
   const auto trace = TraceOf(SimulateWithPolicy(g, DType::kBF16, DType::kF32, /*gloo_copies=*/true).timeline,
                              [](MemoryCategory) { return true; });
   const size_t input = IndexOf(trace, "backward +FSDP2 reduce-scatter input (layer 1) 80");
   EXPECT_EQ(trace.at(input + 1), "backward +reduce-scatter copy-in cast 40");
-  EXPECT_EQ(trace.at(input + 3), "backward -d w1");
+  EXPECT_EQ(trace.at(input + 2), "backward -reduce-scatter copy-in cast");
+  EXPECT_EQ(trace.at(input + 3), "backward +FSDP2 sharded gradients (layer 1) 40");
+  EXPECT_EQ(trace.at(input + 6), "backward -d w1");
   // The same dtype on both sides copies nothing.
   for (const auto& line : TraceOf(SimulateWithPolicy(g, DType::kBF16, DType::kBF16, true).timeline, FsdpBlock)) {
     EXPECT_EQ(line.find("copy-in cast"), std::string::npos) << line;

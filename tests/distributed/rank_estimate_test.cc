@@ -291,5 +291,40 @@ TEST(EstimateRankTest, TensorParallelAllReducesFollowTheAutocastDtype) {
   EXPECT_EQ(o_proj_bytes(sim::Precision::kBf16Autocast), 48);
 }
 
+// TpBlock as an export traced with 16-bit weights records it: every floating value is bf16 in that run.
+Graph TpBlockRunInBf16() {
+  const Graph g = MakeTpBlock().graph;
+  std::vector<TensorValue> values = g.values();
+  for (TensorValue& v : values) {
+    if (IsFloating(v.dtype)) v.dtype_bf16_weights = DType::kBF16;
+  }
+  return Graph(values, g.nodes(), g.params(), g.inputs(), g.loss(), g.batch(), g.seq());
+}
+
+TEST(EstimateRankTest, FsdpMixedPrecisionAppliesUnderTensorParallelism) {
+  // FSDP2 x TP (dp 2 x tp 2) with param bf16 / reduce fp32: the rank computes in bf16, so the tensor-parallel
+  // all-reduces move bf16 (o_proj's partial output 48 B instead of 96) and the FSDP2 all-gathers half the bytes;
+  // the resident shards stay fp32.
+  const Graph g = TpBlockRunInBf16();
+  const ParallelPlan plan = Plan(2, 2, DataParallelEngine::kFsdp2Zero3);
+  sim::TrainingConfig policy = CpuConfig();
+  policy.fsdp_param_dtype = DType::kBF16;
+  policy.fsdp_reduce_dtype = DType::kF32;
+  const RankEstimate plain = EstimateRank(g, CpuConfig(), plan);
+  const RankEstimate mixed = EstimateRank(g, policy, plan);
+  auto bytes_of = [](const RankEstimate& e, const std::string& what) {
+    for (const Collective& c : e.collectives) {
+      if (c.what.find(what) != std::string::npos) return c.bytes;
+    }
+    ADD_FAILURE() << "no collective " << what;
+    return int64_t{0};
+  };
+  EXPECT_EQ(bytes_of(plain, "o_proj"), 96);
+  EXPECT_EQ(bytes_of(mixed, "o_proj"), 48);
+  EXPECT_EQ(bytes_of(mixed, "all-gather (forward)") * 2, bytes_of(plain, "all-gather (forward)"));
+  EXPECT_EQ(mixed.memory.weights_bytes, plain.memory.weights_bytes);
+  EXPECT_LT(mixed.memory.peak_allocated_bytes, plain.memory.peak_allocated_bytes);
+}
+
 }  // namespace
 }  // namespace llmem::dist

@@ -167,22 +167,33 @@ TEST(OpMemoryRulesTest, SoftmaxSavesOnlyItsResult) {
   EXPECT_EQ(r->input_grads, (std::vector<GradKind>{GradKind::kNew}));
 }
 
-TEST(OpMemoryRulesTest, LayerNormKeepsMeanAndRstdAsOneFloatPerRow) {
-  // x [2,3,8]: 2*3 = 6 rows; mean and rstd are f32 [6] each = 6*4 = 24 B, saved for backward. The same for a
-  // bf16 input (the accumulate type is float).
-  for (DType dt : {DType::kF32, DType::kBF16}) {
+TEST(OpMemoryRulesTest, LayerNormKeepsMeanAndRstdOnePerRowInTheBackendsDtype) {
+  // x [2,3,8]: 2*3 = 6 rows; mean and rstd are [6] each, saved for backward. CUDA keeps them in float (the
+  // accumulate type): 24 B each. The CPU kernel keeps them in the input's dtype (12 B for bf16), float only
+  // when a 16-bit input meets fp32 weights.
+  struct Case {
+    DType input, params;
+    bool cuda;
+    int64_t bytes;
+  };
+  for (const Case& c : {Case{DType::kF32, DType::kF32, false, 24}, Case{DType::kBF16, DType::kBF16, false, 12},
+                        Case{DType::kBF16, DType::kF32, false, 24}, Case{DType::kBF16, DType::kBF16, true, 24},
+                        Case{DType::kF32, DType::kF32, true, 24}}) {
+    SCOPED_TRACE(std::string(DTypeName(c.input)) + " input, " + std::string(DTypeName(c.params)) + " weights" +
+                 (c.cuda ? ", cuda" : ", cpu"));
     TestGraphBuilder b;
-    ValueId x = b.Input("x", {2, 3, 8}, dt);
-    ValueId w = b.Param("w", {8}, dt);
-    ValueId bias = b.Param("b", {8}, dt);
-    ValueId y = b.Op("aten::layer_norm", {T(x), Ints({8}), T(w), T(bias), D(1e-5), B(true)}, {2, 3, 8}, dt);
+    ValueId x = b.Input("x", {2, 3, 8}, c.input);
+    ValueId w = b.Param("w", {8}, c.params);
+    ValueId bias = b.Param("b", {8}, c.params);
+    ValueId y =
+        b.Op("aten::layer_norm", {T(x), Ints({8}), T(w), T(bias), D(1e-5), B(true)}, {2, 3, 8}, c.input);
     Graph g = b.Build(CloseWithSum(b, y));
-    auto r = Rule(g, Cpu());
+    auto r = Rule(g, c.cuda ? Cuda() : Cpu());
     ASSERT_TRUE(r.has_value());
     EXPECT_EQ(r->saved_inputs, (std::vector<int>{0, 1, 2}));
     ASSERT_EQ(r->forward_extra.size(), 2u);
     for (const auto& e : r->forward_extra) {
-      EXPECT_EQ(e.bytes, 24);
+      EXPECT_EQ(e.bytes, c.bytes);
       EXPECT_TRUE(e.saved);
     }
     EXPECT_EQ(r->input_grads, (std::vector<GradKind>{GradKind::kNew, GradKind::kNew, GradKind::kNew}));
