@@ -62,12 +62,13 @@ CollectiveList FsdpCollectives(const std::vector<FsdpGroup>& groups, int world, 
 }
 
 Fsdp2Hooks::Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward, bool gloo_copies,
-                       const sim::FsdpPrecision& precision)
+                       const sim::FsdpPrecision& precision, bool optimizer_in_backward)
     : groups_(std::move(groups)),
       world_(world),
       reshard_after_forward_(reshard_after_forward),
       gloo_copies_(gloo_copies),
-      precision_(precision) {
+      precision_(precision),
+      optimizer_in_backward_(optimizer_in_backward) {
   unsharded_.resize(groups_.size());
   flat_.assign(groups_.size(), -1);
   reduced_.assign(groups_.size(), false);
@@ -147,12 +148,14 @@ void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
   reduced_[static_cast<size_t>(group)] = true;
   const FsdpGroup& g = groups_[static_cast<size_t>(group)];
   std::vector<int64_t> grads;
+  std::vector<int32_t> stepped;  // parameters with a gradient, for their post-accumulate-grad hooks
   int64_t input_bytes = 0, sharded_grad_bytes = 0;
   bool cast_output = false, cast_input = false;
   for (const auto& p : g.params) {
     const int64_t grad = mem.TakeParamGrad(p.index);
     if (grad < 0) continue;
     grads.push_back(grad);
+    stepped.push_back(p.index);
     input_bytes += PaddedShardNumel(p, world_) * ReduceElementSize(p, precision_) * world_;
     sharded_grad_bytes += PaddedShardNumel(p, world_) * p.element_size;
     cast_output |= ReduceElementSize(p, precision_) != p.element_size;
@@ -174,17 +177,36 @@ void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
   }
   for (int64_t grad : grads) mem.Free(grad);
   // The reduce-scatter output is the sharded gradient, unless it must be cast to the parameter's dtype: then
-  // each parameter's slice is cast into a new shard and the output dies with the last slice.
+  // each parameter's slice is cast into a new shard and the output dies with the last slice. A later micro-batch's
+  // output (or its cast) is added into the sharded gradient and freed.
+  const bool kept = !accumulating_ && !optimizer_in_backward_;  // the block stays as the sharded .grad
+  const auto category = [](bool gradients) {
+    return gradients ? sim::MemoryCategory::kGradients : sim::MemoryCategory::kCommBuffers;
+  };
   const int64_t output =
-      mem.Alloc(input_bytes / world_, cast_output ? sim::MemoryCategory::kCommBuffers : sim::MemoryCategory::kGradients,
-                cast_output ? "FSDP2 reduce-scatter output (" + name + ")" : "FSDP2 sharded gradients (" + name + ")");
+      mem.Alloc(input_bytes / world_, category(!cast_output && kept),
+                cast_output || !kept ? "FSDP2 reduce-scatter output (" + name + ")"
+                                     : "FSDP2 sharded gradients (" + name + ")");
   if (gloo_copies_ && world_ > 1) {
     mem.Free(mem.Alloc(input_bytes, sim::MemoryCategory::kCommBuffers, "gloo reduce-scatter input copy"));
   }
+  int64_t sharded = output;
   if (cast_output) {
-    mem.Alloc(sharded_grad_bytes, sim::MemoryCategory::kGradients, "FSDP2 sharded gradients (" + name + ")");
+    sharded = mem.Alloc(sharded_grad_bytes, category(kept),
+                        kept ? "FSDP2 sharded gradients (" + name + ")" : "FSDP2 reduce-scatter output cast");
     mem.Free(output);
   }
+  if (optimizer_in_backward_) {
+    for (int32_t param : stepped) mem.StepParam(param);
+  }
+  if (!kept) mem.Free(sharded);
+}
+
+void Fsdp2Hooks::OnNextMicroBatch(sim::StepMemory&) {
+  // The micro-batch runs the whole forward and backward again, from sharded parameters.
+  reduced_.assign(groups_.size(), false);
+  forward_started_ = backward_started_ = false;
+  accumulating_ = !optimizer_in_backward_;
 }
 
 void Fsdp2Hooks::OnRegionStart(sim::Phase phase, const Region& region, sim::StepMemory& mem) {

@@ -19,6 +19,12 @@
 // to param_dtype (freed once copied in), the all-gather output and the unsharded parameters are in param_dtype;
 // the reduce-scatter input and output are in reduce_dtype, and an output in another dtype than the parameter's is
 // cast per parameter into the sharded gradient (_fsdp_collectives.py foreach_reduce).
+// Gradient accumulation: torchtitan's loop, which keeps gradient sync on (set_requires_gradient_sync is never
+// turned off), so every micro-batch reduce-scatters; a later micro-batch's output is added into the sharded
+// gradient (`sharded_param.grad._local_tensor += new_sharded_grad`) and freed, no unsharded gradient survives a
+// micro-batch. Optimizer in backward (torchtune): foreach_reduce calls each sharded parameter's
+// post-accumulate-grad hooks right after viewing its gradient out of the reduce-scatter output; the hook steps the
+// shard and frees its .grad, and the output (shared by the group's gradients) goes once foreach_reduce returns.
 #pragma once
 
 #include <cstdint>
@@ -52,14 +58,18 @@ class Fsdp2Hooks : public sim::StepHooks {
   // `gloo_copies`: the collectives run on gloo (CPU ranks), whose all_gather_into_tensor allocates two transient
   // output-sized buffers one after the other and whose reduce_scatter_tensor copies its whole input (measured
   // with a counting allocator, torch 2.11); NCCL works in place.
+  // `optimizer_in_backward`: each parameter is stepped by its post-accumulate-grad hook after the reduce-scatter.
   Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward, bool gloo_copies = false,
-             const sim::FsdpPrecision& precision = {});
+             const sim::FsdpPrecision& precision = {}, bool optimizer_in_backward = false);
 
   int64_t ResidentParamBytes(const Parameter& p, int64_t full_bytes) const override;
   int64_t OptimizedBytes(const Parameter& p, int64_t full_bytes) const override;
   void OnRegionStart(sim::Phase phase, const Region& region, sim::StepMemory& mem) override;
   void OnRegionEnd(sim::Phase phase, const Region& region, sim::StepMemory& mem) override;
   void OnBackwardEnd(sim::StepMemory& mem) override;
+  std::string UnmodelledLoop(const sim::LoopPlan&) const override { return ""; }
+  void OnNextMicroBatch(sim::StepMemory& mem) override;
+  bool RunsPostAccumulateGradHooks() const override { return true; }
 
  private:
   int GroupOf(const Region& region) const;
@@ -81,6 +91,8 @@ class Fsdp2Hooks : public sim::StepHooks {
   int64_t pending_reduce_input_ = -1;                 // reduce-scatter input kept until the next one
   bool forward_started_ = false;
   bool backward_started_ = false;
+  bool optimizer_in_backward_ = false;
+  bool accumulating_ = false;  // the sharded gradients of an earlier micro-batch exist
 };
 
 }  // namespace llmem::dist

@@ -38,6 +38,12 @@ class CombinedHooks : public sim::StepHooks {
   }
   void OnBackwardEnd(sim::StepMemory& mem) override { dp_.OnBackwardEnd(mem); }
   void OnOptimizerStepEnd(sim::StepMemory& mem) override { dp_.OnOptimizerStepEnd(mem); }
+  std::string UnmodelledLoop(const sim::LoopPlan& loop) const override {
+    const std::string dp = dp_.UnmodelledLoop(loop);
+    return dp.empty() ? tp_.UnmodelledLoop(loop) : dp;
+  }
+  void OnNextMicroBatch(sim::StepMemory& mem) override { dp_.OnNextMicroBatch(mem); }
+  bool RunsPostAccumulateGradHooks() const override { return dp_.RunsPostAccumulateGradHooks(); }
 
  private:
   const TensorParallelHooks& tp_;
@@ -124,7 +130,7 @@ RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config,
       auto groups = FsdpGroups(params, dp, rank_graph.num_layers(), precision);
       out.collectives = FsdpCollectives(groups, dp, zero3, dp_crosses_nodes);
       dp_hooks = std::make_unique<Fsdp2Hooks>(std::move(groups), dp, zero3, /*gloo_copies=*/config.target.is_cpu,
-                                              precision);
+                                              precision, config.optimizer_in_backward);
       break;
     }
     case DataParallelEngine::kGemini: {
