@@ -272,6 +272,10 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
     const llmem::dist::ParallelPlan plan{.dp = o.dp, .tp = o.tp, .engine = *engine};
     est = llmem::dist::EstimateRank(graph, config, plan, dopts).memory;
     if (!config.target.is_cpu) assumptions.push_back(llmem::dist::NcclRankAssumption(plan, config.target.gpu));
+    if (o.dp > 1) {
+      const std::string loop = llmem::dist::DataParallelLoopAssumption(config, {plan.engine});
+      if (!loop.empty()) assumptions.push_back(loop);
+    }
   }
   if (!o.trace_path.empty()) llmem::cli::WriteEstimateTrace(o.trace_path, est.simulation->timeline);
   if (o.json_out) {

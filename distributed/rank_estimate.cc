@@ -1,5 +1,7 @@
 #include "distributed/rank_estimate.h"
 
+#include <algorithm>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 
@@ -70,6 +72,32 @@ std::string FsdpMixedPrecisionUnavailable(const sim::Recipe& recipe, const Paral
     return "FSDP2's MixedPrecisionPolicy is not modelled with tensor parallelism yet";
   }
   return "";
+}
+
+std::string DataParallelLoopAssumption(const sim::Recipe& recipe, const std::vector<DataParallelEngine>& engines) {
+  const auto has = [&](std::initializer_list<DataParallelEngine> some) {
+    return std::any_of(engines.begin(), engines.end(),
+                       [&](DataParallelEngine e) { return std::find(some.begin(), some.end(), e) != some.end(); });
+  };
+  const bool ddp = has({DataParallelEngine::kDdp, DataParallelEngine::kZero1});
+  const bool fsdp = has({DataParallelEngine::kFsdp2Zero2, DataParallelEngine::kFsdp2Zero3});
+  std::vector<std::string> parts;
+  if (recipe.grad_accum > 1 && ddp) {
+    parts.push_back("DDP and ZeRO-1 run every micro-batch but the last under no_sync() (accelerate's accumulate(), "
+                    "as HF Trainer does): the gradients accumulate unreduced in .grad");
+  }
+  if (recipe.grad_accum > 1 && fsdp) {
+    parts.push_back("FSDP2 reduce-scatters every micro-batch into the sharded gradients (torchtitan's loop); "
+                    "set_requires_gradient_sync(False), which keeps unsharded gradients across micro-batches, is "
+                    "not modelled");
+  }
+  if (recipe.optimizer_in_backward && fsdp) {
+    parts.push_back("with --optimizer-in-backward, FSDP2 steps each shard in its post-accumulate-grad hook right "
+                    "after the reduce-scatter (torchtune)");
+  }
+  std::string out;
+  for (const auto& p : parts) out += (out.empty() ? "" : "; ") + p;
+  return out;
 }
 
 RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config, const ParallelPlan& plan,

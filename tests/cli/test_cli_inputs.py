@@ -265,6 +265,25 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_one_line_error(run(*base, "--grad-accum", "2"), 2, "--grad-accum")
         self.assert_one_line_error(run(*base, "--grad-clip", "1.0"), 2, "--grad-clip")
 
+    def test_parallel_loops_are_modelled_or_refused_with_the_reason(self):
+        est = ("estimate", self.llama, "-b", "1", "-s", "64", "--gpu", "cpu")
+        ddp = run(*est, "--dp", "2", "--engine", "ddp", "--grad-accum", "2", "--json")
+        self.assertEqual(ddp.returncode, 0, ddp.stderr)
+        self.assertIn("no_sync()", " ".join(json.loads(ddp.stdout)["assumptions"]))
+        zero3 = run(*est, "--dp", "2", "--engine", "zero3", "--grad-accum", "2", "--json")
+        self.assertIn("reduce-scatters every micro-batch", " ".join(json.loads(zero3.stdout)["assumptions"]))
+        self.assertEqual(run(*est, "--dp", "2", "--engine", "zero3", "--optimizer-in-backward").returncode, 0)
+        self.assert_bad_input(run(*est, "--dp", "2", "--engine", "ddp", "--optimizer-in-backward"),
+                              "--optimizer-in-backward", "DDP", "all-reduce")
+        self.assert_bad_input(run(*est, "-p", "bf16-autocast", "--dp", "2", "--engine", "gemini", "--grad-accum",
+                                  "2"), "--grad-accum", "Gemini")
+        # recommend skips the rows whose engine cannot run the loop, with the reason, and sweeps the others
+        proc = run("recommend", self.llama, "--gpus", "2", "--seq", "64", "--grad-accum", "2", "--json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        plans = {p["engine"]: p for p in json.loads(proc.stdout)["plans"] if p["dp"] == 2}
+        self.assertIn("Gemini", plans["ZeRO-3 (chunks)"]["skipped"])
+        self.assertGreater(plans["DDP"]["peak_allocated_bytes"], 0)
+
     def test_accumulation_raises_the_forward_by_the_gradients(self):
         base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json"]
         plain = json.loads(run(*base).stdout)
