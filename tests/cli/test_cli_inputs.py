@@ -161,11 +161,27 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
 
     def test_validate_refuses_runs_with_a_recipe_it_does_not_apply(self):
         r0, r1 = self.record(rank=0), self.record(rank=1)
-        for field, value in (("optimizer_impl_requested", "fused"), ("recipe", {"grad-accum": 2})):
-            self.assert_bad_input(self.validate(r0, self.record(rank=1, **{field: value})), "line 2", field)
+        for field, value, needle in (("optimizer_impl_requested", "fused", "optimizer_impl_requested"),
+                                     ("recipe", {"checkpointing": "full"}, "checkpointing")):
+            self.assert_bad_input(self.validate(r0, self.record(rank=1, **{field: value})), "line 2", needle)
         plain = dict(fsdp_param_dtype=None, optimizer_impl_requested="", recipe={})
         proc = self.validate(self.record(rank=0, **plain), self.record(rank=1, **plain))
         self.assertNotIn("does not apply", proc.stderr)
+
+    def test_validate_applies_the_loop_of_the_run(self):
+        def estimate(recipe):
+            proc = self.validate(*(self.record(rank=r, recipe=recipe, batch=2, seq=128) for r in (0, 1)),
+                                 args=("--json",))
+            self.assertIn(proc.returncode, (0, 4), proc.stderr)
+            return json.loads(proc.stdout)["cases"][0]
+        plain, accum = estimate({}), estimate({"grad-accum": 2})
+        self.assertIn("grad-accum=2", accum["case"])
+        # the later micro-batch runs with the earlier gradients alive (at 2 x 128 the peak is in backward)
+        self.assertGreater(accum["estimated_bytes"], plain["estimated_bytes"])
+        self.assert_bad_input(self.validate(*(self.record(rank=r, recipe={"grad-accum": 0}) for r in (0, 1))),
+                              "line 1", "grad-accum")
+        self.assert_bad_input(self.validate(*(self.record(rank=r, recipe={"optimizer-in-backward": True})
+                                              for r in (0, 1))), "line 1", "--optimizer-in-backward", "DDP")
 
     def test_validate_needs_every_rank_exactly_once(self):
         r0, r1 = self.record(rank=0), self.record(rank=1)
