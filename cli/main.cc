@@ -263,6 +263,10 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   auto graph = model.BuildGraph(o.batch, o.seq);
   llmem::sim::MemoryEstimate est;
   std::vector<std::string> assumptions;  // of a parallel layout on a GPU: NCCL's buffers
+  if (config.fsdp_reduce_every_micro_batch && !llmem::dist::RunsFsdp2({.dp = o.dp, .tp = o.tp, .engine = *engine})) {
+    throw llmem::ConfigError("--fsdp-reduce-every-micro-batch applies to FSDP2: --engine zero2 or zero3 with --dp 2 "
+                             "or more");
+  }
   if (o.dp == 1 && o.tp == 1) {
     llmem::dist::CheckFsdpMixedPrecision(config, {.dp = 1, .tp = 1, .engine = *engine});
     est = llmem::sim::EstimateMemory(graph, config);

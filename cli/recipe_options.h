@@ -23,6 +23,7 @@ struct RecipeOptions {
   std::string loss = "standard";
   bool keep_outputs = false;
   std::string fsdp_param_dtype, fsdp_reduce_dtype;  // empty: not given
+  bool fsdp_reduce_every_micro_batch = false;
 };
 
 void AddRecipeOptions(CLI::App* cmd, RecipeOptions& o);

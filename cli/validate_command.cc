@@ -36,6 +36,7 @@ struct RankRecord {
   std::string fsdp_param_dtype, fsdp_reduce_dtype;  // the run's MixedPrecisionPolicy ("": not set)
   int grad_accum = 1;                  // the run's loop (its "recipe")
   bool optimizer_in_backward = false;
+  bool fsdp_reduce_every_micro_batch = false;
   std::string key;  // arch-size method dp×tp BxS precision optimizer [vocab-parallel] device: the run it belongs to
 };
 
@@ -114,9 +115,12 @@ void ParseLoopRecipe(const json& recipe, int line, RankRecord& r) {
       CheckAtLeast(r.grad_accum, 1, "grad-accum", line);
     } else if (key == "optimizer-in-backward") {
       r.optimizer_in_backward = Get<bool>(recipe, "optimizer-in-backward", line);
+    } else if (key == "fsdp-reduce-every-micro-batch") {
+      r.fsdp_reduce_every_micro_batch = Get<bool>(recipe, "fsdp-reduce-every-micro-batch", line);
     } else {
       throw ConfigError(AtLine(line) + ": the run's recipe carries \"" + key + "\", which validate does not apply "
-                        "yet (it applies grad-accum and optimizer-in-backward); compare it with `llmem estimate`");
+                        "yet (it applies grad-accum, optimizer-in-backward and fsdp-reduce-every-micro-batch); compare it "
+                        "with `llmem estimate`");
     }
   }
 }
@@ -200,7 +204,8 @@ RankRecord ParseRecord(const std::string& text, int line) {
                : " param-" + (r.fsdp_param_dtype.empty() ? "default" : r.fsdp_param_dtype) + "-reduce-" +
                      (r.fsdp_reduce_dtype.empty() ? "default" : r.fsdp_reduce_dtype)) +
           (r.grad_accum > 1 ? " grad-accum=" + std::to_string(r.grad_accum) : "") +
-          (r.optimizer_in_backward ? " optimizer-in-backward" : "") + " " + r.device;
+          (r.optimizer_in_backward ? " optimizer-in-backward" : "") +
+          (r.fsdp_reduce_every_micro_batch ? " fsdp-reduce-every-micro-batch" : "") + " " + r.device;
   return r;
 }
 
@@ -291,6 +296,7 @@ int RunValidate(const ValidateOptions& o) {
     config.fsdp_reduce_dtype = ParseFsdpDtype(r.fsdp_reduce_dtype, "fsdp_reduce_dtype");
     config.grad_accum = r.grad_accum;
     config.optimizer_in_backward = r.optimizer_in_backward;
+    config.fsdp_reduce_every_micro_batch = r.fsdp_reduce_every_micro_batch;
     auto& model = models[r.export_path];
     auto& graph = graphs[{r.export_path, r.batch, r.seq}];
     try {

@@ -62,13 +62,14 @@ CollectiveList FsdpCollectives(const std::vector<FsdpGroup>& groups, int world, 
 }
 
 Fsdp2Hooks::Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward, bool gloo_copies,
-                       const sim::FsdpPrecision& precision, bool optimizer_in_backward)
+                       const sim::FsdpPrecision& precision, const FsdpLoop& loop)
     : groups_(std::move(groups)),
       world_(world),
       reshard_after_forward_(reshard_after_forward),
       gloo_copies_(gloo_copies),
       precision_(precision),
-      optimizer_in_backward_(optimizer_in_backward) {
+      loop_(loop),
+      reducing_(!loop.accumulating || loop.reduce_every_micro_batch) {
   unsharded_.resize(groups_.size());
   flat_.assign(groups_.size(), -1);
   reduced_.assign(groups_.size(), false);
@@ -146,6 +147,10 @@ void Fsdp2Hooks::Reshard(int group, sim::StepMemory& mem) {
 void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
   if (reduced_[static_cast<size_t>(group)]) return;
   reduced_[static_cast<size_t>(group)] = true;
+  if (!reducing_) {  // gradient sync off: reshard only, the unsharded gradients stay
+    Reshard(group, mem);
+    return;
+  }
   const FsdpGroup& g = groups_[static_cast<size_t>(group)];
   std::vector<int64_t> grads;
   std::vector<int32_t> stepped;  // parameters with a gradient, for their post-accumulate-grad hooks
@@ -179,7 +184,7 @@ void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
   // The reduce-scatter output is the sharded gradient, unless it must be cast to the parameter's dtype: then
   // each parameter's slice is cast into a new shard and the output dies with the last slice. A later micro-batch's
   // output (or its cast) is added into the sharded gradient and freed.
-  const bool kept = !accumulating_ && !optimizer_in_backward_;  // the block stays as the sharded .grad
+  const bool kept = !accumulating_ && !loop_.optimizer_in_backward;  // the block stays as the sharded .grad
   const auto category = [](bool gradients) {
     return gradients ? sim::MemoryCategory::kGradients : sim::MemoryCategory::kCommBuffers;
   };
@@ -196,7 +201,7 @@ void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
                         kept ? "FSDP2 sharded gradients (" + name + ")" : "FSDP2 reduce-scatter output cast");
     mem.Free(output);
   }
-  if (optimizer_in_backward_) {
+  if (loop_.optimizer_in_backward) {
     for (int32_t param : stepped) mem.StepParam(param);
   }
   if (!kept) mem.Free(sharded);
@@ -206,7 +211,24 @@ void Fsdp2Hooks::OnNextMicroBatch(sim::StepMemory&) {
   // The micro-batch runs the whole forward and backward again, from sharded parameters.
   reduced_.assign(groups_.size(), false);
   forward_started_ = backward_started_ = false;
-  accumulating_ = !optimizer_in_backward_;
+  // The simulated later micro-batch stands for every later one and is the last: it reduces. Its output is added
+  // into sharded gradients only when the earlier ones reduced too.
+  accumulating_ = reducing_ && !loop_.optimizer_in_backward;
+  reducing_ = true;
+}
+
+std::string Fsdp2Hooks::UnmodelledLoop(const sim::LoopPlan& loop) const {
+  if (loop.simulated_micro_batches == 1 || loop_.reduce_every_micro_batch) return "";
+  for (const auto& g : groups_) {
+    for (const auto& p : g.params) {
+      // to_accumulated_grad_if_needed keeps the deferred gradients in reduce_dtype, a copy this model lacks
+      if (ReduceElementSize(p, precision_) != GatheredElementSize(p, precision_)) {
+        return "--grad-accum > 1 with FSDP2 gradient sync off until the last micro-batch is not modelled with a "
+               "--fsdp-reduce-dtype other than the gradients' dtype (add --fsdp-reduce-every-micro-batch)";
+      }
+    }
+  }
+  return "";
 }
 
 void Fsdp2Hooks::OnRegionStart(sim::Phase phase, const Region& region, sim::StepMemory& mem) {

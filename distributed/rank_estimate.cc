@@ -86,10 +86,12 @@ std::string DataParallelLoopAssumption(const sim::Recipe& recipe, const std::vec
     parts.push_back("DDP and ZeRO-1 run every micro-batch but the last under no_sync() (accelerate's accumulate(), "
                     "as HF Trainer does): the gradients accumulate unreduced in .grad");
   }
-  if (recipe.grad_accum > 1 && fsdp) {
-    parts.push_back("FSDP2 reduce-scatters every micro-batch into the sharded gradients (torchtitan's loop); "
-                    "set_requires_gradient_sync(False), which keeps unsharded gradients across micro-batches, is "
-                    "not modelled");
+  if (recipe.grad_accum > 1 && fsdp && recipe.fsdp_reduce_every_micro_batch) {
+    parts.push_back("FSDP2 reduce-scatters every micro-batch into the sharded gradients (torchtitan's loop)");
+  } else if (recipe.grad_accum > 1 && fsdp) {
+    parts.push_back("FSDP2 runs every micro-batch but the last with set_requires_gradient_sync(False) "
+                    "(accelerate's no_sync(), as HF Trainer does): the unsharded gradients accumulate until the last "
+                    "backward reduce-scatters them (--fsdp-reduce-every-micro-batch: torchtitan's loop)");
   }
   if (recipe.optimizer_in_backward && fsdp) {
     parts.push_back("with --optimizer-in-backward, FSDP2 steps each shard in its post-accumulate-grad hook right "
@@ -157,8 +159,11 @@ RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config,
       const sim::FsdpPrecision precision = sim::FsdpPrecisionOf(config);
       auto groups = FsdpGroups(params, dp, rank_graph.num_layers(), precision);
       out.collectives = FsdpCollectives(groups, dp, zero3, dp_crosses_nodes);
+      const FsdpLoop loop{.accumulating = config.grad_accum > 1,
+                          .reduce_every_micro_batch = config.fsdp_reduce_every_micro_batch,
+                          .optimizer_in_backward = config.optimizer_in_backward};
       dp_hooks = std::make_unique<Fsdp2Hooks>(std::move(groups), dp, zero3, /*gloo_copies=*/config.target.is_cpu,
-                                              precision, config.optimizer_in_backward);
+                                              precision, loop);
       break;
     }
     case DataParallelEngine::kGemini: {

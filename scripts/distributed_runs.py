@@ -167,6 +167,8 @@ def loop_cases():
         for precision in ("fp32", "bf16-autocast"):
             for method in ("ddp", "fsdp2"):
                 cs.append(case(arch, method, 2, 2, 128, precision=precision, recipe="grad-accum=2"))
+            cs.append(case(arch, "fsdp2", 2, 2, 128, precision=precision,
+                           recipe="grad-accum=2,fsdp-reduce-every-micro-batch=1"))
             cs.append(case(arch, "fsdp2", 2, 2, 128, precision=precision, recipe="optimizer-in-backward=1"))
     cs += [case("llama", "zero1", 2, 2, 128, recipe="grad-accum=2"),
            case("llama", "zero2", 2, 2, 128, recipe="grad-accum=2"),
@@ -174,7 +176,8 @@ def loop_cases():
            case("llama", "tp", 2, 2, 128, recipe="grad-accum=2"),
            case("llama", "tp", 2, 2, 128, recipe="optimizer-in-backward=1"),
            # the reduce-scatter output cast into fp32 sharded gradients
-           case("llama", "fsdp2", 2, 2, 128, fsdp_reduce_dtype="bf16", recipe="grad-accum=2"),
+           case("llama", "fsdp2", 2, 2, 128, fsdp_reduce_dtype="bf16",
+                recipe="grad-accum=2,fsdp-reduce-every-micro-batch=1"),
            case("llama", "fsdp2", 2, 2, 128, fsdp_reduce_dtype="bf16", recipe="optimizer-in-backward=1")]
     return cs
 

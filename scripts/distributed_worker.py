@@ -93,7 +93,8 @@ def parse_args(argv=None):
 
 
 # The recipe keys a parallel engine's loop runs (the others are single-process only).
-PARALLEL_RECIPE_KEYS = ("grad-accum", "optimizer-in-backward")
+PARALLEL_RECIPE_KEYS = ("grad-accum", "optimizer-in-backward", "fsdp-reduce-every-micro-batch")
+FSDP_METHODS = ("fsdp2", "zero2", "fsdp2_tp")
 
 
 def check_parallel_recipe(recipe, method):
@@ -102,6 +103,8 @@ def check_parallel_recipe(recipe, method):
     if other:
         raise RuntimeError(f"--recipe with --method {method} takes only {', '.join(PARALLEL_RECIPE_KEYS)} "
                            f"(got {', '.join(other)})")
+    if recipe.get("fsdp-reduce-every-micro-batch") and method not in FSDP_METHODS:
+        raise RuntimeError(f"fsdp-reduce-every-micro-batch applies to {', '.join(FSDP_METHODS)}, not {method}")
     if recipe.get("optimizer-in-backward") and method not in ("fsdp2", "zero2", "tp"):
         # DDP's reducer runs after the parameter's post-accumulate-grad hooks: each rank would step on its own
         # unreduced gradient (and the reducer would then read a freed .grad)
@@ -109,13 +112,28 @@ def check_parallel_recipe(recipe, method):
                            "the per-parameter step would run before the gradient is reduced")
 
 
-def grad_sync_context(step_module, method, micro, accum):
-    """The data-parallel loop around one micro-batch (forward and backward). DDP/ZeRO-1: accelerate's
-    `accumulate()` (what HF Trainer runs) enters `DistributedDataParallel.no_sync()` for every micro-batch but
-    the last, so only the last one all-reduces. FSDP2: torchtitan's loop, which leaves gradient sync on:
-    every micro-batch reduce-scatters into the sharded gradient (no unsharded gradient kept across them)."""
-    if method in ("ddp", "zero1") and micro < accum - 1:
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    """accelerate's Accelerator.no_sync for FSDP2 (accelerator.py): gradient sync off, back on after."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def grad_sync_context(step_module, model, method, micro, accum, reduce_every):
+    """The data-parallel loop around one micro-batch (forward and backward): accelerate's `accumulate()` (what
+    HF Trainer runs) enters its `no_sync()` for every micro-batch but the last, so only the last one reduces:
+    `DistributedDataParallel.no_sync()` for DDP/ZeRO-1, `set_requires_gradient_sync(False)` for FSDP2 (the
+    unsharded gradients accumulate until then). `reduce_every` (fsdp-reduce-every-micro-batch): torchtitan's
+    FSDP2 loop, which leaves gradient sync on, so every micro-batch reduce-scatters into the sharded gradient."""
+    if micro == accum - 1:
+        return contextlib.nullcontext()
+    if method in ("ddp", "zero1"):
         return step_module.no_sync()
+    if method in FSDP_METHODS and not reduce_every:
+        return _fsdp_no_sync(model)
     return contextlib.nullcontext()
 
 
@@ -536,6 +554,8 @@ def run(args, rank, world, local_rank, record):
     recipe = args.recipe
     if method != "single":
         check_parallel_recipe(recipe, method)
+    elif recipe.get("fsdp-reduce-every-micro-batch"):
+        raise RuntimeError("fsdp-reduce-every-micro-batch applies to FSDP2 methods, not single")
     opts = training_recipe.options(recipe)
     mp_policy = mixed_precision_policy(args.fsdp_param_dtype, args.fsdp_reduce_dtype)
     if mp_policy is not None and method not in ("fsdp2", "zero2", "fsdp2_tp"):
@@ -673,7 +693,8 @@ def run(args, rank, world, local_rank, record):
 
         for micro in range(accum):
             sync_context = contextlib.ExitStack()
-            sync_context.enter_context(grad_sync_context(step_module, method, micro, accum))
+            sync_context.enter_context(grad_sync_context(step_module, model, method, micro, accum,
+                                                         opts["fsdp-reduce-every-micro-batch"]))
             micro_batches.append({"peak": {}})
             ids = labels = None  # the previous batch is gone before the next one exists
             ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen, dtype=torch.long).to(device)

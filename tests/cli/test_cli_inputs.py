@@ -287,7 +287,20 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertEqual(ddp.returncode, 0, ddp.stderr)
         self.assertIn("no_sync()", " ".join(json.loads(ddp.stdout)["assumptions"]))
         zero3 = run(*est, "--dp", "2", "--engine", "zero3", "--grad-accum", "2", "--json")
-        self.assertIn("reduce-scatters every micro-batch", " ".join(json.loads(zero3.stdout)["assumptions"]))
+        self.assertIn("set_requires_gradient_sync(False)", " ".join(json.loads(zero3.stdout)["assumptions"]))
+        every = run(*est, "--dp", "2", "--engine", "zero3", "--grad-accum", "2", "--fsdp-reduce-every-micro-batch",
+                    "--json")
+        self.assertIn("reduce-scatters every micro-batch", " ".join(json.loads(every.stdout)["assumptions"]))
+        self.assertTrue(json.loads(every.stdout)["recipe"]["fsdp_reduce_every_micro_batch"])
+        # the unsharded gradients kept until the last micro-batch weigh more than the shards
+        self.assertGreater(json.loads(zero3.stdout)["peak_allocated_bytes"],
+                           json.loads(every.stdout)["peak_allocated_bytes"])
+        self.assert_bad_input(run(*est, "--dp", "2", "--engine", "ddp", "--grad-accum", "2",
+                                  "--fsdp-reduce-every-micro-batch"), "--fsdp-reduce-every-micro-batch", "zero3")
+        self.assert_bad_input(run(*est, "--dp", "2", "--engine", "zero3", "--fsdp-reduce-every-micro-batch"),
+                              "--fsdp-reduce-every-micro-batch", "--grad-accum")
+        self.assert_bad_input(run(*est, "-p", "fp32", "--dp", "2", "--engine", "zero3", "--grad-accum", "2",
+                                  "--fsdp-reduce-dtype", "bf16"), "--fsdp-reduce-every-micro-batch")
         self.assertEqual(run(*est, "--dp", "2", "--engine", "zero3", "--optimizer-in-backward").returncode, 0)
         self.assert_bad_input(run(*est, "--dp", "2", "--engine", "ddp", "--optimizer-in-backward"),
                               "--optimizer-in-backward", "DDP", "all-reduce")

@@ -310,7 +310,36 @@ TEST(Fsdp2HooksTest, GlooCollectivesAddTheirTransientBuffers) {
   EXPECT_EQ(peak_before_first_op, 840 + 320 + 320);  // setup, the root's flat output, one gloo buffer
 }
 
-// Gradient accumulation (torchtitan's loop: every micro-batch reduce-scatters). The second micro-batch starts with
+// Gradient accumulation, accelerate's no_sync() (gradient sync off until the last micro-batch): the first
+// micro-batch's post-backwards only reshard, so its unsharded gradients (d wte 144, d w0 80, d w1 80, d wh 144 =
+// 448 B) stay through the second, whose backward adds into them and reduce-scatters as the plain step does:
+//   forward peak 1988 + 448 = 2436, backward peak 2208 + 448 = 2656, 1088 after backward as without accumulation.
+TEST(Fsdp2HooksTest, AccumulationUnderNoSyncKeepsTheUnshardedGradientsUntilTheLastMicroBatch) {
+  Graph g = TwoLayerLm();
+  sim::TrainingConfig config = CpuConfig();
+  config.grad_accum = 2;
+  Fsdp2Hooks hooks(FsdpGroups(ManagedParams(g, sim::Precision::kFp32), 2, g.num_layers()), 2, true, false, {},
+                   FsdpLoop{.accumulating = true});
+  const sim::StepSimulation sim = sim::SimulateTrainingStep(g, config, &hooks);
+  const Replay r = ReplayExact(sim.timeline);
+  EXPECT_EQ(r.phase_peak[kForward], 2436);
+  EXPECT_EQ(r.phase_peak[kBackward], 2656);
+  EXPECT_EQ(r.phase_start[kOptimizer], 1088);
+  // One reduce-scatter per group in the step, all in the last micro-batch: the plain step's backward events.
+  const auto trace = TraceOf(sim.timeline, FsdpBlock);
+  std::vector<std::string> reduce_scatters, plain;
+  for (const auto& line : trace) {
+    if (line.find("reduce-scatter input") != std::string::npos && line[9] == '+') reduce_scatters.push_back(line);
+  }
+  for (const auto& line : kZero3Trace) {
+    if (line.find("reduce-scatter input") != std::string::npos && line[9] == '+') plain.push_back(line);
+  }
+  EXPECT_EQ(reduce_scatters, plain);
+  EXPECT_EQ(std::vector<std::string>(trace.end() - 8, trace.end()),
+            std::vector<std::string>(kZero3Trace.end() - 8, kZero3Trace.end()));
+}
+
+// Gradient accumulation, torchtitan's loop (every micro-batch reduce-scatters). The second micro-batch starts with
 // the first one's sharded gradients (160 + 48 + 40 = 248 B) and runs the first one's events again, except that
 // each reduce-scatter output is added into the sharded gradient and freed:
 //   forward peak 1988 + 248 = 2236, backward peak 2208 + 248 = 2456, 1088 again after backward.
@@ -318,7 +347,8 @@ TEST(Fsdp2HooksTest, AccumulationReduceScattersEveryMicroBatchIntoTheShardedGrad
   Graph g = TwoLayerLm();
   sim::TrainingConfig config = CpuConfig();
   config.grad_accum = 2;
-  Fsdp2Hooks hooks = MakeHooks(g, true);
+  Fsdp2Hooks hooks(FsdpGroups(ManagedParams(g, sim::Precision::kFp32), 2, g.num_layers()), 2, true, false, {},
+                   FsdpLoop{.accumulating = true, .reduce_every_micro_batch = true});
   const sim::StepSimulation sim = sim::SimulateTrainingStep(g, config, &hooks);
   const Replay r = ReplayExact(sim.timeline);
   EXPECT_EQ(r.phase_peak[kForward], 2236);
@@ -352,7 +382,7 @@ TEST(Fsdp2HooksTest, OptimizerInBackwardStepsEachShardAfterItsReduceScatter) {
   sim::TrainingConfig config = CpuConfig();
   config.optimizer_in_backward = true;
   Fsdp2Hooks hooks(FsdpGroups(ManagedParams(g, sim::Precision::kFp32), 2, g.num_layers()), 2, true, false, {},
-                   /*optimizer_in_backward=*/true);
+                   FsdpLoop{.optimizer_in_backward = true});
   const sim::StepSimulation sim = sim::SimulateTrainingStep(g, config, &hooks);
   const Replay r = ReplayExact(sim.timeline);
   EXPECT_EQ(r.peak, 2208);

@@ -45,6 +45,12 @@ class ParallelRecipeTest(unittest.TestCase):
         # DDP's reducer runs after the post-accumulate-grad hooks: the step would see an unreduced gradient
         self.assert_refused("optimizer-in-backward=1", "ddp", "before the gradient is reduced")
         self.assert_refused("optimizer-in-backward=1", "zero1", "zero1")
+        # the FSDP2 loop choice: FSDP2 methods only, with accumulation only
+        distributed_worker.check_parallel_recipe(parse_recipe("grad-accum=2,fsdp-reduce-every-micro-batch=1"),
+                                                 "fsdp2")
+        self.assert_refused("grad-accum=2,fsdp-reduce-every-micro-batch=1", "ddp", "ddp")
+        with self.assertRaises(RecipeError):
+            parse_recipe("fsdp-reduce-every-micro-batch=1")
 
 
 class RecipeParserTest(unittest.TestCase):
