@@ -174,6 +174,7 @@ def loop_cases():
            case("llama", "zero2", 2, 2, 128, recipe="grad-accum=2"),
            case("llama", "zero2", 2, 2, 128, recipe="optimizer-in-backward=1"),
            case("llama", "tp", 2, 2, 128, recipe="grad-accum=2"),
+           case("llama", "fsdp2_tp", 4, 2, 128, tp=2, recipe="grad-accum=2"),
            case("llama", "tp", 2, 2, 128, recipe="optimizer-in-backward=1"),
            # the reduce-scatter output cast into fp32 sharded gradients
            case("llama", "fsdp2", 2, 2, 128, fsdp_reduce_dtype="bf16",

@@ -19,8 +19,9 @@ Steps: --steps (default 3). The reported peak_bytes is the maximum of live bytes
 last step. Phases: forward (forward + loss, under autocast when asked), backward (loss.backward(), then the loss
 is released), optimizer (optimizer.step() + zero_grad(set_to_none=True)). --recipe changes
 the loop as scripts/training_recipe.py describes (checkpointing, gradient accumulation, chunked loss, kept outputs,
-optimizer in backward, gradient clipping; parallel methods take grad-accum and, under FSDP2, optimizer-in-backward:
-see grad_sync_context); the record then carries "recipe".
+optimizer in backward, gradient clipping; parallel methods take grad-accum (see grad_sync_context for each
+engine's loop), optimizer-in-backward under FSDP2 and TP, fsdp-reduce-every-micro-batch under FSDP2); the record
+then carries "recipe".
 
 Each rank writes OUT_DIR/rank<R>.json (one JSON object); on an error it writes OUT_DIR/rank<R>.error (the last
 line of the error first, then the traceback) and exits 1.

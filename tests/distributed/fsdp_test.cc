@@ -310,17 +310,22 @@ TEST(Fsdp2HooksTest, GlooCollectivesAddTheirTransientBuffers) {
   EXPECT_EQ(peak_before_first_op, 840 + 320 + 320);  // setup, the root's flat output, one gloo buffer
 }
 
+// ZeRO-3 over 2 ranks with two micro-batches per step.
+sim::StepSimulation SimulateTwoMicroBatches(bool reduce_every_micro_batch) {
+  Graph g = TwoLayerLm();
+  sim::TrainingConfig config = CpuConfig();
+  config.grad_accum = 2;
+  Fsdp2Hooks hooks(FsdpGroups(ManagedParams(g, sim::Precision::kFp32), 2, g.num_layers()), 2, true, false, {},
+                   FsdpLoop{.accumulating = true, .reduce_every_micro_batch = reduce_every_micro_batch});
+  return sim::SimulateTrainingStep(g, config, &hooks);
+}
+
 // Gradient accumulation, accelerate's no_sync() (gradient sync off until the last micro-batch): the first
 // micro-batch's post-backwards only reshard, so its unsharded gradients (d wte 144, d w0 80, d w1 80, d wh 144 =
 // 448 B) stay through the second, whose backward adds into them and reduce-scatters as the plain step does:
 //   forward peak 1988 + 448 = 2436, backward peak 2208 + 448 = 2656, 1088 after backward as without accumulation.
 TEST(Fsdp2HooksTest, AccumulationUnderNoSyncKeepsTheUnshardedGradientsUntilTheLastMicroBatch) {
-  Graph g = TwoLayerLm();
-  sim::TrainingConfig config = CpuConfig();
-  config.grad_accum = 2;
-  Fsdp2Hooks hooks(FsdpGroups(ManagedParams(g, sim::Precision::kFp32), 2, g.num_layers()), 2, true, false, {},
-                   FsdpLoop{.accumulating = true});
-  const sim::StepSimulation sim = sim::SimulateTrainingStep(g, config, &hooks);
+  const sim::StepSimulation sim = SimulateTwoMicroBatches(/*reduce_every_micro_batch=*/false);
   const Replay r = ReplayExact(sim.timeline);
   EXPECT_EQ(r.phase_peak[kForward], 2436);
   EXPECT_EQ(r.phase_peak[kBackward], 2656);
@@ -344,12 +349,7 @@ TEST(Fsdp2HooksTest, AccumulationUnderNoSyncKeepsTheUnshardedGradientsUntilTheLa
 // each reduce-scatter output is added into the sharded gradient and freed:
 //   forward peak 1988 + 248 = 2236, backward peak 2208 + 248 = 2456, 1088 again after backward.
 TEST(Fsdp2HooksTest, AccumulationReduceScattersEveryMicroBatchIntoTheShardedGradients) {
-  Graph g = TwoLayerLm();
-  sim::TrainingConfig config = CpuConfig();
-  config.grad_accum = 2;
-  Fsdp2Hooks hooks(FsdpGroups(ManagedParams(g, sim::Precision::kFp32), 2, g.num_layers()), 2, true, false, {},
-                   FsdpLoop{.accumulating = true, .reduce_every_micro_batch = true});
-  const sim::StepSimulation sim = sim::SimulateTrainingStep(g, config, &hooks);
+  const sim::StepSimulation sim = SimulateTwoMicroBatches(/*reduce_every_micro_batch=*/true);
   const Replay r = ReplayExact(sim.timeline);
   EXPECT_EQ(r.phase_peak[kForward], 2236);
   EXPECT_EQ(r.phase_peak[kBackward], 2456);
