@@ -263,6 +263,10 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   auto graph = model.BuildGraph(o.batch, o.seq);
   llmem::sim::MemoryEstimate est;
   std::vector<std::string> assumptions;  // of a parallel layout on a GPU: NCCL's buffers
+  if (config.fsdp_reduce_every_micro_batch && !llmem::dist::RunsFsdp2({.dp = o.dp, .tp = o.tp, .engine = *engine})) {
+    throw llmem::ConfigError("--fsdp-reduce-every-micro-batch applies to FSDP2: --engine zero2 or zero3 with --dp 2 "
+                             "or more");
+  }
   if (o.dp == 1 && o.tp == 1) {
     llmem::dist::CheckFsdpMixedPrecision(config, {.dp = 1, .tp = 1, .engine = *engine});
     est = llmem::sim::EstimateMemory(graph, config);
@@ -272,6 +276,10 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
     const llmem::dist::ParallelPlan plan{.dp = o.dp, .tp = o.tp, .engine = *engine};
     est = llmem::dist::EstimateRank(graph, config, plan, dopts).memory;
     if (!config.target.is_cpu) assumptions.push_back(llmem::dist::NcclRankAssumption(plan, config.target.gpu));
+    if (o.dp > 1) {
+      const std::string loop = llmem::dist::DataParallelLoopAssumption(config, {plan.engine});
+      if (!loop.empty()) assumptions.push_back(loop);
+    }
   }
   if (!o.trace_path.empty()) llmem::cli::WriteEstimateTrace(o.trace_path, est.simulation->timeline);
   if (o.json_out) {

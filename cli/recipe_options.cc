@@ -50,6 +50,9 @@ void AddRecipeOptions(CLI::App* cmd, RecipeOptions& o) {
   cmd->add_option("--fsdp-param-dtype", o.fsdp_param_dtype, "FSDP2 MixedPrecisionPolicy param_dtype: bf16 | fp16 | fp32");
   cmd->add_option("--fsdp-reduce-dtype", o.fsdp_reduce_dtype,
                   "FSDP2 MixedPrecisionPolicy reduce_dtype: bf16 | fp16 | fp32");
+  cmd->add_flag("--fsdp-reduce-every-micro-batch", o.fsdp_reduce_every_micro_batch,
+                "FSDP2 with --grad-accum: reduce-scatter every micro-batch (torchtitan) instead of keeping unsharded "
+                "gradients until the last (accelerate, HF Trainer)");
 }
 
 void ApplyRecipeOptions(const RecipeOptions& o, sim::Recipe& recipe) {
@@ -85,6 +88,10 @@ void ApplyRecipeOptions(const RecipeOptions& o, sim::Recipe& recipe) {
   recipe.keep_outputs = o.keep_outputs;
   recipe.fsdp_param_dtype = ParseFsdpDtype(o.fsdp_param_dtype, "--fsdp-param-dtype");
   recipe.fsdp_reduce_dtype = ParseFsdpDtype(o.fsdp_reduce_dtype, "--fsdp-reduce-dtype");
+  if (o.fsdp_reduce_every_micro_batch && o.grad_accum == 1) {
+    throw ConfigError("--fsdp-reduce-every-micro-batch needs --grad-accum 2 or more");
+  }
+  recipe.fsdp_reduce_every_micro_batch = o.fsdp_reduce_every_micro_batch;
 }
 
 nlohmann::json RecipeJson(const sim::Recipe& r) {
@@ -104,6 +111,7 @@ nlohmann::json RecipeJson(const sim::Recipe& r) {
       {"fsdp_param_dtype", r.fsdp_param_dtype ? nlohmann::json(FsdpDtypeName(*r.fsdp_param_dtype)) : nlohmann::json(nullptr)},
       {"fsdp_reduce_dtype",
        r.fsdp_reduce_dtype ? nlohmann::json(FsdpDtypeName(*r.fsdp_reduce_dtype)) : nlohmann::json(nullptr)},
+      {"fsdp_reduce_every_micro_batch", r.fsdp_reduce_every_micro_batch},
   };
   return j;
 }
@@ -120,6 +128,7 @@ std::string RecipeSummary(const sim::Recipe& r) {
          std::string(sim::CheckpointingImplName(r.checkpointing.impl)) + ")";
   }
   if (r.grad_accum > 1) s += ", " + std::to_string(r.grad_accum) + " micro-batches";
+  if (r.fsdp_reduce_every_micro_batch) s += " (FSDP2 reduce-scatters each)";
   if (r.loss != sim::LossVariant::kStandard) s += ", " + sim::LossName(r.loss, r.loss_chunks) + " loss";
   if (r.fsdp_param_dtype || r.fsdp_reduce_dtype) {
     s += ", FSDP2 MixedPrecisionPolicy (param " + (r.fsdp_param_dtype ? FsdpDtypeName(*r.fsdp_param_dtype) : "default") +

@@ -25,6 +25,7 @@ struct RecipeOptions {
   // is unknown does not fall short of it (--drop-outputs: HF Trainer's loop).
   bool keep_outputs = true;
   std::string fsdp_param_dtype, fsdp_reduce_dtype;  // empty: not given
+  bool fsdp_reduce_every_micro_batch = false;
 };
 
 void AddRecipeOptions(CLI::App* cmd, RecipeOptions& o);

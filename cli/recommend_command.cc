@@ -10,6 +10,7 @@
 
 #include "cli/training_options.h"
 #include "distributed/interconnect.h"
+#include "distributed/rank_estimate.h"
 #include "distributed/recommend.h"
 #include "graph/error.h"
 #include "graph/torchscript_importer.h"
@@ -184,6 +185,9 @@ int RunRecommend(const RecommendOptions& o) {
                               " (and its links)");
   }
   rec.assumptions.push_back(MixedPrecisionAssumption(req.config));
+  if (const std::string loop = dist::DataParallelLoopAssumption(req.config, req.engines); !loop.empty()) {
+    rec.assumptions.push_back(loop);
+  }
   const double sweep_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - s0).count() - build_seconds;
 

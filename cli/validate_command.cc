@@ -34,6 +34,9 @@ struct RankRecord {
   int64_t batch = 0, seq = 0, peak_bytes = 0;
   bool vocab_parallel = false;
   std::string fsdp_param_dtype, fsdp_reduce_dtype;  // the run's MixedPrecisionPolicy ("": not set)
+  int grad_accum = 1;                  // the run's loop (its "recipe")
+  bool optimizer_in_backward = false;
+  bool fsdp_reduce_every_micro_batch = false;
   std::string key;  // arch-size method dp×tp BxS precision optimizer [vocab-parallel] device: the run it belongs to
 };
 
@@ -104,6 +107,24 @@ dist::ParallelPlan PlanOf(const RankRecord& r) {
   return p;
 }
 
+// The loop options of a run's "recipe" (scripts/training_recipe.py keys); any other key is refused.
+void ParseLoopRecipe(const json& recipe, int line, RankRecord& r) {
+  for (const auto& [key, value] : recipe.items()) {
+    if (key == "grad-accum") {
+      r.grad_accum = Get<int>(recipe, "grad-accum", line);
+      CheckAtLeast(r.grad_accum, 1, "grad-accum", line);
+    } else if (key == "optimizer-in-backward") {
+      r.optimizer_in_backward = Get<bool>(recipe, "optimizer-in-backward", line);
+    } else if (key == "fsdp-reduce-every-micro-batch") {
+      r.fsdp_reduce_every_micro_batch = Get<bool>(recipe, "fsdp-reduce-every-micro-batch", line);
+    } else {
+      throw ConfigError(AtLine(line) + ": the run's recipe carries \"" + key + "\", which validate does not apply "
+                        "yet (it applies grad-accum, optimizer-in-backward and fsdp-reduce-every-micro-batch); compare it "
+                        "with `llmem estimate`");
+    }
+  }
+}
+
 RankRecord ParseRecord(const std::string& text, int line) {
   json j;
   try {
@@ -143,17 +164,19 @@ RankRecord ParseRecord(const std::string& text, int line) {
   if (!sim::ParseOptimizer(r.optimizer)) {
     throw ConfigError(AtLine(line) + ": unknown optimizer '" + r.optimizer + "' (adamw, sgd, sgd-nomomentum, adafactor, adamw8bit, paged-adamw8bit)");
   }
-  // A run made with recipe options validate does not apply (an optimizer implementation, a loop recipe) would
-  // be scored as the plain step: such runs are refused. FSDP2 mixed-precision dtypes are applied (below).
+  // A run made with recipe options validate does not apply (an optimizer implementation, a loop recipe other
+  // than the ones below) would be scored as the plain step: such runs are refused. FSDP2 mixed-precision dtypes
+  // and the loop's accumulation and optimizer in backward are applied.
   for (const char* field : {"optimizer_impl_requested", "recipe"}) {
     const auto it = j.find(field);
     const bool plain = it == j.end() || it->is_null() || (it->is_string() && (*it == "" || *it == "default")) ||
                        (it->is_object() && it->empty());
-    if (!plain) {
+    if (!plain && !(it->is_object() && std::string(field) == "recipe")) {
       throw ConfigError(AtLine(line) + ": the run carries \"" + field + "\", which validate does not apply yet; "
                         "compare it with `llmem estimate` and the matching recipe options");
     }
   }
+  if (const auto it = j.find("recipe"); it != j.end() && it->is_object()) ParseLoopRecipe(*it, line, r);
   r.vocab_parallel = GetOr<bool>(j, "tp_vocab_parallel", false, line);
   r.device = GetOr<std::string>(j, "device", "cpu", line);
   if (r.device != "cpu" && r.device != "cuda") {
@@ -180,7 +203,9 @@ RankRecord ParseRecord(const std::string& text, int line) {
                ? ""
                : " param-" + (r.fsdp_param_dtype.empty() ? "default" : r.fsdp_param_dtype) + "-reduce-" +
                      (r.fsdp_reduce_dtype.empty() ? "default" : r.fsdp_reduce_dtype)) +
-          " " + r.device;
+          (r.grad_accum > 1 ? " grad-accum=" + std::to_string(r.grad_accum) : "") +
+          (r.optimizer_in_backward ? " optimizer-in-backward" : "") +
+          (r.fsdp_reduce_every_micro_batch ? " fsdp-reduce-every-micro-batch" : "") + " " + r.device;
   return r;
 }
 
@@ -272,6 +297,9 @@ int RunValidate(const ValidateOptions& o) {
     // A run without a loop recipe ran HF Trainer's loop (scripts/distributed_worker.py): outputs dropped before
     // backward, not estimate's cautious default.
     config.keep_outputs = false;
+    config.grad_accum = r.grad_accum;
+    config.optimizer_in_backward = r.optimizer_in_backward;
+    config.fsdp_reduce_every_micro_batch = r.fsdp_reduce_every_micro_batch;
     auto& model = models[r.export_path];
     auto& graph = graphs[{r.export_path, r.batch, r.seq}];
     try {

@@ -235,6 +235,14 @@ void GeminiHooks::OnRegionEnd(sim::Phase phase, const Region& region, sim::StepM
   }
 }
 
+std::string GeminiHooks::UnmodelledLoop(const sim::LoopPlan& loop) const {
+  if (loop.simulated_micro_batches == 1 && !loop.optimizer_in_backward) return "";
+  // GeminiDDP reduces each chunk's gradients into the chunk as backward leaves it, and its optimizer steps the
+  // fp32 master chunks after backward: neither keeps per-parameter gradients a loop could accumulate or step.
+  return sim::LoopFeature(loop) + " is not modelled with chunk-based ZeRO (Gemini): it reduces gradients into "
+         "its chunks during backward and steps the master chunks after it";
+}
+
 void GeminiHooks::OnOptimizerStepEnd(sim::StepMemory& mem) {
   // HybridAdam reads each chunk's 16-bit gradient shard as fp32, one chunk at a time.
   for (const auto& c : layout_.chunks)

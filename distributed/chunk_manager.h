@@ -73,6 +73,7 @@ class GeminiHooks : public sim::StepHooks {
   void OnRegionStart(sim::Phase phase, const Region& region, sim::StepMemory& mem) override;
   void OnRegionEnd(sim::Phase phase, const Region& region, sim::StepMemory& mem) override;
   void OnOptimizerStepEnd(sim::StepMemory& mem) override;
+  std::string UnmodelledLoop(const sim::LoopPlan& loop) const override;
 
  private:
   int RegionOrder(const Region& r) const;

@@ -29,6 +29,16 @@ CollectiveList DdpCollectives(const std::vector<int64_t>& buckets, int dp, bool 
   return out;
 }
 
+std::string DdpHooks::UnmodelledLoop(const sim::LoopPlan& loop) const {
+  // A tensor's post-accumulate-grad hooks run inside AccumulateGrad, before the node's post hooks where the
+  // reducer copies the gradient into its bucket (torch/csrc/autograd/functions/accumulate_grad.cpp, reducer.cpp).
+  if (loop.optimizer_in_backward && !buckets_.empty()) {
+    return "--optimizer-in-backward does not run under DDP: the per-parameter step would run before DDP's "
+           "all-reduce, on each rank's own gradient (torchtune steps in backward with FSDP2 only)";
+  }
+  return "";
+}
+
 void DdpHooks::OnSetup(sim::StepMemory& mem) {
   for (size_t i = 0; i < buckets_.size(); ++i) {
     mem.Alloc(buckets_[i], sim::MemoryCategory::kCommBuffers, "DDP gradient bucket " + std::to_string(i));

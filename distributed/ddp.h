@@ -31,6 +31,11 @@ class DdpHooks : public sim::StepHooks {
  public:
   explicit DdpHooks(std::vector<int64_t> buckets) : buckets_(std::move(buckets)) {}
   void OnSetup(sim::StepMemory& mem) override;
+  // Gradient accumulation is the loop of accelerate's accumulate() (HF Trainer): every micro-batch but the last
+  // runs under DistributedDataParallel.no_sync(), so gradients accumulate in .grad as on one GPU, and the last
+  // backward copies them into the buckets (allocated at construction) and all-reduces there: nothing of its own.
+  // An optimizer in backward is refused (see ddp.cc).
+  std::string UnmodelledLoop(const sim::LoopPlan& loop) const override;
 
  private:
   std::vector<int64_t> buckets_;

@@ -62,12 +62,14 @@ CollectiveList FsdpCollectives(const std::vector<FsdpGroup>& groups, int world, 
 }
 
 Fsdp2Hooks::Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward, bool gloo_copies,
-                       const sim::FsdpPrecision& precision)
+                       const sim::FsdpPrecision& precision, const FsdpLoop& loop)
     : groups_(std::move(groups)),
       world_(world),
       reshard_after_forward_(reshard_after_forward),
       gloo_copies_(gloo_copies),
-      precision_(precision) {
+      precision_(precision),
+      loop_(loop),
+      reducing_(!loop.accumulating || loop.reduce_every_micro_batch) {
   unsharded_.resize(groups_.size());
   flat_.assign(groups_.size(), -1);
   reduced_.assign(groups_.size(), false);
@@ -145,14 +147,20 @@ void Fsdp2Hooks::Reshard(int group, sim::StepMemory& mem) {
 void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
   if (reduced_[static_cast<size_t>(group)]) return;
   reduced_[static_cast<size_t>(group)] = true;
+  if (!reducing_) {  // gradient sync off: reshard only, the unsharded gradients stay
+    Reshard(group, mem);
+    return;
+  }
   const FsdpGroup& g = groups_[static_cast<size_t>(group)];
   std::vector<int64_t> grads;
+  std::vector<int32_t> stepped;  // parameters with a gradient, for their post-accumulate-grad hooks
   int64_t input_bytes = 0, sharded_grad_bytes = 0;
   bool cast_output = false, cast_input = false;
   for (const auto& p : g.params) {
     const int64_t grad = mem.TakeParamGrad(p.index);
     if (grad < 0) continue;
     grads.push_back(grad);
+    stepped.push_back(p.index);
     input_bytes += PaddedShardNumel(p, world_) * ReduceElementSize(p, precision_) * world_;
     sharded_grad_bytes += PaddedShardNumel(p, world_) * p.element_size;
     cast_output |= ReduceElementSize(p, precision_) != p.element_size;
@@ -181,18 +189,54 @@ void Fsdp2Hooks::PostBackward(int group, sim::StepMemory& mem) {
     if (grad != held_grad) mem.Free(grad);
   }
   // The reduce-scatter output is the sharded gradient, unless it must be cast to the parameter's dtype: then
-  // each parameter's slice is cast into a new shard and the output dies with the last slice.
+  // each parameter's slice is cast into a new shard and the output dies with the last slice. A later micro-batch's
+  // output (or its cast) is added into the sharded gradient and freed.
+  const bool kept = !accumulating_ && !loop_.optimizer_in_backward;  // the block stays as the sharded .grad
+  const auto category = [](bool gradients) {
+    return gradients ? sim::MemoryCategory::kGradients : sim::MemoryCategory::kCommBuffers;
+  };
   const int64_t output =
-      mem.Alloc(input_bytes / world_, cast_output ? sim::MemoryCategory::kCommBuffers : sim::MemoryCategory::kGradients,
-                cast_output ? "FSDP2 reduce-scatter output (" + name + ")" : "FSDP2 sharded gradients (" + name + ")");
+      mem.Alloc(input_bytes / world_, category(!cast_output && kept),
+                cast_output || !kept ? "FSDP2 reduce-scatter output (" + name + ")"
+                                     : "FSDP2 sharded gradients (" + name + ")");
   if (gloo_copies_ && world_ > 1) {
     mem.Free(mem.Alloc(input_bytes, sim::MemoryCategory::kCommBuffers, "gloo reduce-scatter input copy"));
   }
+  int64_t sharded = output;
   if (cast_output) {
-    mem.Alloc(sharded_grad_bytes, sim::MemoryCategory::kGradients, "FSDP2 sharded gradients (" + name + ")");
+    sharded = mem.Alloc(sharded_grad_bytes, category(kept),
+                        kept ? "FSDP2 sharded gradients (" + name + ")" : "FSDP2 reduce-scatter output cast");
     mem.Free(output);
   }
   if (held_grad >= 0) mem.Free(held_grad);
+  if (loop_.optimizer_in_backward) {
+    for (int32_t param : stepped) mem.StepParam(param);
+  }
+  if (!kept) mem.Free(sharded);
+}
+
+void Fsdp2Hooks::OnNextMicroBatch(sim::StepMemory&) {
+  // The micro-batch runs the whole forward and backward again, from sharded parameters.
+  reduced_.assign(groups_.size(), false);
+  forward_started_ = backward_started_ = false;
+  // The simulated later micro-batch stands for every later one and is the last: it reduces. Its output is added
+  // into sharded gradients only when the earlier ones reduced too.
+  accumulating_ = reducing_ && !loop_.optimizer_in_backward;
+  reducing_ = true;
+}
+
+std::string Fsdp2Hooks::UnmodelledLoop(const sim::LoopPlan& loop) const {
+  if (loop.simulated_micro_batches == 1 || loop_.reduce_every_micro_batch) return "";
+  for (const auto& g : groups_) {
+    for (const auto& p : g.params) {
+      // to_accumulated_grad_if_needed keeps the deferred gradients in reduce_dtype, a copy this model lacks
+      if (ReduceElementSize(p, precision_) != GatheredElementSize(p, precision_)) {
+        return "--grad-accum > 1 with FSDP2 gradient sync off until the last micro-batch is not modelled with a "
+               "--fsdp-reduce-dtype other than the gradients' dtype (add --fsdp-reduce-every-micro-batch)";
+      }
+    }
+  }
+  return "";
 }
 
 void Fsdp2Hooks::OnRegionStart(sim::Phase phase, const Region& region, sim::StepMemory& mem) {

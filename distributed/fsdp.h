@@ -19,6 +19,15 @@
 // to param_dtype (freed once copied in), the all-gather output and the unsharded parameters are in param_dtype;
 // the reduce-scatter input and output are in reduce_dtype, and an output in another dtype than the parameter's is
 // cast per parameter into the sharded gradient (_fsdp_collectives.py foreach_reduce).
+// Gradient accumulation, by default accelerate's no_sync() (what HF Trainer runs): set_requires_gradient_sync(False)
+// until the last micro-batch, whose post-backward is the first to reduce-scatter; before it, post-backward only
+// reshards (reduce_grads false) and the unsharded gradients stay as the unsharded parameters' .grad, where the
+// next backward adds into them as on one GPU. FsdpLoop::reduce_every_micro_batch: torchtitan's loop, which keeps
+// gradient sync on, so every micro-batch reduce-scatters; a later micro-batch's output is added into the sharded
+// gradient (`sharded_param.grad._local_tensor += new_sharded_grad`) and freed, no unsharded gradient survives a
+// micro-batch. Optimizer in backward (torchtune): foreach_reduce calls each sharded parameter's
+// post-accumulate-grad hooks right after viewing its gradient out of the reduce-scatter output; the hook steps the
+// shard and frees its .grad, and the output (shared by the group's gradients) goes once foreach_reduce returns.
 #pragma once
 
 #include <cstdint>
@@ -47,19 +56,29 @@ std::vector<FsdpGroup> FsdpGroups(const std::vector<ManagedParam>& params, int w
 CollectiveList FsdpCollectives(const std::vector<FsdpGroup>& groups, int world, bool reshard_after_forward,
                                bool crosses_nodes);
 
+// The training loop around the engine.
+struct FsdpLoop {
+  bool accumulating = false;             // more than one micro-batch per step
+  bool reduce_every_micro_batch = false;  // torchtitan's; otherwise accelerate's no_sync() until the last one
+  bool optimizer_in_backward = false;    // each parameter stepped by its post-accumulate-grad hook after the reduce
+};
+
 class Fsdp2Hooks : public sim::StepHooks {
  public:
   // `gloo_copies`: the collectives run on gloo (CPU ranks), whose all_gather_into_tensor allocates two transient
   // output-sized buffers one after the other and whose reduce_scatter_tensor copies its whole input (measured
   // with a counting allocator, torch 2.11); NCCL works in place.
   Fsdp2Hooks(std::vector<FsdpGroup> groups, int world, bool reshard_after_forward, bool gloo_copies = false,
-             const sim::FsdpPrecision& precision = {});
+             const sim::FsdpPrecision& precision = {}, const FsdpLoop& loop = {});
 
   int64_t ResidentParamBytes(const Parameter& p, int64_t full_bytes) const override;
   int64_t OptimizedBytes(const Parameter& p, int64_t full_bytes) const override;
   void OnRegionStart(sim::Phase phase, const Region& region, sim::StepMemory& mem) override;
   void OnRegionEnd(sim::Phase phase, const Region& region, sim::StepMemory& mem) override;
   void OnBackwardEnd(sim::StepMemory& mem) override;
+  std::string UnmodelledLoop(const sim::LoopPlan& loop) const override;
+  void OnNextMicroBatch(sim::StepMemory& mem) override;
+  bool RunsPostAccumulateGradHooks() const override { return true; }
 
  private:
   int GroupOf(const Region& region) const;
@@ -81,6 +100,9 @@ class Fsdp2Hooks : public sim::StepHooks {
   int64_t pending_reduce_input_ = -1;                 // reduce-scatter input kept until the next one
   bool forward_started_ = false;
   bool backward_started_ = false;
+  FsdpLoop loop_;
+  bool reducing_ = true;       // this backward reduce-scatters (gradient sync on)
+  bool accumulating_ = false;  // the sharded gradients of an earlier micro-batch exist
 };
 
 }  // namespace llmem::dist

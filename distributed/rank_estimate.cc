@@ -1,5 +1,7 @@
 #include "distributed/rank_estimate.h"
 
+#include <algorithm>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 
@@ -38,6 +40,12 @@ class CombinedHooks : public sim::StepHooks {
   }
   void OnBackwardEnd(sim::StepMemory& mem) override { dp_.OnBackwardEnd(mem); }
   void OnOptimizerStepEnd(sim::StepMemory& mem) override { dp_.OnOptimizerStepEnd(mem); }
+  std::string UnmodelledLoop(const sim::LoopPlan& loop) const override {
+    const std::string dp = dp_.UnmodelledLoop(loop);
+    return dp.empty() ? tp_.UnmodelledLoop(loop) : dp;
+  }
+  void OnNextMicroBatch(sim::StepMemory& mem) override { dp_.OnNextMicroBatch(mem); }
+  bool RunsPostAccumulateGradHooks() const override { return dp_.RunsPostAccumulateGradHooks(); }
 
  private:
   const TensorParallelHooks& tp_;
@@ -56,6 +64,34 @@ void CheckFsdpMixedPrecision(const sim::Recipe& recipe, const ParallelPlan& plan
     throw ConfigError("--fsdp-param-dtype and --fsdp-reduce-dtype set FSDP2's MixedPrecisionPolicy: they need "
                       "--engine zero2 or zero3 with --dp 2 or more");
   }
+}
+
+std::string DataParallelLoopAssumption(const sim::Recipe& recipe, const std::vector<DataParallelEngine>& engines) {
+  const auto has = [&](std::initializer_list<DataParallelEngine> some) {
+    return std::any_of(engines.begin(), engines.end(),
+                       [&](DataParallelEngine e) { return std::find(some.begin(), some.end(), e) != some.end(); });
+  };
+  const bool ddp = has({DataParallelEngine::kDdp, DataParallelEngine::kZero1});
+  const bool fsdp = has({DataParallelEngine::kFsdp2Zero2, DataParallelEngine::kFsdp2Zero3});
+  std::vector<std::string> parts;
+  if (recipe.grad_accum > 1 && ddp) {
+    parts.push_back("DDP and ZeRO-1 run every micro-batch but the last under no_sync() (accelerate's accumulate(), "
+                    "as HF Trainer does): the gradients accumulate unreduced in .grad");
+  }
+  if (recipe.grad_accum > 1 && fsdp && recipe.fsdp_reduce_every_micro_batch) {
+    parts.push_back("FSDP2 reduce-scatters every micro-batch into the sharded gradients (torchtitan's loop)");
+  } else if (recipe.grad_accum > 1 && fsdp) {
+    parts.push_back("FSDP2 runs every micro-batch but the last with set_requires_gradient_sync(False) "
+                    "(accelerate's no_sync(), as HF Trainer does): the unsharded gradients accumulate until the last "
+                    "backward reduce-scatters them (--fsdp-reduce-every-micro-batch: torchtitan's loop)");
+  }
+  if (recipe.optimizer_in_backward && fsdp) {
+    parts.push_back("with --optimizer-in-backward, FSDP2 steps each shard in its post-accumulate-grad hook right "
+                    "after the reduce-scatter (torchtune)");
+  }
+  std::string out;
+  for (const auto& p : parts) out += (out.empty() ? "" : "; ") + p;
+  return out;
 }
 
 RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config, const ParallelPlan& plan,
@@ -115,8 +151,11 @@ RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config,
       const sim::FsdpPrecision precision = sim::FsdpPrecisionOf(config);
       auto groups = FsdpGroups(params, dp, rank_graph.num_layers(), precision);
       out.collectives = FsdpCollectives(groups, dp, zero3, dp_crosses_nodes);
+      const FsdpLoop loop{.accumulating = config.grad_accum > 1,
+                          .reduce_every_micro_batch = config.fsdp_reduce_every_micro_batch,
+                          .optimizer_in_backward = config.optimizer_in_backward};
       dp_hooks = std::make_unique<Fsdp2Hooks>(std::move(groups), dp, zero3, /*gloo_copies=*/config.target.is_cpu,
-                                              precision);
+                                              precision, loop);
       break;
     }
     case DataParallelEngine::kGemini: {

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "distributed/collective.h"
 #include "distributed/parallel_plan.h"
@@ -35,6 +36,10 @@ struct RankEstimate {
 // collectives move 16-bit activations and activation gradients.
 bool RunsFsdp2(const ParallelPlan& plan);
 void CheckFsdpMixedPrecision(const sim::Recipe& recipe, const ParallelPlan& plan);
+
+// The training loop the data-parallel `engines` are estimated with under the recipe's gradient accumulation or
+// optimizer in backward, in one line ("" when the recipe has neither or no engine loops differently).
+std::string DataParallelLoopAssumption(const sim::Recipe& recipe, const std::vector<DataParallelEngine>& engines);
 
 // Throws ConfigError for a plan the model or the engine cannot run (degrees that do not divide the model).
 // `tp_rank`: the tensor-parallel split of `graph` for plan.tp when the caller already made it (a sweep reuses

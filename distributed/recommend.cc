@@ -157,6 +157,23 @@ void ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
   if (error) std::rethrow_exception(error);
 }
 
+// Rows whose estimate was refused are skipped with the reason and leave the work.
+void SkipRefusedRows(const std::vector<std::string>& refused, std::vector<PlanRow>& rows, std::vector<size_t>& work,
+                     std::vector<RankEstimate>& at) {
+  size_t kept = 0;
+  for (size_t k = 0; k < work.size(); ++k) {
+    if (!refused[k].empty()) {
+      rows[work[k]].skipped = refused[k];
+      continue;
+    }
+    work[kept] = work[k];
+    at[kept] = std::move(at[k]);
+    ++kept;
+  }
+  work.resize(kept);
+  at.resize(kept);
+}
+
 }  // namespace
 
 std::vector<ParallelPlan> EnumeratePlans(int gpus, int gpus_per_node, const std::vector<DataParallelEngine>& engines,
@@ -231,10 +248,16 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
   }
   // 2. The estimates at the requested batch, independent of each other: spread over the cores.
   std::vector<RankEstimate> at(work.size());
+  std::vector<std::string> refused(work.size());  // why the engine cannot run the recipe's step on this layout
   ParallelFor(work.size(), [&](size_t k) {
     const PlanRow& row = out.rows[work[k]];
-    at[k] = sweep.Estimate(row.plan, row.micro_batch, per_node);
+    try {
+      at[k] = sweep.Estimate(row.plan, row.micro_batch, per_node);
+    } catch (const ConfigError& e) {  // e.g. a training loop the engine does not run
+      refused[k] = e.what();
+    }
   });
+  SkipRefusedRows(refused, out.rows, work, at);
   // 3. The largest micro-batch of every layout, by exact estimates (largest_batch_search.h), all layouts a round
   //    at a time: the batches a round asks for are built once (shared by the layouts that ask for the same batch),
   //    then estimated in parallel.
@@ -359,7 +382,10 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     }
     std::vector<uint8_t> fits(candidates.size(), 0);
     ParallelFor(candidates.size(), [&](size_t k) {
-      fits[k] = Fits(sweep.Estimate(candidates[k].first, candidates[k].second, std::min(n, node_capacity)));
+      try {
+        fits[k] = Fits(sweep.Estimate(candidates[k].first, candidates[k].second, std::min(n, node_capacity)));
+      } catch (const ConfigError&) {  // the engine cannot run the recipe's step: not a layout that fits
+      }
     });
     return std::find(fits.begin(), fits.end(), 1) != fits.end();
   };

@@ -81,6 +81,9 @@ class TensorParallelHooks : public sim::StepHooks {
   bool InputGradReplacedByCollective(const OpNode& node, size_t input) const override;
   int64_t ExtraTransientBytes(const OpNode& node, sim::Phase phase) const override;
   int64_t InputGradBytes(const OpNode& node, size_t input, int64_t bytes) const override;
+  // No data-parallel reduction: the local shards' gradients accumulate, or a per-parameter optimizer steps them,
+  // exactly as a single GPU's do.
+  std::string UnmodelledLoop(const sim::LoopPlan&) const override { return ""; }
 
  private:
   const TensorParallelRank* rank_;

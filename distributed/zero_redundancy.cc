@@ -36,6 +36,14 @@ ZeroRedundancyHooks::ZeroRedundancyHooks(std::vector<int64_t> buckets, const std
   }
 }
 
+std::string ZeroRedundancyHooks::UnmodelledLoop(const sim::LoopPlan& loop) const {
+  if (loop.optimizer_in_backward) {
+    return "--optimizer-in-backward does not run with ZeRO-1: ZeroRedundancyOptimizer steps its partition of "
+           "the parameters after backward, then broadcasts them";
+  }
+  return DdpHooks::UnmodelledLoop(loop);
+}
+
 int64_t ZeroRedundancyHooks::OptimizedBytes(const Parameter& p, int64_t full_bytes) const {
   return owned_.count(p.value.index) ? full_bytes : 0;
 }

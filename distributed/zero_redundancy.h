@@ -22,6 +22,8 @@ class ZeroRedundancyHooks : public DdpHooks {
  public:
   ZeroRedundancyHooks(std::vector<int64_t> buckets, const std::vector<ManagedParam>& params, int world);
   int64_t OptimizedBytes(const Parameter& p, int64_t full_bytes) const override;
+  // Accumulation as DDP's; the ZeroRedundancyOptimizer steps its partition only after backward.
+  std::string UnmodelledLoop(const sim::LoopPlan& loop) const override;
 
  private:
   std::set<int32_t> owned_;  // IR values of the parameters this rank steps

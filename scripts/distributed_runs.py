@@ -17,7 +17,8 @@ cases that need more GPUs than there are are skipped with the reason printed).
 
   scripts/distributed_runs.py --cases quick --out build/distributed_runs.jsonl   # what CI runs (< 4 min, 2 cores)
   scripts/distributed_runs.py --cases full --only fsdp2 --out runs.jsonl
-  scripts/distributed_runs.py --cases recipes --out runs.jsonl   # FSDP2 MixedPrecisionPolicy, optimizer kinds
+  scripts/distributed_runs.py --cases recipes --out runs.jsonl   # FSDP2 MixedPrecisionPolicy, optimizer kinds,
+                                                                 # accumulation and optimizer-in-backward loops
   scripts/distributed_runs.py --list --cases full
 
 Exit status: 0 when every launched case succeeded, 1 when one failed (its rank's last error line is printed),
@@ -41,9 +42,11 @@ EXPORTER = os.path.join(REPO, "models", "export_hf.py")
 
 
 def case(arch, method, nproc, batch, seq, size="tiny", tp=None, precision="fp32", optimizer="adamw",
-         vocab_parallel=False, unsupported=None, optimizer_impl="", fsdp_param_dtype=None, fsdp_reduce_dtype=None):
+         vocab_parallel=False, unsupported=None, optimizer_impl="", fsdp_param_dtype=None, fsdp_reduce_dtype=None,
+         recipe=""):
     """One launch. `unsupported`: a reason; the case is printed and skipped unless --try-unsupported.
-    fsdp_param_dtype / fsdp_reduce_dtype: FSDP2's MixedPrecisionPolicy (None: not set)."""
+    fsdp_param_dtype / fsdp_reduce_dtype: FSDP2's MixedPrecisionPolicy (None: not set). `recipe`: the worker's
+    --recipe (grad-accum=K, optimizer-in-backward=1)."""
     if method == "single":
         dp, tp = 1, 1
     elif method == "tp":
@@ -57,11 +60,12 @@ def case(arch, method, nproc, batch, seq, size="tiny", tp=None, precision="fp32"
     name = (f"{arch}-{size}/{method}/dp{dp}xtp{tp}/b{batch}s{seq}/{precision}/{optimizer}"
             + (f"-{optimizer_impl}" if optimizer_impl else "")
             + (f"/mp-param-{fsdp_param_dtype or 'default'}-reduce-{fsdp_reduce_dtype or 'default'}" if mp else "")
-            + ("/vocab-parallel" if vocab_parallel else ""))
+            + ("/vocab-parallel" if vocab_parallel else "")
+            + (f"/{recipe}" if recipe else ""))
     return dict(name=name, arch=arch, size=size, method=method, nproc=nproc, dp=dp, tp=tp, batch=batch, seq=seq,
                 precision=precision, optimizer=optimizer, vocab_parallel=vocab_parallel, unsupported=unsupported,
                 optimizer_impl=optimizer_impl, fsdp_param_dtype=fsdp_param_dtype,
-                fsdp_reduce_dtype=fsdp_reduce_dtype)
+                fsdp_reduce_dtype=fsdp_reduce_dtype, recipe=recipe)
 
 
 def quick_cases():
@@ -128,7 +132,7 @@ def full_cases():
                case(arch, "fsdp2", 4, 2, 256)]
     # MixedPrecisionPolicy cases llmem validate can estimate from the fp32 exports: a 16-bit param_dtype needs an
     # export traced with 16-bit weights (the fp32 traces bake their casts in)
-    return cs + [c for c in mixed_precision_cases() if not c["fsdp_param_dtype"]]
+    return cs + [c for c in mixed_precision_cases() if not c["fsdp_param_dtype"]] + loop_cases()
 
 
 def mixed_precision_cases():
@@ -154,6 +158,30 @@ def recipe_cases():
            case("llama", "zero1", 2, 2, 128, optimizer="adafactor"),
            case("llama", "ddp", 2, 2, 128, optimizer="sgd-nomomentum"),
            case("llama", "ddp", 2, 2, 128, optimizer="adamw8bit")]
+    return cs + loop_cases()
+
+
+def loop_cases():
+    """Gradient accumulation and optimizer-in-backward under the data-parallel engines (the worker's
+    grad_sync_context says which loop each engine runs)."""
+    cs = []
+    for arch in ("llama", "gpt2"):
+        for precision in ("fp32", "bf16-autocast"):
+            for method in ("ddp", "fsdp2"):
+                cs.append(case(arch, method, 2, 2, 128, precision=precision, recipe="grad-accum=2"))
+            cs.append(case(arch, "fsdp2", 2, 2, 128, precision=precision,
+                           recipe="grad-accum=2,fsdp-reduce-every-micro-batch=1"))
+            cs.append(case(arch, "fsdp2", 2, 2, 128, precision=precision, recipe="optimizer-in-backward=1"))
+    cs += [case("llama", "zero1", 2, 2, 128, recipe="grad-accum=2"),
+           case("llama", "zero2", 2, 2, 128, recipe="grad-accum=2"),
+           case("llama", "zero2", 2, 2, 128, recipe="optimizer-in-backward=1"),
+           case("llama", "tp", 2, 2, 128, recipe="grad-accum=2"),
+           case("llama", "fsdp2_tp", 4, 2, 128, tp=2, recipe="grad-accum=2"),
+           case("llama", "tp", 2, 2, 128, recipe="optimizer-in-backward=1"),
+           # the reduce-scatter output cast into fp32 sharded gradients
+           case("llama", "fsdp2", 2, 2, 128, fsdp_reduce_dtype="bf16",
+                recipe="grad-accum=2,fsdp-reduce-every-micro-batch=1"),
+           case("llama", "fsdp2", 2, 2, 128, fsdp_reduce_dtype="bf16", recipe="optimizer-in-backward=1")]
     return cs
 
 
@@ -255,6 +283,8 @@ def run_case(c, args, export_path, rank_dir):
     for flag, value in (("--fsdp-param-dtype", c["fsdp_param_dtype"]), ("--fsdp-reduce-dtype", c["fsdp_reduce_dtype"])):
         if value:
             cmd += [flag, value]
+    if c["recipe"]:
+        cmd += ["--recipe", c["recipe"]]
     if args.log_allocs:
         cmd += ["--log-allocs", str(args.log_allocs)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))

@@ -17,9 +17,11 @@ torch.cuda.memory_allocated / max_memory_allocated.
 Steps: --steps (default 3). The reported peak_bytes is the maximum of live bytes from the start of step index 1
 (after its inputs exist) to the end of the last step's zero_grad; phase peaks and start_bytes are those of the
 last step. Phases: forward (forward + loss, under autocast when asked), backward (loss.backward(), then the loss
-is released), optimizer (optimizer.step() + zero_grad(set_to_none=True)). --recipe (single process only) changes
+is released), optimizer (optimizer.step() + zero_grad(set_to_none=True)). --recipe changes
 the loop as scripts/training_recipe.py describes (checkpointing, gradient accumulation, chunked loss, kept outputs,
-optimizer in backward, gradient clipping); the record then carries "recipe".
+optimizer in backward, gradient clipping; parallel methods take grad-accum (see grad_sync_context for each
+engine's loop), optimizer-in-backward under FSDP2 and TP, fsdp-reduce-every-micro-batch under FSDP2); the record
+then carries "recipe".
 
 Each rank writes OUT_DIR/rank<R>.json (one JSON object); on an error it writes OUT_DIR/rank<R>.error (the last
 line of the error first, then the traceback) and exits 1.
@@ -80,14 +82,60 @@ def parse_args(argv=None):
                          "lm_head (ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)); the loss "
                          "runs under loss_parallel()")
     ap.add_argument("--recipe", default="", type=_recipe,
-                    help="single: the training recipe, key=value pairs joined by ',' (scripts/training_recipe.py "
-                         "says what each runs); default: the plain HF Trainer step")
+                    help="the training recipe, key=value pairs joined by ',' (scripts/training_recipe.py says what "
+                         "each runs; parallel methods: grad-accum, optimizer-in-backward); default: the plain HF "
+                         "Trainer step")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--log-allocs", type=int, default=0, metavar="BYTES",
                     help="cpu: record the sizes of allocations (positive) and frees (negative) >= BYTES, in "
                          "order, in each phase of the last step and in the DDP/FSDP/TP setup (0 = off)")
     ap.add_argument("--out-dir", required=True)
     return ap.parse_args(argv)
+
+
+# The recipe keys a parallel engine's loop runs (the others are single-process only).
+PARALLEL_RECIPE_KEYS = ("grad-accum", "optimizer-in-backward", "fsdp-reduce-every-micro-batch")
+FSDP_METHODS = ("fsdp2", "zero2", "fsdp2_tp")
+
+
+def check_parallel_recipe(recipe, method):
+    """The recipe options a parallel run takes; RuntimeError (one line) otherwise."""
+    other = [k for k in recipe if k not in PARALLEL_RECIPE_KEYS]
+    if other:
+        raise RuntimeError(f"--recipe with --method {method} takes only {', '.join(PARALLEL_RECIPE_KEYS)} "
+                           f"(got {', '.join(other)})")
+    if recipe.get("fsdp-reduce-every-micro-batch") and method not in FSDP_METHODS:
+        raise RuntimeError(f"fsdp-reduce-every-micro-batch applies to {', '.join(FSDP_METHODS)}, not {method}")
+    if recipe.get("optimizer-in-backward") and method not in ("fsdp2", "zero2", "tp"):
+        # DDP's reducer runs after the parameter's post-accumulate-grad hooks: each rank would step on its own
+        # unreduced gradient (and the reducer would then read a freed .grad)
+        raise RuntimeError(f"optimizer-in-backward runs with FSDP2 (fsdp2, zero2) and tp only, not {method}: "
+                           "the per-parameter step would run before the gradient is reduced")
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    """accelerate's Accelerator.no_sync for FSDP2 (accelerator.py): gradient sync off, back on after."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def grad_sync_context(step_module, model, method, micro, accum, reduce_every):
+    """The data-parallel loop around one micro-batch (forward and backward): accelerate's `accumulate()` (what
+    HF Trainer runs) enters its `no_sync()` for every micro-batch but the last, so only the last one reduces:
+    `DistributedDataParallel.no_sync()` for DDP/ZeRO-1, `set_requires_gradient_sync(False)` for FSDP2 (the
+    unsharded gradients accumulate until then). `reduce_every` (fsdp-reduce-every-micro-batch): torchtitan's
+    FSDP2 loop, which leaves gradient sync on, so every micro-batch reduce-scatters into the sharded gradient."""
+    if micro == accum - 1:
+        return contextlib.nullcontext()
+    if method in ("ddp", "zero1"):
+        return step_module.no_sync()
+    if method in FSDP_METHODS and not reduce_every:
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
 
 
 def _recipe(text):
@@ -505,8 +553,10 @@ def run(args, rank, world, local_rank, record):
     if args.tp_vocab_parallel and method not in ("tp", "fsdp2_tp"):
         raise RuntimeError("--tp-vocab-parallel applies to tp and fsdp2_tp only")
     recipe = args.recipe
-    if recipe and method != "single":
-        raise RuntimeError("--recipe applies to --method single only")
+    if method != "single":
+        check_parallel_recipe(recipe, method)
+    elif recipe.get("fsdp-reduce-every-micro-batch"):
+        raise RuntimeError("fsdp-reduce-every-micro-batch applies to FSDP2 methods, not single")
     opts = training_recipe.options(recipe)
     mp_policy = mixed_precision_policy(args.fsdp_param_dtype, args.fsdp_reduce_dtype)
     if mp_policy is not None and method not in ("fsdp2", "zero2", "fsdp2_tp"):
@@ -643,6 +693,9 @@ def run(args, rank, world, local_rank, record):
             return out
 
         for micro in range(accum):
+            sync_context = contextlib.ExitStack()
+            sync_context.enter_context(grad_sync_context(step_module, model, method, micro, accum,
+                                                         opts["fsdp-reduce-every-micro-batch"]))
             micro_batches.append({"peak": {}})
             ids = labels = None  # the previous batch is gone before the next one exists
             ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen, dtype=torch.long).to(device)
@@ -681,6 +734,7 @@ def run(args, rank, world, local_rank, record):
                 return value
 
             losses.append(round(phase("backward", backward), 6))
+            sync_context.close()
         if step == args.steps - 1:
             record["grad_bytes"] = storage_bytes(p.grad for p in step_module.parameters())
 

@@ -49,13 +49,17 @@ What each option runs (the loop itself is scripts/distributed_worker.py's `run`)
   accumulation or clipping, and so does this harness.
 - grad-clip=NORM: `torch.nn.utils.clip_grad_norm_(parameters, NORM)` (default foreach choice) before `opt.step()`,
   inside the optimizer phase.
+- fsdp-reduce-every-micro-batch=1 (FSDP2 runs of scripts/distributed_worker.py only, with grad-accum): torchtitan's
+  loop, gradient sync left on, so every micro-batch reduce-scatters; without it, accelerate's no_sync()
+  (`set_requires_gradient_sync(False)` on every micro-batch but the last).
 
 Not in the single-process harness: optimizer-impl (the implementation is PyTorch's default choice, recorded as
 `optimizer_impl`), fsdp-param-dtype / fsdp-reduce-dtype (FSDP2 runs only).
 """
 CHECKPOINTING_IMPLS = ("reentrant", "non-reentrant")
 DEFAULTS = {"checkpointing": "none", "checkpointing-impl": "reentrant", "grad-accum": 1, "loss": "standard",
-            "keep-outputs": False, "optimizer-in-backward": False, "grad-clip": None}
+            "keep-outputs": False, "optimizer-in-backward": False, "grad-clip": None,
+            "fsdp-reduce-every-micro-batch": False}
 NOT_IN_HARNESS = {
     "optimizer-impl": "the optimizer runs PyTorch's default implementation (recorded as optimizer_impl)",
     "fsdp-param-dtype": "it applies to FSDP2 runs (scripts/distributed_runs.py), not to a single process",
@@ -122,7 +126,8 @@ def _norm(key, text):
 
 
 PARSERS = {"checkpointing": _checkpointing, "checkpointing-impl": _impl, "grad-accum": _positive_int,
-           "loss": _loss, "keep-outputs": _flag, "optimizer-in-backward": _flag, "grad-clip": _norm}
+           "loss": _loss, "keep-outputs": _flag, "optimizer-in-backward": _flag, "grad-clip": _norm,
+           "fsdp-reduce-every-micro-batch": _flag}
 
 
 def parse_recipe(text):
@@ -152,6 +157,8 @@ def check_combination(recipe):
     if options["optimizer-in-backward"] and options["grad-accum"] > 1:
         raise RecipeError("optimizer-in-backward does not combine with grad-accum > 1 (torchtune refuses it: "
                          "the per-parameter step would run on every micro-batch)")
+    if options["fsdp-reduce-every-micro-batch"] and options["grad-accum"] == 1:
+        raise RecipeError("fsdp-reduce-every-micro-batch needs grad-accum > 1")
     if options["optimizer-in-backward"] and options["grad-clip"] is not None:
         raise RecipeError("optimizer-in-backward does not combine with grad-clip (torchtune refuses it: no full "
                          "set of gradients exists to take the norm of)")

@@ -78,6 +78,9 @@ struct Recipe {
   bool optimizer_in_backward = false;   // per-parameter step in a post-accumulate-grad hook
   std::optional<double> grad_clip;      // clip_grad_norm_ max norm before the step
   std::optional<DType> fsdp_param_dtype, fsdp_reduce_dtype;  // FSDP2 MixedPrecisionPolicy (FSDP2 rows only)
+  // FSDP2 under gradient accumulation: reduce-scatter every micro-batch (torchtitan) instead of keeping the
+  // unsharded gradients until the last one (accelerate's no_sync(), what HF Trainer runs).
+  bool fsdp_reduce_every_micro_batch = false;
 };
 
 std::optional<Precision> ParsePrecision(std::string_view name);  // fp32 | bf16-autocast | fp16-autocast | bf16

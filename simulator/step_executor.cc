@@ -39,6 +39,10 @@ class StepExecutor : private StepMemory {
     slot = -1;
     return g;
   }
+  void StepParam(int32_t param) override {
+    if (!plan_.params.at(static_cast<size_t>(param)).optimized) return;
+    for (int64_t s : StepTemporaries(graph_.params().at(static_cast<size_t>(param)))) Unref(s, current_node_);
+  }
   // Calls the hooks when the op at `node` belongs to another region than the previous one.
   void EnterRegionOf(const OpNode& node) {
     if (in_region_ && current_region_ == node.region) return;
@@ -173,6 +177,7 @@ class StepExecutor : private StepMemory {
   void StartNextMicroBatch();
   void AfterNodeBackward(int32_t node);
   void StepInBackward(const Parameter& p, const ParamPlan& pp);
+  std::vector<int64_t> StepTemporaries(const Parameter& p);
   void KeepPreviousOutputs();
   void HoldIfReturned(const OpNode& node);
   void KeepOutputs();
@@ -825,6 +830,7 @@ void StepExecutor::StartNextMicroBatch() {
     earlier_grad_[v] = grad_of_[v];
     grad_of_[v] = -1;
   }
+  hooks_->OnNextMicroBatch(*this);
 }
 
 void StepExecutor::AfterNodeBackward(int32_t node) {
@@ -837,7 +843,7 @@ void StepExecutor::AfterNodeBackward(int32_t node) {
       grad_of_[v] = earlier_grad_[v];
       earlier_grad_[v] = -1;
     }
-    if (plan_.loop.optimizer_in_backward) {
+    if (plan_.loop.optimizer_in_backward && !hooks_->RunsPostAccumulateGradHooks()) {
       const ParamPlan& pp = plan_.params[static_cast<size_t>(param)];
       if (pp.optimized) StepInBackward(p, pp);
     }
@@ -846,15 +852,20 @@ void StepExecutor::AfterNodeBackward(int32_t node) {
 
 // One parameter's optimizer step inside backward, then its gradient freed.
 void StepExecutor::StepInBackward(const Parameter& p, const ParamPlan&) {
+  for (int64_t s : StepTemporaries(p)) Unref(s, current_node_);
+  int64_t& grad = grad_of_[static_cast<size_t>(p.value.index)];
+  Unref(grad, current_node_);
+  grad = -1;
+}
+
+// The temporaries of one parameter's step, alive together (the caller frees them).
+std::vector<int64_t> StepExecutor::StepTemporaries(const Parameter& p) {
   std::vector<int64_t> live;
   for (const PerParamBlock& temp : plan_.optimizer_step.temporaries) {
     live.push_back(NewStorage(RankBlockBytes(p, temp), MemoryCategory::kTransient,
                               [&] { return p.name + " " + temp.name; }, current_node_));
   }
-  for (int64_t s : live) Unref(s, current_node_);
-  int64_t& grad = grad_of_[static_cast<size_t>(p.value.index)];
-  Unref(grad, current_node_);
-  grad = -1;
+  return live;
 }
 
 // What the model returns besides the loss: the LM head's output (HF CausalLM's `logits`; an HF export's wrapper
@@ -1419,9 +1430,8 @@ StepSimulation ExecuteStepPlan(const Graph& graph, const StepPlan& plan, const T
                                               : "chunked-" + std::to_string(plan.loss.chunk_lengths.size())) +
                       " with a parallel engine is not modelled yet");
   }
-  if (hooks && (plan.loop.simulated_micro_batches > 1 || plan.loop.optimizer_in_backward)) {
-    throw ConfigError(std::string(plan.loop.optimizer_in_backward ? "--optimizer-in-backward" : "--grad-accum > 1") +
-                      " with a parallel engine is not modelled yet");
+  if (hooks) {
+    if (const std::string why = hooks->UnmodelledLoop(plan.loop); !why.empty()) throw ConfigError(why);
   }
   StepExecutor executor(graph, plan, config, hooks);
   return executor.Run();

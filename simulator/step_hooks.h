@@ -12,6 +12,7 @@
 
 #include "graph/graph.h"
 #include "simulator/memory_timeline.h"
+#include "simulator/step_plan.h"
 
 namespace llmem::sim {
 
@@ -24,6 +25,9 @@ class StepMemory {
   // Hands the gradient the parameter holds (its .grad) to the engine, which frees it when it is done (-1 when the
   // parameter has no gradient yet).
   virtual int64_t TakeParamGrad(int32_t param) = 0;
+  // Runs the optimizer step of parameter `param` (its step temporaries) as its post-accumulate-grad hook does,
+  // for an engine that runs those hooks itself (StepHooks::RunsPostAccumulateGradHooks).
+  virtual void StepParam(int32_t param) = 0;
 };
 
 class StepHooks {
@@ -54,6 +58,19 @@ class StepHooks {
   virtual int64_t ExtraTransientBytes(const OpNode& node, Phase phase) const { return 0; }
   virtual void OnBackwardEnd(StepMemory& mem) {}
   virtual void OnOptimizerStepEnd(StepMemory& mem) {}
+
+  // The training loop (LoopPlan). Why the engine cannot run the plan's loop, in one line ("": it can). An engine
+  // that does not say otherwise models neither gradient accumulation nor an optimizer stepped in backward.
+  virtual std::string UnmodelledLoop(const LoopPlan& loop) const;
+  // The next micro-batch of an accumulating step begins (its forward follows).
+  virtual void OnNextMicroBatch(StepMemory& mem) {}
+  // True when the engine runs the parameters' post-accumulate-grad hooks itself (FSDP2 runs them on the sharded
+  // gradient after its reduce-scatter, not autograd on the unsharded one): an optimizer in backward then steps
+  // through StepMemory::StepParam.
+  virtual bool RunsPostAccumulateGradHooks() const { return false; }
 };
+
+// "--grad-accum > 1" or "--optimizer-in-backward": the loop feature of `loop` an engine may refuse.
+std::string LoopFeature(const LoopPlan& loop);
 
 }  // namespace llmem::sim

@@ -161,11 +161,27 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
 
     def test_validate_refuses_runs_with_a_recipe_it_does_not_apply(self):
         r0, r1 = self.record(rank=0), self.record(rank=1)
-        for field, value in (("optimizer_impl_requested", "fused"), ("recipe", {"grad-accum": 2})):
-            self.assert_bad_input(self.validate(r0, self.record(rank=1, **{field: value})), "line 2", field)
+        for field, value, needle in (("optimizer_impl_requested", "fused", "optimizer_impl_requested"),
+                                     ("recipe", {"checkpointing": "full"}, "checkpointing")):
+            self.assert_bad_input(self.validate(r0, self.record(rank=1, **{field: value})), "line 2", needle)
         plain = dict(fsdp_param_dtype=None, optimizer_impl_requested="", recipe={})
         proc = self.validate(self.record(rank=0, **plain), self.record(rank=1, **plain))
         self.assertNotIn("does not apply", proc.stderr)
+
+    def test_validate_applies_the_loop_of_the_run(self):
+        def estimate(recipe):
+            proc = self.validate(*(self.record(rank=r, recipe=recipe, batch=2, seq=128) for r in (0, 1)),
+                                 args=("--json",))
+            self.assertIn(proc.returncode, (0, 4), proc.stderr)
+            return json.loads(proc.stdout)["cases"][0]
+        plain, accum = estimate({}), estimate({"grad-accum": 2})
+        self.assertIn("grad-accum=2", accum["case"])
+        # the later micro-batch runs with the earlier gradients alive (at 2 x 128 the peak is in backward)
+        self.assertGreater(accum["estimated_bytes"], plain["estimated_bytes"])
+        self.assert_bad_input(self.validate(*(self.record(rank=r, recipe={"grad-accum": 0}) for r in (0, 1))),
+                              "line 1", "grad-accum")
+        self.assert_bad_input(self.validate(*(self.record(rank=r, recipe={"optimizer-in-backward": True})
+                                              for r in (0, 1))), "line 1", "--optimizer-in-backward", "DDP")
 
     def test_validate_needs_every_rank_exactly_once(self):
         r0, r1 = self.record(rank=0), self.record(rank=1)
@@ -273,6 +289,38 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
                                    "GPU target")
         self.assert_one_line_error(run(*base, "--loss", "fused-linear", "--dp", "2", "--engine", "ddp"), 2,
                                    "fused-linear", "parallel engine")
+
+    def test_parallel_loops_are_modelled_or_refused_with_the_reason(self):
+        est = ("estimate", self.llama, "-b", "1", "-s", "64", "--gpu", "cpu")
+        ddp = run(*est, "--dp", "2", "--engine", "ddp", "--grad-accum", "2", "--json")
+        self.assertEqual(ddp.returncode, 0, ddp.stderr)
+        self.assertIn("no_sync()", " ".join(json.loads(ddp.stdout)["assumptions"]))
+        zero3 = run(*est, "--dp", "2", "--engine", "zero3", "--grad-accum", "2", "--json")
+        self.assertIn("set_requires_gradient_sync(False)", " ".join(json.loads(zero3.stdout)["assumptions"]))
+        every = run(*est, "--dp", "2", "--engine", "zero3", "--grad-accum", "2", "--fsdp-reduce-every-micro-batch",
+                    "--json")
+        self.assertIn("reduce-scatters every micro-batch", " ".join(json.loads(every.stdout)["assumptions"]))
+        self.assertTrue(json.loads(every.stdout)["recipe"]["fsdp_reduce_every_micro_batch"])
+        # the unsharded gradients kept until the last micro-batch weigh more than the shards
+        self.assertGreater(json.loads(zero3.stdout)["peak_allocated_bytes"],
+                           json.loads(every.stdout)["peak_allocated_bytes"])
+        self.assert_bad_input(run(*est, "--dp", "2", "--engine", "ddp", "--grad-accum", "2",
+                                  "--fsdp-reduce-every-micro-batch"), "--fsdp-reduce-every-micro-batch", "zero3")
+        self.assert_bad_input(run(*est, "--dp", "2", "--engine", "zero3", "--fsdp-reduce-every-micro-batch"),
+                              "--fsdp-reduce-every-micro-batch", "--grad-accum")
+        self.assert_bad_input(run(*est, "-p", "fp32", "--dp", "2", "--engine", "zero3", "--grad-accum", "2",
+                                  "--fsdp-reduce-dtype", "bf16"), "--fsdp-reduce-every-micro-batch")
+        self.assertEqual(run(*est, "--dp", "2", "--engine", "zero3", "--optimizer-in-backward").returncode, 0)
+        self.assert_bad_input(run(*est, "--dp", "2", "--engine", "ddp", "--optimizer-in-backward"),
+                              "--optimizer-in-backward", "DDP", "all-reduce")
+        self.assert_bad_input(run(*est, "-p", "bf16-autocast", "--dp", "2", "--engine", "gemini", "--grad-accum",
+                                  "2"), "--grad-accum", "Gemini")
+        # recommend skips the rows whose engine cannot run the loop, with the reason, and sweeps the others
+        proc = run("recommend", self.llama, "--gpus", "2", "--seq", "64", "--grad-accum", "2", "--json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        plans = {p["engine"]: p for p in json.loads(proc.stdout)["plans"] if p["dp"] == 2}
+        self.assertIn("Gemini", plans["ZeRO-3 (chunks)"]["skipped"])
+        self.assertGreater(plans["DDP"]["peak_allocated_bytes"], 0)
 
     def test_accumulation_raises_the_forward_by_the_gradients(self):
         base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json"]

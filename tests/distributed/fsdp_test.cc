@@ -314,6 +314,97 @@ TEST(Fsdp2HooksTest, GlooCollectivesAddTheirTransientBuffers) {
   EXPECT_EQ(peak_before_first_op, 840 + 320 + 320);  // setup, the root's flat output, one gloo buffer
 }
 
+// ZeRO-3 over 2 ranks with two micro-batches per step.
+sim::StepSimulation SimulateTwoMicroBatches(bool reduce_every_micro_batch) {
+  Graph g = TwoLayerLm();
+  sim::TrainingConfig config = CpuConfig();
+  config.grad_accum = 2;
+  Fsdp2Hooks hooks(FsdpGroups(ManagedParams(g, sim::Precision::kFp32), 2, g.num_layers()), 2, true, false, {},
+                   FsdpLoop{.accumulating = true, .reduce_every_micro_batch = reduce_every_micro_batch});
+  return sim::SimulateTrainingStep(g, config, &hooks);
+}
+
+// Gradient accumulation, accelerate's no_sync() (gradient sync off until the last micro-batch): the first
+// micro-batch's post-backwards only reshard, so its unsharded gradients (d wte 144, d w0 80, d w1 80, d wh 144 =
+// 448 B) stay through the second, whose backward adds into them and reduce-scatters as the plain step does:
+//   forward peak 1988 + 448 = 2436, backward peak 2208 + 448 = 2656, 1088 after backward as without accumulation.
+TEST(Fsdp2HooksTest, AccumulationUnderNoSyncKeepsTheUnshardedGradientsUntilTheLastMicroBatch) {
+  const sim::StepSimulation sim = SimulateTwoMicroBatches(/*reduce_every_micro_batch=*/false);
+  const Replay r = ReplayExact(sim.timeline);
+  EXPECT_EQ(r.phase_peak[kForward], 2436);
+  EXPECT_EQ(r.phase_peak[kBackward], 2656);
+  EXPECT_EQ(r.phase_start[kOptimizer], 1088);
+  // One reduce-scatter per group in the step, all in the last micro-batch: the plain step's backward events.
+  const auto trace = TraceOf(sim.timeline, FsdpBlock);
+  std::vector<std::string> reduce_scatters, plain;
+  for (const auto& line : trace) {
+    if (line.find("reduce-scatter input") != std::string::npos && line[9] == '+') reduce_scatters.push_back(line);
+  }
+  for (const auto& line : kZero3Trace) {
+    if (line.find("reduce-scatter input") != std::string::npos && line[9] == '+') plain.push_back(line);
+  }
+  EXPECT_EQ(reduce_scatters, plain);
+  EXPECT_EQ(std::vector<std::string>(trace.end() - 8, trace.end()),
+            std::vector<std::string>(kZero3Trace.end() - 8, kZero3Trace.end()));
+}
+
+// Gradient accumulation, torchtitan's loop (every micro-batch reduce-scatters). The second micro-batch starts with
+// the first one's sharded gradients (160 + 48 + 40 = 248 B) and runs the first one's events again, except that
+// each reduce-scatter output is added into the sharded gradient and freed:
+//   forward peak 1988 + 248 = 2236, backward peak 2208 + 248 = 2456, 1088 again after backward.
+TEST(Fsdp2HooksTest, AccumulationReduceScattersEveryMicroBatchIntoTheShardedGradients) {
+  const sim::StepSimulation sim = SimulateTwoMicroBatches(/*reduce_every_micro_batch=*/true);
+  const Replay r = ReplayExact(sim.timeline);
+  EXPECT_EQ(r.phase_peak[kForward], 2236);
+  EXPECT_EQ(r.phase_peak[kBackward], 2456);
+  EXPECT_EQ(r.phase_start[kOptimizer], 1088);
+  const auto trace = TraceOf(sim.timeline, FsdpBlock);
+  // The first micro-batch is the plain step's; the second reduce-scatters into a transient output.
+  ASSERT_GT(trace.size(), kZero3Trace.size());
+  EXPECT_EQ(std::vector<std::string>(trace.begin(), trace.begin() + static_cast<int64_t>(kZero3Trace.size())),
+            kZero3Trace);
+  const std::vector<std::string> second(trace.begin() + static_cast<int64_t>(kZero3Trace.size()), trace.end());
+  EXPECT_EQ(IndexOf(second, "backward +FSDP2 reduce-scatter output (layer 1) 40") + 1,
+            IndexOf(second, "backward -FSDP2 reduce-scatter output (layer 1)"));
+  for (const auto& line : second) EXPECT_EQ(line.find("sharded gradients"), std::string::npos) << line;
+  // Still one shard of each group's gradients at the end.
+  std::map<std::string, int64_t> left;
+  for (const auto& [block, e] : CheckWellFormed(sim.timeline)) {
+    if (e->category == MemoryCategory::kGradients) left[sim.timeline.block_labels[static_cast<size_t>(block)]] = e->bytes;
+  }
+  EXPECT_EQ(left.size(), 3u);
+}
+
+// Optimizer in backward: each group's post-backward steps its parameters right after the reduce-scatter (AdamW on
+// the cpu target: sqrt + denom, 2 x the shard, one parameter at a time), then frees the sharded gradients. From
+// the hand count above: layer 1: shard 40 = 1740, w1's step +80 = 1820, back, shard freed: 1700 (40 below the
+// plain step from here on); layer 0: 1548 with its shard, w0's step +96 = 1644, shard freed: 1500; root: 1320
+// with its shard, wte's and wh's steps +160 each (1480), shard freed 1160, its input freed 840. Peak 2208 as
+// before (at the loss); nothing left after backward but setup's 840; no optimizer phase.
+TEST(Fsdp2HooksTest, OptimizerInBackwardStepsEachShardAfterItsReduceScatter) {
+  Graph g = TwoLayerLm();
+  sim::TrainingConfig config = CpuConfig();
+  config.optimizer_in_backward = true;
+  Fsdp2Hooks hooks(FsdpGroups(ManagedParams(g, sim::Precision::kFp32), 2, g.num_layers()), 2, true, false, {},
+                   FsdpLoop{.optimizer_in_backward = true});
+  const sim::StepSimulation sim = sim::SimulateTrainingStep(g, config, &hooks);
+  const Replay r = ReplayExact(sim.timeline);
+  EXPECT_EQ(r.peak, 2208);
+  EXPECT_EQ(r.end, 840);
+  for (const auto& e : sim.timeline.events) EXPECT_NE(e.phase, Phase::kOptimizer);
+  int64_t live = 0, at_root_steps = 0;
+  for (const auto& e : sim.timeline.events) {
+    live += e.is_alloc ? e.bytes : -e.bytes;
+    const std::string& label = sim.timeline.block_labels[static_cast<size_t>(e.block)];
+    if (e.is_alloc && label.rfind("wh ", 0) == 0) at_root_steps = std::max(at_root_steps, live);
+  }
+  EXPECT_EQ(at_root_steps, 1480);
+  // The step temporaries of a shard, after its reduce-scatter (w1: 40 B each).
+  const auto all = TraceOf(sim.timeline, [](MemoryCategory) { return true; });
+  const size_t shard = IndexOf(all, "backward +FSDP2 reduce-scatter output (layer 1) 40");
+  EXPECT_EQ(all.at(shard + 1).rfind("backward +w1 ", 0), 0u) << all.at(shard + 1);
+  EXPECT_EQ(IndexOf(all, "backward -FSDP2 reduce-scatter output (layer 1)"), shard + 5);
+}
 
 // MixedPrecisionPolicy (docs/FSDP2_MIXED_PRECISION.md): fp32 shards, gradients and states; the all-gather in
 // param_dtype from a cast of the shard; the reduce-scatter in reduce_dtype, cast back to fp32 per parameter.

@@ -19,6 +19,8 @@ namespace {
 using namespace llmem::dist::testing;  // NOLINT
 using sim::Phase;
 
+constexpr size_t kForward = static_cast<size_t>(Phase::kForward);
+constexpr size_t kBackward = static_cast<size_t>(Phase::kBackward);
 constexpr size_t kOptimizer = static_cast<size_t>(Phase::kOptimizer);
 
 ParallelPlan Plan(int dp, int tp, DataParallelEngine engine = DataParallelEngine::kDdp) {
@@ -225,6 +227,48 @@ TEST(EstimateRankTest, DdpAddsItsBucketsToTheSingleGpuPeak) {
   EXPECT_FALSE(ddp.collectives[0].crosses_nodes);
   // 16 ranks of 8 GPUs: the data-parallel group spans nodes.
   EXPECT_TRUE(EstimateRank(g, CpuConfig(), Plan(16, 1)).collectives.at(0).crosses_nodes);
+}
+
+TEST(EstimateRankTest, DdpAccumulatesAsOneGpuDoesBesideItsBuckets) {
+  // Every micro-batch but the last runs under no_sync(): the gradients of the first (448 B) are alive through
+  // the second, as on one GPU, whose backward peak becomes 2408 + 448 = 2856; DDP adds its bucket (448): 3304.
+  const Graph g = TwoLayerLm();
+  sim::TrainingConfig accum = CpuConfig();
+  accum.grad_accum = 2;
+  const sim::MemoryEstimate single = sim::EstimateMemory(g, accum);
+  EXPECT_EQ(single.peak_allocated_bytes, 2856);
+  const RankEstimate ddp = EstimateRank(g, accum, Plan(2, 1));
+  EXPECT_EQ(ddp.memory.peak_allocated_bytes, 3304);
+  for (size_t phase : {kForward, kBackward, kOptimizer}) {
+    EXPECT_EQ(ddp.memory.phase_peak_bytes[phase], single.phase_peak_bytes[phase] + 448) << phase;
+  }
+  // ZeRO-1 is DDP's gradient path: the same accumulation, rank 0's states (448 B fewer than DDP's).
+  const RankEstimate z1 = EstimateRank(g, accum, Plan(2, 1, DataParallelEngine::kZero1));
+  EXPECT_EQ(z1.memory.peak_allocated_bytes, 2856);
+}
+
+// The message names the engine and why, in one line.
+std::string LoopRefusal(const sim::TrainingConfig& config, const ParallelPlan& plan) {
+  try {
+    EstimateRank(TwoLayerLm(), config, plan);
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(EstimateRankTest, OptimizerInBackwardIsRefusedWhereTheEngineReducesAfterTheHook) {
+  sim::TrainingConfig c = CpuConfig();
+  c.optimizer_in_backward = true;
+  const std::string ddp = LoopRefusal(c, Plan(2, 1));
+  EXPECT_NE(ddp.find("under DDP"), std::string::npos) << ddp;
+  EXPECT_NE(ddp.find("before DDP's all-reduce"), std::string::npos) << ddp;
+  const std::string zero1 = LoopRefusal(c, Plan(2, 1, DataParallelEngine::kZero1));
+  EXPECT_NE(zero1.find("ZeroRedundancyOptimizer"), std::string::npos) << zero1;
+  for (const std::string& why : {ddp, zero1}) EXPECT_EQ(why.find('\n'), std::string::npos) << why;
+  // One rank without data parallelism has no reducer: the single-GPU step.
+  EXPECT_EQ(EstimateRank(TwoLayerLm(), c, Plan(1, 1)).memory.peak_allocated_bytes,
+            sim::EstimateMemory(TwoLayerLm(), c).peak_allocated_bytes);
 }
 
 TEST(EstimateRankTest, ZeroOneKeepsStatesOfTheOwnedParametersOnly) {

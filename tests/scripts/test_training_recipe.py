@@ -23,6 +23,36 @@ def eager_runs(*cases):
     return subprocess.run(argv, capture_output=True, text=True, timeout=300)
 
 
+class ParallelRecipeTest(unittest.TestCase):
+    """What distributed_worker.py's parallel methods take of a recipe, checked before any rank starts."""
+
+    def assert_refused(self, recipe, method, *needles):
+        import distributed_worker
+
+        with self.assertRaises(RuntimeError) as caught:
+            distributed_worker.check_parallel_recipe(parse_recipe(recipe), method)
+        for n in needles:
+            self.assertIn(n, str(caught.exception))
+
+    def test_parallel_methods_take_the_loop_options_only(self):
+        import distributed_worker
+
+        for method in ("ddp", "zero1", "fsdp2", "zero2", "tp"):
+            distributed_worker.check_parallel_recipe(parse_recipe("grad-accum=2"), method)
+        for method in ("fsdp2", "zero2", "tp"):
+            distributed_worker.check_parallel_recipe(parse_recipe("optimizer-in-backward=1"), method)
+        self.assert_refused("checkpointing=full", "ddp", "checkpointing")
+        # DDP's reducer runs after the post-accumulate-grad hooks: the step would see an unreduced gradient
+        self.assert_refused("optimizer-in-backward=1", "ddp", "before the gradient is reduced")
+        self.assert_refused("optimizer-in-backward=1", "zero1", "zero1")
+        # the FSDP2 loop choice: FSDP2 methods only, with accumulation only
+        distributed_worker.check_parallel_recipe(parse_recipe("grad-accum=2,fsdp-reduce-every-micro-batch=1"),
+                                                 "fsdp2")
+        self.assert_refused("grad-accum=2,fsdp-reduce-every-micro-batch=1", "ddp", "ddp")
+        with self.assertRaises(RecipeError):
+            parse_recipe("fsdp-reduce-every-micro-batch=1")
+
+
 class RecipeParserTest(unittest.TestCase):
     def assert_refused(self, text, *needles):
         with self.assertRaises(RecipeError) as caught:
