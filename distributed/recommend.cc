@@ -257,6 +257,11 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
       refused[k] = e.what();
     }
   });
+  // A refusal of every layout is one of the request itself (a precision the export cannot take, a step past 64-bit
+  // byte counts): the bad input's error, not a table in which nothing fits.
+  if (!refused.empty() && std::all_of(refused.begin(), refused.end(), [](const std::string& r) { return !r.empty(); })) {
+    throw ConfigError(refused.front());
+  }
   SkipRefusedRows(refused, out.rows, work, at);
   // 3. The largest micro-batch of every layout, by exact estimates (largest_batch_search.h), all layouts a round
   //    at a time: the batches a round asks for are built once (shared by the layouts that ask for the same batch),

@@ -364,8 +364,10 @@ TEST(Fsdp2HooksTest, AccumulationReduceScattersEveryMicroBatchIntoTheShardedGrad
   EXPECT_EQ(std::vector<std::string>(trace.begin(), trace.begin() + static_cast<int64_t>(kZero3Trace.size())),
             kZero3Trace);
   const std::vector<std::string> second(trace.begin() + static_cast<int64_t>(kZero3Trace.size()), trace.end());
-  EXPECT_EQ(IndexOf(second, "backward +FSDP2 reduce-scatter output (layer 1) 40") + 1,
-            IndexOf(second, "backward -FSDP2 reduce-scatter output (layer 1)"));
+  // Between them foreach_reduce returns and lets go of the group's last unsharded gradient (its loop variable).
+  const size_t output = IndexOf(second, "backward +FSDP2 reduce-scatter output (layer 1) 40");
+  EXPECT_EQ(second.at(output + 1).rfind("backward -d w1", 0), 0u) << second.at(output + 1);
+  EXPECT_EQ(output + 2, IndexOf(second, "backward -FSDP2 reduce-scatter output (layer 1)"));
   for (const auto& line : second) EXPECT_EQ(line.find("sharded gradients"), std::string::npos) << line;
   // Still one shard of each group's gradients at the end.
   std::map<std::string, int64_t> left;
@@ -402,8 +404,10 @@ TEST(Fsdp2HooksTest, OptimizerInBackwardStepsEachShardAfterItsReduceScatter) {
   // The step temporaries of a shard, after its reduce-scatter (w1: 40 B each).
   const auto all = TraceOf(sim.timeline, [](MemoryCategory) { return true; });
   const size_t shard = IndexOf(all, "backward +FSDP2 reduce-scatter output (layer 1) 40");
-  EXPECT_EQ(all.at(shard + 1).rfind("backward +w1 ", 0), 0u) << all.at(shard + 1);
-  EXPECT_EQ(IndexOf(all, "backward -FSDP2 reduce-scatter output (layer 1)"), shard + 5);
+  // foreach_reduce returns first, freeing the group's last unsharded gradient its loop variable held.
+  EXPECT_EQ(all.at(shard + 1).rfind("backward -d w1", 0), 0u) << all.at(shard + 1);
+  EXPECT_EQ(all.at(shard + 2).rfind("backward +w1 ", 0), 0u) << all.at(shard + 2);
+  EXPECT_EQ(IndexOf(all, "backward -FSDP2 reduce-scatter output (layer 1)"), shard + 6);
 }
 
 // MixedPrecisionPolicy (docs/FSDP2_MIXED_PRECISION.md): fp32 shards, gradients and states; the all-gather in
