@@ -17,7 +17,6 @@ namespace {
 // Recipe features that no pass models yet are refused, never ignored.
 void RefuseUnmodelled(const TrainingConfig& c) {
   auto refuse = [](const std::string& what) { throw ConfigError(what + " is not modelled yet"); };
-  if (c.checkpointing.mode == CheckpointingMode::kSelective) refuse("--checkpointing selective");
   if (c.loss != LossVariant::kStandard) refuse("--loss " + LossName(c.loss, c.loss_chunks));
 }
 
