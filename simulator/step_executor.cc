@@ -665,6 +665,9 @@ void StepExecutor::Backward() {
       parallel_workspace = NewStorage(
           extra, MemoryCategory::kTransient, [&] { return node.kind + " parallel backward"; }, node.id.index);
     }
+    // Sums into a buffered gradient wait until the op has released its inputs (Note [Gradient accumulation]).
+    std::vector<std::pair<ValueId, int64_t>> pending_sums;
+    bool released = false;
     // Hands `contribution` (one reference owned by the caller) to input `in` as (part of) its gradient.
     auto deliver = [&](ValueId in, int64_t contribution, bool transposed_weight_grad) {
       const auto& v = graph_.value(in);
@@ -676,7 +679,14 @@ void StepExecutor::Backward() {
       }
       // Note [Gradient accumulation]: the engine adds a second gradient in place only when the buffered one holds
       // the last reference to its storage (input_buffer.cpp can_accumulate_inplace). A matmul's weight gradient
-      // is a transposed view of the product and fails that test, so the sum is a new tensor.
+      // is a transposed view of the product and fails that test, so the sum is a new tensor. The engine adds an
+      // op's gradients into the buffers of the next ops after the op has returned, its output gradients gone,
+      // and has released its saved tensors (engine.cpp evaluate_function: call_function, release_variables,
+      // then InputBuffer::add per output).
+      if (!inplace_ok_.count(slot) && !released) {
+        pending_sums.emplace_back(in, contribution);
+        return;
+      }
       if (!inplace_ok_.count(slot)) {
         const int64_t sum = NewStorage(
             Bytes(in), Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
@@ -745,6 +755,8 @@ void StepExecutor::Backward() {
     }
     for (int64_t s : saved_[n]) Unref(s, node.id.index);
     saved_[n].clear();
+    released = true;
+    for (const auto& [in, contribution] : pending_sums) deliver(in, contribution, false);
     // ToCopyBackward of each autocast copy: a fresh tensor in the input's dtype.
     for (const auto& pending : pending_casts) {
       const int64_t contribution = NewStorage(
