@@ -32,8 +32,7 @@ void AddRecipeOptions(CLI::App* cmd, RecipeOptions& o) {
                   "activation checkpointing of decoder layers: none | full | every-K | selective")
       ->capture_default_str();
   cmd->add_option("--checkpointing-impl", o.checkpointing_impl,
-                  "torch.utils.checkpoint form: reentrant (HF's default) | non-reentrant")
-      ->capture_default_str();
+                  "torch.utils.checkpoint form: reentrant (HF's default) | non-reentrant (selective's only one)");
   cmd->add_option("--optimizer-impl", o.optimizer_impl, "optimizer kernels: default | foreach | fused | for-loop")
       ->capture_default_str();
   cmd->add_flag("--optimizer-in-backward", o.optimizer_in_backward,
@@ -60,7 +59,12 @@ void ApplyRecipeOptions(const RecipeOptions& o, sim::Recipe& recipe) {
   if (!checkpointing) {
     throw ConfigError("unknown --checkpointing '" + o.checkpointing + "' (none, full, every-K with K >= 1, selective)");
   }
-  const auto impl = sim::ParseCheckpointing("none", o.checkpointing_impl);
+  // A selective policy needs use_reentrant=False, so that is its default; reentrant is refused by the pass.
+  const std::string impl_name = !o.checkpointing_impl.empty() ? o.checkpointing_impl
+                                : checkpointing && checkpointing->mode == sim::CheckpointingMode::kSelective
+                                    ? "non-reentrant"
+                                    : "reentrant";
+  const auto impl = sim::ParseCheckpointing("none", impl_name);
   if (!impl) {
     throw ConfigError("unknown --checkpointing-impl '" + o.checkpointing_impl + "' (reentrant, non-reentrant)");
   }

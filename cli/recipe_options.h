@@ -15,7 +15,7 @@ namespace llmem::cli {
 
 struct RecipeOptions {
   std::string checkpointing = "none";
-  std::string checkpointing_impl = "reentrant";
+  std::string checkpointing_impl;  // empty: the mode's own (reentrant; selective: non-reentrant)
   std::string optimizer_impl = "default";
   bool optimizer_in_backward = false;
   std::optional<double> grad_clip;

@@ -17,8 +17,9 @@ What each option runs (the loop itself is scripts/distributed_worker.py's `run`)
   torchtitan's layer-selective AC (`_apply_ac_to_transformer_block`, selective_ac_option "K", in
   torchtitan/models/llama3/parallelize_llama.py) counts the blocks from 1 and wraps a block when count % K == 0,
   i.e. the 0-based layers K-1, 2K-1, ... ; 1 <= K <= number of layers.
-- checkpointing=selective: torchtitan's op-level selective AC (selective_ac_option "op", same file): every decoder
-  layer runs `torch.utils.checkpoint.checkpoint(layer, use_reentrant=False, preserve_rng_state=False,
+- checkpointing=selective: torchtitan v0.1.0's op-level selective AC (selective_ac_option "op",
+  torchtitan/models/llama3/infra/parallelize.py, `_save_list`; later releases pick saved tensors by name instead):
+  every decoder layer runs `torch.utils.checkpoint.checkpoint(layer, use_reentrant=False, preserve_rng_state=False,
   context_fn=...)` where context_fn returns `create_selective_checkpoint_contexts(policy)` with a fresh counter per
   call; the policy saves (MUST_SAVE) the outputs of aten.mm, aten._scaled_dot_product_efficient_attention,
   aten._scaled_dot_product_flash_attention and aten.max, except every second aten.mm of the layer (counted
@@ -198,7 +199,7 @@ def llmem_flags(recipe):
 # ---------------------------------------------------------------------------------------------------------
 
 def _torchtitan_op_sac_context_fn():
-    """torchtitan's op-level selective AC policy (torchtitan/models/llama3/parallelize_llama.py), a fresh
+    """torchtitan v0.1.0's op-level selective AC policy (torchtitan/models/llama3/infra/parallelize.py), a fresh
     mm counter per checkpointed call (its forward and its recompute count separately)."""
     from collections import defaultdict
 

@@ -280,7 +280,9 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
         // A bool mask becomes a float mask in q's dtype (convert_boolean_attn_mask) that the kernel saves for
         // backward; measured on CPU: no further temporary.
         const auto& mask = ctx.graph.value(inputs[3]);
-        if (mask.dtype == DType::kBool) r.forward_extra.push_back({NumElements(mask.shape) * ElementSize(qd), true});
+        if (mask.dtype == DType::kBool) {
+          r.forward_extra.push_back({NumElements(mask.shape) * ElementSize(qd), true, /*before_kernel=*/true});
+        }
       }
       return r;
     }

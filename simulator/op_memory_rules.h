@@ -29,6 +29,8 @@ enum class GradKind : uint8_t {
 struct ExtraBuffer {
   int64_t bytes = 0;
   bool saved = false;  // true: kept until this op's backward; false: freed when the op returns
+  // Made by the op's composite code before its kernel runs (a converted mask), not one of the kernel's outputs.
+  bool before_kernel = false;
 };
 
 struct OpMemoryRule {

@@ -163,9 +163,12 @@ class StepExecutor : private StepMemory {
   // what it saves. `weight_casts`: the autocast weight-copy cache of the enclosing autocast region.
   void ForwardOp(const OpNode& node, const RuleContext& ctx, std::map<int32_t, int64_t>& weight_casts);
   bool InCheckpointedLayer(const OpNode& node) const {
-    return plan_.ops[static_cast<size_t>(node.id.index)].save == SavePolicy::kRecompute;
+    return plan_.ops[static_cast<size_t>(node.id.index)].save != SavePolicy::kSave;
   }
   void CheckpointForwardOp(const OpNode& node);
+  // Selective checkpointing (Note [Cached outputs]).
+  void CacheOutputs(const OpNode& node, const OpMemoryRule& rule);
+  bool TakeCachedOutputs(const OpNode& node);
   void RecomputeLayer(int32_t layer, const RuleContext& ctx, int32_t first_reversed);
   void ReleaseCheckpointedLayer(int32_t layer);
   bool SavesForBackward(size_t n) const;
@@ -243,6 +246,12 @@ class StepExecutor : private StepMemory {
     std::set<int32_t> inputs;               // values from outside the layer its ops read
     std::vector<int64_t> recompute_held;    // recomputed values the reentrant inner backward holds to its end
     bool recomputed = false;
+    // Per op a selective policy saves: the storages of its outputs and its kernel's saved extra buffers.
+    struct Cached {
+      std::vector<std::pair<ValueId, int64_t>> outputs;
+      std::vector<int64_t> extras;
+    };
+    std::map<int32_t, Cached> cached;
   };
   std::map<int32_t, CheckpointedLayer> checkpointed_;  // by decoder layer
   // The chunked loss: per chunk, what its projection and cross-entropy keep for backward.
@@ -426,7 +435,9 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
     }
 
     // Outputs that own new storage. aten::to allocates exactly when the simulated dtypes differ.
+    const bool from_cache = recomputing_ && TakeCachedOutputs(node);
     for (ValueId out : node.outputs) {
+      if (from_cache) break;
       const auto& v = graph_.value(out);
       const ValueId root = graph_.StorageRoot(out);
       bool owns = !v.alias_of.valid();
@@ -455,6 +466,7 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
     if (plan_.loop.keep_outputs) HoldIfReturned(node);
     // Extra buffers.
     for (const auto& extra : rule->forward_extra) {
+      if (from_cache) break;  // the kernel does not run again
       const int64_t s = NewStorage(
           extra.bytes, extra.saved ? ActivationCategory(node) : MemoryCategory::kTransient,
           [&] { return node.kind + (extra.saved ? " saved buffer" : " workspace"); }, node.id.index);
@@ -464,6 +476,7 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
         op_temporaries.push_back(s);
       }
     }
+    if (!recomputing_ && plan_.ops[n].save == SavePolicy::kCacheOutput) CacheOutputs(node, *rule);
     // Saved tensors (their autocast copies when the op saw copies). Only ops on the gradient path save anything.
     bool on_grad_path = false;
     for (ValueId out : node.outputs) on_grad_path |= graph_.value(out).requires_grad;
@@ -540,6 +553,46 @@ void StepExecutor::CheckpointForwardOp(const OpNode& node) {
   }
 }
 
+// Note [Cached outputs]
+// A selective policy (torch.utils.checkpoint.create_selective_checkpoint_contexts) runs the checkpointed forward
+// under _CachingTorchDispatchMode: for a MUST_SAVE kernel it keeps (a detached alias of) every output in the
+// checkpoint's storage; the recompute's _CachedTorchDispatchMode hands them back instead of running the kernel,
+// and the autograd node around it saves what it always saves. What the op's composite code does around its
+// kernel (autocast casts, a converted mask) is recomputed. Entries an early-stopped recompute never reaches stay
+// in the storage until the layer's backward is over.
+void StepExecutor::CacheOutputs(const OpNode& node, const OpMemoryRule& rule) {
+  auto& [outputs, extras] = checkpointed_.at(node.region.layer).cached[node.id.index];
+  for (ValueId out : node.outputs) {
+    const int64_t s = storage_of_[static_cast<size_t>(out.index)];
+    if (s < 0) continue;
+    Ref(s);
+    outputs.emplace_back(out, s);
+  }
+  // saved_ holds the op's saved extra buffers in rule order.
+  const auto& saved = saved_[static_cast<size_t>(node.id.index)];
+  size_t i = 0;
+  for (const auto& extra : rule.forward_extra) {
+    if (!extra.saved) continue;
+    if (i < saved.size() && !extra.before_kernel) {
+      Ref(saved[i]);
+      extras.push_back(saved[i]);
+    }
+    ++i;
+  }
+}
+
+bool StepExecutor::TakeCachedOutputs(const OpNode& node) {
+  auto& cached = checkpointed_.at(node.region.layer).cached;
+  const auto it = cached.find(node.id.index);
+  if (it == cached.end()) return false;
+  for (const auto& [out, s] : it->second.outputs) storage_of_[static_cast<size_t>(out.index)] = s;
+  const auto& extras = it->second.extras;
+  auto& saved = saved_[static_cast<size_t>(node.id.index)];
+  saved.insert(saved.end(), extras.begin(), extras.end());
+  cached.erase(it);
+  return true;
+}
+
 bool StepExecutor::SavesForBackward(size_t n) const {
   bool on_grad_path = false;
   for (ValueId out : graph_.nodes()[n].outputs) on_grad_path |= graph_.value(out).requires_grad;
@@ -605,8 +658,13 @@ void StepExecutor::ReleaseCheckpointedLayer(int32_t layer) {
   CheckpointedLayer& cl = checkpointed_.at(layer);
   for (int64_t s : cl.recompute_held) Unref(s, current_node_);
   for (int64_t s : cl.kept) Unref(s, current_node_);
+  for (const auto& [node, entry] : cl.cached) {
+    for (const auto& [out, s] : entry.outputs) Unref(s, current_node_);
+    for (int64_t s : entry.extras) Unref(s, current_node_);
+  }
   cl.recompute_held.clear();
   cl.kept.clear();
+  cl.cached.clear();
 }
 
 void StepExecutor::Backward() {
@@ -664,6 +722,9 @@ void StepExecutor::Backward() {
       parallel_workspace = NewStorage(
           extra, MemoryCategory::kTransient, [&] { return node.kind + " parallel backward"; }, node.id.index);
     }
+    // Sums into a buffered gradient wait until the op has released its inputs (Note [Gradient accumulation]).
+    std::vector<std::pair<ValueId, int64_t>> pending_sums;
+    bool released = false;
     // Hands `contribution` (one reference owned by the caller) to input `in` as (part of) its gradient.
     auto deliver = [&](ValueId in, int64_t contribution, bool transposed_weight_grad) {
       const auto& v = graph_.value(in);
@@ -675,7 +736,14 @@ void StepExecutor::Backward() {
       }
       // Note [Gradient accumulation]: the engine adds a second gradient in place only when the buffered one holds
       // the last reference to its storage (input_buffer.cpp can_accumulate_inplace). A matmul's weight gradient
-      // is a transposed view of the product and fails that test, so the sum is a new tensor.
+      // is a transposed view of the product and fails that test, so the sum is a new tensor. The engine adds an
+      // op's gradients into the buffers of the next ops after the op has returned, its output gradients gone,
+      // and has released its saved tensors (engine.cpp evaluate_function: call_function, release_variables,
+      // then InputBuffer::add per output).
+      if (!inplace_ok_.count(slot) && !released) {
+        pending_sums.emplace_back(in, contribution);
+        return;
+      }
       if (!inplace_ok_.count(slot)) {
         const int64_t sum = NewStorage(
             Bytes(in), Trainable(in) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads,
@@ -744,6 +812,8 @@ void StepExecutor::Backward() {
     }
     for (int64_t s : saved_[n]) Unref(s, node.id.index);
     saved_[n].clear();
+    released = true;
+    for (const auto& [in, contribution] : pending_sums) deliver(in, contribution, false);
     // ToCopyBackward of each autocast copy: a fresh tensor in the input's dtype.
     for (const auto& pending : pending_casts) {
       const int64_t contribution = NewStorage(

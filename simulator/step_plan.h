@@ -49,6 +49,9 @@ struct ParamPlan {
 enum class SavePolicy : uint8_t {
   kSave,       // what the op's memory rule saves
   kRecompute,  // nothing: a checkpointed region recomputes it during backward
+  // In a checkpointed region under a selective policy (MUST_SAVE): the op's kernel outputs are kept from the
+  // forward and handed back when the recompute reaches the op, which then saves what its memory rule saves.
+  kCacheOutput,
 };
 
 struct OpPlan {
@@ -76,8 +79,9 @@ struct LoopPlan {
   bool clip_grad_norm = false;
 };
 
-// Activation checkpointing (torch.utils.checkpoint around whole decoder layers): their ops are kRecompute, the
-// layer keeps its inputs and the RNG state, and backward recomputes the layer when the gradient reaches it.
+// Activation checkpointing (torch.utils.checkpoint around whole decoder layers): their ops are kRecompute (or
+// kCacheOutput under a selective policy), the layer keeps its inputs and the RNG state, and backward recomputes
+// the layer when the gradient reaches it.
 struct CheckpointPlan {
   std::vector<int32_t> layers;  // checkpointed decoder layers, ascending
   bool reentrant = true;        // use_reentrant=True: whole recompute, then an inner backward

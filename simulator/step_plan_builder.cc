@@ -1,9 +1,5 @@
 #include "simulator/step_plan_builder.h"
 
-#include <string>
-
-#include "graph/error.h"
-
 #include "simulator/passes/fsdp_mixed_precision_pass.h"
 #include "simulator/passes/loop_pass.h"
 #include "simulator/passes/loss_pass.h"
@@ -13,18 +9,10 @@
 #include "simulator/passes/precision_pass.h"
 
 namespace llmem::sim {
-namespace {
 
-// Recipe features that no pass models yet are refused, never ignored.
-void RefuseUnmodelled(const TrainingConfig& c) {
-  auto refuse = [](const std::string& what) { throw ConfigError(what + " is not modelled yet"); };
-  if (c.checkpointing.mode == CheckpointingMode::kSelective) refuse("--checkpointing selective");
-}
-
-}  // namespace
-
+// Every recipe feature is modelled by one of these passes; a value a pass cannot take (a mode the model has no
+// layers for, a loss the head does not allow) is refused there, never ignored.
 StepPlan BuildStepPlan(const Graph& graph, const TrainingConfig& config) {
-  RefuseUnmodelled(config);
   StepPlan plan;
   plan.ops.resize(graph.nodes().size());
   plan = PrecisionPass(graph, std::move(plan), config);

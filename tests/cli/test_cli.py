@@ -116,6 +116,17 @@ class CliTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertLess(peaks["full"], peaks["every-2"])
         self.assertLess(peaks["every-2"], peaks["none"])
 
+    def test_checkpointing_selective_is_non_reentrant(self):
+        # torchtitan's selective policy needs use_reentrant=False: that is its default, and reentrant is refused.
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        base = ("estimate", llama, "-b", "1", "-s", "64", "--gpu", "cpu", "--checkpointing", "selective")
+        r = run(*base, "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(json.loads(r.stdout)["recipe"]["checkpointing_impl"], "non-reentrant")
+        self.assert_one_line_error(run(*base, "--checkpointing-impl", "reentrant"), 2, "selective", "non-reentrant")
+        plain = run("estimate", llama, "-b", "1", "-s", "64", "--gpu", "cpu", "--json", "--checkpointing", "full")
+        self.assertEqual(json.loads(plain.stdout)["recipe"]["checkpointing_impl"], "reentrant")
+
     def test_bad_names(self):
         self.assert_one_line_error(run("estimate", self.gpt2, "--gpu", "tpu-v9"), 2, "unknown GPU 'tpu-v9'", "a100-80")
         self.assert_one_line_error(run("estimate", self.gpt2, "-p", "fp8"), 2, "unknown precision 'fp8'")
