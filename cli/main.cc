@@ -101,7 +101,9 @@ json EstimateJson(const llmem::sim::MemoryEstimate& e, const StepOptions& o, con
   j["peak_op"] = e.peak_op;
   json cats = json::object();
   for (size_t c = 0; c < llmem::sim::kNumCategories; ++c) {
-    cats[std::string(llmem::sim::CategoryName(static_cast<llmem::sim::MemoryCategory>(c)))] = e.at_peak[c];
+    const auto category = static_cast<llmem::sim::MemoryCategory>(c);
+    if (e.at_peak[c] == 0 && llmem::sim::RecipeOnlyCategory(category)) continue;
+    cats[std::string(llmem::sim::CategoryName(category))] = e.at_peak[c];
   }
   j["at_peak_bytes"] = cats;
   json phases = json::object();

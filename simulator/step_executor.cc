@@ -91,7 +91,15 @@ class StepExecutor : private StepMemory {
                       "a tensor storage");
   }
   MemoryCategory ActivationCategory(const OpNode& node) const {
+    if (recomputing_) return MemoryCategory::kRecomputed;
     return node.region.kind == RegionKind::kHead ? MemoryCategory::kHeadActivations : MemoryCategory::kActivations;
+  }
+  // The category of an op's output storage: a value a checkpointed layer keeps is counted as such.
+  MemoryCategory OutputCategory(const OpNode& node, ValueId out) const {
+    if (!recomputing_ && !kept_by_checkpoint_.empty() && kept_by_checkpoint_[static_cast<size_t>(out.index)]) {
+      return MemoryCategory::kCheckpointInputs;
+    }
+    return ActivationCategory(node);
   }
   bool ProducedInLayer(ValueId v, int32_t layer) const {
     const NodeId producer = graph_.value(v).producer;
@@ -161,6 +169,7 @@ class StepExecutor : private StepMemory {
   bool InCheckpointedLayer(const OpNode& node) const {
     return plan_.ops[static_cast<size_t>(node.id.index)].save == SavePolicy::kRecompute;
   }
+  void MarkCheckpointedInputs();
   void CheckpointForwardOp(const OpNode& node);
   void RecomputeLayer(int32_t layer, const RuleContext& ctx, int32_t first_reversed);
   void ReleaseCheckpointedLayer(int32_t layer);
@@ -209,6 +218,7 @@ class StepExecutor : private StepMemory {
   std::vector<std::pair<int32_t, DType>> op_input_dtype_;  // inside the current op: inputs autocast copied
   // Activation checkpointing (Note [Checkpointed layers]).
   bool recomputing_ = false;
+  std::vector<bool> kept_by_checkpoint_;  // per value: a checkpointed layer keeps its storage (empty: none)
   struct CheckpointedLayer {
     std::vector<int32_t> nodes;             // the layer's ops in forward order
     std::vector<int64_t> kept;              // storages the checkpoint keeps: the layer's inputs, the RNG state
@@ -290,6 +300,7 @@ void StepExecutor::Forward() {
   rules_.resize(nodes.size());
   saved_.resize(nodes.size());
   cast_of_input_.resize(nodes.size());
+  MarkCheckpointedInputs();
   for (const auto& node : nodes) {
     current_node_ = node.id.index;
     EnterRegionOf(node);
@@ -387,13 +398,13 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
         owns = in_d != out_d || !v.alias_of.valid();
         if (owns && v.alias_of.valid()) {
           storage_of_[static_cast<size_t>(out.index)] = NewStorage(
-              Bytes(out), ActivationCategory(node), [&] { return v.name + " = " + node.kind; }, node.id.index);
+              Bytes(out), OutputCategory(node, out), [&] { return v.name + " = " + node.kind; }, node.id.index);
           continue;
         }
       }
       if (owns) {
         storage_of_[static_cast<size_t>(out.index)] = NewStorage(
-            StorageBytes(out), ActivationCategory(node), [&] { return v.name + " = " + node.kind; }, node.id.index);
+            StorageBytes(out), OutputCategory(node, out), [&] { return v.name + " = " + node.kind; }, node.id.index);
       } else {
         // A view shares the storage of the tensor it views (the first input), which may be a simulated cast copy
         // rather than the IR's storage root.
@@ -474,10 +485,25 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
 // - non-reentrant (_checkpoint_without_reentrant_generator): the first unpack of a saved tensor recomputes, and
 //   with early stop (the default) the recompute ends once the last saved tensor is re-made; everything else it
 //   made is dropped then.
+// The values CheckpointForwardOp will keep (activations a checkpointed layer reads from outside itself), by the
+// value that owns their storage, so that the breakdown counts them apart from the activations the forward frees.
+void StepExecutor::MarkCheckpointedInputs() {
+  if (plan_.checkpointing.layers.empty()) return;
+  kept_by_checkpoint_.assign(graph_.values().size(), false);
+  for (const auto& node : graph_.nodes()) {
+    if (!InCheckpointedLayer(node)) continue;
+    for (ValueId in : graph_.tensor_inputs(node.id)) {
+      if (graph_.value(in).role != ValueRole::kActivation || ProducedInLayer(in, node.region.layer)) continue;
+      kept_by_checkpoint_[static_cast<size_t>(in.index)] = true;
+      kept_by_checkpoint_[static_cast<size_t>(graph_.StorageRoot(in).index)] = true;
+    }
+  }
+}
+
 void StepExecutor::CheckpointForwardOp(const OpNode& node) {
   CheckpointedLayer& cl = checkpointed_[node.region.layer];
   if (cl.nodes.empty() && plan_.checkpointing.rng_state_bytes > 0) {
-    cl.kept.push_back(NewStorage(plan_.checkpointing.rng_state_bytes, ActivationCategory(node),
+    cl.kept.push_back(NewStorage(plan_.checkpointing.rng_state_bytes, MemoryCategory::kCheckpointInputs,
                                  [&] { return "checkpoint RNG state (" + RegionName(node.region) + ")"; },
                                  node.id.index));
   }
