@@ -725,6 +725,9 @@ void StepExecutor::Backward() {
   }
   current_node_ = -1;
   for (auto& [layer, cl] : checkpointed_) ReleaseCheckpointedLayer(layer);
+  // Each forward call of a checkpointed layer is a new checkpoint: the next micro-batch stashes its inputs and RNG
+  // state again and recomputes again.
+  checkpointed_.clear();
   LeaveRegion();
   // Saved tensors of ops no gradient reached, and the loss value, go when the graph is freed.
   for (size_t n = 0; n < saved_.size(); ++n) {

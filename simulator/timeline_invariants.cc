@@ -45,7 +45,7 @@ void CheckTimelineInvariants(const Timeline& tl) {
     } else {
       LLMEM_CHECK(s == State::kLive) << label(e.block) << (s == State::kFreed ? " freed twice" : " freed before it exists");
       s = State::kFreed;
-      live -= e.bytes;
+      live_overflowed |= __builtin_sub_overflow(live, e.bytes, &live);
       LLMEM_CHECK(live_overflowed || live >= 0) << "live bytes below zero after freeing " << label(e.block);
     }
   }

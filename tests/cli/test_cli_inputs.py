@@ -274,6 +274,20 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertGreaterEqual(accum["phase_peak_bytes"]["forward"] - plain["phase_peak_bytes"]["forward"],
                                 plain["gradients_bytes"])
 
+    def test_checkpointed_later_micro_batch_checkpoints_again(self):
+        base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json",
+                "--checkpointing", "full"]
+        for impl in ("reentrant", "non-reentrant"):
+            plain = json.loads(run(*base, "--checkpointing-impl", impl).stdout)
+            accum = run(*base, "--checkpointing-impl", impl, "--grad-accum", "2")
+            self.assertEqual(accum.returncode, 0, accum.stderr)
+            accum = json.loads(accum.stdout)
+            # the later micro-batch's forward keeps its layers' inputs and RNG states as the first does, with every
+            # gradient alive besides; its backward recomputes the layers again on top of those gradients
+            self.assertEqual(accum["phase_peak_bytes"]["forward"] - plain["phase_peak_bytes"]["forward"],
+                             plain["gradients_bytes"], impl)
+            self.assertGreater(accum["phase_peak_bytes"]["backward"], plain["phase_peak_bytes"]["backward"], impl)
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
