@@ -56,13 +56,14 @@ class StepExecutor : private StepMemory {
     int64_t block = -1;
     int64_t bytes = 0;
     int refs = 0;
+    size_t alloc_event = 0;  // index of its allocation in the timeline
   };
 
   // `label` is a string or a function making one: labels are built only when the configuration keeps them.
   template <typename Label>
   int64_t NewStorage(int64_t bytes, MemoryCategory category, Label&& label, int32_t node) {
     const int64_t id = static_cast<int64_t>(storages_.size());
-    storages_.push_back(Storage{id, bytes, 1});
+    storages_.push_back(Storage{id, bytes, 1, out_.timeline.events.size()});
     // What a checkpointed layer's recompute makes is named so, for the breakdown of the backward peak.
     const std::string_view prefix = recomputing_ ? "recomputed: " : "";
     if constexpr (std::is_invocable_v<Label>) {
@@ -93,13 +94,6 @@ class StepExecutor : private StepMemory {
   MemoryCategory ActivationCategory(const OpNode& node) const {
     if (recomputing_) return MemoryCategory::kRecomputed;
     return node.region.kind == RegionKind::kHead ? MemoryCategory::kHeadActivations : MemoryCategory::kActivations;
-  }
-  // The category of an op's output storage: a value a checkpointed layer keeps is counted as such.
-  MemoryCategory OutputCategory(const OpNode& node, ValueId out) const {
-    if (!recomputing_ && !kept_by_checkpoint_.empty() && kept_by_checkpoint_[static_cast<size_t>(out.index)]) {
-      return MemoryCategory::kCheckpointInputs;
-    }
-    return ActivationCategory(node);
   }
   bool ProducedInLayer(ValueId v, int32_t layer) const {
     const NodeId producer = graph_.value(v).producer;
@@ -169,7 +163,7 @@ class StepExecutor : private StepMemory {
   bool InCheckpointedLayer(const OpNode& node) const {
     return plan_.ops[static_cast<size_t>(node.id.index)].save == SavePolicy::kRecompute;
   }
-  void MarkCheckpointedInputs();
+  void CountCheckpointedInputs();
   void CheckpointForwardOp(const OpNode& node);
   void RecomputeLayer(int32_t layer, const RuleContext& ctx, int32_t first_reversed);
   void ReleaseCheckpointedLayer(int32_t layer);
@@ -218,7 +212,6 @@ class StepExecutor : private StepMemory {
   std::vector<std::pair<int32_t, DType>> op_input_dtype_;  // inside the current op: inputs autocast copied
   // Activation checkpointing (Note [Checkpointed layers]).
   bool recomputing_ = false;
-  std::vector<bool> kept_by_checkpoint_;  // per value: a checkpointed layer keeps its storage (empty: none)
   struct CheckpointedLayer {
     std::vector<int32_t> nodes;             // the layer's ops in forward order
     std::vector<int64_t> kept;              // storages the checkpoint keeps: the layer's inputs, the RNG state
@@ -300,7 +293,6 @@ void StepExecutor::Forward() {
   rules_.resize(nodes.size());
   saved_.resize(nodes.size());
   cast_of_input_.resize(nodes.size());
-  MarkCheckpointedInputs();
   for (const auto& node : nodes) {
     current_node_ = node.id.index;
     EnterRegionOf(node);
@@ -308,6 +300,7 @@ void StepExecutor::Forward() {
     ForwardOp(node, ctx, weight_cast_cache);
   }
   current_node_ = -1;
+  CountCheckpointedInputs();
   LeaveRegion();
   // Leaving the autocast region clears the weight-cast cache.
   for (const auto& [value, s] : weight_cast_cache) Unref(s, -1);
@@ -398,13 +391,13 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
         owns = in_d != out_d || !v.alias_of.valid();
         if (owns && v.alias_of.valid()) {
           storage_of_[static_cast<size_t>(out.index)] = NewStorage(
-              Bytes(out), OutputCategory(node, out), [&] { return v.name + " = " + node.kind; }, node.id.index);
+              Bytes(out), ActivationCategory(node), [&] { return v.name + " = " + node.kind; }, node.id.index);
           continue;
         }
       }
       if (owns) {
         storage_of_[static_cast<size_t>(out.index)] = NewStorage(
-            StorageBytes(out), OutputCategory(node, out), [&] { return v.name + " = " + node.kind; }, node.id.index);
+            StorageBytes(out), ActivationCategory(node), [&] { return v.name + " = " + node.kind; }, node.id.index);
       } else {
         // A view shares the storage of the tensor it views (the first input), which may be a simulated cast copy
         // rather than the IR's storage root.
@@ -485,17 +478,16 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
 // - non-reentrant (_checkpoint_without_reentrant_generator): the first unpack of a saved tensor recomputes, and
 //   with early stop (the default) the recompute ends once the last saved tensor is re-made; everything else it
 //   made is dropped then.
-// The values CheckpointForwardOp will keep (activations a checkpointed layer reads from outside itself), by the
-// value that owns their storage, so that the breakdown counts them apart from the activations the forward frees.
-void StepExecutor::MarkCheckpointedInputs() {
-  if (plan_.checkpointing.layers.empty()) return;
-  kept_by_checkpoint_.assign(graph_.values().size(), false);
-  for (const auto& node : graph_.nodes()) {
-    if (!InCheckpointedLayer(node)) continue;
-    for (ValueId in : graph_.tensor_inputs(node.id)) {
-      if (graph_.value(in).role != ValueRole::kActivation || ProducedInLayer(in, node.region.layer)) continue;
-      kept_by_checkpoint_[static_cast<size_t>(in.index)] = true;
-      kept_by_checkpoint_[static_cast<size_t>(graph_.StorageRoot(in).index)] = true;
+// The storages the checkpoints of this forward keep are counted apart from the activations the forward frees:
+// exactly the blocks CheckpointForwardOp kept (a layer input that an op such as .to() copied is the copy, not the
+// tensor it was made from), from their allocation on. Under HF's GradientCheckpointingLayer the checkpoint's
+// only argument is the hidden state; the causal mask and the rotary cos / sin are keyword arguments bound into
+// the checkpointed callable (functools.partial, transformers/modeling_layers.py), so every layer's checkpoint
+// keeps them too until its backward has run.
+void StepExecutor::CountCheckpointedInputs() {
+  for (const auto& [layer, cl] : checkpointed_) {
+    for (int64_t s : cl.kept) {
+      out_.timeline.events[storages_[static_cast<size_t>(s)].alloc_event].category = MemoryCategory::kCheckpointInputs;
     }
   }
 }
