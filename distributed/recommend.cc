@@ -202,6 +202,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
   //    estimates below only read them).
   std::vector<size_t> work;  // rows to estimate
   std::map<std::pair<int64_t, int>, GraphCost> costs;
+  std::map<std::pair<int64_t, int>, std::vector<bool>> recomputed;  // per (batch, tp): the checkpointed ops
   for (const ParallelPlan& plan : EnumeratePlans(req.gpus, per_node, req.engines, req.tp)) {
     PlanRow row;
     row.plan = plan;
@@ -227,6 +228,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     const auto key = std::make_pair(row.micro_batch, plan.tp);
     if (!costs.count(key)) {
       costs.emplace(key, SumCosts(sweep.RankGraph(row.micro_batch, plan.tp), CostOptionsFor(req.config.precision)));
+      recomputed.emplace(key, RecomputedOps(sweep.RankGraph(row.micro_batch, plan.tp), req.config));
     }
     work.push_back(out.rows.size() - 1);
   }
@@ -288,6 +290,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     StepTimeInputs t;
     const Graph& rank_graph = sweep.RankGraph(row.micro_batch, plan.tp);
     t.per_rank_cost = costs.at({row.micro_batch, plan.tp});
+    t.recomputed_ops = recomputed.at({row.micro_batch, plan.tp});
     t.precision = req.config.precision;
     t.gpu = req.config.target.gpu;
     t.intra_node = req.intra_node;
