@@ -361,11 +361,15 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
       }
       candidates.emplace_back(plan, b);
     }
-    std::vector<uint8_t> fits(candidates.size(), 0);
+    // One layout that fits answers the question: the layouts not yet started are skipped then.
+    std::atomic<bool> any_fits{false};
     ParallelFor(candidates.size(), [&](size_t k) {
-      fits[k] = Fits(sweep.Estimate(candidates[k].first, candidates[k].second, std::min(n, node_capacity)));
+      if (any_fits.load()) return;
+      if (Fits(sweep.Estimate(candidates[k].first, candidates[k].second, std::min(n, node_capacity)))) {
+        any_fits.store(true);
+      }
     });
-    return std::find(fits.begin(), fits.end(), 1) != fits.end();
+    return any_fits.load();
   };
   // Sharded memory shrinks as GPUs are added, down to what every GPU holds whatever the count (activations,
   // autocast copies): if the largest count with a layout does not fit, none does. Otherwise gallop to a count
