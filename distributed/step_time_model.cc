@@ -196,7 +196,8 @@ std::vector<std::string> Assumptions(const StepTimeInputs& in) {
   }
   if (std::find(in.recomputed_ops.begin(), in.recomputed_ops.end(), true) != in.recomputed_ops.end()) {
     a.push_back("activation checkpointing: backward runs the forward of every checkpointed layer again (each "
-                "recomputed op's forward roofline is added to the backward time; the LM head is not recomputed)");
+                "recomputed op's forward roofline is added to the backward time; the LM head is not recomputed; "
+                "non-reentrant's early stop skips the ops after a layer's last saved tensor, counted here anyway)");
   }
   a.push_back("not modelled: pipeline bubbles, gradient clipping, data loading");
   return a;

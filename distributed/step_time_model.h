@@ -27,7 +27,8 @@
 //    it and the last gradient bucket nothing after it. Collectives that are not overlapped add in full.
 // 5. total = forward + backward + optimizer + exposed communication.
 // Activation checkpointing runs the forward of every recomputed op again in backward: its forward roofline is
-// added to the backward time (recompute_s).
+// added to the backward time (recompute_s). Non-reentrant checkpointing stops the recompute at a layer's last
+// saved tensor; the ops after it (a residual add) are counted anyway, slightly high.
 //
 // What it does not model: kernel launch and CPU dispatch overheads (they matter when ops take a few us: tiny
 // models or batches), the slowdown overlapped NCCL kernels cause to compute, pipeline bubbles, gradient
