@@ -1,5 +1,6 @@
 // Benchmarks of the estimator on a 70B-shaped export (models/llama-3-70b.meta.pt), after loading: one rank's
-// estimate per parallel method, and the whole `recommend` sweep over 8 GPUs.
+// estimate per parallel method, and the whole `recommend` sweep over 8 GPUs (default recipe, and with full
+// activation checkpointing).
 //
 //   build/bench/recommend_benchmark [--benchmark_filter=...]
 #include <benchmark/benchmark.h>
@@ -43,6 +44,14 @@ void BM_SingleGpuEstimate(benchmark::State& state) {
 }
 BENCHMARK(BM_SingleGpuEstimate)->Unit(benchmark::kMillisecond);
 
+void BM_SingleGpuEstimateCheckpointed(benchmark::State& state) {
+  const auto& g = Llama70b();
+  auto config = H100Config();
+  config.checkpointing.mode = llmem::sim::CheckpointingMode::kFull;
+  for (auto _ : state) benchmark::DoNotOptimize(llmem::sim::EstimateMemory(g, config));
+}
+BENCHMARK(BM_SingleGpuEstimateCheckpointed)->Unit(benchmark::kMillisecond);
+
 void BM_TimelineOnly(benchmark::State& state) {
   const auto& g = Llama70b();
   const auto config = H100Config();
@@ -67,13 +76,13 @@ BENCHMARK(BM_RankEstimate)
 // The whole `llmem recommend --gpus 8 --gpu h100-80 --seq 4096 --batch 1` sweep (16 layouts, none fits at batch
 // 1, so no larger batch is searched; then the smallest GPU count that fits) after loading. Graphs are built on
 // demand and kept across iterations, so the time is the sweep's alone.
-void BM_RecommendSweep8Gpus(benchmark::State& state) {
+void RecommendSweep8Gpus(benchmark::State& state, const llmem::sim::TrainingConfig& config) {
   static auto model = llmem::TorchScriptModel::Load(std::string(LLMEM_SOURCE_DIR) + "/models/llama-3-70b.meta.pt");
   static std::map<int64_t, llmem::Graph> graphs;
   llmem::dist::RecommendRequest req;
   req.gpus = 8;
   req.micro_batch = 1;
-  req.config = H100Config();
+  req.config = config;
   req.intra_node = *llmem::dist::FindInterconnect("nvlink4");
   req.inter_node = *llmem::dist::FindInterconnect("ib-ndr");
   const llmem::dist::GraphAtBatch graph_at = [&](int64_t b) -> const llmem::Graph& {
@@ -84,7 +93,17 @@ void BM_RecommendSweep8Gpus(benchmark::State& state) {
   benchmark::DoNotOptimize(llmem::dist::Recommend(req, graph_at));  // builds every graph the sweep asks for
   for (auto _ : state) benchmark::DoNotOptimize(llmem::dist::Recommend(req, graph_at));
 }
+
+void BM_RecommendSweep8Gpus(benchmark::State& state) { RecommendSweep8Gpus(state, H100Config()); }
 BENCHMARK(BM_RecommendSweep8Gpus)->Unit(benchmark::kMillisecond);
+
+// The same sweep with `--checkpointing full` (HF gradient_checkpointing_enable: every decoder layer, reentrant).
+void BM_RecommendSweep8GpusCheckpointed(benchmark::State& state) {
+  llmem::sim::TrainingConfig config = H100Config();
+  config.checkpointing.mode = llmem::sim::CheckpointingMode::kFull;
+  RecommendSweep8Gpus(state, config);
+}
+BENCHMARK(BM_RecommendSweep8GpusCheckpointed)->Unit(benchmark::kMillisecond);
 
 }  // namespace
 

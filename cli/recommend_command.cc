@@ -77,6 +77,7 @@ json RowJson(const dist::PlanRow& r) {
   j["time"] = {{"forward_s", r.time.forward_s},   {"backward_s", r.time.backward_s},
                {"optimizer_s", r.time.optimizer_s}, {"comm_s", r.time.comm_s},
                {"exposed_comm_s", r.time.exposed_comm_s}};
+  if (r.time.recompute_s > 0) j["time"]["recompute_s"] = r.time.recompute_s;  // only with checkpointing
   return j;
 }
 

@@ -219,6 +219,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
   //    estimates below only read them).
   std::vector<size_t> work;  // rows to estimate
   std::map<std::pair<int64_t, int>, GraphCost> costs;
+  std::map<std::pair<int64_t, int>, std::vector<bool>> recomputed;  // per (batch, tp): the checkpointed ops
   for (const ParallelPlan& plan : EnumeratePlans(req.gpus, per_node, req.engines, req.tp)) {
     PlanRow row;
     row.plan = plan;
@@ -243,6 +244,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     const auto key = std::make_pair(row.micro_batch, plan.tp);
     if (!costs.count(key)) {
       costs.emplace(key, SumCosts(sweep.RankGraph(row.micro_batch, plan.tp), CostOptionsFor(req.config.precision)));
+      recomputed.emplace(key, RecomputedOps(sweep.RankGraph(row.micro_batch, plan.tp), req.config));
     }
     work.push_back(out.rows.size() - 1);
   }
@@ -315,6 +317,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
     StepTimeInputs t;
     const Graph& rank_graph = sweep.RankGraph(row.micro_batch, plan.tp);
     t.per_rank_cost = costs.at({row.micro_batch, plan.tp});
+    t.recomputed_ops = recomputed.at({row.micro_batch, plan.tp});
     t.precision = req.config.precision;
     t.gpu = req.config.target.gpu;
     t.intra_node = req.intra_node;
@@ -385,14 +388,18 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
       }
       candidates.emplace_back(plan, b);
     }
-    std::vector<uint8_t> fits(candidates.size(), 0);
+    // One layout that fits answers the question: the layouts not yet started are skipped then.
+    std::atomic<bool> any_fits{false};
     ParallelFor(candidates.size(), [&](size_t k) {
+      if (any_fits.load()) return;
       try {
-        fits[k] = Fits(sweep.Estimate(candidates[k].first, candidates[k].second, std::min(n, node_capacity)));
+        if (Fits(sweep.Estimate(candidates[k].first, candidates[k].second, std::min(n, node_capacity)))) {
+          any_fits.store(true);
+        }
       } catch (const ConfigError&) {  // the engine cannot run the recipe's step: not a layout that fits
       }
     });
-    return std::find(fits.begin(), fits.end(), 1) != fits.end();
+    return any_fits.load();
   };
   // Sharded memory shrinks as GPUs are added, down to what every GPU holds whatever the count (activations,
   // autocast copies): if the largest count with a layout does not fit, none does. Otherwise gallop to a count

@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "graph/dtype.h"
+#include "simulator/step_plan_builder.h"
 
 namespace llmem::dist {
 namespace {
@@ -83,11 +84,15 @@ void AddComputeSeconds(const StepTimeInputs& in, StepTime& t) {
   const double matmul_rate = MatmulPeakFlops(in.gpu, in.precision) * eff.compute_fraction;
   const double vector_rate = in.gpu.fp32_tflops * kTera * eff.compute_fraction;
   const double byte_rate = in.gpu.memory_bandwidth_gb_per_s * kGiga * eff.memory_bandwidth_fraction;
-  for (const OpCost& op : in.per_rank_cost.ops) {
+  for (size_t i = 0; i < in.per_rank_cost.ops.size(); ++i) {
+    const OpCost& op = in.per_rank_cost.ops[i];
     const double rate = op.matmul_like ? matmul_rate : vector_rate;
-    t.forward_s += RooflineSeconds(op.fwd_flops, op.fwd_bytes, rate, byte_rate);
+    const double forward = RooflineSeconds(op.fwd_flops, op.fwd_bytes, rate, byte_rate);
+    t.forward_s += forward;
     t.backward_s += RooflineSeconds(op.bwd_flops, op.bwd_bytes, rate, byte_rate);
+    if (i < in.recomputed_ops.size() && in.recomputed_ops[i]) t.recompute_s += forward;
   }
+  t.backward_s += t.recompute_s;
 }
 
 // Step 2: the optimizer step, memory-bound.
@@ -189,7 +194,12 @@ std::vector<std::string> Assumptions(const StepTimeInputs& in) {
     for (const auto& k : in.per_rank_cost.generic_kinds) kinds += (kinds.empty() ? "" : ", ") + k;
     a.push_back("ops without a cost rule, costed as elementwise: " + kinds);
   }
-  a.push_back("not modelled: pipeline bubbles, activation recomputation, gradient clipping, data loading");
+  if (std::find(in.recomputed_ops.begin(), in.recomputed_ops.end(), true) != in.recomputed_ops.end()) {
+    a.push_back("activation checkpointing: backward runs the forward of every checkpointed layer again (each "
+                "recomputed op's forward roofline is added to the backward time; the LM head is not recomputed; "
+                "non-reentrant's early stop skips the ops after a layer's last saved tensor, counted here anyway)");
+  }
+  a.push_back("not modelled: pipeline bubbles, gradient clipping, data loading");
   return a;
 }
 
@@ -272,6 +282,14 @@ int OptimizerPasses(sim::OptimizerKind optimizer) {
 }
 
 
+
+std::vector<bool> RecomputedOps(const Graph& graph, const sim::TrainingConfig& config) {
+  if (config.checkpointing.mode == sim::CheckpointingMode::kNone) return {};
+  const sim::StepPlan plan = sim::BuildStepPlan(graph, config);
+  std::vector<bool> recomputed(plan.ops.size());
+  for (size_t i = 0; i < plan.ops.size(); ++i) recomputed[i] = plan.ops[i].save == sim::SavePolicy::kRecompute;
+  return recomputed;
+}
 
 StepTime EstimateStepTime(const StepTimeInputs& inputs) {
   StepTime t;

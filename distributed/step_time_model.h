@@ -26,10 +26,13 @@
 //    compute)), except that one of them, the largest, is always exposed: the first prefetch has nothing before
 //    it and the last gradient bucket nothing after it. Collectives that are not overlapped add in full.
 // 5. total = forward + backward + optimizer + exposed communication.
+// Activation checkpointing runs the forward of every recomputed op again in backward: its forward roofline is
+// added to the backward time (recompute_s). Non-reentrant checkpointing stops the recompute at a layer's last
+// saved tensor; the ops after it (a residual add) are counted anyway, slightly high.
 //
 // What it does not model: kernel launch and CPU dispatch overheads (they matter when ops take a few us: tiny
-// models or batches), the slowdown overlapped NCCL kernels cause to compute, pipeline bubbles, activation
-// recomputation, gradient clipping, data loading. The assumptions list of every StepTime says so.
+// models or batches), the slowdown overlapped NCCL kernels cause to compute, pipeline bubbles, gradient
+// clipping, data loading. The assumptions list of every StepTime says so.
 #pragma once
 
 #include <cstdint>
@@ -67,6 +70,8 @@ struct StepTimeInputs {
   int64_t optimizer_param_bytes = 0;                         // bytes of the parameters this rank's optimizer
                                                              // updates (its shard under ZeRO), in their dtype
   sim::OptimizerKind optimizer = sim::OptimizerKind::kAdamW;
+  // Per op of per_rank_cost: activation checkpointing recomputes it in backward (RecomputedOps; empty: none).
+  std::vector<bool> recomputed_ops;
   EfficiencyAssumptions efficiency;
 };
 
@@ -81,7 +86,8 @@ struct CollectiveTime {
 
 struct StepTime {
   double forward_s = 0;       // forward compute
-  double backward_s = 0;      // backward compute
+  double backward_s = 0;      // backward compute, recompute_s included
+  double recompute_s = 0;     // the forward of the ops activation checkpointing recomputes in backward
   double optimizer_s = 0;     // optimizer step
   double comm_s = 0;          // every collective, in full
   double exposed_comm_s = 0;  // the part of comm_s not hidden behind compute
@@ -106,6 +112,10 @@ double RooflineSeconds(double flops, double bytes, double flops_per_s, double by
 
 // Seconds of all `count` instances of `c` over `link`, ring algorithm; 0 for a group of one.
 double CollectiveSeconds(const Collective& c, const Interconnect& link);
+
+// Per op of `graph`: whether the recipe's activation checkpointing runs its forward again in backward (the ops
+// the step plan marks kRecompute); empty without checkpointing.
+std::vector<bool> RecomputedOps(const Graph& graph, const sim::TrainingConfig& config);
 
 // Passes over parameter-sized tensors of PyTorch's foreach optimizer step (torch/optim/adam.py
 // _multi_tensor_adam, torch/optim/sgd.py _multi_tensor_sgd); see the .cc for the count.

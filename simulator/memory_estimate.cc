@@ -82,10 +82,14 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
   std::array<int64_t, kNumCategories> live_by_category{};
   // A phase's peak is at least what is live when it begins, also when it allocates nothing (SGD's in-place step).
   size_t phase_entered = 0;
+  std::array<size_t, 4> phase_peak_event{};
+  std::array<bool, 4> phase_peaks_at_start{};
   auto enter_phases_up_to = [&](size_t phase, int64_t allocated) {
     for (; phase_entered < phase; ++phase_entered) {
-      auto& peak_of_next = est.phase_peak_bytes[phase_entered + 1];
-      peak_of_next = std::max(peak_of_next, allocated);
+      const size_t next = phase_entered + 1;  // entered once, so its peak so far is this
+      est.phase_peak_bytes[next] = allocated;
+      est.phase_at_peak[next] = live_by_category;
+      phase_peaks_at_start[next] = true;
     }
   };
   size_t peak_event = 0;
@@ -122,8 +126,13 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
       it = nullptr;
     }
     const int64_t allocated = model->Stats().allocated_bytes;
-    auto& phase_peak = est.phase_peak_bytes[static_cast<size_t>(e.phase)];
-    phase_peak = std::max(phase_peak, allocated);
+    const size_t phase = static_cast<size_t>(e.phase);
+    if (allocated > est.phase_peak_bytes[phase]) {
+      est.phase_peak_bytes[phase] = allocated;
+      est.phase_at_peak[phase] = live_by_category;
+      phase_peak_event[phase] = i;
+      phase_peaks_at_start[phase] = false;
+    }
     if (allocated > peak) {
       peak = allocated;
       peak_event = i;
@@ -189,14 +198,17 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
   est.optimizer_state_bytes =
       CheckedAdd(est.optimizer_state_bytes, est.managed_optimizer_state_bytes, "the optimizer states");
   if (limited_oom || (est.capacity_bytes > 0 && est.nvidia_smi_bytes > est.capacity_bytes)) est.fits = false;
+  auto op_of = [&](const MemoryEvent& e) {
+    if (e.node < 0) return std::string(PhaseName(e.phase)) + " step";
+    const auto& node = graph.node(NodeId{e.node});
+    return node.kind + " (" + RegionName(node.region) + (node.scope.empty() ? "" : ", " + node.scope) + ")";
+  };
   if (!tl.events.empty()) {
     const MemoryEvent& e = tl.events[peak_event];
     est.peak_phase = e.phase;
-    if (e.node >= 0) {
-      const auto& node = graph.node(NodeId{e.node});
-      est.peak_op = node.kind + " (" + RegionName(node.region) + (node.scope.empty() ? "" : ", " + node.scope) + ")";
-    } else {
-      est.peak_op = std::string(PhaseName(e.phase)) + " step";
+    est.peak_op = op_of(e);
+    for (size_t p = 0; p < est.phase_peak_op.size(); ++p) {
+      if (!phase_peaks_at_start[p]) est.phase_peak_op[p] = op_of(tl.events[phase_peak_event[p]]);
     }
   }
   est.simulation = std::make_shared<const StepSimulation>(std::move(sim));

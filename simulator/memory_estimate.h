@@ -34,6 +34,10 @@ struct MemoryEstimate {
   std::string peak_op;                  // "aten::cross_entropy_loss (head)" or "optimizer step"
   std::array<int64_t, kNumCategories> at_peak{};   // live bytes per category at the allocated peak
   std::array<int64_t, 4> phase_peak_bytes{};       // allocated peak within each phase
+  // Live bytes per category at each phase's peak, and the op there ("" when the phase peaks as it begins): where
+  // the activations are when the step peak is elsewhere (e.g. a checkpointed step peaking in the optimizer).
+  std::array<std::array<int64_t, kNumCategories>, 4> phase_at_peak{};
+  std::array<std::string, 4> phase_peak_op;
   std::vector<LiveBlock> largest_at_peak;           // the ten largest live blocks at the peak
   int64_t weights_bytes = 0, gradients_bytes = 0, optimizer_state_bytes = 0;
   // Of optimizer_state_bytes, those in CUDA managed memory (paged states): in fixed_overhead_bytes and the

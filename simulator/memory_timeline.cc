@@ -9,6 +9,8 @@ std::string_view CategoryName(MemoryCategory c) {
     case MemoryCategory::kOptimizerState: return "optimizer states";
     case MemoryCategory::kInputs: return "inputs";
     case MemoryCategory::kActivations: return "activations (body)";
+    case MemoryCategory::kCheckpointInputs: return "checkpoint inputs";
+    case MemoryCategory::kRecomputed: return "recomputed activations";
     case MemoryCategory::kHeadActivations: return "LM head + loss";
     case MemoryCategory::kAutocastCopies: return "autocast copies";
     case MemoryCategory::kActivationGrads: return "activation grads";
@@ -18,6 +20,10 @@ std::string_view CategoryName(MemoryCategory c) {
     case MemoryCategory::kCommBuffers: return "comm buffers";
   }
   return "?";
+}
+
+bool RecipeOnlyCategory(MemoryCategory c) {
+  return c == MemoryCategory::kCheckpointInputs || c == MemoryCategory::kRecomputed;
 }
 
 std::string_view PhaseName(Phase p) {

@@ -19,6 +19,8 @@ enum class MemoryCategory : uint8_t {
   kOptimizerState,   // exp_avg / exp_avg_sq / momentum buffers
   kInputs,           // token ids and labels
   kActivations,      // forward values of the transformer body (embeddings + decoder layers), incl. saved ones
+  kCheckpointInputs, // what a checkpointed layer keeps through the forward: its inputs and the stashed RNG state
+  kRecomputed,       // values and saved buffers a checkpointed layer's recompute re-creates in backward
   kHeadActivations,  // forward values of the LM head and loss (logits, their fp32 copy, log-probs)
   kAutocastCopies,   // 16-bit copies of weights and activations made by autocast
   kActivationGrads,  // gradients of activations during backward
@@ -27,8 +29,11 @@ enum class MemoryCategory : uint8_t {
   kGatheredParams,   // parameters a sharded engine gathered for computation (FSDP all-gather, Gemini chunks)
   kCommBuffers,      // buffers of the parallel engine: DDP buckets, reduce-scatter input/output, collective copies
 };
-constexpr size_t kNumCategories = 12;
+constexpr size_t kNumCategories = 14;
 std::string_view CategoryName(MemoryCategory c);
+// Categories only a recipe option creates (activation checkpointing): reports that list every category list these
+// only when they hold bytes, so a step without the option reads as before.
+bool RecipeOnlyCategory(MemoryCategory c);
 
 enum class Phase : uint8_t { kSetup, kForward, kBackward, kOptimizer };
 std::string_view PhaseName(Phase p);

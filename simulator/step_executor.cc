@@ -60,13 +60,14 @@ class StepExecutor : private StepMemory {
     int64_t block = -1;
     int64_t bytes = 0;
     int refs = 0;
+    size_t alloc_event = 0;  // index of its allocation in the timeline
   };
 
   // `label` is a string or a function making one: labels are built only when the configuration keeps them.
   template <typename Label>
   int64_t NewStorage(int64_t bytes, MemoryCategory category, Label&& label, int32_t node) {
     const int64_t id = static_cast<int64_t>(storages_.size());
-    storages_.push_back(Storage{id, bytes, 1});
+    storages_.push_back(Storage{id, bytes, 1, out_.timeline.events.size()});
     // What a checkpointed layer's recompute makes is named so, for the breakdown of the backward peak.
     const std::string_view prefix = recomputing_ ? "recomputed: " : "";
     if constexpr (std::is_invocable_v<Label>) {
@@ -95,6 +96,7 @@ class StepExecutor : private StepMemory {
                       "a tensor storage");
   }
   MemoryCategory ActivationCategory(const OpNode& node) const {
+    if (recomputing_) return MemoryCategory::kRecomputed;
     return node.region.kind == RegionKind::kHead ? MemoryCategory::kHeadActivations : MemoryCategory::kActivations;
   }
   bool ProducedInLayer(ValueId v, int32_t layer) const {
@@ -165,6 +167,7 @@ class StepExecutor : private StepMemory {
   bool InCheckpointedLayer(const OpNode& node) const {
     return plan_.ops[static_cast<size_t>(node.id.index)].save != SavePolicy::kSave;
   }
+  void CountCheckpointedInputs();
   void CheckpointForwardOp(const OpNode& node);
   // Selective checkpointing (Note [Cached outputs]).
   void CacheOutputs(const OpNode& node, const OpMemoryRule& rule);
@@ -355,6 +358,7 @@ void StepExecutor::Forward() {
     ForwardOp(node, ctx, weight_cast_cache);
   }
   current_node_ = -1;
+  CountCheckpointedInputs();
   LeaveRegion();
   // Leaving the autocast region clears the weight-cast cache.
   for (const auto& [value, s] : weight_cast_cache) Unref(s, -1);
@@ -536,10 +540,24 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
 // - non-reentrant (_checkpoint_without_reentrant_generator): the first unpack of a saved tensor recomputes, and
 //   with early stop (the default) the recompute ends once the last saved tensor is re-made; everything else it
 //   made is dropped then.
+// The storages the checkpoints of this forward keep are counted apart from the activations the forward frees:
+// exactly the blocks CheckpointForwardOp kept (a layer input that an op such as .to() copied is the copy, not the
+// tensor it was made from), from their allocation on. Under HF's GradientCheckpointingLayer the checkpoint's
+// only argument is the hidden state; the causal mask and the rotary cos / sin are keyword arguments bound into
+// the checkpointed callable (functools.partial, transformers/modeling_layers.py), so every layer's checkpoint
+// keeps them too until its backward has run.
+void StepExecutor::CountCheckpointedInputs() {
+  for (const auto& [layer, cl] : checkpointed_) {
+    for (int64_t s : cl.kept) {
+      out_.timeline.events[storages_[static_cast<size_t>(s)].alloc_event].category = MemoryCategory::kCheckpointInputs;
+    }
+  }
+}
+
 void StepExecutor::CheckpointForwardOp(const OpNode& node) {
   CheckpointedLayer& cl = checkpointed_[node.region.layer];
   if (cl.nodes.empty() && plan_.checkpointing.rng_state_bytes > 0) {
-    cl.kept.push_back(NewStorage(plan_.checkpointing.rng_state_bytes, ActivationCategory(node),
+    cl.kept.push_back(NewStorage(plan_.checkpointing.rng_state_bytes, MemoryCategory::kCheckpointInputs,
                                  [&] { return "checkpoint RNG state (" + RegionName(node.region) + ")"; },
                                  node.id.index));
   }

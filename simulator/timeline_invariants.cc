@@ -12,6 +12,8 @@ namespace {
 bool DiesWithinStep(MemoryCategory c) {
   switch (c) {
     case MemoryCategory::kActivations:
+    case MemoryCategory::kCheckpointInputs:
+    case MemoryCategory::kRecomputed:
     case MemoryCategory::kHeadActivations:
     case MemoryCategory::kAutocastCopies:
     case MemoryCategory::kActivationGrads:

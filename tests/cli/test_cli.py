@@ -127,6 +127,36 @@ class CliTest(OneLineErrorAssertions, unittest.TestCase):
         plain = run("estimate", llama, "-b", "1", "-s", "64", "--gpu", "cpu", "--json", "--checkpointing", "full")
         self.assertEqual(json.loads(plain.stdout)["recipe"]["checkpointing_impl"], "reentrant")
 
+    def test_checkpoint_inputs_are_what_the_checkpoints_keep(self):
+        # Llama-2-7B: 32 decoder layers, hidden size 4096, head dim 128. Under bf16 autocast the residual stream
+        # stays fp32, so every layer's input is b x s x 4096 fp32. HF binds the layer's keyword arguments into the
+        # checkpointed callable (transformers/modeling_layers.py, functools.partial), so each checkpoint keeps the
+        # causal mask (bool [b, 1, s, s]) and the rotary cos and sin (fp32 [1, s, 128] each) too, and, with
+        # preserve_rng_state, torch.get_rng_state() (a CPU tensor: in the cpu target's memory only).
+        llama = os.path.join(BUNDLED, "llama-2-7b.meta.pt")
+        b, s, layers = 2, 1024, 32
+        kept = layers * b * s * 4096 * 4 + b * s * s + 2 * s * 128 * 4
+        rng_state = torch.get_rng_state().numel()
+        base = ("estimate", llama, "-b", str(b), "-s", str(s))
+        for gpu, expected in (("a100-80", kept), ("cpu", kept + layers * rng_state)):
+            r = run(*base, "--gpu", gpu, "--json", "--checkpointing", "full")
+            self.assertIn(r.returncode, (0, 3), r.stderr)
+            forward = json.loads(r.stdout)["phase_peaks"]["forward"]
+            self.assertEqual(forward["op"].split()[0], "aten::cross_entropy_loss")  # every layer has run
+            self.assertEqual(forward["at_peak_bytes"]["checkpoint inputs"], expected, gpu)
+        plain = json.loads(run(*base, "--gpu", "a100-80", "--json").stdout)
+        self.assertNotIn("checkpoint inputs", plain["at_peak_bytes"])
+        for phase in plain["phase_peaks"].values():
+            self.assertNotIn("checkpoint inputs", phase["at_peak_bytes"])
+            self.assertNotIn("recomputed activations", phase["at_peak_bytes"])
+        # The checkpointed step peaks in the optimizer step, which holds no activations: the text output shows
+        # the forward and backward peaks too.
+        text = run(*base, "--gpu", "a100-80", "--checkpointing", "full")
+        self.assertIn("live at the peak (optimizer", text.stdout)
+        forward_block = text.stdout.split("live at the forward peak")[1].split("\n\n")[0]
+        self.assertIn("checkpoint inputs", forward_block)
+        self.assertIn("live at the backward peak", text.stdout)
+
     def test_bad_names(self):
         self.assert_one_line_error(run("estimate", self.gpt2, "--gpu", "tpu-v9"), 2, "unknown GPU 'tpu-v9'", "a100-80")
         self.assert_one_line_error(run("estimate", self.gpt2, "-p", "fp8"), 2, "unknown precision 'fp8'")

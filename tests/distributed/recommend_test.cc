@@ -153,6 +153,31 @@ TEST(RecommendNodesTest, TensorParallelDegreeAboveTheNodeIsRefused) {
   EXPECT_EQ(rec.nodes.gpus_per_node, 16);
 }
 
+TEST(RecommendCheckpointingTest, EveryLayoutPaysTheRecomputeInBackward) {
+  // Full checkpointing runs every decoder layer's forward again in backward, in every layout (data parallel,
+  // tensor parallel, their hybrids): the backward time grows by the recompute, the forward time does not, and the
+  // recompute is below the whole forward (the embedding and the LM head + loss are not recomputed).
+  Graphs graphs(TinyModel("llama"), 1024);
+  RecommendRequest req = Request(8, "a100-80", sim::Precision::kBf16Autocast, 1);
+  const Recommendation plain = Recommend(req, graphs.Fn());
+  req.config.checkpointing.mode = sim::CheckpointingMode::kFull;
+  const Recommendation checkpointed = Recommend(req, graphs.Fn());
+  std::map<std::string, StepTime> plain_time;
+  for (const PlanRow& row : plain.rows) plain_time[row.plan.Name()] = row.time;
+  int timed = 0;
+  for (const PlanRow& row : checkpointed.rows) {
+    if (!row.skipped.empty()) continue;
+    ++timed;
+    const StepTime& before = plain_time.at(row.plan.Name());
+    EXPECT_EQ(before.recompute_s, 0) << row.plan.Name();
+    EXPECT_GT(row.time.recompute_s, 0) << row.plan.Name();
+    EXPECT_LT(row.time.recompute_s, row.time.forward_s) << row.plan.Name();
+    EXPECT_DOUBLE_EQ(row.time.forward_s, before.forward_s) << row.plan.Name();
+    EXPECT_NEAR(row.time.backward_s, before.backward_s + row.time.recompute_s, 1e-12) << row.plan.Name();
+  }
+  EXPECT_GT(timed, 1);
+}
+
 TEST(RecommendFp32Test, NothingFitsStillNamesTheSmallestGpuCount) {
   // llama-2-7b in fp32 with AdamW needs ~16 B per parameter: nothing fits on one 80 GB GPU; the chunk-based
   // engine (16-bit only) must be passed over, not end the search.

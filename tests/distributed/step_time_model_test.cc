@@ -294,5 +294,41 @@ TEST(StepTimeModelTest, FromAGraph) {
   EXPECT_NEAR(t.backward_s, 2 * matmul_s, 1e-12);  // dX and dW; the sum's gradient is a view
 }
 
+TEST(StepTimeModelTest, CheckpointingRecomputesTheLayersForwardInBackward) {
+  // x [2048, 1024] -> layer 0: linear(w1 [1024, 1024]) -> LM head: linear(w2 [4096, 1024]) -> sum, under bf16
+  // autocast on an a100-80. Full checkpointing recomputes layer 0 in backward, not the head.
+  testing::TestGraphBuilder b;
+  ValueId x = b.Input("x", {2048, 1024}, DType::kF32);
+  b.value(x).requires_grad = true;
+  ValueId w1 = b.Param("w1", {1024, 1024});
+  ValueId w2 = b.Param("w2", {4096, 1024});
+  b.SetLayer(0);
+  ValueId h = b.Op("aten::linear", {testing::T(x), testing::T(w1), testing::None()}, {2048, 1024});
+  b.SetHead();
+  ValueId y = b.Op("aten::linear", {testing::T(h), testing::T(w2), testing::None()}, {2048, 4096});
+  Graph g = b.Build(b.Op("aten::sum", {testing::T(y), testing::None()}, {}));
+  StepTimeInputs in = A100Inputs();
+  in.per_rank_cost = SumCosts(g, CostOptionsFor(in.precision));
+  sim::TrainingConfig config;
+  config.precision = in.precision;
+  config.target.gpu = in.gpu;
+  EXPECT_TRUE(RecomputedOps(g, config).empty());
+  const StepTime plain = EstimateStepTime(in);
+  config.checkpointing.mode = sim::CheckpointingMode::kFull;
+  in.recomputed_ops = RecomputedOps(g, config);
+  EXPECT_EQ(in.recomputed_ops, (std::vector<bool>{true, false, false}));
+  const StepTime checkpointed = EstimateStepTime(in);
+  // Layer 0's forward: 2 * 2048 * 1024 * 1024 FLOPs at 187.2 TFLOP/s, compute-bound.
+  const double layer_s = 2.0 * 2048 * 1024 * 1024 / kA100MatmulRate;
+  ASSERT_LT(in.per_rank_cost.ops[0].fwd_bytes / kA100ByteRate, layer_s);
+  EXPECT_NEAR(checkpointed.recompute_s, layer_s, 1e-12);
+  EXPECT_NEAR(checkpointed.backward_s, plain.backward_s + layer_s, 1e-12);
+  EXPECT_DOUBLE_EQ(checkpointed.forward_s, plain.forward_s);
+  EXPECT_NEAR(checkpointed.total_s, plain.total_s + layer_s, 1e-12);
+  EXPECT_TRUE(Mentions(checkpointed.assumptions, "activation checkpointing"));
+  EXPECT_FALSE(Mentions(plain.assumptions, "activation checkpointing"));
+  EXPECT_FALSE(Mentions(checkpointed.assumptions, "recomputation"));
+}
+
 }  // namespace
 }  // namespace llmem::dist

@@ -60,6 +60,18 @@ TEST(MemoryEstimateTest, PeakInBackwardNamesTheOp) {
   // SGD updates in place: the optimizer phase allocates nothing and holds what backward left, w + momentum +
   // inputs + d w = 1696.
   EXPECT_EQ(est.phase_peak_bytes[static_cast<size_t>(Phase::kOptimizer)], 1696);
+  // Each phase's breakdown is taken at its own peak: the backward's is the step peak's; the optimizer phase peaks
+  // as it begins (no op), with the gradient of w alive.
+  const size_t backward = static_cast<size_t>(Phase::kBackward), optimizer = static_cast<size_t>(Phase::kOptimizer);
+  EXPECT_EQ(est.phase_peak_op[backward], "aten::cross_entropy_loss (head)");
+  EXPECT_EQ(est.phase_at_peak[backward], est.at_peak);
+  EXPECT_EQ(est.phase_peak_op[optimizer], "");
+  std::array<int64_t, kNumCategories> at_optimizer{};
+  at_optimizer[static_cast<size_t>(MemoryCategory::kWeights)] = 512;
+  at_optimizer[static_cast<size_t>(MemoryCategory::kOptimizerState)] = 512;
+  at_optimizer[static_cast<size_t>(MemoryCategory::kInputs)] = 160;
+  at_optimizer[static_cast<size_t>(MemoryCategory::kGradients)] = 512;
+  EXPECT_EQ(est.phase_at_peak[optimizer], at_optimizer);
 }
 
 TEST(MemoryEstimateTest, CachingAllocatorTarget) {
