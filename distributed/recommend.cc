@@ -166,8 +166,10 @@ void SkipRefusedRows(const std::vector<std::string>& refused, std::vector<PlanRo
       rows[work[k]].skipped = refused[k];
       continue;
     }
-    work[kept] = work[k];
-    at[kept] = std::move(at[k]);
+    if (kept != k) {  // a self move-assignment would empty the estimate's vectors
+      work[kept] = work[k];
+      at[kept] = std::move(at[k]);
+    }
     ++kept;
   }
   work.resize(kept);

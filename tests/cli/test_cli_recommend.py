@@ -37,6 +37,24 @@ class RecommendTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertIn(proc.returncode, (0, 3), proc.stderr)
         return json.loads(proc.stdout)["fits"]
 
+    def test_a_skipped_layout_leaves_the_other_rows_as_they_are(self):
+        # Gemini cannot run gradient accumulation and is skipped with the reason; every other row must be the
+        # same whether or not a skipped one was in the sweep (memory and step time alike).
+        model = os.path.join(TINY, "llama-tiny.pt")
+
+        def rows(engines):
+            proc = run("recommend", model, "--gpus", "2", "--seq", "64", "--grad-accum", "2", "--engines", engines,
+                       "--json")
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            return {p["layout"]: p for p in json.loads(proc.stdout)["plans"]}
+
+        alone = rows("ddp,zero1")
+        with_skipped = rows("gemini,ddp,zero1")
+        self.assertIn("skipped", with_skipped["Gemini×2"])
+        for layout, row in alone.items():
+            for key in ("peak_allocated_bytes", "step_seconds", "time"):
+                self.assertEqual(row[key], with_skipped[layout][key], f"{layout} {key}")
+
     def test_max_batch_is_exact_and_independent_of_the_batch_asked(self):
         model = os.path.join(BUNDLED, "opt-1.3b.meta.pt")
         common = ["--gpu", "a100-80", "--seq", "2048"]
