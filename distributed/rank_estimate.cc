@@ -44,6 +44,10 @@ class CombinedHooks : public sim::StepHooks {
     const std::string dp = dp_.UnmodelledLoop(loop);
     return dp.empty() ? tp_.UnmodelledLoop(loop) : dp;
   }
+  std::string UnmodelledLoss(const sim::LossPlan& loss) const override {
+    const std::string dp = dp_.UnmodelledLoss(loss);
+    return dp.empty() ? tp_.UnmodelledLoss(loss) : dp;
+  }
   void OnNextMicroBatch(sim::StepMemory& mem) override { dp_.OnNextMicroBatch(mem); }
   bool RunsPostAccumulateGradHooks() const override { return dp_.RunsPostAccumulateGradHooks(); }
 

@@ -1424,14 +1424,9 @@ StepSimulation StepExecutor::Run() {
 
 StepSimulation ExecuteStepPlan(const Graph& graph, const StepPlan& plan, const TrainingConfig& config,
                                StepHooks* hooks) {
-  if (hooks && !plan.loss.chunk_lengths.empty()) {
-    throw ConfigError(std::string("--loss ") +
-                      (plan.loss.fused_linear ? "fused-linear"
-                                              : "chunked-" + std::to_string(plan.loss.chunk_lengths.size())) +
-                      " with a parallel engine is not modelled yet");
-  }
   if (hooks) {
     if (const std::string why = hooks->UnmodelledLoop(plan.loop); !why.empty()) throw ConfigError(why);
+    if (const std::string why = hooks->UnmodelledLoss(plan.loss); !why.empty()) throw ConfigError(why);
   }
   StepExecutor executor(graph, plan, config, hooks);
   return executor.Run();

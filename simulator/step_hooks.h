@@ -68,9 +68,16 @@ class StepHooks {
   // gradient after its reduce-scatter, not autograd on the unsharded one): an optimizer in backward then steps
   // through StepMemory::StepParam.
   virtual bool RunsPostAccumulateGradHooks() const { return false; }
+  // The loss (LossPlan). Why the engine cannot run the plan's replaced loss, in one line ("": it can). The chunked
+  // loss only reshapes the LM head's work: its weight's gradient is summed over the chunks by autograd before its
+  // AccumulateGrad runs, so an engine's gradient hooks see it once, as they see the unchunked one. The fused
+  // linear loss makes the LM head's gradients in forward; no engine models that.
+  virtual std::string UnmodelledLoss(const LossPlan& loss) const;
 };
 
 // "--grad-accum > 1" or "--optimizer-in-backward": the loop feature of `loop` an engine may refuse.
 std::string LoopFeature(const LoopPlan& loop);
+// "--loss chunked-N" or "--loss fused-linear": the loss of `loss` an engine may refuse ("" for the graph's own).
+std::string LossFeature(const LossPlan& loss);
 
 }  // namespace llmem::sim
