@@ -38,6 +38,8 @@ class CombinedHooks : public sim::StepHooks {
   int64_t InputGradBytes(const OpNode& n, size_t i, int64_t bytes) const override {
     return tp_.InputGradBytes(n, i, bytes);
   }
+  void OnModelForwardEnd(sim::StepMemory& mem) override { dp_.OnModelForwardEnd(mem); }
+  void OnModelOutputsGrad(sim::StepMemory& mem) override { dp_.OnModelOutputsGrad(mem); }
   void OnBackwardEnd(sim::StepMemory& mem) override { dp_.OnBackwardEnd(mem); }
   void OnOptimizerStepEnd(sim::StepMemory& mem) override { dp_.OnOptimizerStepEnd(mem); }
   std::string UnmodelledLoop(const sim::LoopPlan& loop) const override {

@@ -1090,8 +1090,9 @@ void StepExecutor::ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts) 
       Unref(weight_copy, head);
     }
   }
-  // The hidden state goes when chunked_output returns.
+  // The hidden state goes when chunked_output returns; the model's forward returns with it, before the loss.
   ReleaseHeldUntilLoss(head);
+  hooks_->OnModelForwardEnd(*this);
   current_node_ = loss_node;
   // Class-index targets are int64.
   const int64_t label_bytes = ElementSize(DType::kI64);
@@ -1179,6 +1180,7 @@ void StepExecutor::ChunkedLossBackward() {
   }
   Unref(d_sum, loss_node);
   current_node_ = head;
+  hooks_->OnModelOutputsGrad(*this);  // the logit chunks' gradients are ready before their projections' backward
   const DType compute = cast_hidden ? low : dtype(hidden);
   const MemoryCategory weight_grad_category =
       !cast_weight && Trainable(weight) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads;

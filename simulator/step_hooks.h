@@ -56,6 +56,11 @@ class StepHooks {
   // Temporaries the parallel implementation of an op allocates beyond the single-GPU rule, alive while the op
   // runs in `phase` (e.g. the shifted logits of a vocab-parallel log-softmax).
   virtual int64_t ExtraTransientBytes(const OpNode& node, Phase phase) const { return 0; }
+  // The model's forward has returned and the loss runs outside it (the chunked loop's cross-entropy): the
+  // engine's post-forward hooks of the outermost module run here, not after the loss.
+  virtual void OnModelForwardEnd(StepMemory& mem) {}
+  // Such a loss's backward has run: the gradients of the model's outputs are ready (hooks on them run here).
+  virtual void OnModelOutputsGrad(StepMemory& mem) {}
   virtual void OnBackwardEnd(StepMemory& mem) {}
   virtual void OnOptimizerStepEnd(StepMemory& mem) {}
 

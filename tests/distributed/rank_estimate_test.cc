@@ -305,6 +305,38 @@ TEST(EstimateRankTest, FsdpReducesTheChunkedLossHeadGradientOnce) {
   EXPECT_EQ(root_reductions, 1);
 }
 
+TEST(EstimateRankTest, FsdpRootReshardsBeforeAChunkedLossAndGathersAgainAfterItsBackward) {
+  // The chunked loss runs after the model returns: the root's post-forward (reshard_after_forward=True) frees its
+  // unsharded parameters before the labels are shifted, and its pre-backward (a hook on the logit chunks) gathers
+  // them again only once every chunk's cross-entropy backward has run.
+  const TpBlock t = MakeTpBlock();
+  const RankEstimate z3 = EstimateRank(t.graph, ChunkedLoss(3), Plan(2, 1, DataParallelEngine::kFsdp2Zero3));
+  const auto trace = TraceOf(z3.memory.simulation->timeline, [](sim::MemoryCategory) { return true; });
+  auto first = [&](const std::string& prefix) {
+    for (size_t i = 0; i < trace.size(); ++i) {
+      if (trace[i].starts_with(prefix)) return static_cast<int>(i);
+    }
+    return -1;
+  };
+  auto last = [&](const std::string& prefix) {
+    for (size_t i = trace.size(); i-- > 0;) {
+      if (trace[i].starts_with(prefix)) return static_cast<int>(i);
+    }
+    return -1;
+  };
+  const int labels = first("forward +shifted labels");
+  ASSERT_GE(labels, 0);
+  int gathered = 0;  // unsharded parameters live when the loss starts
+  for (int i = 0; i < labels; ++i) {
+    if (trace[i].starts_with("forward +unsharded param")) ++gathered;
+    if (trace[i].starts_with("forward -unsharded param")) --gathered;
+  }
+  EXPECT_EQ(gathered, 0);
+  const int root_gather = first("backward +FSDP2 all-gather output (root)");
+  EXPECT_GT(root_gather, last("backward +d log_softmax chunk"));
+  EXPECT_GT(root_gather, 0);
+}
+
 TEST(EstimateRankTest, ChunkedLossIsRefusedWhereTheLmHeadIsNotLocal) {
   const TpBlock t = MakeTpBlock();
   auto refusal = [&](const sim::TrainingConfig& c, const ParallelPlan& plan) -> std::string {
