@@ -168,12 +168,15 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         proc = self.validate(self.record(rank=0, **plain), self.record(rank=1, **plain))
         self.assertNotIn("does not apply", proc.stderr)
 
+    def estimate_of_recipe(self, recipe):
+        """validate's case for a 2-rank DDP run of the recipe, at 2 x 128."""
+        proc = self.validate(*(self.record(rank=r, recipe=recipe, batch=2, seq=128) for r in (0, 1)),
+                             args=("--json",))
+        self.assertIn(proc.returncode, (0, 4), proc.stderr)
+        return json.loads(proc.stdout)["cases"][0]
+
     def test_validate_applies_the_loop_of_the_run(self):
-        def estimate(recipe):
-            proc = self.validate(*(self.record(rank=r, recipe=recipe, batch=2, seq=128) for r in (0, 1)),
-                                 args=("--json",))
-            self.assertIn(proc.returncode, (0, 4), proc.stderr)
-            return json.loads(proc.stdout)["cases"][0]
+        estimate = self.estimate_of_recipe
         plain, accum = estimate({}), estimate({"grad-accum": 2})
         self.assertIn("grad-accum=2", accum["case"])
         # the later micro-batch runs with the earlier gradients alive (at 2 x 128 the peak is in backward)
@@ -184,11 +187,7 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
                                               for r in (0, 1))), "line 1", "--optimizer-in-backward", "DDP")
 
     def test_validate_applies_the_loss_and_checkpointing_of_the_run(self):
-        def estimate(recipe):
-            proc = self.validate(*(self.record(rank=r, recipe=recipe, batch=2, seq=128) for r in (0, 1)),
-                                 args=("--json",))
-            self.assertIn(proc.returncode, (0, 4), proc.stderr)
-            return json.loads(proc.stdout)["cases"][0]
+        estimate = self.estimate_of_recipe
         plain = estimate({})
         chunked = estimate({"loss": "chunked-4"})
         full = estimate({"checkpointing": "full", "checkpointing-impl": "non-reentrant"})
