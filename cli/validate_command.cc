@@ -37,6 +37,8 @@ struct RankRecord {
   int grad_accum = 1;                  // the run's loop (its "recipe")
   bool optimizer_in_backward = false;
   bool fsdp_reduce_every_micro_batch = false;
+  std::string loss = "standard";                      // the run's loss and checkpointing (recipe keys)
+  std::string checkpointing = "none", checkpointing_impl = "reentrant";
   std::string key;  // arch-size method dp×tp BxS precision optimizer [vocab-parallel] device: the run it belongs to
 };
 
@@ -117,10 +119,18 @@ void ParseLoopRecipe(const json& recipe, int line, RankRecord& r) {
       r.optimizer_in_backward = Get<bool>(recipe, "optimizer-in-backward", line);
     } else if (key == "fsdp-reduce-every-micro-batch") {
       r.fsdp_reduce_every_micro_batch = Get<bool>(recipe, "fsdp-reduce-every-micro-batch", line);
+    } else if (key == "loss") {
+      r.loss = Get<std::string>(recipe, "loss", line);
+      int chunks = 1;
+      if (!sim::ParseLoss(r.loss, chunks)) throw ConfigError(AtLine(line) + ": unknown loss '" + r.loss + "'");
+    } else if (key == "checkpointing") {
+      r.checkpointing = Get<std::string>(recipe, "checkpointing", line);
+    } else if (key == "checkpointing-impl") {
+      r.checkpointing_impl = Get<std::string>(recipe, "checkpointing-impl", line);
     } else {
       throw ConfigError(AtLine(line) + ": the run's recipe carries \"" + key + "\", which validate does not apply "
-                        "yet (it applies grad-accum, optimizer-in-backward and fsdp-reduce-every-micro-batch); compare it "
-                        "with `llmem estimate`");
+                        "yet (it applies grad-accum, optimizer-in-backward, fsdp-reduce-every-micro-batch, loss, "
+                        "checkpointing and checkpointing-impl); compare it with `llmem estimate`");
     }
   }
 }
@@ -176,7 +186,13 @@ RankRecord ParseRecord(const std::string& text, int line) {
                         "compare it with `llmem estimate` and the matching recipe options");
     }
   }
-  if (const auto it = j.find("recipe"); it != j.end() && it->is_object()) ParseLoopRecipe(*it, line, r);
+  if (const auto it = j.find("recipe"); it != j.end() && it->is_object()) {
+    ParseLoopRecipe(*it, line, r);
+    if (!sim::ParseCheckpointing(r.checkpointing, r.checkpointing_impl)) {
+      throw ConfigError(AtLine(line) + ": unknown checkpointing '" + r.checkpointing + "' / '" +
+                        r.checkpointing_impl + "'");
+    }
+  }
   r.vocab_parallel = GetOr<bool>(j, "tp_vocab_parallel", false, line);
   r.device = GetOr<std::string>(j, "device", "cpu", line);
   if (r.device != "cpu" && r.device != "cuda") {
@@ -205,7 +221,10 @@ RankRecord ParseRecord(const std::string& text, int line) {
                      (r.fsdp_reduce_dtype.empty() ? "default" : r.fsdp_reduce_dtype)) +
           (r.grad_accum > 1 ? " grad-accum=" + std::to_string(r.grad_accum) : "") +
           (r.optimizer_in_backward ? " optimizer-in-backward" : "") +
-          (r.fsdp_reduce_every_micro_batch ? " fsdp-reduce-every-micro-batch" : "") + " " + r.device;
+          (r.fsdp_reduce_every_micro_batch ? " fsdp-reduce-every-micro-batch" : "") +
+          (r.loss != "standard" ? " loss=" + r.loss : "") +
+          (r.checkpointing != "none" ? " checkpointing=" + r.checkpointing + "/" + r.checkpointing_impl : "") + " " +
+          r.device;
   return r;
 }
 
@@ -300,6 +319,8 @@ int RunValidate(const ValidateOptions& o) {
     config.grad_accum = r.grad_accum;
     config.optimizer_in_backward = r.optimizer_in_backward;
     config.fsdp_reduce_every_micro_batch = r.fsdp_reduce_every_micro_batch;
+    config.loss = *sim::ParseLoss(r.loss, config.loss_chunks);
+    config.checkpointing = *sim::ParseCheckpointing(r.checkpointing, r.checkpointing_impl);
     auto& model = models[r.export_path];
     auto& graph = graphs[{r.export_path, r.batch, r.seq}];
     try {

@@ -249,4 +249,11 @@ void GeminiHooks::OnOptimizerStepEnd(sim::StepMemory& mem) {
     mem.Free(mem.Alloc(ShardNumel(c) * 4, sim::MemoryCategory::kTransient, "fp32 gradient shard"));
 }
 
+std::string GeminiHooks::UnmodelledLoss(const sim::LossPlan& loss) const {
+  if (loss.chunk_lengths.empty()) return "";
+  // The chunked loop's autocast copy of the LM head weight is the one Gemini's 16-bit chunks make unnecessary.
+  return sim::LossFeature(loss) + " is not modelled with chunk-based ZeRO (Gemini): it computes with its 16-bit "
+         "weight chunks, which the chunked loop's weight copies do not account for";
+}
+
 }  // namespace llmem::dist

@@ -74,6 +74,7 @@ class GeminiHooks : public sim::StepHooks {
   void OnRegionEnd(sim::Phase phase, const Region& region, sim::StepMemory& mem) override;
   void OnOptimizerStepEnd(sim::StepMemory& mem) override;
   std::string UnmodelledLoop(const sim::LoopPlan& loop) const override;
+  std::string UnmodelledLoss(const sim::LossPlan& loss) const override;
 
  private:
   int RegionOrder(const Region& r) const;

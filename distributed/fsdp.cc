@@ -250,16 +250,20 @@ void Fsdp2Hooks::OnRegionStart(sim::Phase phase, const Region& region, sim::Step
     return;
   }
   if (phase != sim::Phase::kBackward) return;
-  if (!backward_started_) {
-    // The root's pre-backward (at the loss) prefetches the last layer.
-    backward_started_ = true;
-    CopyOut(0, false, mem);
-    if (groups_.size() > 1) AllGather(static_cast<int>(groups_.size()) - 1, mem);
-  }
+  if (!loss_outside_model_) RootPreBackward(mem);  // at the loss, which the model's forward computed
   if (group != 0) {
     CopyOut(group, false, mem);
     if (group > 1) AllGather(group - 1, mem);  // backward prefetch of the previous layer
   }
+}
+
+// The root's pre-backward prefetches the last layer. It is a hook on the model's outputs, so it runs when their
+// gradient is ready: at the loss when the model computes it, else once the loss's backward has run.
+void Fsdp2Hooks::RootPreBackward(sim::StepMemory& mem) {
+  if (backward_started_) return;
+  backward_started_ = true;
+  CopyOut(0, false, mem);
+  if (groups_.size() > 1) AllGather(static_cast<int>(groups_.size()) - 1, mem);
 }
 
 void Fsdp2Hooks::OnRegionEnd(sim::Phase phase, const Region& region, sim::StepMemory& mem) {
@@ -274,6 +278,20 @@ void Fsdp2Hooks::OnRegionEnd(sim::Phase phase, const Region& region, sim::StepMe
   }
   if (phase == sim::Phase::kBackward && group != 0) PostBackward(group, mem);
 }
+
+// The root's post-forward when the loss runs after the model returns: the last all-gather output goes, and an
+// explicit reshard_after_forward=True reshards the root as well (torch 2.11 _fsdp_state.py _lazy_init keeps the root
+// unsharded only when reshard_after_forward was left to its default); its pre-backward all-gathers it again.
+void Fsdp2Hooks::OnModelForwardEnd(sim::StepMemory& mem) {
+  loss_outside_model_ = true;
+  if (deferred_flat_ >= 0) {
+    mem.Free(deferred_flat_);
+    deferred_flat_ = -1;
+  }
+  if (reshard_after_forward_) Reshard(0, mem);
+}
+
+void Fsdp2Hooks::OnModelOutputsGrad(sim::StepMemory& mem) { RootPreBackward(mem); }
 
 void Fsdp2Hooks::OnBackwardEnd(sim::StepMemory& mem) {
   for (size_t g = groups_.size(); g-- > 1;) PostBackward(static_cast<int>(g), mem);  // groups backward skipped

@@ -75,6 +75,8 @@ class Fsdp2Hooks : public sim::StepHooks {
   int64_t OptimizedBytes(const Parameter& p, int64_t full_bytes) const override;
   void OnRegionStart(sim::Phase phase, const Region& region, sim::StepMemory& mem) override;
   void OnRegionEnd(sim::Phase phase, const Region& region, sim::StepMemory& mem) override;
+  void OnModelForwardEnd(sim::StepMemory& mem) override;
+  void OnModelOutputsGrad(sim::StepMemory& mem) override;
   void OnBackwardEnd(sim::StepMemory& mem) override;
   std::string UnmodelledLoop(const sim::LoopPlan& loop) const override;
   void OnNextMicroBatch(sim::StepMemory& mem) override;
@@ -84,6 +86,7 @@ class Fsdp2Hooks : public sim::StepHooks {
   int GroupOf(const Region& region) const;
   void AllGather(int group, sim::StepMemory& mem);                // the flat all-gather output
   void CopyOut(int group, bool keep_flat, sim::StepMemory& mem);  // per-parameter tensors; frees or defers the flat
+  void RootPreBackward(sim::StepMemory& mem);
   void Reshard(int group, sim::StepMemory& mem);
   void PostBackward(int group, sim::StepMemory& mem);
 
@@ -100,6 +103,7 @@ class Fsdp2Hooks : public sim::StepHooks {
   int64_t pending_reduce_input_ = -1;                 // reduce-scatter input kept until the next one
   bool forward_started_ = false;
   bool backward_started_ = false;
+  bool loss_outside_model_ = false;  // the loss runs after the model's forward returns (OnModelForwardEnd)
   FsdpLoop loop_;
   bool reducing_ = true;       // this backward reduce-scatters (gradient sync on)
   bool accumulating_ = false;  // the sharded gradients of an earlier micro-batch exist

@@ -38,11 +38,17 @@ class CombinedHooks : public sim::StepHooks {
   int64_t InputGradBytes(const OpNode& n, size_t i, int64_t bytes) const override {
     return tp_.InputGradBytes(n, i, bytes);
   }
+  void OnModelForwardEnd(sim::StepMemory& mem) override { dp_.OnModelForwardEnd(mem); }
+  void OnModelOutputsGrad(sim::StepMemory& mem) override { dp_.OnModelOutputsGrad(mem); }
   void OnBackwardEnd(sim::StepMemory& mem) override { dp_.OnBackwardEnd(mem); }
   void OnOptimizerStepEnd(sim::StepMemory& mem) override { dp_.OnOptimizerStepEnd(mem); }
   std::string UnmodelledLoop(const sim::LoopPlan& loop) const override {
     const std::string dp = dp_.UnmodelledLoop(loop);
     return dp.empty() ? tp_.UnmodelledLoop(loop) : dp;
+  }
+  std::string UnmodelledLoss(const sim::LossPlan& loss) const override {
+    const std::string dp = dp_.UnmodelledLoss(loss);
+    return dp.empty() ? tp_.UnmodelledLoss(loss) : dp;
   }
   void OnNextMicroBatch(sim::StepMemory& mem) override { dp_.OnNextMicroBatch(mem); }
   bool RunsPostAccumulateGradHooks() const override { return dp_.RunsPostAccumulateGradHooks(); }

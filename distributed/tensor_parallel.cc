@@ -408,4 +408,14 @@ bool TensorParallelHooks::InputGradReplacedByCollective(const OpNode& node, size
          rank_->input_grad_all_reduced[n][input];
 }
 
+std::string TensorParallelHooks::UnmodelledLoss(const sim::LossPlan& loss) const {
+  if (!rank_ || loss.chunk_lengths.empty()) return StepHooks::UnmodelledLoss(loss);
+  const OpNode& head = rank_->graph.nodes().at(static_cast<size_t>(loss.lm_head_node));
+  const bool vocab_split = rank_->split_dim.at(static_cast<size_t>(head.outputs.at(0).index)) >= 0;
+  return sim::LossFeature(loss) + " is not modelled with tensor parallelism: " +
+         (vocab_split ? "the LM head is vocab-split, so every chunk's logits and cross-entropy would be the "
+                        "vocab-parallel ones with their collectives"
+                      : "the chunked loop has not been compared with a tensor-parallel run");
+}
+
 }  // namespace llmem::dist

@@ -84,6 +84,7 @@ class TensorParallelHooks : public sim::StepHooks {
   // No data-parallel reduction: the local shards' gradients accumulate, or a per-parameter optimizer steps them,
   // exactly as a single GPU's do.
   std::string UnmodelledLoop(const sim::LoopPlan&) const override { return ""; }
+  std::string UnmodelledLoss(const sim::LossPlan& loss) const override;
 
  private:
   const TensorParallelRank* rank_;

@@ -158,7 +158,20 @@ def recipe_cases():
            case("llama", "zero1", 2, 2, 128, optimizer="adafactor"),
            case("llama", "ddp", 2, 2, 128, optimizer="sgd-nomomentum"),
            case("llama", "ddp", 2, 2, 128, optimizer="adamw8bit")]
-    return cs + loop_cases()
+    return cs + loop_cases() + local_forward_cases()
+
+
+def local_forward_cases():
+    """The chunked loss and activation checkpointing under DDP and FSDP2: the model's forward changes, the
+    engine's hooks run around it (FSDP2's run again for a checkpointed layer's recompute)."""
+    cs = []
+    for arch in ("llama", "gpt2"):
+        for precision in ("fp32", "bf16-autocast"):
+            for method in ("ddp", "fsdp2"):
+                for recipe in ("loss=chunked-4", "checkpointing=full"):
+                    cs.append(case(arch, method, 2, 2, 128, precision=precision, recipe=recipe))
+    cs.append(case("llama", "fsdp2", 2, 2, 128, recipe="checkpointing=full,checkpointing-impl=non-reentrant"))
+    return cs
 
 
 def loop_cases():

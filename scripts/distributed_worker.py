@@ -20,7 +20,9 @@ last step. Phases: forward (forward + loss, under autocast when asked), backward
 is released), optimizer (optimizer.step() + zero_grad(set_to_none=True)). --recipe changes
 the loop as scripts/training_recipe.py describes (checkpointing, gradient accumulation, chunked loss, kept outputs,
 optimizer in backward, gradient clipping; parallel methods take grad-accum (see grad_sync_context for each
-engine's loop), optimizer-in-backward under FSDP2 and TP, fsdp-reduce-every-micro-batch under FSDP2); the record
+engine's loop), optimizer-in-backward under FSDP2 and TP, fsdp-reduce-every-micro-batch under FSDP2, loss and
+checkpointing under ddp, zero1, zero2 and fsdp2 (the chunked loss then runs as the model's forward, inside the
+engine's hooks, as torchtune's chunked TransformerDecoder does); the record
 then carries "recipe".
 
 Each rank writes OUT_DIR/rank<R>.json (one JSON object); on an error it writes OUT_DIR/rank<R>.error (the last
@@ -94,8 +96,12 @@ def parse_args(argv=None):
 
 
 # The recipe keys a parallel engine's loop runs (the others are single-process only).
-PARALLEL_RECIPE_KEYS = ("grad-accum", "optimizer-in-backward", "fsdp-reduce-every-micro-batch")
+PARALLEL_RECIPE_KEYS = ("grad-accum", "optimizer-in-backward", "fsdp-reduce-every-micro-batch", "loss",
+                        "checkpointing", "checkpointing-impl")
 FSDP_METHODS = ("fsdp2", "zero2", "fsdp2_tp")
+# The recipe keys that change the model's own forward (the loss, checkpointing), run by the data-parallel engines
+LOCAL_FORWARD_KEYS = ("loss", "checkpointing", "checkpointing-impl")
+LOCAL_FORWARD_METHODS = ("ddp", "zero1", "zero2", "fsdp2")
 
 
 def check_parallel_recipe(recipe, method):
@@ -104,6 +110,10 @@ def check_parallel_recipe(recipe, method):
     if other:
         raise RuntimeError(f"--recipe with --method {method} takes only {', '.join(PARALLEL_RECIPE_KEYS)} "
                            f"(got {', '.join(other)})")
+    local = [k for k in recipe if k in LOCAL_FORWARD_KEYS]
+    if local and method not in LOCAL_FORWARD_METHODS:
+        raise RuntimeError(f"{', '.join(local)} with --method {method}: only {', '.join(LOCAL_FORWARD_METHODS)} "
+                           "run them")
     if recipe.get("fsdp-reduce-every-micro-batch") and method not in FSDP_METHODS:
         raise RuntimeError(f"fsdp-reduce-every-micro-batch applies to {', '.join(FSDP_METHODS)}, not {method}")
     if recipe.get("optimizer-in-backward") and method not in ("fsdp2", "zero2", "tp"):
@@ -111,6 +121,17 @@ def check_parallel_recipe(recipe, method):
         # unreduced gradient (and the reducer would then read a freed .grad)
         raise RuntimeError(f"optimizer-in-backward runs with FSDP2 (fsdp2, zero2) and tp only, not {method}: "
                            "the per-parameter step would run before the gradient is reduced")
+
+
+def chunked_output_forward(model, chunks):
+    """The model's forward as torchtune's TransformerDecoder runs it with output chunks (forward(input_ids) ->
+    the list of logit chunks), so that the engine's hooks (DDP's forward, FSDP2's pre-/post-forward) wrap the
+    chunked LM head as they wrap the model's own forward."""
+
+    def forward(input_ids):
+        return training_recipe.chunked_output(model, input_ids, chunks)
+
+    return forward
 
 
 @contextlib.contextmanager
@@ -601,11 +622,14 @@ def run(args, rank, world, local_rank, record):
             mesh = init_device_mesh(args.device, (dp,), mesh_dim_names=("dp",))
     import export_hf
 
+    chunks = int(opts["loss"].split("-")[1]) if opts["loss"].startswith("chunked-") else 0
+    if chunks and method != "single":
+        model.forward = chunked_output_forward(model, chunks)  # an instance attribute: nn.Module's hooks still run
     if method in ("ddp", "zero1"):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         kw = {"device_ids": [local_rank]} if args.device == "cuda" else {}
-        step_module = DDP(export_hf.LossWrapper(model), **kw)  # defaults: bucket_cap_mb None, no bucket views
+        step_module = DDP(model if chunks else export_hf.LossWrapper(model), **kw)  # defaults: bucket_cap_mb None, no bucket views
         dp_rank = rank
         ld = step_module._get_ddp_logging_data()
         record["ddp"] = {"bucket_sizes_at_construction": _sizes(ld.get("bucket_sizes")),
@@ -660,7 +684,6 @@ def run(args, rank, world, local_rank, record):
         loss_ctx = contextlib.nullcontext
     window_start = 1 if args.steps > 1 else 0
     accum = opts["grad-accum"]
-    chunks = int(opts["loss"].split("-")[1]) if opts["loss"].startswith("chunked-") else 0
     keep_outputs = opts["keep-outputs"]
     if chunks:  # torchtune makes its ignore column once, at setup
         ignore_column = torch.full((args.batch, 1), training_recipe.IGNORE_INDEX, dtype=torch.long, device=device)
@@ -711,7 +734,8 @@ def run(args, rank, world, local_rank, record):
                 """(loss, what the loop keeps bound: the outputs for keep-outputs, else nothing)."""
                 with loss_ctx(), autocast():
                     if chunks:
-                        logits = training_recipe.chunked_output(model, ids, chunks)
+                        logits = (training_recipe.chunked_output(model, ids, chunks) if method == "single"
+                                  else step_module(ids) if method in ("ddp", "zero1") else model(ids))
                         shifted = training_recipe.shifted_labels(labels, ignore_column)
                         return training_recipe.chunked_cross_entropy(logits, shifted), logits
                     if keep_outputs:

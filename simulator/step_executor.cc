@@ -1178,8 +1178,9 @@ void StepExecutor::ChunkedLossForward(std::map<int32_t, int64_t>& weight_casts) 
       Unref(weight_copy, head);
     }
   }
-  // The hidden state goes when chunked_output returns.
+  // The hidden state goes when chunked_output returns; the model's forward returns with it, before the loss.
   ReleaseHeldUntilLoss(head);
+  hooks_->OnModelForwardEnd(*this);
   current_node_ = loss_node;
   // Class-index targets are int64.
   const int64_t label_bytes = ElementSize(DType::kI64);
@@ -1267,6 +1268,7 @@ void StepExecutor::ChunkedLossBackward() {
   }
   Unref(d_sum, loss_node);
   current_node_ = head;
+  hooks_->OnModelOutputsGrad(*this);  // the logit chunks' gradients are ready before their projections' backward
   const DType compute = cast_hidden ? low : dtype(hidden);
   const MemoryCategory weight_grad_category =
       !cast_weight && Trainable(weight) ? MemoryCategory::kGradients : MemoryCategory::kActivationGrads;
@@ -1512,14 +1514,9 @@ StepSimulation StepExecutor::Run() {
 
 StepSimulation ExecuteStepPlan(const Graph& graph, const StepPlan& plan, const TrainingConfig& config,
                                StepHooks* hooks) {
-  if (hooks && !plan.loss.chunk_lengths.empty()) {
-    throw ConfigError(std::string("--loss ") +
-                      (plan.loss.fused_linear ? "fused-linear"
-                                              : "chunked-" + std::to_string(plan.loss.chunk_lengths.size())) +
-                      " with a parallel engine is not modelled yet");
-  }
   if (hooks) {
     if (const std::string why = hooks->UnmodelledLoop(plan.loop); !why.empty()) throw ConfigError(why);
+    if (const std::string why = hooks->UnmodelledLoss(plan.loss); !why.empty()) throw ConfigError(why);
   }
   StepExecutor executor(graph, plan, config, hooks);
   return executor.Run();

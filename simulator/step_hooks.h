@@ -56,6 +56,11 @@ class StepHooks {
   // Temporaries the parallel implementation of an op allocates beyond the single-GPU rule, alive while the op
   // runs in `phase` (e.g. the shifted logits of a vocab-parallel log-softmax).
   virtual int64_t ExtraTransientBytes(const OpNode& node, Phase phase) const { return 0; }
+  // The model's forward has returned and the loss runs outside it (the chunked loop's cross-entropy): the
+  // engine's post-forward hooks of the outermost module run here, not after the loss.
+  virtual void OnModelForwardEnd(StepMemory& mem) {}
+  // Such a loss's backward has run: the gradients of the model's outputs are ready (hooks on them run here).
+  virtual void OnModelOutputsGrad(StepMemory& mem) {}
   virtual void OnBackwardEnd(StepMemory& mem) {}
   virtual void OnOptimizerStepEnd(StepMemory& mem) {}
 
@@ -68,9 +73,16 @@ class StepHooks {
   // gradient after its reduce-scatter, not autograd on the unsharded one): an optimizer in backward then steps
   // through StepMemory::StepParam.
   virtual bool RunsPostAccumulateGradHooks() const { return false; }
+  // The loss (LossPlan). Why the engine cannot run the plan's replaced loss, in one line ("": it can). The chunked
+  // loss only reshapes the LM head's work: its weight's gradient is summed over the chunks by autograd before its
+  // AccumulateGrad runs, so an engine's gradient hooks see it once, as they see the unchunked one. The fused
+  // linear loss makes the LM head's gradients in forward; no engine models that.
+  virtual std::string UnmodelledLoss(const LossPlan& loss) const;
 };
 
 // "--grad-accum > 1" or "--optimizer-in-backward": the loop feature of `loop` an engine may refuse.
 std::string LoopFeature(const LoopPlan& loop);
+// "--loss chunked-N" or "--loss fused-linear": the loss of `loss` an engine may refuse ("" for the graph's own).
+std::string LossFeature(const LossPlan& loss);
 
 }  // namespace llmem::sim

@@ -162,18 +162,21 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
     def test_validate_refuses_runs_with_a_recipe_it_does_not_apply(self):
         r0, r1 = self.record(rank=0), self.record(rank=1)
         for field, value, needle in (("optimizer_impl_requested", "fused", "optimizer_impl_requested"),
-                                     ("recipe", {"checkpointing": "full"}, "checkpointing")):
+                                     ("recipe", {"grad-clip": 1.0}, "grad-clip")):
             self.assert_bad_input(self.validate(r0, self.record(rank=1, **{field: value})), "line 2", needle)
         plain = dict(fsdp_param_dtype=None, optimizer_impl_requested="", recipe={})
         proc = self.validate(self.record(rank=0, **plain), self.record(rank=1, **plain))
         self.assertNotIn("does not apply", proc.stderr)
 
+    def estimate_of_recipe(self, recipe):
+        """validate's case for a 2-rank DDP run of the recipe, at 2 x 128."""
+        proc = self.validate(*(self.record(rank=r, recipe=recipe, batch=2, seq=128) for r in (0, 1)),
+                             args=("--json",))
+        self.assertIn(proc.returncode, (0, 4), proc.stderr)
+        return json.loads(proc.stdout)["cases"][0]
+
     def test_validate_applies_the_loop_of_the_run(self):
-        def estimate(recipe):
-            proc = self.validate(*(self.record(rank=r, recipe=recipe, batch=2, seq=128) for r in (0, 1)),
-                                 args=("--json",))
-            self.assertIn(proc.returncode, (0, 4), proc.stderr)
-            return json.loads(proc.stdout)["cases"][0]
+        estimate = self.estimate_of_recipe
         plain, accum = estimate({}), estimate({"grad-accum": 2})
         self.assertIn("grad-accum=2", accum["case"])
         # the later micro-batch runs with the earlier gradients alive (at 2 x 128 the peak is in backward)
@@ -182,6 +185,20 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
                               "line 1", "grad-accum")
         self.assert_bad_input(self.validate(*(self.record(rank=r, recipe={"optimizer-in-backward": True})
                                               for r in (0, 1))), "line 1", "--optimizer-in-backward", "DDP")
+
+    def test_validate_applies_the_loss_and_checkpointing_of_the_run(self):
+        estimate = self.estimate_of_recipe
+        plain = estimate({})
+        chunked = estimate({"loss": "chunked-4"})
+        full = estimate({"checkpointing": "full", "checkpointing-impl": "non-reentrant"})
+        self.assertIn("loss=chunked-4", chunked["case"])
+        self.assertIn("checkpointing=full/non-reentrant", full["case"])
+        # checkpointing drops the layers' saved activations; the chunked loss the full fp32 copy of the logits
+        self.assertLess(full["estimated_bytes"], plain["estimated_bytes"])
+        self.assertNotEqual(chunked["estimated_bytes"], plain["estimated_bytes"])
+        for recipe, needle in (({"loss": "chunked-x"}, "chunked-x"), ({"checkpointing": "most"}, "most")):
+            self.assert_bad_input(self.validate(*(self.record(rank=r, recipe=recipe) for r in (0, 1))),
+                                  "line 1", needle)
 
     def test_validate_needs_every_rank_exactly_once(self):
         r0, r1 = self.record(rank=0), self.record(rank=1)

@@ -271,6 +271,92 @@ TEST(EstimateRankTest, OptimizerInBackwardIsRefusedWhereTheEngineReducesAfterThe
             sim::EstimateMemory(TwoLayerLm(), c).peak_allocated_bytes);
 }
 
+sim::TrainingConfig ChunkedLoss(int chunks) {
+  sim::TrainingConfig c = CpuConfig();
+  c.loss = sim::LossVariant::kChunked;
+  c.loss_chunks = chunks;
+  return c;
+}
+
+TEST(EstimateRankTest, DdpRunsTheChunkedLossAsOneGpuDoesBesideItsBuckets) {
+  // TpBlock (3 positions) with 3 loss chunks: DDP adds its one bucket of all gradients (3808 B) to every phase.
+  const TpBlock t = MakeTpBlock();
+  const sim::TrainingConfig c = ChunkedLoss(3);
+  const sim::MemoryEstimate single = sim::EstimateMemory(t.graph, c);
+  const RankEstimate ddp = EstimateRank(t.graph, c, Plan(2, 1));
+  for (size_t phase : {kForward, kBackward, kOptimizer}) {
+    EXPECT_EQ(ddp.memory.phase_peak_bytes[phase], single.phase_peak_bytes[phase] + 3808) << phase;
+  }
+  EXPECT_EQ(EstimateRank(t.graph, c, Plan(2, 1, DataParallelEngine::kZero1)).memory.gradients_bytes,
+            single.gradients_bytes);
+}
+
+TEST(EstimateRankTest, FsdpReducesTheChunkedLossHeadGradientOnce) {
+  // The chunks' LM head weight gradients are summed before the root group's post-backward: one reduce-scatter
+  // input of the root, and the optimizer steps the same sharded gradients as after the graph's own loss.
+  const TpBlock t = MakeTpBlock();
+  const RankEstimate chunked = EstimateRank(t.graph, ChunkedLoss(3), Plan(2, 1, DataParallelEngine::kFsdp2Zero3));
+  const RankEstimate standard = EstimateRank(t.graph, CpuConfig(), Plan(2, 1, DataParallelEngine::kFsdp2Zero3));
+  EXPECT_EQ(chunked.memory.phase_peak_bytes[kOptimizer], standard.memory.phase_peak_bytes[kOptimizer]);
+  const auto trace = TraceOf(chunked.memory.simulation->timeline,
+                             [](sim::MemoryCategory c) { return c == sim::MemoryCategory::kCommBuffers; });
+  int root_reductions = 0;
+  for (const auto& line : trace) root_reductions += line.starts_with("backward +FSDP2 reduce-scatter input (root)");
+  EXPECT_EQ(root_reductions, 1);
+}
+
+TEST(EstimateRankTest, FsdpRootReshardsBeforeAChunkedLossAndGathersAgainAfterItsBackward) {
+  // The chunked loss runs after the model returns: the root's post-forward (reshard_after_forward=True) frees its
+  // unsharded parameters before the labels are shifted, and its pre-backward (a hook on the logit chunks) gathers
+  // them again only once every chunk's cross-entropy backward has run.
+  const TpBlock t = MakeTpBlock();
+  const RankEstimate z3 = EstimateRank(t.graph, ChunkedLoss(3), Plan(2, 1, DataParallelEngine::kFsdp2Zero3));
+  const auto trace = TraceOf(z3.memory.simulation->timeline, [](sim::MemoryCategory) { return true; });
+  auto first = [&](const std::string& prefix) {
+    for (size_t i = 0; i < trace.size(); ++i) {
+      if (trace[i].starts_with(prefix)) return static_cast<int>(i);
+    }
+    return -1;
+  };
+  auto last = [&](const std::string& prefix) {
+    for (size_t i = trace.size(); i-- > 0;) {
+      if (trace[i].starts_with(prefix)) return static_cast<int>(i);
+    }
+    return -1;
+  };
+  const int labels = first("forward +shifted labels");
+  ASSERT_GE(labels, 0);
+  int gathered = 0;  // unsharded parameters live when the loss starts
+  for (int i = 0; i < labels; ++i) {
+    if (trace[i].starts_with("forward +unsharded param")) ++gathered;
+    if (trace[i].starts_with("forward -unsharded param")) --gathered;
+  }
+  EXPECT_EQ(gathered, 0);
+  const int root_gather = first("backward +FSDP2 all-gather output (root)");
+  EXPECT_GT(root_gather, last("backward +d log_softmax chunk"));
+  EXPECT_GT(root_gather, 0);
+}
+
+TEST(EstimateRankTest, ChunkedLossIsRefusedWhereTheLmHeadIsNotLocal) {
+  const TpBlock t = MakeTpBlock();
+  auto refusal = [&](const sim::TrainingConfig& c, const ParallelPlan& plan) -> std::string {
+    try {
+      EstimateRank(t.graph, c, plan);
+    } catch (const ConfigError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  const std::string tp = refusal(ChunkedLoss(3), Plan(1, 2));
+  EXPECT_NE(tp.find("--loss chunked-3 is not modelled with tensor parallelism"), std::string::npos) << tp;
+  EXPECT_NE(tp.find("vocab-split"), std::string::npos) << tp;
+  sim::TrainingConfig fused = sim::testing::GpuConfig("a100-80");  // Liger's kernels run on GPUs only
+  fused.loss = sim::LossVariant::kFusedLinear;
+  const std::string ddp = refusal(fused, Plan(2, 1));
+  EXPECT_NE(ddp.find("--loss fused-linear is not modelled with a parallel engine"), std::string::npos) << ddp;
+  for (const std::string& why : {tp, ddp}) EXPECT_EQ(why.find('\n'), std::string::npos) << why;
+}
+
 TEST(EstimateRankTest, ZeroOneKeepsStatesOfTheOwnedParametersOnly) {
   // Partition over 2 ranks (numel): wte 36 -> r0, wh 36 -> r1, w0 20 -> r0, w1 20 -> r1; both ranks hold
   // 224 B, so the reported rank is rank 0: states of wte and w0 only, 2 * (144 + 80) = 448 B (DDP: 896).

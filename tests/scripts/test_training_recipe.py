@@ -41,7 +41,13 @@ class ParallelRecipeTest(unittest.TestCase):
             distributed_worker.check_parallel_recipe(parse_recipe("grad-accum=2"), method)
         for method in ("fsdp2", "zero2", "tp"):
             distributed_worker.check_parallel_recipe(parse_recipe("optimizer-in-backward=1"), method)
-        self.assert_refused("checkpointing=full", "ddp", "checkpointing")
+        # the loss and checkpointing change the model's forward, which the data-parallel engines wrap
+        for method in ("ddp", "zero1", "fsdp2", "zero2"):
+            distributed_worker.check_parallel_recipe(
+                parse_recipe("loss=chunked-4,checkpointing=full,checkpointing-impl=non-reentrant"), method)
+        self.assert_refused("loss=chunked-4", "tp", "loss", "tp")
+        self.assert_refused("checkpointing=full", "fsdp2_tp", "checkpointing")
+        self.assert_refused("keep-outputs=1", "ddp", "keep-outputs")
         # DDP's reducer runs after the post-accumulate-grad hooks: the step would see an unreduced gradient
         self.assert_refused("optimizer-in-backward=1", "ddp", "before the gradient is reduced")
         self.assert_refused("optimizer-in-backward=1", "zero1", "zero1")
