@@ -19,6 +19,7 @@ Errors are signed: (estimate - measured) / measured. A negative error is an unde
   scripts/accuracy.py ... --meta-files models/llama-2-7b.meta.pt,models/opt-1.3b.meta.pt  # the meta oracle
   scripts/accuracy.py ... --distributed full   # also real torchrun runs (DDP, ZeRO-1/2/3, TP, FSDP2+TP), per rank
   scripts/accuracy.py ... --distributed recipes   # FSDP2 MixedPrecisionPolicy (FSDP2+TP too), optimizer kinds
+  scripts/accuracy.py ... --distributed all   # both sets once (what docs/ACCURACY.md is generated with)
   scripts/accuracy.py ... --archs "" --recipes [--quick]   # the training-recipe cases (RECIPE_CASES) only
 
 --recipes adds RECIPE_CASES: each training-recipe feature (activation checkpointing full / non-reentrant / every-K /
@@ -111,7 +112,7 @@ def main():
                     help="also compare `llmem estimate --lifetimes torchscript` with `llmem measure` (step peak)")
     ap.add_argument("--meta-files", default="", help="weight-free exports to compare with the meta oracle")
     ap.add_argument("--meta-points", default=",".join(f"{b}x{s}" for b, s in META_POINTS))
-    ap.add_argument("--distributed", choices=["quick", "full", "recipes"],
+    ap.add_argument("--distributed", choices=["quick", "full", "recipes", "all"],
                     help="also run scripts/distributed_runs.py with these cases and compare per rank (llmem validate)")
     ap.add_argument("--recipes", action="store_true",
                     help="also the training-recipe cases (RECIPE_CASES; with --quick RECIPE_QUICK_CASES)")

@@ -198,7 +198,17 @@ def loop_cases():
     return cs
 
 
-CASES = {"quick": quick_cases, "full": full_cases, "recipes": recipe_cases}
+def all_cases():
+    """Every case once: the full matrix and the recipe cases (they share the loop cases)."""
+    seen, cs = set(), []
+    for c in full_cases() + recipe_cases():
+        if c["name"] not in seen:
+            seen.add(c["name"])
+            cs.append(c)
+    return cs
+
+
+CASES = {"quick": quick_cases, "full": full_cases, "recipes": recipe_cases, "all": all_cases}
 
 
 def rel(path):
