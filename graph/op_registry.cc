@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <unordered_map>
 
 namespace llmem {
 namespace {
@@ -213,8 +214,14 @@ constexpr std::array kOps = std::to_array<OpInfo>({
 }  // namespace
 
 const OpInfo* FindOp(std::string_view kind) {
-  const auto it = std::find_if(kOps.begin(), kOps.end(), [&](const OpInfo& op) { return op.kind == kind; });
-  return it == kOps.end() ? nullptr : &*it;
+  // Looked up for every op of every simulated step: a hash table, built once, instead of a scan of the table.
+  static const std::unordered_map<std::string_view, const OpInfo*> by_kind = [] {
+    std::unordered_map<std::string_view, const OpInfo*> m;
+    for (const OpInfo& op : kOps) m.emplace(op.kind, &op);  // the first entry of a kind wins, as a scan would
+    return m;
+  }();
+  const auto it = by_kind.find(kind);
+  return it == by_kind.end() ? nullptr : it->second;
 }
 
 std::span<const OpInfo> AllOps() { return kOps; }
