@@ -22,9 +22,9 @@ CudaCachingAllocatorModel::CudaCachingAllocatorModel(CachingAllocatorConfig conf
 
 bool CudaCachingAllocatorModel::Alloc(int64_t id, int64_t bytes) {
   LLMEM_CHECK(bytes >= 0) << "block " << id << " requests " << bytes << " B";
-  LLMEM_CHECK(!live_.contains(id)) << "block " << id << " is already live";
+  LLMEM_CHECK(!live_.Contains(id)) << "block " << id << " is already live";
   if (bytes == 0) {
-    live_.emplace(id, kNoBlock);
+    live_.Insert(id, kNoBlock);
     return true;
   }
   // Step 1: round and pick the pool.
@@ -57,17 +57,17 @@ bool CudaCachingAllocatorModel::Alloc(int64_t id, int64_t bytes) {
   block.allocated = true;
   block.id = id;
   block.requested_bytes = bytes;
-  live_.emplace(id, index);
+  live_.Insert(id, index);
   Increase(stats_.allocated_bytes, stats_.peak_allocated_bytes, block.size_bytes);
   Increase(stats_.requested_bytes, stats_.peak_requested_bytes, bytes);
   return true;
 }
 
 void CudaCachingAllocatorModel::Free(int64_t id) {
-  auto it = live_.find(id);
-  LLMEM_CHECK(it != live_.end()) << "free of block " << id << ", which is not live";
-  int32_t index = it->second;
-  live_.erase(it);
+  const int32_t* live = live_.Find(id);
+  LLMEM_CHECK(live != nullptr) << "free of block " << id << ", which is not live";
+  int32_t index = *live;
+  live_.Erase(id);
   if (index == kNoBlock) return;  // zero-byte request
 
   Block& block = blocks_[index];

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "simulator/allocator_model.h"
+#include "simulator/live_id_table.h"
 
 namespace llmem::sim {
 
@@ -123,7 +124,7 @@ class CudaCachingAllocatorModel final : public AllocatorModel {
   std::vector<int32_t> unused_block_slots_;  // indices in blocks_ free for reuse (LIFO)
   FreePool small_free_;
   FreePool large_free_;
-  std::map<int64_t, int32_t> live_;       // live id -> block index (kNoBlock for zero-byte requests)
+  LiveIdTable<int32_t> live_;             // live id -> block index (kNoBlock for zero-byte requests)
   std::map<int64_t, Segment> segments_;   // base address -> segment
   int64_t next_segment_address_ = 0;      // base address of the next segment
   int64_t next_segment_id_ = 0;

@@ -13,13 +13,13 @@ SizeOnlyAllocatorModel::SizeOnlyAllocatorModel(int64_t capacity_bytes) : capacit
 
 bool SizeOnlyAllocatorModel::Alloc(int64_t id, int64_t bytes) {
   LLMEM_CHECK(bytes >= 0) << "block " << id << " requests " << bytes << " B";
-  LLMEM_CHECK(!live_.contains(id)) << "block " << id << " is already live";
+  LLMEM_CHECK(!live_.Contains(id)) << "block " << id << " is already live";
   const int64_t occupied_bytes = bytes == 0 ? 0 : OccupiedBytes(bytes);
   if (occupied_bytes > capacity_bytes_ - stats_.allocated_bytes) {
     ++stats_.num_ooms;
     return false;
   }
-  live_.emplace(id, Live{.occupied_bytes = occupied_bytes, .requested_bytes = bytes});
+  live_.Insert(id, Live{.occupied_bytes = occupied_bytes, .requested_bytes = bytes});
   stats_.allocated_bytes += occupied_bytes;
   stats_.reserved_bytes += occupied_bytes;
   stats_.requested_bytes += bytes;
@@ -30,12 +30,12 @@ bool SizeOnlyAllocatorModel::Alloc(int64_t id, int64_t bytes) {
 }
 
 void SizeOnlyAllocatorModel::Free(int64_t id) {
-  auto it = live_.find(id);
-  LLMEM_CHECK(it != live_.end()) << "free of block " << id << ", which is not live";
-  stats_.allocated_bytes -= it->second.occupied_bytes;
-  stats_.reserved_bytes -= it->second.occupied_bytes;
-  stats_.requested_bytes -= it->second.requested_bytes;
-  live_.erase(it);
+  const Live* live = live_.Find(id);
+  LLMEM_CHECK(live != nullptr) << "free of block " << id << ", which is not live";
+  stats_.allocated_bytes -= live->occupied_bytes;
+  stats_.reserved_bytes -= live->occupied_bytes;
+  stats_.requested_bytes -= live->requested_bytes;
+  live_.Erase(id);
 }
 
 void SizeOnlyAllocatorModel::ResetPeaks() {

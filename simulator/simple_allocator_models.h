@@ -12,10 +12,10 @@
 #pragma once
 
 #include <cstdint>
-#include <map>
 #include <string_view>
 
 #include "simulator/allocator_model.h"
+#include "simulator/live_id_table.h"
 
 namespace llmem::sim {
 
@@ -39,7 +39,7 @@ class SizeOnlyAllocatorModel : public AllocatorModel {
     int64_t requested_bytes = 0;  // the original request
   };
   int64_t capacity_bytes_;
-  std::map<int64_t, Live> live_;  // live id -> its bytes
+  LiveIdTable<Live> live_;  // live id -> its bytes
   AllocatorStats stats_;
 };
 
