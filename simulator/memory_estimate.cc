@@ -169,8 +169,15 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
       << est.peak_allocated_bytes;
   // The GPU-limited run differs from the unlimited one only when the demand exceeds the device: below it no
   // allocation fails and nothing is released, so it is replayed only then.
-  if (limited && CheckedAdd(stats.peak_reserved_bytes, est.fixed_overhead_bytes, "the nvidia-smi figure") >
-                     est.capacity_bytes) {
+  // Every block the GPU-limited run holds is at least its 512 B-rounded request, so a step whose unfragmented
+  // peak alone passes the device's free bytes runs out of memory there: that is known without replaying it.
+  const bool unfragmented_exceeds =
+      limited && lower_bound.Stats().peak_allocated_bytes >
+                     static_cast<const CudaCachingAllocatorModel&>(*limited).config().capacity_bytes;
+  if (unfragmented_exceeds) {
+    limited_oom = true;
+  } else if (limited && CheckedAdd(stats.peak_reserved_bytes, est.fixed_overhead_bytes, "the nvidia-smi figure") >
+                            est.capacity_bytes) {
     std::vector<bool> limited_live(tl.block_labels.size(), false);
     for (const MemoryEvent& e : tl.events) {
       if (e.bytes == 0) continue;

@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include "simulator/caching_allocator_model.h"
+
 #include "tests/simulator/tiny_graphs.h"
 
 namespace llmem::sim {
@@ -123,6 +125,43 @@ TEST(MemoryEstimateTest, DoesNotFitWhenCapacityIsExceeded) {
   EXPECT_EQ(big.weights_bytes, 4 * kGiB);
   EXPECT_EQ(big.optimizer_state_bytes, 8 * kGiB);
   EXPECT_EQ(big.gradients_bytes, 4 * kGiB);
+}
+
+// Whether a step fits is decided without replaying the GPU-limited allocator when the unfragmented peak alone
+// passes the device; the answer must be the one a full replay on the limited caching allocator gives, on either
+// side of the smallest device that fits.
+TEST(MemoryEstimateTest, FitsAgreesWithAFullReplayOnTheLimitedAllocator) {
+  Graph g = HugeLinear();
+  const MemoryEstimate unlimited = EstimateMemory(g, GpuConfig("a100-80"));
+  const int64_t context = unlimited.fixed_overhead_bytes;
+  const auto& events = unlimited.simulation->timeline.events;
+  auto replay_fits = [&](int64_t free_bytes) {
+    CudaCachingAllocatorModel limited(CachingAllocatorConfig{.capacity_bytes = free_bytes});
+    for (const MemoryEvent& e : events) {
+      if (e.bytes == 0) continue;
+      if (e.is_alloc && !limited.Alloc(e.block, e.bytes)) return false;
+      if (!e.is_alloc) limited.Free(e.block);
+    }
+    return limited.Stats().peak_reserved_bytes <= free_bytes;
+  };
+  auto estimate_fits = [&](int64_t free_bytes) {
+    TrainingConfig c = GpuConfig("a100-80");
+    c.target.gpu.capacity_bytes = free_bytes + context;
+    return EstimateMemory(g, c).fits;
+  };
+  // The smallest free memory (in 512 B steps) on which the replay fits.
+  int64_t lo = unlimited.lower_bound_bytes - 512, hi = unlimited.peak_reserved_bytes;
+  ASSERT_FALSE(replay_fits(lo));
+  ASSERT_TRUE(replay_fits(hi));
+  while (hi - lo > 512) {
+    const int64_t mid = lo + (hi - lo) / 1024 * 512;
+    (replay_fits(mid) ? hi : lo) = mid;
+  }
+  for (int64_t free_bytes : {unlimited.lower_bound_bytes - kMiB, lo, hi, hi + 512, unlimited.peak_reserved_bytes}) {
+    EXPECT_EQ(estimate_fits(free_bytes), replay_fits(free_bytes)) << "free bytes " << free_bytes;
+  }
+  EXPECT_FALSE(estimate_fits(lo));
+  EXPECT_TRUE(estimate_fits(hi));
 }
 
 TEST(MemoryEstimateTest, NvidiaSmiIsReservedPlusContextOnEveryGpu) {
