@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string_view>
+#include <unordered_map>
 
 #include "graph/op_registry.h"
 
@@ -22,18 +23,40 @@ std::vector<std::string_view> PathComponents(std::string_view scope) {
   return parts;
 }
 
-size_t CommonDepth(const std::vector<std::string_view>& a, const std::vector<std::string_view>& b) {
-  size_t d = 0;
-  while (d < a.size() && d < b.size() && a[d] == b[d]) ++d;
-  return d;
-}
+// The module paths of a graph's ops, each distinct path split once: a 70B graph has tens of thousands of ops
+// but only a few hundred module paths.
+class ModulePaths {
+ public:
+  explicit ModulePaths(const std::vector<OpNode>& nodes) : path_of_(nodes.size()) {
+    std::unordered_map<std::string_view, int32_t> ids;
+    for (size_t i = 0; i < nodes.size(); ++i) {
+      const auto [it, added] = ids.try_emplace(nodes[i].scope, static_cast<int32_t>(paths_.size()));
+      if (added) paths_.push_back(PathComponents(nodes[i].scope));
+      path_of_[i] = it->second;
+    }
+  }
+  // Components of op i's path.
+  size_t Depth(size_t op) const { return paths_[static_cast<size_t>(path_of_[op])].size(); }
+  // Components that the paths of ops i and j share from the outermost module in.
+  size_t CommonDepth(size_t i, size_t j) const {
+    if (path_of_[i] == path_of_[j]) return Depth(i);
+    const auto& a = paths_[static_cast<size_t>(path_of_[i])];
+    const auto& b = paths_[static_cast<size_t>(path_of_[j])];
+    size_t d = 0;
+    while (d < a.size() && d < b.size() && a[d] == b[d]) ++d;
+    return d;
+  }
+
+ private:
+  std::vector<int32_t> path_of_;                       // per op: index into paths_
+  std::vector<std::vector<std::string_view>> paths_;  // per distinct path: its components
+};
 
 // `x = x.to(dtype)` in the holder's own forward: the frame rebinds its local to the cast, which drops the value
 // (gpt_neo's `lm_logits = lm_logits.to(torch.float32)`). A cast in a helper of another file rebinds the helper's
 // local only (HF's loss function: `logits = logits.float()`), so the caller still holds the value.
-bool RebindsToACast(const OpNode& last_use, size_t holder_depth) {
-  const bool direct = PathComponents(last_use.scope).size() == holder_depth;
-  return direct && last_use.in_module_code && OpHas(last_use.kind, kCastOp);
+bool RebindsToACast(const OpNode& last_use, size_t last_use_depth, size_t holder_depth) {
+  return last_use_depth == holder_depth && last_use.in_module_code && OpHas(last_use.kind, kCastOp);
 }
 
 }  // namespace
@@ -50,27 +73,31 @@ std::vector<int32_t> ForwardReleasePoints(const Graph& graph, Lifetimes lifetime
     }
   }
   if (lifetimes == Lifetimes::kEager && n > 0) {
-    // Step 2: module calls. call_end[i][d]: the last op of the call, containing op i, of the module named by the
-    // first d components of op i's path (d = 0: the outermost module, the whole forward).
-    std::vector<std::vector<std::string_view>> paths(nodes.size());
-    for (size_t i = 0; i < nodes.size(); ++i) paths[i] = PathComponents(nodes[i].scope);
-    std::vector<std::vector<int32_t>> call_end(nodes.size());
+    // Step 2: module calls. CallEnd(i, d): the last op of the call, containing op i, of the module named by the
+    // first d components of op i's path (d = 0: the outermost module, the whole forward). Stored flat: op i's
+    // entries start at first_end[i].
+    const ModulePaths paths(nodes);
+    std::vector<size_t> first_end(nodes.size() + 1, 0);
+    for (size_t i = 0; i < nodes.size(); ++i) first_end[i + 1] = first_end[i] + paths.Depth(i) + 1;
+    std::vector<int32_t> call_end(first_end.back());
+    auto end_of_call = [&](size_t op, size_t depth) -> int32_t& { return call_end[first_end[op] + depth]; };
     for (int32_t i = n - 1; i >= 0; --i) {
       const size_t ui = static_cast<size_t>(i);
-      call_end[ui].assign(paths[ui].size() + 1, i);
+      std::fill(call_end.begin() + static_cast<std::ptrdiff_t>(first_end[ui]),
+                call_end.begin() + static_cast<std::ptrdiff_t>(first_end[ui + 1]), i);
       if (i + 1 == n) continue;
-      const size_t shared = CommonDepth(paths[ui], paths[ui + 1]);
-      for (size_t d = 0; d <= shared; ++d) call_end[ui][d] = call_end[ui + 1][d];
+      const size_t shared = paths.CommonDepth(ui, ui + 1);
+      for (size_t d = 0; d <= shared; ++d) end_of_call(ui, d) = end_of_call(ui + 1, d);
     }
     // Step 3: values handed between module calls live in the frames that hold them (Note [Eager lifetimes]).
     std::vector<size_t> holder(graph.values().size(), SIZE_MAX);  // depth of the innermost enclosing module
     for (const auto& node : nodes) {
-      const auto& at = paths[static_cast<size_t>(node.id.index)];
+      const size_t at = static_cast<size_t>(node.id.index);
       for (ValueId in : graph.tensor_inputs(node.id)) {
         const auto& v = graph.value(in);
         if (!v.producer.valid()) continue;
         size_t& depth = holder[static_cast<size_t>(in.index)];
-        depth = std::min(depth, CommonDepth(paths[static_cast<size_t>(v.producer.index)], at));
+        depth = std::min(depth, paths.CommonDepth(static_cast<size_t>(v.producer.index), at));
       }
     }
     for (const auto& v : graph.values()) {
@@ -78,11 +105,12 @@ std::vector<int32_t> ForwardReleasePoints(const Graph& graph, Lifetimes lifetime
       if (!v.producer.valid() || holder[i] == SIZE_MAX) continue;
       const size_t depth = holder[i];
       const size_t last = static_cast<size_t>(release[i]);
-      if (depth < paths[static_cast<size_t>(v.producer.index)].size() && !RebindsToACast(nodes[last], depth)) {
-        release[i] = std::max(release[i], call_end[last][depth]);  // returned: bound until the holder returns
+      if (depth < paths.Depth(static_cast<size_t>(v.producer.index)) &&
+          !RebindsToACast(nodes[last], paths.Depth(last), depth)) {
+        release[i] = std::max(release[i], end_of_call(last, depth));  // returned: bound until the holder returns
       }
-      if (depth < paths[last].size()) {
-        release[i] = std::max(release[i], call_end[last][depth + 1]);  // an argument of the last call using it
+      if (depth < paths.Depth(last)) {
+        release[i] = std::max(release[i], end_of_call(last, depth + 1));  // an argument of the last call using it
       }
     }
   }
