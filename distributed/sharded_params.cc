@@ -1,25 +1,29 @@
 #include "distributed/sharded_params.h"
 
 #include <algorithm>
-#include <map>
-#include <set>
+#include <climits>
+#include <vector>
 
 #include "graph/dtype.h"
 
 namespace llmem::dist {
 
 std::vector<ManagedParam> ManagedParams(const Graph& graph, sim::Precision precision) {
-  // First forward use of each storage root.
-  std::map<int32_t, int32_t> first_use;
+  // First forward use of each storage root (INT32_MAX: none), indexed by value.
+  std::vector<int32_t> first_use(graph.values().size(), INT32_MAX);
   for (const auto& node : graph.nodes()) {
-    for (ValueId in : graph.tensor_inputs(node.id)) first_use.emplace(graph.StorageRoot(in).index, node.id.index);
+    for (ValueId in : graph.tensor_inputs(node.id)) {
+      int32_t& first = first_use[static_cast<size_t>(graph.StorageRoot(in).index)];
+      first = std::min(first, node.id.index);
+    }
   }
   std::vector<std::pair<int32_t, ManagedParam>> ordered;
-  std::set<int32_t> seen;
+  std::vector<bool> seen(graph.values().size(), false);
   for (size_t i = 0; i < graph.params().size(); ++i) {
     const Parameter& p = graph.params()[i];
-    const int32_t root = graph.StorageRoot(p.value).index;
-    if (!p.trainable || !p.used_in_forward || !seen.insert(root).second) continue;
+    const auto root = static_cast<size_t>(graph.StorageRoot(p.value).index);
+    if (!p.trainable || !p.used_in_forward || seen[root]) continue;
+    seen[root] = true;
     ManagedParam m;
     m.index = static_cast<int32_t>(i);
     m.value = p.value.index;
@@ -29,8 +33,7 @@ std::vector<ManagedParam> ManagedParams(const Graph& graph, sim::Precision preci
     // and FSDP2's MixedPrecisionPolicy keeps fp32 shards even when the export was traced with 16-bit weights).
     m.element_size = IsFloating(p.dtype) ? (precision == sim::Precision::kBf16 ? 2 : 4) : ElementSize(p.dtype);
     m.region = p.region;
-    auto it = first_use.find(root);
-    ordered.emplace_back(it == first_use.end() ? INT32_MAX : it->second, m);
+    ordered.emplace_back(first_use[root], m);
   }
   std::stable_sort(ordered.begin(), ordered.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   std::vector<ManagedParam> out;
