@@ -13,7 +13,7 @@ cd "$repo"
 TORCH_VERSION=2.11.0
 TRANSFORMERS_VERSION=4.57.6
 DEBS=(build-essential cmake ninja-build python3-venv python3-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev
-      libcli11-dev nlohmann-json3-dev libbenchmark-dev)
+      libcli11-dev nlohmann-json3-dev libbenchmark-dev libmimalloc-dev)
 
 missing=()
 for p in "${DEBS[@]}"; do
