@@ -57,6 +57,14 @@ int64_t CheckedAdd(int64_t a, int64_t b, std::string_view what) {
   return out;
 }
 
+DType Promote(DType a, DType b) {
+  if (a == b) return a;
+  if (!IsFloating(a)) return b;
+  if (!IsFloating(b)) return a;
+  if (a == DType::kF64 || b == DType::kF64) return DType::kF64;
+  return DType::kF32;
+}
+
 int64_t NumElements(const std::vector<int64_t>& shape) {
   int64_t n = 1;
   for (int64_t d : shape) n = CheckedMul(n, d, "a tensor shape");

@@ -17,6 +17,9 @@ enum class DType : uint8_t { kF32, kF16, kBF16, kF64, kI64, kI32, kI16, kI8, kU8
 
 int64_t ElementSize(DType dtype);
 bool IsFloating(DType dtype);
+// c10's result type of two dimensioned tensors: a non-floating operand yields to the floating one; two different
+// floating dtypes meet at fp32 (fp64 if either is).
+DType Promote(DType a, DType b);
 std::string_view DTypeName(DType dtype);  // "f32", "bf16", ...
 std::optional<DType> ParseDType(std::string_view name);
 

@@ -8,14 +8,6 @@
 namespace llmem::sim {
 namespace {
 
-DType Promote(DType a, DType b) {
-  if (a == b) return a;
-  if (!IsFloating(a)) return b;
-  if (!IsFloating(b)) return a;
-  if (a == DType::kF64 || b == DType::kF64) return DType::kF64;
-  return DType::kF32;
-}
-
 // The ScalarType argument of aten::to, in c10::ScalarType numbering.
 std::optional<DType> CastTarget(const OpNode& node) {
   const OpArg* dtype_arg = nullptr;
