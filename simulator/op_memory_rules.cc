@@ -213,9 +213,13 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
         } else if (i == 0 && dims >= 3) {
           copies = !CanMergeDims(v, 0, dims - 1);  // folded to [N, K]
         }
+        // Autograd keeps an operand only for the other operand's gradient (the derivative formulas of mm and
+        // linear; the generated code saves `self` only when `mat2`/`weight` requires grad and vice versa): a
+        // frozen weight's linear keeps the weight alone, and its input is not kept.
+        const bool needed = n < 2 || requires_grad(static_cast<size_t>(1 - i));
         if (copies) {
-          r.forward_extra.push_back({input_bytes(static_cast<size_t>(i)), true});
-        } else {
+          r.forward_extra.push_back({input_bytes(static_cast<size_t>(i)), needed});
+        } else if (needed) {
           r.saved_inputs.push_back(i);
         }
       }
