@@ -869,6 +869,7 @@ void StepExecutor::OptimizerTemporaries() {
   const OptimizerStepPlan& step = plan_.optimizer_step;
   // Per parameter, its temporaries are alive together; a whole-group step makes them for every parameter first.
   std::vector<int64_t> live;
+  int64_t held = -1;  // the previous parameter's temporary that a Python local still holds
   for (const auto& [p, pp] : OptimizedParams()) {
     if (hooks_->OptimizedBytes(*p, Bytes(p->value)) == 0) continue;
     for (const PerParamBlock& temp : pp->step_temporaries.value_or(step.temporaries)) {
@@ -876,11 +877,19 @@ void StepExecutor::OptimizerTemporaries() {
           RankBlockBytes(*p, temp), MemoryCategory::kTransient, [&] { return p->name + " " + temp.name; }, -1));
     }
     if (!step.whole_group) {
-      for (int64_t s : live) Unref(s, -1);
+      const int keep = pp->step_temporaries ? -1 : step.held_by_local;
+      for (size_t k = 0; k < live.size(); ++k) {
+        if (static_cast<int>(k) != keep) Unref(live[k], -1);
+      }
+      if (keep >= 0 && static_cast<size_t>(keep) < live.size()) {
+        if (held >= 0) Unref(held, -1);  // rebound to this parameter's value
+        held = live[static_cast<size_t>(keep)];
+      }
       live.clear();
     }
   }
   for (int64_t s : live) Unref(s, -1);
+  if (held >= 0) Unref(held, -1);
 }
 
 // Note [Training loop]

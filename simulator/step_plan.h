@@ -64,6 +64,10 @@ struct OptimizerStepPlan {
   // once; false: one parameter at a time.
   bool whole_group = false;
   std::vector<PerParamBlock> temporaries;  // per parameter, alive together
+  // Index into `temporaries` of the one a Python local holds (torch.optim's `denom`), or -1. The local is rebound
+  // only once the next parameter's value of it exists, so that parameter's temporaries are made while it is
+  // still alive; the last one lives until the step returns.
+  int held_by_local = -1;
 };
 
 // The training loop around the step's ops.

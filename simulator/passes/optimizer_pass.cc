@@ -157,8 +157,12 @@ StepPlan OptimizerPass(const Graph& graph, StepPlan plan, const TrainingConfig& 
       plan.optimizer_step.temporaries = {{"sqrt(exp_avg_sq)", std::nullopt}};
     } else {
       // torch::optim::AdamW / _single_tensor_adamw: denom = (exp_avg_sq.sqrt() / sqrt(bias_correction2)).add_(eps):
-      // the sqrt temporary and the quotient are alive together; the quotient (denom) lives until addcdiv_.
+      // the sqrt temporary and the quotient are alive together; the quotient (denom) lives until addcdiv_. In
+      // torch.optim (eager Python) `denom` is a local of the loop over parameters: it still holds the previous
+      // parameter's quotient while the next one's sqrt and quotient are made (torch/optim/adam.py,
+      // _single_tensor_adam). C++ torch::optim (the TorchScript step) scopes it to one parameter.
       plan.optimizer_step.temporaries = {{"sqrt(exp_avg_sq)", std::nullopt}, {"denom", std::nullopt}};
+      if (config.lifetimes == Lifetimes::kEager) plan.optimizer_step.held_by_local = 1;
     }
   }
   // SGD updates in place, with or without momentum, in every implementation.
