@@ -20,6 +20,7 @@
 #include "graph/ir_printer.h"
 #include "graph/torchscript_importer.h"
 #include "measure/training_step_runner.h"
+#include "cli/lora_options.h"
 #include "cli/recipe_options.h"
 #include "cli/recommend_command.h"
 #include "cli/trace_file.h"
@@ -58,6 +59,8 @@ struct StepOptions {
   bool engine_given = false;  // --engine was on the command line
   std::optional<int64_t> max_positions;  // replaces the config's position limit (scaled RoPE)
   llmem::cli::RecipeOptions recipe;      // estimate only: checkpointing, accumulation, loss, loop, ...
+  std::string lora;                      // estimate only: --lora r=..,alpha=..,dropout=..,targets=..
+  std::string lora_modules_to_save;
 };
 
 void AddStepOptions(CLI::App* cmd, StepOptions& o) {
@@ -289,6 +292,17 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   auto model = llmem::TorchScriptModel::Load(o.model);
   if (o.max_positions) model.set_max_positions(*o.max_positions);
   auto graph = model.BuildGraph(o.batch, o.seq);
+  std::optional<llmem::LoraSettings> lora;
+  if (!o.lora.empty()) {
+    lora = llmem::cli::ParseLoraOption(o.lora, o.lora_modules_to_save);
+    if (o.dp > 1 || o.tp > 1) {
+      throw llmem::ConfigError("--lora with --dp or --tp is not modelled yet (frozen base parameters under the parallel "
+                               "engines); estimate one GPU");
+    }
+    graph = llmem::ApplyLora(graph, *lora);
+  } else if (!o.lora_modules_to_save.empty()) {
+    throw llmem::ConfigError("--lora-modules-to-save needs --lora");
+  }
   llmem::sim::MemoryEstimate est;
   std::vector<std::string> assumptions;  // of a parallel layout on a GPU: NCCL's buffers
   if (config.fsdp_reduce_every_micro_batch && !llmem::dist::RunsFsdp2({.dp = o.dp, .tp = o.tp, .engine = *engine})) {
@@ -311,7 +325,12 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   }
   if (!o.trace_path.empty()) llmem::cli::WriteEstimateTrace(o.trace_path, est.simulation->timeline);
   if (o.json_out) {
-    std::cout << EstimateJson(est, o, config, assumptions).dump(2) << "\n";
+    json j = EstimateJson(est, o, config, assumptions);
+    if (lora) {
+      j["recipe"]["lora"] = {{"r", lora->rank}, {"alpha", lora->alpha}, {"dropout", lora->dropout},
+                             {"targets", lora->targets}, {"modules_to_save", lora->modules_to_save}};
+    }
+    std::cout << j.dump(2) << "\n";
   } else {
     PrintEstimate(est, graph, o, config, assumptions);
   }
@@ -466,6 +485,10 @@ int main(int argc, char** argv) {
                        "forward value lifetimes: eager (Python frames) | torchscript (freed at last use)")
       ->capture_default_str();
   llmem::cli::AddRecipeOptions(estimate, est_opts.recipe);
+  estimate->add_option("--lora", est_opts.lora,
+                       "PEFT LoRA adapters on a frozen base: r=R,alpha=A,dropout=P,targets=q_proj,v_proj (or all-linear)");
+  estimate->add_option("--lora-modules-to-save", est_opts.lora_modules_to_save,
+                       "with --lora: modules trained in full, as a trainable copy (PEFT modules_to_save), e.g. lm_head");
 
   StepOptions measure_opts;
   measure_opts.precision = "fp32";

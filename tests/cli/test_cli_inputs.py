@@ -339,6 +339,34 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertIn("Gemini", plans["ZeRO-3 (chunks)"]["skipped"])
         self.assertGreater(plans["DDP"]["peak_allocated_bytes"], 0)
 
+    def test_lora_bad_settings_are_one_line(self):
+        base = ("estimate", self.llama, "-b", "1", "-s", "16", "--gpu", "cpu")
+        self.assert_bad_input(run(*base, "--lora", "r=8,targets=proj"), "'proj' matches no linear module", "q_proj")
+        self.assert_bad_input(run(*base, "--lora", "r=0,targets=q_proj"), "r must be a positive integer")
+        self.assert_bad_input(run(*base, "--lora", "r=2.5,targets=q_proj"), "r must be a positive integer")
+        self.assert_bad_input(run(*base, "--lora", "alpha=0,targets=q_proj"), "alpha must be positive")
+        self.assert_bad_input(run(*base, "--lora", "dropout=1,targets=q_proj"), "dropout must lie in [0, 1)")
+        self.assert_bad_input(run(*base, "--lora", "dropout=x,targets=q_proj"), "dropout=x is not a number")
+        self.assert_bad_input(run(*base, "--lora", "r=8"), "needs targets=")
+        self.assert_bad_input(run(*base, "--lora", "rank=8,targets=q_proj"), "unknown --lora key 'rank'")
+        self.assert_bad_input(run(*base, "--lora-modules-to-save", "lm_head"), "--lora-modules-to-save needs --lora")
+        self.assert_bad_input(run(*base, "--lora", "targets=q_proj", "--lora-modules-to-save", "embed_tokens"),
+                              "'embed_tokens' matches no linear module")
+        self.assert_bad_input(run(*base, "--lora", "targets=q_proj", "--dp", "2"), "not modelled yet")
+
+    def test_lora_trains_only_the_adapters(self):
+        base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json"]
+        full = json.loads(run(*base).stdout)
+        lora = run(*base, "--lora", "r=4,alpha=8,targets=q_proj,v_proj")
+        self.assertEqual(lora.returncode, 0, lora.stderr)
+        lora = json.loads(lora.stdout)
+        self.assertEqual(lora["recipe"]["lora"]["targets"], ["q_proj", "v_proj"])
+        # A [4, in] and B [out, 4] per adapted module, fp32: their gradients are the only ones.
+        self.assertGreater(lora["gradients_bytes"], 0)
+        self.assertLess(lora["gradients_bytes"], full["gradients_bytes"] / 20)
+        self.assertEqual(lora["optimizer_state_bytes"], 2 * lora["gradients_bytes"])
+        self.assertGreater(lora["weights_bytes"], full["weights_bytes"])  # the base plus the adapters
+
     def test_accumulation_raises_the_forward_by_the_gradients(self):
         base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json"]
         plain = json.loads(run(*base).stdout)

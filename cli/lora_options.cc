@@ -1,0 +1,87 @@
+#include "cli/lora_options.h"
+
+#include <cerrno>
+#include <cstdlib>
+#include <vector>
+
+#include "graph/error.h"
+
+namespace llmem::cli {
+namespace {
+
+std::vector<std::string> Split(const std::string& text, const std::string& separators) {
+  std::vector<std::string> parts;
+  std::string cur;
+  for (char c : text) {
+    if (separators.find(c) != std::string::npos) {
+      parts.push_back(cur);
+      cur.clear();
+    } else {
+      cur += c;
+    }
+  }
+  parts.push_back(cur);
+  return parts;
+}
+
+double Number(const std::string& key, const std::string& value) {
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(value.c_str(), &end);
+  if (value.empty() || end != value.c_str() + value.size() || errno != 0) {
+    throw ConfigError("--lora " + key + "=" + value + " is not a number");
+  }
+  return v;
+}
+
+}  // namespace
+
+LoraSettings ParseLoraOption(const std::string& text, const std::string& modules_to_save) {
+  LoraSettings s;
+  std::string last_key;
+  for (const std::string& entry : Split(text, ",")) {
+    const size_t eq = entry.find('=');
+    if (eq == std::string::npos) {
+      if (last_key != "targets" || entry.empty()) {
+        throw ConfigError("--lora entry '" + entry + "' is not key=value (keys: r, alpha, dropout, targets)");
+      }
+      for (const auto& t : Split(entry, "+")) s.targets.push_back(t);
+      continue;
+    }
+    const std::string key = entry.substr(0, eq), value = entry.substr(eq + 1);
+    last_key = key;
+    if (key == "r") {
+      const double r = Number(key, value);
+      if (r != static_cast<double>(static_cast<int64_t>(r)) || r <= 0) {
+        throw ConfigError("--lora r must be a positive integer, not " + value);
+      }
+      s.rank = static_cast<int64_t>(r);
+    } else if (key == "alpha") {
+      s.alpha = Number(key, value);
+    } else if (key == "dropout") {
+      s.dropout = Number(key, value);
+    } else if (key == "targets") {
+      for (const auto& t : Split(value, "+")) s.targets.push_back(t);
+    } else {
+      throw ConfigError("unknown --lora key '" + key + "' (keys: r, alpha, dropout, targets)");
+    }
+  }
+  for (const auto& t : s.targets) {
+    if (t.empty()) throw ConfigError("--lora targets has an empty module name");
+  }
+  if (!modules_to_save.empty()) {
+    for (const auto& m : Split(modules_to_save, ",+")) {
+      if (m.empty()) throw ConfigError("--lora-modules-to-save has an empty module name");
+      s.modules_to_save.push_back(m);
+    }
+  }
+  if (s.rank <= 0) throw ConfigError("--lora r must be a positive integer");
+  if (!(s.alpha > 0)) throw ConfigError("--lora alpha must be positive, not " + std::to_string(s.alpha));
+  if (!(s.dropout >= 0 && s.dropout < 1)) {
+    throw ConfigError("--lora dropout must lie in [0, 1), not " + std::to_string(s.dropout));
+  }
+  if (s.targets.empty()) throw ConfigError("--lora needs targets=MODULE[,MODULE...] or targets=all-linear");
+  return s;
+}
+
+}  // namespace llmem::cli
