@@ -19,7 +19,7 @@ Steps: --steps (default 3). The reported peak_bytes is the maximum of live bytes
 last step. Phases: forward (forward + loss, under autocast when asked), backward (loss.backward(), then the loss
 is released), optimizer (optimizer.step() + zero_grad(set_to_none=True)). --recipe changes
 the loop as scripts/training_recipe.py describes (checkpointing, gradient accumulation, chunked loss, kept outputs,
-optimizer in backward, gradient clipping; parallel methods take grad-accum (see grad_sync_context for each
+optimizer in backward, gradient clipping, PEFT LoRA / QLoRA (--method single only); parallel methods take grad-accum (see grad_sync_context for each
 engine's loop), optimizer-in-backward under FSDP2 and TP, fsdp-reduce-every-micro-batch under FSDP2, loss and
 checkpointing under ddp, zero1, zero2 and fsdp2 (the chunked loss then runs as the model's forward, inside the
 engine's hooks, as torchtune's chunked TransformerDecoder does); the record
@@ -506,6 +506,140 @@ def optimizer_state_layout(opt, named_params):
     return out
 
 
+def own_storages(model, probe):
+    """Gives every parameter and buffer storage a copy made by the allocator, as a load onto a GPU copies every
+    weight into the caching allocator: from_pretrained can leave a weight on its safetensors file's memory, which
+    the counting allocator never sees. The quantizer's own tensors (Params4bit, Int8Params) are left alone.
+    Returns the bytes that were not counted before (the live count rose by them; a counted original is freed
+    as its copy is made and leaves the count where it was)."""
+    import gc
+
+    import torch
+
+    tensors = [t for m in model.modules() for t in list(m._parameters.values()) + list(m._buffers.values())
+               if t is not None and type(t).__name__ not in ("Params4bit", "Int8Params")]
+    by_storage = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        if st.nbytes():
+            by_storage.setdefault((st.data_ptr(), st.nbytes()), []).append(t)
+    uncounted = 0
+    for (_, nbytes), users in by_storage.items():
+        before = probe.current()
+        old = users[0].untyped_storage()
+        fresh = torch.empty(nbytes, dtype=torch.uint8, device=users[0].device)
+        fresh.copy_(torch.empty(0, dtype=torch.uint8, device=users[0].device).set_(old))
+        for t in users:  # the same objects keep their identity (tied weights stay tied)
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device).set_(fresh.untyped_storage(), t.storage_offset(),
+                                                                        t.shape, t.stride())
+        del fresh, old
+        gc.collect()
+        uncounted += probe.current() - before
+    return uncounted
+
+
+def adapter_report(model, recipe, precision):
+    """What an estimate of a LoRA / QLoRA step is checked against: the adapter settings PEFT resolved, the
+    adapted modules (grouped over the decoder layers), the trainable parameters (count, bytes by dtype), the
+    frozen ones by storage format (4-bit packed, int8, float dtypes) and the quantization state beside them."""
+    import re
+    from collections import defaultdict
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    o = training_recipe.options(recipe)
+    lora = {"r": o["lora-r"], "alpha": o["lora-alpha"], "dropout": o["lora-dropout"],
+            "targets": o["lora-targets"] or "peft-default", "modules_to_save": o["lora-modules-to-save"],
+            "bias": "none", "autocast_adapter_dtype": True}
+    groups = {}
+    adapter_dtypes = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        base = module.get_base_layer()
+        key = re.sub(r"\.\d+\.", ".*.", name)
+        g = groups.setdefault(key, {"module": key, "count": 0, "base": type(base).__name__,
+                                    "in_features": module.in_features, "out_features": module.out_features,
+                                    "dropout": type(module.lora_dropout["default"]).__name__,
+                                    "scaling": module.scaling["default"]})
+        g["count"] += 1
+        adapter_dtypes.update(str(p.dtype).replace("torch.", "") for n, p in module.named_parameters()
+                              if "lora_" in n)
+    lora["adapted_modules"] = sum(g["count"] for g in groups.values())
+    lora["adapted"] = list(groups.values())
+    lora["adapter_dtypes"] = sorted(adapter_dtypes)
+    # enable_input_require_grads() (PEFT with checkpointing): the embedding output becomes a leaf with a .grad
+    lora["input_require_grads_hook"] = hasattr(model, "_require_grads_hook")
+    out = {"lora": lora}
+
+    params = dict(model.named_parameters())  # one entry per Parameter (tied weights once)
+    trainable = {n: p for n, p in params.items() if p.requires_grad}
+    frozen = {n: p for n, p in params.items() if not p.requires_grad}
+
+    def by(items, fmt):
+        acc = defaultdict(int)
+        for _, p in items:
+            acc[fmt(p)] += storage_bytes([p])
+        return dict(sorted(acc.items()))
+
+    def dtype_name(p):
+        return str(p.dtype).replace("torch.", "")
+
+    def storage_format(p):
+        kind = type(p).__name__
+        if kind == "Params4bit":
+            return f"{p.quant_state.quant_type}-packed-{dtype_name(p)}"
+        if kind == "Int8Params":
+            return "int8-rowwise"
+        return dtype_name(p)
+
+    def logical_numel(p):
+        state = getattr(p, "quant_state", None)
+        return int(torch.Size(state.shape).numel()) if state is not None else p.numel()
+
+    out["trainable_parameters"] = sum(p.numel() for p in trainable.values())
+    out["trainable_bytes"] = storage_bytes(trainable.values())
+    out["trainable_bytes_by_dtype"] = by(trainable.items(), dtype_name)
+    out["frozen_parameters"] = sum(logical_numel(p) for p in frozen.values())
+    out["frozen_bytes"] = storage_bytes(frozen.values())
+    out["frozen_bytes_by_format"] = by(frozen.items(), storage_format)
+    out["buffer_bytes"] = storage_bytes(model.buffers())
+
+    if o["quant"] != "none":
+        # the tensors of the quantization state, each storage once: 4-bit absmax (uint8 with double quant), its
+        # nested fp32 absmax, the 256-entry nested code, the mean offset, the 16-entry LUT; int8: SCB (fp32 [N])
+        parts = defaultdict(list)
+        state_dtypes, modules = set(), 0
+        for p in frozen.values():
+            state = getattr(p, "quant_state", None)
+            if state is not None:
+                modules += 1
+                state_dtypes.add(str(state.dtype).replace("torch.", ""))
+                parts["absmax"].append(state.absmax)
+                parts["code"].append(state.code)
+                if state.nested:
+                    parts["offset"].append(state.offset)
+                    parts["nested_absmax"].append(state.state2.absmax)
+                    parts["nested_code"].append(state.state2.code)
+            elif type(p).__name__ == "Int8Params":
+                modules += 1
+                parts["SCB"].append(p.SCB)
+        config, dtype = training_recipe.bnb_quantization_config(recipe, precision)
+        quant = {"type": o["quant"], "quantized_modules": modules, "load_dtype": str(dtype).replace("torch.", "")}
+        if o["quant"] == "int8":
+            quant.update(threshold=config.llm_int8_threshold, has_fp16_weight=config.llm_int8_has_fp16_weight)
+        else:
+            quant.update(double_quant=config.bnb_4bit_use_double_quant,
+                         compute_dtype=str(config.bnb_4bit_compute_dtype).replace("torch.", ""),
+                         quant_storage=str(config.bnb_4bit_quant_storage).replace("torch.", ""),
+                         blocksize=64, quant_state_dtypes=sorted(state_dtypes))
+        quant["state_bytes_by_part"] = {k: storage_bytes(v) for k, v in sorted(parts.items())}
+        quant["state_bytes"] = storage_bytes(t for v in parts.values() for t in v)
+        out["quant"] = quant
+    return out
+
+
 def fsdp_groups(model):
     """Per fully_shard group: its parameters' padded shard and padded unsharded (all-gather) bytes; the
     all-gather moves the MixedPrecisionPolicy's param_dtype when one is set (FSDPParamGroup.mp_policy; the
@@ -599,9 +733,22 @@ def run(args, rank, world, local_rank, record):
     record.update(arch=arch, attn_implementation=attn, label=label,
                   num_parameters=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
     model.to(device)
+    peft_model = None  # the PeftModel around `model` (whose modules PEFT replaced in place) with lora-r
     if recipe:
         record["recipe"] = dict(recipe)
-        record["checkpointed_layers"] = training_recipe.apply_checkpointing(model, decoder_layers(model)[1], recipe)
+        if opts["lora-r"] is not None:
+            if opts["quant"] != "none":
+                if arch == "codegen":  # export_hf turns its position table into buffers after the build
+                    raise training_recipe.RecipeError("quant: codegen's reloaded model would differ from the "
+                                                      "export's (its sin/cos table is made a buffer after the build)")
+                model = training_recipe.load_quantized(model, recipe, args.precision, device)
+                record["copied_uncounted_bytes"] = own_storages(model, probe)
+            peft_model, record["checkpointed_layers"] = training_recipe.apply_lora(model, decoder_layers(model)[1],
+                                                                                   recipe)
+            record.update(adapter_report(model, recipe, args.precision))
+        else:
+            record["checkpointed_layers"] = training_recipe.apply_checkpointing(model, decoder_layers(model)[1],
+                                                                                recipe)
     record["model_bytes"] = probe.current()
     times["build"] = time.perf_counter() - t0
 
@@ -645,7 +792,7 @@ def run(args, rank, world, local_rank, record):
             dp_rank = rank
         elif method == "fsdp2_tp":
             dp_rank = mesh["dp"].get_local_rank()
-        step_module = export_hf.LossWrapper(model)
+        step_module = export_hf.LossWrapper(peft_model or model)
     if args.log_allocs:
         record["setup_alloc_sizes"] = probe.stop_log()
     record["wrapped_bytes"] = probe.current()
@@ -653,15 +800,17 @@ def run(args, rank, world, local_rank, record):
     record["dp_rank"] = dp_rank
     times["wrap"] = time.perf_counter() - t0
 
+    # HF Trainer's optimizer takes the parameters that require grad (all of them, except under LoRA)
+    trainable = [p for p in step_module.parameters() if p.requires_grad]
     if opts["optimizer-in-backward"]:
         per_param = training_recipe.optimizers_in_backward(
-            step_module.parameters(),
+            trainable,
             lambda ps: make_optimizer(args.optimizer, ps, method, args.optimizer_impl, model)[0])
         optimizers = list(per_param.values())
         record["optimizers_in_backward"] = len(optimizers)
         record["optimizer_param_groups"] = 1
     else:
-        opt, ngroups = make_optimizer(args.optimizer, step_module.parameters(), method, args.optimizer_impl, model)
+        opt, ngroups = make_optimizer(args.optimizer, trainable, method, args.optimizer_impl, model)
         optimizers = [opt]
         record["optimizer_param_groups"] = ngroups
     record["optimizer_impl"] = optimizer_impl(optimizers[0])
@@ -739,7 +888,7 @@ def run(args, rank, world, local_rank, record):
                         shifted = training_recipe.shifted_labels(labels, ignore_column)
                         return training_recipe.chunked_cross_entropy(logits, shifted), logits
                     if keep_outputs:
-                        out = model(input_ids=ids, labels=labels, use_cache=False, return_dict=True)
+                        out = (peft_model or model)(input_ids=ids, labels=labels, use_cache=False, return_dict=True)
                         return out.loss, out
                     return step_module(ids, labels), None
 

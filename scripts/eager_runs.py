@@ -20,13 +20,23 @@ torch and the counting allocator's extension are loaded once for all cases.
 A case is ARCH:PRECISION:OPTIMIZER:BxS[:RECIPE]. The optional recipe is `key=value` pairs joined by `,`, the keys
 llmem's flag names without dashes: checkpointing (none|full|every-K|selective), checkpointing-impl
 (reentrant|non-reentrant), grad-accum (K), loss (standard|chunked-N), keep-outputs (0|1), optimizer-in-backward
-(0|1), grad-clip (NORM). scripts/training_recipe.py says which library code and which loop each option runs
-(HF gradient_checkpointing_enable, torchtitan's layer and op selective AC, HF Trainer's accumulation, torchtune's
-chunked output and CEWithChunkedOutputLoss and optimizer-in-backward, the accelerate/PEFT example loop,
-clip_grad_norm_). Values at their default are dropped; a case whose recipe is all defaults gives exactly the plain
-case's record, any other carries "recipe" (the options that differ from the default), "checkpointed_layers" and,
-with grad-accum, "micro_batch_phase_peak_bytes" (the forward and backward peak of each micro-batch of the
-steady-state step; phase_peak_bytes holds their maximum).
+(0|1), grad-clip (NORM), and PEFT LoRA / QLoRA: lora-r (R), lora-alpha (A), lora-dropout (P), lora-targets
+(NAME+NAME or all-linear), lora-modules-to-save (NAME+NAME), quant (nf4|fp4|int8). scripts/training_recipe.py says
+which library code and which loop each option runs (HF gradient_checkpointing_enable, torchtitan's layer and op
+selective AC, HF Trainer's accumulation, torchtune's chunked output and CEWithChunkedOutputLoss and
+optimizer-in-backward, the accelerate/PEFT example loop, clip_grad_norm_, peft.get_peft_model, transformers'
+BitsAndBytesConfig reload + peft.prepare_model_for_kbit_training). Values at their default are dropped; a case
+whose recipe is all defaults gives exactly the plain case's record, any other carries "recipe" (the options that
+differ from the default), "checkpointed_layers" and, with grad-accum, "micro_batch_phase_peak_bytes" (the forward
+and backward peak of each micro-batch of the steady-state step; phase_peak_bytes holds their maximum).
+A LoRA case also carries "lora" (the settings, the adapted modules grouped over the layers with their base class,
+in/out features, dropout module and scaling, the adapter dtypes, whether the input-require-grads hook is on),
+"trainable_parameters", "trainable_bytes", "trainable_bytes_by_dtype", "frozen_parameters" (unquantized count),
+"frozen_bytes", "frozen_bytes_by_format" (float dtypes, "nf4-packed-uint8", "int8-rowwise", ...), "buffer_bytes";
+with quant also "quant" (the BitsAndBytesConfig settings and the quantization state's bytes by part) and
+"copied_uncounted_bytes" (reloaded weights copied into counted memory, see training_recipe.py).
+
+  scripts/eager_runs.py --case llama:bf16-autocast:adamw:1x128:lora-r=8,lora-alpha=16,lora-targets=all-linear,quant=nf4
 
   scripts/eager_runs.py --case llama:bf16-autocast:adamw:4x512 --case gpt2:fp32:sgd:1x128 [--out runs.jsonl]
   scripts/eager_runs.py --case llama:fp32:adamw:2x128:checkpointing=every-2,grad-accum=2

@@ -52,6 +52,14 @@ BITSANDBYTES_VERSION=0.50.2
 if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('torchao') != '$TORCHAO_VERSION' or m.version('bitsandbytes') != '$BITSANDBYTES_VERSION')" 2>/dev/null; then
   .venv/bin/pip install -q --no-deps "torchao==$TORCHAO_VERSION" "bitsandbytes==$BITSANDBYTES_VERSION"
 fi
+# The real-run harness trains PEFT LoRA / QLoRA adapters (scripts/training_recipe.py, lora-* keys). peft imports
+# accelerate, which imports psutil; their other requirements are already here. --no-deps: torch stays pinned.
+PEFT_VERSION=0.21.2
+ACCELERATE_VERSION=1.16.0
+PSUTIL_VERSION=7.2.2
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('peft') != '$PEFT_VERSION' or m.version('accelerate') != '$ACCELERATE_VERSION' or m.version('psutil') != '$PSUTIL_VERSION')" 2>/dev/null; then
+  .venv/bin/pip install -q --no-deps "peft==$PEFT_VERSION" "accelerate==$ACCELERATE_VERSION" "psutil==$PSUTIL_VERSION"
+fi
 
 build_dir="${LLMEM_BUILD_DIR:-build}"
 torch_prefix="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"

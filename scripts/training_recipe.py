@@ -54,13 +54,47 @@ What each option runs (the loop itself is scripts/distributed_worker.py's `run`)
   loop, gradient sync left on, so every micro-batch reduce-scatters; without it, accelerate's no_sync()
   (`set_requires_gradient_sync(False)` on every micro-batch but the last).
 
+- lora-r=R (turns LoRA on), lora-alpha=A (PEFT's default 8), lora-dropout=P (default 0: PEFT then builds
+  nn.Identity, no dropout op), lora-targets=NAME+NAME (PEFT's suffix match on whole dotted components, or
+  `all-linear`; default: PEFT's per-model-type default, q_proj+v_proj for llama/mistral/opt, c_attn for gpt2),
+  lora-modules-to-save=NAME+NAME (PEFT's modules_to_save): the model is wrapped with
+  `peft.get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=R, lora_alpha=A, lora_dropout=P,
+  target_modules=..., modules_to_save=..., bias="none"))`, PEFT's defaults otherwise (autocast_adapter_dtype=True:
+  the adapters are fp32; init_lora_weights=True: B is zero). Lists are joined by `+` because `,` separates recipe
+  items. The step module is the PeftModel (what HF Trainer is given); the optimizer sees only the parameters that
+  require grad (Trainer's get_decay_parameter_names filter), so frozen weights get neither grads nor states.
+  With checkpointing, the HF call above runs first and get_peft_model after it: PeftModel.__init__ then sees
+  `is_gradient_checkpointing` and calls `enable_input_require_grads()` (peft_model.py,
+  _prepare_model_for_gradient_checkpointing), which makes the embedding output a leaf that requires grad (it gets
+  a [B,T,H] .grad in backward). That is the order PEFT's docs give; the reverse order (get_peft_model, then
+  PeftModel.gradient_checkpointing_enable with reentrant checkpointing) installs no hook and trains nothing.
+- quant=nf4|fp4|int8 (needs lora-r): QLoRA as the QLoRA paper's script and PEFT's docs run it: the model (built
+  as above, fp32) is saved with save_pretrained and reloaded by `AutoModelForCausalLM.from_pretrained(dir,
+  quantization_config=BitsAndBytesConfig(...), dtype=D, device_map=<device>)` (bitsandbytes Linear4bit /
+  Linear8bitLt in place of every nn.Linear / Conv1D except the output embedding, which transformers keeps), then
+  `peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=<checkpointing on>,
+  gradient_checkpointing_kwargs=<the kwargs above>)` (freezes everything, casts every non-4-bit bf16/fp16
+  parameter to fp32; with reentrant checkpointing it calls enable_input_require_grads() itself), then
+  get_peft_model. nf4/fp4: `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=Q,
+  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=D)` (the QLoRA paper's double quantization; blocksize 64,
+  uint8 storage); int8: `BitsAndBytesConfig(load_in_8bit=True)` (threshold 6.0). D is bf16 under
+  precision bf16-autocast (the QLoRA script's --bf16: bf16 load and compute dtype, Trainer's autocast) and fp32
+  under fp32. Weights the reload leaves outside the counted allocator (a safetensors-backed storage) are copied
+  once, as a load onto a GPU would copy them.
+
 Not in the single-process harness: optimizer-impl (the implementation is PyTorch's default choice, recorded as
 `optimizer_impl`), fsdp-param-dtype / fsdp-reduce-dtype (FSDP2 runs only).
 """
+import re
+
 CHECKPOINTING_IMPLS = ("reentrant", "non-reentrant")
+QUANT_TYPES = ("none", "nf4", "fp4", "int8")
+PEFT_LORA_ALPHA = 8.0  # LoraConfig's default lora_alpha
+LORA_KEYS = ("lora-r", "lora-alpha", "lora-dropout", "lora-targets", "lora-modules-to-save", "quant")
 DEFAULTS = {"checkpointing": "none", "checkpointing-impl": "reentrant", "grad-accum": 1, "loss": "standard",
             "keep-outputs": False, "optimizer-in-backward": False, "grad-clip": None,
-            "fsdp-reduce-every-micro-batch": False}
+            "fsdp-reduce-every-micro-batch": False, "lora-r": None, "lora-alpha": PEFT_LORA_ALPHA,
+            "lora-dropout": 0.0, "lora-targets": None, "lora-modules-to-save": None, "quant": "none"}
 NOT_IN_HARNESS = {
     "optimizer-impl": "the optimizer runs PyTorch's default implementation (recorded as optimizer_impl)",
     "fsdp-param-dtype": "it applies to FSDP2 runs (scripts/distributed_runs.py), not to a single process",
@@ -126,9 +160,44 @@ def _norm(key, text):
     return value
 
 
+def _probability(key, text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise RecipeError(f"{key} needs a number in [0, 1), got {text!r}")
+    return value
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
+def _module_names(key, text):
+    """NAME+NAME+... (module names or dotted suffixes); lora-targets also takes all-linear."""
+    if text == "all-linear" and key == "lora-targets":
+        return text
+    names = text.split("+")
+    bad = [n for n in names if not _MODULE_NAME.fullmatch(n)]
+    if bad:
+        hint = " or all-linear" if key == "lora-targets" else ""
+        raise RecipeError(f"{key} is module names joined by '+'{hint}, got {text!r}")
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{key} names a module twice: {text!r}")
+    return text
+
+
+def _quant(key, text):
+    if text not in QUANT_TYPES:
+        raise RecipeError(f"{key} is {', '.join(QUANT_TYPES)}, got {text!r}")
+    return text
+
+
 PARSERS = {"checkpointing": _checkpointing, "checkpointing-impl": _impl, "grad-accum": _positive_int,
            "loss": _loss, "keep-outputs": _flag, "optimizer-in-backward": _flag, "grad-clip": _norm,
-           "fsdp-reduce-every-micro-batch": _flag}
+           "fsdp-reduce-every-micro-batch": _flag, "lora-r": _positive_int, "lora-alpha": _norm,
+           "lora-dropout": _probability, "lora-targets": _module_names, "lora-modules-to-save": _module_names,
+           "quant": _quant}
 
 
 def parse_recipe(text):
@@ -163,6 +232,12 @@ def check_combination(recipe):
     if options["optimizer-in-backward"] and options["grad-clip"] is not None:
         raise RecipeError("optimizer-in-backward does not combine with grad-clip (torchtune refuses it: no full "
                          "set of gradients exists to take the norm of)")
+    lora_given = [k for k in LORA_KEYS if k in recipe and k != "lora-r" and (k, recipe[k]) != ("quant", "none")]
+    if lora_given and options["lora-r"] is None:
+        what = ("a quantized base is frozen, nothing would train" if "quant" in lora_given
+                else "it configures the LoRA adapters")
+        verb = "needs" if len(lora_given) == 1 else "need"
+        raise RecipeError(f"{', '.join(lora_given)} {verb} lora-r ({what})")
 
 
 def options(recipe):
@@ -179,10 +254,20 @@ def recipe_text(recipe):
 
 
 def llmem_flags(recipe):
-    """The same recipe as llmem estimate flags (`--checkpointing full --grad-accum 2 --drop-outputs`)."""
+    """The same recipe as llmem estimate flags (`--checkpointing full --grad-accum 2 --drop-outputs`). The LoRA
+    keys become llmem's planned `--lora r=R,alpha=A,dropout=P[,targets=A+B]` (every value spelled out, targets
+    only when given), `--lora-modules-to-save A,B` and `--quant Q`."""
     flags = []
+    if recipe.get("lora-r") is not None:
+        o = options(recipe)
+        items = [f"r={o['lora-r']}", f"alpha={o['lora-alpha']:g}", f"dropout={o['lora-dropout']:g}"]
+        if o["lora-targets"] is not None:
+            items.append(f"targets={o['lora-targets']}")  # '+'-joined: ',' separates --lora's own items
+        flags += ["--lora", ",".join(items)]
+        if o["lora-modules-to-save"] is not None:
+            flags += ["--lora-modules-to-save", o["lora-modules-to-save"].replace("+", ",")]
     for key in PARSERS:
-        if key not in recipe:
+        if key not in recipe or key in LORA_KEYS and key != "quant":
             continue
         value = recipe[key]
         if value is True:
@@ -221,9 +306,10 @@ def _torchtitan_op_sac_context_fn():
     return create_selective_checkpoint_contexts(policy)
 
 
-def apply_checkpointing(model, layers, recipe):
+def apply_checkpointing(model, layers, recipe, enable=None):
     """Turns on the recipe's activation checkpointing on the HF model; returns the indices of the checkpointed
-    decoder layers (empty without checkpointing)."""
+    decoder layers (empty without checkpointing). enable(kwargs) is the call that turns it on: HF's
+    gradient_checkpointing_enable by default, peft.prepare_model_for_kbit_training for a quantized base."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     mode = options(recipe)["checkpointing"]
@@ -238,7 +324,10 @@ def apply_checkpointing(model, layers, recipe):
                   "context_fn": _torchtitan_op_sac_context_fn}
     else:
         kwargs = {"use_reentrant": options(recipe)["checkpointing-impl"] == "reentrant"}
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if enable is None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        enable(kwargs)
     wrapped = list(range(len(layers)))
     if mode.startswith("every-"):
         k = int(mode[len("every-"):])
@@ -248,6 +337,74 @@ def apply_checkpointing(model, layers, recipe):
         for i, layer in enumerate(layers):
             layer.gradient_checkpointing = i in wrapped
     return wrapped
+
+
+def lora_config(recipe):
+    """The recipe's peft.LoraConfig (CAUSAL_LM, bias none, PEFT's defaults for everything not in the recipe)."""
+    from peft import LoraConfig
+
+    o = options(recipe)
+    alpha = o["lora-alpha"]
+    targets, keep = o["lora-targets"], o["lora-modules-to-save"]
+    return LoraConfig(task_type="CAUSAL_LM", r=o["lora-r"], lora_alpha=int(alpha) if alpha.is_integer() else alpha,
+                      lora_dropout=o["lora-dropout"], bias="none",
+                      target_modules=targets if targets in (None, "all-linear") else targets.split("+"),
+                      modules_to_save=None if keep is None else keep.split("+"))
+
+
+def bnb_quantization_config(recipe, precision):
+    """(BitsAndBytesConfig, load/compute dtype) for quant=nf4|fp4|int8 (the QLoRA script's settings)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    quant = options(recipe)["quant"]
+    dtype = torch.bfloat16 if precision == "bf16-autocast" else torch.float32
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True), dtype
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype), dtype
+
+
+def load_quantized(model, recipe, precision, device):
+    """The same weights reloaded through transformers' bitsandbytes quantizer: save_pretrained, then
+    from_pretrained(quantization_config=..., dtype=D, device_map=device), in train mode. The caller drops its
+    reference to `model`."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    config, dtype = bnb_quantization_config(recipe, precision)
+    attn = model.config._attn_implementation
+    with tempfile.TemporaryDirectory(prefix="llmem-qlora-") as directory:
+        model.save_pretrained(directory)
+        model = None
+        quantized = AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, dtype=dtype,
+                                                         device_map=str(device), attn_implementation=attn)
+    quantized.train()
+    return quantized
+
+
+def apply_lora(model, layers, recipe):
+    """Checkpointing (as apply_checkpointing; through prepare_model_for_kbit_training for a quantized base), then
+    get_peft_model. Returns (the PeftModel, the indices of the checkpointed decoder layers)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if options(recipe)["quant"] != "none":
+        def enable(kwargs):
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs=kwargs)
+
+        wrapped = apply_checkpointing(model, layers, recipe, enable)
+        if options(recipe)["checkpointing"] == "none":
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        wrapped = apply_checkpointing(model, layers, recipe)
+    try:
+        peft_model = get_peft_model(model, lora_config(recipe))
+    except ValueError as e:  # no module matches the targets, a target type LoRA cannot wrap, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError(f"peft.get_peft_model refused the LoRA settings: {first}")
+    return peft_model, wrapped
 
 
 def shifted_labels(labels, ignore_column):
