@@ -71,11 +71,23 @@ OPTIMIZERS = ["sgd-nomomentum", "adafactor", "adamw8bit", "paged-adamw8bit"]
 OPTIMIZER_ARCHS = ["llama", "gpt2", "mistral"]
 RECIPE_CASES += [f"{arch}:{precision}:{optimizer}:{b}x{s}" for optimizer in OPTIMIZERS for arch in OPTIMIZER_ARCHS
                  for precision in PRECISIONS for b, s in RECIPE_POINTS]
+# PEFT LoRA on a frozen base (llmem --lora), on LORA_ARCHS x RECIPE_POINTS x PRECISIONS: GPT-2's attention and
+# MLP are Conv1D modules, which llmem does not adapt yet, so it is not among them.
+LORA_RECIPES = ["lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj",
+                "lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj,lora-dropout=0.05",
+                "lora-r=8,lora-alpha=16,lora-targets=all-linear",
+                "lora-r=8,lora-alpha=16,lora-targets=all-linear,lora-dropout=0.05,checkpointing=full",
+                "lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj,lora-modules-to-save=lm_head"]
+LORA_ARCHS = ["llama", "mistral", "opt"]
+RECIPE_CASES += [f"{arch}:{precision}:adamw:{b}x{s}:{recipe}" for recipe in LORA_RECIPES for arch in LORA_ARCHS
+                 for precision in PRECISIONS for b, s in RECIPE_POINTS]
 # --quick: every feature once in each precision, on two architectures
 RECIPE_QUICK_CASES = [f"{arch}:{precision}:adamw:2x256:{recipe}" for recipe in RECIPES
                       for arch, precision in (("llama", "bf16-autocast"), ("gpt2", "fp32"))]
 RECIPE_QUICK_CASES += [f"{arch}:{precision}:{optimizer}:2x256" for optimizer in OPTIMIZERS
                        for arch, precision in (("llama", "bf16-autocast"), ("gpt2", "fp32"))]
+RECIPE_QUICK_CASES += [f"{arch}:{precision}:adamw:2x256:{recipe}" for recipe in LORA_RECIPES[2:4]
+                       for arch, precision in (("llama", "bf16-autocast"), ("opt", "fp32"))]
 
 
 class CommandFailed(RuntimeError):
