@@ -44,16 +44,36 @@ std::optional<OpMemoryRule> Rule(const Graph& g, const BackendRules& backend, in
 // Every graph needs a scalar floating loss; the ops under test come first, a sum closes the graph.
 ValueId CloseWithSum(TestGraphBuilder& b, ValueId v) { return b.Op("aten::sum", {T(v), None()}, {}); }
 
-TEST(OpMemoryRulesTest, LinearSavesInputAndWeightAndMakesNewGrads) {
-  // y = x W^T + b: x [4,8], W [16,8], b [16].
+TEST(OpMemoryRulesTest, FrozenWeightLinearKeepsOnlyTheWeight) {
+  // x requires grad, W is frozen (requires_grad False): x's gradient needs W; nothing needs x.
   TestGraphBuilder b;
-  ValueId x = b.Input("x", {4, 8}, DType::kF32);
+  ValueId in = b.Input("in", {4, 8}, DType::kF32);
+  ValueId w0 = b.Param("w0", {8, 8});
+  ValueId x = b.Op("aten::linear", {T(in), T(w0), None()}, {4, 8});
+  ValueId w = b.Param("w", {16, 8}, DType::kF32, /*trainable=*/false);
+  ValueId y = b.Op("aten::linear", {T(x), T(w), None()}, {4, 16});
+  Graph g = b.Build(CloseWithSum(b, y));
+  auto r = Rule(g, Cpu(), 1);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->saved_inputs, (std::vector<int>{1}));
+}
+
+TEST(OpMemoryRulesTest, LinearSavesInputAndWeightAndMakesNewGrads) {
+  // y = x W^T + b: x [4,8] (the output of an op on the gradient path), W [16,8], b [16].
+  TestGraphBuilder b;
+  ValueId in = b.Input("in", {4, 8}, DType::kF32);
+  ValueId w0 = b.Param("w0", {8, 8});
+  ValueId x = b.Op("aten::linear", {T(in), T(w0), None()}, {4, 8});
   ValueId w = b.Param("w", {16, 8});
   ValueId bias = b.Param("b", {16});
   ValueId y = b.Op("aten::linear", {T(x), T(w), T(bias)}, {4, 16});
   Graph g = b.Build(CloseWithSum(b, y));
 
-  auto r = Rule(g, Cpu());
+  // The first linear's input needs no gradient: its weight is not kept (only the input, for w0's gradient).
+  auto first = Rule(g, Cpu(), 0);
+  ASSERT_TRUE(first.has_value());
+  EXPECT_EQ(first->saved_inputs, (std::vector<int>{0}));
+  auto r = Rule(g, Cpu(), 1);
   ASSERT_TRUE(r.has_value());
   EXPECT_EQ(r->saved_inputs, (std::vector<int>{0, 1}));
   EXPECT_TRUE(r->saved_outputs.empty());

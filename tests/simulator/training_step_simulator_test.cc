@@ -117,7 +117,8 @@ TEST(TrainingStepSimulatorTest, TwoLinearsFp32AdamW) {
   // backward: d loss 2856; ws 3112; d logits 3368; -ws -d loss -log-probs = 2852;
   //           linear 2: d h +128 = 2980; d w2 +512 = 3492 (peak); -d logits = 3236; h freed = 3108
   //           linear 1: d w1 +256 = 3364; -d h = 3236; loss freed                                  -> 3232
-  // optimizer (cpu, one parameter at a time): 2 * largest = 2 * 512: 3232 + 1024                  = 4256
+  // optimizer (torch.optim single-tensor, one parameter at a time): w2's sqrt and denom (2 * 512) while the loop's
+  // `denom` still holds w1's (256): 3232 + 1280                                                   = 4512
   Graph g = TwoLinears();
   StepSimulation sim = SimulateChecked(g, CpuConfig());
   Replay r = ReplayExact(sim.timeline);
@@ -125,8 +126,13 @@ TEST(TrainingStepSimulatorTest, TwoLinearsFp32AdamW) {
   EXPECT_EQ(r.phase_peak[kForward], 3108);
   EXPECT_EQ(r.phase_peak[kBackward], 3492);
   EXPECT_EQ(r.phase_start[kOptimizer], 3232);
-  EXPECT_EQ(r.phase_peak[kOptimizer] - r.phase_start[kOptimizer], 1024);
-  EXPECT_EQ(r.peak, 4256);
+  EXPECT_EQ(r.phase_peak[kOptimizer] - r.phase_start[kOptimizer], 1280);
+  EXPECT_EQ(r.peak, 4512);
+  // The TorchScript step's C++ optimizer scopes denom to one parameter: 2 * 512.
+  TrainingConfig torchscript = CpuConfig();
+  torchscript.lifetimes = Lifetimes::kTorchScript;
+  Replay t = ReplayExact(SimulateChecked(g, torchscript).timeline);
+  EXPECT_EQ(t.phase_peak[kOptimizer] - t.phase_start[kOptimizer], 1024);
 }
 
 TEST(TrainingStepSimulatorTest, GpuForeachOptimizerHoldsSqrtOfEveryParameter) {
@@ -268,21 +274,20 @@ TEST(TrainingStepSimulatorTest, EagerFramesHoldTheHeadsSixteenBitLogitsAcrossThe
 TEST(TrainingStepSimulatorTest, Bf16AutocastSavesSixteenBitCopies) {
   // Two-linear graph, cpu, bf16 autocast. h [4,8] and logits [4,16] come out of the linears in bf16 (64 / 128 B).
   //   setup 2464 (weights, grads and states stay f32).
-  //   linear 1: x copy bf16 64 (saved), w1 copy bf16 128 (cached), h 64.
-  //   linear 2: w2 copy bf16 256 (cached), logits 128.
-  //   cross_entropy (fp32 list): logits f32 copy 256 (temporary), loss 4, f32 log-probs 256: end of forward 3236.
-  //   backward: d loss 4 = 3240; CE: workspace 256 + d (f32 copy) 256 = 3752 (peak); CE releases its workspace,
-  //   d loss and log-probs (3236); only then ToCopyBackward makes d logits in bf16 128 and drops the f32 one: 3108.
-  //   linear 2: d h 64, d (w2 copy) 256 = 3428; releasing d logits, h and the w2 copy: 2980; ToCopyBackward
-  //   makes d w2 in f32 512 = 3492, then frees the bf16 one: 3236. linear 1 likewise peaks at 3364.
-  //   optimizer: 2 * 512 on top of 3232 = 4256.
+  //   linear 1: x copy bf16 64 (saved for w1's gradient), w1 copy bf16 128 (cached for the forward, not saved:
+  //   the graph input x needs no gradient), h 64.
+  //   linear 2: w2 copy bf16 256 (cached, saved for d h), logits 128.
+  //   cross_entropy (fp32 list): logits f32 copy 256 (temporary), loss 4, f32 log-probs 256; the end of the forward
+  //   clears autocast's cache, which drops w1's copy: 3108.
+  //   backward: d loss 4 = 3112; CE: workspace 256 + d (f32 copy) 256 = 3624 (peak).
+  //   optimizer: w2's sqrt and denom (2 * 512) with w1's denom (256) on top of 3232 = 4512.
   Graph g = TwoLinears();
   StepSimulation sim = SimulateChecked(g, CpuConfig(Precision::kBf16Autocast));
   Replay r = ReplayExact(sim.timeline);
   EXPECT_EQ(r.phase_peak[kSetup], 2464);
-  EXPECT_EQ(r.phase_peak[kBackward], 3752);
+  EXPECT_EQ(r.phase_peak[kBackward], 3624);
   EXPECT_EQ(r.end, 3232);
-  EXPECT_EQ(r.peak, 4256);
+  EXPECT_EQ(r.peak, 4512);
   EXPECT_EQ(BlocksLabelled(sim.timeline, "w1 autocast copy"), (std::vector<int64_t>{128}));
   EXPECT_EQ(BlocksLabelled(sim.timeline, "w2 autocast copy"), (std::vector<int64_t>{256}));
   EXPECT_EQ(BlocksLabelled(sim.timeline, "x autocast copy for aten::linear"), (std::vector<int64_t>{64}));
