@@ -19,11 +19,11 @@ Steps: --steps (default 3). The reported peak_bytes is the maximum of live bytes
 last step. Phases: forward (forward + loss, under autocast when asked), backward (loss.backward(), then the loss
 is released), optimizer (optimizer.step() + zero_grad(set_to_none=True)). --recipe changes
 the loop as scripts/training_recipe.py describes (checkpointing, gradient accumulation, chunked loss, kept outputs,
-optimizer in backward, gradient clipping, PEFT LoRA / QLoRA (--method single only); parallel methods take grad-accum (see grad_sync_context for each
-engine's loop), optimizer-in-backward under FSDP2 and TP, fsdp-reduce-every-micro-batch under FSDP2, loss and
-checkpointing under ddp, zero1, zero2 and fsdp2 (the chunked loss then runs as the model's forward, inside the
-engine's hooks, as torchtune's chunked TransformerDecoder does); the record
-then carries "recipe".
+optimizer in backward, gradient clipping, PEFT LoRA / QLoRA (single only); parallel methods take grad-accum (see
+grad_sync_context for each engine's loop), optimizer-in-backward under FSDP2 and TP, fsdp-reduce-every-micro-batch
+under FSDP2, loss and checkpointing under ddp, zero1, zero2 and fsdp2 (the chunked loss then runs as the model's
+forward, inside the engine's hooks, as torchtune's chunked TransformerDecoder does); the record then carries
+"recipe".
 
 Each rank writes OUT_DIR/rank<R>.json (one JSON object); on an error it writes OUT_DIR/rank<R>.error (the last
 line of the error first, then the traceback) and exits 1.
@@ -538,6 +538,33 @@ def own_storages(model, probe):
     return uncounted
 
 
+def _dtype_name(p):
+    return str(p.dtype).replace("torch.", "")
+
+
+def _storage_format(p):
+    kind = type(p).__name__
+    if kind == "Params4bit":
+        return f"{p.quant_state.quant_type}-packed-{_dtype_name(p)}"
+    if kind == "Int8Params":
+        return "int8-rowwise"
+    return _dtype_name(p)
+
+
+def _bytes_by(params, key):
+    from collections import defaultdict
+
+    acc = defaultdict(int)
+    for p in params:
+        acc[key(p)] += storage_bytes([p])
+    return dict(sorted(acc.items()))
+
+
+def frozen_bytes_by_format(model):
+    """Bytes of the frozen parameters by storage format: float dtypes, "nf4-packed-uint8", "int8-rowwise", ..."""
+    return _bytes_by((p for p in dict(model.named_parameters()).values() if not p.requires_grad), _storage_format)
+
+
 def adapter_report(model, recipe, precision):
     """What an estimate of a LoRA / QLoRA step is checked against: the adapter settings PEFT resolved, the
     adapted modules (grouped over the decoder layers), the trainable parameters (count, bytes by dtype), the
@@ -577,33 +604,16 @@ def adapter_report(model, recipe, precision):
     trainable = {n: p for n, p in params.items() if p.requires_grad}
     frozen = {n: p for n, p in params.items() if not p.requires_grad}
 
-    def by(items, fmt):
-        acc = defaultdict(int)
-        for _, p in items:
-            acc[fmt(p)] += storage_bytes([p])
-        return dict(sorted(acc.items()))
-
-    def dtype_name(p):
-        return str(p.dtype).replace("torch.", "")
-
-    def storage_format(p):
-        kind = type(p).__name__
-        if kind == "Params4bit":
-            return f"{p.quant_state.quant_type}-packed-{dtype_name(p)}"
-        if kind == "Int8Params":
-            return "int8-rowwise"
-        return dtype_name(p)
-
     def logical_numel(p):
         state = getattr(p, "quant_state", None)
         return int(torch.Size(state.shape).numel()) if state is not None else p.numel()
 
     out["trainable_parameters"] = sum(p.numel() for p in trainable.values())
     out["trainable_bytes"] = storage_bytes(trainable.values())
-    out["trainable_bytes_by_dtype"] = by(trainable.items(), dtype_name)
+    out["trainable_bytes_by_dtype"] = _bytes_by(trainable.values(), _dtype_name)
     out["frozen_parameters"] = sum(logical_numel(p) for p in frozen.values())
     out["frozen_bytes"] = storage_bytes(frozen.values())
-    out["frozen_bytes_by_format"] = by(frozen.items(), storage_format)
+    out["frozen_bytes_by_format"] = frozen_bytes_by_format(model)
     out["buffer_bytes"] = storage_bytes(model.buffers())
 
     if o["quant"] != "none":
@@ -946,6 +956,9 @@ def run(args, rank, world, local_rank, record):
     # names as in the HF model (the same Parameter objects under DDP/FSDP2 wrappers), as optimizer_embeddings_32bit
     if len(optimizers) == 1:
         record["optimizer_state_layout"] = optimizer_state_layout(optimizers[0], model.named_parameters())
+    if peft_model is not None:
+        # bitsandbytes' Linear4bit.forward casts its bias to the input's (compute) dtype in place, for good
+        record["frozen_bytes_by_format_end"] = frozen_bytes_by_format(model)
     record["losses"] = losses
     record["steps"] = steps
     if args.device == "cuda":

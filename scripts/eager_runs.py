@@ -32,9 +32,11 @@ and backward peak of each micro-batch of the steady-state step; phase_peak_bytes
 A LoRA case also carries "lora" (the settings, the adapted modules grouped over the layers with their base class,
 in/out features, dropout module and scaling, the adapter dtypes, whether the input-require-grads hook is on),
 "trainable_parameters", "trainable_bytes", "trainable_bytes_by_dtype", "frozen_parameters" (unquantized count),
-"frozen_bytes", "frozen_bytes_by_format" (float dtypes, "nf4-packed-uint8", "int8-rowwise", ...), "buffer_bytes";
-with quant also "quant" (the BitsAndBytesConfig settings and the quantization state's bytes by part) and
-"copied_uncounted_bytes" (reloaded weights copied into counted memory, see training_recipe.py).
+"frozen_bytes", "frozen_bytes_by_format" (float dtypes, "nf4-packed-uint8", "int8-rowwise", ...) after the setup
+and "frozen_bytes_by_format_end" after the last step (bitsandbytes' Linear4bit casts its bias to the compute dtype
+in its forward), "buffer_bytes"; with quant also "quant" (the BitsAndBytesConfig settings and the quantization
+state's bytes by part) and "copied_uncounted_bytes" (reloaded weights copied into counted memory, see
+training_recipe.py).
 
   scripts/eager_runs.py --case llama:bf16-autocast:adamw:1x128:lora-r=8,lora-alpha=16,lora-targets=all-linear,quant=nf4
 

@@ -55,6 +55,7 @@ class ParallelRecipeTest(unittest.TestCase):
         distributed_worker.check_parallel_recipe(parse_recipe("grad-accum=2,fsdp-reduce-every-micro-batch=1"),
                                                  "fsdp2")
         self.assert_refused("grad-accum=2,fsdp-reduce-every-micro-batch=1", "ddp", "ddp")
+        self.assert_refused("lora-r=8", "fsdp2", "lora-r")  # PEFT runs are single-process only
         with self.assertRaises(RecipeError):
             parse_recipe("fsdp-reduce-every-micro-batch=1")
 
@@ -99,6 +100,33 @@ class RecipeParserTest(unittest.TestCase):
         self.assert_refused("grad-clip=-1", "grad-clip", "positive")
         self.assert_refused("grad-clip=inf", "grad-clip")
         self.assert_refused("grad-accum=2,grad-accum=2", "twice")
+
+    def test_lora_values(self):
+        recipe = parse_recipe("quant=nf4,lora-r=8,lora-alpha=16,lora-dropout=0.05,lora-targets=q_proj+v_proj,"
+                              "lora-modules-to-save=lm_head")
+        self.assertEqual(recipe, {"lora-r": 8, "lora-alpha": 16.0, "lora-dropout": 0.05,
+                                  "lora-targets": "q_proj+v_proj", "lora-modules-to-save": "lm_head",
+                                  "quant": "nf4"})
+        self.assertEqual(training_recipe.recipe_text(recipe), "lora-r=8,lora-alpha=16,lora-dropout=0.05,"
+                         "lora-targets=q_proj+v_proj,lora-modules-to-save=lm_head,quant=nf4")
+        self.assertEqual(training_recipe.llmem_flags(recipe),
+                         ["--lora", "r=8,alpha=16,dropout=0.05,targets=q_proj+v_proj",
+                          "--lora-modules-to-save", "lm_head", "--quant", "nf4", "--drop-outputs"])
+        # PEFT's defaults (lora_alpha 8, lora_dropout 0, no quantization) are dropped; targets all-linear is a value
+        self.assertEqual(parse_recipe("lora-r=4,lora-alpha=8,lora-dropout=0,quant=none,lora-targets=all-linear"),
+                         {"lora-r": 4, "lora-targets": "all-linear"})
+        self.assertEqual(training_recipe.llmem_flags(parse_recipe("lora-r=4")),
+                         ["--lora", "r=4,alpha=8,dropout=0", "--drop-outputs"])
+
+    def test_lora_refusals(self):
+        self.assert_refused("lora-alpha=16", "lora-alpha needs lora-r")
+        self.assert_refused("quant=nf4", "quant needs lora-r", "frozen")
+        self.assert_refused("lora-r=0", "lora-r", "positive integer")
+        self.assert_refused("lora-r=8,lora-dropout=1", "lora-dropout", "[0, 1)")
+        self.assert_refused("lora-r=8,lora-targets=q_proj+q_proj", "twice")
+        self.assert_refused("lora-r=8,lora-targets=q_proj,v_proj", "not key=value")  # lists are joined by '+'
+        self.assert_refused("lora-r=8,lora-modules-to-save=all-linear", "lora-modules-to-save")
+        self.assert_refused("lora-r=8,quant=int4", "nf4, fp4, int8")
 
     def test_what_the_harness_cannot_run(self):
         self.assert_refused("loss=fused-linear", "fused-linear", "Triton")
@@ -209,6 +237,49 @@ class EagerRecipeRunsTest(unittest.TestCase):
         self.assertEqual(in_backward["optimizer_state_bytes"], self.plain["optimizer_state_bytes"])
         self.assertEqual(in_backward["losses"], self.plain["losses"])  # the same updates, one parameter at a time
         self.assertLess(in_backward["phase_peak_bytes"]["optimizer"], self.plain["phase_peak_bytes"]["optimizer"])
+
+
+class LoraRunsTest(unittest.TestCase):
+    """Real PEFT LoRA / QLoRA steps of the tiny Llama: only the adapters get gradients and optimizer states."""
+
+    @staticmethod
+    def lora_run(text):
+        import eager_runs
+
+        return eager_runs.run_case("llama", "fp32", "adamw", 1, 64, parse_recipe(text))
+
+    def assert_only_adapters_train(self, rec):
+        self.assertEqual(rec["grad_bytes"], rec["trainable_bytes"])
+        self.assertEqual(rec["trainable_bytes"], 4 * rec["trainable_parameters"])  # fp32 adapters
+        tensors = len(rec["optimizer_state_layout"])
+        self.assertTrue(all(".lora_" in e["param"] for e in rec["optimizer_state_layout"]))
+        self.assertEqual(rec["optimizer_state_bytes"], 2 * rec["trainable_bytes"] + 4 * tensors)  # + the steps
+
+    def test_lora_on_the_attention_projections(self):
+        rec = self.lora_run("lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj")
+        # 4 layers, hidden 256, 2 key/value heads of 64: q 256 -> 256, v 256 -> 128; A is [r, in], B [out, r]
+        self.assertEqual(rec["trainable_parameters"], 4 * 8 * ((256 + 256) + (256 + 128)))
+        self.assertEqual(rec["frozen_parameters"], rec["num_parameters"])
+        self.assert_only_adapters_train(rec)
+        self.assertEqual(rec["lora"]["adapted_modules"], 8)
+        self.assertFalse(rec["lora"]["input_require_grads_hook"])
+
+    def test_checkpointing_gets_the_input_hook_and_trains_the_same(self):
+        plain = self.lora_run("lora-r=8,lora-alpha=16")
+        full = self.lora_run("lora-r=8,lora-alpha=16,checkpointing=full")
+        self.assertTrue(full["lora"]["input_require_grads_hook"])  # PEFT's enable_input_require_grads()
+        self.assertEqual(full["losses"], plain["losses"])  # the adapters were trained through the checkpoints
+        self.assertLess(full["phase_peak_bytes"]["forward"], plain["phase_peak_bytes"]["forward"])
+
+    def test_qlora_nf4_stores_the_linear_weights_packed(self):
+        rec = self.lora_run("lora-r=8,lora-targets=all-linear,quant=nf4")
+        linear = 4 * (256 * 256 * 2 + 256 * 128 * 2 + 3 * 256 * 688)  # q, o, k, v, gate, up, down
+        self.assertEqual(rec["frozen_bytes_by_format"]["nf4-packed-uint8"], linear // 2)
+        # embed_tokens, lm_head and the norms stay unquantized, fp32 after prepare_model_for_kbit_training
+        self.assertEqual(rec["frozen_bytes_by_format"]["float32"], 4 * (rec["num_parameters"] - linear))
+        self.assertEqual(rec["quant"]["state_bytes_by_part"]["absmax"], linear // 64)  # uint8: double quant
+        self.assertEqual(rec["lora"]["adapted_modules"], 28)  # every Linear4bit, not lm_head
+        self.assert_only_adapters_train(rec)
 
 
 class ProcessWideStateTest(unittest.TestCase):
