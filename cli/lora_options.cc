@@ -75,13 +75,7 @@ LoraSettings ParseLoraOption(const std::string& text, const std::string& modules
       s.modules_to_save.push_back(m);
     }
   }
-  if (s.rank <= 0) throw ConfigError("--lora r must be a positive integer");
-  if (!(s.alpha > 0)) throw ConfigError("--lora alpha must be positive, not " + std::to_string(s.alpha));
-  if (!(s.dropout >= 0 && s.dropout < 1)) {
-    throw ConfigError("--lora dropout must lie in [0, 1), not " + std::to_string(s.dropout));
-  }
-  if (s.targets.empty()) throw ConfigError("--lora needs targets=MODULE[,MODULE...] or targets=all-linear");
-  return s;
+  return s;  // ApplyLora checks the ranges and the targets
 }
 
 }  // namespace llmem::cli
