@@ -8,6 +8,7 @@
 
 #include "graph/dtype.h"
 #include "graph/error.h"
+#include "graph/graph_rewriter.h"
 
 namespace llmem {
 namespace {
@@ -24,39 +25,17 @@ bool MatchesAny(std::string_view scope, const std::vector<std::string>& targets)
   return std::any_of(targets.begin(), targets.end(), [&](const std::string& t) { return Matches(scope, t); });
 }
 
-OpArg TensorArg(ValueId v) {
-  OpArg a;
-  a.kind = OpArg::Kind::kTensor;
-  a.tensors = {v};
-  return a;
-}
-OpArg IntArg(int64_t v, OpArg::Kind kind = OpArg::Kind::kInt) {
-  OpArg a;
-  a.kind = kind;
-  a.int_value = v;
-  return a;
-}
-OpArg DoubleArg(double v) {
-  OpArg a;
-  a.kind = OpArg::Kind::kDouble;
-  a.double_value = v;
-  return a;
-}
-
 // Builds the rewritten graph: values and parameters are appended, nodes re-emitted in order.
 class LoraRewriter {
  public:
-  LoraRewriter(const Graph& base, const LoraSettings& s) : base_(base), s_(s) {
-    values_ = base.values();
-    params_ = base.params();
-  }
+  LoraRewriter(const Graph& base, const LoraSettings& s) : base_(base), s_(s), rw_(base) {}
 
   Graph Run() {
     CheckTargetsExist();
-    for (auto& p : params_) {  // the base is frozen
+    for (auto& p : rw_.params()) {  // the base is frozen
       if (!p.trainable) continue;
       p.trainable = false;
-      values_[static_cast<size_t>(p.value.index)].requires_grad = false;
+      rw_.value(p.value).requires_grad = false;
     }
     for (const OpNode& old : base_.nodes()) {
       OpNode node = old;
@@ -65,11 +44,11 @@ class LoraRewriter {
       }
       const bool linear = IsLinear(node);
       if (linear && MatchesAny(node.scope, s_.modules_to_save)) SaveModuleCopy(node);
-      const NodeId id = Emit(std::move(node));
-      if (linear && IsTarget(nodes_.back())) AddAdapter(id);
+      const NodeId id = rw_.Emit(std::move(node));
+      if (linear && IsTarget(rw_.nodes().back())) AddAdapter(id);
     }
     // Views made after an adapter of a value it replaced view the adapter's result.
-    for (auto& v : values_) {
+    for (auto& v : rw_.values()) {
       if (v.alias_of.valid() && v.producer.valid() && replaced_.contains(v.alias_of.index) &&
           v.producer.index > replaced_at_[v.alias_of.index]) {
         v.alias_of = Replaced(v.alias_of);
@@ -77,14 +56,7 @@ class LoraRewriter {
     }
     DeriveRequiresGrad();
     MarkUnusedParams();
-    std::vector<ValueId> inputs = base_.inputs();
-    ValueId loss = Replaced(base_.loss());
-    Renumber(inputs, loss);
-    Graph g(std::move(values_), std::move(nodes_), std::move(params_), std::move(inputs), loss, base_.batch(),
-            base_.seq());
-    g.set_runs_with_bf16_weights(base_.runs_with_bf16_weights());
-    g.set_position_limit(base_.position_limit());
-    return g;
+    return rw_.Build(base_.inputs(), Replaced(base_.loss()));
   }
 
  private:
@@ -134,132 +106,97 @@ class LoraRewriter {
     return it == replaced_.end() ? v : ValueId{it->second};
   }
 
-  NodeId Emit(OpNode node) {
-    node.id = NodeId{static_cast<int32_t>(nodes_.size())};
-    for (ValueId out : node.outputs) values_[static_cast<size_t>(out.index)].producer = node.id;
-    nodes_.push_back(std::move(node));
-    return nodes_.back().id;
-  }
-
-  ValueId NewValue(const std::string& name, std::vector<int64_t> shape, DType dtype, DType dtype_bf16_weights,
-                   ValueId alias_of = {}) {
-    TensorValue v;
-    v.id = ValueId{static_cast<int32_t>(values_.size())};
-    v.name = name;
-    v.storage_numel = alias_of.valid() ? 0 : NumElements(shape);
-    v.shape = std::move(shape);
-    v.dtype = dtype;
-    v.dtype_bf16_weights = dtype_bf16_weights;
-    v.alias_of = alias_of;
-    values_.push_back(std::move(v));
-    return values_.back().id;
-  }
-
-  ValueId NewParam(const std::string& name, std::vector<int64_t> shape, DType dtype, DType dtype_bf16_weights,
-                   Region region) {
-    const ValueId id = NewValue(name, shape, dtype, dtype_bf16_weights);
-    TensorValue& v = values_[static_cast<size_t>(id.index)];
-    v.role = ValueRole::kParameter;
-    v.requires_grad = true;
-    v.param = static_cast<int32_t>(params_.size());
-    Parameter p;
-    p.name = name;
-    p.shape = std::move(shape);
-    p.dtype = dtype;
-    p.bytes = ShapeBytes(p.shape, dtype);
-    p.value = id;
-    p.region = region;
-    params_.push_back(std::move(p));
-    return id;
-  }
-
-  OpNode NewNode(const OpNode& at, std::string kind, std::string scope, std::vector<OpArg> args, ValueId out) {
-    OpNode n;
-    n.kind = std::move(kind);
-    n.args = std::move(args);
-    n.outputs = {out};
-    n.region = at.region;
-    n.scope = std::move(scope);
-    n.in_module_code = true;
-    return n;
-  }
-
   // A trainable copy of the module's weight and bias, which its forward reads from then on.
   void SaveModuleCopy(OpNode& node) {
     for (size_t i = 1; i < node.args.size() && i <= 2; ++i) {
       if (node.args[i].kind != OpArg::Kind::kTensor) continue;
-      const TensorValue& orig = values_[static_cast<size_t>(node.args[i].tensors[0].index)];
+      const TensorValue& orig = rw_.value(node.args[i].tensors[0]);
       if (orig.role != ValueRole::kParameter) continue;
       const std::string name = node.scope + ".modules_to_save.default." + (i == 1 ? "weight" : "bias");
-      node.args[i].tensors[0] = NewParam(name, orig.shape, orig.dtype, orig.dtype_bf16_weights, node.region);
+      node.args[i].tensors[0] = rw_.NewParam(name, orig.shape, orig.dtype, orig.dtype_bf16_weights, node.region, true);
       copied_.insert(orig.id.index);
     }
   }
 
   void AddAdapter(NodeId base_id) {
-    const OpNode base = nodes_[static_cast<size_t>(base_id.index)];
-    const TensorValue x = values_[static_cast<size_t>(base.args[0].tensors[0].index)];
-    const TensorValue w = values_[static_cast<size_t>(base.args[1].tensors[0].index)];
-    const TensorValue y = values_[static_cast<size_t>(base.outputs.at(0).index)];
+    const OpNode base = rw_.nodes()[static_cast<size_t>(base_id.index)];
+    const TensorValue x = rw_.value(base.args[0].tensors[0]);
+    const TensorValue w = rw_.value(base.args[1].tensors[0]);
+    const TensorValue y = rw_.value(base.outputs.at(0));
     if (w.shape.size() != 2 || x.shape.empty()) {
       throw ConfigError("--lora: the linear op of " + base.scope + " has a weight of rank " +
                         std::to_string(w.shape.size()) + "; adapters need a 2-D weight");
     }
     const int64_t out_features = w.shape[0], in_features = w.shape[1];
     const std::string& m = base.scope;
-    nodes_[static_cast<size_t>(base_id.index)].scope = m + ".base_layer";
-    const ValueId a_w = NewParam(m + ".lora_A.default.weight", {s_.rank, in_features}, DType::kF32, DType::kF32,
-                                 base.region);
-    const ValueId b_w = NewParam(m + ".lora_B.default.weight", {out_features, s_.rank}, DType::kF32, DType::kF32,
-                                 base.region);
+    rw_.nodes()[static_cast<size_t>(base_id.index)].scope = m + ".base_layer";
+    const ValueId a_w = rw_.NewParam(m + ".lora_A.default.weight", {s_.rank, in_features}, DType::kF32,
+                                     DType::kF32, base.region, true);
+    const ValueId b_w = rw_.NewParam(m + ".lora_B.default.weight", {out_features, s_.rank}, DType::kF32,
+                                     DType::kF32, base.region, true);
     auto leading = [&](int64_t last) {
       std::vector<int64_t> shape = x.shape;
       shape.back() = last;
       return shape;
     };
+    auto emit = [&](const std::string& kind, const std::string& scope, std::vector<OpArg> args, ValueId out) {
+      return rw_.Emit(GraphRewriter::NewNode(base, kind, scope, std::move(args), out));
+    };
+    // A bitsandbytes base: lora.bnb.Linear4bit clones the base result before adding to it.
+    ValueId base_result = y.id;
+    if (s_.quantized_base) {
+      base_result = rw_.NewValue(m + " base result clone", y.shape, y.dtype, y.dtype_bf16_weights);
+      emit("aten::clone", m, {TensorArg(y.id), OpArg{}}, base_result);
+    }
     // x.to(A.dtype): the same tensor when x is already fp32, a copy when it is 16-bit.
-    const ValueId xc = NewValue(m + " lora input", x.shape, DType::kF32, DType::kF32, x.id);
-    Emit(NewNode(base, "aten::to", m, {TensorArg(x.id), IntArg(kFloatScalarType), IntArg(0, OpArg::Kind::kBool),
-                                       IntArg(0, OpArg::Kind::kBool)}, xc));
+    const ValueId xc = rw_.NewValue(m + " lora input", x.shape, DType::kF32, DType::kF32, x.id);
+    emit("aten::to", m, {TensorArg(x.id), IntArg(kFloatScalarType), IntArg(0, OpArg::Kind::kBool),
+                         IntArg(0, OpArg::Kind::kBool)}, xc);
     ValueId in = xc;
     if (s_.dropout > 0) {
-      const ValueId d = NewValue(m + " lora dropout", x.shape, DType::kF32, DType::kF32);
-      Emit(NewNode(base, "aten::dropout", m + ".lora_dropout.default",
-                   {TensorArg(in), DoubleArg(s_.dropout), IntArg(1, OpArg::Kind::kBool)}, d));
+      const ValueId d = rw_.NewValue(m + " lora dropout", x.shape, DType::kF32, DType::kF32);
+      emit("aten::dropout", m + ".lora_dropout.default",
+           {TensorArg(in), DoubleArg(s_.dropout), IntArg(1, OpArg::Kind::kBool)}, d);
       in = d;
     }
-    const ValueId a = NewValue(m + " lora_A", leading(s_.rank), DType::kF32, DType::kF32);
-    Emit(NewNode(base, "aten::linear", m + ".lora_A.default", {TensorArg(in), TensorArg(a_w), OpArg{}}, a));
-    const ValueId b = NewValue(m + " lora_B", leading(out_features), DType::kF32, DType::kF32);
-    Emit(NewNode(base, "aten::linear", m + ".lora_B.default", {TensorArg(a), TensorArg(b_w), OpArg{}}, b));
-    const ValueId scaled = NewValue(m + " lora scaled", leading(out_features), DType::kF32, DType::kF32);
-    Emit(NewNode(base, "aten::mul", m, {TensorArg(b), DoubleArg(s_.alpha / static_cast<double>(s_.rank))}, scaled));
+    const ValueId a = rw_.NewValue(m + " lora_A", leading(s_.rank), DType::kF32, DType::kF32);
+    emit("aten::linear", m + ".lora_A.default", {TensorArg(in), TensorArg(a_w), OpArg{}}, a);
+    const ValueId b = rw_.NewValue(m + " lora_B", leading(out_features), DType::kF32, DType::kF32);
+    emit("aten::linear", m + ".lora_B.default", {TensorArg(a), TensorArg(b_w), OpArg{}}, b);
+    const ValueId scaled = rw_.NewValue(m + " lora scaled", leading(out_features), DType::kF32, DType::kF32);
+    emit("aten::mul", m, {TensorArg(b), DoubleArg(s_.alpha / static_cast<double>(s_.rank))}, scaled);
     // A 16-bit base result plus the fp32 adapter output promotes to fp32.
     const DType sum_bf16 = Promote(y.dtype_bf16_weights, DType::kF32);
-    const ValueId sum = NewValue(m + " lora sum", y.shape, Promote(y.dtype, DType::kF32), sum_bf16);
-    Emit(NewNode(base, "aten::add", m, {TensorArg(y.id), TensorArg(scaled), IntArg(1)}, sum));
-    // result.to(the base result's dtype): under autocast the base linear's bf16 (hence to_autocast_dtype).
-    const ValueId result = NewValue(m + " lora result", y.shape, y.dtype, y.dtype_bf16_weights, sum);
-    OpNode cast = NewNode(base, "aten::to", m, {TensorArg(sum), IntArg(kFloatScalarType),
-                                                IntArg(0, OpArg::Kind::kBool), IntArg(0, OpArg::Kind::kBool)},
-                          result);
-    cast.to_autocast_dtype = true;
-    const NodeId cast_id = Emit(std::move(cast));
+    const ValueId sum = rw_.NewValue(m + " lora sum", y.shape, Promote(y.dtype, DType::kF32), sum_bf16);
+    NodeId last = emit("aten::add", m, {TensorArg(base_result), TensorArg(scaled), IntArg(1)}, sum);
+    ValueId result = sum;
+    if (!s_.quantized_base) {
+      // result.to(the base result's dtype): under autocast the base linear's bf16 (hence to_autocast_dtype). The
+      // bitsandbytes layer casts the adapter output instead, and only outside autocast: a no-op on its fp32
+      // activations (prepare_model_for_kbit_training keeps them fp32).
+      result = rw_.NewValue(m + " lora result", y.shape, y.dtype, y.dtype_bf16_weights, sum);
+      OpNode cast = GraphRewriter::NewNode(base, "aten::to", m,
+                                           {TensorArg(sum), IntArg(kFloatScalarType), IntArg(0, OpArg::Kind::kBool),
+                                            IntArg(0, OpArg::Kind::kBool)},
+                                           result);
+      cast.to_autocast_dtype = true;
+      last = rw_.Emit(std::move(cast));
+    }
     replaced_[y.id.index] = result.index;
-    replaced_at_[y.id.index] = cast_id.index;
+    replaced_at_[y.id.index] = last.index;
   }
 
   // requires_grad again, from what still requires grad: an op's output requires grad when the base graph's did
   // (the op is differentiable there) and some input still does; the adapter ops' outputs when an input does.
   void DeriveRequiresGrad() {
     const size_t base_values = base_.values().size();
-    for (const OpNode& node : nodes_) {
+    for (const OpNode& node : rw_.nodes()) {
       bool any = false;
       for (const auto& arg : node.args) {
-        for (ValueId t : arg.tensors) any |= values_[static_cast<size_t>(t.index)].requires_grad;
+        for (ValueId t : arg.tensors) any |= rw_.value(t).requires_grad;
       }
       for (ValueId out : node.outputs) {
-        TensorValue& v = values_[static_cast<size_t>(out.index)];
+        TensorValue& v = rw_.value(out);
         const bool differentiable = static_cast<size_t>(out.index) >= base_values
                                         ? IsFloating(v.dtype)
                                         : base_.value(out).requires_grad;
@@ -268,55 +205,22 @@ class LoraRewriter {
     }
   }
 
-  // Values in the order the IR requires (a value after the one it aliases): inputs and parameters first, then
-  // every op's outputs in op order.
-  void Renumber(std::vector<ValueId>& inputs, ValueId& loss) {
-    std::vector<int32_t> order(values_.size());
-    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
-    auto key = [&](int32_t i) { return values_[static_cast<size_t>(i)].producer.index; };  // -1: not produced
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return key(a) < key(b); });
-    std::vector<int32_t> new_index(values_.size());
-    for (size_t i = 0; i < order.size(); ++i) new_index[static_cast<size_t>(order[i])] = static_cast<int32_t>(i);
-    auto remap = [&](ValueId& v) {
-      if (v.valid()) v.index = new_index[static_cast<size_t>(v.index)];
-    };
-    std::vector<TensorValue> sorted;
-    sorted.reserve(values_.size());
-    for (int32_t i : order) sorted.push_back(std::move(values_[static_cast<size_t>(i)]));
-    for (auto& v : sorted) {
-      remap(v.id);
-      remap(v.alias_of);
-    }
-    values_ = std::move(sorted);
-    for (auto& node : nodes_) {
-      for (auto& arg : node.args) {
-        for (auto& t : arg.tensors) remap(t);
-      }
-      for (auto& out : node.outputs) remap(out);
-    }
-    for (auto& p : params_) remap(p.value);
-    for (auto& in : inputs) remap(in);
-    remap(loss);
-  }
-
   // An original whose module now computes with its trainable copy stays in memory, unread unless tied.
   void MarkUnusedParams() {
     std::set<int32_t> read;
-    for (const OpNode& node : nodes_) {
+    for (const OpNode& node : rw_.nodes()) {
       for (const auto& arg : node.args) {
         for (ValueId t : arg.tensors) read.insert(t.index);
       }
     }
-    for (auto& p : params_) {
+    for (auto& p : rw_.params()) {
       if (copied_.contains(p.value.index) && !read.contains(p.value.index)) p.used_in_forward = false;
     }
   }
 
   const Graph& base_;
   const LoraSettings& s_;
-  std::vector<TensorValue> values_;
-  std::vector<OpNode> nodes_;
-  std::vector<Parameter> params_;
+  GraphRewriter rw_;
   std::map<int32_t, int32_t> replaced_;     // base linear output -> the adapter's result
   std::map<int32_t, int32_t> replaced_at_;  // base linear output -> the node that makes its replacement
   std::set<int32_t> copied_;                // originals of modules_to_save parameters

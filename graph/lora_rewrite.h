@@ -13,6 +13,9 @@
 // A is r x in and B is out x r, fp32 whatever the base dtype (get_peft_model's autocast_adapter_dtype upcasts
 // 16-bit adapters), trainable. Every base parameter is frozen (requires_grad False: no gradient, no optimizer
 // state), and requires_grad of every activation is derived again from what still requires grad.
+// On a bitsandbytes 4-bit base (peft tuners/lora/bnb.py Linear4bit) the base result is cloned first ("defensively",
+// PEFT's comment) and no final cast follows: outside autocast the adapter output is cast to the result's dtype
+// instead, a no-op on the fp32 activations prepare_model_for_kbit_training leaves.
 // `modules_to_save` modules get a trainable copy that the forward uses, in the base dtype, while the frozen
 // original stays in memory (ModulesToSaveWrapper keeps both).
 //
@@ -34,6 +37,7 @@ struct LoraSettings {
   double dropout = 0.0;
   std::vector<std::string> targets;          // module-name suffixes, or the single entry "all-linear"
   std::vector<std::string> modules_to_save;  // module-name suffixes whose linear gets a trainable copy
+  bool quantized_base = false;               // the targets are bitsandbytes Linear4bit layers (QLoRA)
 };
 
 // The graph with adapters added and the base frozen. Throws ConfigError for settings out of range and for a
