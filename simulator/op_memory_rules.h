@@ -39,6 +39,7 @@ struct OpMemoryRule {
   std::vector<ExtraBuffer> forward_extra;
   std::vector<GradKind> input_grads;     // one per flattened tensor input
   int64_t backward_workspace_bytes = 0;  // allocated before the input gradients, freed after them
+  int64_t backward_prelude_bytes = 0;    // allocated after the workspace and freed before the input gradients
 };
 
 // Context a rule may read: the dtype each value has under the simulated precision.

@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "graph/error.h"
+#include "graph/op_registry.h"
 #include "simulator/backend_rules.h"
 #include "simulator/forward_lifetimes.h"
 #include "simulator/op_memory_rules.h"
@@ -438,14 +439,14 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
       }
     }
 
-    // Outputs that own new storage. aten::to allocates exactly when the simulated dtypes differ.
+    // Outputs that own new storage. A cast (aten::to, type_as) allocates exactly when the simulated dtypes differ.
     const bool from_cache = recomputing_ && TakeCachedOutputs(node);
     for (ValueId out : node.outputs) {
       if (from_cache) break;
       const auto& v = graph_.value(out);
       const ValueId root = graph_.StorageRoot(out);
       bool owns = !v.alias_of.valid();
-      if (node.kind == "aten::to" && !inputs.empty()) {
+      if (OpHas(node.kind, kCastOp) && !inputs.empty()) {
         const DType in_d = out_.value_dtypes[static_cast<size_t>(inputs[0].index)];
         const DType out_d = out_.value_dtypes[static_cast<size_t>(out.index)];
         owns = in_d != out_d || !v.alias_of.valid();
@@ -734,6 +735,11 @@ void StepExecutor::Backward() {
       workspace = NewStorage(
           rule.backward_workspace_bytes, MemoryCategory::kTransient, [&] { return node.kind + " backward"; },
           node.id.index);
+    }
+    if (rule.backward_prelude_bytes > 0) {
+      Unref(NewStorage(rule.backward_prelude_bytes, MemoryCategory::kTransient,
+                       [&] { return node.kind + " backward prelude"; }, node.id.index),
+            node.id.index);
     }
     int64_t parallel_workspace = -1;
     if (const int64_t extra = hooks_->ExtraTransientBytes(node, Phase::kBackward); extra > 0) {

@@ -3,6 +3,7 @@
 #include <optional>
 
 #include "graph/error.h"
+#include "graph/op_registry.h"
 #include "simulator/backend_rules.h"
 
 namespace llmem::sim {
@@ -66,7 +67,7 @@ std::vector<DType> SimulatedDTypes(const Graph& graph, Precision precision, Life
       const auto& v = graph.value(out);
       DType& d = dt[static_cast<size_t>(out.index)];
       if (!IsFloating(v.dtype)) continue;
-      if (v.alias_of.valid() && node.kind != "aten::to") {
+      if (v.alias_of.valid() && !OpHas(node.kind, kCastOp)) {
         // A view has the dtype of the tensor it views: the op's first input when they share storage (the root
         // could be a value that a simulated cast has since copied).
         const bool views_input = !inputs.empty() && graph.StorageRoot(inputs[0]) == graph.StorageRoot(out);
