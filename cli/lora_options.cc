@@ -78,4 +78,32 @@ LoraSettings ParseLoraOption(const std::string& text, const std::string& modules
   return s;  // ApplyLora checks the ranges and the targets
 }
 
+QuantSettings ParseQuantOption(const std::string& name, sim::Precision precision) {
+  QuantSettings q;
+  if (name == "nf4" || name == "nf4-dq") {
+    q.format = QuantFormat::kNf4;
+  } else if (name == "fp4" || name == "fp4-dq") {
+    q.format = QuantFormat::kFp4;
+  } else if (name == "int8" || name.starts_with("gptq") || name.starts_with("awq")) {
+    throw ConfigError("--quant " + name + " is not modelled yet; the bitsandbytes 4-bit formats are nf4, fp4, nf4-dq "
+                      "and fp4-dq");
+  } else {
+    throw ConfigError("unknown --quant '" + name + "' (nf4, fp4, nf4-dq, fp4-dq: bitsandbytes 4-bit, -dq with double "
+                      "quantization)");
+  }
+  q.double_quant = name.ends_with("-dq");
+  switch (precision) {
+    case sim::Precision::kFp32: q.compute_dtype = DType::kF32; break;
+    case sim::Precision::kFp16Autocast: q.compute_dtype = DType::kF16; break;
+    case sim::Precision::kBf16Autocast:
+    case sim::Precision::kBf16: q.compute_dtype = DType::kBF16; break;
+  }
+  q.load_dtype = q.compute_dtype;
+  return q;
+}
+
+sim::Precision QuantizedStepPrecision(sim::Precision requested) {
+  return requested == sim::Precision::kBf16 ? sim::Precision::kFp32 : requested;
+}
+
 }  // namespace llmem::cli

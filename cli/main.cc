@@ -26,6 +26,7 @@
 #include "cli/trace_file.h"
 #include "cli/training_options.h"
 #include "cli/validate_command.h"
+#include "cli/weights_report.h"
 #include "distributed/nccl_memory.h"
 #include "distributed/parallel_plan.h"
 #include "distributed/rank_estimate.h"
@@ -61,6 +62,7 @@ struct StepOptions {
   llmem::cli::RecipeOptions recipe;      // estimate only: checkpointing, accumulation, loss, loop, ...
   std::string lora;                      // estimate only: --lora r=..,alpha=..,dropout=..,targets=..
   std::string lora_modules_to_save;
+  std::string quant;                     // estimate only: --quant nf4|fp4|nf4-dq|fp4-dq (needs --lora)
 };
 
 void AddStepOptions(CLI::App* cmd, StepOptions& o) {
@@ -293,18 +295,33 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   if (o.max_positions) model.set_max_positions(*o.max_positions);
   auto graph = model.BuildGraph(o.batch, o.seq);
   std::optional<llmem::LoraSettings> lora;
+  std::vector<std::string> assumptions;  // of a parallel layout on a GPU: NCCL's buffers; of QLoRA's precision
+  std::optional<llmem::QuantSettings> quant;
   if (!o.lora.empty()) {
     lora = llmem::cli::ParseLoraOption(o.lora, o.lora_modules_to_save);
     if (o.dp > 1 || o.tp > 1) {
       throw llmem::ConfigError("--lora with --dp or --tp is not modelled yet (frozen base parameters under the parallel "
                                "engines); estimate one GPU");
     }
+    if (!o.quant.empty()) {
+      quant = llmem::cli::ParseQuantOption(o.quant, config.precision);
+      lora->quantized_base = true;
+      // peft.prepare_model_for_kbit_training casts the unquantized 16-bit parameters to fp32.
+      if (config.precision == llmem::sim::Precision::kBf16) {
+        assumptions.push_back("--quant with --precision bf16: peft.prepare_model_for_kbit_training casts the "
+                              "embeddings, norms and LM head to fp32, so activations between the 4-bit linears are "
+                              "fp32 (the 4-bit linears compute in bf16)");
+      }
+      config.precision = llmem::cli::QuantizedStepPrecision(config.precision);
+    }
     graph = llmem::ApplyLora(graph, *lora);
+    if (quant) graph = llmem::QuantizeLinears(graph, *quant);
   } else if (!o.lora_modules_to_save.empty()) {
     throw llmem::ConfigError("--lora-modules-to-save needs --lora");
+  } else if (!o.quant.empty()) {
+    throw llmem::ConfigError("--quant needs --lora: a quantized base is frozen, nothing would train");
   }
   llmem::sim::MemoryEstimate est;
-  std::vector<std::string> assumptions;  // of a parallel layout on a GPU: NCCL's buffers
   if (config.fsdp_reduce_every_micro_batch && !llmem::dist::RunsFsdp2({.dp = o.dp, .tp = o.tp, .engine = *engine})) {
     throw llmem::ConfigError("--fsdp-reduce-every-micro-batch applies to FSDP2: --engine zero2 or zero3 with --dp 2 "
                              "or more");
@@ -330,9 +347,16 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
       j["recipe"]["lora"] = {{"r", lora->rank}, {"alpha", lora->alpha}, {"dropout", lora->dropout},
                              {"targets", lora->targets}, {"modules_to_save", lora->modules_to_save}};
     }
+    if (quant) {
+      j["recipe"]["quant"] = {{"format", llmem::QuantName(*quant)}, {"library", "bitsandbytes Linear4bit"},
+                              {"blocksize", quant->blocksize},
+                              {"compute_dtype", std::string(llmem::DTypeName(quant->compute_dtype))}};
+    }
+    if (lora) j["weights"] = llmem::cli::WeightsJson(llmem::cli::GroupWeights(graph, config.precision));
     std::cout << j.dump(2) << "\n";
   } else {
     PrintEstimate(est, graph, o, config, assumptions);
+    if (lora) llmem::cli::PrintWeights(llmem::cli::GroupWeights(graph, config.precision));
   }
   WarnAboutUnknownOps(est);
   return est.fits ? 0 : kExitDoesNotFit;
@@ -489,6 +513,9 @@ int main(int argc, char** argv) {
                        "PEFT LoRA adapters on a frozen base: r=R,alpha=A,dropout=P,targets=q_proj,v_proj (or all-linear)");
   estimate->add_option("--lora-modules-to-save", est_opts.lora_modules_to_save,
                        "with --lora: modules trained in full, as a trainable copy (PEFT modules_to_save), e.g. lm_head");
+  estimate->add_option("--quant", est_opts.quant,
+                       "with --lora: QLoRA base in bitsandbytes 4-bit: nf4 | fp4 | nf4-dq | fp4-dq (-dq: double "
+                       "quantization)");
 
   StepOptions measure_opts;
   measure_opts.precision = "fp32";

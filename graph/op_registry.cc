@@ -193,6 +193,8 @@ constexpr std::array kOps = std::to_array<OpInfo>({
 
     // Contractions.
     {"aten::linear", "", 0, A::kLowerPrecision, A::kLowerPrecision, G::kMatmul, C::kContraction},
+    // bitsandbytes' 4-bit linear (graph/quantize_rewrite.h): an autograd Function, so autocast leaves its inputs.
+    {"bnb::matmul_4bit", "", 0, A::kNone, A::kNone, G::kQuantizedMatmul, C::kContraction},
     {"aten::matmul", "", 0, A::kLowerPrecision, A::kLowerPrecision, G::kMatmul, C::kContraction},
     {"aten::mm", "", 0, A::kLowerPrecision, A::kLowerPrecision, G::kMatmul, C::kContraction},
     {"aten::bmm", "", 0, A::kLowerPrecision, A::kLowerPrecision, G::kMatmul, C::kContraction},

@@ -61,6 +61,7 @@ enum class GradFormula : uint8_t {
   kSoftmax,              // backward reads the result
   kDropout,              // grad * mask
   kMatmul,               // both operands saved, both gradients new
+  kQuantizedMatmul,      // bitsandbytes MatMul4Bit: the weight dequantized in forward and again in backward
   kAddmm,                // matmul plus a broadcast addend
   kEmbedding,            // embedding_dense_backward
   kLayerNorm,            // native_layer_norm_backward

@@ -81,12 +81,19 @@ LORA_RECIPES = ["lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj",
 LORA_ARCHS = ["llama", "mistral", "opt"]
 RECIPE_CASES += [f"{arch}:{precision}:adamw:{b}x{s}:{recipe}" for recipe in LORA_RECIPES for arch in LORA_ARCHS
                  for precision in PRECISIONS for b, s in RECIPE_POINTS]
+# QLoRA: the same adapters on a bitsandbytes 4-bit base (llmem --quant), with and without double quantization
+QLORA_RECIPES = ["lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj,quant=nf4",
+                 "lora-r=8,lora-alpha=16,lora-targets=all-linear,quant=nf4-dq",
+                 "lora-r=8,lora-alpha=16,lora-targets=all-linear,lora-dropout=0.05,quant=fp4-dq",
+                 "lora-r=8,lora-alpha=16,lora-targets=all-linear,checkpointing=full,quant=nf4-dq"]
+RECIPE_CASES += [f"{arch}:{precision}:adamw:{b}x{s}:{recipe}" for recipe in QLORA_RECIPES for arch in LORA_ARCHS
+                 for precision in PRECISIONS for b, s in RECIPE_POINTS]
 # --quick: every feature once in each precision, on two architectures
 RECIPE_QUICK_CASES = [f"{arch}:{precision}:adamw:2x256:{recipe}" for recipe in RECIPES
                       for arch, precision in (("llama", "bf16-autocast"), ("gpt2", "fp32"))]
 RECIPE_QUICK_CASES += [f"{arch}:{precision}:{optimizer}:2x256" for optimizer in OPTIMIZERS
                        for arch, precision in (("llama", "bf16-autocast"), ("gpt2", "fp32"))]
-RECIPE_QUICK_CASES += [f"{arch}:{precision}:adamw:2x256:{recipe}" for recipe in LORA_RECIPES[2:4]
+RECIPE_QUICK_CASES += [f"{arch}:{precision}:adamw:2x256:{recipe}" for recipe in LORA_RECIPES[2:4] + QLORA_RECIPES[1:2]
                        for arch, precision in (("llama", "bf16-autocast"), ("opt", "fp32"))]
 
 

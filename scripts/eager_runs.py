@@ -21,7 +21,7 @@ A case is ARCH:PRECISION:OPTIMIZER:BxS[:RECIPE]. The optional recipe is `key=val
 llmem's flag names without dashes: checkpointing (none|full|every-K|selective), checkpointing-impl
 (reentrant|non-reentrant), grad-accum (K), loss (standard|chunked-N), keep-outputs (0|1), optimizer-in-backward
 (0|1), grad-clip (NORM), and PEFT LoRA / QLoRA: lora-r (R), lora-alpha (A), lora-dropout (P), lora-targets
-(NAME+NAME or all-linear), lora-modules-to-save (NAME+NAME), quant (nf4|fp4|int8). scripts/training_recipe.py says
+(NAME+NAME or all-linear), lora-modules-to-save (NAME+NAME), quant (nf4|fp4|nf4-dq|fp4-dq|int8). scripts/training_recipe.py says
 which library code and which loop each option runs (HF gradient_checkpointing_enable, torchtitan's layer and op
 selective AC, HF Trainer's accumulation, torchtune's chunked output and CEWithChunkedOutputLoss and
 optimizer-in-backward, the accelerate/PEFT example loop, clip_grad_norm_, peft.get_peft_model, transformers'

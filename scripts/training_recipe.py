@@ -68,7 +68,7 @@ What each option runs (the loop itself is scripts/distributed_worker.py's `run`)
   _prepare_model_for_gradient_checkpointing), which makes the embedding output a leaf that requires grad (it gets
   a [B,T,H] .grad in backward). That is the order PEFT's docs give; the reverse order (get_peft_model, then
   PeftModel.gradient_checkpointing_enable with reentrant checkpointing) installs no hook and trains nothing.
-- quant=nf4|fp4|int8 (needs lora-r): QLoRA as the QLoRA paper's script and PEFT's docs run it: the model (built
+- quant=nf4|fp4|nf4-dq|fp4-dq|int8 (needs lora-r): QLoRA as the QLoRA paper's script and PEFT's docs run it: the model (built
   as above, fp32) is saved with save_pretrained and reloaded by `AutoModelForCausalLM.from_pretrained(dir,
   quantization_config=BitsAndBytesConfig(...), dtype=D, device_map=<device>)` (bitsandbytes Linear4bit /
   Linear8bitLt in place of every nn.Linear / Conv1D except the output embedding, which transformers keeps), then
@@ -76,8 +76,8 @@ What each option runs (the loop itself is scripts/distributed_worker.py's `run`)
   gradient_checkpointing_kwargs=<the kwargs above>)` (freezes everything, casts every non-4-bit bf16/fp16
   parameter to fp32; with reentrant checkpointing it calls enable_input_require_grads() itself), then
   get_peft_model. nf4/fp4: `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=Q,
-  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=D)` (the QLoRA paper's double quantization; blocksize 64,
-  uint8 storage); int8: `BitsAndBytesConfig(load_in_8bit=True)` (threshold 6.0). D is bf16 under
+  bnb_4bit_compute_dtype=D)`; nf4-dq/fp4-dq add `bnb_4bit_use_double_quant=True` (the QLoRA paper's double
+  quantization); blocksize 64, uint8 storage; int8: `BitsAndBytesConfig(load_in_8bit=True)` (threshold 6.0). D is bf16 under
   precision bf16-autocast (the QLoRA script's --bf16: bf16 load and compute dtype, Trainer's autocast) and fp32
   under fp32. Weights the reload leaves outside the counted allocator (a safetensors-backed storage) are copied
   once, as a load onto a GPU would copy them.
@@ -88,7 +88,7 @@ Not in the single-process harness: optimizer-impl (the implementation is PyTorch
 import re
 
 CHECKPOINTING_IMPLS = ("reentrant", "non-reentrant")
-QUANT_TYPES = ("none", "nf4", "fp4", "int8")
+QUANT_TYPES = ("none", "nf4", "fp4", "nf4-dq", "fp4-dq", "int8")
 PEFT_LORA_ALPHA = 8.0  # LoraConfig's default lora_alpha
 LORA_KEYS = ("lora-r", "lora-alpha", "lora-dropout", "lora-targets", "lora-modules-to-save", "quant")
 DEFAULTS = {"checkpointing": "none", "checkpointing-impl": "reentrant", "grad-accum": 1, "loss": "standard",
@@ -361,8 +361,8 @@ def bnb_quantization_config(recipe, precision):
     dtype = torch.bfloat16 if precision == "bf16-autocast" else torch.float32
     if quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True), dtype
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype), dtype
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.split("-")[0],
+                              bnb_4bit_use_double_quant=quant.endswith("-dq"), bnb_4bit_compute_dtype=dtype), dtype
 
 
 def load_quantized(model, recipe, precision, device):

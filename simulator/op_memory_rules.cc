@@ -22,6 +22,16 @@ OpMemoryRule Uniform(size_t n_inputs, GradKind kind) {
   return r;
 }
 
+// c10::ScalarType numbering (c10/core/ScalarType.h) of the floating dtypes.
+DType ScalarTypeDType(int64_t t) {
+  switch (t) {
+    case 5: return DType::kF16;
+    case 7: return DType::kF64;
+    case 15: return DType::kBF16;
+    default: return DType::kF32;
+  }
+}
+
 // Number of rows of a [.., D] tensor: all dims but the last.
 int64_t Rows(const TensorValue& v) {
   int64_t rows = 1;
@@ -223,6 +233,39 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
           r.saved_inputs.push_back(i);
         }
       }
+      return r;
+    }
+    case GradFormula::kQuantizedMatmul: {
+      // bitsandbytes 0.50 MatMul4Bit (autograd/_functions.py) around gemm_4bit; args: x, packed weight, bias,
+      // out_features, in_features, blocksize, nested (double quantization), the load dtype (c10 ScalarType).
+      // Forward saves nothing but the packed weight (a parameter). Inside gemm_4bit, per backend:
+      // - the default kernel (backends/default/ops.py, what CPU runs): with double quantization the per-block
+      //   absmax is dequantized into fp32 and the offset added (a second fp32 copy; the first dies at once), then
+      //   the weight is dequantized into x's dtype and F.linear runs; absmax and weight live until it returns;
+      // - CUDA (backends/cuda/ops.py): a fused kernel that allocates only the output for M <= 4 tokens (fp32: M < 8),
+      //   the same dequantize + F.linear fallback for M > 1536 (both absmax copies stay alive there, being locals);
+      //   in between an arch heuristic picks either, and the fallback is assumed (an upper bound).
+      // Backward: grad_A = grad_output @ dequantize_4bit(weight).to(grad dtype): functional.dequantize_4bit
+      // dequantizes the absmax (fp32, freed on return), then the weight in the load dtype.
+      OpMemoryRule r = Uniform(n, GradKind::kNone);
+      if (n >= 1) r.input_grads[0] = GradKind::kNew;
+      const int64_t out_f = static_cast<int64_t>(ArgNumber(node, 3, 0)), in_f = static_cast<int64_t>(ArgNumber(node, 4, 0));
+      const int64_t block = std::max<int64_t>(1, static_cast<int64_t>(ArgNumber(node, 5, 64)));
+      const bool nested = ArgNumber(node, 6, 0) != 0;
+      const DType load = ScalarTypeDType(static_cast<int64_t>(ArgNumber(node, 7, 6)));
+      const DType compute = n >= 1 ? ctx.dtype(inputs[0]) : load;
+      const int64_t elems = out_f * in_f;
+      const int64_t absmax_bytes = (elems + block - 1) / block * ElementSize(DType::kF32);
+      const int64_t tokens = n >= 1 && in_f > 0 ? NumElements(ctx.graph.value(inputs[0]).shape) / in_f : 0;
+      const bool fused = ctx.backend.cuda && (tokens <= 4 || (compute == DType::kF32 && tokens < 8)) &&
+                         in_f % block == 0;
+      if (!fused) {
+        const int absmax_copies = !nested ? 0 : ctx.backend.cuda ? 2 : 1;
+        for (int i = 0; i < absmax_copies; ++i) r.forward_extra.push_back({absmax_bytes, false});
+        r.forward_extra.push_back({elems * ElementSize(compute), false});
+      }
+      r.backward_workspace_bytes = elems * ElementSize(load) + (load != compute ? elems * ElementSize(compute) : 0);
+      if (nested) r.backward_prelude_bytes = absmax_bytes;
       return r;
     }
     case GradFormula::kAddmm: {

@@ -367,6 +367,35 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertEqual(lora["optimizer_state_bytes"], 2 * lora["gradients_bytes"])
         self.assertGreater(lora["weights_bytes"], full["weights_bytes"])  # the base plus the adapters
 
+    def test_quant_bad_settings_are_one_line(self):
+        base = ("estimate", self.llama, "-b", "1", "-s", "16", "--gpu", "cpu")
+        lora = ("--lora", "r=8,targets=q_proj")
+        self.assert_bad_input(run(*base, *lora, "--quant", "nf3"), "unknown --quant 'nf3'", "nf4-dq")
+        self.assert_bad_input(run(*base, *lora, "--quant", "int8"), "--quant int8 is not modelled yet")
+        self.assert_bad_input(run(*base, *lora, "--quant", "gptq-4"), "--quant gptq-4 is not modelled yet")
+        self.assert_bad_input(run(*base, "--quant", "nf4"), "--quant needs --lora", "frozen")
+
+    def test_qlora_stores_the_linears_in_4_bit(self):
+        base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json",
+                "--lora", "r=4,alpha=8,targets=q_proj,v_proj"]
+        lora = json.loads(run(*base).stdout)
+        for quant in ("nf4", "nf4-dq"):
+            proc = run(*base, "--quant", quant)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            q = json.loads(proc.stdout)
+            self.assertEqual(q["recipe"]["quant"]["format"], quant)
+            groups = {g["group"]: g for g in q["weights"]}
+            codes = groups["frozen 4-bit codes"]
+            # Two codes per byte: the packed bytes are half the quantized weights' elements, and those elements
+            # are what the unquantized run stored in fp32 beside the head and embeddings.
+            frozen_lora = {g["group"]: g for g in lora["weights"]}["frozen f32"]
+            self.assertEqual(frozen_lora["elements"] - groups["frozen f32"]["elements"], 2 * codes["elements"])
+            self.assertEqual(codes["bytes"], codes["elements"])
+            # The adapters, their gradients and states do not change.
+            self.assertEqual(groups["trainable f32"], {g["group"]: g for g in lora["weights"]}["trainable f32"])
+            self.assertEqual(q["gradients_bytes"], lora["gradients_bytes"])
+            self.assertLess(q["weights_bytes"], lora["weights_bytes"])
+
     def test_accumulation_raises_the_forward_by_the_gradients(self):
         base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json"]
         plain = json.loads(run(*base).stdout)

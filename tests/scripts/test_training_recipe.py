@@ -126,7 +126,7 @@ class RecipeParserTest(unittest.TestCase):
         self.assert_refused("lora-r=8,lora-targets=q_proj+q_proj", "twice")
         self.assert_refused("lora-r=8,lora-targets=q_proj,v_proj", "not key=value")  # lists are joined by '+'
         self.assert_refused("lora-r=8,lora-modules-to-save=all-linear", "lora-modules-to-save")
-        self.assert_refused("lora-r=8,quant=int4", "nf4, fp4, int8")
+        self.assert_refused("lora-r=8,quant=int4", "nf4, fp4, nf4-dq, fp4-dq, int8")
 
     def test_what_the_harness_cannot_run(self):
         self.assert_refused("loss=fused-linear", "fused-linear", "Triton")
@@ -272,7 +272,7 @@ class LoraRunsTest(unittest.TestCase):
         self.assertLess(full["phase_peak_bytes"]["forward"], plain["phase_peak_bytes"]["forward"])
 
     def test_qlora_nf4_stores_the_linear_weights_packed(self):
-        rec = self.lora_run("lora-r=8,lora-targets=all-linear,quant=nf4")
+        rec = self.lora_run("lora-r=8,lora-targets=all-linear,quant=nf4-dq")
         linear = 4 * (256 * 256 * 2 + 256 * 128 * 2 + 3 * 256 * 688)  # q, o, k, v, gate, up, down
         self.assertEqual(rec["frozen_bytes_by_format"]["nf4-packed-uint8"], linear // 2)
         # embed_tokens, lm_head and the norms stay unquantized, fp32 after prepare_model_for_kbit_training

@@ -1,0 +1,163 @@
+#include "graph/quantize_rewrite.h"
+
+#include <map>
+
+#include "graph/error.h"
+#include "graph/graph_rewriter.h"
+
+namespace llmem {
+namespace {
+
+// c10::ScalarType numbering, as aten::to's dtype argument carries it.
+int64_t ScalarTypeOf(DType d) {
+  switch (d) {
+    case DType::kF16: return 5;
+    case DType::kBF16: return 15;
+    case DType::kF64: return 7;
+    default: return 6;  // float32
+  }
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool IsParamLinear(const Graph& g, const OpNode& node) {
+  return node.kind == "aten::linear" && node.args.size() >= 2 && node.args[1].kind == OpArg::Kind::kTensor &&
+         g.value(node.args[1].tensors[0]).role == ValueRole::kParameter;
+}
+
+}  // namespace
+
+Quantized4bitLayout Layout4bit(int64_t numel, const QuantSettings& s) {
+  Quantized4bitLayout l;
+  const int64_t blocks = CeilDiv(numel, s.blocksize);
+  l.packed = (numel + 1) / 2;
+  l.quant_map = 16 * 4;
+  if (s.double_quant) {
+    l.absmax = blocks;  // uint8
+    l.nested_absmax = CeilDiv(blocks, 256) * 4;
+    l.nested_code = 256 * 4;
+    l.offset = 4;
+  } else {
+    l.absmax = blocks * 4;
+  }
+  return l;
+}
+
+std::string QuantName(const QuantSettings& s) {
+  return std::string(s.format == QuantFormat::kNf4 ? "nf4" : "fp4") + (s.double_quant ? "-dq" : "");
+}
+
+Graph QuantizeLinears(const Graph& g, const QuantSettings& s) {
+  static constexpr int64_t kBlocksizes[] = {32, 64, 128, 256, 512, 1024, 2048, 4096};
+  bool valid_block = false;
+  for (int64_t b : kBlocksizes) valid_block |= b == s.blocksize;
+  if (!valid_block) {
+    throw ConfigError("--quant: bitsandbytes takes 4-bit blocksizes 32 to 4096 (powers of two), not " +
+                      std::to_string(s.blocksize));
+  }
+  if (!IsFloating(s.compute_dtype) || !IsFloating(s.load_dtype)) {
+    throw ConfigError("--quant: the compute and load dtypes must be floating");
+  }
+  // peft.prepare_model_for_kbit_training casts every unquantized 16-bit parameter to fp32: a graph traced in 16 bits
+  // has those dtypes baked in.
+  for (const Parameter& p : g.params()) {
+    if (p.dtype == DType::kBF16 || p.dtype == DType::kF16) {
+      throw ConfigError("--quant: this export was traced with 16-bit weights (" + p.name + " is " +
+                        std::string(DTypeName(p.dtype)) + "), but prepare_model_for_kbit_training keeps every "
+                        "unquantized parameter in fp32; use an fp32 export (the default of models/export_hf.py)");
+    }
+  }
+  // Consumers per weight: a weight another op also reads (tied) stays unquantized, as transformers leaves it.
+  std::map<int32_t, int> readers;
+  for (const OpNode& node : g.nodes()) {
+    for (ValueId t : g.tensor_inputs(node.id)) {
+      if (g.value(t).role == ValueRole::kParameter) ++readers[g.StorageRoot(t).index];
+    }
+    if ((node.kind == "aten::addmm") && node.region.kind == RegionKind::kDecoderLayer && node.args.size() > 2 &&
+        node.args[2].kind == OpArg::Kind::kTensor && g.value(node.args[2].tensors[0]).role == ValueRole::kParameter) {
+      throw ConfigError("--quant: " + node.scope + " is a GPT-2-style Conv1D layer (traced as addmm); 4-bit Conv1D "
+                        "layers are not modelled");
+    }
+  }
+  GraphRewriter rw(g);
+  int quantized = 0;
+  for (const OpNode& old : g.nodes()) {
+    const TensorValue* w = IsParamLinear(g, old) ? &g.value(old.args[1].tensors[0]) : nullptr;
+    const bool quantize = w && old.region.kind != RegionKind::kHead && !g.params()[static_cast<size_t>(w->param)].trainable &&
+                          w->shape.size() == 2 && readers[g.StorageRoot(w->id).index] == 1 && !w->alias_of.valid() &&
+                          !old.outputs.empty();
+    if (!quantize) {
+      rw.Emit(old);
+      continue;
+    }
+    ++quantized;
+    const int64_t out_f = w->shape[0], in_f = w->shape[1];
+    const int64_t numel = out_f * in_f;
+    const Quantized4bitLayout layout = Layout4bit(numel, s);
+    // The weight becomes its packed codes, in place (same value, same parameter).
+    {
+      TensorValue& wv = rw.value(w->id);
+      wv.shape = {layout.packed, 1};
+      wv.strides.clear();
+      wv.dtype = wv.dtype_bf16_weights = DType::kU8;
+      wv.storage_numel = layout.packed;
+      Parameter& p = rw.params()[static_cast<size_t>(w->param)];
+      p.shape = wv.shape;
+      p.dtype = DType::kU8;
+      p.bytes = layout.packed;
+    }
+    const std::string& name = g.params()[static_cast<size_t>(w->param)].name;
+    auto state = [&](const std::string& part, std::vector<int64_t> shape, DType d) {
+      rw.NewParam(name + "." + part, std::move(shape), d, d, old.region, false);
+    };
+    const int64_t blocks = CeilDiv(numel, s.blocksize);
+    state("absmax", {blocks}, s.double_quant ? DType::kU8 : DType::kF32);
+    state("quant_map", {16}, DType::kF32);
+    if (s.double_quant) {
+      state("nested_absmax", {CeilDiv(blocks, 256)}, DType::kF32);
+      state("nested_quant_map", {256}, DType::kF32);
+      state("quant_state.offset", {}, DType::kF32);
+    }
+    // A frozen bias ends up in the compute dtype.
+    OpArg bias;
+    if (old.args.size() > 2 && old.args[2].kind == OpArg::Kind::kTensor) {
+      bias = old.args[2];
+      const ValueId b = bias.tensors[0];
+      if (g.value(b).role == ValueRole::kParameter && !g.value(b).alias_of.valid()) {
+        TensorValue& bv = rw.value(b);
+        bv.dtype = bv.dtype_bf16_weights = s.compute_dtype;
+        Parameter& p = rw.params()[static_cast<size_t>(bv.param)];
+        p.dtype = s.compute_dtype;
+        p.bytes = ShapeBytes(p.shape, p.dtype);
+      }
+    }
+    const ValueId x = old.args[0].tensors[0];
+    const TensorValue& xv = g.value(x);
+    const ValueId y = old.outputs[0];
+    const TensorValue yv = g.value(y);
+    const ValueId xc = rw.NewValue(old.scope + " 4-bit input", xv.shape, s.compute_dtype, s.compute_dtype, x);
+    rw.value(xc).requires_grad = xv.requires_grad;
+    rw.Emit(GraphRewriter::NewNode(old, "aten::to", old.scope,
+                                   {TensorArg(x), IntArg(ScalarTypeOf(s.compute_dtype)),
+                                    IntArg(0, OpArg::Kind::kBool), IntArg(0, OpArg::Kind::kBool)},
+                                   xc));
+    const ValueId yc = rw.NewValue(old.scope + " 4-bit output", yv.shape, s.compute_dtype, s.compute_dtype);
+    rw.value(yc).requires_grad = yv.requires_grad;
+    rw.Emit(GraphRewriter::NewNode(old, "bnb::matmul_4bit", old.scope,
+                                   {TensorArg(xc), TensorArg(w->id), bias, IntArg(out_f), IntArg(in_f),
+                                    IntArg(s.blocksize), IntArg(s.double_quant ? 1 : 0, OpArg::Kind::kBool),
+                                    IntArg(ScalarTypeOf(s.load_dtype))},
+                                   yc));
+    // The layer's output keeps its value: now `.to(inp_dtype)`, x's dtype as the step runs it (under autocast an
+    // attention output is already 16-bit), a view of yc when nothing changes.
+    TensorValue& out = rw.value(y);
+    out.alias_of = yc;
+    out.storage_numel = 0;
+    out.strides.clear();
+    rw.Emit(GraphRewriter::NewNode(old, "aten::type_as", old.scope, {TensorArg(yc), TensorArg(x)}, y));
+  }
+  if (quantized == 0) throw ConfigError("--quant: this export has no frozen linear layer outside the head to quantize");
+  return rw.Build(g.inputs(), g.loss());
+}
+
+}  // namespace llmem

@@ -1,0 +1,59 @@
+// Frozen base linears stored in bitsandbytes 4-bit, as transformers' bitsandbytes quantizer (BitsAndBytesConfig
+// load_in_4bit) and bitsandbytes 0.50 build and run them for QLoRA.
+//
+// Note [4-bit linears]
+// Storage (bitsandbytes functional.quantize_4bit, nn.Params4bit; per quantized weight of n = out x in elements,
+// nb = ceil(n / blocksize) blocks of 64):
+//     weight        uint8 [(n + 1) / 2, 1]    two 4-bit codes per byte
+//     absmax        fp32 [nb]; with double quantization uint8 [nb] (quantize_blockwise in blocks of 256)
+//     quant_map     fp32 [16]                 the NF4 / FP4 code, one copy per layer
+//     nested_absmax fp32 [ceil(nb / 256)]     double quantization only, with
+//     nested_code   fp32 [256]                the dynamic 8-bit map (copied per layer) and
+//     offset        fp32 []                   the mean absmax subtracted before quantizing
+// Every nn.Linear is quantized except the output head (transformers' get_keys_to_not_convert) and a weight that is
+// shared with another module. A frozen bias is cast to the compute dtype by the first forward (Linear4bit.forward
+// assigns bias.data), so it is stored in that dtype from then on.
+// Forward of one layer (Linear4bit.forward -> matmul_4bit -> MatMul4Bit):
+//     xc = x.to(compute_dtype)                   a copy only when the dtypes differ
+//     yc = bnb::matmul_4bit(xc, weight, bias)    saves no activation: only the packed weight (ctx.tensors)
+//     y  = yc.type_as(x)                         .to(inp_dtype): a copy only when the dtypes differ
+// What matmul_4bit allocates inside (the dequantized weight, absmax temporaries; again in backward, where the
+// input gradient needs the weight) depends on the backend and the token count: simulator/op_memory_rules.cc.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "graph/dtype.h"
+#include "graph/graph.h"
+
+namespace llmem {
+
+enum class QuantFormat : uint8_t { kNf4, kFp4 };
+
+struct QuantSettings {
+  QuantFormat format = QuantFormat::kNf4;
+  bool double_quant = false;       // bnb_4bit_use_double_quant (the QLoRA paper's setting)
+  int64_t blocksize = 64;          // bitsandbytes' default; transformers does not expose it
+  DType compute_dtype = DType::kF32;  // bnb_4bit_compute_dtype
+  DType load_dtype = DType::kF32;     // the weights' dtype when quantized (from_pretrained's dtype): what the
+                                      // dequantization in backward produces (quant_state.dtype)
+};
+
+// The storage of one quantized weight of `numel` elements, by part, in bytes.
+struct Quantized4bitLayout {
+  int64_t packed = 0, absmax = 0, quant_map = 0, nested_absmax = 0, nested_code = 0, offset = 0;
+  int64_t total() const { return packed + absmax + quant_map + nested_absmax + nested_code + offset; }
+};
+Quantized4bitLayout Layout4bit(int64_t numel, const QuantSettings& settings);
+
+// "nf4", "fp4", "nf4-dq", "fp4-dq".
+std::string QuantName(const QuantSettings& settings);
+
+// The graph with every frozen linear outside the head in 4-bit (trainable ones, such as LoRA adapters, stay as
+// they are). Throws ConfigError for a graph traced with 16-bit weights (QLoRA's unquantized parameters are fp32),
+// when nothing is quantizable, for a blocksize bitsandbytes refuses, and for GPT-2-style
+// Conv1D layers (traced as addmm), which are not modelled.
+Graph QuantizeLinears(const Graph& graph, const QuantSettings& settings);
+
+}  // namespace llmem

@@ -1,0 +1,227 @@
+// QLoRA's 4-bit base: the quantization rewrite (graph/quantize_rewrite), the bitsandbytes-layer variant of the
+// LoRA rewrite, and what bnb::matmul_4bit allocates on each backend.
+#include "graph/quantize_rewrite.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
+#include "graph/error.h"
+#include "graph/lora_rewrite.h"
+#include "simulator/backend_rules.h"
+#include "simulator/gpu_catalog.h"
+#include "simulator/memory_estimate.h"
+#include "simulator/op_memory_rules.h"
+#include "tests/simulator/tiny_graphs.h"
+
+namespace llmem::sim {
+namespace {
+
+using namespace llmem::sim::testing;  // NOLINT
+
+// x [rows,in] -> layers.0.mlp.up_proj (w0 [in,in]) -> layers.0.q_proj (w [16,in]) -> lm_head (w2 [32,16]) -> CE.
+Graph ThreeModules(int64_t rows = 4, int64_t in = 8) {
+  TestGraphBuilder b;
+  ValueId x = b.Input("x", {rows, in}, DType::kF32);
+  ValueId labels = b.Input("labels", {rows});
+  b.SetLayer(0);
+  ValueId w0 = b.Param("model.layers.0.mlp.up_proj.weight", {in, in});
+  ValueId u = b.OpOut("aten::linear", {T(x), T(w0), None()}, Out({rows, in}), "model.layers.0.mlp.up_proj");
+  ValueId w = b.Param("model.layers.0.q_proj.weight", {16, in});
+  ValueId h = b.OpOut("aten::linear", {T(u), T(w), None()}, Out({rows, 16}), "model.layers.0.q_proj");
+  b.SetHead();
+  ValueId w2 = b.Param("lm_head.weight", {32, 16});
+  ValueId logits = b.OpOut("aten::linear", {T(h), T(w2), None()}, Out({rows, 32}), "lm_head");
+  return b.Build(CrossEntropy(b, logits, labels));
+}
+
+LoraSettings UpProjOnQuantized() {
+  LoraSettings s{.rank = 2, .alpha = 4, .dropout = 0.0, .targets = {"up_proj"}, .modules_to_save = {}};
+  s.quantized_base = true;
+  return s;
+}
+
+QuantSettings Nf4(bool double_quant = false) {
+  QuantSettings q;
+  q.double_quant = double_quant;
+  return q;
+}
+
+Graph Qlora(bool double_quant = false, int64_t rows = 4, int64_t in = 8) {
+  return QuantizeLinears(ApplyLora(ThreeModules(rows, in), UpProjOnQuantized()), Nf4(double_quant));
+}
+
+const Parameter& ParamNamed(const Graph& g, const std::string& name) {
+  auto it = std::find_if(g.params().begin(), g.params().end(), [&](const Parameter& p) { return p.name == name; });
+  EXPECT_NE(it, g.params().end()) << name;
+  return *it;
+}
+
+std::vector<const OpNode*> NodesOfKind(const Graph& g, const std::string& kind) {
+  std::vector<const OpNode*> out;
+  for (const auto& n : g.nodes()) {
+    if (n.kind == kind) out.push_back(&n);
+  }
+  return out;
+}
+
+TEST(Quantized4bitLayoutTest, FollowsBitsandbytesQuantize4bit) {
+  // A 4096 x 4096 weight: 2^24 codes in 2^23 bytes, 2^18 blocks of 64.
+  const int64_t n = int64_t{4096} * 4096;
+  const Quantized4bitLayout plain = Layout4bit(n, Nf4());
+  EXPECT_EQ(plain.packed, n / 2);
+  EXPECT_EQ(plain.absmax, (n / 64) * 4);  // fp32 per block
+  EXPECT_EQ(plain.quant_map, 64);         // the 16-entry code
+  EXPECT_EQ(plain.nested_absmax + plain.nested_code + plain.offset, 0);
+  const Quantized4bitLayout dq = Layout4bit(n, Nf4(true));
+  EXPECT_EQ(dq.absmax, n / 64);                 // uint8 per block
+  EXPECT_EQ(dq.nested_absmax, (n / 64 / 256) * 4);  // fp32 per 256 blocks
+  EXPECT_EQ(dq.nested_code, 1024);
+  EXPECT_EQ(dq.offset, 4);
+  // The QLoRA paper's figure: double quantization brings the constants from 32/64 = 0.5 to ~0.127 bits per weight.
+  EXPECT_NEAR(8.0 * static_cast<double>(dq.absmax + dq.nested_absmax) / static_cast<double>(n), 0.127, 0.001);
+  // An odd element count rounds the packed bytes and the blocks up.
+  EXPECT_EQ(Layout4bit(65, Nf4()).packed, 33);
+  EXPECT_EQ(Layout4bit(65, Nf4()).absmax, 8);
+}
+
+TEST(QuantizeRewriteTest, QuantizesFrozenLinearsOutsideTheHead) {
+  const Graph g = Qlora(/*double_quant=*/true);
+  // up_proj and q_proj run 4-bit; the adapters and the head stay aten::linear.
+  const auto four_bit = NodesOfKind(g, "bnb::matmul_4bit");
+  ASSERT_EQ(four_bit.size(), 2u);
+  EXPECT_EQ(four_bit[0]->scope, "model.layers.0.mlp.up_proj.base_layer");
+  EXPECT_EQ(four_bit[1]->scope, "model.layers.0.q_proj");
+  for (const auto* n : NodesOfKind(g, "aten::linear")) EXPECT_NE(n->scope.find("lora_"), n->scope.find("lm_head"));
+  const Parameter& w = ParamNamed(g, "model.layers.0.q_proj.weight");
+  EXPECT_EQ(w.dtype, DType::kU8);
+  EXPECT_EQ(w.shape, (std::vector<int64_t>{64, 1}));
+  EXPECT_FALSE(w.trainable);
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.weight.absmax").bytes, 2);  // 128 / 64 blocks, uint8
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.weight.nested_absmax").bytes, 4);
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.weight.nested_quant_map").bytes, 1024);
+  EXPECT_EQ(ParamNamed(g, "lm_head.weight").dtype, DType::kF32);
+  // Each 4-bit linear is wrapped in the casts of Linear4bit.forward: to the compute dtype, back with type_as.
+  const OpNode& mm = *four_bit[1];
+  EXPECT_EQ(g.nodes()[static_cast<size_t>(mm.id.index - 1)].kind, "aten::to");
+  EXPECT_EQ(g.nodes()[static_cast<size_t>(mm.id.index + 1)].kind, "aten::type_as");
+}
+
+TEST(QuantizeRewriteTest, LoraOnABitsandbytesLayerClonesTheBaseResultAndDoesNotCastBack) {
+  const Graph plain = ApplyLora(ThreeModules(), LoraSettings{.rank = 2, .alpha = 4, .dropout = 0.0,
+                                                             .targets = {"up_proj"}, .modules_to_save = {}});
+  const Graph bnb = ApplyLora(ThreeModules(), UpProjOnQuantized());
+  EXPECT_EQ(NodesOfKind(plain, "aten::clone").size(), 0u);
+  EXPECT_EQ(NodesOfKind(bnb, "aten::clone").size(), 1u);
+  // Plain LoRA casts its input and its result; the bnb layer only its input.
+  EXPECT_EQ(NodesOfKind(plain, "aten::to").size(), 2u);
+  EXPECT_EQ(NodesOfKind(bnb, "aten::to").size(), 1u);
+}
+
+TEST(QuantizeRewriteTest, BadSettingsAreOneLineErrors) {
+  const Graph lora = ApplyLora(ThreeModules(), UpProjOnQuantized());
+  QuantSettings odd = Nf4();
+  odd.blocksize = 48;
+  EXPECT_THROW(QuantizeLinears(lora, odd), ConfigError);
+  // Nothing frozen outside the head: a graph whose only linear is the head.
+  TestGraphBuilder b;
+  ValueId x = b.Input("x", {4, 16}, DType::kF32);
+  ValueId labels = b.Input("labels", {4});
+  b.SetHead();
+  ValueId w2 = b.Param("lm_head.weight", {32, 16}, DType::kF32, false);
+  ValueId logits = b.OpOut("aten::linear", {T(x), T(w2), None()}, Out({4, 32}), "lm_head");
+  const Graph head_only = b.Build(CrossEntropy(b, logits, labels));
+  // A graph traced with bf16 weights: prepare_model_for_kbit_training would have cast them to fp32.
+  TestGraphBuilder b16;
+  ValueId x16 = b16.Input("x", {4, 8}, DType::kBF16);
+  ValueId labels16 = b16.Input("labels", {4});
+  b16.SetLayer(0);
+  ValueId w16 = b16.Param("model.layers.0.q_proj.weight", {16, 8}, DType::kBF16, false);
+  ValueId h16 = b16.OpOut("aten::linear", {T(x16), T(w16), None()}, Out({4, 16}, DType::kBF16), "model.layers.0.q_proj");
+  b16.SetHead();
+  ValueId wh = b16.Param("lm_head.weight", {32, 16}, DType::kF32, false);
+  ValueId l16 = b16.OpOut("aten::linear", {T(h16), T(wh), None()}, Out({4, 32}), "lm_head");
+  EXPECT_THROW(QuantizeLinears(b16.Build(CrossEntropy(b16, l16, labels16)), Nf4()), ConfigError);
+  try {
+    QuantizeLinears(head_only, Nf4());
+    FAIL() << "no error";
+  } catch (const ConfigError& e) {
+    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("no frozen linear"), std::string::npos);
+  }
+}
+
+std::optional<OpMemoryRule> RuleOf(const Graph& g, const OpNode& node, const BackendRules& backend) {
+  RuleContext ctx{g, backend, [&g](ValueId v) { return g.value(v).dtype; },
+                  [&g](ValueId v) { return ShapeBytes(g.value(v).shape, g.value(v).dtype); }};
+  return RuleFor(node, ctx);
+}
+
+BackendRules Backend(bool cpu) {
+  Target t;
+  t.is_cpu = cpu;
+  if (!cpu) t.gpu = *FindGpu("a100-80");
+  return RulesFor(t);
+}
+
+int64_t ForwardExtraBytes(const OpMemoryRule& r) {
+  int64_t sum = 0;
+  for (const auto& e : r.forward_extra) {
+    EXPECT_FALSE(e.saved);  // MatMul4Bit saves only the packed weight
+    sum += e.bytes;
+  }
+  return sum;
+}
+
+TEST(QuantizedMatmulRuleTest, DequantizesTheWeightInForwardAndAgainInBackward) {
+  // q_proj: 16 x 8 fp32 weight (512 B dequantized), 2 blocks (8 B of fp32 absmax).
+  for (bool dq : {false, true}) {
+    const Graph g = Qlora(dq);
+    const OpNode& q = *NodesOfKind(g, "bnb::matmul_4bit")[1];
+    const auto cpu = RuleOf(g, q, Backend(true));
+    ASSERT_TRUE(cpu.has_value());
+    EXPECT_TRUE(cpu->saved_inputs.empty());
+    EXPECT_EQ(cpu->input_grads[0], GradKind::kNew);
+    // The default kernel: the dequantized weight, and with double quantization one fp32 absmax alive beside it.
+    EXPECT_EQ(ForwardExtraBytes(*cpu), 512 + (dq ? 8 : 0));
+    EXPECT_EQ(cpu->backward_workspace_bytes, 512);
+    EXPECT_EQ(cpu->backward_prelude_bytes, dq ? 8 : 0);
+    // CUDA: 8 input features are no multiple of the blocksize, so even 4 tokens take the dequantize + F.linear
+    // fallback, both absmax copies alive there (locals of _dequant_linear_fallback).
+    const auto cuda = RuleOf(g, q, Backend(false));
+    EXPECT_EQ(ForwardExtraBytes(*cuda), 512 + (dq ? 2 * 8 : 0));
+    EXPECT_EQ(cuda->backward_workspace_bytes, 512);
+  }
+  // 64 input features: the fused kernel for 4 tokens allocates only its output; past 1536 tokens the fallback.
+  const Graph aligned = Qlora(true, 4, 64);
+  const auto fused = RuleOf(aligned, *NodesOfKind(aligned, "bnb::matmul_4bit")[1], Backend(false));
+  EXPECT_EQ(ForwardExtraBytes(*fused), 0);
+  EXPECT_EQ(fused->backward_workspace_bytes, 16 * 64 * 4);
+  const Graph big = Qlora(true, 2048, 64);
+  const auto fallback = RuleOf(big, *NodesOfKind(big, "bnb::matmul_4bit")[1], Backend(false));
+  EXPECT_EQ(ForwardExtraBytes(*fallback), 16 * 64 * 4 + 2 * 4 * (16 * 64 / 64));
+}
+
+TEST(QuantizedStepTest, OnlyAdaptersTrainAndTheDequantizedWeightIsTransient) {
+  TrainingConfig c = CpuConfig();
+  c.lifetimes = Lifetimes::kTorchScript;
+  const Graph g = Qlora();
+  const MemoryEstimate est = EstimateMemory(g, c);
+  // Weights: up_proj and q_proj packed (32 + 64 B) and their absmax (4 + 8 B) and codes (64 B each), the head
+  // 2048 B, the adapters A [2,8] 64 B and B [8,2] 64 B. Gradients and AdamW states: the adapters only.
+  EXPECT_EQ(est.weights_bytes, 32 + 64 + 4 + 8 + 2 * 64 + 2048 + 64 + 64);
+  EXPECT_EQ(est.gradients_bytes, 64 + 64);
+  EXPECT_EQ(est.optimizer_state_bytes, 2 * (64 + 64));
+  // q_proj's dequantized weight (512 B) is allocated and freed by its op, in forward and again in backward.
+  const OpNode& q = *NodesOfKind(g, "bnb::matmul_4bit")[1];
+  int forward = 0, backward = 0;
+  for (const auto& e : est.simulation->timeline.events) {
+    if (!e.is_alloc || e.node != q.id.index || e.bytes != 512) continue;
+    (e.phase == Phase::kForward ? forward : backward) += 1;
+  }
+  EXPECT_EQ(forward, 1);
+  EXPECT_EQ(backward, 1);
+}
+
+}  // namespace
+}  // namespace llmem::sim
