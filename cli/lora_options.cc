@@ -102,6 +102,11 @@ QuantSettings ParseQuantOption(const std::string& name, sim::Precision precision
   return q;
 }
 
+bool EnablesInputRequireGrads(const sim::Checkpointing& checkpointing, bool quantized) {
+  if (checkpointing.mode == sim::CheckpointingMode::kNone) return false;
+  return !quantized || checkpointing.impl == sim::CheckpointingImpl::kReentrant;
+}
+
 sim::Precision QuantizedStepPrecision(sim::Precision requested) {
   return requested == sim::Precision::kBf16 ? sim::Precision::kFp32 : requested;
 }

@@ -25,4 +25,9 @@ QuantSettings ParseQuantOption(const std::string& name, sim::Precision precision
 // parameter (embeddings, norms, LM head) to fp32: pure bf16 becomes an fp32 step around 16-bit 4-bit linears.
 sim::Precision QuantizedStepPrecision(sim::Precision requested);
 
+// Whether the PEFT setup calls enable_input_require_grads(): PeftModel does under any gradient checkpointing of an
+// unquantized base; prepare_model_for_kbit_training does for a quantized one only with reentrant checkpointing
+// (peft 0.21 utils/other.py; non-reentrant needs no hook).
+bool EnablesInputRequireGrads(const sim::Checkpointing& checkpointing, bool quantized);
+
 }  // namespace llmem::cli

@@ -299,9 +299,12 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   std::optional<llmem::QuantSettings> quant;
   if (!o.lora.empty()) {
     lora = llmem::cli::ParseLoraOption(o.lora, o.lora_modules_to_save);
-    if (o.dp > 1 || o.tp > 1) {
-      throw llmem::ConfigError("--lora with --dp or --tp is not modelled yet (frozen base parameters under the parallel "
-                               "engines); estimate one GPU");
+    // DDP and ZeRO-1 replicate the frozen base and reduce only what requires grad; the sharding engines would have
+    // to shard and gather the frozen base too.
+    if (o.tp > 1 || (o.dp > 1 && *engine != llmem::dist::DataParallelEngine::kDdp &&
+                     *engine != llmem::dist::DataParallelEngine::kZero1)) {
+      throw llmem::ConfigError("--lora is modelled on one GPU and under --dp with --engine ddp or zero1; FSDP2, "
+                               "Gemini and tensor parallelism with a frozen base are not modelled yet");
     }
     if (!o.quant.empty()) {
       quant = llmem::cli::ParseQuantOption(o.quant, config.precision);
@@ -314,6 +317,7 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
       }
       config.precision = llmem::cli::QuantizedStepPrecision(config.precision);
     }
+    lora->input_requires_grad = llmem::cli::EnablesInputRequireGrads(config.checkpointing, quant.has_value());
     graph = llmem::ApplyLora(graph, *lora);
     if (quant) graph = llmem::QuantizeLinears(graph, *quant);
   } else if (!o.lora_modules_to_save.empty()) {

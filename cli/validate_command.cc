@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cli/lora_options.h"
 #include "cli/recipe_options.h"
 #include "cli/training_options.h"
 #include "distributed/rank_estimate.h"
@@ -39,6 +40,8 @@ struct RankRecord {
   bool fsdp_reduce_every_micro_batch = false;
   std::string loss = "standard";                      // the run's loss and checkpointing (recipe keys)
   std::string checkpointing = "none", checkpointing_impl = "reentrant";
+  std::string lora;             // the run's PEFT LoRA as --lora items ("": none), its modules to save and quant
+  std::string lora_modules_to_save, quant;
   std::string key;  // arch-size method dp×tp BxS precision optimizer [vocab-parallel] device: the run it belongs to
 };
 
@@ -127,10 +130,21 @@ void ParseLoopRecipe(const json& recipe, int line, RankRecord& r) {
       r.checkpointing = Get<std::string>(recipe, "checkpointing", line);
     } else if (key == "checkpointing-impl") {
       r.checkpointing_impl = Get<std::string>(recipe, "checkpointing-impl", line);
+    } else if (key == "lora-r") {
+      r.lora += ",r=" + std::to_string(Get<int>(recipe, "lora-r", line));
+    } else if (key == "lora-alpha" || key == "lora-dropout") {
+      if (!value.is_number()) throw ConfigError(AtLine(line) + ": recipe " + key + " is not a number");
+      r.lora += (key == "lora-alpha" ? ",alpha=" : ",dropout=") + value.dump();
+    } else if (key == "lora-targets") {
+      r.lora += ",targets=" + Get<std::string>(recipe, "lora-targets", line);
+    } else if (key == "lora-modules-to-save") {
+      r.lora_modules_to_save = Get<std::string>(recipe, "lora-modules-to-save", line);
+    } else if (key == "quant") {
+      r.quant = Get<std::string>(recipe, "quant", line);
     } else {
       throw ConfigError(AtLine(line) + ": the run's recipe carries \"" + key + "\", which validate does not apply "
                         "yet (it applies grad-accum, optimizer-in-backward, fsdp-reduce-every-micro-batch, loss, "
-                        "checkpointing and checkpointing-impl); compare it with `llmem estimate`");
+                        "checkpointing, checkpointing-impl and the lora-* and quant keys); compare it with `llmem estimate`");
     }
   }
 }
@@ -188,6 +202,13 @@ RankRecord ParseRecord(const std::string& text, int line) {
   }
   if (const auto it = j.find("recipe"); it != j.end() && it->is_object()) {
     ParseLoopRecipe(*it, line, r);
+    if (!r.lora.empty() && r.lora.find("r=") == std::string::npos) {
+      throw ConfigError(AtLine(line) + ": the run's recipe has lora keys without lora-r");
+    }
+    if (!r.lora.empty()) r.lora.erase(0, 1);  // the leading ','
+    if (r.lora.empty() && (!r.quant.empty() || !r.lora_modules_to_save.empty())) {
+      throw ConfigError(AtLine(line) + ": the run's recipe has quant or lora-modules-to-save without lora-r");
+    }
     if (!sim::ParseCheckpointing(r.checkpointing, r.checkpointing_impl)) {
       throw ConfigError(AtLine(line) + ": unknown checkpointing '" + r.checkpointing + "' / '" +
                         r.checkpointing_impl + "'");
@@ -223,8 +244,10 @@ RankRecord ParseRecord(const std::string& text, int line) {
           (r.optimizer_in_backward ? " optimizer-in-backward" : "") +
           (r.fsdp_reduce_every_micro_batch ? " fsdp-reduce-every-micro-batch" : "") +
           (r.loss != "standard" ? " loss=" + r.loss : "") +
-          (r.checkpointing != "none" ? " checkpointing=" + r.checkpointing + "/" + r.checkpointing_impl : "") + " " +
-          r.device;
+          (r.checkpointing != "none" ? " checkpointing=" + r.checkpointing + "/" + r.checkpointing_impl : "") +
+          (r.lora.empty() ? "" : " lora(" + r.lora + ")") +
+          (r.lora_modules_to_save.empty() ? "" : " modules-to-save=" + r.lora_modules_to_save) +
+          (r.quant.empty() || r.quant == "none" ? "" : " quant=" + r.quant) + " " + r.device;
   return r;
 }
 
@@ -326,11 +349,24 @@ int RunValidate(const ValidateOptions& o) {
     try {
       if (!model) model = std::make_unique<TorchScriptModel>(TorchScriptModel::Load(r.export_path));
       if (!graph) graph = std::make_unique<Graph>(model->BuildGraph(r.batch, r.seq));
+      std::optional<Graph> adapted;  // the run's LoRA / QLoRA graph
+      if (!r.lora.empty()) {
+        LoraSettings lora = ParseLoraOption(r.lora, r.lora_modules_to_save);
+        std::optional<QuantSettings> quant;
+        if (!r.quant.empty() && r.quant != "none") {
+          quant = ParseQuantOption(r.quant, config.precision);
+          lora.quantized_base = true;
+          config.precision = QuantizedStepPrecision(config.precision);
+        }
+        lora.input_requires_grad = EnablesInputRequireGrads(config.checkpointing, quant.has_value());
+        adapted = ApplyLora(*graph, lora);
+        if (quant) adapted = QuantizeLinears(*adapted, *quant);
+      }
       dist::DistributedOptions opts;
       opts.tp_vocab_parallel = r.vocab_parallel;
       opts.gpus_per_node = 0;  // the runs say where their ranks are
       // CUDA runs record max_memory_allocated; the cpu target's peak is the counting allocator's.
-      c.estimate = dist::EstimateRank(*graph, config, PlanOf(r), opts).memory.peak_allocated_bytes;
+      c.estimate = dist::EstimateRank(adapted ? *adapted : *graph, config, PlanOf(r), opts).memory.peak_allocated_bytes;
     } catch (const Error& e) {
       throw ConfigError(AtLine(r.line) + " (run " + r.key + "): " + e.what());
     }

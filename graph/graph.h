@@ -135,6 +135,10 @@ class Graph {
   // when the model has neither (e.g. RoPE in an export without its config).
   const std::optional<PositionLimit>& position_limit() const { return position_limit_; }
   void set_position_limit(std::optional<PositionLimit> limit) { position_limit_ = std::move(limit); }
+  // The input embeddings' output made a leaf that requires grad (HF enable_input_require_grads, which PEFT turns on
+  // under gradient checkpointing): autograd's AccumulateGrad node holds it, and its .grad, until the graph is freed.
+  ValueId input_grad_leaf() const { return input_grad_leaf_; }
+  void set_input_grad_leaf(ValueId v) { input_grad_leaf_ = v; }
 
   // Follows alias_of to the value that owns the storage.
   ValueId StorageRoot(ValueId id) const;
@@ -150,6 +154,7 @@ class Graph {
   int64_t seq_ = 0;
   bool runs_with_bf16_weights_ = true;
   std::optional<PositionLimit> position_limit_;
+  ValueId input_grad_leaf_;
 };
 
 // Strides of `v`: the observed ones, or contiguous strides when none were recorded.

@@ -25,7 +25,8 @@ OpArg DoubleArg(double v) {
   return a;
 }
 
-GraphRewriter::GraphRewriter(const Graph& base) : base_(base), values_(base.values()), params_(base.params()) {}
+GraphRewriter::GraphRewriter(const Graph& base)
+    : base_(base), values_(base.values()), params_(base.params()), input_grad_leaf_(base.input_grad_leaf()) {}
 
 NodeId GraphRewriter::Emit(OpNode node) {
   node.id = NodeId{static_cast<int32_t>(nodes_.size())};
@@ -108,6 +109,7 @@ void GraphRewriter::Renumber(std::vector<ValueId>& inputs, ValueId& loss) {
   for (auto& p : params_) remap(p.value);
   for (auto& in : inputs) remap(in);
   remap(loss);
+  remap(input_grad_leaf_);
 }
 
 Graph GraphRewriter::Build(std::vector<ValueId> inputs, ValueId loss) {
@@ -116,6 +118,7 @@ Graph GraphRewriter::Build(std::vector<ValueId> inputs, ValueId loss) {
           base_.seq());
   g.set_runs_with_bf16_weights(base_.runs_with_bf16_weights());
   g.set_position_limit(base_.position_limit());
+  g.set_input_grad_leaf(input_grad_leaf_);
   return g;
 }
 

@@ -42,6 +42,9 @@ class GraphRewriter {
   std::vector<TensorValue>& values() { return values_; }
   std::vector<Parameter>& params() { return params_; }
   std::vector<OpNode>& nodes() { return nodes_; }
+  const std::vector<OpNode>& nodes() const { return nodes_; }
+
+  ValueId& input_grad_leaf() { return input_grad_leaf_; }
 
   // The rewritten graph, with the base's batch, sequence and flags; `inputs` and `loss` in the rewriter's numbering.
   Graph Build(std::vector<ValueId> inputs, ValueId loss);
@@ -53,6 +56,7 @@ class GraphRewriter {
   std::vector<TensorValue> values_;
   std::vector<OpNode> nodes_;
   std::vector<Parameter> params_;
+  ValueId input_grad_leaf_;
 };
 
 }  // namespace llmem

@@ -190,6 +190,8 @@ class LoraRewriter {
   // (the op is differentiable there) and some input still does; the adapter ops' outputs when an input does.
   void DeriveRequiresGrad() {
     const size_t base_values = base_.values().size();
+    const ValueId leaf = s_.input_requires_grad ? TokenEmbeddingOutput() : ValueId{};
+    rw_.input_grad_leaf() = leaf;
     for (const OpNode& node : rw_.nodes()) {
       bool any = false;
       for (const auto& arg : node.args) {
@@ -200,9 +202,25 @@ class LoraRewriter {
         const bool differentiable = static_cast<size_t>(out.index) >= base_values
                                         ? IsFloating(v.dtype)
                                         : base_.value(out).requires_grad;
-        v.requires_grad = differentiable && any;
+        v.requires_grad = (differentiable && any) || out == leaf;
       }
     }
+  }
+
+  // The output of the embedding op that looks up the graph's first input (the token ids): get_input_embeddings().
+  ValueId TokenEmbeddingOutput() const {
+    const ValueId ids = base_.inputs().empty() ? ValueId{} : base_.inputs()[0];
+    for (const OpNode& node : rw_.nodes()) {
+      // The ids may reach it through a view (OPT: input_ids.view(-1, seq)).
+      if (node.kind != "aten::embedding" || node.args.size() < 2 || node.args[1].kind != OpArg::Kind::kTensor ||
+          static_cast<size_t>(node.args[1].tensors[0].index) >= base_.values().size() ||
+          base_.StorageRoot(node.args[1].tensors[0]) != ids || node.outputs.empty()) {
+        continue;
+      }
+      return node.outputs[0];
+    }
+    throw ConfigError("--lora with checkpointing: no embedding op looks up the token ids, so enable_input_require_grads "
+                      "has no output to make a leaf");
   }
 
   // An original whose module now computes with its trainable copy stays in memory, unread unless tied.

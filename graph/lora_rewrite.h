@@ -38,6 +38,10 @@ struct LoraSettings {
   std::vector<std::string> targets;          // module-name suffixes, or the single entry "all-linear"
   std::vector<std::string> modules_to_save;  // module-name suffixes whose linear gets a trainable copy
   bool quantized_base = false;               // the targets are bitsandbytes Linear4bit layers (QLoRA)
+  // enable_input_require_grads(): the token embeddings' output becomes a leaf that requires grad. PEFT turns it on
+  // whenever gradient checkpointing is (PeftModel._prepare_model_for_gradient_checkpointing); for a quantized base
+  // prepare_model_for_kbit_training does, with reentrant checkpointing only.
+  bool input_requires_grad = false;
 };
 
 // The graph with adapters added and the base frozen. Throws ConfigError for settings out of range and for a

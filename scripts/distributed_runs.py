@@ -158,7 +158,22 @@ def recipe_cases():
            case("llama", "zero1", 2, 2, 128, optimizer="adafactor"),
            case("llama", "ddp", 2, 2, 128, optimizer="sgd-nomomentum"),
            case("llama", "ddp", 2, 2, 128, optimizer="adamw8bit")]
-    return cs + loop_cases() + local_forward_cases()
+    return cs + loop_cases() + local_forward_cases() + lora_cases()
+
+
+def lora_cases():
+    """PEFT LoRA and QLoRA under the engines that replicate the frozen base (DDP, ZeRO-1): only the adapters'
+    gradients are in DDP's buckets, only their states are sharded."""
+    cs = []
+    for precision in ("fp32", "bf16-autocast"):
+        cs.append(case("llama", "ddp", 2, 2, 128, precision=precision,
+                       recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear"))
+        cs.append(case("llama", "ddp", 2, 2, 128, precision=precision,
+                       recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear,quant=nf4-dq"))
+    cs += [case("opt", "ddp", 2, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj"),
+           case("llama", "zero1", 2, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj"),
+           case("llama", "ddp", 2, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear,checkpointing=full")]
+    return cs
 
 
 def local_forward_cases():

@@ -102,18 +102,24 @@ FSDP_METHODS = ("fsdp2", "zero2", "fsdp2_tp")
 # The recipe keys that change the model's own forward (the loss, checkpointing), run by the data-parallel engines
 LOCAL_FORWARD_KEYS = ("loss", "checkpointing", "checkpointing-impl")
 LOCAL_FORWARD_METHODS = ("ddp", "zero1", "zero2", "fsdp2")
+# PEFT LoRA / QLoRA (training_recipe.LORA_KEYS) under the engines that replicate the frozen base
+LORA_METHODS = ("single", "ddp", "zero1")
 
 
 def check_parallel_recipe(recipe, method):
     """The recipe options a parallel run takes; RuntimeError (one line) otherwise."""
-    other = [k for k in recipe if k not in PARALLEL_RECIPE_KEYS]
+    other = [k for k in recipe if k not in PARALLEL_RECIPE_KEYS + training_recipe.LORA_KEYS]
     if other:
-        raise RuntimeError(f"--recipe with --method {method} takes only {', '.join(PARALLEL_RECIPE_KEYS)} "
+        raise RuntimeError(f"--recipe with --method {method} takes only "
+                           f"{', '.join(PARALLEL_RECIPE_KEYS + training_recipe.LORA_KEYS)} "
                            f"(got {', '.join(other)})")
     local = [k for k in recipe if k in LOCAL_FORWARD_KEYS]
     if local and method not in LOCAL_FORWARD_METHODS:
         raise RuntimeError(f"{', '.join(local)} with --method {method}: only {', '.join(LOCAL_FORWARD_METHODS)} "
                            "run them")
+    lora = [k for k in recipe if k in training_recipe.LORA_KEYS]
+    if lora and method not in LORA_METHODS:
+        raise RuntimeError(f"{', '.join(lora)} with --method {method}: only {', '.join(LORA_METHODS)} run LoRA")
     if recipe.get("fsdp-reduce-every-micro-batch") and method not in FSDP_METHODS:
         raise RuntimeError(f"fsdp-reduce-every-micro-batch applies to {', '.join(FSDP_METHODS)}, not {method}")
     if recipe.get("optimizer-in-backward") and method not in ("fsdp2", "zero2", "tp"):

@@ -237,6 +237,7 @@ class StepExecutor : private StepMemory {
   std::vector<std::vector<int32_t>> params_done_after_;  // per node: parameters whose last gradient it delivers
   std::vector<int64_t> earlier_grad_;   // per value: its .grad from an earlier micro-batch, -1 if none
   std::vector<int64_t> kept_outputs_;   // storages the loop keeps bound (the last forward's outputs)
+  std::vector<int64_t> held_by_graph_;  // storages the autograd graph holds until it is freed (a leaf and its .grad)
   std::vector<int64_t> returned_;       // this forward's outputs, held from their op on
   ValueId logits_;
   // Per op, the activations released after it in the forward (Note [Eager lifetimes]).
@@ -469,6 +470,14 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
       }
     }
     if (plan_.loop.keep_outputs) HoldIfReturned(node);
+    // enable_input_require_grads' leaf: its AccumulateGrad node holds it until the graph is freed.
+    for (ValueId out : node.outputs) {
+      if (out != graph_.input_grad_leaf() || recomputing_) continue;
+      const int64_t s = storage_of_[static_cast<size_t>(out.index)];
+      if (s < 0) continue;
+      Ref(s);
+      held_by_graph_.push_back(s);
+    }
     // Extra buffers.
     for (const auto& extra : rule->forward_extra) {
       if (from_cache) break;  // the kernel does not run again
@@ -829,10 +838,12 @@ void StepExecutor::Backward() {
     // Output gradients and saved tensors are no longer needed.
     for (ValueId out : node.outputs) {
       int64_t& g = grad_of_[static_cast<size_t>(out.index)];
-      if (g >= 0) {
+      if (g >= 0 && out == graph_.input_grad_leaf()) {
+        held_by_graph_.push_back(g);  // the leaf's .grad, gone with the leaf
+      } else if (g >= 0) {
         Unref(g, node.id.index);
-        g = -1;
       }
+      g = -1;
     }
     for (int64_t s : saved_[n]) Unref(s, node.id.index);
     saved_[n].clear();
@@ -860,6 +871,8 @@ void StepExecutor::Backward() {
     saved_[n].clear();
   }
   Unref(storage_of_[static_cast<size_t>(loss.index)], -1);
+  for (int64_t s : held_by_graph_) Unref(s, -1);
+  held_by_graph_.clear();
   hooks_->OnBackwardEnd(*this);
 }
 

@@ -352,7 +352,9 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_bad_input(run(*base, "--lora-modules-to-save", "lm_head"), "--lora-modules-to-save needs --lora")
         self.assert_bad_input(run(*base, "--lora", "targets=q_proj", "--lora-modules-to-save", "embed_tokens"),
                               "'embed_tokens' matches no linear module")
-        self.assert_bad_input(run(*base, "--lora", "targets=q_proj", "--dp", "2"), "not modelled yet")
+        self.assert_bad_input(run(*base, "--lora", "targets=q_proj", "--dp", "2", "--engine", "zero3"),
+                              "not modelled yet")
+        self.assert_bad_input(run(*base, "--lora", "targets=q_proj", "--tp", "2"), "not modelled yet")
 
     def test_lora_trains_only_the_adapters(self):
         base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json"]
