@@ -299,12 +299,17 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   std::optional<llmem::QuantSettings> quant;
   if (!o.lora.empty()) {
     lora = llmem::cli::ParseLoraOption(o.lora, o.lora_modules_to_save);
-    // DDP and ZeRO-1 replicate the frozen base and reduce only what requires grad; the sharding engines would have
-    // to shard and gather the frozen base too.
-    if (o.tp > 1 || (o.dp > 1 && *engine != llmem::dist::DataParallelEngine::kDdp &&
-                     *engine != llmem::dist::DataParallelEngine::kZero1)) {
-      throw llmem::ConfigError("--lora is modelled on one GPU and under --dp with --engine ddp or zero1; FSDP2, "
-                               "Gemini and tensor parallelism with a frozen base are not modelled yet");
+    // DDP and ZeRO-1 replicate the frozen base, FSDP2 shards and gathers it with the adapters; all of them reduce
+    // only what requires grad.
+    const bool fsdp2 = o.dp > 1 && (*engine == llmem::dist::DataParallelEngine::kFsdp2Zero2 ||
+                                    *engine == llmem::dist::DataParallelEngine::kFsdp2Zero3);
+    if (o.tp > 1 || (o.dp > 1 && *engine == llmem::dist::DataParallelEngine::kGemini)) {
+      throw llmem::ConfigError("--lora is modelled on one GPU and under --dp with --engine ddp, zero1, zero2 or "
+                               "zero3; Gemini and tensor parallelism with a frozen base are not modelled yet");
+    }
+    if (fsdp2 && !o.quant.empty()) {
+      throw llmem::ConfigError("--quant under FSDP2 is not modelled yet (bitsandbytes' 4-bit weights shard only with "
+                               "bnb_4bit_quant_storage set to a float dtype); use --engine ddp or zero1");
     }
     if (!o.quant.empty()) {
       quant = llmem::cli::ParseQuantOption(o.quant, config.precision);
@@ -360,7 +365,13 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
     std::cout << j.dump(2) << "\n";
   } else {
     PrintEstimate(est, graph, o, config, assumptions);
-    if (lora) llmem::cli::PrintWeights(llmem::cli::GroupWeights(graph, config.precision));
+    if (lora) {
+      llmem::cli::PrintWeights(llmem::cli::GroupWeights(graph, config.precision));
+      if (llmem::dist::RunsFsdp2({.dp = o.dp, .tp = o.tp, .engine = *engine})) {
+        std::printf("  (whole tensors: under FSDP2 each of the %d ranks keeps a 1/%d shard of every parameter)\n",
+                    o.dp, o.dp);
+      }
+    }
   }
   WarnAboutUnknownOps(est);
   return est.fits ? 0 : kExitDoesNotFit;

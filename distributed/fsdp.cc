@@ -27,7 +27,7 @@ std::vector<FsdpGroup> FsdpGroups(const std::vector<ManagedParam>& params, int w
     const int64_t shard_numel = PaddedShardNumel(p, world);
     g.shard_bytes += shard_numel * p.element_size;
     g.unsharded_bytes += shard_numel * world * GatheredElementSize(p, precision);
-    g.reduce_bytes += shard_numel * world * ReduceElementSize(p, precision);
+    if (p.trainable) g.reduce_bytes += shard_numel * world * ReduceElementSize(p, precision);
   }
   return groups;
 }

@@ -45,7 +45,7 @@ struct FsdpGroup {
   std::vector<ManagedParam> params;
   int64_t shard_bytes = 0;     // Σ padded shard bytes (one rank's resident parameters of the group)
   int64_t unsharded_bytes = 0; // N × padded shard elements in param_dtype: the all-gather output, the parameters
-  int64_t reduce_bytes = 0;    // N × padded shard elements in reduce_dtype: the reduce-scatter input
+  int64_t reduce_bytes = 0;    // N × padded shard elements in reduce_dtype of the trainable ones: the reduce-scatter input
 };
 
 // Group 0 is the root (everything outside the decoder layers); group i + 1 is decoder layer i.

@@ -155,7 +155,9 @@ RankEstimate EstimateRank(const Graph& graph, const sim::TrainingConfig& config,
     case DataParallelEngine::kFsdp2Zero3: {
       const bool zero3 = plan.engine == DataParallelEngine::kFsdp2Zero3;
       const sim::FsdpPrecision precision = sim::FsdpPrecisionOf(config);
-      auto groups = FsdpGroups(params, dp, rank_graph.num_layers(), precision);
+      // fully_shard shards every parameter of a module, frozen ones too (a LoRA base); only gradients are reduced.
+      auto groups = FsdpGroups(ManagedParams(rank_graph, config.precision, /*with_frozen=*/true), dp,
+                               rank_graph.num_layers(), precision);
       out.collectives = FsdpCollectives(groups, dp, zero3, dp_crosses_nodes);
       const FsdpLoop loop{.accumulating = config.grad_accum > 1,
                           .reduce_every_micro_batch = config.fsdp_reduce_every_micro_batch,

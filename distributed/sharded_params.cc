@@ -8,7 +8,7 @@
 
 namespace llmem::dist {
 
-std::vector<ManagedParam> ManagedParams(const Graph& graph, sim::Precision precision) {
+std::vector<ManagedParam> ManagedParams(const Graph& graph, sim::Precision precision, bool with_frozen) {
   // First forward use of each storage root (INT32_MAX: none), indexed by value.
   std::vector<int32_t> first_use(graph.values().size(), INT32_MAX);
   for (const auto& node : graph.nodes()) {
@@ -22,16 +22,21 @@ std::vector<ManagedParam> ManagedParams(const Graph& graph, sim::Precision preci
   for (size_t i = 0; i < graph.params().size(); ++i) {
     const Parameter& p = graph.params()[i];
     const auto root = static_cast<size_t>(graph.StorageRoot(p.value).index);
-    if (!p.trainable || !p.used_in_forward || seen[root]) continue;
+    if (!(p.trainable || (with_frozen && p.frozen)) || !p.used_in_forward || seen[root]) continue;
     seen[root] = true;
     ManagedParam m;
+    m.trainable = p.trainable;
     m.index = static_cast<int32_t>(i);
     m.value = p.value.index;
     m.numel = NumElements(p.shape);
     m.dim0 = p.shape.empty() ? 1 : p.shape[0];
-    // Pure bf16 stores the weights in bf16; the other precisions keep fp32 weights (autocast copies are transient,
-    // and FSDP2's MixedPrecisionPolicy keeps fp32 shards even when the export was traced with 16-bit weights).
-    m.element_size = IsFloating(p.dtype) ? (precision == sim::Precision::kBf16 ? 2 : 4) : ElementSize(p.dtype);
+    // Pure bf16 stores the weights in their bf16-run dtype (bf16; LoRA's adapters stay fp32); the other precisions
+    // keep fp32 weights (autocast copies are transient, and FSDP2's MixedPrecisionPolicy keeps fp32 shards even
+    // when the export was traced with 16-bit weights).
+    const DType bf16_run = graph.value(p.value).dtype_bf16_weights;
+    m.element_size = !IsFloating(p.dtype)                  ? ElementSize(p.dtype)
+                     : precision == sim::Precision::kBf16 ? ElementSize(IsFloating(bf16_run) ? bf16_run : DType::kBF16)
+                                                          : 4;
     m.region = p.region;
     ordered.emplace_back(first_use[root], m);
   }

@@ -99,6 +99,8 @@ struct Parameter {
   int64_t bytes = 0;
   bool trainable = true;        // false for buffers (masks, rotary tables)
   bool used_in_forward = true;  // false for tensors the module holds but the forward never reads
+  bool frozen = false;          // an nn.Parameter with requires_grad off (a LoRA base), not a buffer: sharding
+                                // engines (FSDP2) shard and gather it like a trainable one
   ValueId value;
   Region region;                // region of its first use
 };

@@ -35,6 +35,7 @@ class LoraRewriter {
     for (auto& p : rw_.params()) {  // the base is frozen
       if (!p.trainable) continue;
       p.trainable = false;
+      p.frozen = true;
       rw_.value(p.value).requires_grad = false;
     }
     for (const OpNode& old : base_.nodes()) {

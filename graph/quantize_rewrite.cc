@@ -107,6 +107,7 @@ Graph QuantizeLinears(const Graph& g, const QuantSettings& s) {
       p.bytes = layout.packed;
     }
     const std::string& name = g.params()[static_cast<size_t>(w->param)].name;
+    // The quantization state hangs off the weight (Params4bit.quant_state), not a parameter of its own.
     auto state = [&](const std::string& part, std::vector<int64_t> shape, DType d) {
       rw.NewParam(name + "." + part, std::move(shape), d, d, old.region, false);
     };

@@ -162,17 +162,24 @@ def recipe_cases():
 
 
 def lora_cases():
-    """PEFT LoRA and QLoRA under the engines that replicate the frozen base (DDP, ZeRO-1): only the adapters'
-    gradients are in DDP's buckets, only their states are sharded."""
+    """PEFT LoRA and QLoRA under the engines that replicate the frozen base (DDP, ZeRO-1: only the adapters'
+    gradients are in DDP's buckets, only their states are sharded), and LoRA under FSDP2, which shards and gathers
+    the frozen base with the adapters and reduce-scatters only the adapters' gradients."""
     cs = []
     for precision in ("fp32", "bf16-autocast"):
         cs.append(case("llama", "ddp", 2, 2, 128, precision=precision,
                        recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear"))
         cs.append(case("llama", "ddp", 2, 2, 128, precision=precision,
                        recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear,quant=nf4-dq"))
+        cs.append(case("llama", "fsdp2", 2, 2, 128, precision=precision,
+                       recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear"))
     cs += [case("opt", "ddp", 2, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj"),
            case("llama", "zero1", 2, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj"),
-           case("llama", "ddp", 2, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear,checkpointing=full")]
+           case("llama", "ddp", 2, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear,checkpointing=full"),
+           case("opt", "fsdp2", 2, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj"),
+           case("llama", "zero2", 2, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj"),
+           case("llama", "fsdp2", 2, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear,checkpointing=full"),
+           case("llama", "fsdp2", 4, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear")]
     return cs
 
 

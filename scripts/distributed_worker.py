@@ -102,8 +102,9 @@ FSDP_METHODS = ("fsdp2", "zero2", "fsdp2_tp")
 # The recipe keys that change the model's own forward (the loss, checkpointing), run by the data-parallel engines
 LOCAL_FORWARD_KEYS = ("loss", "checkpointing", "checkpointing-impl")
 LOCAL_FORWARD_METHODS = ("ddp", "zero1", "zero2", "fsdp2")
-# PEFT LoRA / QLoRA (training_recipe.LORA_KEYS) under the engines that replicate the frozen base
-LORA_METHODS = ("single", "ddp", "zero1")
+# PEFT LoRA / QLoRA (training_recipe.LORA_KEYS): the engines that replicate the frozen base, and FSDP2, which
+# shards it with the adapters
+LORA_METHODS = ("single", "ddp", "zero1", "fsdp2", "zero2")
 
 
 def check_parallel_recipe(recipe, method):

@@ -304,6 +304,37 @@ TEST(FsdpGroupsTest, ParametersOfLayersBeyondTheCountGoToTheRoot) {
   EXPECT_EQ(groups[1].shard_bytes, 32);  // [4,4] over 2: 2 rows of 4 f32
 }
 
+TEST(FsdpGroupsTest, FrozenParametersAreShardedAndGatheredButNotReduced) {
+  // A LoRA-style layer: a frozen [4,4] base weight and a trainable [2,4] adapter, over 2 ranks.
+  TestGraphBuilder b;
+  ValueId x = b.Input("x", {3, 4}, DType::kF32);
+  ValueId labels = b.Input("labels", {3});
+  b.SetLayer(0);
+  ValueId base = b.Param("base", {4, 4}, DType::kF32, /*trainable=*/false);
+  ValueId adapter = b.Param("adapter", {2, 4});
+  ValueId h = b.Op("aten::linear", {T(x), T(base), None()}, {3, 4});
+  ValueId a = b.Op("aten::linear", {T(h), T(adapter), None()}, {3, 2});
+  b.SetHead();
+  ValueId head = b.Param("head", {5, 2});
+  ValueId logits = b.Op("aten::linear", {T(a), T(head), None()}, {3, 5});
+  Graph built = b.Build(CrossEntropy(b, logits, labels), 1, 3);
+  // The builder's trainable=false is a buffer; mark the base a frozen parameter, as ApplyLora does.
+  std::vector<Parameter> params = built.params();
+  params[static_cast<size_t>(built.value(base).param)].frozen = true;
+  Graph g(built.values(), built.nodes(), params, built.inputs(), built.loss(), 1, 3);
+
+  EXPECT_EQ(ManagedParams(g, sim::Precision::kFp32).size(), 2u);  // adapter, head: what the optimizer and DDP see
+  const auto with_frozen = ManagedParams(g, sim::Precision::kFp32, /*with_frozen=*/true);
+  ASSERT_EQ(with_frozen.size(), 3u);
+  EXPECT_FALSE(with_frozen[0].trainable);  // the base, first used
+  const auto groups = FsdpGroups(with_frozen, 2, g.num_layers());
+  // Layer 0: base 2 rows of 4 f32 (32 B) + adapter 1 row of 4 (16 B) per rank, gathered 96 B; only the adapter's
+  // gradient (32 B unsharded) goes into the reduce-scatter.
+  EXPECT_EQ(groups[1].shard_bytes, 48);
+  EXPECT_EQ(groups[1].unsharded_bytes, 96);
+  EXPECT_EQ(groups[1].reduce_bytes, 32);
+}
+
 TEST(FsdpCollectivesTest, AllGathersAndReduceScatterPerStep) {
   // TwoLayerLm over 2 ranks: root gathered 320, layers 96 + 80 = 176.
   //   forward all-gather: 320 + 176 = 496; backward all-gather (ZeRO-3 only, the root stays gathered): 176;
