@@ -107,6 +107,63 @@ bool EnablesInputRequireGrads(const sim::Checkpointing& checkpointing, bool quan
   return !quantized || checkpointing.impl == sim::CheckpointingImpl::kReentrant;
 }
 
+AdapterRecipe::AdapterRecipe(const std::string& lora, const std::string& modules_to_save, const std::string& quant,
+                             sim::Recipe& recipe) {
+  if (lora.empty()) {
+    if (!modules_to_save.empty()) throw ConfigError("--lora-modules-to-save needs --lora");
+    if (!quant.empty()) throw ConfigError("--quant needs --lora: a quantized base is frozen, nothing would train");
+    return;
+  }
+  lora_ = ParseLoraOption(lora, modules_to_save);
+  if (!quant.empty() && quant != "none") {
+    quant_ = ParseQuantOption(quant, recipe.precision);
+    lora_->quantized_base = true;
+    if (recipe.precision == sim::Precision::kBf16) {
+      assumption_ = "--quant with --precision bf16: peft.prepare_model_for_kbit_training casts the embeddings, norms "
+                    "and LM head to fp32, so activations between the 4-bit linears are fp32 (the 4-bit linears "
+                    "compute in bf16)";
+    }
+    recipe.precision = QuantizedStepPrecision(recipe.precision);
+  }
+  lora_->input_requires_grad = EnablesInputRequireGrads(recipe.checkpointing, quant_.has_value());
+}
+
+std::string AdapterRecipe::UnsupportedLayout(int dp, int tp, bool gemini, bool fsdp2) const {
+  if (!lora_) return "";
+  // DDP and ZeRO-1 replicate the frozen base, FSDP2 shards and gathers it with the adapters; all of them reduce only
+  // what requires grad.
+  if (tp > 1) return "LoRA with tensor parallelism is not modelled yet";
+  if (dp > 1 && gemini) return "LoRA under chunk-based ZeRO (Gemini) is not modelled yet";
+  if (dp > 1 && fsdp2 && quant_) {
+    return "--quant under FSDP2 is not modelled yet (bitsandbytes' 4-bit weights shard only with "
+           "bnb_4bit_quant_storage set to a float dtype); use --engine ddp or zero1";
+  }
+  return "";
+}
+
+Graph AdapterRecipe::Apply(const Graph& graph) const {
+  if (!lora_) return graph;
+  Graph adapted = ApplyLora(graph, *lora_);
+  return quant_ ? QuantizeLinears(adapted, *quant_) : adapted;
+}
+
+void AddAdapterJson(const AdapterRecipe& adapters, nlohmann::json& recipe) {
+  const auto& lora = adapters.lora();
+  if (!lora) return;
+  recipe["lora"] = {{"r", lora->rank},
+                    {"alpha", lora->alpha},
+                    {"dropout", lora->dropout},
+                    {"targets", lora->targets},
+                    {"modules_to_save", lora->modules_to_save},
+                    {"input_requires_grad", lora->input_requires_grad}};
+  if (const auto& q = adapters.quant()) {
+    recipe["quant"] = {{"format", QuantName(*q)},
+                       {"library", "bitsandbytes Linear4bit"},
+                       {"blocksize", q->blocksize},
+                       {"compute_dtype", std::string(DTypeName(q->compute_dtype))}};
+  }
+}
+
 sim::Precision QuantizedStepPrecision(sim::Precision requested) {
   return requested == sim::Precision::kBf16 ? sim::Precision::kFp32 : requested;
 }

@@ -4,6 +4,8 @@
 #include <optional>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "graph/lora_rewrite.h"
 #include "graph/quantize_rewrite.h"
 #include "simulator/recipe.h"
@@ -29,5 +31,33 @@ sim::Precision QuantizedStepPrecision(sim::Precision requested);
 // unquantized base; prepare_model_for_kbit_training does for a quantized one only with reentrant checkpointing
 // (peft 0.21 utils/other.py; non-reentrant needs no hook).
 bool EnablesInputRequireGrads(const sim::Checkpointing& checkpointing, bool quantized);
+
+// The LoRA / QLoRA part of a step, parsed once and applied to the graph of every shape a command builds.
+class AdapterRecipe {
+ public:
+  AdapterRecipe() = default;
+  // From --lora, --lora-modules-to-save and --quant ("" when absent). Sets `recipe.precision` to the precision the
+  // QLoRA step runs in. Throws ConfigError for a bad option, for --lora-modules-to-save or --quant without --lora.
+  AdapterRecipe(const std::string& lora, const std::string& modules_to_save, const std::string& quant,
+                sim::Recipe& recipe);
+
+  bool active() const { return lora_.has_value(); }
+  const std::optional<LoraSettings>& lora() const { return lora_; }
+  const std::optional<QuantSettings>& quant() const { return quant_; }
+  // What the step assumes beyond the options ("" when nothing): QLoRA's fp32 activations under --precision bf16.
+  const std::string& assumption() const { return assumption_; }
+  // Why `plan`'s engine cannot run these adapters yet ("" when it can).
+  std::string UnsupportedLayout(int dp, int tp, bool gemini, bool fsdp2) const;
+  // The graph with adapters added and the base frozen (and quantized).
+  Graph Apply(const Graph& graph) const;
+
+ private:
+  std::optional<LoraSettings> lora_;
+  std::optional<QuantSettings> quant_;
+  std::string assumption_;
+};
+
+// recipe["lora"] and, with --quant, recipe["quant"]: the settings as the step runs them.
+void AddAdapterJson(const AdapterRecipe& adapters, nlohmann::json& recipe);
 
 }  // namespace llmem::cli

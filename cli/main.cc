@@ -294,41 +294,15 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   auto model = llmem::TorchScriptModel::Load(o.model);
   if (o.max_positions) model.set_max_positions(*o.max_positions);
   auto graph = model.BuildGraph(o.batch, o.seq);
-  std::optional<llmem::LoraSettings> lora;
   std::vector<std::string> assumptions;  // of a parallel layout on a GPU: NCCL's buffers; of QLoRA's precision
-  std::optional<llmem::QuantSettings> quant;
-  if (!o.lora.empty()) {
-    lora = llmem::cli::ParseLoraOption(o.lora, o.lora_modules_to_save);
-    // DDP and ZeRO-1 replicate the frozen base, FSDP2 shards and gathers it with the adapters; all of them reduce
-    // only what requires grad.
-    const bool fsdp2 = o.dp > 1 && (*engine == llmem::dist::DataParallelEngine::kFsdp2Zero2 ||
-                                    *engine == llmem::dist::DataParallelEngine::kFsdp2Zero3);
-    if (o.tp > 1 || (o.dp > 1 && *engine == llmem::dist::DataParallelEngine::kGemini)) {
-      throw llmem::ConfigError("--lora is modelled on one GPU and under --dp with --engine ddp, zero1, zero2 or "
-                               "zero3; Gemini and tensor parallelism with a frozen base are not modelled yet");
-    }
-    if (fsdp2 && !o.quant.empty()) {
-      throw llmem::ConfigError("--quant under FSDP2 is not modelled yet (bitsandbytes' 4-bit weights shard only with "
-                               "bnb_4bit_quant_storage set to a float dtype); use --engine ddp or zero1");
-    }
-    if (!o.quant.empty()) {
-      quant = llmem::cli::ParseQuantOption(o.quant, config.precision);
-      lora->quantized_base = true;
-      // peft.prepare_model_for_kbit_training casts the unquantized 16-bit parameters to fp32.
-      if (config.precision == llmem::sim::Precision::kBf16) {
-        assumptions.push_back("--quant with --precision bf16: peft.prepare_model_for_kbit_training casts the "
-                              "embeddings, norms and LM head to fp32, so activations between the 4-bit linears are "
-                              "fp32 (the 4-bit linears compute in bf16)");
-      }
-      config.precision = llmem::cli::QuantizedStepPrecision(config.precision);
-    }
-    lora->input_requires_grad = llmem::cli::EnablesInputRequireGrads(config.checkpointing, quant.has_value());
-    graph = llmem::ApplyLora(graph, *lora);
-    if (quant) graph = llmem::QuantizeLinears(graph, *quant);
-  } else if (!o.lora_modules_to_save.empty()) {
-    throw llmem::ConfigError("--lora-modules-to-save needs --lora");
-  } else if (!o.quant.empty()) {
-    throw llmem::ConfigError("--quant needs --lora: a quantized base is frozen, nothing would train");
+  const llmem::cli::AdapterRecipe adapters(o.lora, o.lora_modules_to_save, o.quant, config);
+  if (adapters.active()) {
+    const llmem::dist::ParallelPlan layout{.dp = o.dp, .tp = o.tp, .engine = *engine};
+    const std::string why = adapters.UnsupportedLayout(o.dp, o.tp, *engine == llmem::dist::DataParallelEngine::kGemini,
+                                                       llmem::dist::RunsFsdp2(layout));
+    if (!why.empty()) throw llmem::ConfigError(why);
+    if (!adapters.assumption().empty()) assumptions.push_back(adapters.assumption());
+    graph = adapters.Apply(graph);
   }
   llmem::sim::MemoryEstimate est;
   if (config.fsdp_reduce_every_micro_batch && !llmem::dist::RunsFsdp2({.dp = o.dp, .tp = o.tp, .engine = *engine})) {
@@ -352,20 +326,14 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   if (!o.trace_path.empty()) llmem::cli::WriteEstimateTrace(o.trace_path, est.simulation->timeline);
   if (o.json_out) {
     json j = EstimateJson(est, o, config, assumptions);
-    if (lora) {
-      j["recipe"]["lora"] = {{"r", lora->rank}, {"alpha", lora->alpha}, {"dropout", lora->dropout},
-                             {"targets", lora->targets}, {"modules_to_save", lora->modules_to_save}};
+    if (adapters.active()) {
+      llmem::cli::AddAdapterJson(adapters, j["recipe"]);
+      j["weights"] = llmem::cli::WeightsJson(llmem::cli::GroupWeights(graph, config.precision));
     }
-    if (quant) {
-      j["recipe"]["quant"] = {{"format", llmem::QuantName(*quant)}, {"library", "bitsandbytes Linear4bit"},
-                              {"blocksize", quant->blocksize},
-                              {"compute_dtype", std::string(llmem::DTypeName(quant->compute_dtype))}};
-    }
-    if (lora) j["weights"] = llmem::cli::WeightsJson(llmem::cli::GroupWeights(graph, config.precision));
     std::cout << j.dump(2) << "\n";
   } else {
     PrintEstimate(est, graph, o, config, assumptions);
-    if (lora) {
+    if (adapters.active()) {
       llmem::cli::PrintWeights(llmem::cli::GroupWeights(graph, config.precision));
       if (llmem::dist::RunsFsdp2({.dp = o.dp, .tp = o.tp, .engine = *engine})) {
         std::printf("  (whole tensors: under FSDP2 each of the %d ranks keeps a 1/%d shard of every parameter)\n",

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cli/lora_options.h"
 #include "cli/training_options.h"
 #include "distributed/interconnect.h"
 #include "distributed/rank_estimate.h"
@@ -120,6 +121,10 @@ void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   cmd->add_flag("--json", o.json_out, "print JSON");
   AddRecipeOptions(cmd, o.recipe);
   cmd->add_option("--lifetimes", o.lifetimes, "forward value lifetimes: eager | torchscript")->capture_default_str();
+  cmd->add_option("--lora", o.lora, "PEFT LoRA adapters on a frozen base, as estimate's --lora (layouts it cannot "
+                                    "run yet are listed as skipped)");
+  cmd->add_option("--lora-modules-to-save", o.lora_modules_to_save, "with --lora: modules trained in full");
+  cmd->add_option("--quant", o.quant, "with --lora: QLoRA base in bitsandbytes 4-bit: nf4 | fp4 | nf4-dq | fp4-dq");
 }
 
 int RunRecommend(const RecommendOptions& o) {
@@ -150,6 +155,13 @@ int RunRecommend(const RecommendOptions& o) {
   req.config = ParseTrainingConfig(o.precision, o.optimizer, o.gpu, o.gpu_memory);
   req.config.lifetimes = ParseLifetimesOption(o.lifetimes);
   ApplyRecipeOptions(o.recipe, req.config);
+  const AdapterRecipe adapters(o.lora, o.lora_modules_to_save, o.quant, req.config);
+  if (adapters.active()) {
+    req.unsupported_layout = [&adapters](const dist::ParallelPlan& plan) {
+      return adapters.UnsupportedLayout(plan.dp, plan.tp, plan.engine == dist::DataParallelEngine::kGemini,
+                                        dist::RunsFsdp2(plan));
+    };
+  }
   sim::CheckFsdpPolicyPrecision(req.config);  // before the sweep, which takes a failed estimate as not fitting
   const auto gpu = &req.config.target.gpu;
   const std::string intra_name = o.interconnect.empty() ? gpu->intra_node_link : o.interconnect;
@@ -173,7 +185,7 @@ int RunRecommend(const RecommendOptions& o) {
     auto it = graphs.find(batch);
     if (it == graphs.end()) {
       const auto b0 = std::chrono::steady_clock::now();
-      it = graphs.emplace(batch, std::make_unique<Graph>(model.BuildGraph(batch, o.seq))).first;
+      it = graphs.emplace(batch, std::make_unique<Graph>(adapters.Apply(model.BuildGraph(batch, o.seq)))).first;
       build_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - b0).count();
     }
     return *it->second;
@@ -186,6 +198,7 @@ int RunRecommend(const RecommendOptions& o) {
                               " (and its links)");
   }
   rec.assumptions.push_back(MixedPrecisionAssumption(req.config));
+  if (!adapters.assumption().empty()) rec.assumptions.push_back(adapters.assumption());
   if (const std::string loop = dist::DataParallelLoopAssumption(req.config, req.engines); !loop.empty()) {
     rec.assumptions.push_back(loop);
   }

@@ -33,6 +33,7 @@ struct RecommendOptions {
   std::string lifetimes = "eager";
   std::optional<int64_t> max_positions;  // replaces the config's position limit (scaled RoPE)
   RecipeOptions recipe;
+  std::string lora, lora_modules_to_save, quant;  // as estimate's --lora, --lora-modules-to-save, --quant
 };
 
 void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o);

@@ -349,19 +349,10 @@ int RunValidate(const ValidateOptions& o) {
     try {
       if (!model) model = std::make_unique<TorchScriptModel>(TorchScriptModel::Load(r.export_path));
       if (!graph) graph = std::make_unique<Graph>(model->BuildGraph(r.batch, r.seq));
-      std::optional<Graph> adapted;  // the run's LoRA / QLoRA graph
-      if (!r.lora.empty()) {
-        LoraSettings lora = ParseLoraOption(r.lora, r.lora_modules_to_save);
-        std::optional<QuantSettings> quant;
-        if (!r.quant.empty() && r.quant != "none") {
-          quant = ParseQuantOption(r.quant, config.precision);
-          lora.quantized_base = true;
-          config.precision = QuantizedStepPrecision(config.precision);
-        }
-        lora.input_requires_grad = EnablesInputRequireGrads(config.checkpointing, quant.has_value());
-        adapted = ApplyLora(*graph, lora);
-        if (quant) adapted = QuantizeLinears(*adapted, *quant);
-      }
+      // The run's LoRA / QLoRA (and the precision its QLoRA step runs in).
+      const AdapterRecipe adapters(r.lora, r.lora_modules_to_save, r.quant == "none" ? "" : r.quant, config);
+      const std::optional<Graph> adapted =
+          adapters.active() ? std::optional<Graph>(adapters.Apply(*graph)) : std::nullopt;
       dist::DistributedOptions opts;
       opts.tp_vocab_parallel = r.vocab_parallel;
       opts.gpus_per_node = 0;  // the runs say where their ranks are

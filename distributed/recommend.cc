@@ -231,6 +231,7 @@ Recommendation Recommend(const RecommendRequest& req, const GraphAtBatch& graph_
                     std::to_string(plan.dp) + " data-parallel ranks";
     } else {
       row.skipped = EngineUnavailable(plan, req.config);
+      if (row.skipped.empty() && req.unsupported_layout) row.skipped = req.unsupported_layout(plan);
       if (row.skipped.empty()) row.skipped = NeedsFp32Export(graph_at(row.micro_batch), req.config, plan);
     }
     if (row.skipped.empty()) row.skipped = sweep.Unrunnable(plan);

@@ -39,6 +39,9 @@ struct RecommendRequest {
   std::vector<DataParallelEngine> engines = {DataParallelEngine::kDdp, DataParallelEngine::kZero1,
                                              DataParallelEngine::kFsdp2Zero2, DataParallelEngine::kFsdp2Zero3,
                                              DataParallelEngine::kGemini};
+  // Why the step's graph cannot run on a layout ("" when it can), for what the graph carries beyond the recipe
+  // (LoRA adapters on a frozen base); unset: every layout can.
+  std::function<std::string(const ParallelPlan&)> unsupported_layout;
 };
 
 struct PlanRow {

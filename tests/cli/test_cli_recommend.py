@@ -55,6 +55,27 @@ class RecommendTest(OneLineErrorAssertions, unittest.TestCase):
             for key in ("peak_allocated_bytes", "step_seconds", "time"):
                 self.assertEqual(row[key], with_skipped[layout][key], f"{layout} {key}")
 
+    def test_lora_rows_match_estimate_and_skip_what_is_not_modelled(self):
+        model = os.path.join(TINY, "llama-tiny.pt")
+        lora = ["--lora", "r=8,alpha=16,targets=q_proj,v_proj"]
+        proc = run("recommend", model, "--gpus", "2", "--seq", "64", "--gpu", "a100-80", *lora, "--json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        plans = {p["layout"]: p for p in json.loads(proc.stdout)["plans"]}
+        self.assertIn("not modelled", plans["TP2"]["skipped"])
+        self.assertIn("Gemini", plans["Gemini×2"]["skipped"])
+        for layout, engine in (("DP2", "ddp"), ("ZeRO-1×2", "zero1"), ("ZeRO-3×2", "zero3")):
+            row = plans[layout]
+            self.assertNotIn("skipped", row)
+            est = run("estimate", model, "-b", "1", "-s", "64", "--gpu", "a100-80", "--dp", "2", "--engine", engine,
+                      *lora, "--json")
+            self.assertEqual(est.returncode, 0, est.stderr)
+            self.assertEqual(row["peak_allocated_bytes"], json.loads(est.stdout)["peak_allocated_bytes"], layout)
+        # QLoRA: FSDP2 cannot shard bitsandbytes' packed weights as modelled, DDP can run them.
+        q = recommend_json(model, "--gpus", "2", "--seq", "64", "--gpu", "a100-80", *lora, "--quant", "nf4")
+        qplans = {p["layout"]: p for p in q["plans"]}
+        self.assertIn("--quant under FSDP2", qplans["ZeRO-3×2"]["skipped"])
+        self.assertLess(qplans["DP2"]["peak_allocated_bytes"], plans["DP2"]["peak_allocated_bytes"])
+
     def test_max_batch_is_exact_and_independent_of_the_batch_asked(self):
         model = os.path.join(BUNDLED, "opt-1.3b.meta.pt")
         common = ["--gpu", "a100-80", "--seq", "2048"]
