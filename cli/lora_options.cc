@@ -80,16 +80,20 @@ LoraSettings ParseLoraOption(const std::string& text, const std::string& modules
 
 QuantSettings ParseQuantOption(const std::string& name, sim::Precision precision) {
   QuantSettings q;
+  if (name == "torchao-nf4") {
+    q.library = QuantLibrary::kTorchao;
+    return q;
+  }
   if (name == "nf4" || name == "nf4-dq") {
     q.format = QuantFormat::kNf4;
   } else if (name == "fp4" || name == "fp4-dq") {
     q.format = QuantFormat::kFp4;
   } else if (name == "int8" || name.starts_with("gptq") || name.starts_with("awq")) {
-    throw ConfigError("--quant " + name + " is not modelled yet; the bitsandbytes 4-bit formats are nf4, fp4, nf4-dq "
-                      "and fp4-dq");
+    throw ConfigError("--quant " + name + " is not modelled yet; the 4-bit formats are nf4, fp4, nf4-dq, fp4-dq "
+                      "(bitsandbytes) and torchao-nf4 (torchtune)");
   } else {
     throw ConfigError("unknown --quant '" + name + "' (nf4, fp4, nf4-dq, fp4-dq: bitsandbytes 4-bit, -dq with double "
-                      "quantization)");
+                      "quantization; torchao-nf4: torchtune's QLoRA)");
   }
   q.double_quant = name.ends_with("-dq");
   switch (precision) {
@@ -117,6 +121,16 @@ AdapterRecipe::AdapterRecipe(const std::string& lora, const std::string& modules
   lora_ = ParseLoraOption(lora, modules_to_save);
   if (!quant.empty() && quant != "none") {
     quant_ = ParseQuantOption(quant, recipe.precision);
+  }
+  if (quant_ && quant_->library == QuantLibrary::kTorchao) {
+    // torchtune's recipe: its LoRALinear, the model in one dtype, non-reentrant checkpointing without the hook.
+    lora_->torchtune = true;
+    if (recipe.checkpointing.mode != sim::CheckpointingMode::kNone &&
+        recipe.checkpointing.impl == sim::CheckpointingImpl::kReentrant) {
+      assumption_ = "--quant torchao-nf4 with reentrant checkpointing as asked: torchtune's own activation "
+                    "checkpointing is non-reentrant (add --checkpointing-impl non-reentrant for its recipe)";
+    }
+  } else if (quant_) {
     lora_->quantized_base = true;
     if (recipe.precision == sim::Precision::kBf16) {
       assumption_ = "--quant with --precision bf16: peft.prepare_model_for_kbit_training casts the embeddings, norms "
@@ -125,7 +139,7 @@ AdapterRecipe::AdapterRecipe(const std::string& lora, const std::string& modules
     }
     recipe.precision = QuantizedStepPrecision(recipe.precision);
   }
-  lora_->input_requires_grad = EnablesInputRequireGrads(recipe.checkpointing, quant_.has_value());
+  lora_->input_requires_grad = !lora_->torchtune && EnablesInputRequireGrads(recipe.checkpointing, quant_.has_value());
 }
 
 std::string AdapterRecipe::UnsupportedLayout(int dp, int tp, bool gemini, bool fsdp2) const {
@@ -134,6 +148,10 @@ std::string AdapterRecipe::UnsupportedLayout(int dp, int tp, bool gemini, bool f
   // what requires grad.
   if (tp > 1) return "LoRA with tensor parallelism is not modelled yet";
   if (dp > 1 && gemini) return "LoRA under chunk-based ZeRO (Gemini) is not modelled yet";
+  if (dp > 1 && quant_ && quant_->library == QuantLibrary::kTorchao) {
+    return "--quant torchao-nf4 is modelled on one GPU (torchtune's FSDP2 all-gather of NF4 shards is not modelled "
+           "yet)";
+  }
   if (dp > 1 && fsdp2 && quant_) {
     return "--quant under FSDP2 is not modelled yet (bitsandbytes' 4-bit weights shard only with "
            "bnb_4bit_quant_storage set to a float dtype); use --engine ddp or zero1";
@@ -158,7 +176,8 @@ void AddAdapterJson(const AdapterRecipe& adapters, nlohmann::json& recipe) {
                     {"input_requires_grad", lora->input_requires_grad}};
   if (const auto& q = adapters.quant()) {
     recipe["quant"] = {{"format", QuantName(*q)},
-                       {"library", "bitsandbytes Linear4bit"},
+                       {"library", q->library == QuantLibrary::kTorchao ? "torchao NF4Tensor (torchtune)"
+                                                                        : "bitsandbytes Linear4bit"},
                        {"blocksize", q->blocksize},
                        {"compute_dtype", std::string(DTypeName(q->compute_dtype))}};
   }

@@ -9,10 +9,11 @@
 namespace llmem::cli {
 namespace {
 
-// Names graph/quantize_rewrite.cc gives the quantization state of a 4-bit weight.
+// Names graph/quantize_rewrite.cc gives the quantization state of a 4-bit weight (bitsandbytes, torchao).
 bool IsQuantState(std::string_view name) {
   for (std::string_view part : {".weight.absmax", ".weight.quant_map", ".weight.nested_absmax",
-                                ".weight.nested_quant_map", ".weight.quant_state.offset"}) {
+                                ".weight.nested_quant_map", ".weight.quant_state.offset", ".weight.quantized_scalers",
+                                ".weight.quantization_factor", ".weight.scaler_mean", ".weight.nf4"}) {
     if (name.ends_with(part)) return true;
   }
   return false;

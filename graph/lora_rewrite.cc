@@ -130,11 +130,13 @@ class LoraRewriter {
     }
     const int64_t out_features = w.shape[0], in_features = w.shape[1];
     const std::string& m = base.scope;
-    rw_.nodes()[static_cast<size_t>(base_id.index)].scope = m + ".base_layer";
-    const ValueId a_w = rw_.NewParam(m + ".lora_A.default.weight", {s_.rank, in_features}, DType::kF32,
-                                     DType::kF32, base.region, true);
-    const ValueId b_w = rw_.NewParam(m + ".lora_B.default.weight", {out_features, s_.rank}, DType::kF32,
-                                     DType::kF32, base.region, true);
+    if (!s_.torchtune) rw_.nodes()[static_cast<size_t>(base_id.index)].scope = m + ".base_layer";
+    // PEFT's adapters are fp32 whatever the base (autocast_adapter_dtype); torchtune's are in the model's dtype.
+    const DType ad = s_.torchtune ? w.dtype : DType::kF32, ad16 = s_.torchtune ? w.dtype_bf16_weights : DType::kF32;
+    const std::string a_name = s_.torchtune ? ".lora_a.weight" : ".lora_A.default.weight";
+    const std::string b_name = s_.torchtune ? ".lora_b.weight" : ".lora_B.default.weight";
+    const ValueId a_w = rw_.NewParam(m + a_name, {s_.rank, in_features}, ad, ad16, base.region, true);
+    const ValueId b_w = rw_.NewParam(m + b_name, {out_features, s_.rank}, ad, ad16, base.region, true);
     auto leading = [&](int64_t last) {
       std::vector<int64_t> shape = x.shape;
       shape.back() = last;
@@ -149,29 +151,35 @@ class LoraRewriter {
       base_result = rw_.NewValue(m + " base result clone", y.shape, y.dtype, y.dtype_bf16_weights);
       emit("aten::clone", m, {TensorArg(y.id), OpArg{}}, base_result);
     }
-    // x.to(A.dtype): the same tensor when x is already fp32, a copy when it is 16-bit.
-    const ValueId xc = rw_.NewValue(m + " lora input", x.shape, DType::kF32, DType::kF32, x.id);
-    emit("aten::to", m, {TensorArg(x.id), IntArg(kFloatScalarType), IntArg(0, OpArg::Kind::kBool),
-                         IntArg(0, OpArg::Kind::kBool)}, xc);
-    ValueId in = xc;
+    // PEFT: x.to(A.dtype), the same tensor when x is already fp32, a copy when it is 16-bit. torchtune: x itself.
+    ValueId in = x.id;
+    if (!s_.torchtune) {
+      in = rw_.NewValue(m + " lora input", x.shape, DType::kF32, DType::kF32, x.id);
+      emit("aten::to", m, {TensorArg(x.id), IntArg(kFloatScalarType), IntArg(0, OpArg::Kind::kBool),
+                           IntArg(0, OpArg::Kind::kBool)}, in);
+    }
     if (s_.dropout > 0) {
-      const ValueId d = rw_.NewValue(m + " lora dropout", x.shape, DType::kF32, DType::kF32);
-      emit("aten::dropout", m + ".lora_dropout.default",
+      const ValueId d = rw_.NewValue(m + " lora dropout", x.shape, s_.torchtune ? x.dtype : DType::kF32,
+                                     s_.torchtune ? x.dtype_bf16_weights : DType::kF32);
+      emit("aten::dropout", m + (s_.torchtune ? ".dropout" : ".lora_dropout.default"),
            {TensorArg(in), DoubleArg(s_.dropout), IntArg(1, OpArg::Kind::kBool)}, d);
       in = d;
     }
-    const ValueId a = rw_.NewValue(m + " lora_A", leading(s_.rank), DType::kF32, DType::kF32);
-    emit("aten::linear", m + ".lora_A.default", {TensorArg(in), TensorArg(a_w), OpArg{}}, a);
-    const ValueId b = rw_.NewValue(m + " lora_B", leading(out_features), DType::kF32, DType::kF32);
-    emit("aten::linear", m + ".lora_B.default", {TensorArg(a), TensorArg(b_w), OpArg{}}, b);
-    const ValueId scaled = rw_.NewValue(m + " lora scaled", leading(out_features), DType::kF32, DType::kF32);
+    const DType od = s_.torchtune ? y.dtype : DType::kF32, od16 = s_.torchtune ? y.dtype_bf16_weights : DType::kF32;
+    const ValueId a = rw_.NewValue(m + " lora_A", leading(s_.rank), od, od16);
+    emit("aten::linear", m + (s_.torchtune ? ".lora_a" : ".lora_A.default"), {TensorArg(in), TensorArg(a_w), OpArg{}},
+         a);
+    const ValueId b = rw_.NewValue(m + " lora_B", leading(out_features), od, od16);
+    emit("aten::linear", m + (s_.torchtune ? ".lora_b" : ".lora_B.default"), {TensorArg(a), TensorArg(b_w), OpArg{}},
+         b);
+    const ValueId scaled = rw_.NewValue(m + " lora scaled", leading(out_features), od, od16);
     emit("aten::mul", m, {TensorArg(b), DoubleArg(s_.alpha / static_cast<double>(s_.rank))}, scaled);
-    // A 16-bit base result plus the fp32 adapter output promotes to fp32.
-    const DType sum_bf16 = Promote(y.dtype_bf16_weights, DType::kF32);
-    const ValueId sum = rw_.NewValue(m + " lora sum", y.shape, Promote(y.dtype, DType::kF32), sum_bf16);
+    // A 16-bit base result plus PEFT's fp32 adapter output promotes to fp32.
+    const DType sum_bf16 = Promote(y.dtype_bf16_weights, od16);
+    const ValueId sum = rw_.NewValue(m + " lora sum", y.shape, Promote(y.dtype, od), sum_bf16);
     NodeId last = emit("aten::add", m, {TensorArg(base_result), TensorArg(scaled), IntArg(1)}, sum);
     ValueId result = sum;
-    if (!s_.quantized_base) {
+    if (!s_.quantized_base && !s_.torchtune) {
       // result.to(the base result's dtype): under autocast the base linear's bf16 (hence to_autocast_dtype). The
       // bitsandbytes layer casts the adapter output instead, and only outside autocast: a no-op on its fp32
       // activations (prepare_model_for_kbit_training keeps them fp32).

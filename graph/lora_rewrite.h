@@ -38,6 +38,9 @@ struct LoraSettings {
   std::vector<std::string> targets;          // module-name suffixes, or the single entry "all-linear"
   std::vector<std::string> modules_to_save;  // module-name suffixes whose linear gets a trainable copy
   bool quantized_base = false;               // the targets are bitsandbytes Linear4bit layers (QLoRA)
+  // torchtune's LoRALinear instead of PEFT's: lora_a / lora_b in the model's dtype, no cast of the input, the base
+  // output plus (alpha / r) * lora_b(lora_a(dropout(x))), nothing cast back.
+  bool torchtune = false;
   // enable_input_require_grads(): the token embeddings' output becomes a leaf that requires grad. PEFT turns it on
   // whenever gradient checkpointing is (PeftModel._prepare_model_for_gradient_checkpointing); for a quantized base
   // prepare_model_for_kbit_training does, with reentrant checkpointing only.

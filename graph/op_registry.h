@@ -96,6 +96,8 @@ enum OpFlag : uint32_t {
   kCastOp = 1u << 4,          // converts dtype (Tensor.to, type_as)
   kKeepsValues = 1u << 5,     // every output element is an unchanged element of input 0 (views, copies, casts)
   kSlicesAlongDim = 1u << 6,  // every output is a range of input 0 along one dim (slice, narrow, split, chunk)
+  kAutocastInside = 1u << 7,  // an autograd Function whose own code runs autocast-wrapped ops: autocast decides its
+                              // output dtype, the dispatcher casts none of its inputs (its rule models the casts)
 };
 
 struct OpInfo {

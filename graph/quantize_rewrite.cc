@@ -20,6 +20,49 @@ int64_t ScalarTypeOf(DType d) {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Note [torchao NF4 linears]: the weight becomes NF4Tensor's codes with its scalers beside it, and the linear
+// torchao::linear_nf4 (+ bias).
+void EmitNf4Linear(const Graph& g, const OpNode& old, const TensorValue& w, GraphRewriter& rw) {
+  const int64_t out_f = w.shape[0], in_f = w.shape[1], n = out_f * in_f;
+  constexpr int64_t kBlock = 64, kScalerBlock = 256;
+  if (n % (kBlock * kScalerBlock) != 0) {
+    throw ConfigError("--quant torchao-nf4: " + old.scope + " has " + std::to_string(out_f) + " x " +
+                      std::to_string(in_f) + " weights, which torchao's to_nf4 cannot quantize (the count must be a "
+                      "multiple of 64 x 256)");
+  }
+  const Parameter& param = g.params()[static_cast<size_t>(w.param)];
+  const DType d = w.dtype, d16 = w.dtype_bf16_weights;
+  {
+    TensorValue& wv = rw.value(w.id);
+    wv.shape = {n / 2};
+    wv.strides.clear();
+    wv.dtype = wv.dtype_bf16_weights = DType::kU8;
+    wv.storage_numel = n / 2;
+    Parameter& p = rw.params()[static_cast<size_t>(w.param)];
+    p.shape = wv.shape;
+    p.dtype = DType::kU8;
+    p.bytes = n / 2;
+  }
+  rw.NewParam(param.name + ".quantized_scalers", {n / kBlock}, DType::kI8, DType::kI8, old.region, false);
+  rw.NewParam(param.name + ".quantization_factor", {n / kBlock / kScalerBlock}, d, d16, old.region, false);
+  rw.NewParam(param.name + ".scaler_mean", {}, d, d16, old.region, false);
+  const ValueId table = rw.NewParam(param.name + ".nf4", {16}, d, d16, old.region, false);
+  const ValueId x = old.args[0].tensors[0];
+  const ValueId y = old.outputs[0];
+  const TensorValue yv = g.value(y);
+  const bool bias = old.args.size() > 2 && old.args[2].kind == OpArg::Kind::kTensor;
+  ValueId lin = y;
+  if (bias) {
+    lin = rw.NewValue(old.scope + " nf4 output", yv.shape, yv.dtype, yv.dtype_bf16_weights);
+    rw.value(lin).requires_grad = yv.requires_grad;
+  }
+  rw.Emit(GraphRewriter::NewNode(old, "torchao::linear_nf4", old.scope,
+                                 {TensorArg(x), TensorArg(w.id), TensorArg(table), IntArg(out_f), IntArg(in_f)}, lin));
+  if (bias) {
+    rw.Emit(GraphRewriter::NewNode(old, "aten::add", old.scope, {TensorArg(lin), old.args[2], IntArg(1)}, y));
+  }
+}
+
 bool IsParamLinear(const Graph& g, const OpNode& node) {
   return node.kind == "aten::linear" && node.args.size() >= 2 && node.args[1].kind == OpArg::Kind::kTensor &&
          g.value(node.args[1].tensors[0]).role == ValueRole::kParameter;
@@ -44,6 +87,7 @@ Quantized4bitLayout Layout4bit(int64_t numel, const QuantSettings& s) {
 }
 
 std::string QuantName(const QuantSettings& s) {
+  if (s.library == QuantLibrary::kTorchao) return "torchao-nf4";
   return std::string(s.format == QuantFormat::kNf4 ? "nf4" : "fp4") + (s.double_quant ? "-dq" : "");
 }
 
@@ -59,9 +103,9 @@ Graph QuantizeLinears(const Graph& g, const QuantSettings& s) {
     throw ConfigError("--quant: the compute and load dtypes must be floating");
   }
   // peft.prepare_model_for_kbit_training casts every unquantized 16-bit parameter to fp32: a graph traced in 16 bits
-  // has those dtypes baked in.
+  // has those dtypes baked in. (torchtune keeps them in the model's dtype.)
   for (const Parameter& p : g.params()) {
-    if (p.dtype == DType::kBF16 || p.dtype == DType::kF16) {
+    if (s.library == QuantLibrary::kBitsandbytes && (p.dtype == DType::kBF16 || p.dtype == DType::kF16)) {
       throw ConfigError("--quant: this export was traced with 16-bit weights (" + p.name + " is " +
                         std::string(DTypeName(p.dtype)) + "), but prepare_model_for_kbit_training keeps every "
                         "unquantized parameter in fp32; use an fp32 export (the default of models/export_hf.py)");
@@ -93,6 +137,10 @@ Graph QuantizeLinears(const Graph& g, const QuantSettings& s) {
     ++quantized;
     const int64_t out_f = w->shape[0], in_f = w->shape[1];
     const int64_t numel = out_f * in_f;
+    if (s.library == QuantLibrary::kTorchao) {
+      EmitNf4Linear(g, old, *w, rw);
+      continue;
+    }
     const Quantized4bitLayout layout = Layout4bit(numel, s);
     // The weight becomes its packed codes, in place (same value, same parameter).
     {

@@ -30,8 +30,13 @@
 namespace llmem {
 
 enum class QuantFormat : uint8_t { kNf4, kFp4 };
+enum class QuantLibrary : uint8_t {
+  kBitsandbytes,  // transformers + PEFT: Linear4bit (Note [4-bit linears])
+  kTorchao,       // torchtune: torchao's NF4Tensor weights run by linear_nf4 (Note [torchao NF4 linears])
+};
 
 struct QuantSettings {
+  QuantLibrary library = QuantLibrary::kBitsandbytes;
   QuantFormat format = QuantFormat::kNf4;
   bool double_quant = false;       // bnb_4bit_use_double_quant (the QLoRA paper's setting)
   int64_t blocksize = 64;          // bitsandbytes' default; transformers does not expose it
@@ -47,7 +52,20 @@ struct Quantized4bitLayout {
 };
 Quantized4bitLayout Layout4bit(int64_t numel, const QuantSettings& settings);
 
-// "nf4", "fp4", "nf4-dq", "fp4-dq".
+// Note [torchao NF4 linears]
+// torchtune's QLoRA (FrozenNF4Linear, LoRALinear(quantize_base=True)) stores every decoder linear's weight as
+// torchao's NF4Tensor (to_nf4, block 64, scaler block 256; torchao 0.18 nf4_tensor.py), in the model's dtype D:
+//     quantized_data       uint8 [n / 2]
+//     quantized_scalers    int8 [n / 64]          the per-block absmax, double-quantized
+//     quantization_factor  D [n / 64 / 256]
+//     scaler_mean          D []
+//     nf4                  D [16]                 the code, one copy per weight
+// to_nf4 needs n to be a multiple of 64 x 256. Forward: y = torchao::linear_nf4(x, weight) (LinearNF4: saves only
+// the NF4 weight; F.linear(x, weight.to(x.dtype)) dequantizes it through get_original_weight, whose int64 index
+// tensors and intermediate planes come to about 14 bytes per weight in bf16), then `+ bias` when there is one; no
+// casts around it. Backward dequantizes again. The embeddings, norms and the output head stay in D.
+//
+// "nf4", "fp4", "nf4-dq", "fp4-dq"; "torchao-nf4".
 std::string QuantName(const QuantSettings& settings);
 
 // The graph with every frozen linear outside the head in 4-bit (trainable ones, such as LoRA adapters, stay as

@@ -42,6 +42,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import distributed_runs  # noqa: E402  (ensure_export: the exports of cases on another preset)
 import eager_runs  # noqa: E402  (torch and the counting allocator load at the first case, once for all)
 import training_recipe  # noqa: E402
 
@@ -88,6 +89,12 @@ QLORA_RECIPES = ["lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj,quant=nf4",
                  "lora-r=8,lora-alpha=16,lora-targets=all-linear,checkpointing=full,quant=nf4-dq"]
 RECIPE_CASES += [f"{arch}:{precision}:adamw:{b}x{s}:{recipe}" for recipe in QLORA_RECIPES for arch in LORA_ARCHS
                  for precision in PRECISIONS for b, s in RECIPE_POINTS]
+# torchtune's QLoRA (llmem --quant torchao-nf4): torchao's to_nf4 needs weights of a multiple of 64 x 256 elements,
+# which the tiny presets' MLPs are not, so these run on the small presets (ARCH@SIZE: that preset's export and model)
+TORCHAO_RECIPES = ["lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj,quant=torchao-nf4",
+                   "lora-r=8,lora-alpha=16,lora-targets=all-linear,lora-dropout=0.05,quant=torchao-nf4"]
+RECIPE_CASES += [f"{arch}@small:{precision}:adamw:{b}x{s}:{recipe}" for recipe in TORCHAO_RECIPES
+                 for arch in ("llama", "mistral") for precision in PRECISIONS for b, s in RECIPE_POINTS]
 # --quick: every feature once in each precision, on two architectures
 RECIPE_QUICK_CASES = [f"{arch}:{precision}:adamw:2x256:{recipe}" for recipe in RECIPES
                       for arch, precision in (("llama", "bf16-autocast"), ("gpt2", "fp32"))]
@@ -95,6 +102,7 @@ RECIPE_QUICK_CASES += [f"{arch}:{precision}:{optimizer}:2x256" for optimizer in 
                        for arch, precision in (("llama", "bf16-autocast"), ("gpt2", "fp32"))]
 RECIPE_QUICK_CASES += [f"{arch}:{precision}:adamw:2x256:{recipe}" for recipe in LORA_RECIPES[2:4] + QLORA_RECIPES[1:2]
                        for arch, precision in (("llama", "bf16-autocast"), ("opt", "fp32"))]
+RECIPE_QUICK_CASES += [f"llama@small:bf16-autocast:adamw:1x128:{TORCHAO_RECIPES[1]}"]
 
 
 class CommandFailed(RuntimeError):
@@ -155,7 +163,7 @@ def main():
     def error(e, m):
         return 100.0 * (e - m) / m
 
-    def compare_eager(model, arch, precision, optimizer, batch, seq, recipe=None):
+    def compare_eager(model, arch, precision, optimizer, batch, seq, recipe=None, size=None):
         t0 = time.time()
         try:
             est = estimate(model, precision, optimizer, batch, seq, "eager", training_recipe.llmem_flags(recipe or {}))
@@ -165,11 +173,14 @@ def main():
             est = None  # llmem cannot estimate this recipe (yet): the real run is still listed
             est_error = e.last_line
         t_est = time.time() - t0
-        run = eager_runs.run_case(arch, precision, optimizer, batch, seq, recipe, size=args.size)
+        run = eager_runs.run_case(arch, precision, optimizer, batch, seq, recipe, size=size or args.size)
         m = {ph: run["phase_peak_bytes"][ph] for ph in PHASES}
         m["step"] = run["peak_bytes"]
         row = dict(arch=arch, precision=precision, optimizer=optimizer, batch=batch, seq=seq, measured=m,
                    estimate_seconds=t_est, measure_seconds=run["times_s"]["total"])
+        if size and size != args.size:
+            arch = f"{arch}@{size}"  # the row names the preset it ran
+            row["arch"] = arch
         label = f"{arch:12s} {precision:14s} {optimizer:5s} b={batch} s={seq:4d}"
         if recipe:
             row["recipe"] = training_recipe.recipe_text(recipe)
@@ -219,11 +230,15 @@ def main():
             if wanted and not any(w in text for w in wanted):
                 continue
             arch, precision, optimizer, batch, seq, recipe = eager_runs.parse_case(text)
-            model = os.path.join(args.models, f"{arch}-{args.size}.pt")
+            arch, _, size = arch.partition("@")
+            if size:  # a case on another preset: its export is made here once, beside the others
+                model, _ = distributed_runs.ensure_export(arch, size, args.models, sys.executable)
+            else:
+                model = os.path.join(args.models, f"{arch}-{args.size}.pt")
             if not os.path.exists(model):
                 sys.exit(f"accuracy: missing export {model} (run models/export_hf.py --all {args.models} "
                          f"--size {args.size})")
-            recipe_cases.append((model, arch, precision, optimizer, batch, seq, recipe))
+            recipe_cases.append((model, arch, precision, optimizer, batch, seq, recipe, size or None))
     started = time.time()
     rows = [compare_eager(*c) for c in cases]  # eager_runs loads torch and the counting allocator once for all
     recipe_rows = [compare_eager(*c) for c in recipe_cases]

@@ -753,7 +753,12 @@ def run(args, rank, world, local_rank, record):
     peft_model = None  # the PeftModel around `model` (whose modules PEFT replaced in place) with lora-r
     if recipe:
         record["recipe"] = dict(recipe)
-        if opts["lora-r"] is not None:
+        if opts["lora-r"] is not None and opts["quant"] == "torchao-nf4":
+            record["checkpointed_layers"] = []
+            record["lora"] = {"impl": "torchtune", "adapted_modules": training_recipe.apply_torchtune_qlora(
+                model, decoder_layers(model)[1], recipe)}
+            record["trainable_bytes"] = storage_bytes(p for p in model.parameters() if p.requires_grad)
+        elif opts["lora-r"] is not None:
             if opts["quant"] != "none":
                 if arch == "codegen":  # export_hf turns its position table into buffers after the build
                     raise training_recipe.RecipeError("quant: codegen's reloaded model would differ from the "

@@ -68,6 +68,9 @@ What each option runs (the loop itself is scripts/distributed_worker.py's `run`)
   _prepare_model_for_gradient_checkpointing), which makes the embedding output a leaf that requires grad (it gets
   a [B,T,H] .grad in backward). That is the order PEFT's docs give; the reverse order (get_peft_model, then
   PeftModel.gradient_checkpointing_enable with reentrant checkpointing) installs no hook and trains nothing.
+- quant=torchao-nf4 (needs lora-r and lora-targets): torchtune's QLoRA instead of PEFT's, run on the HF model
+  (apply_torchtune_qlora): torchao NF4Tensor weights in every decoder linear, torchtune's FrozenNF4Linear and
+  LoRALinear forwards, adapters in the model's dtype; no checkpointing, no modules to save.
 - quant=nf4|fp4|nf4-dq|fp4-dq|int8 (needs lora-r): QLoRA as the QLoRA paper's script and PEFT's docs run it: the model (built
   as above, fp32) is saved with save_pretrained and reloaded by `AutoModelForCausalLM.from_pretrained(dir,
   quantization_config=BitsAndBytesConfig(...), dtype=D, device_map=<device>)` (bitsandbytes Linear4bit /
@@ -88,7 +91,7 @@ Not in the single-process harness: optimizer-impl (the implementation is PyTorch
 import re
 
 CHECKPOINTING_IMPLS = ("reentrant", "non-reentrant")
-QUANT_TYPES = ("none", "nf4", "fp4", "nf4-dq", "fp4-dq", "int8")
+QUANT_TYPES = ("none", "nf4", "fp4", "nf4-dq", "fp4-dq", "int8", "torchao-nf4")
 PEFT_LORA_ALPHA = 8.0  # LoraConfig's default lora_alpha
 LORA_KEYS = ("lora-r", "lora-alpha", "lora-dropout", "lora-targets", "lora-modules-to-save", "quant")
 DEFAULTS = {"checkpointing": "none", "checkpointing-impl": "reentrant", "grad-accum": 1, "loss": "standard",
@@ -405,6 +408,76 @@ def apply_lora(model, layers, recipe):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RecipeError(f"peft.get_peft_model refused the LoRA settings: {first}")
     return peft_model, wrapped
+
+
+def _targeted(name, targets):
+    """PEFT's (and llmem's) target rule: the module's dotted name equals a target or ends in "." + target."""
+    return targets == "all-linear" or any(name == t or name.endswith("." + t) for t in targets.split("+"))
+
+
+def apply_torchtune_qlora(model, layers, recipe):
+    """torchtune's QLoRA on the HF model (quant=torchao-nf4): every nn.Linear of the decoder layers gets its weight
+    as torchao's NF4Tensor (to_nf4: block 64, scaler block 256, in the weight's dtype), frozen, and the forward of
+    torchtune's modules: FrozenNF4Linear `linear_nf4(x, weight) [+ bias]` for a linear lora-targets does not name,
+    LoRALinear(quantize_base=True) `out + (alpha / r) * lora_b(lora_a(dropout(x)))` for one it names, lora_a /
+    lora_b bias-free nn.Linear in the weight's dtype (torchtune builds them under the model's dtype; lora_a
+    Kaiming-uniform, lora_b zeros). Everything else is frozen (set_trainable_params with the adapter parameters
+    only). Returns the number of adapted modules."""
+    import math
+
+    import torch
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4, to_nf4
+
+    o = options(recipe)
+    if o["checkpointing"] != "none":
+        raise RecipeError("quant=torchao-nf4: torchtune's activation-checkpointing wrapper is not run by this harness")
+    if o["lora-modules-to-save"] is not None:
+        raise RecipeError("quant=torchao-nf4: torchtune has no modules_to_save")
+    targets = o["lora-targets"]
+    if targets is None:
+        raise RecipeError("quant=torchao-nf4 needs lora-targets (torchtune names its LoRA modules explicitly)")
+
+    class Nf4Linear(torch.nn.Module):
+        def __init__(self, linear, adapted):
+            super().__init__()
+            weight = linear.weight.detach()
+            self.weight = torch.nn.Parameter(to_nf4(weight), requires_grad=False)
+            self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+            self.adapted = adapted
+            if adapted:
+                rank, out_f, in_f = o["lora-r"], weight.shape[0], weight.shape[1]
+                self.scaling = o["lora-alpha"] / rank
+                self.dropout = torch.nn.Dropout(o["lora-dropout"]) if o["lora-dropout"] > 0 else torch.nn.Identity()
+                self.lora_a = torch.nn.Linear(in_f, rank, bias=False, dtype=weight.dtype)
+                self.lora_b = torch.nn.Linear(rank, out_f, bias=False, dtype=weight.dtype)
+                torch.nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+                torch.nn.init.zeros_(self.lora_b.weight)
+
+        def forward(self, x):
+            out = linear_nf4(input=x, weight=self.weight)
+            if self.bias is not None:
+                out = out + self.bias
+            if not self.adapted:
+                return out
+            lora_out = self.lora_a(self.dropout(x))
+            lora_out = self.scaling * self.lora_b(lora_out)
+            return out + lora_out
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapted = 0
+    for layer in layers:
+        for name, module in list(layer.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if type(child) is not torch.nn.Linear:
+                    continue
+                full = f"{name}.{child_name}" if name else child_name
+                hit = _targeted(full, targets)
+                adapted += hit
+                setattr(module, child_name, Nf4Linear(child, hit))
+    if adapted == 0:
+        raise RecipeError(f"quant=torchao-nf4: lora-targets {targets} names no linear module of the decoder layers")
+    return adapted
 
 
 def shifted_labels(labels, ignore_column):

@@ -32,6 +32,62 @@ DType ScalarTypeDType(int64_t t) {
   }
 }
 
+// NF4Tensor.get_original_weight (torchao 0.18 nf4_tensor.py) of a weight of n elements in dtype `d`: the two
+// nibble planes unpacked into uint8, then int64 index tensors; the NF4 table looked up per plane; the scalers
+// dequantized (int8 / factor, + mean) and repeated by flatten() copies; the planes scaled; torch.stack makes the
+// weight. Its locals (index tensors, planes, scalers) die when it returns; the weight is the last step's block.
+void AppendNf4Dequantize(int64_t n, DType d, std::vector<TransientStep>& s) {
+  const int base = static_cast<int>(s.size());
+  auto at = [&](int i) { return base + i; };
+  const int64_t half = n / 2, blocks = n / 64, e = ElementSize(d);
+  s.push_back({half});                  // 0: quantized_data >> 4
+  s.push_back({half * 8});              // 1: .to(torch.long)
+  s.push_back({0, at(0)});              // 2
+  s.push_back({half});                  // 3: quantized_data & 0b1111
+  s.push_back({half * 8});              // 4: .to(torch.long)
+  s.push_back({0, at(3)});              // 5
+  s.push_back({half * e});              // 6: nf4[first]
+  s.push_back({half * e});              // 7: nf4[second]
+  s.push_back({blocks * e});            // 8: quantized_scalers / quantization_factor
+  s.push_back({blocks * e});            // 9: + scaler_mean
+  s.push_back({0, at(8)});              // 10
+  s.push_back({half * e});              // 11: repeated.flatten()
+  s.push_back({half * e});              // 12: scaled_first
+  s.push_back({0, at(11)});             // 13
+  s.push_back({half * e});              // 14: repeated.flatten()
+  s.push_back({half * e});              // 15: scaled_second
+  s.push_back({0, at(14)});             // 16
+  s.push_back({n * e});                 // 17: torch.stack(...): the weight
+  for (int i : {1, 4, 6, 7, 9, 12, 15}) s.push_back({0, at(i)});
+}
+
+// torchao's LinearNF4 (nf4_tensor.py): forward F.linear(x, weight.to(x.dtype)), saving only the NF4 weight; backward
+// grad_output @ weight.to(grad_output.dtype). Args: x, the packed codes, the NF4 table (its dtype is the
+// weight's), out_features, in_features.
+OpMemoryRule LinearNf4Rule(const OpNode& node, const RuleContext& ctx) {
+  const auto& inputs = ctx.graph.tensor_inputs(node.id);
+  OpMemoryRule r = Uniform(inputs.size(), GradKind::kNone);
+  if (inputs.size() < 3 || node.outputs.empty()) return r;
+  r.input_grads[0] = GradKind::kNew;
+  const int64_t n = static_cast<int64_t>(ArgNumber(node, 3, 0)) * static_cast<int64_t>(ArgNumber(node, 4, 0));
+  const DType weight = ctx.dtype(inputs[2]), x = ctx.dtype(inputs[0]), out = ctx.dtype(node.outputs[0]);
+  // `dequantized.to(dtype)`: a copy when the dtypes differ, the dequantized weight freed then.
+  auto dequantize_to = [&](DType want, std::vector<TransientStep>& s) {
+    AppendNf4Dequantize(n, weight, s);
+    if (want == weight) return;
+    const int w = static_cast<int>(s.size()) - 8;  // the weight: the block before the seven frees
+    s.push_back({n * ElementSize(want)});
+    s.push_back({0, w});
+  };
+  dequantize_to(x, r.forward_prelude);
+  if (out != x) {  // autocast inside F.linear: 16-bit copies of the input and the weight
+    r.forward_prelude.push_back({NumElements(ctx.graph.value(inputs[0]).shape) * ElementSize(out)});
+    r.forward_prelude.push_back({n * ElementSize(out)});
+  }
+  dequantize_to(out, r.backward_prelude);  // grad_output has the output's dtype
+  return r;
+}
+
 // Number of rows of a [.., D] tensor: all dims but the last.
 int64_t Rows(const TensorValue& v) {
   int64_t rows = 1;
@@ -236,6 +292,7 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
       return r;
     }
     case GradFormula::kQuantizedMatmul: {
+      if (k == "torchao::linear_nf4") return LinearNf4Rule(node, ctx);
       // bitsandbytes 0.50 MatMul4Bit (autograd/_functions.py) around gemm_4bit; args: x, packed weight, bias,
       // out_features, in_features, blocksize, nested (double quantization), the load dtype (c10 ScalarType).
       // Forward saves nothing but the packed weight (a parameter). Inside gemm_4bit, per backend:
@@ -259,13 +316,20 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
       const int64_t tokens = n >= 1 && in_f > 0 ? NumElements(ctx.graph.value(inputs[0]).shape) / in_f : 0;
       const bool fused = ctx.backend.cuda && (tokens <= 4 || (compute == DType::kF32 && tokens < 8)) &&
                          in_f % block == 0;
-      if (!fused) {
-        const int absmax_copies = !nested ? 0 : ctx.backend.cuda ? 2 : 1;
-        for (int i = 0; i < absmax_copies; ++i) r.forward_extra.push_back({absmax_bytes, false});
-        r.forward_extra.push_back({elems * ElementSize(compute), false});
+      if (!fused && nested && ctx.backend.cuda) {
+        r.forward_prelude = {{absmax_bytes}, {absmax_bytes}};  // absmax_dq, then absmax_dq + offset: both locals
+      } else if (!fused && nested) {
+        r.forward_prelude = {{absmax_bytes}, {absmax_bytes}, {0, 0}};  // the dequantized absmax dies in the add
       }
-      r.backward_workspace_bytes = elems * ElementSize(load) + (load != compute ? elems * ElementSize(compute) : 0);
-      if (nested) r.backward_prelude_bytes = absmax_bytes;
+      if (!fused) r.forward_prelude.push_back({elems * ElementSize(compute)});  // B_dq, alive through F.linear
+      // dequantize_4bit: the absmax (nested), freed on return, the weight in the load dtype, then its cast.
+      if (nested) r.backward_prelude = {{absmax_bytes}};
+      r.backward_prelude.push_back({elems * ElementSize(load)});
+      if (nested) r.backward_prelude.push_back({0, 0});
+      if (load != compute) {
+        r.backward_prelude.push_back({elems * ElementSize(compute)});
+        r.backward_prelude.push_back({0, static_cast<int>(r.backward_prelude.size()) - 2});
+      }
       return r;
     }
     case GradFormula::kAddmm: {

@@ -33,13 +33,22 @@ struct ExtraBuffer {
   bool before_kernel = false;
 };
 
+// One step of the temporaries an op's own code makes in order (a dequantization before its kernel): allocate
+// `bytes`, or, with `free_of` >= 0, free the block that step `free_of` allocated. Blocks a sequence leaves
+// allocated live until the op is done (forward: after its outputs; backward: after the input gradients).
+struct TransientStep {
+  int64_t bytes = 0;
+  int free_of = -1;
+};
+
 struct OpMemoryRule {
   std::vector<int> saved_inputs;         // indices into the op's tensor inputs (Graph::tensor_inputs)
   std::vector<int> saved_outputs;        // indices into the op's outputs
   std::vector<ExtraBuffer> forward_extra;
   std::vector<GradKind> input_grads;     // one per flattened tensor input
   int64_t backward_workspace_bytes = 0;  // allocated before the input gradients, freed after them
-  int64_t backward_prelude_bytes = 0;    // allocated after the workspace and freed before the input gradients
+  std::vector<TransientStep> forward_prelude;   // run before the outputs are allocated
+  std::vector<TransientStep> backward_prelude;  // run after the workspace, before the input gradients
 };
 
 // Context a rule may read: the dtype each value has under the simulated precision.

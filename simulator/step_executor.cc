@@ -187,6 +187,8 @@ class StepExecutor : private StepMemory {
   std::vector<int64_t> StepTemporaries(const Parameter& p);
   void KeepPreviousOutputs();
   void HoldIfReturned(const OpNode& node);
+  // Runs a rule's sequence of temporaries; returns the blocks it leaves allocated.
+  std::vector<int64_t> RunTransientSteps(const std::vector<TransientStep>& steps, const OpNode& node, const char* what);
   void KeepOutputs();
   void ReleaseKeptOutputs();
   ValueId ReturnedLogits() const;
@@ -377,7 +379,8 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
     op_input_dtype_.clear();
     const AutocastClass autocast_class = autocast ? backend_.Autocast(node.kind) : AutocastClass::kNone;
     const bool casts_inputs =
-        autocast_class == AutocastClass::kLowerPrecision || autocast_class == AutocastClass::kFp32;
+        (autocast_class == AutocastClass::kLowerPrecision || autocast_class == AutocastClass::kFp32) &&
+        !OpHas(node.kind, kAutocastInside);
     const DType cast_to = autocast_class == AutocastClass::kLowerPrecision ? low : DType::kF32;
     if (casts_inputs) {
       for (ValueId in : inputs) {
@@ -442,6 +445,10 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
 
     // Outputs that own new storage. A cast (aten::to, type_as) allocates exactly when the simulated dtypes differ.
     const bool from_cache = recomputing_ && TakeCachedOutputs(node);
+    // The op's own temporaries before its kernel (a weight dequantized for it); what they leave lives until it returns.
+    if (!from_cache) {
+      for (int64_t s : RunTransientSteps(rule->forward_prelude, node, " temporary")) op_temporaries.push_back(s);
+    }
     for (ValueId out : node.outputs) {
       if (from_cache) break;
       const auto& v = graph_.value(out);
@@ -745,11 +752,7 @@ void StepExecutor::Backward() {
           rule.backward_workspace_bytes, MemoryCategory::kTransient, [&] { return node.kind + " backward"; },
           node.id.index);
     }
-    if (rule.backward_prelude_bytes > 0) {
-      Unref(NewStorage(rule.backward_prelude_bytes, MemoryCategory::kTransient,
-                       [&] { return node.kind + " backward prelude"; }, node.id.index),
-            node.id.index);
-    }
+    const std::vector<int64_t> prelude_left = RunTransientSteps(rule.backward_prelude, node, " backward temporary");
     int64_t parallel_workspace = -1;
     if (const int64_t extra = hooks_->ExtraTransientBytes(node, Phase::kBackward); extra > 0) {
       parallel_workspace = NewStorage(
@@ -834,6 +837,7 @@ void StepExecutor::Backward() {
       }
     }
     if (workspace >= 0) Unref(workspace, node.id.index);
+    for (int64_t s : prelude_left) Unref(s, node.id.index);
     if (parallel_workspace >= 0) Unref(parallel_workspace, node.id.index);
     // Output gradients and saved tensors are no longer needed.
     for (ValueId out : node.outputs) {
@@ -1009,6 +1013,27 @@ void StepExecutor::KeepPreviousOutputs() {
                                        "previous step's logits", -1));
   }
   kept_outputs_.push_back(NewStorage(Bytes(graph_.loss()), MemoryCategory::kHeadActivations, "previous step's loss", -1));
+}
+
+std::vector<int64_t> StepExecutor::RunTransientSteps(const std::vector<TransientStep>& steps, const OpNode& node,
+                                                     const char* what) {
+  std::vector<int64_t> blocks(steps.size(), -1);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const TransientStep& step = steps[i];
+    if (step.free_of >= 0) {
+      int64_t& freed = blocks.at(static_cast<size_t>(step.free_of));
+      LLMEM_CHECK(freed >= 0) << node.kind << ": a temporary freed twice";
+      Unref(freed, node.id.index);
+      freed = -1;
+    } else if (step.bytes > 0) {
+      blocks[i] = NewStorage(step.bytes, MemoryCategory::kTransient, [&] { return node.kind + what; }, node.id.index);
+    }
+  }
+  std::vector<int64_t> left;
+  for (int64_t b : blocks) {
+    if (b >= 0) left.push_back(b);
+  }
+  return left;
 }
 
 void StepExecutor::HoldIfReturned(const OpNode& node) {

@@ -378,6 +378,9 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_bad_input(run(*base, *lora, "--quant", "int8"), "--quant int8 is not modelled yet")
         self.assert_bad_input(run(*base, *lora, "--quant", "gptq-4"), "--quant gptq-4 is not modelled yet")
         self.assert_bad_input(run(*base, "--quant", "nf4"), "--quant needs --lora", "frozen")
+        # torchao's to_nf4 takes only weights of a multiple of 64 x 256 elements (the tiny MLP's 688 x 256 is not)
+        self.assert_bad_input(run(*base, *lora, "--quant", "torchao-nf4"), "gate_proj", "multiple of 64 x 256")
+        self.assert_bad_input(run(*base, *lora, "--quant", "torchao-nf4", "--dp", "2"), "modelled on one GPU")
 
     def test_qlora_stores_the_linears_in_4_bit(self):
         base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json",

@@ -164,13 +164,19 @@ BackendRules Backend(bool cpu) {
   return RulesFor(t);
 }
 
-int64_t ForwardExtraBytes(const OpMemoryRule& r) {
-  int64_t sum = 0;
-  for (const auto& e : r.forward_extra) {
-    EXPECT_FALSE(e.saved);  // MatMul4Bit saves only the packed weight
-    sum += e.bytes;
+// The bytes a sequence of temporaries leaves allocated, and its highest point.
+std::pair<int64_t, int64_t> LeftAndPeak(const std::vector<TransientStep>& steps) {
+  int64_t live = 0, peak = 0;
+  for (const auto& s : steps) {
+    live += s.free_of >= 0 ? -steps[static_cast<size_t>(s.free_of)].bytes : s.bytes;
+    peak = std::max(peak, live);
   }
-  return sum;
+  return {live, peak};
+}
+
+int64_t ForwardExtraBytes(const OpMemoryRule& r) {
+  EXPECT_TRUE(r.forward_extra.empty());  // MatMul4Bit saves only the packed weight
+  return LeftAndPeak(r.forward_prelude).first;
 }
 
 TEST(QuantizedMatmulRuleTest, DequantizesTheWeightInForwardAndAgainInBackward) {
@@ -184,19 +190,20 @@ TEST(QuantizedMatmulRuleTest, DequantizesTheWeightInForwardAndAgainInBackward) {
     EXPECT_EQ(cpu->input_grads[0], GradKind::kNew);
     // The default kernel: the dequantized weight, and with double quantization one fp32 absmax alive beside it.
     EXPECT_EQ(ForwardExtraBytes(*cpu), 512 + (dq ? 8 : 0));
-    EXPECT_EQ(cpu->backward_workspace_bytes, 512);
-    EXPECT_EQ(cpu->backward_prelude_bytes, dq ? 8 : 0);
+    EXPECT_EQ(LeftAndPeak(cpu->forward_prelude).second, 512 + (dq ? 8 : 0));  // the first absmax died before B_dq
+    // Backward: the absmax (8 B) and the weight (512 B) together, then the weight alone beside the gradient.
+    EXPECT_EQ(LeftAndPeak(cpu->backward_prelude), std::make_pair(int64_t{512}, int64_t{512 + (dq ? 8 : 0)}));
     // CUDA: 8 input features are no multiple of the blocksize, so even 4 tokens take the dequantize + F.linear
     // fallback, both absmax copies alive there (locals of _dequant_linear_fallback).
     const auto cuda = RuleOf(g, q, Backend(false));
     EXPECT_EQ(ForwardExtraBytes(*cuda), 512 + (dq ? 2 * 8 : 0));
-    EXPECT_EQ(cuda->backward_workspace_bytes, 512);
+    EXPECT_EQ(LeftAndPeak(cuda->backward_prelude).first, 512);
   }
   // 64 input features: the fused kernel for 4 tokens allocates only its output; past 1536 tokens the fallback.
   const Graph aligned = Qlora(true, 4, 64);
   const auto fused = RuleOf(aligned, *NodesOfKind(aligned, "bnb::matmul_4bit")[1], Backend(false));
   EXPECT_EQ(ForwardExtraBytes(*fused), 0);
-  EXPECT_EQ(fused->backward_workspace_bytes, 16 * 64 * 4);
+  EXPECT_EQ(LeftAndPeak(fused->backward_prelude).first, 16 * 64 * 4);
   const Graph big = Qlora(true, 2048, 64);
   const auto fallback = RuleOf(big, *NodesOfKind(big, "bnb::matmul_4bit")[1], Backend(false));
   EXPECT_EQ(ForwardExtraBytes(*fallback), 16 * 64 * 4 + 2 * 4 * (16 * 64 / 64));
@@ -221,6 +228,73 @@ TEST(QuantizedStepTest, OnlyAdaptersTrainAndTheDequantizedWeightIsTransient) {
   }
   EXPECT_EQ(forward, 1);
   EXPECT_EQ(backward, 1);
+}
+
+QuantSettings TorchaoNf4() {
+  QuantSettings q;
+  q.library = QuantLibrary::kTorchao;
+  return q;
+}
+
+// x [4,1024] -> layers.0.q_proj (w [16,1024]: 16384 elements, one scaler block) -> lm_head -> CE.
+Graph Nf4Sized() {
+  TestGraphBuilder b;
+  ValueId x = b.Input("x", {4, 1024}, DType::kF32);
+  ValueId labels = b.Input("labels", {4});
+  b.SetLayer(0);
+  ValueId w0 = b.Param("model.layers.0.mlp.up_proj.weight", {1024, 1024});
+  ValueId u = b.OpOut("aten::linear", {T(x), T(w0), None()}, Out({4, 1024}), "model.layers.0.mlp.up_proj");
+  ValueId w = b.Param("model.layers.0.q_proj.weight", {16, 1024});
+  ValueId h = b.OpOut("aten::linear", {T(u), T(w), None()}, Out({4, 16}), "model.layers.0.q_proj");
+  b.SetHead();
+  ValueId w2 = b.Param("lm_head.weight", {32, 16});
+  ValueId logits = b.OpOut("aten::linear", {T(h), T(w2), None()}, Out({4, 32}), "lm_head");
+  return b.Build(CrossEntropy(b, logits, labels));
+}
+
+LoraSettings TorchtuneUpProj() {
+  LoraSettings s{.rank = 2, .alpha = 4, .dropout = 0.0, .targets = {"up_proj"}, .modules_to_save = {}};
+  s.torchtune = true;
+  return s;
+}
+
+TEST(TorchaoNf4Test, StoresNf4TensorsPartsAndRunsLinearNf4) {
+  const Graph g = QuantizeLinears(ApplyLora(Nf4Sized(), TorchtuneUpProj()), TorchaoNf4());
+  // q_proj, 16384 weights: codes 8192 B, int8 scalers per 64 (256 B), one fp32 factor per 256 scalers, the mean and
+  // the 16-entry table in the weight's dtype.
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.weight").bytes, 8192);
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.weight.quantized_scalers").bytes, 256);
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.weight.quantization_factor").bytes, 4);
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.weight.scaler_mean").bytes, 4);
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.weight.nf4").bytes, 64);
+  EXPECT_EQ(NodesOfKind(g, "torchao::linear_nf4").size(), 2u);
+  EXPECT_TRUE(NodesOfKind(g, "bnb::matmul_4bit").empty());
+  // torchtune's LoRALinear: adapters in the weight's dtype, no clone, no casts.
+  EXPECT_TRUE(NodesOfKind(g, "aten::clone").empty());
+  EXPECT_TRUE(NodesOfKind(g, "aten::to").empty());
+  EXPECT_TRUE(ParamNamed(g, "model.layers.0.mlp.up_proj.lora_a.weight").trainable);
+}
+
+TEST(TorchaoNf4Test, RefusesWeightsToNf4CannotQuantize) {
+  try {
+    QuantizeLinears(ApplyLora(ThreeModules(), TorchtuneUpProj()), TorchaoNf4());  // 8 x 8 weights
+    FAIL() << "no error";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("multiple of 64 x 256"), std::string::npos) << e.what();
+  }
+}
+
+TEST(TorchaoNf4Test, GetOriginalWeightTemporariesPeakAtTheStack) {
+  const Graph g = QuantizeLinears(ApplyLora(Nf4Sized(), TorchtuneUpProj()), TorchaoNf4());
+  const OpNode& q = *NodesOfKind(g, "torchao::linear_nf4")[1];
+  const auto r = RuleOf(g, q, Backend(true));
+  ASSERT_TRUE(r.has_value());
+  EXPECT_TRUE(r->saved_inputs.empty());  // LinearNF4 saves the NF4 weight, a parameter
+  // n = 16384 fp32: two int64 index planes (2 x 8 x 8192), two looked-up planes and two scaled planes (4 x 4 x
+  // 8192), the dequantized scalers (4 x 256) and the stacked weight (4 x 16384) alive together.
+  const int64_t peak = 2 * 8 * 8192 + 4 * 4 * 8192 + 4 * 256 + 4 * 16384;
+  EXPECT_EQ(LeftAndPeak(r->forward_prelude), std::make_pair(int64_t{4 * 16384}, peak));
+  EXPECT_EQ(LeftAndPeak(r->backward_prelude), std::make_pair(int64_t{4 * 16384}, peak));
 }
 
 }  // namespace
