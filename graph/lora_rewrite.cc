@@ -50,8 +50,8 @@ class LoraRewriter {
     }
     // Views made after an adapter of a value it replaced view the adapter's result.
     for (auto& v : rw_.values()) {
-      if (v.alias_of.valid() && v.producer.valid() && replaced_.contains(v.alias_of.index) &&
-          v.producer.index > replaced_at_[v.alias_of.index]) {
+      const auto it = v.alias_of.valid() ? replaced_.find(v.alias_of.index) : replaced_.end();
+      if (it != replaced_.end() && v.producer.valid() && v.producer.index > it->second.at_node) {
         v.alias_of = Replaced(v.alias_of);
       }
     }
@@ -87,9 +87,9 @@ class LoraRewriter {
     std::string have;
     for (const auto& name : suffixes) have += (have.empty() ? "" : ", ") + name;
     if (have.empty()) have = "none (this export has no aten::linear op)";
-    auto check = [&](const std::vector<std::string>& names, const char* what) {
+    auto check = [&](const std::vector<std::string>& names, const char* what, bool all_linear_allowed) {
       for (const auto& t : names) {
-        if (std::string_view(what) == "targets" && t == "all-linear" && names.size() == 1) continue;
+        if (all_linear_allowed && t == "all-linear" && names.size() == 1) continue;
         const bool found = std::any_of(base_.nodes().begin(), base_.nodes().end(),
                                        [&](const OpNode& n) { return IsLinear(n) && Matches(n.scope, t); });
         if (!found) {
@@ -98,13 +98,13 @@ class LoraRewriter {
         }
       }
     };
-    check(s_.targets, "targets");
-    check(s_.modules_to_save, "modules-to-save");
+    check(s_.targets, "targets", true);
+    check(s_.modules_to_save, "modules-to-save", false);
   }
 
   ValueId Replaced(ValueId v) const {
     auto it = replaced_.find(v.index);
-    return it == replaced_.end() ? v : ValueId{it->second};
+    return it == replaced_.end() ? v : ValueId{it->second.by};
   }
 
   // A trainable copy of the module's weight and bias, which its forward reads from then on.
@@ -191,8 +191,7 @@ class LoraRewriter {
       cast.to_autocast_dtype = true;
       last = rw_.Emit(std::move(cast));
     }
-    replaced_[y.id.index] = result.index;
-    replaced_at_[y.id.index] = last.index;
+    replaced_[y.id.index] = {result.index, last.index};
   }
 
   // requires_grad again, from what still requires grad: an op's output requires grad when the base graph's did
@@ -248,8 +247,11 @@ class LoraRewriter {
   const Graph& base_;
   const LoraSettings& s_;
   GraphRewriter rw_;
-  std::map<int32_t, int32_t> replaced_;     // base linear output -> the adapter's result
-  std::map<int32_t, int32_t> replaced_at_;  // base linear output -> the node that makes its replacement
+  struct Replacement {
+    int32_t by = -1;       // the adapter's result
+    int32_t at_node = -1;  // the node that makes it
+  };
+  std::map<int32_t, Replacement> replaced_;  // base linear output -> its replacement
   std::set<int32_t> copied_;                // originals of modules_to_save parameters
 };
 

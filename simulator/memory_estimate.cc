@@ -54,6 +54,7 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
   // release-and-retry on a failed cudaMalloc.
   std::unique_ptr<AllocatorModel> model;
   std::unique_ptr<AllocatorModel> limited;
+  int64_t limited_capacity = 0;  // what the GPU-limited run may reserve
   if (backend.caching_allocator) {
     est.capacity_bytes = config.target.gpu.capacity_bytes;
     est.managed_optimizer_state_bytes = sim.managed_bytes;
@@ -62,6 +63,7 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
     CachingAllocatorConfig cfg;
     model = std::make_unique<CudaCachingAllocatorModel>(cfg);
     cfg.capacity_bytes = std::max<int64_t>(0, est.capacity_bytes - est.fixed_overhead_bytes);
+    limited_capacity = cfg.capacity_bytes;
     limited = std::make_unique<CudaCachingAllocatorModel>(cfg);
   } else {
     model = std::make_unique<ExactBytesModel>();
@@ -171,9 +173,7 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
   // allocation fails and nothing is released, so it is replayed only then.
   // Every block the GPU-limited run holds is at least its 512 B-rounded request, so a step whose unfragmented
   // peak alone passes the device's free bytes runs out of memory there: that is known without replaying it.
-  const bool unfragmented_exceeds =
-      limited && lower_bound.Stats().peak_allocated_bytes >
-                     static_cast<const CudaCachingAllocatorModel&>(*limited).config().capacity_bytes;
+  const bool unfragmented_exceeds = limited && lower_bound.Stats().peak_allocated_bytes > limited_capacity;
   if (unfragmented_exceeds) {
     limited_oom = true;
   } else if (limited && CheckedAdd(stats.peak_reserved_bytes, est.fixed_overhead_bytes, "the nvidia-smi figure") >
