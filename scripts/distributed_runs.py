@@ -89,7 +89,9 @@ def quick_cases():
            case("gpt2", "fsdp2", 2, 2, 256),
            # bf16 autocast around forward + loss, fp32 weights, grads and states
            case("llama", "ddp", 2, 2, 256, precision="bf16-autocast"),
-           case("llama", "fsdp2", 2, 2, 256, precision="bf16-autocast")]
+           case("llama", "fsdp2", 2, 2, 256, precision="bf16-autocast"),
+           # LoRA: the frozen base sharded with the adapters, only the adapters' gradients reduced
+           case("llama", "fsdp2", 2, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear")]
     return cs
 
 
