@@ -55,7 +55,10 @@ class ParallelRecipeTest(unittest.TestCase):
         distributed_worker.check_parallel_recipe(parse_recipe("grad-accum=2,fsdp-reduce-every-micro-batch=1"),
                                                  "fsdp2")
         self.assert_refused("grad-accum=2,fsdp-reduce-every-micro-batch=1", "ddp", "ddp")
-        self.assert_refused("lora-r=8", "fsdp2", "lora-r")  # PEFT runs are single-process only
+        # PEFT LoRA runs under the engines llmem models with a frozen base; tensor parallelism is not one of them
+        for method in ("ddp", "zero1", "fsdp2", "zero2"):
+            distributed_worker.check_parallel_recipe(parse_recipe("lora-r=8,lora-targets=q_proj"), method)
+        self.assert_refused("lora-r=8", "tp", "lora-r", "only single, ddp, zero1, fsdp2, zero2")
         with self.assertRaises(RecipeError):
             parse_recipe("fsdp-reduce-every-micro-batch=1")
 
