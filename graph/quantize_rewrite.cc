@@ -20,6 +20,19 @@ int64_t ScalarTypeOf(DType d) {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The weight's value and parameter become its packed uint8 codes, in place.
+void PackWeight(const TensorValue& w, std::vector<int64_t> shape, GraphRewriter& rw) {
+  TensorValue& wv = rw.value(w.id);
+  wv.storage_numel = NumElements(shape);
+  wv.shape = std::move(shape);
+  wv.strides.clear();
+  wv.dtype = wv.dtype_bf16_weights = DType::kU8;
+  Parameter& p = rw.params()[static_cast<size_t>(w.param)];
+  p.shape = wv.shape;
+  p.dtype = DType::kU8;
+  p.bytes = wv.storage_numel;
+}
+
 // Note [torchao NF4 linears]: the weight becomes NF4Tensor's codes with its scalers beside it, and the linear
 // torchao::linear_nf4 (+ bias).
 void EmitNf4Linear(const Graph& g, const OpNode& old, const TensorValue& w, GraphRewriter& rw) {
@@ -32,17 +45,7 @@ void EmitNf4Linear(const Graph& g, const OpNode& old, const TensorValue& w, Grap
   }
   const Parameter& param = g.params()[static_cast<size_t>(w.param)];
   const DType d = w.dtype, d16 = w.dtype_bf16_weights;
-  {
-    TensorValue& wv = rw.value(w.id);
-    wv.shape = {n / 2};
-    wv.strides.clear();
-    wv.dtype = wv.dtype_bf16_weights = DType::kU8;
-    wv.storage_numel = n / 2;
-    Parameter& p = rw.params()[static_cast<size_t>(w.param)];
-    p.shape = wv.shape;
-    p.dtype = DType::kU8;
-    p.bytes = n / 2;
-  }
+  PackWeight(w, {n / 2}, rw);
   rw.NewParam(param.name + ".quantized_scalers", {n / kBlock}, DType::kI8, DType::kI8, old.region, false);
   rw.NewParam(param.name + ".quantization_factor", {n / kBlock / kScalerBlock}, d, d16, old.region, false);
   rw.NewParam(param.name + ".scaler_mean", {}, d, d16, old.region, false);
@@ -61,6 +64,66 @@ void EmitNf4Linear(const Graph& g, const OpNode& old, const TensorValue& w, Grap
   if (bias) {
     rw.Emit(GraphRewriter::NewNode(old, "aten::add", old.scope, {TensorArg(lin), old.args[2], IntArg(1)}, y));
   }
+}
+
+// Note [4-bit linears]: the weight becomes packed codes with Params4bit's quantization state beside it, and the
+// linear Linear4bit.forward's cast, bnb::matmul_4bit and the cast back.
+void EmitLinear4bit(const Graph& g, const OpNode& old, const TensorValue& w, const QuantSettings& s,
+                    GraphRewriter& rw) {
+  const int64_t out_f = w.shape[0], in_f = w.shape[1];
+  const int64_t numel = out_f * in_f;
+  const Quantized4bitLayout layout = Layout4bit(numel, s);
+  PackWeight(w, {layout.packed, 1}, rw);
+  const std::string& name = g.params()[static_cast<size_t>(w.param)].name;
+  // The quantization state hangs off the weight (Params4bit.quant_state), not a parameter of its own.
+  auto state = [&](const std::string& part, std::vector<int64_t> shape, DType d) {
+    rw.NewParam(name + "." + part, std::move(shape), d, d, old.region, false);
+  };
+  const int64_t blocks = CeilDiv(numel, s.blocksize);
+  state("absmax", {blocks}, s.double_quant ? DType::kU8 : DType::kF32);
+  state("quant_map", {16}, DType::kF32);
+  if (s.double_quant) {
+    state("nested_absmax", {CeilDiv(blocks, 256)}, DType::kF32);
+    state("nested_quant_map", {256}, DType::kF32);
+    state("quant_state.offset", {}, DType::kF32);
+  }
+  // A frozen bias ends up in the compute dtype.
+  OpArg bias;
+  if (old.args.size() > 2 && old.args[2].kind == OpArg::Kind::kTensor) {
+    bias = old.args[2];
+    const ValueId b = bias.tensors[0];
+    if (g.value(b).role == ValueRole::kParameter && !g.value(b).alias_of.valid()) {
+      TensorValue& bv = rw.value(b);
+      bv.dtype = bv.dtype_bf16_weights = s.compute_dtype;
+      Parameter& p = rw.params()[static_cast<size_t>(bv.param)];
+      p.dtype = s.compute_dtype;
+      p.bytes = ShapeBytes(p.shape, p.dtype);
+    }
+  }
+  const ValueId x = old.args[0].tensors[0];
+  const TensorValue& xv = g.value(x);
+  const ValueId y = old.outputs[0];
+  const TensorValue yv = g.value(y);
+  const ValueId xc = rw.NewValue(old.scope + " 4-bit input", xv.shape, s.compute_dtype, s.compute_dtype, x);
+  rw.value(xc).requires_grad = xv.requires_grad;
+  rw.Emit(GraphRewriter::NewNode(old, "aten::to", old.scope,
+                                 {TensorArg(x), IntArg(ScalarTypeOf(s.compute_dtype)),
+                                  IntArg(0, OpArg::Kind::kBool), IntArg(0, OpArg::Kind::kBool)},
+                                 xc));
+  const ValueId yc = rw.NewValue(old.scope + " 4-bit output", yv.shape, s.compute_dtype, s.compute_dtype);
+  rw.value(yc).requires_grad = yv.requires_grad;
+  rw.Emit(GraphRewriter::NewNode(old, "bnb::matmul_4bit", old.scope,
+                                 {TensorArg(xc), TensorArg(w.id), bias, IntArg(out_f), IntArg(in_f),
+                                  IntArg(s.blocksize), IntArg(s.double_quant ? 1 : 0, OpArg::Kind::kBool),
+                                  IntArg(ScalarTypeOf(s.load_dtype))},
+                                 yc));
+  // The layer's output keeps its value: now `.to(inp_dtype)`, x's dtype as the step runs it (under autocast an
+  // attention output is already 16-bit), a view of yc when nothing changes.
+  TensorValue& out = rw.value(y);
+  out.alias_of = yc;
+  out.storage_numel = 0;
+  out.strides.clear();
+  rw.Emit(GraphRewriter::NewNode(old, "aten::type_as", old.scope, {TensorArg(yc), TensorArg(x)}, y));
 }
 
 bool IsParamLinear(const Graph& g, const OpNode& node) {
@@ -127,83 +190,19 @@ Graph QuantizeLinears(const Graph& g, const QuantSettings& s) {
   int quantized = 0;
   for (const OpNode& old : g.nodes()) {
     const TensorValue* w = IsParamLinear(g, old) ? &g.value(old.args[1].tensors[0]) : nullptr;
-    const bool quantize = w && old.region.kind != RegionKind::kHead && !g.params()[static_cast<size_t>(w->param)].trainable &&
-                          w->shape.size() == 2 && readers[g.StorageRoot(w->id).index] == 1 && !w->alias_of.valid() &&
-                          !old.outputs.empty();
+    const bool quantize = w && old.region.kind != RegionKind::kHead &&
+                          !g.params()[static_cast<size_t>(w->param)].trainable && w->shape.size() == 2 &&
+                          readers[g.StorageRoot(w->id).index] == 1 && !w->alias_of.valid() && !old.outputs.empty();
     if (!quantize) {
       rw.Emit(old);
       continue;
     }
     ++quantized;
-    const int64_t out_f = w->shape[0], in_f = w->shape[1];
-    const int64_t numel = out_f * in_f;
     if (s.library == QuantLibrary::kTorchao) {
       EmitNf4Linear(g, old, *w, rw);
-      continue;
+    } else {
+      EmitLinear4bit(g, old, *w, s, rw);
     }
-    const Quantized4bitLayout layout = Layout4bit(numel, s);
-    // The weight becomes its packed codes, in place (same value, same parameter).
-    {
-      TensorValue& wv = rw.value(w->id);
-      wv.shape = {layout.packed, 1};
-      wv.strides.clear();
-      wv.dtype = wv.dtype_bf16_weights = DType::kU8;
-      wv.storage_numel = layout.packed;
-      Parameter& p = rw.params()[static_cast<size_t>(w->param)];
-      p.shape = wv.shape;
-      p.dtype = DType::kU8;
-      p.bytes = layout.packed;
-    }
-    const std::string& name = g.params()[static_cast<size_t>(w->param)].name;
-    // The quantization state hangs off the weight (Params4bit.quant_state), not a parameter of its own.
-    auto state = [&](const std::string& part, std::vector<int64_t> shape, DType d) {
-      rw.NewParam(name + "." + part, std::move(shape), d, d, old.region, false);
-    };
-    const int64_t blocks = CeilDiv(numel, s.blocksize);
-    state("absmax", {blocks}, s.double_quant ? DType::kU8 : DType::kF32);
-    state("quant_map", {16}, DType::kF32);
-    if (s.double_quant) {
-      state("nested_absmax", {CeilDiv(blocks, 256)}, DType::kF32);
-      state("nested_quant_map", {256}, DType::kF32);
-      state("quant_state.offset", {}, DType::kF32);
-    }
-    // A frozen bias ends up in the compute dtype.
-    OpArg bias;
-    if (old.args.size() > 2 && old.args[2].kind == OpArg::Kind::kTensor) {
-      bias = old.args[2];
-      const ValueId b = bias.tensors[0];
-      if (g.value(b).role == ValueRole::kParameter && !g.value(b).alias_of.valid()) {
-        TensorValue& bv = rw.value(b);
-        bv.dtype = bv.dtype_bf16_weights = s.compute_dtype;
-        Parameter& p = rw.params()[static_cast<size_t>(bv.param)];
-        p.dtype = s.compute_dtype;
-        p.bytes = ShapeBytes(p.shape, p.dtype);
-      }
-    }
-    const ValueId x = old.args[0].tensors[0];
-    const TensorValue& xv = g.value(x);
-    const ValueId y = old.outputs[0];
-    const TensorValue yv = g.value(y);
-    const ValueId xc = rw.NewValue(old.scope + " 4-bit input", xv.shape, s.compute_dtype, s.compute_dtype, x);
-    rw.value(xc).requires_grad = xv.requires_grad;
-    rw.Emit(GraphRewriter::NewNode(old, "aten::to", old.scope,
-                                   {TensorArg(x), IntArg(ScalarTypeOf(s.compute_dtype)),
-                                    IntArg(0, OpArg::Kind::kBool), IntArg(0, OpArg::Kind::kBool)},
-                                   xc));
-    const ValueId yc = rw.NewValue(old.scope + " 4-bit output", yv.shape, s.compute_dtype, s.compute_dtype);
-    rw.value(yc).requires_grad = yv.requires_grad;
-    rw.Emit(GraphRewriter::NewNode(old, "bnb::matmul_4bit", old.scope,
-                                   {TensorArg(xc), TensorArg(w->id), bias, IntArg(out_f), IntArg(in_f),
-                                    IntArg(s.blocksize), IntArg(s.double_quant ? 1 : 0, OpArg::Kind::kBool),
-                                    IntArg(ScalarTypeOf(s.load_dtype))},
-                                   yc));
-    // The layer's output keeps its value: now `.to(inp_dtype)`, x's dtype as the step runs it (under autocast an
-    // attention output is already 16-bit), a view of yc when nothing changes.
-    TensorValue& out = rw.value(y);
-    out.alias_of = yc;
-    out.storage_numel = 0;
-    out.strides.clear();
-    rw.Emit(GraphRewriter::NewNode(old, "aten::type_as", old.scope, {TensorArg(yc), TensorArg(x)}, y));
   }
   if (quantized == 0) throw ConfigError("--quant: this export has no frozen linear layer outside the head to quantize");
   return rw.Build(g.inputs(), g.loss());
