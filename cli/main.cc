@@ -497,8 +497,8 @@ int main(int argc, char** argv) {
   estimate->add_option("--lora-modules-to-save", est_opts.lora_modules_to_save,
                        "with --lora: modules trained in full, as a trainable copy (PEFT modules_to_save), e.g. lm_head");
   estimate->add_option("--quant", est_opts.quant,
-                       "with --lora: QLoRA base in bitsandbytes 4-bit: nf4 | fp4 | nf4-dq | fp4-dq (-dq: double "
-                       "quantization)");
+                       "with --lora: QLoRA's 4-bit base: nf4 | fp4 | nf4-dq | fp4-dq (bitsandbytes, PEFT; -dq: double "
+                       "quantization) | torchao-nf4 (torchtune)");
 
   StepOptions measure_opts;
   measure_opts.precision = "fp32";

@@ -124,7 +124,7 @@ void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   cmd->add_option("--lora", o.lora, "PEFT LoRA adapters on a frozen base, as estimate's --lora (layouts it cannot "
                                     "run yet are listed as skipped)");
   cmd->add_option("--lora-modules-to-save", o.lora_modules_to_save, "with --lora: modules trained in full");
-  cmd->add_option("--quant", o.quant, "with --lora: QLoRA base in bitsandbytes 4-bit: nf4 | fp4 | nf4-dq | fp4-dq");
+  cmd->add_option("--quant", o.quant, "with --lora: QLoRA's 4-bit base, as estimate's --quant");
 }
 
 int RunRecommend(const RecommendOptions& o) {
