@@ -377,10 +377,12 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
   const DType low = config_.precision == Precision::kFp16Autocast ? DType::kF16 : DType::kBF16;
   {
     op_input_dtype_.clear();
+    const OpInfo* info = FindOp(node.kind);
     const AutocastClass autocast_class = autocast ? backend_.Autocast(node.kind) : AutocastClass::kNone;
     const bool casts_inputs =
         (autocast_class == AutocastClass::kLowerPrecision || autocast_class == AutocastClass::kFp32) &&
-        !OpHas(node.kind, kAutocastInside);
+        !(info && info->Has(kAutocastInside));
+    const bool is_cast = info && info->Has(kCastOp);
     const DType cast_to = autocast_class == AutocastClass::kLowerPrecision ? low : DType::kF32;
     if (casts_inputs) {
       for (ValueId in : inputs) {
@@ -454,7 +456,7 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
       const auto& v = graph_.value(out);
       const ValueId root = graph_.StorageRoot(out);
       bool owns = !v.alias_of.valid();
-      if (OpHas(node.kind, kCastOp) && !inputs.empty()) {
+      if (is_cast && !inputs.empty()) {
         const DType in_d = out_.value_dtypes[static_cast<size_t>(inputs[0].index)];
         const DType out_d = out_.value_dtypes[static_cast<size_t>(out.index)];
         owns = in_d != out_d || !v.alias_of.valid();
