@@ -250,6 +250,7 @@ class StepExecutor : private StepMemory {
   struct CheckpointedLayer {
     std::vector<int32_t> nodes;             // the layer's ops in forward order
     std::vector<int64_t> kept;              // storages the checkpoint keeps: the layer's inputs, the RNG state
+    int64_t rng_state = -1;                 // the stashed RNG state among them (-1: none)
     std::set<int32_t> inputs;               // values from outside the layer its ops read
     std::vector<int64_t> recompute_held;    // recomputed values the reentrant inner backward holds to its end
     bool recomputed = false;
@@ -576,9 +577,10 @@ void StepExecutor::CountCheckpointedInputs() {
 void StepExecutor::CheckpointForwardOp(const OpNode& node) {
   CheckpointedLayer& cl = checkpointed_[node.region.layer];
   if (cl.nodes.empty() && plan_.checkpointing.rng_state_bytes > 0) {
-    cl.kept.push_back(NewStorage(plan_.checkpointing.rng_state_bytes, MemoryCategory::kCheckpointInputs,
-                                 [&] { return "checkpoint RNG state (" + RegionName(node.region) + ")"; },
-                                 node.id.index));
+    cl.rng_state = NewStorage(plan_.checkpointing.rng_state_bytes, MemoryCategory::kCheckpointInputs,
+                              [&] { return "checkpoint RNG state (" + RegionName(node.region) + ")"; },
+                              node.id.index);
+    cl.kept.push_back(cl.rng_state);
   }
   cl.nodes.push_back(node.id.index);
   for (ValueId in : graph_.tensor_inputs(node.id)) {
@@ -694,7 +696,16 @@ void StepExecutor::RecomputeLayer(int32_t layer, const RuleContext& ctx, int32_t
 void StepExecutor::ReleaseCheckpointedLayer(int32_t layer) {
   CheckpointedLayer& cl = checkpointed_.at(layer);
   for (int64_t s : cl.recompute_held) Unref(s, current_node_);
-  for (int64_t s : cl.kept) Unref(s, current_node_);
+  for (int64_t s : cl.kept) {
+    // Reentrant: CheckpointFunction keeps the stashed RNG state as a ctx attribute, not a saved tensor, so it goes
+    // only when the autograd graph is freed (after the whole backward), not after the layer's backward.
+    if (s == cl.rng_state && plan_.checkpointing.reentrant) {
+      held_by_graph_.push_back(s);
+    } else {
+      Unref(s, current_node_);
+    }
+  }
+  cl.rng_state = -1;
   for (const auto& [node, entry] : cl.cached) {
     for (const auto& [out, s] : entry.outputs) Unref(s, current_node_);
     for (int64_t s : entry.extras) Unref(s, current_node_);

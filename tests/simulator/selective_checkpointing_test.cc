@@ -107,6 +107,35 @@ TEST(SelectiveCheckpointingTest, ASavedOutputLivesIntoBackwardAndIsNotRecomputed
   EXPECT_EQ(BlocksLabelled(selective, "recomputed: " + k).size(), 1u);
 }
 
+TEST(FullCheckpointingTest, ReentrantKeepsTheRngStateUntilTheGraphIsFreed) {
+  // CheckpointFunction stashes the RNG state as a ctx attribute: it goes with the autograd graph, after the whole
+  // backward. The non-reentrant checkpoint's state goes with the layer's recompute frame, in the layer's backward.
+  // An op before the layer (its backward runs after the layer's), the layer, the head.
+  TestGraphBuilder b;
+  ValueId x = b.Input("x", {2, 3, 8}, DType::kF32);
+  ValueId labels = b.Input("labels", {2, 3});
+  ValueId we = b.Param("we", {8, 8}), wl = b.Param("wl", {8, 8}), head = b.Param("head", {16, 8});
+  ValueId e = b.Op("aten::linear", {T(x), T(we), None()}, {2, 3, 8});
+  b.SetLayer(0);
+  ValueId h = b.Op("aten::linear", {T(e), T(wl), None()}, {2, 3, 8});
+  b.SetHead();
+  ValueId logits = b.Op("aten::linear", {T(h), T(head), None()}, {2, 3, 16});
+  const Graph g = b.Build(CrossEntropy(b, logits, labels));
+  for (const auto impl : {CheckpointingImpl::kReentrant, CheckpointingImpl::kNonReentrant}) {
+    TrainingConfig c = CpuConfig();
+    c.checkpointing = {CheckpointingMode::kFull, 0, impl};
+    const Timeline tl = SimulateTrainingStep(g, c).timeline;
+    const MemoryEvent* freed = FreeOf(tl, "checkpoint RNG state (layer 0)");
+    ASSERT_NE(freed, nullptr);
+    EXPECT_EQ(freed->phase, Phase::kBackward);
+    if (impl == CheckpointingImpl::kReentrant) {
+      EXPECT_EQ(freed->node, -1);  // after the last op's backward
+    } else {
+      EXPECT_GE(freed->node, 0);
+    }
+  }
+}
+
 TEST(SelectiveCheckpointingTest, EveryMicroBatchSavesAnewOnEveryTarget) {
   const Layer l = OneLayer();
   const std::string q = l.graph.value(l.q).name + " = aten::linear";
