@@ -90,4 +90,27 @@ std::string FormatBytes(int64_t bytes) {
   return buf;
 }
 
+std::optional<DType> DTypeOfScalarType(int64_t scalar_type) {
+  switch (scalar_type) {
+    case 0: return DType::kU8;
+    case 1: return DType::kI8;
+    case 2: return DType::kI16;
+    case 3: return DType::kI32;
+    case 4: return DType::kI64;
+    case 5: return DType::kF16;
+    case 6: return DType::kF32;
+    case 7: return DType::kF64;
+    case 11: return DType::kBool;
+    case 15: return DType::kBF16;
+    default: return std::nullopt;
+  }
+}
+
+int64_t ScalarTypeOf(DType dtype) {
+  for (int64_t t : {0, 1, 2, 3, 4, 5, 6, 7, 11, 15}) {
+    if (DTypeOfScalarType(t) == dtype) return t;
+  }
+  return 6;  // float32 for a dtype aten::to is never given here (complex)
+}
+
 }  // namespace llmem

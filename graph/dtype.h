@@ -16,6 +16,9 @@ constexpr int64_t kGiB = int64_t{1} << 30;
 enum class DType : uint8_t { kF32, kF16, kBF16, kF64, kI64, kI32, kI16, kI8, kU8, kBool, kComplex64 };
 
 int64_t ElementSize(DType dtype);
+// c10::ScalarType numbering (c10/core/ScalarType.h), as aten::to's dtype argument carries it.
+std::optional<DType> DTypeOfScalarType(int64_t scalar_type);  // nullopt for a type the IR has no DType for
+int64_t ScalarTypeOf(DType dtype);
 bool IsFloating(DType dtype);
 // c10's result type of two dimensioned tensors: a non-floating operand yields to the floating one; two different
 // floating dtypes meet at fp32 (fp64 if either is).

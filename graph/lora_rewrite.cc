@@ -13,7 +13,7 @@
 namespace llmem {
 namespace {
 
-constexpr int64_t kFloatScalarType = 6;  // c10::ScalarType::Float, the dtype argument of aten::to
+const int64_t kFloatScalarType = ScalarTypeOf(DType::kF32);  // the dtype argument of aten::to
 
 // PEFT's list matching: the whole name, or a suffix of whole dotted components.
 bool Matches(std::string_view scope, std::string_view target) {

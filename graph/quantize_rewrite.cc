@@ -8,16 +8,6 @@
 namespace llmem {
 namespace {
 
-// c10::ScalarType numbering, as aten::to's dtype argument carries it.
-int64_t ScalarTypeOf(DType d) {
-  switch (d) {
-    case DType::kF16: return 5;
-    case DType::kBF16: return 15;
-    case DType::kF64: return 7;
-    default: return 6;  // float32
-  }
-}
-
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The weight's value and parameter become its packed uint8 codes, in place.

@@ -22,16 +22,6 @@ OpMemoryRule Uniform(size_t n_inputs, GradKind kind) {
   return r;
 }
 
-// c10::ScalarType numbering (c10/core/ScalarType.h) of the floating dtypes.
-DType ScalarTypeDType(int64_t t) {
-  switch (t) {
-    case 5: return DType::kF16;
-    case 7: return DType::kF64;
-    case 15: return DType::kBF16;
-    default: return DType::kF32;
-  }
-}
-
 // NF4Tensor.get_original_weight (torchao 0.18 nf4_tensor.py) of a weight of n elements in dtype `d`: the two
 // nibble planes unpacked into uint8, then int64 index tensors; the NF4 table looked up per plane; the scalers
 // dequantized (int8 / factor, + mean) and repeated by flatten() copies; the planes scaled; torch.stack makes the
@@ -309,7 +299,7 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
       const int64_t out_f = static_cast<int64_t>(ArgNumber(node, 3, 0)), in_f = static_cast<int64_t>(ArgNumber(node, 4, 0));
       const int64_t block = std::max<int64_t>(1, static_cast<int64_t>(ArgNumber(node, 5, 64)));
       const bool nested = ArgNumber(node, 6, 0) != 0;
-      const DType load = ScalarTypeDType(static_cast<int64_t>(ArgNumber(node, 7, 6)));
+      const DType load = DTypeOfScalarType(static_cast<int64_t>(ArgNumber(node, 7, 6))).value_or(DType::kF32);
       const DType compute = n >= 1 ? ctx.dtype(inputs[0]) : load;
       const int64_t elems = out_f * in_f;
       const int64_t absmax_bytes = (elems + block - 1) / block * ElementSize(DType::kF32);

@@ -19,19 +19,7 @@ std::optional<DType> CastTarget(const OpNode& node) {
     dtype_arg = &node.args[2];  // to.device
   }
   if (!dtype_arg) return std::nullopt;
-  switch (dtype_arg->int_value) {  // c10/core/ScalarType.h
-    case 0: return DType::kU8;
-    case 1: return DType::kI8;
-    case 2: return DType::kI16;
-    case 3: return DType::kI32;
-    case 4: return DType::kI64;
-    case 5: return DType::kF16;
-    case 6: return DType::kF32;
-    case 7: return DType::kF64;
-    case 11: return DType::kBool;
-    case 15: return DType::kBF16;
-    default: return std::nullopt;
-  }
+  return DTypeOfScalarType(dtype_arg->int_value);
 }
 
 std::vector<DType> SimulatedDTypes(const Graph& graph, Precision precision, Lifetimes lifetimes,
