@@ -88,12 +88,11 @@ QuantSettings ParseQuantOption(const std::string& name, sim::Precision precision
     q.format = QuantFormat::kNf4;
   } else if (name == "fp4" || name == "fp4-dq") {
     q.format = QuantFormat::kFp4;
-  } else if (name == "int8" || name.starts_with("gptq") || name.starts_with("awq")) {
-    throw ConfigError("--quant " + name + " is not modelled yet; the 4-bit formats are nf4, fp4, nf4-dq, fp4-dq "
-                      "(bitsandbytes) and torchao-nf4 (torchtune)");
+  } else if (name == "int8") {
+    q.format = QuantFormat::kInt8;
   } else {
     throw ConfigError("unknown --quant '" + name + "' (nf4, fp4, nf4-dq, fp4-dq: bitsandbytes 4-bit, -dq with double "
-                      "quantization; torchao-nf4: torchtune's QLoRA)");
+                      "quantization; int8: bitsandbytes LLM.int8(); torchao-nf4: torchtune's QLoRA)");
   }
   q.double_quant = name.ends_with("-dq");
   switch (precision) {
@@ -131,11 +130,18 @@ AdapterRecipe::AdapterRecipe(const std::string& lora, const std::string& modules
                     "checkpointing is non-reentrant (add --checkpointing-impl non-reentrant for its recipe)";
     }
   } else if (quant_) {
-    lora_->quantized_base = true;
+    lora_->base_layer =
+        quant_->format == QuantFormat::kInt8 ? LoraBaseLayer::kBnb8bit : LoraBaseLayer::kBnb4bit;
+    const bool int8 = quant_->format == QuantFormat::kInt8;
     if (recipe.precision == sim::Precision::kBf16) {
-      assumption_ = "--quant with --precision bf16: peft.prepare_model_for_kbit_training casts the embeddings, norms "
-                    "and LM head to fp32, so activations between the 4-bit linears are fp32 (the 4-bit linears "
-                    "compute in bf16)";
+      assumption_ = std::string("--quant with --precision bf16: peft.prepare_model_for_kbit_training casts the "
+                                "embeddings, norms and LM head to fp32, so activations between the quantized linears "
+                                "are fp32") + (int8 ? "" : " (the 4-bit linears compute in bf16)");
+    }
+    if (int8) {
+      assumption_ += std::string(assumption_.empty() ? "" : "; ") +
+                     "--quant int8 on a GPU: no activation column above LLM.int8()'s outlier threshold 6.0 (each one "
+                     "would keep 2 bytes per token more for backward)";
     }
     recipe.precision = QuantizedStepPrecision(recipe.precision);
   }
@@ -175,11 +181,18 @@ void AddAdapterJson(const AdapterRecipe& adapters, nlohmann::json& recipe) {
                     {"modules_to_save", lora->modules_to_save},
                     {"input_requires_grad", lora->input_requires_grad}};
   if (const auto& q = adapters.quant()) {
-    recipe["quant"] = {{"format", QuantName(*q)},
-                       {"library", q->library == QuantLibrary::kTorchao ? "torchao NF4Tensor (torchtune)"
-                                                                        : "bitsandbytes Linear4bit"},
-                       {"blocksize", q->blocksize},
-                       {"compute_dtype", std::string(DTypeName(q->compute_dtype))}};
+    if (q->format == QuantFormat::kInt8) {
+      recipe["quant"] = {{"format", QuantName(*q)},
+                         {"library", "bitsandbytes Linear8bitLt"},
+                         {"threshold", 6.0},
+                         {"outlier_columns_assumed", 0}};
+    } else {
+      recipe["quant"] = {{"format", QuantName(*q)},
+                         {"library", q->library == QuantLibrary::kTorchao ? "torchao NF4Tensor (torchtune)"
+                                                                          : "bitsandbytes Linear4bit"},
+                         {"blocksize", q->blocksize},
+                         {"compute_dtype", std::string(DTypeName(q->compute_dtype))}};
+    }
   }
 }
 

@@ -17,10 +17,10 @@ namespace llmem::cli {
 // LoraConfig defaults). Throws ConfigError naming an entry that does not parse; ApplyLora checks the values.
 LoraSettings ParseLoraOption(const std::string& text, const std::string& modules_to_save);
 
-// --quant nf4|fp4|nf4-dq|fp4-dq (bitsandbytes 4-bit; -dq: double quantization) under the step's precision: the
-// compute and load dtype are the precision's 16-bit dtype (fp32 under fp32), as BitsAndBytesConfig
-// (bnb_4bit_compute_dtype) and from_pretrained(dtype=...) are set for QLoRA. Throws ConfigError naming the formats
-// for another name, and for the formats this version does not model (int8, gptq, awq).
+// --quant nf4|fp4|nf4-dq|fp4-dq (bitsandbytes 4-bit; -dq: double quantization), int8 (bitsandbytes LLM.int8()) or
+// torchao-nf4 (torchtune) under the step's precision: the 4-bit compute and load dtype are the precision's 16-bit
+// dtype (fp32 under fp32), as BitsAndBytesConfig (bnb_4bit_compute_dtype) and from_pretrained(dtype=...) are set for
+// QLoRA. Throws ConfigError naming the formats for another name.
 QuantSettings ParseQuantOption(const std::string& name, sim::Precision precision);
 
 // The precision the step runs in once peft.prepare_model_for_kbit_training has cast every unquantized 16-bit

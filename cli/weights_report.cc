@@ -9,11 +9,11 @@
 namespace llmem::cli {
 namespace {
 
-// Names graph/quantize_rewrite.cc gives the quantization state of a 4-bit weight (bitsandbytes, torchao).
+// Names graph/quantize_rewrite.cc gives the quantization state of a quantized weight (bitsandbytes, torchao).
 bool IsQuantState(std::string_view name) {
   for (std::string_view part : {".weight.absmax", ".weight.quant_map", ".weight.nested_absmax",
                                 ".weight.nested_quant_map", ".weight.quant_state.offset", ".weight.quantized_scalers",
-                                ".weight.quantization_factor", ".weight.scaler_mean", ".weight.nf4"}) {
+                                ".weight.quantization_factor", ".weight.scaler_mean", ".weight.nf4", ".weight.SCB"}) {
     if (name.ends_with(part)) return true;
   }
   return false;
@@ -36,9 +36,11 @@ std::vector<WeightGroup> GroupWeights(const Graph& graph, sim::Precision precisi
     if (p.trainable) {
       key = {0, "trainable " + std::string(DTypeName(d))};
     } else if (IsQuantState(p.name)) {
-      key = {3, "frozen 4-bit state"};
+      key = {3, "frozen quantization state"};
     } else if (d == DType::kU8 && p.name.ends_with(".weight")) {
       key = {2, "frozen 4-bit codes"};
+    } else if (d == DType::kI8 && p.name.ends_with(".weight")) {
+      key = {2, "frozen int8 codes"};
     } else {
       key = {1, "frozen " + std::string(DTypeName(d))};
     }

@@ -147,7 +147,7 @@ class LoraRewriter {
     };
     // A bitsandbytes base: lora.bnb.Linear4bit clones the base result before adding to it.
     ValueId base_result = y.id;
-    if (s_.quantized_base) {
+    if (s_.base_layer == LoraBaseLayer::kBnb4bit) {
       base_result = rw_.NewValue(m + " base result clone", y.shape, y.dtype, y.dtype_bf16_weights);
       emit("aten::clone", m, {TensorArg(y.id), OpArg{}}, base_result);
     }
@@ -179,7 +179,7 @@ class LoraRewriter {
     const ValueId sum = rw_.NewValue(m + " lora sum", y.shape, Promote(y.dtype, od), sum_bf16);
     NodeId last = emit("aten::add", m, {TensorArg(base_result), TensorArg(scaled), IntArg(1)}, sum);
     ValueId result = sum;
-    if (!s_.quantized_base && !s_.torchtune) {
+    if (s_.base_layer == LoraBaseLayer::kLinear && !s_.torchtune) {
       // result.to(the base result's dtype): under autocast the base linear's bf16 (hence to_autocast_dtype). The
       // bitsandbytes layer casts the adapter output instead, and only outside autocast: a no-op on its fp32
       // activations (prepare_model_for_kbit_training keeps them fp32).

@@ -31,13 +31,20 @@
 
 namespace llmem {
 
+// Which PEFT layer wraps a target: how its forward combines the base result with the adapter output.
+enum class LoraBaseLayer : uint8_t {
+  kLinear,       // lora.Linear: result + adapter, then result.to(the base result's dtype)
+  kBnb4bit,      // lora.bnb.Linear4bit: result.clone() + adapter, nothing cast back
+  kBnb8bit,      // lora.bnb.Linear8bitLt: result + adapter (cast only outside autocast: a no-op on fp32 activations)
+};
+
 struct LoraSettings {
   int64_t rank = 8;
   double alpha = 16.0;
   double dropout = 0.0;
   std::vector<std::string> targets;          // module-name suffixes, or the single entry "all-linear"
   std::vector<std::string> modules_to_save;  // module-name suffixes whose linear gets a trainable copy
-  bool quantized_base = false;               // the targets are bitsandbytes Linear4bit layers (QLoRA)
+  LoraBaseLayer base_layer = LoraBaseLayer::kLinear;
   // torchtune's LoRALinear instead of PEFT's: lora_a / lora_b in the model's dtype, no cast of the input, the base
   // output plus (alpha / r) * lora_b(lora_a(dropout(x))), nothing cast back.
   bool torchtune = false;

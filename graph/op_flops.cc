@@ -298,8 +298,9 @@ std::optional<OpCost> CostMatmulLike(const CostContext& ctx, const OpNode& node)
     c.product_flops = 2 * out_elems * static_cast<double>(ctx.Dim(*ta, -1)) * extra_factor;
     return CostContraction(ctx, node, c);
   };
-  if (k == "aten::linear" || k == "bnb::matmul_4bit" || k == "torchao::linear_nf4") {
-    return contract(0, 1, 2, 1);  // 4-bit: the packed weight's bytes
+  if (k == "aten::linear" || k == "bnb::matmul_4bit" || k == "bnb::matmul_int8" ||
+      k == "torchao::linear_nf4") {
+    return contract(0, 1, 2, 1);  // quantized: the stored weight's bytes
   }
   if (k == "aten::matmul" || k == "aten::mm" || k == "aten::bmm") return contract(0, 1, -1, 1);
   if (k == "aten::addmm" || k == "aten::baddbmm") return contract(1, 2, 0, 1);

@@ -195,6 +195,9 @@ constexpr std::array kOps = std::to_array<OpInfo>({
     {"aten::linear", "", 0, A::kLowerPrecision, A::kLowerPrecision, G::kMatmul, C::kContraction},
     // bitsandbytes' 4-bit linear (graph/quantize_rewrite.h): an autograd Function, so autocast leaves its inputs.
     {"bnb::matmul_4bit", "", 0, A::kNone, A::kNone, G::kQuantizedMatmul, C::kContraction},
+    // bitsandbytes' LLM.int8() linear: on CPU MatMul8bitFp's F.linear (autocast casts it); on CUDA MatMul8bitLt's
+    // bitsandbytes ops, which return x's dtype.
+    {"bnb::matmul_int8", "", kAutocastInside, A::kLowerPrecision, A::kNone, G::kQuantizedMatmul, C::kContraction},
     // torchao's NF4 linear (LinearNF4): F.linear on the dequantized weight inside, which autocast casts.
     {"torchao::linear_nf4", "", kAutocastInside, A::kLowerPrecision, A::kLowerPrecision, G::kQuantizedMatmul,
      C::kContraction},

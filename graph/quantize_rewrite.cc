@@ -10,17 +10,28 @@ namespace {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The weight's value and parameter become its packed uint8 codes, in place.
-void PackWeight(const TensorValue& w, std::vector<int64_t> shape, GraphRewriter& rw) {
+// The weight's value and parameter become its packed codes (uint8, int8), in place.
+void PackWeight(const TensorValue& w, std::vector<int64_t> shape, GraphRewriter& rw, DType codes = DType::kU8) {
   TensorValue& wv = rw.value(w.id);
   wv.storage_numel = NumElements(shape);
   wv.shape = std::move(shape);
   wv.strides.clear();
-  wv.dtype = wv.dtype_bf16_weights = DType::kU8;
+  wv.dtype = wv.dtype_bf16_weights = codes;
   Parameter& p = rw.params()[static_cast<size_t>(w.param)];
   p.shape = wv.shape;
-  p.dtype = DType::kU8;
-  p.bytes = wv.storage_numel;
+  p.dtype = codes;
+  p.bytes = ShapeBytes(p.shape, codes);
+}
+
+// Note [8-bit linears]: the weight becomes its int8 rows with their fp32 scales, and the linear bnb::matmul_int8.
+void EmitLinear8bit(const Graph& g, const OpNode& old, const TensorValue& w, GraphRewriter& rw) {
+  const int64_t out_f = w.shape[0], in_f = w.shape[1];
+  const std::string& name = g.params()[static_cast<size_t>(w.param)].name;
+  PackWeight(w, {out_f, in_f}, rw, DType::kI8);
+  rw.NewParam(name + ".SCB", {out_f}, DType::kF32, DType::kF32, old.region, false);
+  const OpArg bias = old.args.size() > 2 ? old.args[2] : OpArg{};
+  rw.Emit(GraphRewriter::NewNode(old, "bnb::matmul_int8", old.scope,
+                                 {old.args[0], TensorArg(w.id), bias, IntArg(out_f), IntArg(in_f)}, old.outputs[0]));
 }
 
 // Note [torchao NF4 linears]: the weight becomes NF4Tensor's codes with its scalers beside it, and the linear
@@ -141,6 +152,7 @@ Quantized4bitLayout Layout4bit(int64_t numel, const QuantSettings& s) {
 
 std::string QuantName(const QuantSettings& s) {
   if (s.library == QuantLibrary::kTorchao) return "torchao-nf4";
+  if (s.format == QuantFormat::kInt8) return "int8";
   return std::string(s.format == QuantFormat::kNf4 ? "nf4" : "fp4") + (s.double_quant ? "-dq" : "");
 }
 
@@ -148,7 +160,7 @@ Graph QuantizeLinears(const Graph& g, const QuantSettings& s) {
   static constexpr int64_t kBlocksizes[] = {32, 64, 128, 256, 512, 1024, 2048, 4096};
   bool valid_block = false;
   for (int64_t b : kBlocksizes) valid_block |= b == s.blocksize;
-  if (!valid_block) {
+  if (!valid_block && s.format != QuantFormat::kInt8) {
     throw ConfigError("--quant: bitsandbytes takes 4-bit blocksizes 32 to 4096 (powers of two), not " +
                       std::to_string(s.blocksize));
   }
@@ -172,7 +184,7 @@ Graph QuantizeLinears(const Graph& g, const QuantSettings& s) {
     }
     if ((node.kind == "aten::addmm") && node.region.kind == RegionKind::kDecoderLayer && node.args.size() > 2 &&
         node.args[2].kind == OpArg::Kind::kTensor && g.value(node.args[2].tensors[0]).role == ValueRole::kParameter) {
-      throw ConfigError("--quant: " + node.scope + " is a GPT-2-style Conv1D layer (traced as addmm); 4-bit Conv1D "
+      throw ConfigError("--quant: " + node.scope + " is a GPT-2-style Conv1D layer (traced as addmm); quantized Conv1D "
                         "layers are not modelled");
     }
   }
@@ -190,6 +202,8 @@ Graph QuantizeLinears(const Graph& g, const QuantSettings& s) {
     ++quantized;
     if (s.library == QuantLibrary::kTorchao) {
       EmitNf4Linear(g, old, *w, rw);
+    } else if (s.format == QuantFormat::kInt8) {
+      EmitLinear8bit(g, old, *w, rw);
     } else {
       EmitLinear4bit(g, old, *w, s, rw);
     }

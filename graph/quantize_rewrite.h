@@ -29,7 +29,7 @@
 
 namespace llmem {
 
-enum class QuantFormat : uint8_t { kNf4, kFp4 };
+enum class QuantFormat : uint8_t { kNf4, kFp4, kInt8 };
 enum class QuantLibrary : uint8_t {
   kBitsandbytes,  // transformers + PEFT: Linear4bit (Note [4-bit linears])
   kTorchao,       // torchtune: torchao's NF4Tensor weights run by linear_nf4 (Note [torchao NF4 linears])
@@ -52,6 +52,15 @@ struct Quantized4bitLayout {
 };
 Quantized4bitLayout Layout4bit(int64_t numel, const QuantSettings& settings);
 
+// Note [8-bit linears]
+// BitsAndBytesConfig(load_in_8bit=True) makes every nn.Linear outside the head a Linear8bitLt whose Int8Params hold
+// the LLM.int8() row-wise quantization (int8_vectorwise_quant of the fp16 weight):
+//     weight   int8 [out, in]
+//     SCB      fp32 [out]      the per-row absmax (state.SCB once the first forward ran init_8bit_state)
+// The bias stays in x's dtype (Linear8bitLt.forward casts it to x.dtype: fp32 after prepare_model_for_kbit_training).
+// The forward is one op, y = bnb::matmul_int8(x, weight, bias): no casts around it (the simulator's rule follows
+// MatMul8bitFp on CPU, MatMul8bitLt on CUDA).
+
 // Note [torchao NF4 linears]
 // torchtune's QLoRA (FrozenNF4Linear, LoRALinear(quantize_base=True)) stores every decoder linear's weight as
 // torchao's NF4Tensor (to_nf4, block 64, scaler block 256; torchao 0.18 nf4_tensor.py), in the model's dtype D:
@@ -65,12 +74,12 @@ Quantized4bitLayout Layout4bit(int64_t numel, const QuantSettings& settings);
 // tensors and intermediate planes come to about 14 bytes per weight in bf16), then `+ bias` when there is one; no
 // casts around it. Backward dequantizes again. The embeddings, norms and the output head stay in D.
 //
-// "nf4", "fp4", "nf4-dq", "fp4-dq"; "torchao-nf4".
+// "nf4", "fp4", "nf4-dq", "fp4-dq", "int8"; "torchao-nf4".
 std::string QuantName(const QuantSettings& settings);
 
-// The graph with every frozen linear outside the head in 4-bit (trainable ones, such as LoRA adapters, stay as
+// The graph with every frozen linear outside the head quantized (trainable ones, such as LoRA adapters, stay as
 // they are). Throws ConfigError for a graph traced with 16-bit weights (QLoRA's unquantized parameters are fp32),
-// when nothing is quantizable, for a blocksize bitsandbytes refuses, and for GPT-2-style
+// when nothing is quantizable, for a 4-bit blocksize bitsandbytes refuses, and for GPT-2-style
 // Conv1D layers (traced as addmm), which are not modelled.
 Graph QuantizeLinears(const Graph& graph, const QuantSettings& settings);
 

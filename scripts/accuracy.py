@@ -87,8 +87,12 @@ QLORA_RECIPES = ["lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj,quant=nf4",
                  "lora-r=8,lora-alpha=16,lora-targets=all-linear,quant=nf4-dq",
                  "lora-r=8,lora-alpha=16,lora-targets=all-linear,lora-dropout=0.05,quant=fp4-dq",
                  "lora-r=8,lora-alpha=16,lora-targets=all-linear,checkpointing=full,quant=nf4-dq"]
-RECIPE_CASES += [f"{arch}:{precision}:adamw:{b}x{s}:{recipe}" for recipe in QLORA_RECIPES for arch in LORA_ARCHS
-                 for precision in PRECISIONS for b, s in RECIPE_POINTS]
+# bitsandbytes LLM.int8() (Linear8bitLt); non-reentrant checkpointing shows the layer inputs its Function keeps
+INT8_RECIPES = ["lora-r=8,lora-alpha=16,lora-targets=all-linear,quant=int8",
+                "lora-r=8,lora-alpha=16,lora-targets=all-linear,checkpointing=full,checkpointing-impl=non-reentrant,"
+                "quant=int8"]
+RECIPE_CASES += [f"{arch}:{precision}:adamw:{b}x{s}:{recipe}" for recipe in QLORA_RECIPES + INT8_RECIPES
+                 for arch in LORA_ARCHS for precision in PRECISIONS for b, s in RECIPE_POINTS]
 # torchtune's QLoRA (llmem --quant torchao-nf4): torchao's to_nf4 needs weights of a multiple of 64 x 256 elements,
 # which the tiny presets' MLPs are not, so these run on the small presets (ARCH@SIZE: that preset's export and model)
 TORCHAO_RECIPES = ["lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj,quant=torchao-nf4",
@@ -102,7 +106,8 @@ RECIPE_QUICK_CASES += [f"{arch}:{precision}:{optimizer}:2x256" for optimizer in 
                        for arch, precision in (("llama", "bf16-autocast"), ("gpt2", "fp32"))]
 RECIPE_QUICK_CASES += [f"{arch}:{precision}:adamw:2x256:{recipe}" for recipe in LORA_RECIPES[2:4] + QLORA_RECIPES[1:2]
                        for arch, precision in (("llama", "bf16-autocast"), ("opt", "fp32"))]
-RECIPE_QUICK_CASES += [f"llama@small:bf16-autocast:adamw:1x128:{TORCHAO_RECIPES[1]}"]
+RECIPE_QUICK_CASES += [f"llama@small:bf16-autocast:adamw:1x128:{TORCHAO_RECIPES[1]}",
+                       f"mistral:bf16-autocast:adamw:1x128:{INT8_RECIPES[1]}"]
 
 
 class CommandFailed(RuntimeError):

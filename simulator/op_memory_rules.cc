@@ -78,6 +78,61 @@ OpMemoryRule LinearNf4Rule(const OpNode& node, const RuleContext& ctx) {
   return r;
 }
 
+// bitsandbytes 0.50's LLM.int8() linear (autograd/_functions.py) as Linear8bitLt runs it for training; args: x, the
+// int8 weight CB [N, K], bias, out_features N, in_features K. CB is dequantized as
+// `CB.to(dtype).mul_(SCB.unsqueeze(1).mul(1 / 127))`: an N x K copy in x's dtype and an [N, 1] fp32 scale that dies
+// in the multiply. Both Functions keep x itself as a ctx attribute (ctx.A, ctx.tensors), not a saved tensor.
+// - CPU (matmul() picks MatMul8bitFp in training): the dequantized weight, then F.linear, which autocast casts
+//   (16-bit copies of x, the weight and the bias).
+// - CUDA (MatMul8bitLt, the weight frozen): int8_vectorwise_quant of x.to(float16) (row stats, the int8 rows, and
+//   for the default threshold 6.0 the `abs() >= threshold` outlier test), the int32 product, its fp16 dequant, then
+//   `.to(x's dtype)`: the output. Outlier columns are data-dependent; none are assumed (each one would add M fp16
+//   values kept for backward, subA).
+// Backward (both): the weight dequantized again in x's dtype, grad_output cast to it, grad_A = grad @ CB.
+OpMemoryRule Int8MatmulRule(const OpNode& node, const RuleContext& ctx) {
+  const auto& inputs = ctx.graph.tensor_inputs(node.id);
+  OpMemoryRule r = Uniform(inputs.size(), GradKind::kNone);
+  if (inputs.size() < 2 || node.outputs.empty()) return r;
+  r.input_grads[0] = GradKind::kNew;
+  r.graph_held_inputs = {0};
+  const int64_t out_f = static_cast<int64_t>(ArgNumber(node, 3, 0)), in_f = static_cast<int64_t>(ArgNumber(node, 4, 0));
+  const int64_t weight = out_f * in_f;
+  const int64_t tokens = in_f > 0 ? NumElements(ctx.graph.value(inputs[0]).shape) / in_f : 0;
+  const DType a = ctx.dtype(inputs[0]), out = ctx.dtype(node.outputs[0]);
+  const bool bias = inputs.size() > 2;
+  auto dequantize = [&](std::vector<TransientStep>& s) {
+    s.push_back({weight * ElementSize(a)});
+    s.push_back({out_f * ElementSize(DType::kF32)});
+    s.push_back({0, static_cast<int>(s.size()) - 1});
+  };
+  if (!ctx.backend.cuda) {
+    dequantize(r.forward_prelude);
+    if (out != a) {  // autocast inside F.linear
+      r.forward_prelude.push_back({tokens * in_f * ElementSize(out)});
+      r.forward_prelude.push_back({weight * ElementSize(out)});
+      if (bias) r.forward_prelude.push_back({out_f * ElementSize(out)});
+    }
+  } else {
+    auto& s = r.forward_prelude;
+    const int64_t rows = tokens * in_f;
+    const int half = a == DType::kF16 ? -1 : static_cast<int>(s.size());
+    if (half >= 0) s.push_back({rows * 2});  // x.to(float16)
+    const int abs = static_cast<int>(s.size());
+    s.push_back({rows * 2});  // A.abs()
+    s.push_back({rows});      // >= threshold
+    s.push_back({0, abs});
+    s.push_back({tokens * ElementSize(DType::kF32)});  // row_stats (SCA)
+    s.push_back({rows});                               // CA
+    if (half >= 0) s.push_back({0, half});
+    s.push_back({0, abs + 1});
+    s.push_back({tokens * out_f * 4});                            // int32 product
+    if (out != DType::kF16) s.push_back({tokens * out_f * 2});  // the fp16 dequant, then `.to(dtype)`
+  }
+  dequantize(r.backward_prelude);
+  if (out != a) r.backward_prelude.push_back({tokens * out_f * ElementSize(a)});  // grad_output.to(dtype_A)
+  return r;
+}
+
 // Number of rows of a [.., D] tensor: all dims but the last.
 int64_t Rows(const TensorValue& v) {
   int64_t rows = 1;
@@ -283,6 +338,7 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
     }
     case GradFormula::kQuantizedMatmul: {
       if (k == "torchao::linear_nf4") return LinearNf4Rule(node, ctx);
+      if (k == "bnb::matmul_int8") return Int8MatmulRule(node, ctx);
       // bitsandbytes 0.50 MatMul4Bit (autograd/_functions.py) around gemm_4bit; args: x, packed weight, bias,
       // out_features, in_features, blocksize, nested (double quantization), the load dtype (c10 ScalarType).
       // Forward saves nothing but the packed weight (a parameter). Inside gemm_4bit, per backend:

@@ -49,6 +49,9 @@ struct OpMemoryRule {
   int64_t backward_workspace_bytes = 0;  // allocated before the input gradients, freed after them
   std::vector<TransientStep> forward_prelude;   // run before the outputs are allocated
   std::vector<TransientStep> backward_prelude;  // run after the workspace, before the input gradients
+  // Tensor inputs the op's autograd Function keeps as ctx attributes rather than saved tensors: they stay until the
+  // autograd graph is freed (after the whole backward), and checkpointing's saved-tensor hooks do not see them.
+  std::vector<int> graph_held_inputs;
 };
 
 // Context a rule may read: the dtype each value has under the simulated precision.

@@ -175,6 +175,7 @@ class StepExecutor : private StepMemory {
   bool TakeCachedOutputs(const OpNode& node);
   void RecomputeLayer(int32_t layer, const RuleContext& ctx, int32_t first_reversed);
   void ReleaseCheckpointedLayer(int32_t layer);
+  void HoldCtxAttributes(const OpNode& node, const OpMemoryRule& rule);
   bool SavesForBackward(size_t n) const;
   void Backward();
   void OptimizerStep();
@@ -240,6 +241,7 @@ class StepExecutor : private StepMemory {
   std::vector<int64_t> earlier_grad_;   // per value: its .grad from an earlier micro-batch, -1 if none
   std::vector<int64_t> kept_outputs_;   // storages the loop keeps bound (the last forward's outputs)
   std::vector<int64_t> held_by_graph_;  // storages the autograd graph holds until it is freed (a leaf and its .grad)
+  std::vector<int64_t> recompute_graph_held_;  // what a non-reentrant recompute's own graph holds while it runs
   std::vector<int64_t> returned_;       // this forward's outputs, held from their op on
   ValueId logits_;
   // Per op, the activations released after it in the forward (Note [Eager lifetimes]).
@@ -525,6 +527,7 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
       for (int64_t s : saved_[n]) Unref(s, node.id.index);  // extra buffers nobody will read
       saved_[n].clear();
     }
+    if (on_grad_path && !from_cache) HoldCtxAttributes(node, *rule);
     if (const int64_t extra = hooks_->ExtraTransientBytes(node, Phase::kForward); extra > 0) {
       op_temporaries.push_back(NewStorage(
           extra, MemoryCategory::kTransient, [&] { return node.kind + " parallel workspace"; }, node.id.index));
@@ -545,6 +548,27 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
       // A recompute re-makes only the layer's own values; its inputs are the checkpoint's.
       if (recomputing_ && !ProducedInLayer(v, node.region.layer)) continue;
       Unref(storage_of_[static_cast<size_t>(v.index)], node.id.index);
+    }
+  }
+}
+
+// Inputs an autograd Function keeps as ctx attributes live as long as the graph its node belongs to: this forward's
+// graph (to the end of backward; under non-reentrant checkpointing too, whose hooks see only saved tensors), a
+// reentrant recompute's graph (to the end of the layer's inner backward), a non-reentrant recompute's graph (dropped
+// when the recompute returns). A reentrant checkpoint's first forward runs without a graph.
+void StepExecutor::HoldCtxAttributes(const OpNode& node, const OpMemoryRule& rule) {
+  const auto& inputs = graph_.tensor_inputs(node.id);
+  const bool reentrant = plan_.checkpointing.reentrant;
+  for (int i : rule.graph_held_inputs) {
+    if (i >= static_cast<int>(inputs.size())) continue;
+    const int64_t s = storage_of_[static_cast<size_t>(inputs[static_cast<size_t>(i)].index)];
+    if (s < 0) continue;
+    if (recomputing_) {
+      Ref(s);
+      (reentrant ? checkpointed_.at(node.region.layer).recompute_held : recompute_graph_held_).push_back(s);
+    } else if (!(reentrant && InCheckpointedLayer(node))) {
+      Ref(s);
+      held_by_graph_.push_back(s);
     }
   }
 }
@@ -677,6 +701,8 @@ void StepExecutor::RecomputeLayer(int32_t layer, const RuleContext& ctx, int32_t
   recomputing_ = false;
   current_node_ = trigger;
   for (const auto& [value, s] : weight_casts) Unref(s, trigger);
+  for (int64_t s : recompute_graph_held_) Unref(s, trigger);
+  recompute_graph_held_.clear();
   // What the recompute made and did not release: the layer's outputs (reentrant: held until the inner backward
   // ends), and with an early stop the values the rest of the layer would have read.
   for (size_t i = 0; i < stop; ++i) {

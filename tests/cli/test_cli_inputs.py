@@ -375,8 +375,7 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         base = ("estimate", self.llama, "-b", "1", "-s", "16", "--gpu", "cpu")
         lora = ("--lora", "r=8,targets=q_proj")
         self.assert_bad_input(run(*base, *lora, "--quant", "nf3"), "unknown --quant 'nf3'", "nf4-dq")
-        self.assert_bad_input(run(*base, *lora, "--quant", "int8"), "--quant int8 is not modelled yet")
-        self.assert_bad_input(run(*base, *lora, "--quant", "gptq-4"), "--quant gptq-4 is not modelled yet")
+        self.assert_bad_input(run(*base, *lora, "--quant", "gptq-4"), "unknown --quant 'gptq-4'", "int8")
         self.assert_bad_input(run(*base, "--quant", "nf4"), "--quant needs --lora", "frozen")
         # torchao's to_nf4 takes only weights of a multiple of 64 x 256 elements (the tiny MLP's 688 x 256 is not)
         self.assert_bad_input(run(*base, *lora, "--quant", "torchao-nf4"), "gate_proj", "multiple of 64 x 256")
@@ -402,6 +401,27 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
             self.assertEqual(groups["trainable f32"], {g["group"]: g for g in lora["weights"]}["trainable f32"])
             self.assertEqual(q["gradients_bytes"], lora["gradients_bytes"])
             self.assertLess(q["weights_bytes"], lora["weights_bytes"])
+
+    def test_int8_stores_the_linears_row_wise(self):
+        base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json",
+                "--lora", "r=4,alpha=8,targets=q_proj,v_proj"]
+        lora = json.loads(run(*base).stdout)
+        proc = run(*base, "--quant", "int8")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        q = json.loads(proc.stdout)
+        self.assertEqual(q["recipe"]["quant"]["format"], "int8")
+        self.assertEqual(q["recipe"]["quant"]["outlier_columns_assumed"], 0)
+        self.assertIn("outlier threshold", " ".join(q["assumptions"]))
+        groups = {g["group"]: g for g in q["weights"]}
+        codes = groups["frozen int8 codes"]
+        # One byte per weight, and one fp32 scale per output row beside it.
+        frozen_lora = {g["group"]: g for g in lora["weights"]}["frozen f32"]
+        self.assertEqual(frozen_lora["elements"] - groups["frozen f32"]["elements"], codes["elements"])
+        self.assertEqual(codes["bytes"], codes["elements"])
+        state = groups["frozen quantization state"]
+        self.assertEqual(state["bytes"], 4 * state["elements"])
+        self.assertLess(state["elements"], codes["elements"] / 100)
+        self.assertEqual(q["gradients_bytes"], lora["gradients_bytes"])
 
     def test_accumulation_raises_the_forward_by_the_gradients(self):
         base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json"]

@@ -285,6 +285,17 @@ class LoraRunsTest(unittest.TestCase):
         self.assert_only_adapters_train(rec)
 
 
+    def test_int8_stores_the_linear_weights_row_wise(self):
+        rec = self.lora_run("lora-r=8,lora-targets=all-linear,quant=int8")
+        linear = 4 * (256 * 256 * 2 + 256 * 128 * 2 + 3 * 256 * 688)  # q, o, k, v, gate, up, down
+        self.assertEqual(rec["frozen_bytes_by_format"]["int8-rowwise"], linear)
+        self.assertEqual(rec["frozen_bytes_by_format"]["float32"], 4 * (rec["num_parameters"] - linear))
+        # SCB: one fp32 absmax per output row (q 256, k 128, v 128, o 256, gate 688, up 688, down 256)
+        self.assertEqual(rec["quant"]["state_bytes_by_part"]["SCB"], 4 * 4 * (2 * 256 + 2 * 128 + 2 * 688 + 256))
+        self.assertEqual(rec["lora"]["adapted_modules"], 28)
+        self.assert_only_adapters_train(rec)
+
+
 class ProcessWideStateTest(unittest.TestCase):
     """Many cases share one eager_runs.py process: what a library singleton holds of one case's model must be
     gone before the next case's baseline, or the next case measures that memory too small."""

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <set>
 
 #include "graph/error.h"
 #include "graph/lora_rewrite.h"
@@ -37,7 +38,7 @@ Graph ThreeModules(int64_t rows = 4, int64_t in = 8) {
 
 LoraSettings UpProjOnQuantized() {
   LoraSettings s{.rank = 2, .alpha = 4, .dropout = 0.0, .targets = {"up_proj"}, .modules_to_save = {}};
-  s.quantized_base = true;
+  s.base_layer = LoraBaseLayer::kBnb4bit;
   return s;
 }
 
@@ -295,6 +296,79 @@ TEST(TorchaoNf4Test, GetOriginalWeightTemporariesPeakAtTheStack) {
   const int64_t peak = 2 * 8 * 8192 + 4 * 4 * 8192 + 4 * 256 + 4 * 16384;
   EXPECT_EQ(LeftAndPeak(r->forward_prelude), std::make_pair(int64_t{4 * 16384}, peak));
   EXPECT_EQ(LeftAndPeak(r->backward_prelude), std::make_pair(int64_t{4 * 16384}, peak));
+}
+
+QuantSettings Int8() {
+  QuantSettings q;
+  q.format = QuantFormat::kInt8;
+  return q;
+}
+
+Graph Int8Lora() {
+  LoraSettings s = UpProjOnQuantized();
+  s.base_layer = LoraBaseLayer::kBnb8bit;
+  return QuantizeLinears(ApplyLora(ThreeModules(), s), Int8());
+}
+
+TEST(Int8Test, StoresInt8RowsWithTheirScalesAndRunsOneOp) {
+  const Graph g = Int8Lora();
+  ASSERT_EQ(NodesOfKind(g, "bnb::matmul_int8").size(), 2u);
+  const Parameter& w = ParamNamed(g, "model.layers.0.q_proj.weight");
+  EXPECT_EQ(w.dtype, DType::kI8);
+  EXPECT_EQ(w.shape, (std::vector<int64_t>{16, 8}));
+  EXPECT_EQ(w.bytes, 16 * 8);
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.weight.SCB").bytes, 16 * 4);  // fp32 per output row
+  EXPECT_EQ(ParamNamed(g, "lm_head.weight").dtype, DType::kF32);
+  // Linear8bitLt runs no casts around its op; PEFT's 8-bit LoRA layer neither clones the base result nor casts the
+  // sum back: only the adapter input's x.to(fp32) remains.
+  EXPECT_TRUE(NodesOfKind(g, "aten::clone").empty());
+  EXPECT_EQ(NodesOfKind(g, "aten::to").size(), 1u);
+  EXPECT_EQ(QuantName(Int8()), "int8");
+}
+
+TEST(Int8MatmulRuleTest, KeepsTheInputAsACtxAttributeAndDequantizesPerBackend) {
+  const Graph g = Int8Lora();
+  const OpNode& q = *NodesOfKind(g, "bnb::matmul_int8")[1];  // x [4, 8] fp32, CB [16, 8]
+  const auto cpu = RuleOf(g, q, Backend(true));
+  ASSERT_TRUE(cpu.has_value());
+  EXPECT_TRUE(cpu->saved_inputs.empty());
+  EXPECT_EQ(cpu->graph_held_inputs, std::vector<int>{0});
+  EXPECT_EQ(cpu->input_grads[0], GradKind::kNew);
+  // MatMul8bitFp: CB in fp32 (512 B) beside the [16, 1] scale (64 B), which dies in mul_.
+  EXPECT_EQ(LeftAndPeak(cpu->forward_prelude), std::make_pair(int64_t{512}, int64_t{512 + 64}));
+  EXPECT_EQ(LeftAndPeak(cpu->backward_prelude), std::make_pair(int64_t{512}, int64_t{512 + 64}));
+  // MatMul8bitLt: x in fp16 (64 B), |x| (64 B), the outlier test (32 B), row stats (16 B), CA (32 B); the int32
+  // product (256 B) and its fp16 dequant (128 B) before the fp32 output. Backward as on CPU.
+  const auto cuda = RuleOf(g, q, Backend(false));
+  ASSERT_TRUE(cuda.has_value());
+  EXPECT_EQ(cuda->graph_held_inputs, std::vector<int>{0});
+  EXPECT_EQ(LeftAndPeak(cuda->forward_prelude), std::make_pair(int64_t{16 + 32 + 256 + 128},
+                                                               int64_t{16 + 32 + 256 + 128}));
+  EXPECT_EQ(LeftAndPeak(cuda->backward_prelude).first, 512);
+}
+
+TEST(Int8StepTest, TheLayerInputLivesUntilTheGraphIsFreed) {
+  TrainingConfig c = CpuConfig();
+  const Graph g = Int8Lora();
+  const MemoryEstimate est = EstimateMemory(g, c);
+  EXPECT_EQ(est.gradients_bytes, 64 + 64);  // the adapters only
+  // q_proj's input (the up_proj LoRA sum, 4 x 8 fp32) is freed with the graph (node -1), after every op's backward.
+  const OpNode& q = *NodesOfKind(g, "bnb::matmul_int8")[1];
+  const ValueId in = q.args[0].tensors[0];
+  int32_t producer = -1;
+  for (const auto& n : g.nodes()) {
+    for (ValueId o : n.outputs) producer = o == in ? n.id.index : producer;
+  }
+  ASSERT_GE(producer, 0);
+  std::set<int64_t> made;
+  bool freed_with_graph = false, freed_earlier = false;
+  for (const auto& e : est.simulation->timeline.events) {
+    if (e.is_alloc && e.node == producer && e.phase == Phase::kForward && e.bytes == 4 * 8 * 4) made.insert(e.block);
+    if (!e.is_alloc && made.count(e.block)) (e.node == -1 && e.phase == Phase::kBackward ? freed_with_graph
+                                                                                        : freed_earlier) = true;
+  }
+  EXPECT_TRUE(freed_with_graph);
+  EXPECT_FALSE(freed_earlier);
 }
 
 }  // namespace
