@@ -148,6 +148,13 @@ AdapterRecipe::AdapterRecipe(const std::string& lora, const std::string& modules
   lora_->input_requires_grad = !lora_->torchtune && EnablesInputRequireGrads(recipe.checkpointing, quant_.has_value());
 }
 
+std::string AdapterRecipe::ShardingAssumption() const {
+  if (!quant_ || quant_->library != QuantLibrary::kBitsandbytes || quant_->format == QuantFormat::kInt8) return "";
+  return "--quant under FSDP2: bnb_4bit_quant_storage set to the model's float dtype, as FSDP-QLoRA setups do (FSDP "
+         "shards only floating parameters); the packed codes keep their bytes, sharded and gathered per layer like "
+         "any frozen weight, and the quantization state stays whole on every rank";
+}
+
 std::string AdapterRecipe::UnsupportedLayout(int dp, int tp, bool gemini, bool fsdp2) const {
   if (!lora_) return "";
   // DDP and ZeRO-1 replicate the frozen base, FSDP2 shards and gathers it with the adapters; all of them reduce only
@@ -158,9 +165,9 @@ std::string AdapterRecipe::UnsupportedLayout(int dp, int tp, bool gemini, bool f
     return "--quant torchao-nf4 is modelled on one GPU (torchtune's FSDP2 all-gather of NF4 shards is not modelled "
            "yet)";
   }
-  if (dp > 1 && fsdp2 && quant_) {
-    return "--quant under FSDP2 is not modelled yet (bitsandbytes' 4-bit weights shard only with "
-           "bnb_4bit_quant_storage set to a float dtype); use --engine ddp or zero1";
+  if (dp > 1 && fsdp2 && quant_ && quant_->format == QuantFormat::kInt8) {
+    return "--quant int8 under FSDP2: bitsandbytes' Int8Params are int8 tensors, which FSDP cannot shard; use "
+           "--engine ddp or zero1, or a 4-bit --quant";
   }
   return "";
 }

@@ -46,6 +46,9 @@ class AdapterRecipe {
   const std::optional<QuantSettings>& quant() const { return quant_; }
   // What the step assumes beyond the options ("" when nothing): QLoRA's fp32 activations under --precision bf16.
   const std::string& assumption() const { return assumption_; }
+  // What a sharded layout assumes of the quantized base ("" when nothing): FSDP2 shards bitsandbytes' 4-bit codes
+  // only when they are stored in a float dtype.
+  std::string ShardingAssumption() const;
   // Why `plan`'s engine cannot run these adapters yet ("" when it can).
   std::string UnsupportedLayout(int dp, int tp, bool gemini, bool fsdp2) const;
   // The graph with adapters added and the base frozen (and quantized).

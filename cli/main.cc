@@ -302,6 +302,9 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
                                                        llmem::dist::RunsFsdp2(layout));
     if (!why.empty()) throw llmem::ConfigError(why);
     if (!adapters.assumption().empty()) assumptions.push_back(adapters.assumption());
+    if (llmem::dist::RunsFsdp2(layout) && !adapters.ShardingAssumption().empty()) {
+      assumptions.push_back(adapters.ShardingAssumption());
+    }
     graph = adapters.Apply(graph);
   }
   llmem::sim::MemoryEstimate est;

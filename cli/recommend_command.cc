@@ -199,6 +199,7 @@ int RunRecommend(const RecommendOptions& o) {
   }
   rec.assumptions.push_back(MixedPrecisionAssumption(req.config));
   if (!adapters.assumption().empty()) rec.assumptions.push_back(adapters.assumption());
+  if (!adapters.ShardingAssumption().empty()) rec.assumptions.push_back(adapters.ShardingAssumption());
   if (const std::string loop = dist::DataParallelLoopAssumption(req.config, req.engines); !loop.empty()) {
     rec.assumptions.push_back(loop);
   }

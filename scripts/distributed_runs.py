@@ -166,7 +166,8 @@ def recipe_cases():
 def lora_cases():
     """PEFT LoRA and QLoRA under the engines that replicate the frozen base (DDP, ZeRO-1: only the adapters'
     gradients are in DDP's buckets, only their states are sharded), and LoRA under FSDP2, which shards and gathers
-    the frozen base with the adapters and reduce-scatters only the adapters' gradients."""
+    the frozen base with the adapters and reduce-scatters only the adapters' gradients; QLoRA under FSDP2 gathers
+    the 4-bit codes the same way."""
     cs = []
     for precision in ("fp32", "bf16-autocast"):
         cs.append(case("llama", "ddp", 2, 2, 128, precision=precision,
@@ -182,6 +183,12 @@ def lora_cases():
            case("llama", "zero2", 2, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=q_proj+v_proj"),
            case("llama", "fsdp2", 2, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear,checkpointing=full"),
            case("llama", "fsdp2", 4, 2, 128, recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear")]
+    # QLoRA under FSDP2: the 4-bit codes stored in the load dtype (bnb_4bit_quant_storage), sharded and gathered
+    for precision in ("fp32", "bf16-autocast"):
+        cs.append(case("llama", "fsdp2", 2, 2, 128, precision=precision,
+                       recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear,quant=nf4-dq"))
+    cs.append(case("llama", "fsdp2", 2, 2, 128,
+                   recipe="lora-r=8,lora-alpha=16,lora-targets=all-linear,checkpointing=full,quant=nf4"))
     return cs
 
 

@@ -642,7 +642,8 @@ def adapter_report(model, recipe, precision):
             elif type(p).__name__ == "Int8Params":
                 modules += 1
                 parts["SCB"].append(p.SCB)
-        config, dtype = training_recipe.bnb_quantization_config(recipe, precision)
+        config = model.config.quantization_config  # as the quantizer ran it
+        _, dtype = training_recipe.bnb_quantization_config(recipe, precision)
         quant = {"type": o["quant"], "quantized_modules": modules, "load_dtype": str(dtype).replace("torch.", "")}
         if o["quant"] == "int8":
             quant.update(threshold=config.llm_int8_threshold, has_fp16_weight=config.llm_int8_has_fp16_weight)
@@ -763,7 +764,8 @@ def run(args, rank, world, local_rank, record):
                 if arch == "codegen":  # export_hf turns its position table into buffers after the build
                     raise training_recipe.RecipeError("quant: codegen's reloaded model would differ from the "
                                                       "export's (its sin/cos table is made a buffer after the build)")
-                model = training_recipe.load_quantized(model, recipe, args.precision, device)
+                model = training_recipe.load_quantized(model, recipe, args.precision, device,
+                                                       float_storage=args.method == "fsdp2")
                 record["copied_uncounted_bytes"] = own_storages(model, probe)
             peft_model, record["checkpointed_layers"] = training_recipe.apply_lora(model, decoder_layers(model)[1],
                                                                                    recipe)

@@ -355,28 +355,33 @@ def lora_config(recipe):
                       modules_to_save=None if keep is None else keep.split("+"))
 
 
-def bnb_quantization_config(recipe, precision):
-    """(BitsAndBytesConfig, load/compute dtype) for quant=nf4|fp4|int8 (the QLoRA script's settings)."""
+def bnb_quantization_config(recipe, precision, float_storage=False):
+    """(BitsAndBytesConfig, load/compute dtype) for quant=nf4|fp4|int8 (the QLoRA script's settings). float_storage:
+    the packed 4-bit codes stored in the load dtype (bnb_4bit_quant_storage), as FSDP needs to shard them (it shards
+    only floating parameters), the setting of transformers' and PEFT's FSDP-QLoRA guides."""
     import torch
     from transformers import BitsAndBytesConfig
 
     quant = options(recipe)["quant"]
     dtype = torch.bfloat16 if precision == "bf16-autocast" else torch.float32
     if quant == "int8":
+        if float_storage:
+            raise RecipeError("quant=int8 under FSDP: Int8Params are int8 and cannot be sharded")
         return BitsAndBytesConfig(load_in_8bit=True), dtype
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.split("-")[0],
-                              bnb_4bit_use_double_quant=quant.endswith("-dq"), bnb_4bit_compute_dtype=dtype), dtype
+                              bnb_4bit_use_double_quant=quant.endswith("-dq"), bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_quant_storage=dtype if float_storage else torch.uint8), dtype
 
 
-def load_quantized(model, recipe, precision, device):
+def load_quantized(model, recipe, precision, device, float_storage=False):
     """The same weights reloaded through transformers' bitsandbytes quantizer: save_pretrained, then
     from_pretrained(quantization_config=..., dtype=D, device_map=device), in train mode. The caller drops its
-    reference to `model`."""
+    reference to `model`. float_storage: as bnb_quantization_config."""
     import tempfile
 
     from transformers import AutoModelForCausalLM
 
-    config, dtype = bnb_quantization_config(recipe, precision)
+    config, dtype = bnb_quantization_config(recipe, precision, float_storage)
     attn = model.config._attn_implementation
     with tempfile.TemporaryDirectory(prefix="llmem-qlora-") as directory:
         model.save_pretrained(directory)

@@ -354,8 +354,8 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
                               "'embed_tokens' matches no linear module")
         self.assert_bad_input(run(*base, "--lora", "targets=q_proj", "--dp", "2", "--engine", "gemini",
                                   "--precision", "bf16-autocast"), "not modelled yet")
-        self.assert_bad_input(run(*base, "--lora", "targets=q_proj", "--quant", "nf4", "--dp", "2", "--engine", "zero3"),
-                              "--quant under FSDP2 is not modelled yet")
+        self.assert_bad_input(run(*base, "--lora", "targets=q_proj", "--quant", "int8", "--dp", "2", "--engine", "zero3"),
+                              "--quant int8 under FSDP2", "cannot shard")
         self.assert_bad_input(run(*base, "--lora", "targets=q_proj", "--tp", "2"), "not modelled yet")
 
     def test_lora_trains_only_the_adapters(self):

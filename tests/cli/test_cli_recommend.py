@@ -70,11 +70,18 @@ class RecommendTest(OneLineErrorAssertions, unittest.TestCase):
                       *lora, "--json")
             self.assertEqual(est.returncode, 0, est.stderr)
             self.assertEqual(row["peak_allocated_bytes"], json.loads(est.stdout)["peak_allocated_bytes"], layout)
-        # QLoRA: FSDP2 cannot shard bitsandbytes' packed weights as modelled, DDP can run them.
+        # QLoRA: every data-parallel layout runs the 4-bit base, FSDP2 with the codes in a float storage dtype
+        # (said once); int8 weights FSDP2 cannot shard.
         q = recommend_json(model, "--gpus", "2", "--seq", "64", "--gpu", "a100-80", *lora, "--quant", "nf4")
         qplans = {p["layout"]: p for p in q["plans"]}
-        self.assertIn("--quant under FSDP2", qplans["ZeRO-3×2"]["skipped"])
-        self.assertLess(qplans["DP2"]["peak_allocated_bytes"], plans["DP2"]["peak_allocated_bytes"])
+        for layout in ("DP2", "ZeRO-1×2", "ZeRO-3×2"):
+            self.assertNotIn("skipped", qplans[layout])
+            self.assertLess(qplans[layout]["peak_allocated_bytes"], plans[layout]["peak_allocated_bytes"])
+        self.assertIn("bnb_4bit_quant_storage", " ".join(q["assumptions"]))
+        q8 = recommend_json(model, "--gpus", "2", "--seq", "64", "--gpu", "a100-80", *lora, "--quant", "int8")
+        q8plans = {p["layout"]: p for p in q8["plans"]}
+        self.assertIn("cannot shard", q8plans["ZeRO-3×2"]["skipped"])
+        self.assertNotIn("skipped", q8plans["DP2"])
 
     def test_max_batch_is_exact_and_independent_of_the_batch_asked(self):
         model = os.path.join(BUNDLED, "opt-1.3b.meta.pt")
