@@ -90,9 +90,18 @@ QuantSettings ParseQuantOption(const std::string& name, sim::Precision precision
     q.format = QuantFormat::kFp4;
   } else if (name == "int8") {
     q.format = QuantFormat::kInt8;
+  } else if (name == "gptq-4" || name == "gptq-8") {
+    q.library = QuantLibrary::kGptq;
+    q.bits = name == "gptq-4" ? 4 : 8;
+    return q;
+  } else if (name.starts_with("awq")) {
+    throw ConfigError("--quant " + name + " is not modelled: AutoAWQ 0.2.9, its last release, does not import under "
+                      "transformers 4.57, and PEFT adapts AWQ layers only through gptqmodel 7, which needs "
+                      "transformers 5");
   } else {
     throw ConfigError("unknown --quant '" + name + "' (nf4, fp4, nf4-dq, fp4-dq: bitsandbytes 4-bit, -dq with double "
-                      "quantization; int8: bitsandbytes LLM.int8(); torchao-nf4: torchtune's QLoRA)");
+                      "quantization; int8: bitsandbytes LLM.int8(); torchao-nf4: torchtune's QLoRA; gptq-4, gptq-8: "
+                      "a GPTQ checkpoint, with --quant-group)");
   }
   q.double_quant = name.ends_with("-dq");
   switch (precision) {
@@ -111,15 +120,31 @@ bool EnablesInputRequireGrads(const sim::Checkpointing& checkpointing, bool quan
 }
 
 AdapterRecipe::AdapterRecipe(const std::string& lora, const std::string& modules_to_save, const std::string& quant,
-                             sim::Recipe& recipe) {
+                             std::optional<int64_t> quant_group, sim::Recipe& recipe) {
   if (lora.empty()) {
     if (!modules_to_save.empty()) throw ConfigError("--lora-modules-to-save needs --lora");
     if (!quant.empty()) throw ConfigError("--quant needs --lora: a quantized base is frozen, nothing would train");
+    if (quant_group) throw ConfigError("--quant-group needs --quant gptq-4 or gptq-8");
     return;
   }
   lora_ = ParseLoraOption(lora, modules_to_save);
   if (!quant.empty() && quant != "none") {
     quant_ = ParseQuantOption(quant, recipe.precision);
+  }
+  if (quant_group) {
+    if (!quant_ || quant_->library != QuantLibrary::kGptq) {
+      throw ConfigError("--quant-group applies to --quant gptq-4 and gptq-8 (bitsandbytes and torchao quantize in "
+                        "fixed blocks of 64)");
+    }
+    quant_->group_size = *quant_group;
+  }
+  if (quant_ && quant_->library == QuantLibrary::kGptq) {
+    // PEFT's GPTQ layer combines like lora.Linear; prepare_model_for_kbit_training leaves a GPTQ model's dtypes.
+    lora_->input_requires_grad = EnablesInputRequireGrads(recipe.checkpointing, true);
+    assumption_ = "--quant " + QuantName(*quant_) + ": GPTQConfig(use_exllama=False) with gptqmodel 5's trainable "
+                  "kernels (the whole weight dequantized per linear and kept for backward) and PEFT <= 0.18, the "
+                  "stack that adapts GPTQ layers under transformers 4.x; modelled from the sources, not measured";
+    return;
   }
   if (quant_ && quant_->library == QuantLibrary::kTorchao) {
     // torchtune's recipe: its LoRALinear, the model in one dtype, non-reentrant checkpointing without the hook.
@@ -165,6 +190,10 @@ std::string AdapterRecipe::UnsupportedLayout(int dp, int tp, bool gemini, bool f
     return "--quant torchao-nf4 is modelled on one GPU (torchtune's FSDP2 all-gather of NF4 shards is not modelled "
            "yet)";
   }
+  if (dp > 1 && fsdp2 && quant_ && quant_->library == QuantLibrary::kGptq) {
+    return "--quant " + QuantName(*quant_) + " under FSDP2: gptqmodel keeps the packed weights as buffers, which FSDP "
+           "does not shard; use --engine ddp or zero1";
+  }
   if (dp > 1 && fsdp2 && quant_ && quant_->format == QuantFormat::kInt8) {
     return "--quant int8 under FSDP2: bitsandbytes' Int8Params are int8 tensors, which FSDP cannot shard; use "
            "--engine ddp or zero1, or a 4-bit --quant";
@@ -188,7 +217,12 @@ void AddAdapterJson(const AdapterRecipe& adapters, nlohmann::json& recipe) {
                     {"modules_to_save", lora->modules_to_save},
                     {"input_requires_grad", lora->input_requires_grad}};
   if (const auto& q = adapters.quant()) {
-    if (q->format == QuantFormat::kInt8) {
+    if (q->library == QuantLibrary::kGptq) {
+      recipe["quant"] = {{"format", QuantName(*q)},
+                         {"library", "gptqmodel QuantLinear (trainable kernels)"},
+                         {"bits", q->bits},
+                         {"group_size", q->group_size}};
+    } else if (q->format == QuantFormat::kInt8) {
       recipe["quant"] = {{"format", QuantName(*q)},
                          {"library", "bitsandbytes Linear8bitLt"},
                          {"threshold", 6.0},

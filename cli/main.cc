@@ -62,7 +62,8 @@ struct StepOptions {
   llmem::cli::RecipeOptions recipe;      // estimate only: checkpointing, accumulation, loss, loop, ...
   std::string lora;                      // estimate only: --lora r=..,alpha=..,dropout=..,targets=..
   std::string lora_modules_to_save;
-  std::string quant;                     // estimate only: --quant nf4|fp4|nf4-dq|fp4-dq (needs --lora)
+  std::string quant;                     // estimate only: --quant nf4|fp4|nf4-dq|fp4-dq|int8|... (needs --lora)
+  std::optional<int64_t> quant_group;    // estimate only: --quant-group (GPTQ)
 };
 
 void AddStepOptions(CLI::App* cmd, StepOptions& o) {
@@ -295,7 +296,7 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   if (o.max_positions) model.set_max_positions(*o.max_positions);
   auto graph = model.BuildGraph(o.batch, o.seq);
   std::vector<std::string> assumptions;  // of a parallel layout on a GPU: NCCL's buffers; of QLoRA's precision
-  const llmem::cli::AdapterRecipe adapters(o.lora, o.lora_modules_to_save, o.quant, config);
+  const llmem::cli::AdapterRecipe adapters(o.lora, o.lora_modules_to_save, o.quant, o.quant_group, config);
   if (adapters.active()) {
     const llmem::dist::ParallelPlan layout{.dp = o.dp, .tp = o.tp, .engine = *engine};
     const std::string why = adapters.UnsupportedLayout(o.dp, o.tp, *engine == llmem::dist::DataParallelEngine::kGemini,
@@ -500,8 +501,12 @@ int main(int argc, char** argv) {
   estimate->add_option("--lora-modules-to-save", est_opts.lora_modules_to_save,
                        "with --lora: modules trained in full, as a trainable copy (PEFT modules_to_save), e.g. lm_head");
   estimate->add_option("--quant", est_opts.quant,
-                       "with --lora: QLoRA's 4-bit base: nf4 | fp4 | nf4-dq | fp4-dq (bitsandbytes, PEFT; -dq: double "
-                       "quantization) | torchao-nf4 (torchtune)");
+                       "with --lora: a quantized base: nf4 | fp4 | nf4-dq | fp4-dq (bitsandbytes 4-bit, PEFT; -dq: "
+                       "double quantization) | int8 (bitsandbytes LLM.int8()) | torchao-nf4 (torchtune) | gptq-4 | "
+                       "gptq-8 (a GPTQ checkpoint)");
+  estimate->add_option("--quant-group", est_opts.quant_group,
+                       "with --quant gptq-4|gptq-8: input features per scale and zero point (default 128; -1: one "
+                       "group)");
 
   StepOptions measure_opts;
   measure_opts.precision = "fp32";

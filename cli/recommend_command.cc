@@ -124,7 +124,8 @@ void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   cmd->add_option("--lora", o.lora, "PEFT LoRA adapters on a frozen base, as estimate's --lora (layouts it cannot "
                                     "run yet are listed as skipped)");
   cmd->add_option("--lora-modules-to-save", o.lora_modules_to_save, "with --lora: modules trained in full");
-  cmd->add_option("--quant", o.quant, "with --lora: QLoRA's 4-bit base, as estimate's --quant");
+  cmd->add_option("--quant", o.quant, "with --lora: a quantized base, as estimate's --quant");
+  cmd->add_option("--quant-group", o.quant_group, "with --quant gptq-4|gptq-8: as estimate's --quant-group");
 }
 
 int RunRecommend(const RecommendOptions& o) {
@@ -155,7 +156,7 @@ int RunRecommend(const RecommendOptions& o) {
   req.config = ParseTrainingConfig(o.precision, o.optimizer, o.gpu, o.gpu_memory);
   req.config.lifetimes = ParseLifetimesOption(o.lifetimes);
   ApplyRecipeOptions(o.recipe, req.config);
-  const AdapterRecipe adapters(o.lora, o.lora_modules_to_save, o.quant, req.config);
+  const AdapterRecipe adapters(o.lora, o.lora_modules_to_save, o.quant, o.quant_group, req.config);
   if (adapters.active()) {
     req.unsupported_layout = [&adapters](const dist::ParallelPlan& plan) {
       return adapters.UnsupportedLayout(plan.dp, plan.tp, plan.engine == dist::DataParallelEngine::kGemini,

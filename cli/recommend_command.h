@@ -34,6 +34,7 @@ struct RecommendOptions {
   std::optional<int64_t> max_positions;  // replaces the config's position limit (scaled RoPE)
   RecipeOptions recipe;
   std::string lora, lora_modules_to_save, quant;  // as estimate's --lora, --lora-modules-to-save, --quant
+  std::optional<int64_t> quant_group;             // as estimate's --quant-group
 };
 
 void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o);

@@ -350,7 +350,8 @@ int RunValidate(const ValidateOptions& o) {
       if (!model) model = std::make_unique<TorchScriptModel>(TorchScriptModel::Load(r.export_path));
       if (!graph) graph = std::make_unique<Graph>(model->BuildGraph(r.batch, r.seq));
       // The run's LoRA / QLoRA (and the precision its QLoRA step runs in).
-      const AdapterRecipe adapters(r.lora, r.lora_modules_to_save, r.quant == "none" ? "" : r.quant, config);
+      const AdapterRecipe adapters(r.lora, r.lora_modules_to_save, r.quant == "none" ? "" : r.quant, std::nullopt,
+                                   config);
       const std::optional<Graph> adapted =
           adapters.active() ? std::optional<Graph>(adapters.Apply(*graph)) : std::nullopt;
       dist::DistributedOptions opts;

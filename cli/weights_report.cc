@@ -13,7 +13,8 @@ namespace {
 bool IsQuantState(std::string_view name) {
   for (std::string_view part : {".weight.absmax", ".weight.quant_map", ".weight.nested_absmax",
                                 ".weight.nested_quant_map", ".weight.quant_state.offset", ".weight.quantized_scalers",
-                                ".weight.quantization_factor", ".weight.scaler_mean", ".weight.nf4", ".weight.SCB"}) {
+                                ".weight.quantization_factor", ".weight.scaler_mean", ".weight.nf4", ".weight.SCB", ".qzeros", ".scales", ".g_idx",
+                                ".wf_unsqueeze_zero", ".wf_unsqueeze_neg_one"}) {
     if (name.ends_with(part)) return true;
   }
   return false;
@@ -41,6 +42,8 @@ std::vector<WeightGroup> GroupWeights(const Graph& graph, sim::Precision precisi
       key = {2, "frozen 4-bit codes"};
     } else if (d == DType::kI8 && p.name.ends_with(".weight")) {
       key = {2, "frozen int8 codes"};
+    } else if (d == DType::kI32 && p.name.ends_with(".qweight")) {
+      key = {2, "frozen GPTQ codes (int32)"};
     } else {
       key = {1, "frozen " + std::string(DTypeName(d))};
     }

@@ -298,7 +298,7 @@ std::optional<OpCost> CostMatmulLike(const CostContext& ctx, const OpNode& node)
     c.product_flops = 2 * out_elems * static_cast<double>(ctx.Dim(*ta, -1)) * extra_factor;
     return CostContraction(ctx, node, c);
   };
-  if (k == "aten::linear" || k == "bnb::matmul_4bit" || k == "bnb::matmul_int8" ||
+  if (k == "aten::linear" || k == "bnb::matmul_4bit" || k == "bnb::matmul_int8" || k == "gptq::linear" ||
       k == "torchao::linear_nf4") {
     return contract(0, 1, 2, 1);  // quantized: the stored weight's bytes
   }

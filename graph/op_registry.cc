@@ -198,6 +198,9 @@ constexpr std::array kOps = std::to_array<OpInfo>({
     // bitsandbytes' LLM.int8() linear: on CPU MatMul8bitFp's F.linear (autocast casts it); on CUDA MatMul8bitLt's
     // bitsandbytes ops, which return x's dtype.
     {"bnb::matmul_int8", "", kAutocastInside, A::kLowerPrecision, A::kNone, G::kQuantizedMatmul, C::kContraction},
+    // gptqmodel's trainable GPTQ linear: torch.matmul on the dequantized weight inside, which autocast casts.
+    {"gptq::linear", "", kAutocastInside, A::kLowerPrecision, A::kLowerPrecision, G::kQuantizedMatmul,
+     C::kContraction},
     // torchao's NF4 linear (LinearNF4): F.linear on the dequantized weight inside, which autocast casts.
     {"torchao::linear_nf4", "", kAutocastInside, A::kLowerPrecision, A::kLowerPrecision, G::kQuantizedMatmul,
      C::kContraction},

@@ -127,6 +127,54 @@ void EmitLinear4bit(const Graph& g, const OpNode& old, const TensorValue& w, con
   rw.Emit(GraphRewriter::NewNode(old, "aten::type_as", old.scope, {TensorArg(yc), TensorArg(x)}, y));
 }
 
+// Note [GPTQ linears]: the weight becomes qweight with the zero points, scales, group index and shift tables
+// beside it, the bias fp16, and the linear gptq::linear.
+void EmitGptqLinear(const Graph& g, const OpNode& old, const TensorValue& w, const QuantSettings& s,
+                    GraphRewriter& rw) {
+  const int64_t out_f = w.shape[0], in_f = w.shape[1];
+  const std::string what = "--quant " + QuantName(s) + ": " + old.scope + " (" + std::to_string(out_f) + " x " +
+                           std::to_string(in_f) + ")";
+  if (in_f % 32 != 0 || out_f % 32 != 0) {
+    throw ConfigError(what + " cannot be packed: GPTQ packs in_features and out_features in multiples of 32");
+  }
+  if (s.group_size != -1 && in_f % s.group_size != 0) {
+    throw ConfigError(what + ": the group size " + std::to_string(s.group_size) + " does not divide its " +
+                      std::to_string(in_f) + " input features (--quant-group)");
+  }
+  const int64_t groups = s.group_size == -1 ? 1 : in_f / s.group_size;
+  const int64_t pack = 32 / s.bits;
+  const std::string name = g.params()[static_cast<size_t>(w.param)].name;
+  const std::string module = name.ends_with(".weight") ? name.substr(0, name.size() - 7) : name;
+  PackWeight(w, {in_f / pack, out_f}, rw, DType::kI32);
+  Parameter& qweight = rw.params()[static_cast<size_t>(w.param)];
+  qweight.name = module + ".qweight";
+  qweight.frozen = false;  // a buffer, as the rest: no engine shards it
+  auto buffer = [&](const std::string& part, std::vector<int64_t> shape, DType d) {
+    rw.NewParam(module + "." + part, std::move(shape), d, d, old.region, false);
+  };
+  buffer("qzeros", {groups, out_f / pack}, DType::kI32);
+  buffer("scales", {groups, out_f}, DType::kF16);
+  buffer("g_idx", {in_f}, DType::kI32);
+  buffer("wf_unsqueeze_zero", {1, 1, pack}, DType::kI32);
+  buffer("wf_unsqueeze_neg_one", {1, pack, 1}, DType::kI32);
+  OpArg bias;
+  if (old.args.size() > 2 && old.args[2].kind == OpArg::Kind::kTensor) {
+    bias = old.args[2];
+    const ValueId b = bias.tensors[0];
+    if (g.value(b).role == ValueRole::kParameter && !g.value(b).alias_of.valid()) {
+      TensorValue& bv = rw.value(b);
+      bv.dtype = bv.dtype_bf16_weights = DType::kF16;  // a QuantLinear buffer
+      Parameter& p = rw.params()[static_cast<size_t>(bv.param)];
+      p.dtype = DType::kF16;
+      p.bytes = ShapeBytes(p.shape, p.dtype);
+    }
+  }
+  rw.Emit(GraphRewriter::NewNode(old, "gptq::linear", old.scope,
+                                 {old.args[0], TensorArg(w.id), bias, IntArg(out_f), IntArg(in_f), IntArg(s.bits),
+                                  IntArg(s.group_size)},
+                                 old.outputs[0]));
+}
+
 bool IsParamLinear(const Graph& g, const OpNode& node) {
   return node.kind == "aten::linear" && node.args.size() >= 2 && node.args[1].kind == OpArg::Kind::kTensor &&
          g.value(node.args[1].tensors[0]).role == ValueRole::kParameter;
@@ -150,7 +198,20 @@ Quantized4bitLayout Layout4bit(int64_t numel, const QuantSettings& s) {
   return l;
 }
 
+GptqLayout LayoutGptq(int64_t in_features, int64_t out_features, int bits, int64_t group_size) {
+  GptqLayout l;
+  const int64_t groups = group_size == -1 ? 1 : CeilDiv(in_features, group_size);
+  const int64_t pack = 32 / bits;
+  l.qweight = in_features / pack * out_features * 4;
+  l.qzeros = groups * (out_features / pack) * 4;
+  l.scales = groups * out_features * 2;
+  l.g_idx = in_features * 4;
+  l.shift_tables = 2 * pack * 4;
+  return l;
+}
+
 std::string QuantName(const QuantSettings& s) {
+  if (s.library == QuantLibrary::kGptq) return "gptq-" + std::to_string(s.bits);
   if (s.library == QuantLibrary::kTorchao) return "torchao-nf4";
   if (s.format == QuantFormat::kInt8) return "int8";
   return std::string(s.format == QuantFormat::kNf4 ? "nf4" : "fp4") + (s.double_quant ? "-dq" : "");
@@ -160,7 +221,13 @@ Graph QuantizeLinears(const Graph& g, const QuantSettings& s) {
   static constexpr int64_t kBlocksizes[] = {32, 64, 128, 256, 512, 1024, 2048, 4096};
   bool valid_block = false;
   for (int64_t b : kBlocksizes) valid_block |= b == s.blocksize;
-  if (!valid_block && s.format != QuantFormat::kInt8) {
+  if (s.library == QuantLibrary::kGptq) {
+    if (s.bits != 4 && s.bits != 8) throw ConfigError("--quant gptq: 4 or 8 bits, not " + std::to_string(s.bits));
+    if (s.group_size != -1 && s.group_size <= 0) {
+      throw ConfigError("--quant-group must be positive, or -1 for one group per column, not " +
+                        std::to_string(s.group_size));
+    }
+  } else if (!valid_block && s.format != QuantFormat::kInt8) {
     throw ConfigError("--quant: bitsandbytes takes 4-bit blocksizes 32 to 4096 (powers of two), not " +
                       std::to_string(s.blocksize));
   }
@@ -192,7 +259,10 @@ Graph QuantizeLinears(const Graph& g, const QuantSettings& s) {
   int quantized = 0;
   for (const OpNode& old : g.nodes()) {
     const TensorValue* w = IsParamLinear(g, old) ? &g.value(old.args[1].tensors[0]) : nullptr;
-    const bool quantize = w && old.region.kind != RegionKind::kHead &&
+    // bitsandbytes replaces every linear but the head; optimum's GPTQ quantizer those of the decoder blocks.
+    const bool in_scope = s.library == QuantLibrary::kGptq ? old.region.kind == RegionKind::kDecoderLayer
+                                                           : old.region.kind != RegionKind::kHead;
+    const bool quantize = w && in_scope &&
                           !g.params()[static_cast<size_t>(w->param)].trainable && w->shape.size() == 2 &&
                           readers[g.StorageRoot(w->id).index] == 1 && !w->alias_of.valid() && !old.outputs.empty();
     if (!quantize) {
@@ -202,6 +272,8 @@ Graph QuantizeLinears(const Graph& g, const QuantSettings& s) {
     ++quantized;
     if (s.library == QuantLibrary::kTorchao) {
       EmitNf4Linear(g, old, *w, rw);
+    } else if (s.library == QuantLibrary::kGptq) {
+      EmitGptqLinear(g, old, *w, s, rw);
     } else if (s.format == QuantFormat::kInt8) {
       EmitLinear8bit(g, old, *w, rw);
     } else {

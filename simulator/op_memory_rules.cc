@@ -133,6 +133,81 @@ OpMemoryRule Int8MatmulRule(const OpNode& node, const RuleContext& ctx) {
   return r;
 }
 
+// gptqmodel 5.0's trainable GPTQ kernels (nn_modules/qlinear torch.py _forward_eager; TritonV2 falls back to it in
+// training): `weights = dequantize_weight().to(x.dtype)`, `torch.matmul(x, weights)`, `out.add_(bias)`. Args: x,
+// qweight, bias, out_features N, in_features K, bits, group size. The dequantized weight is kept by autograd for the
+// input gradient when x requires grad (autocast: its 16-bit copy), so backward only multiplies.
+// - CPU: BaseQuantLinear.dequantize_weight in torch ops: the zero points and the weight unpacked by int32 shifts
+//   into int8 (4-bit) or int16 (8-bit) planes, the per-row scales and zero points gathered through g_idx.long(),
+//   scales * (weight - zeros) in fp16.
+// - CUDA: the Triton dequantizer, which writes the fp16 weight alone.
+OpMemoryRule GptqLinearRule(const OpNode& node, const RuleContext& ctx) {
+  const auto& inputs = ctx.graph.tensor_inputs(node.id);
+  OpMemoryRule r = Uniform(inputs.size(), GradKind::kNone);
+  if (inputs.size() < 2 || node.outputs.empty()) return r;
+  r.input_grads[0] = GradKind::kNew;
+  const int64_t n = static_cast<int64_t>(ArgNumber(node, 3, 0)), k = static_cast<int64_t>(ArgNumber(node, 4, 0));
+  const int bits = static_cast<int>(ArgNumber(node, 5, 4));
+  const int64_t group = static_cast<int64_t>(ArgNumber(node, 6, 128));
+  const int64_t groups = group <= 0 || k == 0 ? 1 : (k + group - 1) / group;
+  const int64_t plane = bits == 8 ? 2 : 1;  // dequant_dtype: int16 for 8 bits, int8 below
+  const int64_t weight = k * n;
+  const int64_t tokens = k > 0 ? NumElements(ctx.graph.value(inputs[0]).shape) / k : 0;
+  const DType x = ctx.dtype(inputs[0]), out = ctx.dtype(node.outputs[0]);
+  const bool keeps = ctx.graph.value(inputs[0]).requires_grad;
+  auto& s = r.forward_prelude;
+  auto at = [&] { return static_cast<int>(s.size()); };
+  int dequantized;
+  if (!ctx.backend.cuda) {
+    // x >> wf in int32, .to(dequant_dtype), & maxq: each step frees the one before it.
+    auto unpack = [&](int64_t values) {
+      const int shifted = at();
+      s.push_back({values * 4});
+      s.push_back({values * plane});
+      s.push_back({0, shifted});
+      const int masked = at();
+      s.push_back({values * plane});
+      s.push_back({0, shifted + 1});
+      return masked;
+    };
+    const int zeros = unpack(groups * n);
+    const int unpacked = unpack(weight);
+    s.push_back({k * 8});                // g_idx.long()
+    const int scales = at();
+    s.push_back({weight * 2});           // scales[g_idx]
+    s.push_back({0, scales - 1});
+    s.push_back({k * 8});                // g_idx.long()
+    const int gathered = at();
+    s.push_back({weight * plane});       // zeros[g_idx]
+    s.push_back({0, gathered - 1});
+    const int diff = at();
+    s.push_back({weight * plane});       // weight - zeros
+    s.push_back({0, gathered});
+    dequantized = at();
+    s.push_back({weight * 2});           // scales * (...): fp16
+    s.push_back({0, scales});
+    s.push_back({0, diff});
+    s.push_back({0, zeros});             // the locals go when dequantize_weight returns
+    s.push_back({0, unpacked});
+  } else {
+    dequantized = at();
+    s.push_back({weight * 2});
+  }
+  if (x != DType::kF16) {  // .to(x.dtype)
+    s.push_back({weight * ElementSize(x)});
+    s.push_back({0, dequantized});
+    dequantized = at() - 2;
+  }
+  if (out != x) {  // autocast inside torch.matmul: 16-bit copies of x and of the weight, which is what is kept
+    s.push_back({tokens * k * ElementSize(out)});
+    s.push_back({weight * ElementSize(out), -1, keeps});
+  } else {
+    s[static_cast<size_t>(dequantized)].saved = keeps;
+  }
+  if (out != x) r.backward_prelude.push_back({tokens * k * ElementSize(out)});  // the copy's gradient, then cast
+  return r;
+}
+
 // Number of rows of a [.., D] tensor: all dims but the last.
 int64_t Rows(const TensorValue& v) {
   int64_t rows = 1;
@@ -339,6 +414,7 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
     case GradFormula::kQuantizedMatmul: {
       if (k == "torchao::linear_nf4") return LinearNf4Rule(node, ctx);
       if (k == "bnb::matmul_int8") return Int8MatmulRule(node, ctx);
+      if (k == "gptq::linear") return GptqLinearRule(node, ctx);
       // bitsandbytes 0.50 MatMul4Bit (autograd/_functions.py) around gemm_4bit; args: x, packed weight, bias,
       // out_features, in_features, blocksize, nested (double quantization), the load dtype (c10 ScalarType).
       // Forward saves nothing but the packed weight (a parameter). Inside gemm_4bit, per backend:

@@ -39,6 +39,7 @@ struct ExtraBuffer {
 struct TransientStep {
   int64_t bytes = 0;
   int free_of = -1;
+  bool saved = false;  // left at the end of a forward sequence: autograd keeps it for the op's backward
 };
 
 struct OpMemoryRule {

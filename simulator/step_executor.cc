@@ -189,7 +189,9 @@ class StepExecutor : private StepMemory {
   void KeepPreviousOutputs();
   void HoldIfReturned(const OpNode& node);
   // Runs a rule's sequence of temporaries; returns the blocks it leaves allocated.
-  std::vector<int64_t> RunTransientSteps(const std::vector<TransientStep>& steps, const OpNode& node, const char* what);
+  // The blocks the sequence leaves allocated; those of steps marked saved go to `saved` instead.
+  std::vector<int64_t> RunTransientSteps(const std::vector<TransientStep>& steps, const OpNode& node, const char* what,
+                                         std::vector<int64_t>* saved = nullptr);
   void KeepOutputs();
   void ReleaseKeptOutputs();
   ValueId ReturnedLogits() const;
@@ -451,8 +453,11 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
     // Outputs that own new storage. A cast (aten::to, type_as) allocates exactly when the simulated dtypes differ.
     const bool from_cache = recomputing_ && TakeCachedOutputs(node);
     // The op's own temporaries before its kernel (a weight dequantized for it); what they leave lives until it returns.
+    std::vector<int64_t> prelude_saved;
     if (!from_cache) {
-      for (int64_t s : RunTransientSteps(rule->forward_prelude, node, " temporary")) op_temporaries.push_back(s);
+      for (int64_t s : RunTransientSteps(rule->forward_prelude, node, " temporary", &prelude_saved)) {
+        op_temporaries.push_back(s);
+      }
     }
     for (ValueId out : node.outputs) {
       if (from_cache) break;
@@ -523,9 +528,11 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
           saved_[n].push_back(s);
         }
       }
+      saved_[n].insert(saved_[n].end(), prelude_saved.begin(), prelude_saved.end());
     } else {
       for (int64_t s : saved_[n]) Unref(s, node.id.index);  // extra buffers nobody will read
       saved_[n].clear();
+      for (int64_t s : prelude_saved) Unref(s, node.id.index);
     }
     if (on_grad_path && !from_cache) HoldCtxAttributes(node, *rule);
     if (const int64_t extra = hooks_->ExtraTransientBytes(node, Phase::kForward); extra > 0) {
@@ -1055,7 +1062,7 @@ void StepExecutor::KeepPreviousOutputs() {
 }
 
 std::vector<int64_t> StepExecutor::RunTransientSteps(const std::vector<TransientStep>& steps, const OpNode& node,
-                                                     const char* what) {
+                                                     const char* what, std::vector<int64_t>* saved) {
   std::vector<int64_t> blocks(steps.size(), -1);
   for (size_t i = 0; i < steps.size(); ++i) {
     const TransientStep& step = steps[i];
@@ -1065,12 +1072,15 @@ std::vector<int64_t> StepExecutor::RunTransientSteps(const std::vector<Transient
       Unref(freed, node.id.index);
       freed = -1;
     } else if (step.bytes > 0) {
-      blocks[i] = NewStorage(step.bytes, MemoryCategory::kTransient, [&] { return node.kind + what; }, node.id.index);
+      const bool keep = step.saved && saved != nullptr;
+      blocks[i] = NewStorage(step.bytes, keep ? ActivationCategory(node) : MemoryCategory::kTransient,
+                             [&] { return node.kind + (keep ? " saved temporary" : what); }, node.id.index);
     }
   }
   std::vector<int64_t> left;
-  for (int64_t b : blocks) {
-    if (b >= 0) left.push_back(b);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    if (blocks[i] < 0) continue;
+    (steps[i].saved && saved != nullptr ? *saved : left).push_back(blocks[i]);
   }
   return left;
 }

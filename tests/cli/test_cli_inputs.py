@@ -375,7 +375,19 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         base = ("estimate", self.llama, "-b", "1", "-s", "16", "--gpu", "cpu")
         lora = ("--lora", "r=8,targets=q_proj")
         self.assert_bad_input(run(*base, *lora, "--quant", "nf3"), "unknown --quant 'nf3'", "nf4-dq")
-        self.assert_bad_input(run(*base, *lora, "--quant", "gptq-4"), "unknown --quant 'gptq-4'", "int8")
+        self.assert_bad_input(run(*base, *lora, "--quant", "gptq-3"), "unknown --quant 'gptq-3'", "gptq-8")
+        self.assert_bad_input(run(*base, *lora, "--quant", "awq-4"), "--quant awq-4 is not modelled", "AutoAWQ")
+        # the tiny MLP's 688 features are no multiple of 32: GPTQ cannot pack them
+        self.assert_bad_input(run(*base, *lora, "--quant", "gptq-4"), "mlp", "multiples of 32")
+        self.assert_bad_input(run(*base, *lora, "--quant", "nf4", "--quant-group", "64"), "--quant-group applies to")
+        self.assert_bad_input(run(*base, "--quant-group", "64"), "--quant-group needs --quant gptq")
+        seven_b = ("estimate", os.path.join(BUNDLED, "llama-2-7b-bf16.meta.pt"), "-b", "1", "-s", "16", "--gpu",
+                   "a100-80", "--precision", "bf16")
+        self.assert_bad_input(run(*seven_b, *lora, "--quant", "gptq-4", "--quant-group", "100"),
+                              "group size 100 does not divide its 4096 input features")
+        self.assert_bad_input(run(*seven_b, *lora, "--quant", "gptq-4", "--quant-group", "0"), "must be positive")
+        self.assert_bad_input(run(*seven_b, *lora, "--quant", "gptq-8", "--dp", "2", "--engine", "zero3"),
+                              "under FSDP2", "buffers")
         self.assert_bad_input(run(*base, "--quant", "nf4"), "--quant needs --lora", "frozen")
         # torchao's to_nf4 takes only weights of a multiple of 64 x 256 elements (the tiny MLP's 688 x 256 is not)
         self.assert_bad_input(run(*base, *lora, "--quant", "torchao-nf4"), "gate_proj", "multiple of 64 x 256")
@@ -422,6 +434,27 @@ class InputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertEqual(state["bytes"], 4 * state["elements"])
         self.assertLess(state["elements"], codes["elements"] / 100)
         self.assertEqual(q["gradients_bytes"], lora["gradients_bytes"])
+
+    def test_gptq_stores_the_decoder_linears_packed_in_int32(self):
+        base = ["estimate", os.path.join(BUNDLED, "llama-2-7b-bf16.meta.pt"), "--batch", "1", "--seq", "64", "--gpu",
+                "a100-80", "--precision", "bf16", "--json", "--lora", "r=8,alpha=16,targets=q_proj,v_proj"]
+        lora = json.loads(run(*base).stdout)
+        frozen = {g["group"]: g for g in lora["weights"]}["frozen bf16"]
+        for quant, group, bits in (("gptq-4", None, 4), ("gptq-8", "64", 8)):
+            proc = run(*base, "--quant", quant, *(("--quant-group", group) if group else ()))
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            q = json.loads(proc.stdout)
+            self.assertEqual(q["recipe"]["quant"]["group_size"], int(group or 128))
+            groups = {g["group"]: g for g in q["weights"]}
+            codes = groups["frozen GPTQ codes (int32)"]
+            # 32 / bits weights per int32: the decoder linears left the bf16 group, the head and embeddings stayed
+            linear = frozen["elements"] - groups["frozen bf16"]["elements"]
+            self.assertEqual(codes["elements"] * 32 // bits, linear)
+            self.assertEqual(codes["bytes"], 4 * codes["elements"])
+            # per group of G input features one fp16 scale and one packed zero point per output feature
+            state = groups["frozen quantization state"]
+            self.assertLess(state["bytes"], codes["bytes"] / 10)
+            self.assertIn("not measured", " ".join(q["assumptions"]))
 
     def test_accumulation_raises_the_forward_by_the_gradients(self):
         base = ["estimate", self.llama, "--batch", "1", "--seq", "16", "--gpu", "cpu", "--json"]

@@ -371,5 +371,111 @@ TEST(Int8StepTest, TheLayerInputLivesUntilTheGraphIsFreed) {
   EXPECT_FALSE(freed_earlier);
 }
 
+TEST(GptqLayoutTest, MatchesTheTensorsGptqmodelCreates) {
+  // gptqmodel 5.0 TorchQuantLinear, in_features 256, out_features 128 (qweight, qzeros, scales, g_idx bytes).
+  struct Case { int bits; int64_t group, qweight, qzeros, scales; };
+  for (const Case c : {Case{4, 128, 16384, 128, 512}, Case{4, 64, 16384, 256, 1024}, Case{4, -1, 16384, 64, 256},
+                       Case{8, 128, 32768, 256, 512}, Case{8, 64, 32768, 512, 1024}, Case{8, -1, 32768, 128, 256}}) {
+    const GptqLayout l = LayoutGptq(256, 128, c.bits, c.group);
+    EXPECT_EQ(l.qweight, c.qweight) << c.bits << "/" << c.group;
+    EXPECT_EQ(l.qzeros, c.qzeros) << c.bits << "/" << c.group;
+    EXPECT_EQ(l.scales, c.scales) << c.bits << "/" << c.group;
+    EXPECT_EQ(l.g_idx, 1024);
+    EXPECT_EQ(l.shift_tables, c.bits == 4 ? 64 : 32);  // two int32 tables of 32 / bits values
+  }
+}
+
+// x [4,64] -> layers.0.mlp.up_proj (w0 [64,64]) -> layers.0.q_proj (w [32,64]) -> lm_head (w2 [32,32]) -> CE: shapes
+// GPTQ can pack.
+Graph GptqSized() {
+  TestGraphBuilder b;
+  ValueId x = b.Input("x", {4, 64}, DType::kF32);
+  ValueId labels = b.Input("labels", {4});
+  b.SetLayer(0);
+  ValueId w0 = b.Param("model.layers.0.mlp.up_proj.weight", {64, 64});
+  ValueId u = b.OpOut("aten::linear", {T(x), T(w0), None()}, Out({4, 64}), "model.layers.0.mlp.up_proj");
+  ValueId w = b.Param("model.layers.0.q_proj.weight", {32, 64});
+  ValueId h = b.OpOut("aten::linear", {T(u), T(w), None()}, Out({4, 32}), "model.layers.0.q_proj");
+  b.SetHead();
+  ValueId w2 = b.Param("lm_head.weight", {32, 32});
+  ValueId logits = b.OpOut("aten::linear", {T(h), T(w2), None()}, Out({4, 32}), "lm_head");
+  return b.Build(CrossEntropy(b, logits, labels));
+}
+
+Graph GptqLora(int bits = 4, int64_t group = 32) {
+  QuantSettings q;
+  q.library = QuantLibrary::kGptq;
+  q.bits = bits;
+  q.group_size = group;
+  LoraSettings s{.rank = 2, .alpha = 4, .dropout = 0.0, .targets = {"up_proj"}, .modules_to_save = {}};
+  return QuantizeLinears(ApplyLora(GptqSized(), s), q);
+}
+
+TEST(GptqTest, StoresQuantLinearBuffersAndRefusesWhatItCannotPack) {
+  const Graph g = GptqLora();
+  ASSERT_EQ(NodesOfKind(g, "gptq::linear").size(), 2u);
+  const LoraSettings lora{.rank = 2, .alpha = 4, .dropout = 0.0, .targets = {"up_proj"}, .modules_to_save = {}};
+  const GptqLayout l = LayoutGptq(64, 32, 4, 32);
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.qweight").bytes, l.qweight);
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.qweight").dtype, DType::kI32);
+  EXPECT_FALSE(ParamNamed(g, "model.layers.0.q_proj.qweight").frozen);  // a buffer: no engine shards it
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.qzeros").bytes, l.qzeros);
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.scales").bytes, l.scales);
+  EXPECT_EQ(ParamNamed(g, "model.layers.0.q_proj.g_idx").bytes, l.g_idx);
+  EXPECT_EQ(ParamNamed(g, "lm_head.weight").dtype, DType::kF32);  // the head stays
+  QuantSettings q;
+  q.library = QuantLibrary::kGptq;
+  q.group_size = 48;  // does not divide 64
+  try {
+    QuantizeLinears(ApplyLora(GptqSized(), lora), q);
+    FAIL() << "no error";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("does not divide its 64 input features"), std::string::npos) << e.what();
+  }
+  q.group_size = 32;
+  try {
+    QuantizeLinears(ApplyLora(ThreeModules(), lora), q);  // q_proj has 16 outputs
+    FAIL() << "no error";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("multiples of 32"), std::string::npos) << e.what();
+  }
+  q.bits = 3;
+  EXPECT_THROW(QuantizeLinears(ApplyLora(GptqSized(), lora), q), ConfigError);
+}
+
+TEST(GptqTest, TheDequantizedWeightIsKeptForBackward) {
+  const Graph g = GptqLora();
+  const OpNode& q = *NodesOfKind(g, "gptq::linear")[1];  // x [4, 64] fp32 (requires grad: up_proj's adapter)
+  const auto cpu = RuleOf(g, q, Backend(true));
+  ASSERT_TRUE(cpu.has_value());
+  ASSERT_FALSE(cpu->forward_prelude.empty());
+  // The fp32 weight [64, 32] is the last block and the one kept; the int32 unpacking (8 KiB) is the highest point.
+  const int64_t weight = 64 * 32;
+  std::vector<int64_t> kept;
+  for (const auto& step : cpu->forward_prelude) {
+    if (step.saved) kept.push_back(step.bytes);
+  }
+  EXPECT_EQ(kept, std::vector<int64_t>{weight * 4});
+  EXPECT_EQ(LeftAndPeak(cpu->forward_prelude).first, weight * 4);  // all else died before the matmul
+  EXPECT_GE(LeftAndPeak(cpu->forward_prelude).second, weight * 4 + weight * 1);
+  EXPECT_TRUE(cpu->backward_prelude.empty());  // backward multiplies by the kept weight
+  // CUDA: the Triton dequantizer writes the fp16 weight, then .to(fp32).
+  const auto cuda = RuleOf(g, q, Backend(false));
+  EXPECT_EQ(LeftAndPeak(cuda->forward_prelude), std::make_pair(weight * 4, weight * 2 + weight * 4));
+  // The step: the kept weight is allocated in q_proj's forward and freed in its backward.
+  const MemoryEstimate est = EstimateMemory(g, CpuConfig());
+  std::set<int64_t> made;
+  int freed_in_backward = 0;
+  for (const auto& e : est.simulation->timeline.events) {
+    if (e.is_alloc && e.node == q.id.index && e.phase == Phase::kForward && e.bytes == weight * 4 &&
+        e.category != MemoryCategory::kTransient) {
+      made.insert(e.block);
+    }
+    if (!e.is_alloc && made.count(e.block) && e.phase == Phase::kBackward && e.node == q.id.index) ++freed_in_backward;
+  }
+  EXPECT_EQ(made.size(), 1u);
+  EXPECT_EQ(freed_in_backward, 1);
+}
+
 }  // namespace
 }  // namespace llmem::sim
