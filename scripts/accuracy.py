@@ -367,7 +367,15 @@ def main():
                 f.write("- not measured: `--loss fused-linear` (Liger-Kernel's fused linear cross-entropy) is modelled "
                         "from Liger-Kernel 0.8.2's source; its kernels are Triton-only, so no CPU run exists (and "
                         "llmem refuses it on the cpu target); unit tests check its byte counts against cases "
-                        "worked by hand from the source\n\n")
+                        "worked by hand from the source\n")
+                f.write("- quantized bases measured: bitsandbytes 0.50.2 Linear4bit (`quant=nf4|fp4|nf4-dq|fp4-dq`) "
+                        "and Linear8bitLt (`quant=int8`: MatMul8bitFp, the CPU training path) loaded by transformers' "
+                        "quantizer, torchao 0.18 NF4Tensor under torchtune-style LoRA (`quant=torchao-nf4`)\n")
+                f.write("- not measured: `--quant gptq-4|gptq-8` is modelled from gptqmodel 5.0's QuantLinear "
+                        "(storage byte counts unit-tested against the tensors gptqmodel creates; the training "
+                        "forward from its source): PEFT 0.21, pinned here, adapts only gptqmodel >= 7 layers, which "
+                        "need transformers 5, so no pinned run exists; the CUDA paths of `int8` (MatMul8bitLt, no "
+                        "outlier columns assumed) and of the 4-bit kernels are modelled from bitsandbytes' source\n\n")
                 if recipe_rows_estimated:
                     for c in COLUMNS:
                         f.write(f"- **{c}: {summary(recipe_rows_estimated, c)}.**\n")
