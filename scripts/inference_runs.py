@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Real Hugging Face generation on this CPU through the counting allocator: the ground truth of `llmem infer`.
+
+A case is ARCH:PRECISION:BxP+N[:CACHE]: the export's model (models/export_hf.py's preset, seed 0, random
+weights) in eval mode, in PRECISION (fp32 | bf16: the weights cast as from_pretrained(dtype=...) leaves them),
+generating N new tokens greedily for B prompts of P random tokens without padding:
+
+    model.generate(input_ids, attention_mask=ones, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                   use_cache=True, cache_implementation=None | "static")
+
+min_new_tokens = max_new_tokens makes the length exact whatever the model emits. CACHE is dynamic (HF's
+DynamicCache, the default) or static (StaticCache sized for P + N). One JSON line per case:
+
+- weights_bytes: the model's storages (counted as the model is built, after the dtype cast);
+- peak_bytes: the highest live bytes above the weights during generate() (the input ids included);
+- forward_peak_bytes: per model forward (0: the prefill of B x P tokens, then the N - 1 decode steps), the
+  highest live bytes above the weights from that forward's start to the next one's (so a step includes the
+  logits processing after it); forward_start_bytes: live bytes above the weights when each forward starts;
+- cache_bytes: the key/value cache's tensors after the last step; cache_layers: per layer its key and value shapes.
+
+  scripts/inference_runs.py --case llama:fp32:2x32+8 --case mistral:bf16:1x64+16:static [--out runs.jsonl]
+"""
+import argparse
+import gc
+import json
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+
+import distributed_worker  # noqa: E402
+
+CACHES = ("dynamic", "static")
+PRECISIONS = ("fp32", "bf16")
+
+
+class CaseError(ValueError):
+    pass
+
+
+def parse_case(text):
+    """ARCH:PRECISION:BxP+N[:CACHE] -> (arch, precision, batch, prompt, new_tokens, cache)."""
+    fields = text.split(":")
+    if len(fields) not in (3, 4):
+        raise CaseError(f"case '{text}': expected ARCH:PRECISION:BxP+N[:CACHE]")
+    arch, precision, point = fields[:3]
+    cache = fields[3] if len(fields) == 4 else "dynamic"
+    try:
+        batch, rest = point.split("x")
+        prompt, new = rest.split("+")
+        batch, prompt, new = int(batch), int(prompt), int(new)
+    except ValueError:
+        raise CaseError(f"case '{text}': the point must be BxP+N, e.g. 2x32+8") from None
+    if min(batch, prompt, new) <= 0:
+        raise CaseError(f"case '{text}': batch, prompt and new tokens must be positive")
+    if precision not in PRECISIONS:
+        raise CaseError(f"case '{text}': precision must be one of {', '.join(PRECISIONS)}")
+    if cache not in CACHES:
+        raise CaseError(f"case '{text}': cache must be one of {', '.join(CACHES)}")
+    return arch, precision, batch, prompt, new, cache
+
+
+def cache_tensors(cache):
+    """(layer, key, value) of a DynamicCache / StaticCache after generation."""
+    return [(i, layer.keys, layer.values) for i, layer in enumerate(cache.layers)]
+
+
+def run_case(arch, precision, batch, prompt, new_tokens, cache="dynamic", size="tiny", probe=None):
+    import torch
+
+    probe = probe or distributed_worker.CpuProbe()
+    gc.collect()
+    before = probe.current()
+    arch, model, attn, label = distributed_worker.build_eager_model(arch, size)
+    model.eval()
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    gc.collect()
+    weights = probe.current() - before
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=gen)
+    mask = torch.ones(batch, prompt, dtype=torch.long)
+    base = before + weights
+    starts, peaks = [], []
+
+    def pre_hook(module, args, kwargs):
+        if starts:
+            peaks.append(probe.peak(0) - base)
+        probe.reset_peak(0)
+        starts.append(probe.current() - base)
+
+    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    probe.reset_peak(1)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                             cache_implementation=None if cache == "dynamic" else cache,
+                             pad_token_id=model.config.eos_token_id or 0, return_dict_in_generate=True)
+    peaks.append(probe.peak(0) - base)
+    handle.remove()
+    layers = cache_tensors(out.past_key_values)
+    record = {"arch": arch, "label": label, "size": size, "precision": precision, "batch": batch, "prompt": prompt,
+              "new_tokens": new_tokens, "cache": cache, "attn_implementation": attn,
+              "weights_bytes": weights, "peak_bytes": probe.peak(1) - base,
+              "forward_peak_bytes": peaks, "forward_start_bytes": starts,
+              "cache_bytes": sum(k.untyped_storage().nbytes() + v.untyped_storage().nbytes() for _, k, v in layers),
+              "cache_layers": [{"key": list(k.shape), "value": list(v.shape)} for _, k, v in layers],
+              "sequences": list(out.sequences.shape)}
+    if len(starts) != new_tokens:
+        raise RuntimeError(f"{label}: {len(starts)} forwards for {new_tokens} new tokens")
+    return record
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", action="append", required=True, help="ARCH:PRECISION:BxP+N[:CACHE]")
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--out", help="append one JSON line per case (default: stdout)")
+    args = ap.parse_args()
+    try:
+        cases = [parse_case(c) for c in args.case]
+    except CaseError as e:
+        sys.exit(f"inference_runs: {e}")
+    probe = distributed_worker.CpuProbe()
+    for case in cases:
+        record = run_case(*case, size=args.size, probe=probe)
+        line = json.dumps(record)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+        else:
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
