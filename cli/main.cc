@@ -22,6 +22,7 @@
 #include "measure/training_step_runner.h"
 #include "cli/lora_options.h"
 #include "cli/recipe_options.h"
+#include "cli/infer_command.h"
 #include "cli/recommend_command.h"
 #include "cli/trace_file.h"
 #include "cli/training_options.h"
@@ -526,6 +527,10 @@ int main(int argc, char** argv) {
       "recommend", "every parallel layout over N GPUs: memory per GPU, largest batch, step time; the fastest that fits");
   llmem::cli::AddRecommendOptions(recommend, rec_opts);
 
+  llmem::cli::InferOptions infer_opts;
+  auto* infer = app.add_subcommand("infer", "memory of Hugging Face generation: prefill and decode with a KV cache");
+  llmem::cli::AddInferOptions(infer, infer_opts);
+
   llmem::cli::ValidateOptions val_opts;
   auto* validate = app.add_subcommand("validate", "compare measured per-rank peaks of distributed runs with estimates");
   llmem::cli::AddValidateOptions(validate, val_opts);
@@ -547,6 +552,7 @@ int main(int argc, char** argv) {
     if (*measure) return RunMeasure(measure_opts, device, steps);
     if (*recommend) return llmem::cli::RunRecommend(rec_opts);
     if (*validate) return llmem::cli::RunValidate(val_opts);
+    if (*infer) return llmem::cli::RunInfer(infer_opts);
   } catch (const llmem::Error& e) {
     std::fprintf(stderr, "llmem: error: %s\n", e.what());
     return kExitBadInput;

@@ -201,6 +201,8 @@ constexpr std::array kOps = std::to_array<OpInfo>({
     // gptqmodel's trainable GPTQ linear: torch.matmul on the dequantized weight inside, which autocast casts.
     {"gptq::linear", "", kAutocastInside, A::kLowerPrecision, A::kLowerPrecision, G::kQuantizedMatmul,
      C::kContraction},
+    // Hugging Face generate()'s work between two forwards (graph/generation_forward.h).
+    {"hf::generate_next_token", "", 0, A::kNone, A::kNone, G::kGenerationLoop, C::kGeneric},
     // torchao's NF4 linear (LinearNF4): F.linear on the dequantized weight inside, which autocast casts.
     {"torchao::linear_nf4", "", kAutocastInside, A::kLowerPrecision, A::kLowerPrecision, G::kQuantizedMatmul,
      C::kContraction},

@@ -68,6 +68,7 @@ enum class GradFormula : uint8_t {
   kCrossEntropy,         // log_softmax + nll_loss backward
   kAttention,            // scaled_dot_product_attention backward
   kCopy,                 // copy_: zeros to self, grad to src
+  kGenerationLoop,       // the generation loop's own step (no gradient): its temporaries per its rule
 };
 
 // Which cost model counts an op's FLOPs and bytes (graph/op_flops.cc).

@@ -233,6 +233,7 @@ struct TorchScriptModel::Impl {
   mutable std::map<std::string, at::ScalarType> original_dtypes;  // filled by the first run
   std::optional<int64_t> config_max_positions;  // max_position_embeddings of the config the export carries
   std::string config_model_type;                // model_type of that config ("" without one)
+  std::optional<int64_t> config_sliding_window;  // its sliding_window, when the model uses one
   std::optional<int64_t> max_positions_override;
   // aten::to nodes of `graph` whose target under autocast is autocast's 16-bit dtype (from the export).
   std::unordered_set<const torch::jit::Node*> autocast_dtype_casts;
@@ -255,6 +256,7 @@ TorchScriptModel::TorchScriptModel(TorchScriptModel&&) noexcept = default;
 TorchScriptModel& TorchScriptModel::operator=(TorchScriptModel&&) noexcept = default;
 TorchScriptModel::~TorchScriptModel() = default;
 const std::string& TorchScriptModel::path() const { return impl_->path; }
+std::optional<int64_t> TorchScriptModel::sliding_window() const { return impl_->config_sliding_window; }
 
 namespace {
 
@@ -288,6 +290,12 @@ void TorchScriptModel::Impl::ReadConfig(const std::string& text) {
                            "integer");
     }
     config_max_positions = it->get<int64_t>();
+  }
+  // Qwen2-style configs carry a window but switch it off with use_sliding_window.
+  const auto use = config.find("use_sliding_window");
+  const bool off = use != config.end() && use->is_boolean() && !use->get<bool>();
+  if (auto it = config.find("sliding_window"); !off && it != config.end() && it->is_number_integer()) {
+    config_sliding_window = it->get<int64_t>();
   }
 }
 
@@ -753,6 +761,9 @@ Graph TorchScriptModel::BuildGraph(int64_t batch, int64_t seq) const {
     ShapeBytes(v.shape, v.dtype);  // throws ConfigError when the byte count overflows
   }
   Graph graph(std::move(run.values), std::move(run.nodes), std::move(run.params), std::move(inputs), loss, batch, seq);
+  if (!graph.value(graph.loss()).shape.empty()) {
+    throw ModelLoadError("not a decoder LM: forward(input_ids, labels) must return a scalar floating loss");
+  }
   graph.set_runs_with_bf16_weights(runs_with_bf16_weights);
   graph.set_position_limit(std::move(position_limit));
   return graph;

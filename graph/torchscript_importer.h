@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "graph/graph.h"
@@ -41,6 +42,8 @@ class TorchScriptModel {
   void set_max_positions(int64_t n);
 
   const std::string& path() const;
+  // The sliding_window of the config the export carries, when the model attends within one (none otherwise).
+  std::optional<int64_t> sliding_window() const;
 
  private:
   struct Impl;

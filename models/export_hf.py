@@ -619,11 +619,14 @@ CONFIG_FILE = "hf_config.json"
 
 def config_record(config, dtype):
     """The config fields llmem reads, as JSON: model_type, max_position_embeddings (None when the
-    architecture has none, e.g. BLOOM's ALiBi), rope_scaling and the dtype the export was traced in."""
+    architecture has none, e.g. BLOOM's ALiBi), rope_scaling, sliding_window and use_sliding_window (a
+    generation cache keeps only the window) and the dtype the export was traced in."""
     return json.dumps({
         "model_type": config.model_type,
         "max_position_embeddings": getattr(config, "max_position_embeddings", None),
         "rope_scaling": getattr(config, "rope_scaling", None),
+        "sliding_window": getattr(config, "sliding_window", None),
+        "use_sliding_window": getattr(config, "use_sliding_window", None),
         "torch_dtype": dtype,
     }, sort_keys=True)
 

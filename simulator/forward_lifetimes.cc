@@ -37,6 +37,12 @@ class ModulePaths {
   }
   // Components of op i's path.
   size_t Depth(size_t op) const { return paths_[static_cast<size_t>(path_of_[op])].size(); }
+  // Whether component d of op i's path is an index into a container (ModuleList "layers.3").
+  bool IndexedAt(size_t op, size_t d) const {
+    const auto& parts = paths_[static_cast<size_t>(path_of_[op])];
+    if (d >= parts.size() || parts[d].empty()) return false;
+    return std::all_of(parts[d].begin(), parts[d].end(), [](char c) { return c >= '0' && c <= '9'; });
+  }
   // Components that the paths of ops i and j share from the outermost module in.
   size_t CommonDepth(size_t i, size_t j) const {
     if (path_of_[i] == path_of_[j]) return Depth(i);
@@ -105,7 +111,10 @@ std::vector<int32_t> ForwardReleasePoints(const Graph& graph, Lifetimes lifetime
       if (!v.producer.valid() || holder[i] == SIZE_MAX) continue;
       const size_t depth = holder[i];
       const size_t last = static_cast<size_t>(release[i]);
-      if (depth < paths.Depth(static_cast<size_t>(v.producer.index)) &&
+      // A container (ModuleList) has no frame: its parent runs `for layer in self.layers: h = layer(h, ...)`, so
+      // a layer's result lives in the loop variable, rebound once the next layer returns.
+      const bool loop_variable = paths.IndexedAt(static_cast<size_t>(v.producer.index), depth);
+      if (depth < paths.Depth(static_cast<size_t>(v.producer.index)) && !loop_variable &&
           !RebindsToACast(nodes[last], paths.Depth(last), depth)) {
         release[i] = std::max(release[i], end_of_call(last, depth));  // returned: bound until the holder returns
       }

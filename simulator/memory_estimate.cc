@@ -41,7 +41,11 @@ MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, 
                               int64_t outside_allocator_bytes) {
   // Step 1: the timeline, of a precision the export can run.
   CheckPrecisionMatchesExport(graph, config);
-  StepSimulation sim = SimulateTrainingStep(graph, config, hooks);
+  return EstimateFromSimulation(graph, config, SimulateTrainingStep(graph, config, hooks), outside_allocator_bytes);
+}
+
+MemoryEstimate EstimateFromSimulation(const Graph& graph, const TrainingConfig& config, StepSimulation sim,
+                                      int64_t outside_allocator_bytes) {
   const Timeline& tl = sim.timeline;
   const BackendRules backend = RulesFor(config.target);
 

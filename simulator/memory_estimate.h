@@ -52,4 +52,8 @@ struct MemoryEstimate {
 MemoryEstimate EstimateMemory(const Graph& graph, const TrainingConfig& config, StepHooks* hooks = nullptr,
                               int64_t outside_allocator_bytes = 0);
 
+// The figures of a timeline simulated elsewhere (a generation forward), by the same allocator models.
+MemoryEstimate EstimateFromSimulation(const Graph& graph, const TrainingConfig& config, StepSimulation sim,
+                                      int64_t outside_allocator_bytes = 0);
+
 }  // namespace llmem::sim

@@ -18,12 +18,13 @@ std::string_view CategoryName(MemoryCategory c) {
     case MemoryCategory::kLibraryWorkspace: return "cuBLAS workspaces";
     case MemoryCategory::kGatheredParams: return "gathered params";
     case MemoryCategory::kCommBuffers: return "comm buffers";
+    case MemoryCategory::kKvCache: return "KV cache";
   }
   return "?";
 }
 
 bool RecipeOnlyCategory(MemoryCategory c) {
-  return c == MemoryCategory::kCheckpointInputs || c == MemoryCategory::kRecomputed;
+  return c == MemoryCategory::kCheckpointInputs || c == MemoryCategory::kRecomputed || c == MemoryCategory::kKvCache;
 }
 
 std::string_view PhaseName(Phase p) {

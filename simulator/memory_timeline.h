@@ -28,11 +28,13 @@ enum class MemoryCategory : uint8_t {
   kLibraryWorkspace, // cuBLAS / cuBLASLt workspaces
   kGatheredParams,   // parameters a sharded engine gathered for computation (FSDP all-gather, Gemini chunks)
   kCommBuffers,      // buffers of the parallel engine: DDP buckets, reduce-scatter input/output, collective copies
+  kKvCache,          // generation: the key/value cache entries
 };
-constexpr size_t kNumCategories = 14;
+constexpr size_t kNumCategories = 15;
 std::string_view CategoryName(MemoryCategory c);
 // Categories only a recipe option creates (activation checkpointing): reports that list every category list these
 // only when they hold bytes, so a step without the option reads as before.
+// Categories only some steps have (checkpointing's, generation's): listed only when they hold bytes.
 bool RecipeOnlyCategory(MemoryCategory c);
 
 enum class Phase : uint8_t { kSetup, kForward, kBackward, kOptimizer };

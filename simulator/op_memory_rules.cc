@@ -208,6 +208,64 @@ OpMemoryRule GptqLinearRule(const OpNode& node, const RuleContext& ctx) {
   return r;
 }
 
+// What GenerationMixin._sample (transformers 4.57, greedy, min_new_tokens set) runs after a forward, in order.
+// Tensor inputs: the logits [B, 1, V]; in a decode step the previous iteration's next_token_logits and
+// next_token_scores [B, V] fp32; the attention mask and the generated ids [B, L] int64. The four last args:
+// whether the previous tensors are there, B, V, L.
+//   _update_model_kwargs_for_generation: attention_mask = cat([mask, mask.new_ones((B, 1))]);
+//   next_token_logits = logits[:, -1, :].to(copy=True, dtype=float32)   (rebinding drops the previous one);
+//   MinLengthLogitsProcessor: arange(V), isin(eos) [V] bool, scores.clone(), where(mask, -inf, scores);
+//   MinNewTokensLengthLogitsProcessor: scores.clone(), arange(V), isin, where (the first one's output goes as the
+//   list rebinds `scores`);
+//   next_token_scores rebinds (the previous one goes); input_ids = cat([input_ids, next_tokens[:, None]]).
+// Values of a few bytes per sequence (argmax, the stopping criteria, cache_position) are left out.
+OpMemoryRule GenerateNextTokenRule(const OpNode& node, const RuleContext& ctx) {
+  const auto& inputs = ctx.graph.tensor_inputs(node.id);
+  OpMemoryRule r = Uniform(inputs.size(), GradKind::kNone);
+  if (node.args.size() < 4) return r;
+  const size_t last = node.args.size() - 4;  // the four ints follow the tensors
+  const bool previous = ArgNumber(node, last, 0) != 0;
+  const int64_t b = static_cast<int64_t>(ArgNumber(node, last + 1, 1));
+  const int64_t v = static_cast<int64_t>(ArgNumber(node, last + 2, 0));
+  const int64_t l = static_cast<int64_t>(ArgNumber(node, last + 3, 0));
+  const int mask_input = previous ? 3 : 1, ids_input = previous ? 4 : 2;
+  const int64_t scores = b * v * 4;
+  auto& s = r.forward_prelude;
+  auto at = [&] { return static_cast<int>(s.size()); };
+  const int ones = at();
+  s.push_back({b * 8});
+  s.push_back({b * (l + 1) * 8});  // the longer attention mask
+  s.push_back({0, ones});
+  s.push_back({0, -1, false, mask_input});
+  const int logits = at();
+  s.push_back({scores});           // next_token_logits
+  if (previous) s.push_back({0, -1, false, 1});
+  auto processor = [&](bool clone_first) {
+    const int first = at();
+    s.push_back({clone_first ? scores : v * 8});
+    s.push_back({clone_first ? v * 8 : v});
+    s.push_back({clone_first ? v : scores});
+    const int clone = clone_first ? first : first + 2, arange = clone_first ? first + 1 : first;
+    const int mask = clone_first ? first + 2 : first + 1;
+    s.push_back({4});                // the -inf scalar
+    const int out = at();
+    s.push_back({scores});           // torch.where(...)
+    s.push_back({0, out - 1});
+    s.push_back({0, clone});
+    s.push_back({0, arange});
+    s.push_back({0, mask});
+    return out;
+  };
+  const int min_length = processor(false);
+  processor(true);
+  s.push_back({0, min_length});
+  if (previous) s.push_back({0, -1, false, 2});  // the previous next_token_scores
+  s.push_back({b * (l + 1) * 8});    // the longer input_ids
+  s.push_back({0, -1, false, ids_input});
+  (void)logits;
+  return r;
+}
+
 // Number of rows of a [.., D] tensor: all dims but the last.
 int64_t Rows(const TensorValue& v) {
   int64_t rows = 1;
@@ -519,6 +577,8 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
       }
       return r;
     }
+    case GradFormula::kGenerationLoop:
+      return GenerateNextTokenRule(node, ctx);
     case GradFormula::kCopy: {
       // copy_: self gets zeros_like(grad) (its old value is overwritten); src gets grad, cast and summed to its
       // shape (VariableTypeManual.cpp copy_).

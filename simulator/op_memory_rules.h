@@ -40,6 +40,9 @@ struct TransientStep {
   int64_t bytes = 0;
   int free_of = -1;
   bool saved = false;  // left at the end of a forward sequence: autograd keeps it for the op's backward
+  // >= 0: instead of allocating, the program drops its reference to this tensor input of the op (rebinds the name
+  // that held it), which frees it when nothing else holds it.
+  int drop_input = -1;
 };
 
 struct OpMemoryRule {

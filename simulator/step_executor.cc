@@ -100,6 +100,11 @@ class StepExecutor : private StepMemory {
     if (recomputing_) return MemoryCategory::kRecomputed;
     return node.region.kind == RegionKind::kHead ? MemoryCategory::kHeadActivations : MemoryCategory::kActivations;
   }
+  MemoryCategory OutputCategory(const OpNode& node, ValueId out) const {
+    const auto& cache = plan_.loop.cache_outputs;
+    if (std::find(cache.begin(), cache.end(), out) != cache.end()) return MemoryCategory::kKvCache;
+    return ActivationCategory(node);
+  }
   bool ProducedInLayer(ValueId v, int32_t layer) const {
     const NodeId producer = graph_.value(v).producer;
     if (!producer.valid()) return false;
@@ -313,8 +318,10 @@ void StepExecutor::Setup() {
                -1);
   }
   for (ValueId in : graph_.inputs()) {
-    storage_of_[static_cast<size_t>(in.index)] =
-        NewStorage(StorageBytes(in), MemoryCategory::kInputs, graph_.value(in).name, -1);
+    const bool cache = std::find(plan_.loop.cache_inputs.begin(), plan_.loop.cache_inputs.end(), in) !=
+                       plan_.loop.cache_inputs.end();
+    storage_of_[static_cast<size_t>(in.index)] = NewStorage(
+        StorageBytes(in), cache ? MemoryCategory::kKvCache : MemoryCategory::kInputs, graph_.value(in).name, -1);
   }
 }
 
@@ -323,7 +330,8 @@ void StepExecutor::Forward() {
   const auto& nodes = graph_.nodes();
   // Release points (Note [Eager lifetimes]); the loss lives until backward. Per op, the activations released after
   // it: its inputs and outputs that die there first (in that order), then the values a frame held until there.
-  const std::vector<int32_t> release = ForwardReleasePoints(graph_, config_.lifetimes);
+  std::vector<int32_t> release = ForwardReleasePoints(graph_, config_.lifetimes);
+  for (ValueId v : plan_.loop.cache_outputs) release[static_cast<size_t>(v.index)] = static_cast<int32_t>(nodes.size());
   released_after_.assign(nodes.size(), {});
   auto& released_after = released_after_;
   {
@@ -470,13 +478,13 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
         owns = in_d != out_d || !v.alias_of.valid();
         if (owns && v.alias_of.valid()) {
           storage_of_[static_cast<size_t>(out.index)] = NewStorage(
-              Bytes(out), ActivationCategory(node), [&] { return v.name + " = " + node.kind; }, node.id.index);
+              Bytes(out), OutputCategory(node, out), [&] { return v.name + " = " + node.kind; }, node.id.index);
           continue;
         }
       }
       if (owns) {
         storage_of_[static_cast<size_t>(out.index)] = NewStorage(
-            StorageBytes(out), ActivationCategory(node), [&] { return v.name + " = " + node.kind; }, node.id.index);
+            StorageBytes(out), OutputCategory(node, out), [&] { return v.name + " = " + node.kind; }, node.id.index);
       } else {
         // A view shares the storage of the tensor it views (the first input), which may be a simulated cast copy
         // rather than the IR's storage root.
@@ -554,6 +562,7 @@ void StepExecutor::ForwardOp(const OpNode& node, const RuleContext& ctx,
     for (ValueId v : released_after_[n]) {
       // A recompute re-makes only the layer's own values; its inputs are the checkpoint's.
       if (recomputing_ && !ProducedInLayer(v, node.region.layer)) continue;
+      if (storage_of_[static_cast<size_t>(v.index)] < 0) continue;  // an op dropped it already
       Unref(storage_of_[static_cast<size_t>(v.index)], node.id.index);
     }
   }
@@ -1066,7 +1075,14 @@ std::vector<int64_t> StepExecutor::RunTransientSteps(const std::vector<Transient
   std::vector<int64_t> blocks(steps.size(), -1);
   for (size_t i = 0; i < steps.size(); ++i) {
     const TransientStep& step = steps[i];
-    if (step.free_of >= 0) {
+    if (step.drop_input >= 0) {
+      const auto& inputs = graph_.tensor_inputs(node.id);
+      const ValueId in = inputs.at(static_cast<size_t>(step.drop_input));
+      int64_t& s = storage_of_[static_cast<size_t>(in.index)];
+      LLMEM_CHECK(s >= 0) << node.kind << ": drops an input twice";
+      Unref(s, node.id.index);
+      s = -1;
+    } else if (step.free_of >= 0) {
       int64_t& freed = blocks.at(static_cast<size_t>(step.free_of));
       LLMEM_CHECK(freed >= 0) << node.kind << ": a temporary freed twice";
       Unref(freed, node.id.index);
@@ -1599,6 +1615,13 @@ void StepExecutor::FusedLinearLossBackward() {
 StepSimulation StepExecutor::Run() {
   out_.value_dtypes = plan_.value_dtypes;
   Setup();
+  if (plan_.loop.forward_only) {
+    Forward();
+    // What the forward returns (the logits, the new cache entries) is the caller's: the step ends with it.
+    Unref(storage_of_[static_cast<size_t>(graph_.loss().index)], -1);
+    for (ValueId v : plan_.loop.cache_outputs) Unref(storage_of_[static_cast<size_t>(v.index)], -1);
+    return std::move(out_);
+  }
   FindLastGradientNodes();
   if (plan_.loop.keep_outputs) KeepPreviousOutputs();
   for (int micro_batch = 0; micro_batch < plan_.loop.simulated_micro_batches; ++micro_batch) {

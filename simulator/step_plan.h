@@ -81,6 +81,10 @@ struct LoopPlan {
   bool optimizer_in_backward = false;
   // clip_grad_norm_ runs before the step.
   bool clip_grad_norm = false;
+  // Generation (graph/generation_forward.h): one forward under torch.no_grad(), nothing after it. The cache
+  // entries it reads (graph inputs, dropped when the op that replaces them ran) and makes (held to the end).
+  bool forward_only = false;
+  std::vector<ValueId> cache_inputs, cache_outputs;
 };
 
 // Activation checkpointing (torch.utils.checkpoint around whole decoder layers): their ops are kRecompute (or

@@ -16,7 +16,7 @@ TEST(OpRegistryTest, EveryKindHasOneRow) {
     EXPECT_TRUE(seen.insert(op.kind).second) << op.kind << " has two rows";
     // ATen ops, and the library ops llmem's own rewrites emit (bitsandbytes' 4-bit linear)
     EXPECT_TRUE(op.kind.starts_with("aten::") || op.kind.starts_with("bnb::") || op.kind.starts_with("torchao::") ||
-                op.kind.starts_with("gptq::"))
+                op.kind.starts_with("gptq::") || op.kind.starts_with("hf::"))
         << op.kind;
     EXPECT_EQ(FindOp(op.kind), &op) << op.kind;
   }

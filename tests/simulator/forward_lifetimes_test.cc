@@ -99,5 +99,24 @@ TEST(ForwardLifetimesTest, ValuesPassedBetweenSiblingCallsLiveInTheirCommonFrame
   EXPECT_EQ(ReleaseOf(eager, c), 3);
 }
 
+// A ModuleList has no frame of its own: its parent loops `for layer in self.layers: h = layer(h)`, so a layer's
+// output lives in the loop variable until the next layer returns, not until the whole stack of layers is done.
+TEST(ForwardLifetimesTest, ALayersOutputIsReboundOnceTheNextLayerReturns) {
+  TestGraphBuilder bld;
+  ValueId x = bld.Input("x", {4, 8}, DType::kF32);
+  ValueId a = bld.OpOut("aten::relu", {T(x)}, Out({4, 8}), "model.layers.0");
+  ValueId b = bld.OpOut("aten::relu", {T(a)}, Out({4, 8}), "model.layers.1");
+  ValueId b2 = bld.OpOut("aten::mul", {T(b), T(b)}, Out({4, 8}), "model.layers.1");
+  ValueId c = bld.OpOut("aten::relu", {T(b2)}, Out({4, 8}), "model.layers.2");
+  ValueId c2 = bld.OpOut("aten::mul", {T(c), T(c)}, Out({4, 8}), "model.layers.2");
+  ValueId loss = bld.OpOut("aten::sum", {T(c2), None()}, Out({}), "model.norm");
+  Graph g = bld.Build(loss);
+
+  const auto eager = ForwardReleasePoints(g, Lifetimes::kEager);
+  EXPECT_EQ(ReleaseOf(eager, a), 2);   // the end of layer 1's call, not of layer 2's
+  EXPECT_EQ(ReleaseOf(eager, b2), 4);  // layer 1's result, an argument of layer 2
+  EXPECT_EQ(ReleaseOf(eager, c2), 5);  // layer 2's result, returned into the model's frame and used there
+}
+
 }  // namespace
 }  // namespace llmem::sim

@@ -1,0 +1,142 @@
+#include "cli/infer_command.h"
+
+#include <cstdio>
+#include <algorithm>
+#include <iostream>
+#include <map>
+#include <vector>
+#include <nlohmann/json.hpp>
+
+#include "cli/training_options.h"
+#include "graph/dtype.h"
+#include "graph/error.h"
+#include "graph/torchscript_importer.h"
+#include "simulator/generation_simulator.h"
+
+namespace llmem::cli {
+namespace {
+
+constexpr int kExitDoesNotFit = 3;
+
+nlohmann::json PhaseJson(const sim::MemoryEstimate& e) {
+  nlohmann::json cats = nlohmann::json::object();
+  for (size_t c = 0; c < sim::kNumCategories; ++c) {
+    if (e.at_peak[c] != 0) cats[std::string(sim::CategoryName(static_cast<sim::MemoryCategory>(c)))] = e.at_peak[c];
+  }
+  return {{"peak_allocated_bytes", e.peak_allocated_bytes},
+          {"peak_reserved_bytes", e.peak_reserved_bytes},
+          {"nvidia_smi_bytes", e.nvidia_smi_bytes},
+          {"peak_op", e.peak_op},
+          {"at_peak_bytes", cats}};
+}
+
+void PrintPhase(const char* name, const sim::MemoryEstimate& e) {
+  std::printf("%s peak %s allocated, %s reserved (at %s):\n", name, FormatBytes(e.peak_allocated_bytes).c_str(),
+              FormatBytes(e.peak_reserved_bytes).c_str(), e.peak_op.empty() ? "its start" : e.peak_op.c_str());
+  for (size_t c = 0; c < sim::kNumCategories; ++c) {
+    if (e.at_peak[c] == 0) continue;
+    std::printf("  %-22s %12s\n", std::string(sim::CategoryName(static_cast<sim::MemoryCategory>(c))).c_str(),
+                FormatBytes(e.at_peak[c]).c_str());
+  }
+  // The largest blocks at the peak besides the weights (which the breakdown above already sums).
+  const sim::Timeline& tl = e.simulation->timeline;
+  int64_t live = 0, best = -1;
+  size_t at = 0;
+  for (size_t i = 0; i < tl.events.size(); ++i) {
+    live += tl.events[i].is_alloc ? tl.events[i].bytes : -tl.events[i].bytes;
+    if (live > best) best = live, at = i;
+  }
+  std::map<int64_t, const sim::MemoryEvent*> blocks;
+  for (size_t i = 0; i <= at && i < tl.events.size(); ++i) {
+    if (tl.events[i].is_alloc) blocks[tl.events[i].block] = &tl.events[i];
+    else blocks.erase(tl.events[i].block);
+  }
+  std::vector<const sim::MemoryEvent*> other;
+  for (const auto& [id, ev] : blocks) {
+    if (ev->category != sim::MemoryCategory::kWeights) other.push_back(ev);
+  }
+  std::sort(other.begin(), other.end(), [](auto* a, auto* b) { return a->bytes > b->bytes; });
+  std::printf("  largest other blocks:");
+  for (size_t i = 0; i < other.size() && i < 4; ++i) {
+    std::printf("%s %s (%s)", i ? "," : "", FormatBytes(other[i]->bytes).c_str(),
+                tl.block_labels.at(static_cast<size_t>(other[i]->block)).c_str());
+  }
+  std::printf("\n");
+}
+
+}  // namespace
+
+void AddInferOptions(CLI::App* cmd, InferOptions& o) {
+  cmd->add_option("model", o.model, "TorchScript export (models/export_hf.py)")->required();
+  cmd->add_option("--gpu", o.gpu, "GPU kind, or cpu (what an instrumented CPU run allocates)")->capture_default_str();
+  cmd->add_option("--gpu-memory", o.gpu_memory, "capacity of a GPU the catalog lacks (other figures from --gpu)");
+  cmd->add_option("-b,--batch", o.batch, "sequences generated together")->capture_default_str();
+  cmd->add_option("--prompt", o.prompt, "prompt tokens per sequence")->required();
+  cmd->add_option("--new-tokens", o.new_tokens, "tokens generated per sequence")->required();
+  cmd->add_option("-p,--precision", o.precision, "the weights' dtype: bf16 (a bf16 export) | fp32")
+      ->capture_default_str();
+  cmd->add_option("--max-positions", o.max_positions, "longest sequence the model allows (e.g. scaled RoPE)");
+  cmd->add_flag("--json", o.json_out, "print JSON");
+}
+
+int RunInfer(const InferOptions& o) {
+  if (o.precision != "bf16" && o.precision != "fp32") {
+    throw ConfigError("unknown --precision '" + o.precision + "' for infer (bf16, fp32)");
+  }
+  if (o.batch <= 0) throw ConfigError("--batch must be positive");
+  if (o.prompt <= 0) throw ConfigError("--prompt must be positive");
+  if (o.new_tokens <= 0) throw ConfigError("--new-tokens must be positive");
+  sim::TrainingConfig config = ParseTrainingConfig(o.precision, "sgd", o.gpu, o.gpu_memory);
+  config.lifetimes = sim::Lifetimes::kEager;
+  auto model = TorchScriptModel::Load(o.model);
+  if (o.max_positions) model.set_max_positions(*o.max_positions);
+  if (const auto window = model.sliding_window()) {
+    throw ConfigError("this model attends within a sliding window of " + std::to_string(*window) +
+                      " tokens, whose cache (DynamicSlidingWindowLayer) is not modelled yet");
+  }
+  // The positions generation feeds: 0 .. P + N - 2 (the last token is generated, never fed back).
+  const int64_t context = CheckedAdd(o.prompt, o.new_tokens - 1, "prompt + new tokens");
+  if (const std::optional<PositionLimit> limit = model.BuildGraph(1, 2).position_limit(); limit && context > limit->max_seq) {
+    throw ConfigError("prompt " + std::to_string(o.prompt) + " + " + std::to_string(o.new_tokens) +
+                      " new tokens needs " + std::to_string(context) + " positions, but the model allows " +
+                      std::to_string(limit->max_seq) + " (" + limit->source + "); --max-positions overrides it for "
+                      "a RoPE-scaled model");
+  }
+  const sim::GenerationRequest request{.batch = o.batch, .prompt = o.prompt, .new_tokens = o.new_tokens};
+  const sim::GenerationEstimate est =
+      sim::EstimateGeneration([&](int64_t b, int64_t s) { return model.BuildGraph(b, s); }, request, config);
+  const sim::MemoryEstimate& peak = est.peak();
+  const char* loop = "HF generate(): greedy, DynamicCache, no padding, logits of the last position only";
+  if (o.json_out) {
+    nlohmann::json j = {{"model", o.model},         {"target", peak.target},
+                        {"batch", o.batch},         {"prompt", o.prompt},
+                        {"new_tokens", o.new_tokens}, {"precision", o.precision},
+                        {"loop", loop},             {"weights_bytes", peak.weights_bytes},
+                        {"cache_bytes", est.cache_bytes}, {"peak_allocated_bytes", peak.peak_allocated_bytes},
+                        {"peak_reserved_bytes", peak.peak_reserved_bytes}, {"nvidia_smi_bytes", peak.nvidia_smi_bytes},
+                        {"capacity_bytes", peak.capacity_bytes}, {"fits", peak.fits},
+                        {"prefill", PhaseJson(est.prefill)}};
+    j["peak_phase"] = est.decode && &peak == &*est.decode ? "decode" : "prefill";
+    if (est.decode) j["decode"] = PhaseJson(*est.decode);
+    std::cout << j.dump(2) << "\n";
+  } else {
+    std::printf("model      %s\n", o.model.c_str());
+    std::printf("generate   batch %lld, prompt %lld + %lld new tokens, %s weights, target %s\n",
+                static_cast<long long>(o.batch), static_cast<long long>(o.prompt),
+                static_cast<long long>(o.new_tokens), o.precision.c_str(), peak.target.c_str());
+    std::printf("loop       %s\n", loop);
+    std::printf("weights    %s; KV cache after the last step %s\n\n", FormatBytes(peak.weights_bytes).c_str(),
+                FormatBytes(est.cache_bytes).c_str());
+    PrintPhase("prefill", est.prefill);
+    if (est.decode) PrintPhase("last decode step", *est.decode);
+    std::printf("\npeak allocated   %s   (max_memory_allocated)\n", FormatBytes(peak.peak_allocated_bytes).c_str());
+    if (!config.target.is_cpu) {
+      std::printf("peak reserved    %s\nnvidia-smi       %s of %s: %s\n", FormatBytes(peak.peak_reserved_bytes).c_str(),
+                  FormatBytes(peak.nvidia_smi_bytes).c_str(), FormatBytes(peak.capacity_bytes).c_str(),
+                  peak.fits ? "fits" : "does not fit");
+    }
+  }
+  return peak.fits ? 0 : kExitDoesNotFit;
+}
+
+}  // namespace llmem::cli

@@ -1,0 +1,28 @@
+// `llmem infer`: the memory of Hugging Face generation (prefill and decode with a DynamicCache) on one GPU.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace llmem::cli {
+
+struct InferOptions {
+  std::string model;
+  std::string gpu = "a100-80";
+  std::string gpu_memory;
+  int64_t batch = 1;
+  int64_t prompt = 0;
+  int64_t new_tokens = 0;
+  std::string precision = "bf16";
+  std::optional<int64_t> max_positions;
+  bool json_out = false;
+};
+
+void AddInferOptions(CLI::App* cmd, InferOptions& o);
+
+// 0 when it fits, 3 when it does not; bad input throws llmem::ConfigError.
+int RunInfer(const InferOptions& o);
+
+}  // namespace llmem::cli

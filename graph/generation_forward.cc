@@ -1,0 +1,216 @@
+#include "graph/generation_forward.h"
+
+#include <map>
+#include <set>
+#include <string>
+
+#include "graph/error.h"
+#include "graph/graph_rewriter.h"
+
+namespace llmem {
+namespace {
+
+// repeat_kv and the slicing around it (`[:, :, None, :, :].expand(...).reshape(...)`): ops that only re-index one
+// tensor, walked back to the keys or values the cache stores.
+bool IsRepeatKvStep(const std::string& kind) {
+  return kind == "aten::reshape" || kind == "aten::expand" || kind == "aten::slice" || kind == "aten::unsqueeze" ||
+         kind == "aten::view" || kind == "aten::contiguous";
+}
+
+ValueId CachedTensor(const Graph& g, ValueId v) {
+  while (true) {
+    const TensorValue& tv = g.value(v);
+    if (!tv.producer.valid()) return v;
+    const OpNode& p = g.node(tv.producer);
+    if (!IsRepeatKvStep(p.kind) || p.args.empty() || p.args[0].kind != OpArg::Kind::kTensor) return v;
+    v = p.args[0].tensors[0];
+  }
+}
+
+std::vector<int64_t> WithTokens(std::vector<int64_t> shape, int64_t tokens) {
+  shape[2] = tokens;
+  return shape;
+}
+
+// Drops the ops none of `keep` depends on (the mask, repeat_kv, the loss), renumbering the rest; values no op
+// produces any more are left without a producer (nothing reads them).
+void DropDeadOps(GraphRewriter& rw, const std::vector<ValueId>& keep) {
+  auto& nodes = rw.nodes();
+  auto& values = rw.values();
+  std::vector<bool> live_value(values.size(), false), live_node(nodes.size(), false);
+  for (ValueId v : keep) live_value[static_cast<size_t>(v.index)] = true;
+  for (size_t i = nodes.size(); i-- > 0;) {
+    bool live = false;
+    for (ValueId out : nodes[i].outputs) live |= live_value[static_cast<size_t>(out.index)];
+    if (!live) continue;
+    live_node[i] = true;
+    for (const auto& arg : nodes[i].args) {
+      for (ValueId in : arg.tensors) {
+        // A view keeps the tensor it views alive.
+        for (ValueId a = in; a.valid(); a = values[static_cast<size_t>(a.index)].alias_of) {
+          live_value[static_cast<size_t>(a.index)] = true;
+        }
+      }
+    }
+  }
+  for (auto& v : values) v.producer = NodeId{};
+  std::vector<OpNode> kept;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    if (live_node[i]) kept.push_back(std::move(nodes[i]));
+  }
+  nodes.clear();
+  for (auto& n : kept) rw.Emit(std::move(n));
+  // A dead view no longer needs the tensor it viewed (which may now be defined after it).
+  for (auto& v : values) {
+    if (v.role == ValueRole::kActivation && !v.producer.valid()) v.alias_of = ValueId{};
+  }
+}
+
+}  // namespace
+
+GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens) {
+  if (past_tokens < 0) throw ConfigError("the cached tokens cannot be negative");
+  GraphRewriter rw(g);
+  for (auto& v : rw.values()) v.requires_grad = false;
+  for (auto& p : rw.params()) p.trainable = false;
+  GenerationForward out;
+  std::vector<ValueId> past_keys, past_values, present_keys, present_values;
+  ValueId head_output;
+  int attention = 0;
+  for (const OpNode& old : g.nodes()) {
+    if (old.kind == "aten::scaled_dot_product_attention" && old.args.size() >= 3) {
+      ++attention;
+      OpNode sdpa = old;
+      for (int which = 1; which <= 2; ++which) {
+        const ValueId fresh = CachedTensor(g, old.args[static_cast<size_t>(which)].tensors.at(0));
+        const TensorValue fv = g.value(fresh);
+        if (fv.shape.size() != 4) {
+          throw ConfigError("generation: the attention of " + old.scope + " does not read [batch, heads, tokens, "
+                            "dim] keys and values; this architecture's cache is not modelled");
+        }
+        const std::string what = std::string(which == 1 ? "keys" : "values") + " of " + old.scope;
+        OpArg parts;
+        parts.kind = OpArg::Kind::kTensorList;
+        if (past_tokens > 0) {
+          const ValueId past = rw.NewValue("cached " + what, WithTokens(fv.shape, past_tokens), fv.dtype,
+                                           fv.dtype_bf16_weights);
+          (which == 1 ? past_keys : past_values).push_back(past);
+          parts.tensors.push_back(past);
+        }
+        parts.tensors.push_back(fresh);
+        const ValueId present = rw.NewValue("cache " + what, WithTokens(fv.shape, past_tokens + fv.shape[2]),
+                                            fv.dtype, fv.dtype_bf16_weights);
+        rw.Emit(GraphRewriter::NewNode(old, "aten::cat", old.scope, {parts, IntArg(-2)}, present));
+        (which == 1 ? present_keys : present_values).push_back(present);
+        sdpa.args[static_cast<size_t>(which)] = TensorArg(present);
+      }
+      const int64_t new_tokens = g.value(old.args[0].tensors.at(0)).shape.at(2);
+      if (sdpa.args.size() > 3) sdpa.args[3] = OpArg{};  // no mask
+      if (sdpa.args.size() > 5) sdpa.args[5] = IntArg(new_tokens > 1 ? 1 : 0, OpArg::Kind::kBool);
+      if (sdpa.args.size() > 7) sdpa.args[7] = IntArg(1, OpArg::Kind::kBool);  // enable_gqa
+      rw.Emit(std::move(sdpa));
+      continue;
+    }
+    const bool head_linear = old.region.kind == RegionKind::kHead && old.kind == "aten::linear" &&
+                             !head_output.valid() && old.args.size() >= 2 &&
+                             old.args[1].kind == OpArg::Kind::kTensor &&
+                             g.value(old.args[1].tensors[0]).role == ValueRole::kParameter;
+    if (head_linear) {
+      // lm_head(hidden_states[:, -1:, :]): a view of the last position, then [B, 1, V] logits.
+      const ValueId hidden = old.args[0].tensors.at(0);
+      const TensorValue hv = g.value(hidden);
+      if (hv.shape.size() != 3) throw ConfigError("generation: the LM head's input is not [batch, tokens, hidden]");
+      std::vector<int64_t> last = hv.shape;
+      last[1] = 1;
+      const ValueId root = g.StorageRoot(hidden);
+      const ValueId sliced = rw.NewValue(old.scope + " last position", last, hv.dtype, hv.dtype_bf16_weights, root);
+      rw.value(sliced).strides = StridesOf(hv);
+      rw.Emit(GraphRewriter::NewNode(old, "aten::slice", old.scope,
+                                     {TensorArg(hidden), IntArg(1), IntArg(hv.shape[1] - 1), IntArg(hv.shape[1]),
+                                      IntArg(1)},
+                                     sliced));
+      const TensorValue ov = g.value(old.outputs.at(0));
+      std::vector<int64_t> logits_shape = ov.shape;
+      logits_shape[1] = 1;
+      head_output = rw.NewValue("logits", logits_shape, ov.dtype, ov.dtype_bf16_weights);
+      OpNode lin = old;
+      lin.args[0] = TensorArg(sliced);
+      lin.outputs = {head_output};
+      rw.Emit(std::move(lin));
+      continue;
+    }
+    rw.Emit(old);
+  }
+  // The loop's work after the forward (hf::generate_next_token), with the tensors it carries between forwards.
+  ValueId next_tokens;
+  std::vector<ValueId> loop_inputs;
+  if (head_output.valid()) {
+    const TensorValue lv = rw.value(head_output);
+    const int64_t batch = lv.shape[0], vocab = lv.shape.back();
+    const int64_t new_tokens = g.value(g.inputs().at(0)).shape.at(1), total = past_tokens + new_tokens;
+    const OpNode& at = g.nodes().back();
+    std::vector<OpArg> args = {TensorArg(head_output)};
+    if (past_tokens > 0) {
+      for (const char* name : {"next_token_logits of the previous step", "next_token_scores of the previous step"}) {
+        const ValueId v = rw.NewValue(name, {batch, vocab}, DType::kF32, DType::kF32);
+        loop_inputs.push_back(v);
+        args.push_back(TensorArg(v));
+      }
+    }
+    const ValueId mask = rw.NewValue("attention_mask", {batch, total}, DType::kI64, DType::kI64);
+    loop_inputs.push_back(mask);
+    args.push_back(TensorArg(mask));
+    ValueId ids = g.inputs().at(0);  // the prefill's input_ids are generate's
+    if (past_tokens > 0) {
+      ids = rw.NewValue("generated ids", {batch, total}, DType::kI64, DType::kI64);
+      loop_inputs.push_back(ids);
+    }
+    args.push_back(TensorArg(ids));
+    for (int64_t a : {int64_t{past_tokens > 0}, batch, vocab, total}) args.push_back(IntArg(a));
+    next_tokens = rw.NewValue("next tokens", {batch}, DType::kI64, DType::kI64);
+    OpNode tail = GraphRewriter::NewNode(at, "hf::generate_next_token", "generate", std::move(args), next_tokens);
+    tail.region = at.region;
+    rw.Emit(std::move(tail));
+  }
+  if (attention == 0) {
+    throw ConfigError("generation: no scaled_dot_product_attention op in this export; only sdpa attention is "
+                      "modelled for generation");
+  }
+  if (!head_output.valid()) throw ConfigError("generation: the export has no LM head linear");
+  std::vector<ValueId> inputs;
+  for (ValueId in : g.inputs()) {
+    if (g.value(in).name != "labels") inputs.push_back(in);
+  }
+  inputs.insert(inputs.end(), past_keys.begin(), past_keys.end());
+  inputs.insert(inputs.end(), past_values.begin(), past_values.end());
+  inputs.insert(inputs.end(), loop_inputs.begin(), loop_inputs.end());
+  // The rewriter renumbers values as it builds: the new values are found again by their (unique) names.
+  auto names = [&](const std::vector<ValueId>& ids) {
+    std::vector<std::string> n;
+    for (ValueId v : ids) n.push_back(rw.value(v).name);
+    return n;
+  };
+  const std::vector<std::string> past_names = [&] {
+    auto n = names(past_keys);
+    for (auto& s : names(past_values)) n.push_back(s);
+    return n;
+  }();
+  const std::vector<std::string> present_names = [&] {
+    auto n = names(present_keys);
+    for (auto& s : names(present_values)) n.push_back(s);
+    return n;
+  }();
+  std::vector<ValueId> keep = {head_output, next_tokens};
+  keep.insert(keep.end(), present_keys.begin(), present_keys.end());
+  keep.insert(keep.end(), present_values.begin(), present_values.end());
+  DropDeadOps(rw, keep);
+  out.graph = rw.Build(inputs, head_output);
+  std::map<std::string, ValueId> by_name;
+  for (const auto& v : out.graph.values()) by_name.emplace(v.name, v.id);
+  for (const auto& n : past_names) out.past.push_back(by_name.at(n));
+  for (const auto& n : present_names) out.present.push_back(by_name.at(n));
+  out.logits = out.graph.loss();
+  return out;
+}
+
+}  // namespace llmem

@@ -1,0 +1,47 @@
+#include "simulator/generation_simulator.h"
+
+#include "graph/error.h"
+#include "graph/generation_forward.h"
+#include "simulator/step_executor.h"
+#include "simulator/step_plan_builder.h"
+#include "simulator/timeline_invariants.h"
+
+namespace llmem::sim {
+namespace {
+
+MemoryEstimate SimulateForward(const GenerationForward& fw, const TrainingConfig& config) {
+  StepPlan plan = BuildStepPlan(fw.graph, config);
+  plan.loop.forward_only = true;
+  plan.loop.cache_inputs = fw.past;
+  plan.loop.cache_outputs = fw.present;
+  StepSimulation sim = ExecuteStepPlan(fw.graph, plan, config, nullptr);
+  CheckTimelineInvariants(sim.timeline);
+  return EstimateFromSimulation(fw.graph, config, std::move(sim));
+}
+
+}  // namespace
+
+GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t)>& graph_at,
+                                      const GenerationRequest& r, const TrainingConfig& config) {
+  if (r.batch <= 0 || r.prompt <= 0 || r.new_tokens <= 0) {
+    throw ConfigError("batch, prompt and new tokens must be positive");
+  }
+  GenerationEstimate est;
+  const GenerationForward prefill = MakeGenerationForward(graph_at(r.batch, r.prompt), 0);
+  est.prefill = SimulateForward(prefill, config);
+  const int64_t cached = r.prompt + r.new_tokens - 1;
+  if (r.new_tokens >= 2) {
+    const GenerationForward last = MakeGenerationForward(graph_at(r.batch, 1), cached - 1);
+    est.decode = SimulateForward(last, config);
+  }
+  for (ValueId v : prefill.present) {
+    const TensorValue& tv = prefill.graph.value(v);
+    std::vector<int64_t> shape = tv.shape;
+    shape[2] = cached;
+    const DType d = config.precision == Precision::kBf16 ? tv.dtype_bf16_weights : tv.dtype;
+    est.cache_bytes += ShapeBytes(shape, d);
+  }
+  return est;
+}
+
+}  // namespace llmem::sim

@@ -1,0 +1,39 @@
+// Hugging Face generation (greedy GenerationMixin.generate with a DynamicCache, transformers 4.57) as memory
+// timelines: the prefill of B x P prompt tokens and the last decode step, where the cache is longest.
+//
+// Each forward is graph/generation_forward.h's rewrite of the export's graph, run by the step executor under
+// torch.no_grad() (nothing saved, eager lifetimes); the cache entries of earlier steps are its inputs.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+
+#include "graph/graph.h"
+#include "simulator/memory_estimate.h"
+#include "simulator/training_config.h"
+
+namespace llmem::sim {
+
+struct GenerationRequest {
+  int64_t batch = 1;
+  int64_t prompt = 0;      // tokens per sequence
+  int64_t new_tokens = 0;  // generated per sequence (min_new_tokens = max_new_tokens)
+};
+
+struct GenerationEstimate {
+  MemoryEstimate prefill;                // the prompt's forward
+  std::optional<MemoryEstimate> decode;  // the last decode step (P + N - 2 tokens cached); none for N = 1
+  int64_t cache_bytes = 0;               // the cache after the last step: P + N - 1 tokens per sequence
+  const MemoryEstimate& peak() const {
+    return decode && decode->peak_allocated_bytes > prefill.peak_allocated_bytes ? *decode : prefill;
+  }
+};
+
+// `graph_at(batch, tokens)` builds the export's graph for that many new tokens. config.precision is the weights'
+// dtype (fp32, or bf16 on a bf16 export). Throws ConfigError for a request out of range or a graph the generation
+// rewrite does not take.
+GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t)>& graph_at,
+                                      const GenerationRequest& request, const TrainingConfig& config);
+
+}  // namespace llmem::sim

@@ -1,0 +1,141 @@
+// Generation: the forward rewrite (graph/generation_forward) and its simulation (simulator/generation_simulator).
+#include "graph/generation_forward.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
+#include "graph/error.h"
+#include "simulator/generation_simulator.h"
+#include "simulator/op_memory_rules.h"
+#include "tests/simulator/tiny_graphs.h"
+
+namespace llmem::sim {
+namespace {
+
+using namespace llmem::sim::testing;  // NOLINT
+using namespace llmem::testing;       // NOLINT
+
+constexpr int64_t kVocab = 32, kHidden = 16, kHeads = 4, kKvHeads = 2, kDim = 4;
+
+// input_ids [B, S] -> embedding -> layers.0.self_attn: q / k / v projections viewed as [B, heads, S, D], keys and
+// values repeated to 4 heads (expand + reshape, as repeat_kv), a [B, 1, S, S] mask, sdpa -> lm_head -> loss.
+Graph TinyDecoder(int64_t batch, int64_t seq) {
+  TestGraphBuilder b;
+  ValueId ids = b.Input("input_ids", {batch, seq});
+  ValueId labels = b.Input("labels", {batch, seq});
+  ValueId emb_w = b.Param("model.embed_tokens.weight", {kVocab, kHidden});
+  b.SetRegion(Region{RegionKind::kEmbedding, -1});
+  ValueId x = b.OpOut("aten::embedding", {T(emb_w), T(ids), I(-1), B(false), B(false)}, Out({batch, seq, kHidden}),
+                      "model.embed_tokens");
+  ValueId mask = b.OpOut("aten::ones", {Ints({batch, 1, seq, seq})}, Out({batch, 1, seq, seq}, DType::kBool), "model");
+  b.SetLayer(0);
+  auto heads = [&](const char* name, int64_t n) {
+    ValueId w = b.Param(std::string("model.layers.0.self_attn.") + name + ".weight", {n * kDim, kHidden});
+    ValueId p = b.OpOut("aten::linear", {T(x), T(w), None()}, Out({batch, seq, n * kDim}),
+                        std::string("model.layers.0.self_attn.") + name);
+    ValueId v = b.OpOut("aten::view", {T(p), Ints({batch, seq, n, kDim})}, Out({batch, seq, n, kDim}).AliasOf(p),
+                        "model.layers.0.self_attn");
+    return b.OpOut("aten::transpose", {T(v), I(1), I(2)}, Out({batch, n, seq, kDim}).AliasOf(p),
+                   "model.layers.0.self_attn");
+  };
+  ValueId q = heads("q_proj", kHeads), k = heads("k_proj", kKvHeads), v = heads("v_proj", kKvHeads);
+  auto repeat = [&](ValueId t) {
+    ValueId u = b.OpOut("aten::unsqueeze", {T(t), I(2)}, Out({batch, kKvHeads, 1, seq, kDim}).AliasOf(t),
+                        "model.layers.0.self_attn");
+    ValueId e = b.OpOut("aten::expand", {T(u), Ints({batch, kKvHeads, 2, seq, kDim}), B(false)},
+                        Out({batch, kKvHeads, 2, seq, kDim}).AliasOf(t), "model.layers.0.self_attn");
+    return b.OpOut("aten::reshape", {T(e), Ints({batch, kHeads, seq, kDim})}, Out({batch, kHeads, seq, kDim}),
+                   "model.layers.0.self_attn");
+  };
+  ValueId a = b.OpOut("aten::scaled_dot_product_attention",
+                      {T(q), T(repeat(k)), T(repeat(v)), T(mask), D(0.0), B(false), D(0.5), B(false)},
+                      Out({batch, kHeads, seq, kDim}), "model.layers.0.self_attn");
+  ValueId t = b.OpOut("aten::transpose", {T(a), I(1), I(2)}, Out({batch, seq, kHeads, kDim}).AliasOf(a),
+                      "model.layers.0.self_attn");
+  ValueId h = b.OpOut("aten::reshape", {T(t), Ints({batch, seq, kHidden})}, Out({batch, seq, kHidden}),
+                      "model.layers.0.self_attn");
+  b.SetHead();
+  ValueId lm = b.Param("lm_head.weight", {kVocab, kHidden});
+  ValueId logits = b.OpOut("aten::linear", {T(h), T(lm), None()}, Out({batch, seq, kVocab}), "lm_head");
+  return b.Build(CrossEntropy(b, logits, labels));
+}
+
+std::vector<const OpNode*> Kind(const Graph& g, const std::string& kind) {
+  std::vector<const OpNode*> out;
+  for (const auto& n : g.nodes()) {
+    if (n.kind == kind) out.push_back(&n);
+  }
+  return out;
+}
+
+TEST(GenerationForwardTest, CachesKeysAndValuesBeforeRepeatAndDropsTheMaskAndTheLoss) {
+  const GenerationForward fw = MakeGenerationForward(TinyDecoder(2, 1), /*past_tokens=*/5);
+  const Graph& g = fw.graph;
+  // One cache entry of keys and one of values, each the 5 cached tokens plus the new one, at the 2 key/value heads.
+  ASSERT_EQ(fw.past.size(), 2u);
+  ASSERT_EQ(fw.present.size(), 2u);
+  EXPECT_EQ(g.value(fw.past[0]).shape, (std::vector<int64_t>{2, kKvHeads, 5, kDim}));
+  EXPECT_EQ(g.value(fw.present[1]).shape, (std::vector<int64_t>{2, kKvHeads, 6, kDim}));
+  const auto cats = Kind(g, "aten::cat");
+  ASSERT_EQ(cats.size(), 2u);
+  EXPECT_EQ(cats[0]->args[0].tensors.size(), 2u);  // torch.cat([cache, new])
+  // sdpa reads the cache entries, no mask, not causal for one token, enable_gqa instead of repeat_kv copies.
+  const auto sdpa = Kind(g, "aten::scaled_dot_product_attention");
+  ASSERT_EQ(sdpa.size(), 1u);
+  const auto& inputs = g.tensor_inputs(sdpa[0]->id);
+  ASSERT_EQ(inputs.size(), 3u);
+  EXPECT_EQ(inputs[1], fw.present[0]);
+  EXPECT_EQ(sdpa[0]->args[5].int_value, 0);
+  EXPECT_EQ(sdpa[0]->args[7].int_value, 1);
+  EXPECT_TRUE(Kind(g, "aten::reshape").size() == 1u);  // the attention output's; repeat_kv's are gone
+  EXPECT_TRUE(Kind(g, "aten::ones").empty());            // the mask
+  EXPECT_TRUE(Kind(g, "aten::cross_entropy_loss").empty());
+  // Logits of the last position only, then the loop's work; nothing requires grad.
+  EXPECT_EQ(g.value(fw.logits).shape, (std::vector<int64_t>{2, 1, kVocab}));
+  ASSERT_EQ(Kind(g, "hf::generate_next_token").size(), 1u);
+  for (const auto& v : g.values()) EXPECT_FALSE(v.requires_grad) << v.name;
+  for (ValueId in : g.inputs()) EXPECT_NE(g.value(in).name, "labels");
+}
+
+TEST(GenerationForwardTest, ThePrefillCopiesItsKeysIntoTheCacheAndSlicesTheLastPosition) {
+  const GenerationForward fw = MakeGenerationForward(TinyDecoder(1, 7), 0);
+  EXPECT_TRUE(fw.past.empty());
+  EXPECT_EQ(fw.graph.value(fw.present[0]).shape, (std::vector<int64_t>{1, kKvHeads, 7, kDim}));
+  const auto sdpa = Kind(fw.graph, "aten::scaled_dot_product_attention");
+  EXPECT_EQ(sdpa[0]->args[5].int_value, 1);  // causal over the prompt
+  const auto slices = Kind(fw.graph, "aten::slice");
+  ASSERT_EQ(slices.size(), 1u);
+  EXPECT_EQ(fw.graph.value(slices[0]->outputs[0]).shape, (std::vector<int64_t>{1, 1, kHidden}));
+  EXPECT_THROW(MakeGenerationForward(TinyDecoder(1, 7), -1), ConfigError);
+}
+
+TEST(GenerationSimulatorTest, TheCacheGrowsByConcatenationAndTheLastStepPeaksAbove) {
+  const TrainingConfig config = CpuConfig();
+  const GenerationRequest request{.batch = 2, .prompt = 6, .new_tokens = 4};
+  const GenerationEstimate est = EstimateGeneration(TinyDecoder, request, config);
+  // P + N - 1 = 9 tokens cached: keys and values, [2, 2, 9, 4] fp32 each.
+  EXPECT_EQ(est.cache_bytes, 2 * (2 * kKvHeads * 9 * kDim * 4));
+  ASSERT_TRUE(est.decode.has_value());
+  // The last step starts with 8 cached tokens (an input each for keys and values) and makes 9 beside them.
+  const auto& decode = *est.decode;
+  EXPECT_GT(decode.at_peak[static_cast<size_t>(MemoryCategory::kKvCache)], 0);
+  int64_t made = 0, dropped = 0;
+  for (const auto& e : decode.simulation->timeline.events) {
+    if (e.category != MemoryCategory::kKvCache) continue;
+    if (e.is_alloc && e.phase == Phase::kForward) made += e.bytes;
+  }
+  for (const auto& e : decode.simulation->timeline.events) {
+    if (!e.is_alloc && e.bytes == 2 * kKvHeads * 8 * kDim * 4 && e.phase == Phase::kForward) ++dropped;
+  }
+  EXPECT_EQ(made, 2 * (2 * kKvHeads * 9 * kDim * 4));
+  EXPECT_EQ(dropped, 2);  // the previous entries, once the new ones exist
+  // The generate loop: two [B, V] fp32 tensors of the previous step live through the forward.
+  EXPECT_GE(decode.peak_allocated_bytes - est.prefill.weights_bytes, 2 * (2 * kVocab * 4) + est.cache_bytes);
+  GenerationRequest bad = request;
+  bad.new_tokens = 0;
+  EXPECT_THROW(EstimateGeneration(TinyDecoder, bad, config), ConfigError);
+}
+
+}  // namespace
+}  // namespace llmem::sim
