@@ -34,6 +34,20 @@ void EmitLinear8bit(const Graph& g, const OpNode& old, const TensorValue& w, Gra
                                  {old.args[0], TensorArg(w.id), bias, IntArg(out_f), IntArg(in_f)}, old.outputs[0]));
 }
 
+// The linear's bias argument (none: an empty arg), its parameter now stored in `dtype`.
+OpArg BiasStoredAs(const Graph& g, const OpNode& linear, DType dtype, GraphRewriter& rw) {
+  if (linear.args.size() <= 2 || linear.args[2].kind != OpArg::Kind::kTensor) return OpArg{};
+  const ValueId b = linear.args[2].tensors[0];
+  if (g.value(b).role == ValueRole::kParameter && !g.value(b).alias_of.valid()) {
+    TensorValue& bv = rw.value(b);
+    bv.dtype = bv.dtype_bf16_weights = dtype;
+    Parameter& p = rw.params()[static_cast<size_t>(bv.param)];
+    p.dtype = dtype;
+    p.bytes = ShapeBytes(p.shape, p.dtype);
+  }
+  return linear.args[2];
+}
+
 // Note [torchao NF4 linears]: the weight becomes NF4Tensor's codes with its scalers beside it, and the linear
 // torchao::linear_nf4 (+ bias).
 void EmitNf4Linear(const Graph& g, const OpNode& old, const TensorValue& w, GraphRewriter& rw) {
@@ -89,18 +103,7 @@ void EmitLinear4bit(const Graph& g, const OpNode& old, const TensorValue& w, con
     state("quant_state.offset", {}, DType::kF32);
   }
   // A frozen bias ends up in the compute dtype.
-  OpArg bias;
-  if (old.args.size() > 2 && old.args[2].kind == OpArg::Kind::kTensor) {
-    bias = old.args[2];
-    const ValueId b = bias.tensors[0];
-    if (g.value(b).role == ValueRole::kParameter && !g.value(b).alias_of.valid()) {
-      TensorValue& bv = rw.value(b);
-      bv.dtype = bv.dtype_bf16_weights = s.compute_dtype;
-      Parameter& p = rw.params()[static_cast<size_t>(bv.param)];
-      p.dtype = s.compute_dtype;
-      p.bytes = ShapeBytes(p.shape, p.dtype);
-    }
-  }
+  const OpArg bias = BiasStoredAs(g, old, s.compute_dtype, rw);
   const ValueId x = old.args[0].tensors[0];
   const TensorValue& xv = g.value(x);
   const ValueId y = old.outputs[0];
@@ -157,18 +160,7 @@ void EmitGptqLinear(const Graph& g, const OpNode& old, const TensorValue& w, con
   buffer("g_idx", {in_f}, DType::kI32);
   buffer("wf_unsqueeze_zero", {1, 1, pack}, DType::kI32);
   buffer("wf_unsqueeze_neg_one", {1, pack, 1}, DType::kI32);
-  OpArg bias;
-  if (old.args.size() > 2 && old.args[2].kind == OpArg::Kind::kTensor) {
-    bias = old.args[2];
-    const ValueId b = bias.tensors[0];
-    if (g.value(b).role == ValueRole::kParameter && !g.value(b).alias_of.valid()) {
-      TensorValue& bv = rw.value(b);
-      bv.dtype = bv.dtype_bf16_weights = DType::kF16;  // a QuantLinear buffer
-      Parameter& p = rw.params()[static_cast<size_t>(bv.param)];
-      p.dtype = DType::kF16;
-      p.bytes = ShapeBytes(p.shape, p.dtype);
-    }
-  }
+  const OpArg bias = BiasStoredAs(g, old, DType::kF16, rw);  // a QuantLinear buffer
   rw.Emit(GraphRewriter::NewNode(old, "gptq::linear", old.scope,
                                  {old.args[0], TensorArg(w.id), bias, IntArg(out_f), IntArg(in_f), IntArg(s.bits),
                                   IntArg(s.group_size)},
