@@ -2,6 +2,7 @@
 
 #include <cstdio>
 #include <algorithm>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <vector>
@@ -76,6 +77,9 @@ void AddInferOptions(CLI::App* cmd, InferOptions& o) {
   cmd->add_option("-p,--precision", o.precision, "the weights' dtype: bf16 (a bf16 export) | fp32")
       ->capture_default_str();
   cmd->add_option("--max-positions", o.max_positions, "longest sequence the model allows (e.g. scaled RoPE)");
+  cmd->add_flag("--max-batch", o.max_batch, "also find the largest batch that fits (GPU targets)");
+  cmd->add_flag("--max-context", o.max_prompt,
+                "also find the longest prompt that fits with --new-tokens at --batch (GPU targets)");
   cmd->add_flag("--json", o.json_out, "print JSON");
 }
 
@@ -94,17 +98,41 @@ int RunInfer(const InferOptions& o) {
     throw ConfigError("this model attends within a sliding window of " + std::to_string(*window) +
                       " tokens, whose cache (DynamicSlidingWindowLayer) is not modelled yet");
   }
+  if ((o.max_batch || o.max_prompt) && config.target.is_cpu) {
+    throw ConfigError("--max-batch and --max-context search what fits a GPU: name one with --gpu");
+  }
   // The positions generation feeds: 0 .. P + N - 2 (the last token is generated, never fed back).
   const int64_t context = CheckedAdd(o.prompt, o.new_tokens - 1, "prompt + new tokens");
-  if (const std::optional<PositionLimit> limit = model.BuildGraph(1, 2).position_limit(); limit && context > limit->max_seq) {
+  const std::optional<PositionLimit> limit = model.BuildGraph(1, 2).position_limit();
+  if (limit && context > limit->max_seq) {
     throw ConfigError("prompt " + std::to_string(o.prompt) + " + " + std::to_string(o.new_tokens) +
                       " new tokens needs " + std::to_string(context) + " positions, but the model allows " +
                       std::to_string(limit->max_seq) + " (" + limit->source + "); --max-positions overrides it for "
                       "a RoPE-scaled model");
   }
   const sim::GenerationRequest request{.batch = o.batch, .prompt = o.prompt, .new_tokens = o.new_tokens};
-  const sim::GenerationEstimate est =
-      sim::EstimateGeneration([&](int64_t b, int64_t s) { return model.BuildGraph(b, s); }, request, config);
+  const auto graph_at = [&](int64_t b, int64_t s) { return model.BuildGraph(b, s); };
+  const sim::GenerationEstimate est = sim::EstimateGeneration(graph_at, request, config);
+  // The searches: memory grows with the batch and the prompt, so the largest value that fits is found by doubling
+  // past it, then bisecting. 0: not even 1 fits.
+  auto largest = [&](int64_t cap, const std::function<sim::GenerationRequest(int64_t)>& at) {
+    auto fits = [&](int64_t v) { return sim::EstimateGeneration(graph_at, at(v), config).peak().fits; };
+    int64_t lo = 0, hi = 1;
+    while (hi <= cap && fits(hi)) lo = hi, hi = std::min(cap + 1, hi * 2);
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      (fits(mid) ? lo : hi) = mid;
+    }
+    return lo;
+  };
+  std::optional<int64_t> max_batch, max_prompt;
+  if (o.max_batch) {
+    max_batch = largest(int64_t{1} << 20, [&](int64_t b) { return sim::GenerationRequest{b, o.prompt, o.new_tokens}; });
+  }
+  if (o.max_prompt) {
+    const int64_t cap = limit ? limit->max_seq - o.new_tokens + 1 : int64_t{1} << 24;
+    max_prompt = cap < 1 ? 0 : largest(cap, [&](int64_t p) { return sim::GenerationRequest{o.batch, p, o.new_tokens}; });
+  }
   const sim::MemoryEstimate& peak = est.peak();
   const char* loop = "HF generate(): greedy, DynamicCache, no padding, logits of the last position only";
   if (o.json_out) {
@@ -118,6 +146,8 @@ int RunInfer(const InferOptions& o) {
                         {"prefill", PhaseJson(est.prefill)}};
     j["peak_phase"] = est.decode && &peak == &*est.decode ? "decode" : "prefill";
     if (est.decode) j["decode"] = PhaseJson(*est.decode);
+    if (max_batch) j["max_batch"] = *max_batch;
+    if (max_prompt) j["max_prompt"] = *max_prompt;
     std::cout << j.dump(2) << "\n";
   } else {
     std::printf("model      %s\n", o.model.c_str());
@@ -134,6 +164,16 @@ int RunInfer(const InferOptions& o) {
       std::printf("peak reserved    %s\nnvidia-smi       %s of %s: %s\n", FormatBytes(peak.peak_reserved_bytes).c_str(),
                   FormatBytes(peak.nvidia_smi_bytes).c_str(), FormatBytes(peak.capacity_bytes).c_str(),
                   peak.fits ? "fits" : "does not fit");
+    }
+    if (max_batch) {
+      std::printf("largest batch that fits: %lld (prompt %lld + %lld new tokens)\n", static_cast<long long>(*max_batch),
+                  static_cast<long long>(o.prompt), static_cast<long long>(o.new_tokens));
+    }
+    if (max_prompt) {
+      std::printf("longest prompt that fits: %lld tokens (+ %lld new: %lld positions fed, batch %lld)%s\n",
+                  static_cast<long long>(*max_prompt), static_cast<long long>(o.new_tokens),
+                  static_cast<long long>(*max_prompt + o.new_tokens - 1), static_cast<long long>(o.batch),
+                  limit && *max_prompt + o.new_tokens - 1 >= limit->max_seq ? " (the model's position limit)" : "");
     }
   }
   return peak.fits ? 0 : kExitDoesNotFit;

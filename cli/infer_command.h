@@ -17,6 +17,8 @@ struct InferOptions {
   int64_t new_tokens = 0;
   std::string precision = "bf16";
   std::optional<int64_t> max_positions;
+  bool max_batch = false;    // also search the largest batch that fits at this prompt and new tokens
+  bool max_prompt = false;   // also search the longest prompt that fits at this batch and new tokens
   bool json_out = false;
 };
 

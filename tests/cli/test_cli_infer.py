@@ -64,6 +64,21 @@ class InferInputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertEqual(small.returncode, 3, small.stderr)
 
 
+class InferSearchTest(OneLineErrorAssertions, unittest.TestCase):
+    def test_the_largest_batch_and_prompt_fit_and_one_more_does_not(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        gpu = ("--gpu", "a100-80", "--gpu-memory", "700MiB", "-p", "fp32")
+        j = infer_json(llama, *gpu, "-b", "4", "--prompt", "512", "--new-tokens", "32", "--max-batch", "--max-context")
+        batch, prompt = j["max_batch"], j["max_prompt"]
+        self.assertGreater(batch, 4)
+        self.assertGreater(prompt, 512)
+        for b, p, fits in ((batch, 512, True), (batch + 1, 512, False), (4, prompt, True), (4, prompt + 1, False)):
+            proc = run("infer", llama, *gpu, "-b", str(b), "--prompt", str(p), "--new-tokens", "32", "--json")
+            self.assertEqual(json.loads(proc.stdout)["fits"], fits, f"batch {b}, prompt {p}")
+        self.assert_one_line_error(run("infer", llama, "--gpu", "cpu", "--prompt", "8", "--new-tokens", "4",
+                                       "--max-batch"), 2, "name one with --gpu")
+
+
 class InferAccuracyTest(unittest.TestCase):
     def compare(self, arch, precision, batch, prompt, new_tokens):
         import inference_runs
