@@ -90,6 +90,9 @@ struct OpNode {
                                 // that defines the module's class, not in a helper function of another file
   bool to_autocast_dtype = false;  // aten::to whose target, under autocast, is autocast's 16-bit dtype (the
                                    // export's autocast trace says so; the graph bakes the trace-time fp32)
+  // Per component depth of `scope` where a module call starts: 1 when its parent's forward nests that call in an
+  // expression (its result a temporary, not a bound name; Note [Eager lifetimes]), 0 or absent otherwise.
+  std::vector<uint8_t> temporary_calls;
 };
 
 struct Parameter {

@@ -9,6 +9,7 @@
 #include <functional>
 #include <map>
 #include <regex>
+#include <set>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -99,10 +100,23 @@ void MoveSlotsToMeta(const c10::intrusive_ptr<c10::ivalue::Object>& obj, const s
 // Module path of an inlined node, from its call stack. TorchScript flattens containers (ModuleList children show
 // up as "3", not "layers.3"), so each step is resolved against the real module tree, going one level down through
 // a container when the instance is not a direct child.
-std::string ModulePath(const torch::jit::Node* node, const torch::jit::Module& root) {
+// Per module class (the last atom of its TorchScript name), the children whose calls in its forward are nested in an
+// expression (models/export_hf.py writes them): their results are temporaries.
+using ExpressionCalls = std::map<std::string, std::set<std::string>, std::less<>>;
+
+std::string ClassName(const c10::intrusive_ptr<c10::ivalue::Object>& obj) {
+  const auto name = obj->type()->name();
+  return name ? name->name() : "";
+}
+
+// With `calls` and `temporary`: per component depth of the path where a child's call starts, 1 when that call is
+// nested in an expression of its parent's forward (`calls`), else 0.
+std::string ModulePath(const torch::jit::Node* node, const torch::jit::Module& root,
+                       const ExpressionCalls* calls = nullptr, std::vector<uint8_t>* temporary = nullptr) {
   auto cs = node->callstack();
   if (!cs) return "";
   std::string path;
+  size_t depth = 0;  // components of `path`
   c10::intrusive_ptr<c10::ivalue::Object> cur = root._ivalue();
   for (const auto& entry : (*cs)->vec()) {
     const auto& info = std::get<2>(entry);
@@ -128,7 +142,14 @@ std::string ModulePath(const torch::jit::Node* node, const torch::jit::Module& r
       }
     }
     if (!next) break;  // the call stack left the module tree (e.g. a free function); keep what we have
+    if (calls && temporary) {
+      const auto cls = calls->find(ClassName(cur));
+      const bool nested = cls != calls->end() && cls->second.count(inst) > 0;
+      if (temporary->size() <= depth) temporary->resize(depth + 1, 0);
+      (*temporary)[depth] = nested ? 1 : 0;
+    }
     path += (path.empty() ? "" : ".") + step;
+    depth += static_cast<size_t>(std::count(step.begin(), step.end(), '.')) + 1;
     cur = next;
   }
   return path;
@@ -237,11 +258,14 @@ struct TorchScriptModel::Impl {
   std::optional<int64_t> max_positions_override;
   // aten::to nodes of `graph` whose target under autocast is autocast's 16-bit dtype (from the export).
   std::unordered_set<const torch::jit::Node*> autocast_dtype_casts;
+  ExpressionCalls expression_calls;  // from the export; empty when it has none
 
   // Reads the config the export carries (max_position_embeddings, model_type); nothing when it has none.
   void ReadConfig(const std::string& text);
   // Reads which casts of `graph` follow autocast's dtype (the export's autocast trace); nothing when it has none.
   void ReadAutocastCasts(const std::string& text);
+  // Reads which child calls hand their results to an expression (the export's record); nothing when it has none.
+  void ReadExpressionCalls(const std::string& text);
   // The longest sequence the model allows, from the lookups of a run at `seq` and the config.
   std::optional<PositionLimit> FindPositionLimit(const Run& run, int64_t seq) const;
   // That limit, after refusing (ConfigError) a sequence past it or a lookup past its table.
@@ -265,6 +289,8 @@ constexpr const char* kConfigFile = "hf_config.json";
 // The extra file that says, per aten::to of the graph in graph order, whether a trace under autocast casts to
 // autocast's 16-bit dtype there (true / false / null: unknown); models/export_hf.py writes it for CPU exports.
 constexpr const char* kAutocastCastsFile = "autocast_casts.json";
+// The extra file that says, per module class, which child calls of its forward are nested in an expression.
+constexpr const char* kExpressionCallsFile = "expression_calls.json";
 
 // The nodes of a block and of its sub-blocks, in graph order (each node before the nodes of its blocks).
 void CollectNodes(const torch::jit::Block* block, const torch::jit::Symbol kind,
@@ -299,6 +325,18 @@ void TorchScriptModel::Impl::ReadConfig(const std::string& text) {
   }
 }
 
+void TorchScriptModel::Impl::ReadExpressionCalls(const std::string& text) {
+  if (text.empty()) return;
+  const nlohmann::json record = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!record.is_object()) throw ModelLoadError(std::string(kExpressionCallsFile) + " of " + path + " is not an object");
+  for (const auto& [cls, children] : record.items()) {
+    if (!children.is_array()) continue;
+    for (const auto& c : children) {
+      if (c.is_string()) expression_calls[cls].insert(c.get<std::string>());
+    }
+  }
+}
+
 void TorchScriptModel::Impl::ReadAutocastCasts(const std::string& text) {
   if (text.empty()) return;
   const std::string where = std::string(kAutocastCastsFile) + " of " + path;
@@ -324,7 +362,7 @@ TorchScriptModel TorchScriptModel::Load(const std::string& path) {
   auto impl = std::make_unique<Impl>();
   impl->path = path;
   // models/export_hf.py stores the Hugging Face config beside the code (the only source of a RoPE model's limit).
-  torch::jit::ExtraFilesMap extra_files{{kConfigFile, ""}, {kAutocastCastsFile, ""}};
+  torch::jit::ExtraFilesMap extra_files{{kConfigFile, ""}, {kAutocastCastsFile, ""}, {kExpressionCallsFile, ""}};
   try {
     // No map_location: weight-free exports hold meta tensors already; small CPU exports are moved to meta below.
     impl->module = torch::jit::load(path, std::nullopt, extra_files);
@@ -347,6 +385,7 @@ TorchScriptModel TorchScriptModel::Load(const std::string& path) {
     throw ModelLoadError("not a decoder LM: forward must return the loss tensor in " + path);
   }
   impl->ReadAutocastCasts(extra_files[kAutocastCastsFile]);
+  impl->ReadExpressionCalls(extra_files[kExpressionCallsFile]);
   return TorchScriptModel(std::move(impl));
 }
 
@@ -612,7 +651,7 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
       OpNode op;
       op.id = NodeId{static_cast<int32_t>(run.nodes.size())};
       op.kind = kind.toQualString();
-      op.scope = ModulePath(node, mod);
+      op.scope = ModulePath(node, mod, &expression_calls, &op.temporary_calls);
       op.in_module_code = InModuleCode(node);
       op.to_autocast_dtype = autocast_dtype_casts.count(node) > 0;
       Region provisional{RegionKind::kEmbedding, -1};

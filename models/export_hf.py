@@ -631,6 +631,45 @@ def config_record(config, dtype):
     }, sort_keys=True)
 
 
+# Which child-module calls of each module's forward hand their result to an enclosing expression
+# (`self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))`) rather than binding it to a name: CPython
+# frees such a temporary as soon as the expression has used it, which the graph cannot tell from a bound local.
+EXPRESSION_CALLS_FILE = "expression_calls.json"
+
+
+def expression_call_record(model):
+    """JSON {module class name: [child attribute, ...]} of the children every one of whose calls in the class's
+    forward is nested in a larger expression (an argument, an operand, the object of a method call) or discarded;
+    a call whose result is assigned, returned or subscripted counts as bound."""
+    import ast
+    import inspect
+    import textwrap
+
+    record = {}
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__ in record or not list(module.named_children()):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        children = {name for name, _ in module.named_children()}
+        nested, bound = set(), set()
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"
+                    and node.func.attr in children):
+                continue
+            parent = parents.get(node)
+            binds = isinstance(parent, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Return, ast.Subscript,
+                                        ast.Tuple, ast.List, ast.Starred, ast.NamedExpr, ast.Yield))
+            (bound if binds else nested).add(node.func.attr)
+        record[cls.__name__] = sorted(nested - bound)
+    return json.dumps(record, sort_keys=True)
+
+
 # The graph bakes every `x.to(y.dtype)` as a cast to the dtype y had at trace time (fp32), which cannot be told
 # from a literal `.float()`. Under autocast y may be 16-bit: this extra file says, per aten::to of the saved
 # graph (graph order), whether a trace under autocast casts to autocast's 16-bit dtype there (true), not
@@ -717,7 +756,7 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
     vocab = model.config.vocab_size
     params = sum(p.numel() for p in model.parameters())
     wrapper, traced, (ids, labels) = trace(model, trace_batch, trace_seq, vocab, device)
-    extra = {CONFIG_FILE: config_record(model.config, dtype)}
+    extra = {CONFIG_FILE: config_record(model.config, dtype), EXPRESSION_CALLS_FILE: expression_call_record(model)}
     casts = autocast_cast_record(wrapper, traced, ids, labels, device)
     if casts is not None:
         extra[AUTOCAST_CASTS_FILE] = casts

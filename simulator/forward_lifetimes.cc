@@ -114,7 +114,11 @@ std::vector<int32_t> ForwardReleasePoints(const Graph& graph, Lifetimes lifetime
       // A container (ModuleList) has no frame: its parent runs `for layer in self.layers: h = layer(h, ...)`, so
       // a layer's result lives in the loop variable, rebound once the next layer returns.
       const bool loop_variable = paths.IndexedAt(static_cast<size_t>(v.producer.index), depth);
-      if (depth < paths.Depth(static_cast<size_t>(v.producer.index)) && !loop_variable &&
+      // A call nested in an expression of the holder (`self.act_fn(self.gate_proj(x))`) returns a temporary, never
+      // bound to a name: it dies at its last use.
+      const auto& temporary = nodes[static_cast<size_t>(v.producer.index)].temporary_calls;
+      const bool expression_temporary = depth < temporary.size() && temporary[depth] != 0;
+      if (depth < paths.Depth(static_cast<size_t>(v.producer.index)) && !loop_variable && !expression_temporary &&
           !RebindsToACast(nodes[last], paths.Depth(last), depth)) {
         release[i] = std::max(release[i], end_of_call(last, depth));  // returned: bound until the holder returns
       }

@@ -260,6 +260,28 @@ class ModelFileTest(unittest.TestCase):
         fp32 = ["--precision", "fp32"]  # no autocast
         self.assertEqual(forward_peak(with_record, *fp32), forward_peak(without, *fp32))
 
+    def test_expression_temporaries_die_at_once_in_generation_and_change_no_training_step(self):
+        # LlamaMLP nests gate_proj, act_fn and up_proj in one expression: the export records them, and without the
+        # record their results are held until the MLP returns. Training saves them for backward anyway.
+        import zipfile
+        with zipfile.ZipFile(os.path.join(TINY, "llama-tiny.pt")) as z:
+            name = next(n for n in z.namelist() if n.endswith("extra/expression_calls.json"))
+            record = json.loads(z.read(name))
+        self.assertEqual(record["LlamaMLP"], ["act_fn", "gate_proj", "up_proj"])
+        self.assertEqual(record["LlamaDecoderLayer"], [])  # every child's result is bound to a name
+        without = self.without_extra_file("llama-tiny.pt", "expression_calls.json", "llama-no-expressions.pt")
+        infer = ["infer", "--gpu", "cpu", "-p", "fp32", "-b", "2", "--prompt", "32", "--new-tokens", "2", "--json"]
+
+        def prefill(path):
+            proc = run(*infer[:1], path, *infer[1:])
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            return json.loads(proc.stdout)["prefill"]["peak_allocated_bytes"]
+
+        self.assertLess(prefill(os.path.join(TINY, "llama-tiny.pt")), prefill(without))
+        train = ["estimate", "--gpu", "cpu", "-b", "2", "-s", "64"]
+        self.assertEqual(self.peaks(*train, os.path.join(TINY, "llama-tiny.pt"))["phase_peak_bytes"],
+                         self.peaks(*train, without)["phase_peak_bytes"])
+
     def test_autocast_record_that_does_not_fit_the_graph_is_one_line(self):
         import zipfile
         src_path = self.without_extra_file("codegen-tiny.pt", "autocast_casts.json", "codegen-bad-casts.pt")

@@ -118,5 +118,27 @@ TEST(ForwardLifetimesTest, ALayersOutputIsReboundOnceTheNextLayerReturns) {
   EXPECT_EQ(ReleaseOf(eager, c2), 5);  // layer 2's result, returned into the model's frame and used there
 }
 
+// `self.down_proj(self.act_fn(self.gate_proj(x)))`: the export marks gate_proj's and act_fn's calls as nested in an
+// expression of the MLP's forward, so their results die at their last use instead of when the MLP returns.
+TEST(ForwardLifetimesTest, ACallNestedInAnExpressionReturnsATemporary) {
+  TestGraphBuilder bld;
+  ValueId x = bld.Input("x", {4, 8}, DType::kF32);
+  ValueId g = bld.OpOut("aten::relu", {T(x)}, Out({4, 8}), "mlp.gate_proj");
+  ValueId a = bld.OpOut("aten::relu", {T(g)}, Out({4, 8}), "mlp.act_fn");
+  ValueId d = bld.OpOut("aten::relu", {T(a)}, Out({4, 8}), "mlp.down_proj");
+  ValueId loss = bld.OpOut("aten::sum", {T(d), None()}, Out({}), "mlp");
+  Graph held = bld.Build(loss);
+  std::vector<OpNode> nodes = held.nodes();
+  for (size_t i = 0; i < 2; ++i) nodes[i].temporary_calls = {0, 1};  // depth 1: the call from mlp into its child
+  Graph nested(held.values(), nodes, held.params(), held.inputs(), held.loss(), held.batch(), held.seq());
+
+  const auto bound = ForwardReleasePoints(held, Lifetimes::kEager);
+  const auto temporary = ForwardReleasePoints(nested, Lifetimes::kEager);
+  EXPECT_EQ(ReleaseOf(bound, g), 3);  // held by the MLP's frame until it returns
+  EXPECT_EQ(ReleaseOf(temporary, g), 1);
+  EXPECT_EQ(ReleaseOf(temporary, a), 2);
+  EXPECT_EQ(ReleaseOf(temporary, d), ReleaseOf(bound, d));  // down_proj's result is bound
+}
+
 }  // namespace
 }  // namespace llmem::sim
