@@ -1,7 +1,6 @@
 #include "graph/generation_forward.h"
 
 #include <map>
-#include <set>
 #include <string>
 
 #include "graph/error.h"

@@ -237,7 +237,6 @@ OpMemoryRule GenerateNextTokenRule(const OpNode& node, const RuleContext& ctx) {
   s.push_back({b * (l + 1) * 8});  // the longer attention mask
   s.push_back({0, ones});
   s.push_back({0, -1, false, mask_input});
-  const int logits = at();
   s.push_back({scores});           // next_token_logits
   if (previous) s.push_back({0, -1, false, 1});
   auto processor = [&](bool clone_first) {
@@ -262,7 +261,6 @@ OpMemoryRule GenerateNextTokenRule(const OpNode& node, const RuleContext& ctx) {
   if (previous) s.push_back({0, -1, false, 2});  // the previous next_token_scores
   s.push_back({b * (l + 1) * 8});    // the longer input_ids
   s.push_back({0, -1, false, ids_input});
-  (void)logits;
   return r;
 }
 
