@@ -1,13 +1,14 @@
 #include "cli/infer_command.h"
 
-#include <cstdio>
 #include <algorithm>
+#include <cstdio>
 #include <functional>
 #include <iostream>
 #include <map>
-#include <vector>
 #include <nlohmann/json.hpp>
+#include <vector>
 
+#include "cli/category_report.h"
 #include "cli/training_options.h"
 #include "graph/dtype.h"
 #include "graph/error.h"
@@ -20,25 +21,17 @@ namespace {
 constexpr int kExitDoesNotFit = 3;
 
 nlohmann::json PhaseJson(const sim::MemoryEstimate& e) {
-  nlohmann::json cats = nlohmann::json::object();
-  for (size_t c = 0; c < sim::kNumCategories; ++c) {
-    if (e.at_peak[c] != 0) cats[std::string(sim::CategoryName(static_cast<sim::MemoryCategory>(c)))] = e.at_peak[c];
-  }
   return {{"peak_allocated_bytes", e.peak_allocated_bytes},
           {"peak_reserved_bytes", e.peak_reserved_bytes},
           {"nvidia_smi_bytes", e.nvidia_smi_bytes},
           {"peak_op", e.peak_op},
-          {"at_peak_bytes", cats}};
+          {"at_peak_bytes", NonZeroCategoriesJson(e.at_peak)}};
 }
 
 void PrintPhase(const char* name, const sim::MemoryEstimate& e) {
   std::printf("%s peak %s allocated, %s reserved (at %s):\n", name, FormatBytes(e.peak_allocated_bytes).c_str(),
               FormatBytes(e.peak_reserved_bytes).c_str(), e.peak_op.empty() ? "its start" : e.peak_op.c_str());
-  for (size_t c = 0; c < sim::kNumCategories; ++c) {
-    if (e.at_peak[c] == 0) continue;
-    std::printf("  %-22s %12s\n", std::string(sim::CategoryName(static_cast<sim::MemoryCategory>(c))).c_str(),
-                FormatBytes(e.at_peak[c]).c_str());
-  }
+  PrintCategories(e.at_peak);
   // The largest blocks at the peak besides the weights (which the breakdown above already sums).
   const sim::Timeline& tl = e.simulation->timeline;
   int64_t live = 0, best = -1;

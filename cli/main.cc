@@ -20,6 +20,7 @@
 #include "graph/ir_printer.h"
 #include "graph/torchscript_importer.h"
 #include "measure/training_step_runner.h"
+#include "cli/category_report.h"
 #include "cli/lora_options.h"
 #include "cli/recipe_options.h"
 #include "cli/infer_command.h"
@@ -90,17 +91,6 @@ json StepJson(const StepOptions& o) {
               {"optimizer", o.optimizer}};
 }
 
-// Live bytes per category; the recipe-only categories only when they hold bytes.
-json CategoriesJson(const std::array<int64_t, llmem::sim::kNumCategories>& bytes) {
-  json cats = json::object();
-  for (size_t c = 0; c < llmem::sim::kNumCategories; ++c) {
-    const auto category = static_cast<llmem::sim::MemoryCategory>(c);
-    if (bytes[c] == 0 && llmem::sim::RecipeOnlyCategory(category)) continue;
-    cats[std::string(llmem::sim::CategoryName(category))] = bytes[c];
-  }
-  return cats;
-}
-
 json EstimateJson(const llmem::sim::MemoryEstimate& e, const StepOptions& o, const llmem::sim::Recipe& recipe,
                   const std::vector<std::string>& assumptions) {
   json j = StepJson(o);
@@ -118,14 +108,14 @@ json EstimateJson(const llmem::sim::MemoryEstimate& e, const StepOptions& o, con
   j["fits"] = e.fits;
   j["peak_phase"] = std::string(llmem::sim::PhaseName(e.peak_phase));
   j["peak_op"] = e.peak_op;
-  j["at_peak_bytes"] = CategoriesJson(e.at_peak);
+  j["at_peak_bytes"] = llmem::cli::CategoriesJson(e.at_peak);
   json phases = json::object();
   for (size_t p = 0; p < 4; ++p) phases[std::string(llmem::sim::PhaseName(static_cast<llmem::sim::Phase>(p)))] = e.phase_peak_bytes[p];
   j["phase_peak_bytes"] = phases;
   json phase_breakdowns = json::object();
   for (size_t p = 0; p < 4; ++p) {
     phase_breakdowns[std::string(llmem::sim::PhaseName(static_cast<llmem::sim::Phase>(p)))] = {
-        {"op", e.phase_peak_op[p]}, {"at_peak_bytes", CategoriesJson(e.phase_at_peak[p])}};
+        {"op", e.phase_peak_op[p]}, {"at_peak_bytes", llmem::cli::CategoriesJson(e.phase_at_peak[p])}};
   }
   j["phase_peaks"] = phase_breakdowns;
   j["weights_bytes"] = e.weights_bytes;
@@ -133,14 +123,6 @@ json EstimateJson(const llmem::sim::MemoryEstimate& e, const StepOptions& o, con
   j["optimizer_state_bytes"] = e.optimizer_state_bytes;
   j["unknown_ops"] = e.unknown_ops;
   return j;
-}
-
-void PrintCategories(const std::array<int64_t, llmem::sim::kNumCategories>& bytes) {
-  for (size_t c = 0; c < llmem::sim::kNumCategories; ++c) {
-    if (bytes[c] == 0) continue;
-    std::printf("  %-22s %12s\n", std::string(llmem::sim::CategoryName(static_cast<llmem::sim::MemoryCategory>(c))).c_str(),
-                FormatBytes(bytes[c]).c_str());
-  }
 }
 
 void PrintEstimate(const llmem::sim::MemoryEstimate& e, const llmem::Graph& g, const StepOptions& o,
@@ -156,7 +138,7 @@ void PrintEstimate(const llmem::sim::MemoryEstimate& e, const llmem::Graph& g, c
                 llmem::dist::ParallelPlan{.dp = o.dp, .tp = o.tp, .engine = *engine}.Name().c_str());
   }
   std::printf("\nlive at the peak (%s, %s):\n", std::string(llmem::sim::PhaseName(e.peak_phase)).c_str(), e.peak_op.c_str());
-  PrintCategories(e.at_peak);
+  llmem::cli::PrintCategories(e.at_peak);
   // The optimizer step holds no activations: show them where they peak too.
   if (e.peak_phase == llmem::sim::Phase::kOptimizer) {
     for (const auto phase : {llmem::sim::Phase::kForward, llmem::sim::Phase::kBackward}) {
@@ -164,7 +146,7 @@ void PrintEstimate(const llmem::sim::MemoryEstimate& e, const llmem::Graph& g, c
       const std::string& op = e.phase_peak_op[p];
       std::printf("\nlive at the %s peak (%s, %s):\n", std::string(llmem::sim::PhaseName(phase)).c_str(),
                   FormatBytes(e.phase_peak_bytes[p]).c_str(), op.empty() ? "as the phase begins" : op.c_str());
-      PrintCategories(e.phase_at_peak[p]);
+      llmem::cli::PrintCategories(e.phase_at_peak[p]);
     }
   }
   std::printf("\npeak per phase: forward %s, backward %s, optimizer %s\n",

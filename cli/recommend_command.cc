@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cli/category_report.h"
 #include "cli/lora_options.h"
 #include "cli/training_options.h"
 #include "distributed/interconnect.h"
@@ -67,11 +68,7 @@ json RowJson(const dist::PlanRow& r) {
   j["peak_allocated_bytes"] = r.peak_allocated_bytes;
   j["peak_reserved_bytes"] = r.peak_reserved_bytes;
   j["nvidia_smi_bytes"] = r.nvidia_smi_bytes;
-  json at_peak = json::object();
-  for (size_t c = 0; c < sim::kNumCategories; ++c) {
-    if (r.at_peak_bytes[c] != 0) at_peak[std::string(sim::CategoryName(static_cast<sim::MemoryCategory>(c)))] = r.at_peak_bytes[c];
-  }
-  j["at_peak_bytes"] = at_peak;
+  j["at_peak_bytes"] = NonZeroCategoriesJson(r.at_peak_bytes);
   j["max_micro_batch"] = r.max_micro_batch;
   j["step_seconds"] = r.time.total_s;
   j["tokens_per_second"] = r.tokens_per_second;
