@@ -17,11 +17,11 @@ namespace llmem::cli {
 // LoraConfig defaults). Throws ConfigError naming an entry that does not parse; ApplyLora checks the values.
 LoraSettings ParseLoraOption(const std::string& text, const std::string& modules_to_save);
 
-// --quant nf4|fp4|nf4-dq|fp4-dq (bitsandbytes 4-bit; -dq: double quantization), int8 (bitsandbytes LLM.int8()) or
-// torchao-nf4 (torchtune), gptq-4 / gptq-8 (group size 128 unless --quant-group says otherwise) under the step's
-// precision: the 4-bit compute and load dtype are the precision's 16-bit
-// dtype (fp32 under fp32), as BitsAndBytesConfig (bnb_4bit_compute_dtype) and from_pretrained(dtype=...) are set for
-// QLoRA. Throws ConfigError naming the formats for another name.
+// --quant nf4|fp4|nf4-dq|fp4-dq (bitsandbytes 4-bit; -dq: double quantization), int8 (bitsandbytes LLM.int8()),
+// torchao-nf4 (torchtune) or gptq-4 / gptq-8 (group size 128 unless --quant-group says otherwise) under the step's
+// precision: the 4-bit compute and load dtype are the precision's 16-bit dtype (fp32 under fp32), as
+// BitsAndBytesConfig (bnb_4bit_compute_dtype) and from_pretrained(dtype=...) are set for QLoRA. Throws ConfigError
+// naming the formats for another name.
 QuantSettings ParseQuantOption(const std::string& name, sim::Precision precision);
 
 // The precision the step runs in once peft.prepare_model_for_kbit_training has cast every unquantized 16-bit
@@ -38,7 +38,8 @@ class AdapterRecipe {
  public:
   AdapterRecipe() = default;
   // From --lora, --lora-modules-to-save, --quant ("" when absent) and --quant-group. Sets `recipe.precision` to the
-  // precision the QLoRA step runs in. Throws ConfigError for a bad option, for --lora-modules-to-save or --quant without --lora.
+  // precision the QLoRA step runs in. Throws ConfigError for a bad option, for --lora-modules-to-save, --quant or
+  // --quant-group without --lora.
   AdapterRecipe(const std::string& lora, const std::string& modules_to_save, const std::string& quant,
                 std::optional<int64_t> quant_group, sim::Recipe& recipe);
 

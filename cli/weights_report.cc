@@ -13,8 +13,8 @@ namespace {
 bool IsQuantState(std::string_view name) {
   for (std::string_view part : {".weight.absmax", ".weight.quant_map", ".weight.nested_absmax",
                                 ".weight.nested_quant_map", ".weight.quant_state.offset", ".weight.quantized_scalers",
-                                ".weight.quantization_factor", ".weight.scaler_mean", ".weight.nf4", ".weight.SCB", ".qzeros", ".scales", ".g_idx",
-                                ".wf_unsqueeze_zero", ".wf_unsqueeze_neg_one"}) {
+                                ".weight.quantization_factor", ".weight.scaler_mean", ".weight.nf4", ".weight.SCB",
+                                ".qzeros", ".scales", ".g_idx", ".wf_unsqueeze_zero", ".wf_unsqueeze_neg_one"}) {
     if (name.ends_with(part)) return true;
   }
   return false;

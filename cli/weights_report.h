@@ -14,7 +14,7 @@
 namespace llmem::cli {
 
 struct WeightGroup {
-  std::string label;  // "trainable f32", "frozen bf16", "frozen 4-bit codes", "frozen int8 codes", "frozen quantization state"
+  std::string label;  // "trainable f32", "frozen bf16", "frozen 4-bit codes", "frozen quantization state", ...
   int64_t tensors = 0;
   int64_t elements = 0;
   int64_t bytes = 0;  // exact tensor bytes at the dtype the step stores them in

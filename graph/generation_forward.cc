@@ -140,48 +140,45 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens) {
     }
     rw.Emit(old);
   }
-  // The loop's work after the forward (hf::generate_next_token), with the tensors it carries between forwards.
-  ValueId next_tokens;
-  std::vector<ValueId> loop_inputs;
-  if (head_output.valid()) {
-    const TensorValue lv = rw.value(head_output);
-    const int64_t batch = lv.shape[0], vocab = lv.shape.back();
-    const int64_t new_tokens = g.value(g.inputs().at(0)).shape.at(1), total = past_tokens + new_tokens;
-    const OpNode& at = g.nodes().back();
-    std::vector<OpArg> args = {TensorArg(head_output)};
-    if (past_tokens > 0) {
-      for (const char* name : {"next_token_logits of the previous step", "next_token_scores of the previous step"}) {
-        const ValueId v = rw.NewValue(name, {batch, vocab}, DType::kF32, DType::kF32);
-        loop_inputs.push_back(v);
-        args.push_back(TensorArg(v));
-      }
-    }
-    const ValueId mask = rw.NewValue("attention_mask", {batch, total}, DType::kI64, DType::kI64);
-    loop_inputs.push_back(mask);
-    args.push_back(TensorArg(mask));
-    ValueId ids = g.inputs().at(0);  // the prefill's input_ids are generate's
-    if (past_tokens > 0) {
-      ids = rw.NewValue("generated ids", {batch, total}, DType::kI64, DType::kI64);
-      loop_inputs.push_back(ids);
-    }
-    args.push_back(TensorArg(ids));
-    for (int64_t a : {int64_t{past_tokens > 0}, batch, vocab, total}) args.push_back(IntArg(a));
-    next_tokens = rw.NewValue("next tokens", {batch}, DType::kI64, DType::kI64);
-    OpNode tail = GraphRewriter::NewNode(at, "hf::generate_next_token", "generate", std::move(args), next_tokens);
-    tail.region = at.region;
-    rw.Emit(std::move(tail));
-  }
   if (attention == 0) {
     throw ConfigError("generation: no scaled_dot_product_attention op in this export; only sdpa attention is "
                       "modelled for generation");
   }
   if (!head_output.valid()) throw ConfigError("generation: the export has no LM head linear");
+  // The loop's work after the forward (hf::generate_next_token), with the tensors it carries between forwards.
+  std::vector<ValueId> loop_inputs;
+  const TensorValue lv = rw.value(head_output);
+  const int64_t batch = lv.shape[0], vocab = lv.shape.back();
+  const int64_t new_tokens = g.value(g.inputs().at(0)).shape.at(1), total = past_tokens + new_tokens;
+  std::vector<OpArg> args = {TensorArg(head_output)};
+  if (past_tokens > 0) {
+    for (const char* name : {"next_token_logits of the previous step", "next_token_scores of the previous step"}) {
+      loop_inputs.push_back(rw.NewValue(name, {batch, vocab}, DType::kF32, DType::kF32));
+      args.push_back(TensorArg(loop_inputs.back()));
+    }
+  }
+  loop_inputs.push_back(rw.NewValue("attention_mask", {batch, total}, DType::kI64, DType::kI64));
+  args.push_back(TensorArg(loop_inputs.back()));
+  ValueId ids = g.inputs().at(0);  // the prefill's input_ids are generate's
+  if (past_tokens > 0) {
+    ids = rw.NewValue("generated ids", {batch, total}, DType::kI64, DType::kI64);
+    loop_inputs.push_back(ids);
+  }
+  args.push_back(TensorArg(ids));
+  for (int64_t a : {int64_t{past_tokens > 0}, batch, vocab, total}) args.push_back(IntArg(a));
+  const ValueId next_tokens = rw.NewValue("next tokens", {batch}, DType::kI64, DType::kI64);
+  rw.Emit(GraphRewriter::NewNode(g.nodes().back(), "hf::generate_next_token", "generate", std::move(args),
+                                 next_tokens));
+
+  // Per layer keys, then values.
+  std::vector<ValueId> past = past_keys, present = present_keys;
+  past.insert(past.end(), past_values.begin(), past_values.end());
+  present.insert(present.end(), present_values.begin(), present_values.end());
   std::vector<ValueId> inputs;
   for (ValueId in : g.inputs()) {
     if (g.value(in).name != "labels") inputs.push_back(in);
   }
-  inputs.insert(inputs.end(), past_keys.begin(), past_keys.end());
-  inputs.insert(inputs.end(), past_values.begin(), past_values.end());
+  inputs.insert(inputs.end(), past.begin(), past.end());
   inputs.insert(inputs.end(), loop_inputs.begin(), loop_inputs.end());
   // The rewriter renumbers values as it builds: the new values are found again by their (unique) names.
   auto names = [&](const std::vector<ValueId>& ids) {
@@ -189,19 +186,9 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens) {
     for (ValueId v : ids) n.push_back(rw.value(v).name);
     return n;
   };
-  const std::vector<std::string> past_names = [&] {
-    auto n = names(past_keys);
-    for (auto& s : names(past_values)) n.push_back(s);
-    return n;
-  }();
-  const std::vector<std::string> present_names = [&] {
-    auto n = names(present_keys);
-    for (auto& s : names(present_values)) n.push_back(s);
-    return n;
-  }();
+  const std::vector<std::string> past_names = names(past), present_names = names(present);
   std::vector<ValueId> keep = {head_output, next_tokens};
-  keep.insert(keep.end(), present_keys.begin(), present_keys.end());
-  keep.insert(keep.end(), present_values.begin(), present_values.end());
+  keep.insert(keep.end(), present.begin(), present.end());
   DropDeadOps(rw, keep);
   out.graph = rw.Build(inputs, head_output);
   std::map<std::string, ValueId> by_name;

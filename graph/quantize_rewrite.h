@@ -51,7 +51,6 @@ struct QuantSettings {
 // The storage of one GPTQ linear of in_features K, out_features N, by tensor, in bytes (Note [GPTQ linears]).
 struct GptqLayout {
   int64_t qweight = 0, qzeros = 0, scales = 0, g_idx = 0, shift_tables = 0;
-  int64_t total() const { return qweight + qzeros + scales + g_idx + shift_tables; }
 };
 GptqLayout LayoutGptq(int64_t in_features, int64_t out_features, int bits, int64_t group_size);
 

@@ -97,9 +97,6 @@ void MoveSlotsToMeta(const c10::intrusive_ptr<c10::ivalue::Object>& obj, const s
   }
 }
 
-// Module path of an inlined node, from its call stack. TorchScript flattens containers (ModuleList children show
-// up as "3", not "layers.3"), so each step is resolved against the real module tree, going one level down through
-// a container when the instance is not a direct child.
 // Per module class (the last atom of its TorchScript name), the children whose calls in its forward are nested in an
 // expression (models/export_hf.py writes them): their results are temporaries.
 using ExpressionCalls = std::map<std::string, std::set<std::string>, std::less<>>;
@@ -109,6 +106,9 @@ std::string ClassName(const c10::intrusive_ptr<c10::ivalue::Object>& obj) {
   return name ? name->name() : "";
 }
 
+// Module path of an inlined node, from its call stack. TorchScript flattens containers (ModuleList children show
+// up as "3", not "layers.3"), so each step is resolved against the real module tree, going one level down through
+// a container when the instance is not a direct child.
 // With `calls` and `temporary`: per component depth of the path where a child's call starts, 1 when that call is
 // nested in an expression of its parent's forward (`calls`), else 0.
 std::string ModulePath(const torch::jit::Node* node, const torch::jit::Module& root,

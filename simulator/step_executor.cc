@@ -193,8 +193,8 @@ class StepExecutor : private StepMemory {
   std::vector<int64_t> StepTemporaries(const Parameter& p);
   void KeepPreviousOutputs();
   void HoldIfReturned(const OpNode& node);
-  // Runs a rule's sequence of temporaries; returns the blocks it leaves allocated.
-  // The blocks the sequence leaves allocated; those of steps marked saved go to `saved` instead.
+  // Runs a rule's sequence of temporaries; returns the blocks it leaves allocated (those of steps marked saved go to
+  // `saved` instead).
   std::vector<int64_t> RunTransientSteps(const std::vector<TransientStep>& steps, const OpNode& node, const char* what,
                                          std::vector<int64_t>* saved = nullptr);
   void KeepOutputs();
