@@ -65,6 +65,17 @@ bool RebindsToACast(const OpNode& last_use, size_t last_use_depth, size_t holder
   return last_use_depth == holder_depth && last_use.in_module_code && OpHas(last_use.kind, kCastOp);
 }
 
+// Whether `op` hands `value` on as itself: an output sharing its storage with its shape (a contiguous tensor's
+// `.contiguous()`, a same-dtype `.to()`), which Python returns as the same object. A real view (split, transpose)
+// is a new tensor: it keeps the storage alive by itself while the temporary dies.
+bool ReturnedUnchangedBy(const Graph& graph, const OpNode& op, ValueId value) {
+  const auto& v = graph.value(value);
+  return std::any_of(op.outputs.begin(), op.outputs.end(), [&](ValueId out) {
+    const auto& o = graph.value(out);
+    return o.alias_of == value && o.shape == v.shape;
+  });
+}
+
 }  // namespace
 
 std::vector<int32_t> ForwardReleasePoints(const Graph& graph, Lifetimes lifetimes) {
@@ -116,8 +127,11 @@ std::vector<int32_t> ForwardReleasePoints(const Graph& graph, Lifetimes lifetime
       const bool loop_variable = paths.IndexedAt(static_cast<size_t>(v.producer.index), depth);
       // A call nested in an expression of the holder (`self.act_fn(self.gate_proj(x))`) returns a temporary, never
       // bound to a name: it dies at its last use.
+      // Unless that use returns it unchanged (`self.lm_head(h).contiguous()`): then it is the expression's result,
+      // which the holder binds.
       const auto& temporary = nodes[static_cast<size_t>(v.producer.index)].temporary_calls;
-      const bool expression_temporary = depth < temporary.size() && temporary[depth] != 0;
+      const bool expression_temporary =
+          depth < temporary.size() && temporary[depth] != 0 && !ReturnedUnchangedBy(graph, nodes[last], v.id);
       if (depth < paths.Depth(static_cast<size_t>(v.producer.index)) && !loop_variable && !expression_temporary &&
           !RebindsToACast(nodes[last], paths.Depth(last), depth)) {
         release[i] = std::max(release[i], end_of_call(last, depth));  // returned: bound until the holder returns

@@ -140,5 +140,25 @@ TEST(ForwardLifetimesTest, ACallNestedInAnExpressionReturnsATemporary) {
   EXPECT_EQ(ReleaseOf(temporary, d), ReleaseOf(bound, d));  // down_proj's result is bound
 }
 
+// `logits = self.lm_head(h).contiguous()`: contiguous returns the temporary itself, so the name binds it and the
+// outer module's frame holds it until it returns, as when the call is bound directly.
+TEST(ForwardLifetimesTest, ATemporaryViewedByItsExpressionIsBound) {
+  TestGraphBuilder bld;
+  ValueId h = bld.Input("h", {4, 8}, DType::kF32);
+  ValueId l = bld.OpOut("aten::linear", {T(h), None()}, Out({4, 8}), "model.lm_head");
+  ValueId c = bld.OpOut("aten::contiguous", {T(l)}, Out({4, 8}).AliasOf(l), "model");
+  ValueId f = bld.OpOut("aten::relu", {T(c)}, Out({4, 8}), "model");
+  ValueId loss = bld.OpOut("aten::sum", {T(f), None()}, Out({}), "model");
+  Graph held = bld.Build(loss);
+  std::vector<OpNode> nodes = held.nodes();
+  nodes[0].temporary_calls = {0, 1};
+  Graph nested(held.values(), nodes, held.params(), held.inputs(), held.loss(), held.batch(), held.seq());
+
+  const auto bound = ForwardReleasePoints(held, Lifetimes::kEager);
+  const auto temporary = ForwardReleasePoints(nested, Lifetimes::kEager);
+  EXPECT_EQ(ReleaseOf(bound, l), 3);  // until the outer module returns
+  EXPECT_EQ(ReleaseOf(temporary, l), ReleaseOf(bound, l));
+}
+
 }  // namespace
 }  // namespace llmem::sim
