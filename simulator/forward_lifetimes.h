@@ -14,7 +14,10 @@
 //     runs, OpNode::in_module_code), and at least
 //   - the end of the child call that contains its last use, when that use lies in a module called from the
 //     holding frame.
-// Values that stay inside one module call are freed at their last use, as are all values under kTorchScript
+// A call nested in an expression of its caller (`self.down_proj(self.act_fn(self.gate_proj(x)))`, which the export
+// records per module class, OpNode::temporary_calls) returns a temporary that nothing binds: it dies at its last
+// use, unless that use hands it on unchanged (`self.lm_head(h).contiguous()` returns the same tensor, which the
+// caller then binds). Values that stay inside one module call are freed at their last use, as are all values under kTorchScript
 // (the TorchScript interpreter drops a value after its last use, as `llmem measure` runs it). The module calls
 // are read from each op's module path (OpNode::scope): a call is a maximal run of consecutive ops whose paths
 // lie inside the module's path. The graph does not say which locals a frame rebinds, so a returned value is
