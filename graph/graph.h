@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -79,6 +80,17 @@ struct TensorValue {
   int32_t param = -1;           // index into Graph::params() for kParameter
 };
 
+// How a module's forward drops the result of a child call that it bound to a name (`x = self.norm(x)`), as the
+// export read it from the source: after the call the frame calls only children named in `between` until a later
+// statement rebinds the name. That statement's own call is one of `rebinders` (the result is dropped once that
+// call returns); when it calls none, the result is dropped before the frame's next call of a child outside `between`.
+struct NameRebinding {
+  std::vector<std::string> between;
+  std::vector<std::string> rebinders;
+  bool one_of_several = false;  // the name binds one element of the call's result (`x, w = self.attn(...)`): the
+                                // rule holds for the call's result when the call returns a single tensor
+};
+
 struct OpNode {
   NodeId id;
   std::string kind;             // "aten::linear"
@@ -93,6 +105,9 @@ struct OpNode {
   // Per component depth of `scope` where a module call starts: 1 when its parent's forward nests that call in an
   // expression (its result a temporary, not a bound name; Note [Eager lifetimes]), 0 or absent otherwise.
   std::vector<uint8_t> temporary_calls;
+  // Per component depth of `scope` where a module call starts: how its parent's forward drops the call's result
+  // (null when the export says nothing, e.g. the result is returned or copied to another name).
+  std::vector<std::shared_ptr<const NameRebinding>> rebindings;
 };
 
 struct Parameter {

@@ -100,6 +100,16 @@ void MoveSlotsToMeta(const c10::intrusive_ptr<c10::ivalue::Object>& obj, const s
 // Per module class (the last atom of its TorchScript name), the children whose calls in its forward are nested in an
 // expression (models/export_hf.py writes them): their results are temporaries.
 using ExpressionCalls = std::map<std::string, std::set<std::string>, std::less<>>;
+// Per module class, per child: how the class's forward drops the child call's result it bound to a name (the
+// export's record; OpNode::rebindings).
+using RebindingCalls =
+    std::map<std::string, std::map<std::string, std::shared_ptr<const NameRebinding>, std::less<>>, std::less<>>;
+
+// What the export says about the child calls of each module class's forward.
+struct CallRecords {
+  ExpressionCalls expression;
+  RebindingCalls rebinding;
+};
 
 std::string ClassName(const c10::intrusive_ptr<c10::ivalue::Object>& obj) {
   const auto name = obj->type()->name();
@@ -109,10 +119,10 @@ std::string ClassName(const c10::intrusive_ptr<c10::ivalue::Object>& obj) {
 // Module path of an inlined node, from its call stack. TorchScript flattens containers (ModuleList children show
 // up as "3", not "layers.3"), so each step is resolved against the real module tree, going one level down through
 // a container when the instance is not a direct child.
-// With `calls` and `temporary`: per component depth of the path where a child's call starts, 1 when that call is
-// nested in an expression of its parent's forward (`calls`), else 0.
+// With `calls` and `op`: per component depth of the path where a child's call starts, op->temporary_calls says
+// whether that call is nested in an expression of its parent's forward, op->rebindings how the parent drops it.
 std::string ModulePath(const torch::jit::Node* node, const torch::jit::Module& root,
-                       const ExpressionCalls* calls = nullptr, std::vector<uint8_t>* temporary = nullptr) {
+                       const CallRecords* calls = nullptr, OpNode* op = nullptr) {
   auto cs = node->callstack();
   if (!cs) return "";
   std::string path;
@@ -142,11 +152,18 @@ std::string ModulePath(const torch::jit::Node* node, const torch::jit::Module& r
       }
     }
     if (!next) break;  // the call stack left the module tree (e.g. a free function); keep what we have
-    if (calls && temporary) {
-      const auto cls = calls->find(ClassName(cur));
-      const bool nested = cls != calls->end() && cls->second.count(inst) > 0;
-      if (temporary->size() <= depth) temporary->resize(depth + 1, 0);
-      (*temporary)[depth] = nested ? 1 : 0;
+    if (calls && op) {
+      const std::string cls_name = ClassName(cur);
+      const auto cls = calls->expression.find(cls_name);
+      const bool nested = cls != calls->expression.end() && cls->second.count(inst) > 0;
+      if (op->temporary_calls.size() <= depth) op->temporary_calls.resize(depth + 1, 0);
+      op->temporary_calls[depth] = nested ? 1 : 0;
+      if (const auto rb = calls->rebinding.find(cls_name); rb != calls->rebinding.end()) {
+        if (const auto child = rb->second.find(inst); child != rb->second.end()) {
+          if (op->rebindings.size() <= depth) op->rebindings.resize(depth + 1);
+          op->rebindings[depth] = child->second;
+        }
+      }
     }
     path += (path.empty() ? "" : ".") + step;
     depth += static_cast<size_t>(std::count(step.begin(), step.end(), '.')) + 1;
@@ -258,7 +275,9 @@ struct TorchScriptModel::Impl {
   std::optional<int64_t> max_positions_override;
   // aten::to nodes of `graph` whose target under autocast is autocast's 16-bit dtype (from the export).
   std::unordered_set<const torch::jit::Node*> autocast_dtype_casts;
-  ExpressionCalls expression_calls;  // from the export; empty when it has none
+  CallRecords call_records;  // from the export; empty when it has none
+  std::optional<bool> config_logits_to_keep;  // whether the model's forward takes logits_to_keep
+  std::optional<bool> config_eos_token;       // whether its generation config names an eos_token_id
 
   // Reads the config the export carries (max_position_embeddings, model_type); nothing when it has none.
   void ReadConfig(const std::string& text);
@@ -266,6 +285,8 @@ struct TorchScriptModel::Impl {
   void ReadAutocastCasts(const std::string& text);
   // Reads which child calls hand their results to an expression (the export's record); nothing when it has none.
   void ReadExpressionCalls(const std::string& text);
+  // Reads how each class's forward drops the results it binds to names (the export's record); nothing without one.
+  void ReadRebindings(const std::string& text);
   // The longest sequence the model allows, from the lookups of a run at `seq` and the config.
   std::optional<PositionLimit> FindPositionLimit(const Run& run, int64_t seq) const;
   // That limit, after refusing (ConfigError) a sequence past it or a lookup past its table.
@@ -281,6 +302,8 @@ TorchScriptModel& TorchScriptModel::operator=(TorchScriptModel&&) noexcept = def
 TorchScriptModel::~TorchScriptModel() = default;
 const std::string& TorchScriptModel::path() const { return impl_->path; }
 std::optional<int64_t> TorchScriptModel::sliding_window() const { return impl_->config_sliding_window; }
+std::optional<bool> TorchScriptModel::logits_to_keep() const { return impl_->config_logits_to_keep; }
+std::optional<bool> TorchScriptModel::eos_token() const { return impl_->config_eos_token; }
 
 namespace {
 
@@ -291,6 +314,8 @@ constexpr const char* kConfigFile = "hf_config.json";
 constexpr const char* kAutocastCastsFile = "autocast_casts.json";
 // The extra file that says, per module class, which child calls of its forward are nested in an expression.
 constexpr const char* kExpressionCallsFile = "expression_calls.json";
+// The extra file of which statement rebinds the name a child call's result is bound to (models/export_hf.py).
+constexpr const char* kRebindingsFile = "rebound_names.json";
 
 // The nodes of a block and of its sub-blocks, in graph order (each node before the nodes of its blocks).
 void CollectNodes(const torch::jit::Block* block, const torch::jit::Symbol kind,
@@ -317,6 +342,10 @@ void TorchScriptModel::Impl::ReadConfig(const std::string& text) {
     }
     config_max_positions = it->get<int64_t>();
   }
+  if (auto it = config.find("logits_to_keep"); it != config.end() && it->is_boolean()) {
+    config_logits_to_keep = it->get<bool>();
+  }
+  if (auto it = config.find("eos_token_id"); it != config.end()) config_eos_token = !it->is_null();
   // Qwen2-style configs carry a window but switch it off with use_sliding_window.
   const auto use = config.find("use_sliding_window");
   const bool off = use != config.end() && use->is_boolean() && !use->get<bool>();
@@ -332,7 +361,36 @@ void TorchScriptModel::Impl::ReadExpressionCalls(const std::string& text) {
   for (const auto& [cls, children] : record.items()) {
     if (!children.is_array()) continue;
     for (const auto& c : children) {
-      if (c.is_string()) expression_calls[cls].insert(c.get<std::string>());
+      if (c.is_string()) call_records.expression[cls].insert(c.get<std::string>());
+    }
+  }
+}
+
+void TorchScriptModel::Impl::ReadRebindings(const std::string& text) {
+  if (text.empty()) return;
+  const std::string where = std::string(kRebindingsFile) + " of " + path;
+  const nlohmann::json record = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!record.is_object()) throw ModelLoadError(where + " is not an object");
+  auto names = [&](const nlohmann::json& rule, const char* key) {
+    std::vector<std::string> out;
+    const auto it = rule.find(key);
+    if (it == rule.end() || !it->is_array()) throw ModelLoadError(where + ": a rule has no \"" + key + "\" list");
+    for (const auto& n : *it) {
+      if (!n.is_string()) throw ModelLoadError(where + ": \"" + key + "\" holds a non-string");
+      out.push_back(n.get<std::string>());
+    }
+    return out;
+  };
+  for (const auto& [cls, children] : record.items()) {
+    if (!children.is_object()) throw ModelLoadError(where + ": the entry of " + cls + " is not an object");
+    for (const auto& [child, rule] : children.items()) {
+      if (!rule.is_object()) throw ModelLoadError(where + ": the rule of " + cls + "." + child + " is not an object");
+      NameRebinding r;
+      r.between = names(rule, "between");
+      r.rebinders = names(rule, "rebinder");
+      const auto several = rule.find("one_of_several");
+      r.one_of_several = several != rule.end() && several->is_boolean() && several->get<bool>();
+      call_records.rebinding[cls][child] = std::make_shared<const NameRebinding>(std::move(r));
     }
   }
 }
@@ -362,7 +420,8 @@ TorchScriptModel TorchScriptModel::Load(const std::string& path) {
   auto impl = std::make_unique<Impl>();
   impl->path = path;
   // models/export_hf.py stores the Hugging Face config beside the code (the only source of a RoPE model's limit).
-  torch::jit::ExtraFilesMap extra_files{{kConfigFile, ""}, {kAutocastCastsFile, ""}, {kExpressionCallsFile, ""}};
+  torch::jit::ExtraFilesMap extra_files{{kConfigFile, ""}, {kAutocastCastsFile, ""}, {kExpressionCallsFile, ""},
+                                        {kRebindingsFile, ""}};
   try {
     // No map_location: weight-free exports hold meta tensors already; small CPU exports are moved to meta below.
     impl->module = torch::jit::load(path, std::nullopt, extra_files);
@@ -386,6 +445,7 @@ TorchScriptModel TorchScriptModel::Load(const std::string& path) {
   }
   impl->ReadAutocastCasts(extra_files[kAutocastCastsFile]);
   impl->ReadExpressionCalls(extra_files[kExpressionCallsFile]);
+  impl->ReadRebindings(extra_files[kRebindingsFile]);
   return TorchScriptModel(std::move(impl));
 }
 
@@ -651,7 +711,7 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
       OpNode op;
       op.id = NodeId{static_cast<int32_t>(run.nodes.size())};
       op.kind = kind.toQualString();
-      op.scope = ModulePath(node, mod, &expression_calls, &op.temporary_calls);
+      op.scope = ModulePath(node, mod, &call_records, &op);
       op.in_module_code = InModuleCode(node);
       op.to_autocast_dtype = autocast_dtype_casts.count(node) > 0;
       Region provisional{RegionKind::kEmbedding, -1};

@@ -17,6 +17,7 @@ Examples:
 import argparse
 import collections
 import contextlib
+import inspect
 import json
 import os
 import sys
@@ -617,11 +618,16 @@ def strip_debug_info(path):
 CONFIG_FILE = "hf_config.json"
 
 
-def config_record(config, dtype):
+def config_record(config, dtype, logits_to_keep, eos_token_id):
     """The config fields llmem reads, as JSON: model_type, max_position_embeddings (None when the
     architecture has none, e.g. BLOOM's ALiBi), rope_scaling, sliding_window and use_sliding_window (a
-    generation cache keeps only the window) and the dtype the export was traced in."""
+    generation cache keeps only the window), the dtype the export was traced in, and whether the model's forward
+    takes logits_to_keep (generate() then computes the prompt's logits at its last position only; a forward without
+    it computes them at every position) and the generation config's eos_token_id (without one, generate() adds no
+    min-length logits processors)."""
     return json.dumps({
+        "logits_to_keep": logits_to_keep,
+        "eos_token_id": eos_token_id,
         "model_type": config.model_type,
         "max_position_embeddings": getattr(config, "max_position_embeddings", None),
         "rope_scaling": getattr(config, "rope_scaling", None),
@@ -667,6 +673,197 @@ def expression_call_record(model):
                                         ast.Tuple, ast.List, ast.Starred, ast.NamedExpr, ast.Yield))
             (bound if binds else nested).add(node.func.attr)
         record[cls.__name__] = sorted(nested - bound)
+    return json.dumps(record, sort_keys=True)
+
+
+# When a frame drops a child call's result that it bound to a name (`hidden_states = self.input_layernorm(x)`):
+# the graph shows only that the value leaves the call, so without this record llmem holds it until the frame
+# returns. The name is rebound by a later statement of the same forward (`hidden_states, _ = self.self_attn(...)`),
+# and CPython frees the old tensor then.
+REBOUND_NAMES_FILE = "rebound_names.json"
+
+_REBINDING_BLOCKS = ("body", "orelse")  # statement lists of `if`/`with` run straight through, `for`/`while` do not
+
+
+def _statement_blocks(function):
+    """(statement, chain of enclosing statement lists from the function body in) for every statement of the
+    function outside loops, try blocks and nested definitions, in source order."""
+    import ast
+
+    out = []
+
+    def visit(block, chain):
+        for stmt in block:
+            out.append((stmt, chain))
+            if isinstance(stmt, (ast.If, ast.With)):
+                for field in _REBINDING_BLOCKS:
+                    inner = getattr(stmt, field, None)
+                    if inner:
+                        visit(inner, chain + (id(inner),))
+
+    visit(function.body, (id(function.body),))
+    return out
+
+
+def _child_call(node, children):
+    """The child attribute that `node` calls as `self.child(...)` or `self.child(...)[k]`, else None."""
+    import ast
+
+    if isinstance(node, ast.Subscript):
+        node = node.value
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "self" and node.func.attr in children):
+        return node.func.attr
+    return None
+
+
+def _assigned_names(stmt):
+    """Names an assignment statement binds, in target order (None for a target that is not a plain name)."""
+    import ast
+
+    if isinstance(stmt, ast.Assign):
+        targets = stmt.targets
+    elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
+        targets = [stmt.target]
+    else:
+        return []
+    names = []
+    for target in targets:
+        for t in (target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]):
+            names.append(t.id if isinstance(t, ast.Name) else None)
+    return names
+
+
+def _holds_another_reference(stmt, name):
+    """Whether `stmt` may keep the tensor bound to `name` alive beyond the name: it copies the name
+    (`residual = x`), packs it (`(x,)`, `[x]`, `{k: x}`), hands it to a call other than a child module or a torch
+    function, captures it (lambda), updates it in place (`x += y`) or returns or yields it."""
+    import ast
+
+    parents = {child: node for node in ast.walk(stmt) for child in ast.iter_child_nodes(node)}
+    if isinstance(stmt, ast.AugAssign) and isinstance(stmt.target, ast.Name) and stmt.target.id == name:
+        return True
+    for node in ast.walk(stmt):
+        if not (isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)):
+            continue
+        parent = parents.get(node, stmt)
+        if isinstance(parent, (ast.BinOp, ast.UnaryOp, ast.Compare, ast.Attribute, ast.Subscript, ast.If,
+                               ast.IfExp, ast.BoolOp)):
+            continue
+        if isinstance(parent, ast.keyword):
+            parent = parents.get(parent)
+        if isinstance(parent, ast.Call):
+            func = parent.func
+            owner = func.value if isinstance(func, ast.Attribute) else None
+            while isinstance(owner, ast.Attribute):
+                owner = owner.value
+            if isinstance(owner, ast.Name) and owner.id in ("self", "torch", "F", "nn"):
+                continue
+            if isinstance(func, ast.Name) and func.id in ("len", "isinstance", "getattr", "hasattr"):
+                continue
+        return True
+    return False
+
+
+def _self_attributes(stmt):
+    import ast
+
+    return {n.attr for n in ast.walk(stmt)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"}
+
+
+def _rebinding_of(sites, index, children):
+    """For the call site sites[index] = `X = self.c(...)` (or `X, ... = ...`): (the children its frame may call
+    before X is rebound, the child whose call rebinds X or None when the rebinding statement calls none), or None
+    when the forward does not plainly rebind X while no other reference holds the tensor."""
+    import ast
+
+    stmt, chain = sites[index]
+    names = _assigned_names(stmt)
+    if not names or names[0] is None:
+        return None
+    name = names[0]
+    between = set()
+    for later, later_chain in sites[index + 1:]:
+        if name in _assigned_names(later):
+            # The rebinding runs whenever the binding did: it lies in the same statement list or an enclosing one.
+            if later_chain != chain[:len(later_chain)] or _holds_another_reference(later, name):
+                return None
+            value = getattr(later, "value", None)
+            rebinder = _child_call(value, children) if value is not None else None
+            # Children the rebinding statement calls before its rebinder returns (its arguments) run while X is bound.
+            between |= (_self_attributes(later) & children) - {rebinder}
+            return sorted(between), rebinder
+        if _holds_another_reference(later, name):
+            return None
+        if isinstance(later, (ast.If, ast.With)):
+            # Only the statement's own expressions: the statements of its blocks come as sites of their own.
+            for part in [getattr(later, "test", None)] + list(getattr(later, "items", [])):
+                if part is not None:
+                    between |= _self_attributes(part) & children
+        else:
+            between |= _self_attributes(later) & children  # a loop's body may call any child it names
+    return None
+
+
+def rebound_name_record(model):
+    """JSON {module class name: {child attribute: {"between": [...], "rebinder": [...], "one_of_several": bool}}}
+    for the children whose every call in the class's forward binds its result to a name X that a later statement
+    rebinds, with no other reference to the tensor taken meanwhile. "between": children the frame may call after
+    the call and before the rebinding; "rebinder": children whose call is the rebinding statement (its result is
+    assigned to X once that call returns), empty when the rebinding statement calls no child, so X is dropped
+    before the next child call outside "between". "one_of_several": X is one element of the call's result
+    (`hidden_states, weights = self.self_attn(...)`, `x = self.block(...)[0]`), so the rule holds for the call's
+    result only when it returns a single tensor."""
+    import ast
+    import inspect
+    import textwrap
+
+    record = {}
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__ in record or not list(module.named_children()):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        function = tree.body[0]
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        children = {name for name, _ in module.named_children()}
+        sites = _statement_blocks(function)
+        reachable = {id(s) for s, _ in sites}
+        calls = {}  # child -> every call site, or None when one cannot be analysed
+        for node in ast.walk(function):
+            if isinstance(node, ast.Call) and _child_call(node, children):
+                calls.setdefault(node.func.attr, [])
+        for child in calls:
+            rules = []
+            for stmt in ast.walk(function):
+                if not isinstance(stmt, ast.stmt) or stmt is function:
+                    continue
+                inside = [n for n in ast.walk(stmt) if isinstance(n, ast.Call) and _child_call(n, children) == child]
+                own = [n for n in inside if not any(n in ast.walk(s) for s in ast.iter_child_nodes(stmt)
+                                                    if isinstance(s, ast.stmt))]
+                if not own:
+                    continue
+                value = getattr(stmt, "value", None)
+                if (len(own) != 1 or id(stmt) not in reachable or not isinstance(stmt, ast.Assign)
+                        or _child_call(value, children) != child):
+                    rules = None
+                    break
+                rule = _rebinding_of(sites, next(i for i, (s, _) in enumerate(sites) if s is stmt), children)
+                if rule is None:
+                    rules = None
+                    break
+                rules.append((rule, len(_assigned_names(stmt)) > 1 or isinstance(value, ast.Subscript)))
+            if rules:
+                record.setdefault(cls.__name__, {})[child] = {
+                    "between": sorted(set().union(*(set(r[0][0]) for r in rules))),
+                    "rebinder": sorted({r[0][1] for r in rules if r[0][1] is not None}),
+                    "one_of_several": any(r[1] for r in rules),
+                }
     return json.dumps(record, sort_keys=True)
 
 
@@ -756,7 +953,10 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
     vocab = model.config.vocab_size
     params = sum(p.numel() for p in model.parameters())
     wrapper, traced, (ids, labels) = trace(model, trace_batch, trace_seq, vocab, device)
-    extra = {CONFIG_FILE: config_record(model.config, dtype), EXPRESSION_CALLS_FILE: expression_call_record(model)}
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # as generate() tests it
+    extra = {CONFIG_FILE: config_record(model.config, dtype, keeps_logits,
+                                           getattr(model.generation_config, "eos_token_id", None)), EXPRESSION_CALLS_FILE: expression_call_record(model),
+             REBOUND_NAMES_FILE: rebound_name_record(model)}
     casts = autocast_cast_record(wrapper, traced, ids, labels, device)
     if casts is not None:
         extra[AUTOCAST_CASTS_FILE] = casts

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
 #include <string_view>
 #include <unordered_map>
 
@@ -43,6 +44,8 @@ class ModulePaths {
     if (d >= parts.size() || parts[d].empty()) return false;
     return std::all_of(parts[d].begin(), parts[d].end(), [](char c) { return c >= '0' && c <= '9'; });
   }
+  // Component d of op i's path (d < Depth(i)): the child that the module at depth d calls.
+  std::string_view Component(size_t op, size_t d) const { return paths_[static_cast<size_t>(path_of_[op])][d]; }
   // Components that the paths of ops i and j share from the outermost module in.
   size_t CommonDepth(size_t i, size_t j) const {
     if (path_of_[i] == path_of_[j]) return Depth(i);
@@ -74,6 +77,10 @@ bool ReturnedUnchangedBy(const Graph& graph, const OpNode& op, ValueId value) {
     const auto& o = graph.value(out);
     return o.alias_of == value && o.shape == v.shape;
   });
+}
+
+bool Names(const std::vector<std::string>& names, std::string_view child) {
+  return std::find(names.begin(), names.end(), child) != names.end();
 }
 
 }  // namespace
@@ -117,6 +124,39 @@ std::vector<int32_t> ForwardReleasePoints(const Graph& graph, Lifetimes lifetime
         depth = std::min(depth, paths.CommonDepth(static_cast<size_t>(v.producer.index), at));
       }
     }
+    // The frame's rebinding of a name bound to a child call's result (OpNode::rebindings): the op after which it
+    // drops the result that op p's call at depth d + 1 returned into the frame at depth d.
+    auto rebinding = [&](size_t p, size_t d, const NameRebinding& rule) -> int32_t {
+      const int32_t frame_end = end_of_call(p, d);
+      for (int32_t k = end_of_call(p, d + 1) + 1; k <= frame_end;) {
+        const size_t uk = static_cast<size_t>(k);
+        if (paths.Depth(uk) <= d) {  // the frame's own code
+          ++k;
+          continue;
+        }
+        const std::string_view child = paths.Component(uk, d);
+        const int32_t call_end = end_of_call(uk, d + 1);
+        if (Names(rule.between, child)) {
+          k = call_end + 1;
+        } else if (Names(rule.rebinders, child)) {
+          return call_end;  // the statement assigns the name once this call returns
+        } else {
+          return k - 1;  // the rebinding statement ran before this call
+        }
+      }
+      return frame_end;
+    };
+    // Tensors each child call returns into its frame, for rules that bind one element of the result.
+    std::map<std::pair<int32_t, size_t>, int> returned;  // (end of the call, depth of the frame) -> tensors
+    for (const auto& v : graph.values()) {
+      const size_t i = static_cast<size_t>(v.id.index);
+      if (!v.producer.valid() || holder[i] == SIZE_MAX) continue;
+      const auto p = static_cast<size_t>(v.producer.index);
+      const auto& rules = nodes[p].rebindings;
+      for (size_t d = holder[i]; d < paths.Depth(p) && d < rules.size(); ++d) {
+        if (rules[d] && rules[d]->one_of_several) ++returned[{end_of_call(p, d + 1), d}];
+      }
+    }
     for (const auto& v : graph.values()) {
       const size_t i = static_cast<size_t>(v.id.index);
       if (!v.producer.valid() || holder[i] == SIZE_MAX) continue;
@@ -134,7 +174,15 @@ std::vector<int32_t> ForwardReleasePoints(const Graph& graph, Lifetimes lifetime
           depth < temporary.size() && temporary[depth] != 0 && !ReturnedUnchangedBy(graph, nodes[last], v.id);
       if (depth < paths.Depth(static_cast<size_t>(v.producer.index)) && !loop_variable && !expression_temporary &&
           !RebindsToACast(nodes[last], paths.Depth(last), depth)) {
-        release[i] = std::max(release[i], end_of_call(last, depth));  // returned: bound until the holder returns
+        // Returned: bound until the holder returns, or rebinds the name it bound the result to.
+        int32_t bound_until = end_of_call(last, depth);
+        const size_t p = static_cast<size_t>(v.producer.index);
+        const auto& rules = nodes[p].rebindings;
+        if (depth < rules.size() && rules[depth] &&
+            (!rules[depth]->one_of_several || returned[{end_of_call(p, depth + 1), depth}] == 1)) {
+          bound_until = std::min(bound_until, rebinding(p, depth, *rules[depth]));
+        }
+        release[i] = std::max(release[i], bound_until);
       }
       if (depth < paths.Depth(last)) {
         release[i] = std::max(release[i], end_of_call(last, depth + 1));  // an argument of the last call using it

@@ -20,9 +20,16 @@
 // caller then binds). Values that stay inside one module call are freed at their last use, as are all values under kTorchScript
 // (the TorchScript interpreter drops a value after its last use, as `llmem measure` runs it). The module calls
 // are read from each op's module path (OpNode::scope): a call is a maximal run of consecutive ops whose paths
-// lie inside the module's path. The graph does not say which locals a frame rebinds, so a returned value is
-// assumed bound until the frame returns: where the program rebinds it earlier (`hidden_states = layer(...)`) the
-// estimate holds it a little longer than the program does, never shorter.
+// lie inside the module's path. The graph does not say which locals a frame rebinds; the export reads it from the
+// forward's source (OpNode::rebindings): `hidden_states = self.input_layernorm(x)` is rebound by
+// `hidden_states, _ = self.self_attn(hidden_states=hidden_states, ...)`, so the norm's result dies when self_attn
+// returns; `hidden_states = self.ln_1(x)` is rebound by `hidden_states = attn_output + residual`, a statement that
+// calls no child, so it dies before the frame's next call of a child the source does not call in between (ln_2). The
+// export records a rule only when every call of the child binds a name that a later statement of the same or an
+// enclosing block rebinds, with no other reference taken meanwhile (`residual = x`, a tuple, a call other than a
+// child module or a torch function), and for a tuple target (`x, w = self.attn(...)`) the rule holds only when the
+// call returns one tensor. Without a rule a returned value is assumed bound until the frame returns: where the
+// program rebinds it earlier the estimate holds it a little longer than the program does, never shorter.
 //
 // Not modelled: locals bound inside one module's forward (a helper's local that outlives its last use), and
 // values that a Python object outside the graph keeps.

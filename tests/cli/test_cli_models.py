@@ -282,6 +282,33 @@ class ModelFileTest(unittest.TestCase):
         self.assertEqual(self.peaks(*train, os.path.join(TINY, "llama-tiny.pt"))["phase_peak_bytes"],
                          self.peaks(*train, without)["phase_peak_bytes"])
 
+    def test_names_a_frame_rebinds_drop_their_tensors_in_generation_and_change_no_training_step(self):
+        # OPTDecoderLayer: `hidden_states = self.fc1(h)`, then `= self.activation_fn(hidden_states)`, then `= self.fc2(...)`:
+        # each [tokens, 4 x hidden] result dies when the next call returns, not when the layer does.
+        import zipfile
+        with zipfile.ZipFile(os.path.join(TINY, "opt-tiny.pt")) as z:
+            name = next(n for n in z.namelist() if n.endswith("extra/rebound_names.json"))
+            record = json.loads(z.read(name))
+        layer = record["OPTDecoderLayer"]
+        self.assertEqual(layer["fc1"], {"between": [], "rebinder": ["activation_fn"], "one_of_several": False})
+        self.assertEqual(layer["self_attn"]["one_of_several"], True)  # hidden_states, self_attn_weights = ...
+        self.assertNotIn("final_layer_norm", layer)  # its last call's result is returned in a tuple
+        # LlamaDecoderLayer: the norms' results die when self_attn and mlp return, self_attn's before the second norm.
+        with zipfile.ZipFile(os.path.join(TINY, "llama-tiny.pt")) as z:
+            name = next(n for n in z.namelist() if n.endswith("extra/rebound_names.json"))
+            self.assertEqual(json.loads(z.read(name))["LlamaDecoderLayer"]["input_layernorm"]["rebinder"], ["self_attn"])
+        for arch in ("llama", "opt"):
+            export = os.path.join(TINY, f"{arch}-tiny.pt")
+            without = self.without_extra_file(f"{arch}-tiny.pt", "rebound_names.json", f"{arch}-no-rebinding.pt")
+            infer = ["infer", "--gpu", "cpu", "-p", "fp32", "-b", "2", "--prompt", "64", "--new-tokens", "2"]
+            if arch == "llama":  # its prefill peaks in the last MLP (OPT's at its every-position logits)
+                self.assertLess(self.peaks(*infer, export)["prefill"]["peak_allocated_bytes"],
+                                self.peaks(*infer, without)["prefill"]["peak_allocated_bytes"])
+            train = ["estimate", "--gpu", "cpu", "-b", "2", "-s", "64"]
+            for precision in ("fp32", "bf16-autocast"):
+                self.assertEqual(self.peaks(*train, "-p", precision, export)["phase_peak_bytes"],
+                                 self.peaks(*train, "-p", precision, without)["phase_peak_bytes"], arch)
+
     def test_autocast_record_that_does_not_fit_the_graph_is_one_line(self):
         import zipfile
         src_path = self.without_extra_file("codegen-tiny.pt", "autocast_casts.json", "codegen-bad-casts.pt")

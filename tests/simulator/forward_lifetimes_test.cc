@@ -160,5 +160,56 @@ TEST(ForwardLifetimesTest, ATemporaryViewedByItsExpressionIsBound) {
   EXPECT_EQ(ReleaseOf(temporary, l), ReleaseOf(bound, l));
 }
 
+// A decoder layer `h = self.norm1(x); h, _ = self.attn(h); h = x + h; h = self.norm2(h); h = self.mlp(h)`: the
+// export says the first norm's name is rebound by attn's call, attn's by a statement that calls no child (so before
+// norm2), norm2's by mlp's call. Ops: 0 norm1, 1 attn, 2 add (the layer's own), 3 norm2, 4 mlp, 5 sum.
+Graph DecoderLayer(bool with_rules, bool attn_returns_two) {
+  TestGraphBuilder bld;
+  ValueId x = bld.Input("x", {4, 8}, DType::kF32);
+  ValueId n1 = bld.OpOut("aten::relu", {T(x)}, Out({4, 8}), "layer.norm1");
+  std::vector<ValueId> attn = attn_returns_two ? bld.OpN("aten::split", {T(n1), I(4), I(1)}, {Out({4, 4}), Out({4, 4})},
+                                                        "layer.attn")
+                                               : std::vector<ValueId>{bld.OpOut("aten::relu", {T(n1)}, Out({4, 8}),
+                                                                                "layer.attn")};
+  ValueId a = attn[0];
+  ValueId r = bld.OpOut("aten::add", {T(x), T(a)}, Out({4, 8}), "layer");
+  ValueId n2 = bld.OpOut("aten::relu", {T(r)}, Out({4, 8}), "layer.norm2");
+  ValueId m = bld.OpOut("aten::relu", {T(n2)}, Out({4, 8}), "layer.mlp");
+  std::vector<OpArg> sum_args = {T(m), None()};
+  if (attn_returns_two) sum_args = {T(m), T(attn[1])};
+  ValueId loss = bld.OpOut(attn_returns_two ? "aten::add" : "aten::sum", sum_args, Out({}), "layer");
+  Graph g = bld.Build(loss);
+  if (!with_rules) return g;
+  std::vector<OpNode> nodes = g.nodes();
+  auto rule = [](std::vector<std::string> between, std::vector<std::string> rebinders, bool several) {
+    return std::make_shared<const NameRebinding>(NameRebinding{std::move(between), std::move(rebinders), several});
+  };
+  nodes[0].rebindings = {nullptr, rule({}, {"attn"}, false)};  // depth 1: the call from layer into its child
+  nodes[1].rebindings = {nullptr, rule({}, {}, true)};
+  nodes[3].rebindings = {nullptr, rule({}, {"mlp"}, false)};
+  return Graph(g.values(), nodes, g.params(), g.inputs(), g.loss(), g.batch(), g.seq());
+}
+
+TEST(ForwardLifetimesTest, AFrameDropsAResultWhenItRebindsItsName) {
+  const Graph held = DecoderLayer(false, false), rebound = DecoderLayer(true, false);
+  const auto bound = ForwardReleasePoints(held, Lifetimes::kEager);
+  const auto early = ForwardReleasePoints(rebound, Lifetimes::kEager);
+  for (int32_t op : {0, 1, 3}) EXPECT_EQ(ReleaseOf(bound, OutputOf(held, op)), 5) << op;  // until the layer returns
+  EXPECT_EQ(ReleaseOf(early, OutputOf(rebound, 0)), 1);  // when attn returns (its argument until then anyway)
+  EXPECT_EQ(ReleaseOf(early, OutputOf(rebound, 1)), 2);  // `h = x + h` runs before norm2's call (op 3)
+  EXPECT_EQ(ReleaseOf(early, OutputOf(rebound, 3)), 4);  // when mlp returns
+  EXPECT_EQ(ReleaseOf(early, OutputOf(rebound, 4)), ReleaseOf(bound, OutputOf(held, 4)));  // no rule: returned
+}
+
+// `h, w = self.attn(h)` where attn returns two tensors: the name binds one of them, which the graph cannot tell, so
+// both stay bound until the frame returns.
+TEST(ForwardLifetimesTest, ARuleForOneElementOfATupleNeedsACallThatReturnsOneTensor) {
+  const Graph g = DecoderLayer(true, true);
+  const auto release = ForwardReleasePoints(g, Lifetimes::kEager);
+  const NodeId attn{1};
+  EXPECT_EQ(ReleaseOf(release, g.node(attn).outputs[0]), 5);
+  EXPECT_EQ(ReleaseOf(release, OutputOf(g, 0)), 1);  // norm1's rule still holds
+}
+
 }  // namespace
 }  // namespace llmem::sim
