@@ -103,13 +103,21 @@ int RunInfer(const InferOptions& o) {
                       std::to_string(limit->max_seq) + " (" + limit->source + "); --max-positions overrides it for "
                       "a RoPE-scaled model");
   }
-  const sim::GenerationRequest request{.batch = o.batch, .prompt = o.prompt, .new_tokens = o.new_tokens};
+  // An export without the record may come from a model whose forward lacks logits_to_keep: assume the larger
+  // logits of every prompt position.
+  const bool last_logits = model.logits_to_keep().value_or(false);
+  const auto request_at = [&](int64_t b, int64_t p) {
+    return sim::GenerationRequest{.batch = b, .prompt = p, .new_tokens = o.new_tokens,
+                                  .loop = {.last_position_logits = last_logits,
+                                           .min_length_processors = model.eos_token().value_or(true)}};
+  };
+  const sim::GenerationRequest request = request_at(o.batch, o.prompt);
   const auto graph_at = [&](int64_t b, int64_t s) { return model.BuildGraph(b, s); };
   const sim::GenerationEstimate est = sim::EstimateGeneration(graph_at, request, config);
   // The searches: memory grows with the batch and the prompt, so the largest value that fits is found by doubling
   // past it, then bisecting. 0: not even 1 fits.
   auto largest = [&](int64_t cap, const std::function<sim::GenerationRequest(int64_t)>& at) {
-    auto fits = [&](int64_t v) { return sim::EstimateGeneration(graph_at, at(v), config).peak().fits; };
+    auto fits = [&](int64_t v) { return sim::EstimateGeneration(graph_at, at(v), config).fits(); };
     int64_t lo = 0, hi = 1;
     while (hi <= cap && fits(hi)) lo = hi, hi = std::min(cap + 1, hi * 2);
     while (hi - lo > 1) {
@@ -120,22 +128,27 @@ int RunInfer(const InferOptions& o) {
   };
   std::optional<int64_t> max_batch, max_prompt;
   if (o.max_batch) {
-    max_batch = largest(int64_t{1} << 20, [&](int64_t b) { return sim::GenerationRequest{b, o.prompt, o.new_tokens}; });
+    max_batch = largest(int64_t{1} << 20, [&](int64_t b) { return request_at(b, o.prompt); });
   }
   if (o.max_prompt) {
     const int64_t cap = limit ? limit->max_seq - o.new_tokens + 1 : int64_t{1} << 24;
-    max_prompt = cap < 1 ? 0 : largest(cap, [&](int64_t p) { return sim::GenerationRequest{o.batch, p, o.new_tokens}; });
+    max_prompt = cap < 1 ? 0 : largest(cap, [&](int64_t p) { return request_at(o.batch, p); });
   }
   const sim::MemoryEstimate& peak = est.peak();
-  const char* loop = "HF generate(): greedy, DynamicCache, no padding, logits of the last position only";
+  const std::string loop =
+      std::string("HF generate(): greedy, DynamicCache, no padding, ") +
+      (last_logits ? "the prompt's logits at its last position only (logits_to_keep=1)"
+                   : model.logits_to_keep() ? "the prompt's logits at every position (the forward takes no logits_to_keep)"
+                                            : "the prompt's logits at every position (the export does not say whether "
+                                              "its forward takes logits_to_keep)");
   if (o.json_out) {
     nlohmann::json j = {{"model", o.model},         {"target", peak.target},
                         {"batch", o.batch},         {"prompt", o.prompt},
                         {"new_tokens", o.new_tokens}, {"precision", o.precision},
                         {"loop", loop},             {"weights_bytes", peak.weights_bytes},
                         {"cache_bytes", est.cache_bytes}, {"peak_allocated_bytes", peak.peak_allocated_bytes},
-                        {"peak_reserved_bytes", peak.peak_reserved_bytes}, {"nvidia_smi_bytes", peak.nvidia_smi_bytes},
-                        {"capacity_bytes", peak.capacity_bytes}, {"fits", peak.fits},
+                        {"peak_reserved_bytes", est.peak_reserved_bytes()}, {"nvidia_smi_bytes", est.nvidia_smi_bytes()},
+                        {"capacity_bytes", peak.capacity_bytes}, {"fits", est.fits()},
                         {"prefill", PhaseJson(est.prefill)}};
     j["peak_phase"] = est.decode && &peak == &*est.decode ? "decode" : "prefill";
     if (est.decode) j["decode"] = PhaseJson(*est.decode);
@@ -147,16 +160,17 @@ int RunInfer(const InferOptions& o) {
     std::printf("generate   batch %lld, prompt %lld + %lld new tokens, %s weights, target %s\n",
                 static_cast<long long>(o.batch), static_cast<long long>(o.prompt),
                 static_cast<long long>(o.new_tokens), o.precision.c_str(), peak.target.c_str());
-    std::printf("loop       %s\n", loop);
+    std::printf("loop       %s\n", loop.c_str());
     std::printf("weights    %s; KV cache after the last step %s\n\n", FormatBytes(peak.weights_bytes).c_str(),
                 FormatBytes(est.cache_bytes).c_str());
     PrintPhase("prefill", est.prefill);
     if (est.decode) PrintPhase("last decode step", *est.decode);
     std::printf("\npeak allocated   %s   (max_memory_allocated)\n", FormatBytes(peak.peak_allocated_bytes).c_str());
     if (!config.target.is_cpu) {
-      std::printf("peak reserved    %s\nnvidia-smi       %s of %s: %s\n", FormatBytes(peak.peak_reserved_bytes).c_str(),
-                  FormatBytes(peak.nvidia_smi_bytes).c_str(), FormatBytes(peak.capacity_bytes).c_str(),
-                  peak.fits ? "fits" : "does not fit");
+      std::printf("peak reserved    %s   (the larger phase's: the allocator keeps the prefill's segments)\n"
+                  "nvidia-smi       %s of %s: %s\n", FormatBytes(est.peak_reserved_bytes()).c_str(),
+                  FormatBytes(est.nvidia_smi_bytes()).c_str(), FormatBytes(peak.capacity_bytes).c_str(),
+                  est.fits() ? "fits" : "does not fit");
     }
     if (max_batch) {
       std::printf("largest batch that fits: %lld (prompt %lld + %lld new tokens)\n", static_cast<long long>(*max_batch),
@@ -169,7 +183,7 @@ int RunInfer(const InferOptions& o) {
                   limit && *max_prompt + o.new_tokens - 1 >= limit->max_seq ? " (the model's position limit)" : "");
     }
   }
-  return peak.fits ? 0 : kExitDoesNotFit;
+  return est.fits() ? 0 : kExitDoesNotFit;
 }
 
 }  // namespace llmem::cli

@@ -1,6 +1,8 @@
 #include "graph/generation_forward.h"
 
+#include <algorithm>
 #include <map>
+#include <set>
 #include <string>
 
 #include "graph/error.h"
@@ -65,9 +67,74 @@ void DropDeadOps(GraphRewriter& rw, const std::vector<ValueId>& keep) {
   }
 }
 
+// The position ids the training forward derives from cache_position (`cache_position.unsqueeze(0)`: int64 [1, S]),
+// which generate() replaces by position ids per sequence; none when the forward builds them per sequence itself
+// (OPT's from the attention mask) or the batch is 1.
+ValueId BroadcastPositionIds(const Graph& g) {
+  if (g.batch() <= 1) return {};
+  for (const auto& v : g.values()) {
+    if (v.dtype != DType::kI64 || v.shape != std::vector<int64_t>{1, g.seq()} || !v.producer.valid()) continue;
+    const OpNode& p = g.node(v.producer);
+    if (p.kind != "aten::unsqueeze" || p.args.empty() || p.args[0].kind != OpArg::Kind::kTensor) continue;
+    const TensorValue& in = g.value(p.args[0].tensors[0]);
+    if (in.dtype == DType::kI64 && in.shape == std::vector<int64_t>{g.seq()}) return v.id;
+  }
+  return {};
+}
+
+// generate()'s [B, S] position ids in place of the forward's [1, S] ones: what the forward computes from them
+// (RoPE's frequencies, cos and sin; GPT-2's position embeddings) has a batch dim of B where it had 1.
+class BatchedPositions {
+ public:
+  BatchedPositions(const Graph& g, GraphRewriter& rw) : from_(BroadcastPositionIds(g)), batch_(g.batch()) {
+    if (!from_.valid()) return;
+    root_ = g.StorageRoot(from_);
+    to_ = rw.NewValue("position_ids", {batch_, g.seq()}, DType::kI64, DType::kI64);
+    batched_.insert(to_.index);
+  }
+  // The generation forward's new input, when there is one.
+  ValueId input() const { return to_; }
+
+  void Apply(OpNode& node, GraphRewriter& rw) {
+    if (!to_.valid()) return;
+    bool batched = false;
+    for (auto& arg : node.args) {
+      for (auto& t : arg.tensors) {
+        if (t == from_) t = to_;
+        batched |= batched_.count(t.index) > 0;
+      }
+    }
+    if (!batched) return;
+    for (ValueId out : node.outputs) {
+      TensorValue& v = rw.value(out);
+      if (v.alias_of.valid() && (v.alias_of == from_ || v.alias_of == root_)) {
+        v.alias_of = to_;  // a view of the position ids views generate()'s
+      }
+      if (v.shape.empty() || v.shape[0] != 1) continue;
+      const std::vector<int64_t> old_shape = v.shape;
+      v.shape[0] = batch_;
+      if (!v.strides.empty()) {  // the batch dim steps over everything the others span (a permuted view too)
+        int64_t span = 1;
+        for (size_t d = 1; d < v.shape.size(); ++d) span = std::max(span, v.strides[d] * v.shape[d]);
+        v.strides[0] = span;
+      }
+      v.storage_numel *= batch_;
+      batched_.insert(out.index);
+      for (auto& arg : node.args) {  // a view's or expand's target shape
+        if (arg.kind == OpArg::Kind::kIntList && arg.ints == old_shape) arg.ints[0] = batch_;
+      }
+    }
+  }
+
+ private:
+  ValueId from_, root_, to_;  // root_: the storage from_ views (cache_position's arange)
+  int64_t batch_;
+  std::set<int32_t> batched_;
+};
+
 }  // namespace
 
-GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens) {
+GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, const GenerationLoop& loop) {
   if (past_tokens < 0) throw ConfigError("the cached tokens cannot be negative");
   GraphRewriter rw(g);
   for (auto& v : rw.values()) v.requires_grad = false;
@@ -76,7 +143,11 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens) {
   std::vector<ValueId> past_keys, past_values, present_keys, present_values;
   ValueId head_output;
   int attention = 0;
-  for (const OpNode& old : g.nodes()) {
+  BatchedPositions positions(g, rw);
+  for (const OpNode& original : g.nodes()) {
+    OpNode batched = original;
+    positions.Apply(batched, rw);
+    const OpNode& old = batched;
     if (old.kind == "aten::scaled_dot_product_attention" && old.args.size() >= 3) {
       ++attention;
       OpNode sdpa = old;
@@ -114,6 +185,11 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens) {
                              !head_output.valid() && old.args.size() >= 2 &&
                              old.args[1].kind == OpArg::Kind::kTensor &&
                              g.value(old.args[1].tensors[0]).role == ValueRole::kParameter;
+    if (head_linear && !loop.last_position_logits) {
+      head_output = old.outputs.at(0);
+      rw.Emit(old);
+      continue;
+    }
     if (head_linear) {
       // lm_head(hidden_states[:, -1:, :]): a view of the last position, then [B, 1, V] logits.
       const ValueId hidden = old.args[0].tensors.at(0);
@@ -138,7 +214,7 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens) {
       rw.Emit(std::move(lin));
       continue;
     }
-    rw.Emit(old);
+    rw.Emit(std::move(batched));
   }
   if (attention == 0) {
     throw ConfigError("generation: no scaled_dot_product_attention op in this export; only sdpa attention is "
@@ -152,7 +228,10 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens) {
   const int64_t new_tokens = g.value(g.inputs().at(0)).shape.at(1), total = past_tokens + new_tokens;
   std::vector<OpArg> args = {TensorArg(head_output)};
   if (past_tokens > 0) {
-    for (const char* name : {"next_token_logits of the previous step", "next_token_scores of the previous step"}) {
+    // Without processors the scores are the logits tensor itself.
+    std::vector<const char*> carried = {"next_token_logits of the previous step"};
+    if (loop.min_length_processors) carried.push_back("next_token_scores of the previous step");
+    for (const char* name : carried) {
       loop_inputs.push_back(rw.NewValue(name, {batch, vocab}, DType::kF32, DType::kF32));
       args.push_back(TensorArg(loop_inputs.back()));
     }
@@ -165,7 +244,8 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens) {
     loop_inputs.push_back(ids);
   }
   args.push_back(TensorArg(ids));
-  for (int64_t a : {int64_t{past_tokens > 0}, batch, vocab, total}) args.push_back(IntArg(a));
+  const int64_t processors = loop.min_length_processors ? 2 : 0;
+  for (int64_t a : {int64_t{past_tokens > 0}, batch, vocab, total, processors}) args.push_back(IntArg(a));
   const ValueId next_tokens = rw.NewValue("next tokens", {batch}, DType::kI64, DType::kI64);
   rw.Emit(GraphRewriter::NewNode(g.nodes().back(), "hf::generate_next_token", "generate", std::move(args),
                                  next_tokens));
@@ -178,6 +258,7 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens) {
   for (ValueId in : g.inputs()) {
     if (g.value(in).name != "labels") inputs.push_back(in);
   }
+  if (positions.input().valid()) inputs.push_back(positions.input());
   inputs.insert(inputs.end(), past.begin(), past.end());
   inputs.insert(inputs.end(), loop_inputs.begin(), loop_inputs.end());
   // The rewriter renumbers values as it builds: the new values are found again by their (unique) names.

@@ -9,9 +9,11 @@
 //     which is dropped when the entry is rebound;
 //   - the attention reads the cached tensors with no mask (create_causal_mask returns None for an unpadded
 //     batch), so sdpa_attention_forward passes enable_gqa instead of repeat_kv copies and is_causal = S > 1.
-// The mask's computation is then dead and goes, as does the loss. The LM head runs on the last position only
-// (generate's logits_to_keep=1: `lm_head(hidden_states[:, -1:, :])`), and its [B, 1, V] logits are what the
-// forward returns, in the model's dtype.
+// The mask's computation is then dead and goes, as does the loss. When the model's forward takes logits_to_keep,
+// generate() passes 1 and the LM head runs on the last position only (`lm_head(hidden_states[:, -1:, :])`, [B, 1, V]
+// logits); a forward without it (OPT, GPT-BigCode in transformers 4.57) computes [B, S, V] logits, of which the loop
+// copies the last position (`outputs.logits[:, -1, :].to(copy=True, dtype=torch.float32)`) while the full logits
+// live until `del outputs`. The logits are what the forward returns, in the model's dtype.
 // Everything is frozen: no value requires grad.
 #pragma once
 
@@ -21,6 +23,13 @@
 #include "graph/graph.h"
 
 namespace llmem {
+
+// What the model's generation loop does around the forward, from its forward's signature and generation config.
+struct GenerationLoop {
+  bool last_position_logits = true;   // the forward takes logits_to_keep
+  bool min_length_processors = true;  // an eos_token_id: min_new_tokens makes generate() add MinLengthLogitsProcessor
+                                      // and MinNewTokensLengthLogitsProcessor (without one it adds neither)
+};
 
 struct GenerationForward {
   Graph graph;                   // its loss() is the logits
@@ -32,6 +41,6 @@ struct GenerationForward {
 // `graph` is the training export's graph built for B x S new tokens (S = the prompt for the prefill, 1 for a
 // decode step); `past_tokens` the tokens already cached. Throws ConfigError when the graph has no attention op the
 // rewrite recognizes or no LM head.
-GenerationForward MakeGenerationForward(const Graph& graph, int64_t past_tokens);
+GenerationForward MakeGenerationForward(const Graph& graph, int64_t past_tokens, const GenerationLoop& loop);
 
 }  // namespace llmem

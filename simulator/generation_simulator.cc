@@ -27,11 +27,11 @@ GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t
     throw ConfigError("batch, prompt and new tokens must be positive");
   }
   GenerationEstimate est;
-  const GenerationForward prefill = MakeGenerationForward(graph_at(r.batch, r.prompt), 0);
+  const GenerationForward prefill = MakeGenerationForward(graph_at(r.batch, r.prompt), 0, r.loop);
   est.prefill = SimulateForward(prefill, config);
   const int64_t cached = r.prompt + r.new_tokens - 1;
   if (r.new_tokens >= 2) {
-    const GenerationForward last = MakeGenerationForward(graph_at(r.batch, 1), cached - 1);
+    const GenerationForward last = MakeGenerationForward(graph_at(r.batch, 1), cached - 1, r.loop);
     est.decode = SimulateForward(last, config);
   }
   for (ValueId v : prefill.present) {

@@ -5,10 +5,12 @@
 // torch.no_grad() (nothing saved, eager lifetimes); the cache entries of earlier steps are its inputs.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <optional>
 
+#include "graph/generation_forward.h"
 #include "graph/graph.h"
 #include "simulator/memory_estimate.h"
 #include "simulator/training_config.h"
@@ -19,14 +21,27 @@ struct GenerationRequest {
   int64_t batch = 1;
   int64_t prompt = 0;      // tokens per sequence
   int64_t new_tokens = 0;  // generated per sequence (min_new_tokens = max_new_tokens)
+  GenerationLoop loop;      // what the model's loop does around its forward (graph/generation_forward.h)
 };
 
 struct GenerationEstimate {
   MemoryEstimate prefill;                // the prompt's forward
   std::optional<MemoryEstimate> decode;  // the last decode step (P + N - 2 tokens cached); none for N = 1
   int64_t cache_bytes = 0;               // the cache after the last step: P + N - 1 tokens per sequence
+  // The phase with the higher allocated peak.
   const MemoryEstimate& peak() const {
     return decode && decode->peak_allocated_bytes > prefill.peak_allocated_bytes ? *decode : prefill;
+  }
+  // The caching allocator keeps the prefill's segments through the decode steps (generate() never empties its
+  // cache), so the process reserves at least the larger phase's reserved peak; each phase is simulated on a fresh
+  // allocator, so this is a lower bound of the run's reserved peak.
+  int64_t peak_reserved_bytes() const {
+    return decode ? std::max(prefill.peak_reserved_bytes, decode->peak_reserved_bytes) : prefill.peak_reserved_bytes;
+  }
+  int64_t nvidia_smi_bytes() const { return peak_reserved_bytes() + prefill.fixed_overhead_bytes; }
+  bool fits() const {
+    return prefill.fits && (!decode || decode->fits) &&
+           (prefill.capacity_bytes == 0 || nvidia_smi_bytes() <= prefill.capacity_bytes);
   }
 };
 

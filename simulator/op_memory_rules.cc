@@ -222,13 +222,17 @@ OpMemoryRule GptqLinearRule(const OpNode& node, const RuleContext& ctx) {
 OpMemoryRule GenerateNextTokenRule(const OpNode& node, const RuleContext& ctx) {
   const auto& inputs = ctx.graph.tensor_inputs(node.id);
   OpMemoryRule r = Uniform(inputs.size(), GradKind::kNone);
-  if (node.args.size() < 4) return r;
-  const size_t last = node.args.size() - 4;  // the four ints follow the tensors
+  if (node.args.size() < 5) return r;
+  const size_t last = node.args.size() - 5;  // the five ints follow the tensors
   const bool previous = ArgNumber(node, last, 0) != 0;
   const int64_t b = static_cast<int64_t>(ArgNumber(node, last + 1, 1));
   const int64_t v = static_cast<int64_t>(ArgNumber(node, last + 2, 0));
   const int64_t l = static_cast<int64_t>(ArgNumber(node, last + 3, 0));
-  const int mask_input = previous ? 3 : 1, ids_input = previous ? 4 : 2;
+  const bool processors = ArgNumber(node, last + 4, 2) != 0;  // the min-length pair, present with an eos token
+  // The previous step's next_token_logits and next_token_scores: one tensor when no processor ran (an empty
+  // LogitsProcessorList returns its input).
+  const int carried = previous ? (processors ? 2 : 1) : 0;
+  const int mask_input = 1 + carried, ids_input = 2 + carried;
   const int64_t scores = b * v * 4;
   auto& s = r.forward_prelude;
   auto at = [&] { return static_cast<int>(s.size()); };
@@ -255,10 +259,12 @@ OpMemoryRule GenerateNextTokenRule(const OpNode& node, const RuleContext& ctx) {
     s.push_back({0, mask});
     return out;
   };
-  const int min_length = processor(false);
-  processor(true);
-  s.push_back({0, min_length});
-  if (previous) s.push_back({0, -1, false, 2});  // the previous next_token_scores
+  if (processors) {
+    const int min_length = processor(false);
+    processor(true);
+    s.push_back({0, min_length});
+  }
+  if (carried == 2) s.push_back({0, -1, false, 2});  // the previous next_token_scores
   s.push_back({b * (l + 1) * 8});    // the longer input_ids
   s.push_back({0, -1, false, ids_input});
   return r;

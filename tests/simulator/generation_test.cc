@@ -20,7 +20,9 @@ constexpr int64_t kVocab = 32, kHidden = 16, kHeads = 4, kKvHeads = 2, kDim = 4;
 
 // input_ids [B, S] -> embedding -> layers.0.self_attn: q / k / v projections viewed as [B, heads, S, D], keys and
 // values repeated to 4 heads (expand + reshape, as repeat_kv), a [B, 1, S, S] mask, sdpa -> lm_head -> loss.
-Graph TinyDecoder(int64_t batch, int64_t seq) {
+// With `positions`, the embedding is scaled by a function of `cache_position.unsqueeze(0)` ([1, S] int64 position ids
+// broadcast over the batch, as RoPE's cos and sin are).
+Graph TinyDecoder(int64_t batch, int64_t seq, bool positions = false) {
   TestGraphBuilder b;
   ValueId ids = b.Input("input_ids", {batch, seq});
   ValueId labels = b.Input("labels", {batch, seq});
@@ -28,6 +30,15 @@ Graph TinyDecoder(int64_t batch, int64_t seq) {
   b.SetRegion(Region{RegionKind::kEmbedding, -1});
   ValueId x = b.OpOut("aten::embedding", {T(emb_w), T(ids), I(-1), B(false), B(false)}, Out({batch, seq, kHidden}),
                       "model.embed_tokens");
+  if (positions) {
+    ValueId cache_position = b.OpOut("aten::arange", {I(seq)}, Out({seq}, DType::kI64), "model");
+    ValueId ids1 = b.OpOut("aten::unsqueeze", {T(cache_position), I(0)}, Out({1, seq}, DType::kI64).AliasOf(cache_position),
+                           "model");
+    ValueId angle = b.OpOut("aten::unsqueeze", {T(ids1), I(-1)}, Out({1, seq, 1}, DType::kI64).AliasOf(cache_position),
+                            "model.rotary_emb");
+    ValueId cos = b.OpOut("aten::cos", {T(angle)}, Out({1, seq, 1}), "model.rotary_emb");
+    x = b.OpOut("aten::mul", {T(x), T(cos)}, Out({batch, seq, kHidden}), "model");
+  }
   ValueId mask = b.OpOut("aten::ones", {Ints({batch, 1, seq, seq})}, Out({batch, 1, seq, seq}, DType::kBool), "model");
   b.SetLayer(0);
   auto heads = [&](const char* name, int64_t n) {
@@ -58,7 +69,7 @@ Graph TinyDecoder(int64_t batch, int64_t seq) {
   b.SetHead();
   ValueId lm = b.Param("lm_head.weight", {kVocab, kHidden});
   ValueId logits = b.OpOut("aten::linear", {T(h), T(lm), None()}, Out({batch, seq, kVocab}), "lm_head");
-  return b.Build(CrossEntropy(b, logits, labels));
+  return b.Build(CrossEntropy(b, logits, labels), batch, seq);
 }
 
 std::vector<const OpNode*> Kind(const Graph& g, const std::string& kind) {
@@ -70,7 +81,7 @@ std::vector<const OpNode*> Kind(const Graph& g, const std::string& kind) {
 }
 
 TEST(GenerationForwardTest, CachesKeysAndValuesBeforeRepeatAndDropsTheMaskAndTheLoss) {
-  const GenerationForward fw = MakeGenerationForward(TinyDecoder(2, 1), /*past_tokens=*/5);
+  const GenerationForward fw = MakeGenerationForward(TinyDecoder(2, 1), /*past_tokens=*/5, GenerationLoop{});
   const Graph& g = fw.graph;
   // One cache entry of keys and one of values, each the 5 cached tokens plus the new one, at the 2 key/value heads.
   ASSERT_EQ(fw.past.size(), 2u);
@@ -99,7 +110,7 @@ TEST(GenerationForwardTest, CachesKeysAndValuesBeforeRepeatAndDropsTheMaskAndThe
 }
 
 TEST(GenerationForwardTest, ThePrefillCopiesItsKeysIntoTheCacheAndSlicesTheLastPosition) {
-  const GenerationForward fw = MakeGenerationForward(TinyDecoder(1, 7), 0);
+  const GenerationForward fw = MakeGenerationForward(TinyDecoder(1, 7), 0, {});
   EXPECT_TRUE(fw.past.empty());
   EXPECT_EQ(fw.graph.value(fw.present[0]).shape, (std::vector<int64_t>{1, kKvHeads, 7, kDim}));
   const auto sdpa = Kind(fw.graph, "aten::scaled_dot_product_attention");
@@ -107,13 +118,68 @@ TEST(GenerationForwardTest, ThePrefillCopiesItsKeysIntoTheCacheAndSlicesTheLastP
   const auto slices = Kind(fw.graph, "aten::slice");
   ASSERT_EQ(slices.size(), 1u);
   EXPECT_EQ(fw.graph.value(slices[0]->outputs[0]).shape, (std::vector<int64_t>{1, 1, kHidden}));
-  EXPECT_THROW(MakeGenerationForward(TinyDecoder(1, 7), -1), ConfigError);
+  EXPECT_THROW(MakeGenerationForward(TinyDecoder(1, 7), -1, {}), ConfigError);
+}
+
+TEST(GenerationForwardTest, AForwardWithoutLogitsToKeepComputesThePromptsLogitsAtEveryPosition) {
+  const GenerationForward fw = MakeGenerationForward(TinyDecoder(1, 7), 0, {.last_position_logits = false});
+  EXPECT_TRUE(Kind(fw.graph, "aten::slice").empty());
+  EXPECT_EQ(fw.graph.value(fw.logits).shape, (std::vector<int64_t>{1, 7, kVocab}));
+  // The prefill's timeline holds the [1, 7, V] logits where the last-position loop holds [1, 1, V].
+  const TrainingConfig config = CpuConfig();
+  const auto at = [](int64_t b, int64_t s) { return TinyDecoder(b, s); };
+  const auto largest_head_block = [&](bool last_only) {
+    const GenerationRequest r{.batch = 1, .prompt = 7, .new_tokens = 1, .loop = {.last_position_logits = last_only}};
+    const MemoryEstimate est = EstimateGeneration(at, r, config).prefill;
+    int64_t largest = 0;
+    for (const auto& e : est.simulation->timeline.events) {
+      if (e.is_alloc && e.category == MemoryCategory::kHeadActivations) largest = std::max(largest, e.bytes);
+    }
+    return largest;
+  };
+  EXPECT_EQ(largest_head_block(false), 7 * kVocab * 4);
+  EXPECT_EQ(largest_head_block(true), kVocab * 4);
+  const GenerationForward last = MakeGenerationForward(TinyDecoder(1, 7), 0, {});
+  EXPECT_EQ(last.graph.value(last.logits).shape, (std::vector<int64_t>{1, 1, kVocab}));
+}
+
+TEST(GenerationForwardTest, PositionIdsArePerSequenceAsGenerateFeedsThem) {
+  // generate() passes position_ids [B, S] (from the attention mask's cumsum) where the training forward builds
+  // [1, S] from cache_position: what is computed from them has B rows.
+  const GenerationForward fw = MakeGenerationForward(TinyDecoder(3, 5, true), 0, {});
+  const auto cos = Kind(fw.graph, "aten::cos");
+  ASSERT_EQ(cos.size(), 1u);
+  EXPECT_EQ(fw.graph.value(cos[0]->outputs[0]).shape, (std::vector<int64_t>{3, 5, 1}));
+  const auto& in = fw.graph.tensor_inputs(cos[0]->id);
+  const ValueId root = fw.graph.StorageRoot(in.at(0));
+  EXPECT_EQ(fw.graph.value(root).shape, (std::vector<int64_t>{3, 5}));
+  EXPECT_NE(std::find(fw.graph.inputs().begin(), fw.graph.inputs().end(), root), fw.graph.inputs().end());
+  // One sequence: the [1, S] ids are generate()'s already.
+  const GenerationForward one = MakeGenerationForward(TinyDecoder(1, 5, true), 0, {});
+  EXPECT_EQ(one.graph.value(Kind(one.graph, "aten::cos")[0]->outputs[0]).shape, (std::vector<int64_t>{1, 5, 1}));
+  // The timeline stays consistent (views of the new ids free nothing twice).
+  const auto at = [](int64_t b, int64_t s) { return TinyDecoder(b, s, true); };
+  EXPECT_GT(EstimateGeneration(at, {.batch = 3, .prompt = 5, .new_tokens = 2}, CpuConfig()).prefill.peak_allocated_bytes,
+            0);
+}
+
+TEST(GenerationSimulatorTest, WithoutAnEosTokenTheLoopRunsNoMinLengthProcessors) {
+  // min_new_tokens adds MinLengthLogitsProcessor and MinNewTokensLengthLogitsProcessor only when the generation
+  // config has an eos_token_id; each clones the scores and builds a [V] int64 arange and a [V] mask.
+  const TrainingConfig config = CpuConfig();
+  const auto at = [](int64_t b, int64_t s) { return TinyDecoder(b, s); };
+  GenerationRequest with{.batch = 1, .prompt = 1, .new_tokens = 2};
+  GenerationRequest without = with;
+  without.loop.min_length_processors = false;
+  const MemoryEstimate a = *EstimateGeneration(at, with, config).decode;
+  const MemoryEstimate b = *EstimateGeneration(at, without, config).decode;
+  EXPECT_GE(a.peak_allocated_bytes - b.peak_allocated_bytes, kVocab * 8);
 }
 
 TEST(GenerationSimulatorTest, TheCacheGrowsByConcatenationAndTheLastStepPeaksAbove) {
   const TrainingConfig config = CpuConfig();
   const GenerationRequest request{.batch = 2, .prompt = 6, .new_tokens = 4};
-  const GenerationEstimate est = EstimateGeneration(TinyDecoder, request, config);
+  const GenerationEstimate est = EstimateGeneration([](int64_t b, int64_t s) { return TinyDecoder(b, s); }, request, config);
   // P + N - 1 = 9 tokens cached: keys and values, [2, 2, 9, 4] fp32 each.
   EXPECT_EQ(est.cache_bytes, 2 * (2 * kKvHeads * 9 * kDim * 4));
   ASSERT_TRUE(est.decode.has_value());
@@ -134,7 +200,7 @@ TEST(GenerationSimulatorTest, TheCacheGrowsByConcatenationAndTheLastStepPeaksAbo
   EXPECT_GE(decode.peak_allocated_bytes - est.prefill.weights_bytes, 2 * (2 * kVocab * 4) + est.cache_bytes);
   GenerationRequest bad = request;
   bad.new_tokens = 0;
-  EXPECT_THROW(EstimateGeneration(TinyDecoder, bad, config), ConfigError);
+  EXPECT_THROW(EstimateGeneration([](int64_t b, int64_t s) { return TinyDecoder(b, s); }, bad, config), ConfigError);
 }
 
 }  // namespace
