@@ -7,6 +7,7 @@
 
 #include "graph/dtype.h"
 #include "graph/error.h"
+#include "measure/torch_threads.h"
 
 namespace llmem::cli {
 
@@ -22,6 +23,7 @@ sim::TrainingConfig ParseTrainingConfig(const std::string& precision, const std:
   if (target == "cpu") {
     if (!gpu_memory.empty()) throw ConfigError("--gpu-memory needs a GPU target, not --gpu cpu");
     cfg.target.is_cpu = true;
+    cfg.target.cpu_threads = measure::TorchIntraOpThreads();  // what a PyTorch process here runs with
   } else {
     auto gpu = sim::FindGpu(target);
     if (!gpu) {

@@ -38,6 +38,7 @@ BackendRules RulesFor(const Target& target) {
   rules.optimizer = rules.cuda ? OptimizerImpl::kForeach : OptimizerImpl::kPerParameter;
   rules.library_workspaces = rules.cuda;
   rules.caching_allocator = rules.cuda;
+  rules.cpu_threads = target.is_cpu ? std::max(1, target.cpu_threads) : 1;
   return rules;
 }
 

@@ -62,6 +62,7 @@ struct BackendRules {
   OptimizerImpl optimizer = OptimizerImpl::kPerParameter;
   bool library_workspaces = false;  // cuBLAS/cuBLASLt workspaces allocated at the first matmul
   bool caching_allocator = false;
+  int cpu_threads = 1;  // intra-op threads of a CPU target (per-thread kernel buffers)
 
   AutocastClass Autocast(std::string_view op_kind) const;
   // CUDA: flash attention takes 16-bit inputs without an explicit mask; fp32, or any explicit mask, takes the

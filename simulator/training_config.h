@@ -11,6 +11,8 @@ namespace llmem::sim {
 
 struct Target {
   bool is_cpu = false;  // true: predict what an instrumented CPU run of the same step allocates
+  int cpu_threads = 1;  // with is_cpu: PyTorch's intra-op threads (at::get_num_threads()), which per-thread kernel
+                        // buffers scale with
   GpuSpec gpu;          // used when !is_cpu
   std::string name() const { return is_cpu ? "cpu" : gpu.name; }
 };

@@ -327,20 +327,51 @@ TEST(OpMemoryRulesTest, AttentionOnCpuSavesF32LogsumexpAndAFloatMask) {
   EXPECT_EQ(r->saved_inputs, (std::vector<int>{0, 1, 2}));
   EXPECT_EQ(r->saved_outputs, (std::vector<int>{0}));
   EXPECT_EQ(r->input_grads, (std::vector<GradKind>{GradKind::kNew, GradKind::kNew, GradKind::kNew, GradKind::kNone}));
-  ASSERT_EQ(r->forward_extra.size(), 2u);
+  ASSERT_EQ(r->forward_extra.size(), 3u);
   EXPECT_EQ(r->forward_extra[0].bytes, 320);
   EXPECT_TRUE(r->forward_extra[0].saved);
   EXPECT_EQ(r->forward_extra[1].bytes, 800);
   EXPECT_TRUE(r->forward_extra[1].saved);
+  // The kernel's buffers on one thread: 10 x 10 scores, 2 x 10 row stats, 10 x 8 output rows in f32 = 800 B.
+  EXPECT_EQ(r->forward_extra[2].bytes, 800);
+  EXPECT_FALSE(r->forward_extra[2].saved);
 }
 
 TEST(OpMemoryRulesTest, AttentionWithoutMaskSavesOnlyLogsumexp) {
-  // cpu, bf16 q: lse is still f32 [2,4,10] = 320 B.
+  // cpu, bf16 q: lse is still f32 [2,4,10] = 320 B; the kernel's buffers (800 B in f32 and a 10 x 10 bf16 copy of
+  // the scores, 200 B) are freed when it returns.
   Graph g = Attention(DType::kBF16, /*with_mask=*/false);
   auto r = Rule(g, Cpu());
   ASSERT_TRUE(r.has_value());
-  ASSERT_EQ(r->forward_extra.size(), 1u);
+  ASSERT_EQ(r->forward_extra.size(), 2u);
   EXPECT_EQ(r->forward_extra[0].bytes, 320);
+  EXPECT_TRUE(r->forward_extra[0].saved);
+  EXPECT_EQ(r->forward_extra[1].bytes, 1000);
+  EXPECT_FALSE(r->forward_extra[1].saved);
+}
+
+TEST(OpMemoryRulesTest, CpuFlashAttentionBuffersScaleWithTheThreads) {
+  // q, k, v bf16 [1, 4, 64, 64] on 2 threads, measured on this CPU (torch 2.11) with and without a mask, with and
+  // without grad: 41472 B beyond the output and lse. Per thread: 32-row query blocks, 64-key blocks:
+  // (32 x 64 + 2 x 32 + 32 x 64) f32 = 16640 B, plus the 32 x 64 bf16 scores = 4096 B.
+  TestGraphBuilder b;
+  ValueId q = b.Param("q", {1, 4, 64, 64}, DType::kBF16);
+  ValueId k = b.Param("k", {1, 4, 64, 64}, DType::kBF16);
+  ValueId v = b.Param("v", {1, 4, 64, 64}, DType::kBF16);
+  ValueId o = b.Op("aten::scaled_dot_product_attention", {T(q), T(k), T(v), None(), D(0.0), B(true)}, {1, 4, 64, 64},
+                   DType::kBF16);
+  Graph g = b.Build(CloseWithSum(b, o));
+  Target t;
+  t.is_cpu = true;
+  t.cpu_threads = 2;
+  auto r = Rule(g, RulesFor(t));
+  ASSERT_TRUE(r.has_value());
+  ASSERT_EQ(r->forward_extra.size(), 2u);
+  EXPECT_EQ(r->forward_extra[1].bytes, 41472);
+  // CUDA kernels keep no such buffers.
+  auto cuda = Rule(g, Cuda());
+  ASSERT_TRUE(cuda.has_value());
+  EXPECT_EQ(cuda->forward_extra.size(), 1u);
 }
 
 TEST(OpMemoryRulesTest, AttentionOnCudaFp32UsesEfficientKernelWithPaddedLogsumexp) {

@@ -1,0 +1,9 @@
+#include "measure/torch_threads.h"
+
+#include <ATen/Parallel.h>
+
+namespace llmem::measure {
+
+int TorchIntraOpThreads() { return at::get_num_threads(); }
+
+}  // namespace llmem::measure
