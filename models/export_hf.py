@@ -643,25 +643,35 @@ def config_record(config, dtype, logits_to_keep, eos_token_id):
 EXPRESSION_CALLS_FILE = "expression_calls.json"
 
 
+def _module_forwards(model):
+    """(module, the parsed source of its class's forward, its child attribute names) once per module class that has
+    children and whose forward's source can be read."""
+    import ast
+    import inspect
+    import textwrap
+
+    seen = set()
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__ in seen or not list(module.named_children()):
+            continue
+        seen.add(cls.__name__)
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        yield module, tree, {name for name, _ in module.named_children()}
+
+
 def expression_call_record(model):
     """JSON {module class name: [child attribute, ...]} of the children every one of whose calls in the class's
     forward is nested in a larger expression (an argument, an operand, the object of a method call) or discarded;
     a call whose result is assigned, returned or subscripted counts as bound."""
     import ast
-    import inspect
-    import textwrap
 
     record = {}
-    for module in model.modules():
-        cls = type(module)
-        if cls.__name__ in record or not list(module.named_children()):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-        except (OSError, TypeError, SyntaxError):
-            continue
+    for module, tree, children in _module_forwards(model):
         parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-        children = {name for name, _ in module.named_children()}
         nested, bound = set(), set()
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
@@ -672,7 +682,7 @@ def expression_call_record(model):
             binds = isinstance(parent, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.Return, ast.Subscript,
                                         ast.Tuple, ast.List, ast.Starred, ast.NamedExpr, ast.Yield))
             (bound if binds else nested).add(node.func.attr)
-        record[cls.__name__] = sorted(nested - bound)
+        record[type(module).__name__] = sorted(nested - bound)
     return json.dumps(record, sort_keys=True)
 
 
@@ -816,22 +826,12 @@ def rebound_name_record(model):
     (`hidden_states, weights = self.self_attn(...)`, `x = self.block(...)[0]`), so the rule holds for the call's
     result only when it returns a single tensor."""
     import ast
-    import inspect
-    import textwrap
 
     record = {}
-    for module in model.modules():
-        cls = type(module)
-        if cls.__name__ in record or not list(module.named_children()):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-        except (OSError, TypeError, SyntaxError):
-            continue
+    for module, tree, children in _module_forwards(model):
         function = tree.body[0]
         if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        children = {name for name, _ in module.named_children()}
         sites = _statement_blocks(function)
         reachable = {id(s) for s, _ in sites}
         calls = {}  # child -> every call site, or None when one cannot be analysed
@@ -859,7 +859,7 @@ def rebound_name_record(model):
                     break
                 rules.append((rule, len(_assigned_names(stmt)) > 1 or isinstance(value, ast.Subscript)))
             if rules:
-                record.setdefault(cls.__name__, {})[child] = {
+                record.setdefault(type(module).__name__, {})[child] = {
                     "between": sorted(set().union(*(set(r[0][0]) for r in rules))),
                     "rebinder": sorted({r[0][1] for r in rules if r[0][1] is not None}),
                     "one_of_several": any(r[1] for r in rules),
