@@ -6,6 +6,8 @@
 #include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "cli/category_report.h"
@@ -13,6 +15,8 @@
 #include "graph/dtype.h"
 #include "graph/error.h"
 #include "graph/torchscript_importer.h"
+#include "distributed/step_time_model.h"
+#include "graph/op_flops.h"
 #include "simulator/generation_simulator.h"
 
 namespace llmem::cli {
@@ -56,6 +60,38 @@ void PrintPhase(const char* name, const sim::MemoryEstimate& e) {
                 tl.block_labels.at(static_cast<size_t>(other[i]->block)).c_str());
   }
   std::printf("\n");
+}
+
+// The time of generate() on a GPU, a roofline (distributed/step_time_model.h) of the two forwards simulated: a decode
+// step reads every weight and, through the DynamicCache's torch.cat and the attention, the whole cache, so it is
+// memory-bound; the prefill is mostly compute-bound.
+struct GenerationTime {
+  double prefill_s = 0;
+  double decode_step_s = 0;  // the last step, whose cache is longest: the slowest
+  double generate_s = 0;     // prefill + (N - 1) x the last step: the roofline's upper bound for the whole call
+  std::vector<std::string> assumptions;
+};
+
+GenerationTime TimeGeneration(const sim::GenerationEstimate& est, const sim::TrainingConfig& config,
+                              int64_t new_tokens) {
+  GenerationTime t;
+  auto forward_s = [&](const Graph& g, bool keep_assumptions) {
+    dist::StepTimeInputs in;
+    in.per_rank_cost = SumCosts(g, dist::CostOptionsFor(config.precision));
+    in.precision = config.precision;
+    in.gpu = config.target.gpu;
+    in.forward_only = true;
+    dist::StepTime st = dist::EstimateStepTime(in);
+    if (keep_assumptions) t.assumptions = std::move(st.assumptions);
+    return st.forward_s;
+  };
+  t.prefill_s = forward_s(est.prefill_graph, true);
+  if (est.decode_graph) t.decode_step_s = forward_s(*est.decode_graph, false);
+  t.generate_s = t.prefill_s + static_cast<double>(new_tokens - 1) * t.decode_step_s;
+  t.assumptions.push_back("decode tokens/s: the batch over the last step, whose cache is longest (earlier steps read "
+                          "less); eager generate() at small batches is often bound by CPU dispatch (hundreds of "
+                          "kernel launches per token), which can make it several times slower than this");
+  return t;
 }
 
 }  // namespace
@@ -135,6 +171,8 @@ int RunInfer(const InferOptions& o) {
     max_prompt = cap < 1 ? 0 : largest(cap, [&](int64_t p) { return request_at(o.batch, p); });
   }
   const sim::MemoryEstimate& peak = est.peak();
+  std::optional<GenerationTime> time;
+  if (!config.target.is_cpu) time = TimeGeneration(est, config, o.new_tokens);
   const std::string loop =
       std::string("HF generate(): greedy, DynamicCache, no padding, ") +
       (last_logits ? "the prompt's logits at its last position only (logits_to_keep=1)"
@@ -154,6 +192,17 @@ int RunInfer(const InferOptions& o) {
     if (est.decode) j["decode"] = PhaseJson(*est.decode);
     if (max_batch) j["max_batch"] = *max_batch;
     if (max_prompt) j["max_prompt"] = *max_prompt;
+    if (time) {
+      nlohmann::json tj = {{"prefill_s", time->prefill_s},
+                           {"prefill_tokens_per_s", static_cast<double>(o.batch * o.prompt) / time->prefill_s},
+                           {"generate_s", time->generate_s},
+                           {"assumptions", time->assumptions}};
+      if (est.decode) {
+        tj["decode_step_s"] = time->decode_step_s;
+        tj["decode_tokens_per_s"] = static_cast<double>(o.batch) / time->decode_step_s;
+      }
+      j["time"] = tj;
+    }
     std::cout << j.dump(2) << "\n";
   } else {
     std::printf("model      %s\n", o.model.c_str());
@@ -171,6 +220,16 @@ int RunInfer(const InferOptions& o) {
                   "nvidia-smi       %s of %s: %s\n", FormatBytes(est.peak_reserved_bytes()).c_str(),
                   FormatBytes(est.nvidia_smi_bytes()).c_str(), FormatBytes(peak.capacity_bytes).c_str(),
                   est.fits() ? "fits" : "does not fit");
+    }
+    if (time) {
+      std::printf("\ntime (a GPU roofline; kernel launch and CPU dispatch overheads not modelled):\n");
+      std::printf("  prefill            %8.2f ms   %12.0f tokens/s\n", time->prefill_s * 1e3,
+                  static_cast<double>(o.batch * o.prompt) / time->prefill_s);
+      if (est.decode) {
+        std::printf("  last decode step   %8.2f ms   %12.1f tokens/s (%lld sequences)\n", time->decode_step_s * 1e3,
+                    static_cast<double>(o.batch) / time->decode_step_s, static_cast<long long>(o.batch));
+      }
+      std::printf("  generate()       <= %8.3f s\n", time->generate_s);
     }
     if (max_batch) {
       std::printf("largest batch that fits: %lld (prompt %lld + %lld new tokens)\n", static_cast<long long>(*max_batch),

@@ -157,9 +157,11 @@ std::vector<std::string> Assumptions(const StepTimeInputs& in) {
   }
   a.push_back("kernel launch and CPU dispatch overheads are not modelled: steps made of many tiny ops run slower "
               "than estimated");
-  a.push_back("optimizer: " + OptimizerStepWords(in.optimizer) + " makes " +
-              std::to_string(OptimizerPasses(in.optimizer)) + " memory-bound passes over the " +
-              FormatBytes(in.optimizer_param_bytes) + " of parameters this rank updates");
+  if (!in.forward_only) {
+    a.push_back("optimizer: " + OptimizerStepWords(in.optimizer) + " makes " +
+                std::to_string(OptimizerPasses(in.optimizer)) + " memory-bound passes over the " +
+                FormatBytes(in.optimizer_param_bytes) + " of parameters this rank updates");
+  }
   bool uses_intra = false, uses_inter = false;
   for (const Collective& c : in.collectives) {
     if (c.group_size <= 1) continue;

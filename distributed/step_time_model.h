@@ -73,6 +73,7 @@ struct StepTimeInputs {
   // Per op of per_rank_cost: activation checkpointing recomputes it in backward (RecomputedOps; empty: none).
   std::vector<bool> recomputed_ops;
   EfficiencyAssumptions efficiency;
+  bool forward_only = false;  // a forward without backward or optimizer (generation): their assumptions go unsaid
 };
 
 // Time of one entry of the CollectiveList.

@@ -27,12 +27,13 @@ GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t
     throw ConfigError("batch, prompt and new tokens must be positive");
   }
   GenerationEstimate est;
-  const GenerationForward prefill = MakeGenerationForward(graph_at(r.batch, r.prompt), 0, r.loop);
+  GenerationForward prefill = MakeGenerationForward(graph_at(r.batch, r.prompt), 0, r.loop);
   est.prefill = SimulateForward(prefill, config);
   const int64_t cached = r.prompt + r.new_tokens - 1;
   if (r.new_tokens >= 2) {
-    const GenerationForward last = MakeGenerationForward(graph_at(r.batch, 1), cached - 1, r.loop);
+    GenerationForward last = MakeGenerationForward(graph_at(r.batch, 1), cached - 1, r.loop);
     est.decode = SimulateForward(last, config);
+    est.decode_graph = std::move(last.graph);
   }
   for (ValueId v : prefill.present) {
     const TensorValue& tv = prefill.graph.value(v);
@@ -41,6 +42,7 @@ GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t
     const DType d = config.precision == Precision::kBf16 ? tv.dtype_bf16_weights : tv.dtype;
     est.cache_bytes += ShapeBytes(shape, d);
   }
+  est.prefill_graph = std::move(prefill.graph);
   return est;
 }
 

@@ -27,6 +27,8 @@ struct GenerationRequest {
 struct GenerationEstimate {
   MemoryEstimate prefill;                // the prompt's forward
   std::optional<MemoryEstimate> decode;  // the last decode step (P + N - 2 tokens cached); none for N = 1
+  Graph prefill_graph;                   // the forwards simulated (graph/generation_forward.h), for their costs
+  std::optional<Graph> decode_graph;
   int64_t cache_bytes = 0;               // the cache after the last step: P + N - 1 tokens per sequence
   // The phase with the higher allocated peak.
   const MemoryEstimate& peak() const {

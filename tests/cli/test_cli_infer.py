@@ -69,6 +69,25 @@ class InferInputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertEqual(small.returncode, 3, small.stderr)
 
 
+class InferTimeTest(unittest.TestCase):
+    def test_a_gpu_target_estimates_tokens_per_second_as_a_roofline(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        args = ("--gpu", "a100-80", "-p", "fp32", "--prompt", "512", "--new-tokens", "16")
+        one, many = infer_json(llama, *args, "-b", "1"), infer_json(llama, *args, "-b", "32")
+        for j in (one, many):
+            t = j["time"]
+            self.assertGreater(t["prefill_s"], 0)
+            self.assertAlmostEqual(t["decode_tokens_per_s"] * t["decode_step_s"], j["batch"], places=6)
+            self.assertAlmostEqual(t["generate_s"], t["prefill_s"] + 15 * t["decode_step_s"], places=9)
+            self.assertTrue(any("roofline" in a for a in t["assumptions"]))
+            self.assertFalse(any(a.startswith("optimizer") for a in t["assumptions"]))
+        # A decode step reads every weight once whatever the batch: 32 sequences take less than 32 times as long.
+        self.assertLess(many["time"]["decode_step_s"], 32 * one["time"]["decode_step_s"])
+        self.assertGreater(many["time"]["decode_tokens_per_s"], one["time"]["decode_tokens_per_s"])
+        cpu = infer_json(llama, "--gpu", "cpu", "-p", "fp32", "--prompt", "16", "--new-tokens", "2")
+        self.assertNotIn("time", cpu)  # no GPU, no roofline
+
+
 class InferSearchTest(OneLineErrorAssertions, unittest.TestCase):
     def test_the_largest_batch_and_prompt_fit_and_one_more_does_not(self):
         llama = os.path.join(TINY, "llama-tiny.pt")
