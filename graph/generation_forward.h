@@ -9,6 +9,9 @@
 //     which is dropped when the entry is rebound;
 //   - the attention reads the cached tensors with no mask (create_causal_mask returns None for an unpadded
 //     batch), so sdpa_attention_forward passes enable_gqa instead of repeat_kv copies and is_causal = S > 1.
+// generate() feeds position ids per sequence ([B, S], `attention_mask.long().cumsum(-1) - 1`) where the training
+// forward broadcasts `cache_position.unsqueeze(0)` ([1, S]): that value becomes a graph input of B rows, and what
+// is computed from it (RoPE's frequencies, cos and sin; learned position embeddings) gets B rows where it had 1.
 // The mask's computation is then dead and goes, as does the loss. When the model's forward takes logits_to_keep,
 // generate() passes 1 and the LM head runs on the last position only (`lm_head(hidden_states[:, -1:, :])`, [B, 1, V]
 // logits); a forward without it (OPT, GPT-BigCode in transformers 4.57) computes [B, S, V] logits, of which the loop

@@ -21,6 +21,7 @@ Errors are signed: (estimate - measured) / measured. A negative error is an unde
   scripts/accuracy.py ... --distributed recipes   # FSDP2 MixedPrecisionPolicy (FSDP2+TP too), optimizer kinds
   scripts/accuracy.py ... --distributed all   # both sets once (what docs/ACCURACY.md is generated with)
   scripts/accuracy.py ... --archs "" --recipes [--quick]   # the training-recipe cases (RECIPE_CASES) only
+  scripts/accuracy.py ... --inference   # also llmem infer against real generate() (scripts/inference_accuracy.py)
 
 --recipes adds RECIPE_CASES: each training-recipe feature (activation checkpointing full / non-reentrant / every-K /
 selective, gradient accumulation, chunked loss, kept outputs, optimizer in backward, gradient clipping) on several
@@ -44,6 +45,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import distributed_runs  # noqa: E402  (ensure_export: the exports of cases on another preset)
 import eager_runs  # noqa: E402  (torch and the counting allocator load at the first case, once for all)
+import inference_accuracy  # noqa: E402
 import training_recipe  # noqa: E402
 
 ARCHS = ["gpt2", "opt", "bloom", "llama", "gpt_neo", "codegen", "gpt_bigcode", "mistral", "qwen2"]
@@ -151,6 +153,9 @@ def main():
     ap.add_argument("--recipe-filter", default="",
                     help="with --recipes: only the cases that contain one of these comma-free substrings, "
                          "given as a |-separated list (e.g. 'grad-accum|keep-outputs|adafactor')")
+    ap.add_argument("--inference", action="store_true",
+                    help="also `llmem infer` against real generate() runs (scripts/inference_accuracy.py; with "
+                         "--quick its quick cases)")
     ap.add_argument("--out", help="write the markdown report here")
     ap.add_argument("--check", type=float, help="fail if any |error| (percent) of any phase exceeds this")
     args = ap.parse_args()
@@ -256,6 +261,12 @@ def main():
         for batch, seq in parse_points(args.meta_points):
             meta_rows.append(compare_torchscript(path, name, "fp32", "adamw", batch, seq, "meta"))
     rows_all = rows + recipe_rows_estimated + ts_rows + meta_rows
+    generation = []
+    if args.inference:
+        generation = inference_accuracy.compare(args.llmem, args.models, inference_accuracy.QUICK_CASES
+                                                if args.quick else inference_accuracy.CASES)
+        for phase in ("prefill", "decode"):
+            print("generation " + inference_accuracy.summary(generation, phase))
     dist = None
     if args.distributed:
         runs = os.path.join(os.path.dirname(os.path.abspath(args.llmem)), "..", "accuracy_distributed_runs.jsonl")
@@ -425,6 +436,11 @@ def main():
                     per_rank = " ".join(f"{r['error_percent']:+.3f}%" for r in c["ranks"])
                     f.write(f"| {c['case']} | {len(c['ranks'])} | {mib(c['measured_max_bytes']):.2f} | "
                             f"{mib(c['estimated_bytes']):.2f} | {c['error_percent']:+.3f}% | {per_rank} |\n")
+            if generation:
+                inference_accuracy.write_section(f, generation)
+    if args.check is not None and inference_accuracy.worst(generation) > args.check:
+        print(f"FAIL generation: an error of {inference_accuracy.worst(generation):.3f}% exceeds {args.check}%")
+        sys.exit(1)
     if args.check is not None and worst > args.check:
         bad = [(r, c) for r in rows_all for c, err in r["errors"].items() if abs(err) > args.check]
         for r, c in bad:

@@ -1,0 +1,193 @@
+"""`llmem infer --gpu cpu` against real Hugging Face generate() runs on this CPU: the generation section of
+docs/ACCURACY.md (scripts/accuracy.py --inference).
+
+Each case is ARCH:PRECISION:BxP+N. The real run is scripts/inference_runs.py (greedy generate(), min_new_tokens =
+max_new_tokens, DynamicCache, every CPU tensor counted); all cases run in one subprocess, which loads torch once.
+Compared: the prefill's peak (the first forward and the loop's work after it), the last decode step's peak and the
+KV cache after the last step (bytes, exact). Errors are of the whole peak (weights included) and, harder, of the part
+above the weights. An architecture llmem refuses is listed with its one-line reason, not compared.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import distributed_runs  # noqa: E402  (ensure_export)
+
+# Every architecture of the tiny presets: those llmem generates for and those it refuses (with the reason).
+ARCHS = ["llama", "gpt2", "opt", "gpt_bigcode", "qwen2", "mistral", "bloom", "gpt_neo", "codegen"]
+POINTS = [(1, 128, 16), (2, 32, 8), (4, 256, 4)]  # batch, prompt, new tokens
+BF16_ARCHS = ["llama", "gpt2"]  # bf16 needs an export traced in bf16 (the ctest fixture makes these two)
+CASES = [f"{a}:fp32:{b}x{p}+{n}" for a in ARCHS for b, p, n in POINTS]
+CASES += [f"{a}:bf16:{b}x{p}+{n}" for a in BF16_ARCHS for b, p, n in POINTS]
+QUICK_CASES = ["llama:fp32:2x32+8", "opt:fp32:2x32+8", "qwen2:fp32:2x32+8", "gpt2:bf16:2x32+8"]
+
+
+def parse(case):
+    arch, precision, shape = case.split(":")
+    batch, rest = shape.split("x")
+    prompt, new = rest.split("+")
+    return arch, precision, int(batch), int(prompt), int(new)
+
+
+def error(estimated, measured):
+    return 100.0 * (estimated - measured) / measured
+
+
+def compare(llmem, models, cases):
+    """One row per case: the estimate, the real run and the errors (or the reason llmem refused the case)."""
+    rows, real_cases = [], []
+    for case in cases:
+        arch, precision, batch, prompt, new = parse(case)
+        dtype = "bfloat16" if precision == "bf16" else ""
+        export, _ = distributed_runs.ensure_export(arch, "tiny", models, sys.executable, dtype)
+        proc = subprocess.run([llmem, "infer", export, "--gpu", "cpu", "-p", precision, "-b", str(batch),
+                               "--prompt", str(prompt), "--new-tokens", str(new), "--json"],
+                              capture_output=True, text=True)
+        row = {"case": case, "arch": arch, "precision": precision, "batch": batch, "prompt": prompt, "new": new}
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            row["refused"] = lines[-1] if lines else f"exit code {proc.returncode}"
+        else:
+            row["estimate"] = json.loads(proc.stdout)
+            real_cases.append(case)
+        rows.append(row)
+    if real_cases:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "runs.jsonl")
+            cmd = [sys.executable, os.path.join(HERE, "inference_runs.py"), "--out", out]
+            for case in real_cases:
+                cmd += ["--case", case]
+            subprocess.run(cmd, check=True)
+            with open(out) as f:
+                real = [json.loads(line) for line in f if line.strip()]
+        by_case = dict(zip(real_cases, real))
+        for row in rows:
+            if row["case"] not in by_case:
+                continue
+            r, e = by_case[row["case"]], row["estimate"]
+            w = r["weights_bytes"]
+            measured = {"prefill": w + r["forward_peak_bytes"][0], "decode": w + r["forward_peak_bytes"][-1]}
+            estimated = {"prefill": e["prefill"]["peak_allocated_bytes"]}
+            if "decode" in e:
+                estimated["decode"] = e["decode"]["peak_allocated_bytes"]
+            row.update(weights=w, measured=measured, estimated=estimated, cache_measured=r["cache_bytes"],
+                       cache_estimated=e["cache_bytes"], weights_estimated=e["weights_bytes"])
+            row["errors"] = {k: error(estimated[k], measured[k]) for k in estimated}
+            row["errors_above_weights"] = {k: error(estimated[k] - w, measured[k] - w) for k in estimated}
+    return rows
+
+
+def worst(rows):
+    """The largest |error| of the whole peak over the compared rows, in percent; 0 when none."""
+    return max((abs(v) for r in rows if "errors" in r for v in r["errors"].values()), default=0.0)
+
+
+def summary(rows, phase):
+    compared = [r for r in rows if phase in r.get("errors", {})]
+    if not compared:
+        return f"{phase}: no case"
+    errs = sorted(abs(r["errors"][phase]) for r in compared)
+    above = [abs(r["errors_above_weights"][phase]) for r in compared]
+    under = [r for r in compared if r["errors"][phase] < 0]
+    text = (f"{phase}: {len(compared)} cases: median |error| {errs[len(errs) // 2]:.3f}%, max |error| {errs[-1]:.3f}% "
+            f"(above the weights: max {max(above):.2f}%), {len(under)} under-estimates")
+    if under:
+        low = min(under, key=lambda r: r["errors"][phase])
+        text += (f" (largest {low['errors'][phase]:+.4f}%, "
+                 f"{low['estimated'][phase] - low['measured'][phase]:+d} bytes)")
+    return text
+
+
+SECTION = "## Generation: Hugging Face generate() on this CPU (`llmem infer`)"
+
+
+def write_section(f, rows, when=None):
+    """The section's markdown; `when` (a UTC time) dates it when it is run apart from the rest of the report."""
+    mib = 2.0 ** 20
+    f.write(f"\n{SECTION}\n\n")
+    if when:
+        f.write(f"- when: {when} (this section's own run: `scripts/inference_accuracy.py --update`)\n")
+    f.write("- measured: `scripts/inference_runs.py`: the Hugging Face model of the export's config in eval mode, "
+            "`model.generate(input_ids, attention_mask=ones, max_new_tokens=N, min_new_tokens=N, do_sample=False, "
+            "use_cache=True)` (greedy, DynamicCache, no padding), every CPU tensor counted by a counting allocator; "
+            "the peak of each forward and the loop's work after it (prefill: the first; decode: the last, where the "
+            "cache is longest), weights included\n")
+    f.write("- estimated: `llmem infer --gpu cpu -p PRECISION -b B --prompt P --new-tokens N`: its prefill and last "
+            "decode step's allocated peaks; the cache after the last step, compared byte for byte\n")
+    f.write("- error = (estimated - measured) / measured of the whole peak; \"above weights\": the same of the part "
+            "above the weights (activations, cache, the loop's tensors)\n")
+    f.write("- not run: the static cache (`cache_implementation=\"static\"`), which llmem does not model yet\n")
+    f.write("- not modelled: the workspace of the CPU GEMM of a bf16 `linear` (CPU only), which sets the CPU peak where "
+            "the activations are smallest (the largest error above the weights below)\n\n")
+    for phase in ("prefill", "decode"):
+        f.write(f"- **{summary(rows, phase)}.**\n")
+    cache_exact = [r for r in rows if "errors" in r and r["cache_estimated"] == r["cache_measured"]]
+    compared = [r for r in rows if "errors" in r]
+    f.write(f"- **KV cache: {len(cache_exact)} of {len(compared)} cases exact.**\n")
+    refused = [r for r in rows if "refused" in r]
+    if refused:
+        f.write(f"- {len(refused)} cases refused by llmem (listed with its reason)\n")
+    f.write("\n| model | precision | batch | prompt + new | prefill measured MiB | prefill error | above weights | "
+            "last decode measured MiB | decode error | above weights | cache |\n")
+    f.write("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|\n")
+    for r in rows:
+        head = f"| {r['arch']} | {r['precision']} | {r['batch']} | {r['prompt']} + {r['new']} | "
+        if "refused" in r:
+            f.write(head + f"refused: {r['refused'].replace('|', '/')} | | | | | | |\n")
+            continue
+        cells = []
+        for phase in ("prefill", "decode"):
+            if phase in r["errors"]:
+                cells.append(f"{r['measured'][phase] / mib:.2f} | {r['errors'][phase]:+.3f}% | "
+                             f"{r['errors_above_weights'][phase]:+.2f}%")
+            else:
+                cells.append("— | — | —")
+        cache = "exact" if r["cache_estimated"] == r["cache_measured"] else \
+            f"{r['cache_estimated'] - r['cache_measured']:+d} B"
+        f.write(head + " | ".join(cells) + f" | {cache} |\n")
+
+
+def main():
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llmem", required=True)
+    ap.add_argument("--models", required=True, help="folder of <arch>-tiny.pt exports (missing ones are made)")
+    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_CASES)}")
+    ap.add_argument("--out", help="write the section's markdown here")
+    ap.add_argument("--update", help="replace this section of a report written by scripts/accuracy.py (e.g. "
+                                     "docs/ACCURACY.md), or append it, dated by this run")
+    ap.add_argument("--check", type=float, help="exit 1 if any |error| of a whole peak exceeds this (percent)")
+    args = ap.parse_args()
+    rows = compare(args.llmem, args.models, QUICK_CASES if args.quick else CASES)
+    for phase in ("prefill", "decode"):
+        print(summary(rows, phase))
+    if args.out:
+        with open(args.out, "w") as f:
+            write_section(f, rows)
+    if args.update:
+        import datetime
+        import io
+
+        with open(args.update) as f:
+            text = f.read()
+        section = io.StringIO()
+        write_section(section, rows, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        start = text.find("\n" + SECTION)
+        if start < 0:
+            text = text.rstrip("\n") + "\n" + section.getvalue()
+        else:
+            end = text.find("\n## ", start + 1)
+            text = text[:start] + section.getvalue() + (text[end:] if end >= 0 else "")
+        with open(args.update, "w") as f:
+            f.write(text)
+    if args.check is not None and worst(rows) > args.check:
+        sys.exit(f"inference_accuracy: an error of {worst(rows):.3f}% exceeds {args.check}%")
+
+
+if __name__ == "__main__":
+    main()
