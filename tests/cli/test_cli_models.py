@@ -317,6 +317,19 @@ class ModelFileTest(unittest.TestCase):
             z.writestr(prefix + "autocast_casts.json", '{"to_autocast_dtype": [true]}')
         self.assert_one_line_error(run("estimate", src_path), 2, "autocast_casts.json", "describes 1 casts")
 
+    def test_a_malformed_rebinding_record_is_one_line(self):
+        import zipfile
+        for i, (record, needle) in enumerate((('[1]', "is not an object"),
+                                              ('{"OPTDecoderLayer": {"fc1": {"between": 3, "rebinder": []}}}',
+                                               'no "between" list'),
+                                              ('{"OPTDecoderLayer": {"fc1": {"between": [], "rebinder": [7]}}}',
+                                               "non-string"))):
+            path = self.without_extra_file("opt-tiny.pt", "rebound_names.json", f"opt-bad-rebinding-{i}.pt")
+            with zipfile.ZipFile(path, "a") as z:
+                prefix = next(n for n in z.namelist() if n.endswith("extra/hf_config.json"))[:-len("hf_config.json")]
+                z.writestr(prefix + "rebound_names.json", record)
+            self.assert_one_line_error(run("estimate", path), 2, "rebound_names.json", needle)
+
     # --- encoders -----------------------------------------------------------------------------------------------
 
     def test_masked_lm_is_not_a_decoder_lm(self):
