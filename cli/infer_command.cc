@@ -105,6 +105,8 @@ void AddInferOptions(CLI::App* cmd, InferOptions& o) {
   cmd->add_option("--new-tokens", o.new_tokens, "tokens generated per sequence")->required();
   cmd->add_option("-p,--precision", o.precision, "the weights' dtype: bf16 (a bf16 export) | fp32")
       ->capture_default_str();
+  cmd->add_option("--cache", o.cache, "HF cache: dynamic (DynamicCache) | static (cache_implementation=\"static\")")
+      ->capture_default_str();
   cmd->add_option("--max-positions", o.max_positions, "longest sequence the model allows (e.g. scaled RoPE)");
   cmd->add_flag("--max-batch", o.max_batch, "also find the largest batch that fits (GPU targets)");
   cmd->add_flag("--max-context", o.max_prompt,
@@ -115,6 +117,9 @@ void AddInferOptions(CLI::App* cmd, InferOptions& o) {
 int RunInfer(const InferOptions& o) {
   if (o.precision != "bf16" && o.precision != "fp32") {
     throw ConfigError("unknown --precision '" + o.precision + "' for infer (bf16, fp32)");
+  }
+  if (o.cache != "dynamic" && o.cache != "static") {
+    throw ConfigError("unknown --cache '" + o.cache + "' (dynamic, static; paged is not modelled yet)");
   }
   if (o.batch <= 0) throw ConfigError("--batch must be positive");
   if (o.prompt <= 0) throw ConfigError("--prompt must be positive");
@@ -144,7 +149,8 @@ int RunInfer(const InferOptions& o) {
   const bool last_logits = model.logits_to_keep().value_or(false);
   const auto request_at = [&](int64_t b, int64_t p) {
     return sim::GenerationRequest{.batch = b, .prompt = p, .new_tokens = o.new_tokens,
-                                  .loop = {.last_position_logits = last_logits,
+                                  .loop = {.cache = o.cache == "static" ? CacheKind::kStatic : CacheKind::kDynamic,
+                                           .last_position_logits = last_logits,
                                            .min_length_processors = model.eos_token().value_or(true)}};
   };
   const sim::GenerationRequest request = request_at(o.batch, o.prompt);
@@ -174,7 +180,8 @@ int RunInfer(const InferOptions& o) {
   std::optional<GenerationTime> time;
   if (!config.target.is_cpu) time = TimeGeneration(est, config, o.new_tokens);
   const std::string loop =
-      std::string("HF generate(): greedy, DynamicCache, no padding, ") +
+      std::string("HF generate(): greedy, ") +
+      (o.cache == "static" ? "StaticCache of prompt + new tokens - 1" : "DynamicCache") + ", no padding, " +
       (last_logits ? "the prompt's logits at its last position only (logits_to_keep=1)"
                    : model.logits_to_keep() ? "the prompt's logits at every position (the forward takes no logits_to_keep)"
                                             : "the prompt's logits at every position (the export does not say whether "

@@ -1,4 +1,5 @@
-// `llmem infer`: the memory of Hugging Face generation (prefill and decode with a DynamicCache) on one GPU.
+// `llmem infer`: the memory of Hugging Face generation (prefill and decode with a DynamicCache or StaticCache) on
+// one GPU, and its time as a roofline.
 #pragma once
 
 #include <CLI/CLI.hpp>
@@ -16,6 +17,7 @@ struct InferOptions {
   int64_t prompt = 0;
   int64_t new_tokens = 0;
   std::string precision = "bf16";
+  std::string cache = "dynamic";
   std::optional<int64_t> max_positions;
   bool max_batch = false;    // also search the largest batch that fits at this prompt and new tokens
   bool max_prompt = false;   // also search the longest prompt that fits at this batch and new tokens

@@ -1,6 +1,7 @@
 #include "graph/generation_forward.h"
 
 #include <algorithm>
+#include <array>
 #include <map>
 #include <set>
 #include <string>
@@ -82,6 +83,23 @@ ValueId BroadcastPositionIds(const Graph& g) {
   return {};
 }
 
+// The model's own module path from an op inside its decoder layers ("model.model.layers.3.self_attn" ->
+// "model.model", "model.transformer.h.0.ln_1" -> "model.transformer"): the path up to the layer container, whose
+// entries are indices; "" when no component is one.
+std::string ModelScope(const std::string& scope) {
+  size_t start = 0, container = std::string::npos;
+  while (start <= scope.size()) {
+    const size_t dot = std::min(scope.find('.', start), scope.size());
+    const std::string part = scope.substr(start, dot - start);
+    if (!part.empty() && std::all_of(part.begin(), part.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+      return container == std::string::npos ? "" : scope.substr(0, container);
+    }
+    container = start == 0 ? std::string::npos : start - 1;  // the dot before this component
+    start = dot + 1;
+  }
+  return "";
+}
+
 // generate()'s [B, S] position ids in place of the forward's [1, S] ones: what the forward computes from them
 // (RoPE's frequencies, cos and sin; GPT-2's position embeddings) has a batch dim of B where it had 1.
 class BatchedPositions {
@@ -132,6 +150,67 @@ class BatchedPositions {
   std::set<int32_t> batched_;
 };
 
+// The attention op `old` reading a StaticCache of `length` tokens (Note [Generation forward]): the entries made in the
+// prefill or read as inputs, the in-place copies of the new tokens, and in a prefill with a mask the repeat_kv
+// copies. Appends to `past` and `present` (keys, values).
+void EmitStaticCacheAttention(const Graph& g, GraphRewriter& rw, const OpNode& old, int64_t past_tokens,
+                              int64_t length, ValueId& mask, std::array<std::vector<ValueId>*, 2> past,
+                              std::array<std::vector<ValueId>*, 2> present) {
+  const TensorValue qv = g.value(old.args[0].tensors.at(0));
+  const int64_t new_tokens = qv.shape.at(2);
+  if (length < past_tokens + new_tokens) throw ConfigError("generation: the static cache is shorter than the tokens");
+  // A StaticCache is compileable, so create_causal_mask never skips the mask (allow_is_causal_skip is off).
+  const bool masked = true;
+  if (!mask.valid()) throw ConfigError("generation: the static cache's mask was not made before " + old.scope);
+  std::array<ValueId, 2> fresh, entry;
+  for (int which = 0; which < 2; ++which) {
+    fresh[which] = CachedTensor(g, old.args[static_cast<size_t>(which + 1)].tensors.at(0));
+    const TensorValue& fv = g.value(fresh[which]);
+    if (fv.shape.size() != 4) {
+      throw ConfigError("generation: the attention of " + old.scope + " does not read [batch, heads, tokens, "
+                        "dim] keys and values; this architecture's cache is not modelled");
+    }
+  }
+  // lazy_initialization makes both entries before the first copy.
+  for (int which = 0; which < 2; ++which) {
+    const TensorValue& fv = g.value(fresh[which]);
+    const std::string what = std::string(which == 0 ? "keys" : "values") + " of " + old.scope;
+    if (past_tokens > 0) {
+      entry[which] = rw.NewValue("cached " + what, WithTokens(fv.shape, length), fv.dtype, fv.dtype_bf16_weights);
+      past[which]->push_back(entry[which]);
+    } else {
+      entry[which] = rw.NewValue("cache " + what, WithTokens(fv.shape, length), fv.dtype, fv.dtype_bf16_weights);
+      rw.Emit(GraphRewriter::NewNode(old, "aten::zeros", old.scope, {IntArg(0, OpArg::Kind::kIntList)}, entry[which]));
+      rw.nodes().back().args[0].ints = WithTokens(fv.shape, length);
+    }
+  }
+  OpNode sdpa = old;
+  for (int which = 0; which < 2; ++which) {
+    const TensorValue& fv = g.value(fresh[which]);
+    const ValueId root = rw.value(entry[which]).alias_of.valid() ? rw.value(entry[which]).alias_of : entry[which];
+    const ValueId updated = rw.NewValue(rw.value(entry[which]).name + " updated", WithTokens(fv.shape, length),
+                                        fv.dtype, fv.dtype_bf16_weights, root);
+    rw.Emit(GraphRewriter::NewNode(old, "aten::index_copy_", old.scope,
+                                   {TensorArg(entry[which]), IntArg(2), TensorArg(fresh[which])}, updated));
+    present[which]->push_back(past_tokens > 0 ? updated : entry[which]);
+    ValueId read = updated;
+    const int64_t heads = qv.shape.at(1), kv_heads = fv.shape.at(1);
+    if (masked && heads != kv_heads) {  // repeat_kv: a copy of the whole entry at every query head
+      std::vector<int64_t> repeated = WithTokens(fv.shape, length);
+      repeated[1] = heads;
+      read = rw.NewValue(rw.value(entry[which]).name + " repeated", repeated, fv.dtype, fv.dtype_bf16_weights);
+      rw.Emit(GraphRewriter::NewNode(old, "aten::reshape", old.scope,
+                                     {TensorArg(updated), IntArg(0, OpArg::Kind::kIntList)}, read));
+      rw.nodes().back().args[1].ints = repeated;
+    }
+    sdpa.args[static_cast<size_t>(which + 1)] = TensorArg(read);
+  }
+  if (sdpa.args.size() > 3) sdpa.args[3] = masked ? TensorArg(mask) : OpArg{};
+  if (sdpa.args.size() > 5) sdpa.args[5] = IntArg(0, OpArg::Kind::kBool);  // the mask, or one query token
+  if (sdpa.args.size() > 7) sdpa.args[7] = IntArg(masked ? 0 : 1, OpArg::Kind::kBool);  // enable_gqa
+  rw.Emit(std::move(sdpa));
+}
+
 }  // namespace
 
 GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, const GenerationLoop& loop) {
@@ -144,10 +223,29 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, con
   ValueId head_output;
   int attention = 0;
   BatchedPositions positions(g, rw);
+  ValueId static_mask;  // the static cache's causal mask, made once for every layer
   for (const OpNode& original : g.nodes()) {
+    if (loop.cache == CacheKind::kStatic && !static_mask.valid() && original.region.kind == RegionKind::kDecoderLayer) {
+      // create_causal_mask runs in the model's forward before its first layer, and lives until the model returns.
+      const std::vector<int64_t>& ids = g.value(g.inputs().at(0)).shape;
+      const std::vector<int64_t> shape = {ids.at(0), 1, ids.at(1), loop.static_cache_tokens};
+      OpNode at = original;
+      at.region = Region{RegionKind::kEmbedding, -1};
+      static_mask = rw.NewValue("static cache causal mask", shape, DType::kBool, DType::kBool);
+      rw.Emit(GraphRewriter::NewNode(at, "aten::ones", ModelScope(original.scope), {IntArg(0, OpArg::Kind::kIntList)},
+                                     static_mask));
+      rw.nodes().back().args[0].ints = shape;
+    }
     OpNode batched = original;
     positions.Apply(batched, rw);
     const OpNode& old = batched;
+    if (old.kind == "aten::scaled_dot_product_attention" && old.args.size() >= 3 &&
+        loop.cache == CacheKind::kStatic) {
+      ++attention;
+      EmitStaticCacheAttention(g, rw, old, past_tokens, loop.static_cache_tokens, static_mask,
+                               {&past_keys, &past_values}, {&present_keys, &present_values});
+      continue;
+    }
     if (old.kind == "aten::scaled_dot_product_attention" && old.args.size() >= 3) {
       ++attention;
       OpNode sdpa = old;

@@ -12,6 +12,12 @@
 // generate() feeds position ids per sequence ([B, S], `attention_mask.long().cumsum(-1) - 1`) where the training
 // forward broadcasts `cache_position.unsqueeze(0)` ([1, S]): that value becomes a graph input of B rows, and what
 // is computed from it (RoPE's frequencies, cos and sin; learned position embeddings) gets B rows where it had 1.
+// With a StaticCache (cache_implementation="static", transformers 4.57 StaticLayer) each layer's keys and values are
+// zeros of the whole length L = P + N - 1, made at the layer's first update (the prefill), and each forward copies
+// its new tokens in place (`index_copy_`); the attention reads all L positions. A prefill whose L differs from P
+// then needs a causal mask, bool [B, 1, P, L] (create_causal_mask, held by the model's forward), and with a mask
+// HF's sdpa_attention_forward passes no enable_gqa, so repeat_kv copies the keys and values to every query head;
+// a decode step (one token) takes no mask.
 // The mask's computation is then dead and goes, as does the loss. When the model's forward takes logits_to_keep,
 // generate() passes 1 and the LM head runs on the last position only (`lm_head(hidden_states[:, -1:, :])`, [B, 1, V]
 // logits); a forward without it (OPT, GPT-BigCode in transformers 4.57) computes [B, S, V] logits, of which the loop
@@ -28,7 +34,14 @@
 namespace llmem {
 
 // What the model's generation loop does around the forward, from its forward's signature and generation config.
+enum class CacheKind : uint8_t {
+  kDynamic,  // DynamicCache: each layer's entry grows by torch.cat
+  kStatic,   // StaticCache (cache_implementation="static"): entries of the whole length, updated in place
+};
+
 struct GenerationLoop {
+  CacheKind cache = CacheKind::kDynamic;
+  int64_t static_cache_tokens = 0;    // kStatic: the entries' length (generate()'s max_length - 1 = P + N - 1)
   bool last_position_logits = true;   // the forward takes logits_to_keep
   bool min_length_processors = true;  // an eos_token_id: min_new_tokens makes generate() add MinLengthLogitsProcessor
                                       // and MinNewTokensLengthLogitsProcessor (without one it adds neither)

@@ -80,6 +80,8 @@ constexpr std::array kOps = std::to_array<OpInfo>({
     {"aten::cat", "", 0, A::kNone, A::kNone, G::kSlicesOfGrad, C::kDataMovement},
     {"aten::stack", "", 0, A::kNone, A::kNone, G::kSlicesOfGrad, C::kDataMovement},
     {"aten::copy_", "", kInPlace, A::kNone, A::kNone, G::kCopy, C::kDataMovement},
+    // StaticCache's in-place update of its entries (generation only: nothing there requires grad).
+    {"aten::index_copy_", "", kInPlace, A::kNone, A::kNone, G::kNone, C::kDataMovement},
 
     // Factories and fills: results that carry no gradient.
     {"aten::arange", "", 0, A::kNone, A::kNone, G::kNone, C::kDataMovement},

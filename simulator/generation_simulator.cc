@@ -27,11 +27,13 @@ GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t
     throw ConfigError("batch, prompt and new tokens must be positive");
   }
   GenerationEstimate est;
-  GenerationForward prefill = MakeGenerationForward(graph_at(r.batch, r.prompt), 0, r.loop);
+  GenerationLoop loop = r.loop;
+  loop.static_cache_tokens = r.prompt + r.new_tokens - 1;  // generate()'s max_length - 1: the last token is not fed
+  GenerationForward prefill = MakeGenerationForward(graph_at(r.batch, r.prompt), 0, loop);
   est.prefill = SimulateForward(prefill, config);
   const int64_t cached = r.prompt + r.new_tokens - 1;
   if (r.new_tokens >= 2) {
-    GenerationForward last = MakeGenerationForward(graph_at(r.batch, 1), cached - 1, r.loop);
+    GenerationForward last = MakeGenerationForward(graph_at(r.batch, 1), cached - 1, loop);
     est.decode = SimulateForward(last, config);
     est.decode_graph = std::move(last.graph);
   }

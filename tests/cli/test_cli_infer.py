@@ -34,6 +34,8 @@ class InferInputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_one_line_error(run("infer", llama, "--prompt", "8", "--new-tokens", "4", "-p", "fp16"), 2,
                                    "unknown --precision 'fp16'")
         self.assert_one_line_error(run(*base, "--new-tokens", "4"), 2, "--prompt")
+        self.assert_one_line_error(run(*base, "--prompt", "8", "--new-tokens", "4", "--cache", "paged"), 2,
+                                   "unknown --cache 'paged'")
         # positions: a learned table bounds the context, a RoPE config limit can be lifted
         opt = os.path.join(TINY, "opt-tiny.pt")
         self.assert_one_line_error(run("infer", opt, "--gpu", "cpu", "-p", "fp32", "--prompt", "1000",
@@ -42,6 +44,15 @@ class InferInputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertEqual(run(*base, "--prompt", "4000", "--new-tokens", "200", "--max-positions", "8192").returncode, 0)
         self.assert_one_line_error(run("infer", os.path.join(TINY, "mistral-tiny.pt"), "--gpu", "cpu", "-p", "fp32",
                                        "--prompt", "8", "--new-tokens", "4"), 2, "sliding window of 24")
+
+    def test_a_static_cache_is_whole_from_the_prefill(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        args = ("--gpu", "cpu", "-p", "fp32", "-b", "2", "--prompt", "20", "--new-tokens", "5")
+        dynamic, static = infer_json(llama, *args), infer_json(llama, *args, "--cache", "static")
+        self.assertEqual(static["cache_bytes"], dynamic["cache_bytes"])  # 24 tokens either way after the last step
+        self.assertEqual(static["prefill"]["at_peak_bytes"]["KV cache"], static["cache_bytes"])
+        self.assertLess(dynamic["prefill"]["at_peak_bytes"]["KV cache"], dynamic["cache_bytes"])  # 20 of 24 tokens
+        self.assertIn("StaticCache", static["loop"])
 
     def test_the_cache_holds_every_token_but_the_last(self):
         j = infer_json(os.path.join(TINY, "llama-tiny.pt"), "--gpu", "cpu", "-p", "fp32", "-b", "3", "--prompt", "20",
@@ -155,18 +166,18 @@ class InferLoopTest(unittest.TestCase):
 
 
 class InferAccuracyTest(unittest.TestCase):
-    def compare(self, arch, precision, batch, prompt, new_tokens):
+    def compare(self, arch, precision, batch, prompt, new_tokens, cache="dynamic"):
         import inference_runs
 
         model = f"{arch}-tiny{'-bf16' if precision == 'bf16' else ''}.pt"
         est = infer_json(os.path.join(TINY, model), "--gpu", "cpu", "-p", precision, "-b", str(batch), "--prompt",
-                         str(prompt), "--new-tokens", str(new_tokens))
-        real = inference_runs.run_case(arch, precision, batch, prompt, new_tokens)
+                         str(prompt), "--new-tokens", str(new_tokens), "--cache", cache)
+        real = inference_runs.run_case(arch, precision, batch, prompt, new_tokens, cache=cache)
         self.assertEqual(est["cache_bytes"], real["cache_bytes"])
         total = real["weights_bytes"] + real["peak_bytes"]
         decode = est["decode"]["peak_allocated_bytes"] - (real["weights_bytes"] + real["forward_peak_bytes"][-1])
         prefill = est["prefill"]["peak_allocated_bytes"] - (real["weights_bytes"] + real["forward_peak_bytes"][0])
-        label = f"{arch} {precision} {batch}x{prompt}+{new_tokens}"
+        label = f"{arch} {precision} {batch}x{prompt}+{new_tokens} {cache}"
         self.assertLess(abs(decode) / total, 0.005, f"{label}: decode off by {decode} B")
         self.assertLess(abs(prefill) / total, 0.005, f"{label}: prefill off by {prefill} B")
 
@@ -184,6 +195,12 @@ class InferAccuracyTest(unittest.TestCase):
 
     def test_qwen2_has_no_eos_token(self):
         self.compare("qwen2", "fp32", 2, 24, 6)
+
+    def test_a_static_cache_with_grouped_heads_copies_them_for_its_mask(self):  # repeat_kv of the whole length
+        self.compare("qwen2", "fp32", 4, 128, 4, cache="static")
+
+    def test_gpt2_static_cache(self):
+        self.compare("gpt2", "fp32", 2, 32, 8, cache="static")
 
 
 if __name__ == "__main__":

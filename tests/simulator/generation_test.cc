@@ -163,6 +163,44 @@ TEST(GenerationForwardTest, PositionIdsArePerSequenceAsGenerateFeedsThem) {
             0);
 }
 
+TEST(GenerationForwardTest, AStaticCacheIsWholeUpdatedInPlaceAndMasked) {
+  // StaticCache of 9 tokens: the prefill of 6 makes zeros [B, kv, 9, D] per entry and copies into them in place; the
+  // mask is bool [B, 1, 6, 9]; with a mask the 2 key/value heads are copied to the 4 query heads (repeat_kv).
+  const GenerationLoop loop{.cache = CacheKind::kStatic, .static_cache_tokens = 9};
+  const GenerationForward prefill = MakeGenerationForward(TinyDecoder(2, 6), 0, loop);
+  const Graph& g = prefill.graph;
+  EXPECT_TRUE(Kind(g, "aten::cat").empty());
+  ASSERT_EQ(Kind(g, "aten::zeros").size(), 2u);
+  ASSERT_EQ(prefill.present.size(), 2u);
+  EXPECT_EQ(g.value(prefill.present[0]).shape, (std::vector<int64_t>{2, kKvHeads, 9, kDim}));
+  const auto copies = Kind(g, "aten::index_copy_");
+  ASSERT_EQ(copies.size(), 2u);
+  EXPECT_EQ(g.StorageRoot(copies[0]->outputs[0]), prefill.present[0]);  // in place
+  const auto sdpa = Kind(g, "aten::scaled_dot_product_attention");
+  ASSERT_EQ(sdpa.size(), 1u);
+  const auto& in = g.tensor_inputs(sdpa[0]->id);
+  ASSERT_EQ(in.size(), 4u);
+  EXPECT_EQ(g.value(in[1]).shape, (std::vector<int64_t>{2, kHeads, 9, kDim}));  // repeated keys
+  EXPECT_EQ(g.value(in[3]).shape, (std::vector<int64_t>{2, 1, 6, 9}));
+  EXPECT_EQ(g.value(in[3]).dtype, DType::kBool);
+  EXPECT_EQ(sdpa[0]->args[7].int_value, 0);  // no enable_gqa with a mask
+  // A decode step reads the entries as inputs and updates them in place; the mask is still made.
+  const GenerationForward decode = MakeGenerationForward(TinyDecoder(2, 1), 7, loop);
+  ASSERT_EQ(decode.past.size(), 2u);
+  EXPECT_EQ(decode.graph.value(decode.past[0]).shape, (std::vector<int64_t>{2, kKvHeads, 9, kDim}));
+  EXPECT_EQ(decode.graph.StorageRoot(decode.present[0]), decode.past[0]);
+  EXPECT_EQ(Kind(decode.graph, "aten::ones").size(), 1u);
+  // The prefill's peak holds the whole entries; the cache after the last step is the same either way.
+  const auto at = [](int64_t b, int64_t s) { return TinyDecoder(b, s); };
+  GenerationRequest dynamic{.batch = 2, .prompt = 6, .new_tokens = 4};
+  GenerationRequest fixed = dynamic;
+  fixed.loop.cache = CacheKind::kStatic;
+  const GenerationEstimate d = EstimateGeneration(at, dynamic, CpuConfig());
+  const GenerationEstimate st = EstimateGeneration(at, fixed, CpuConfig());
+  EXPECT_EQ(st.cache_bytes, d.cache_bytes);
+  EXPECT_EQ(st.prefill.at_peak[static_cast<size_t>(MemoryCategory::kKvCache)], st.cache_bytes);
+}
+
 TEST(GenerationSimulatorTest, WithoutAnEosTokenTheLoopRunsNoMinLengthProcessors) {
   // min_new_tokens adds MinLengthLogitsProcessor and MinNewTokensLengthLogitsProcessor only when the generation
   // config has an eos_token_id; each clones the scores and builds a [V] int64 arange and a [V] mask.
