@@ -122,12 +122,17 @@ int RunInfer(const InferOptions& o) {
     throw ConfigError("unknown --cache '" + o.cache + "' (dynamic, static; paged is not modelled yet)");
   }
   if (o.batch <= 0) throw ConfigError("--batch must be positive");
+
   if (o.prompt <= 0) throw ConfigError("--prompt must be positive");
   if (o.new_tokens <= 0) throw ConfigError("--new-tokens must be positive");
   sim::TrainingConfig config = ParseTrainingConfig(o.precision, "sgd", o.gpu, o.gpu_memory);
   config.lifetimes = sim::Lifetimes::kEager;
   auto model = TorchScriptModel::Load(o.model);
   if (o.max_positions) model.set_max_positions(*o.max_positions);
+  if (o.cache == "static" && !model.bool_causal_mask().value_or(false)) {
+    throw ConfigError("--cache static is modelled for models that build transformers' create_causal_mask mask; this "
+                      "export's model builds its own (or the export does not say): not modelled yet");
+  }
   if (const auto window = model.sliding_window()) {
     throw ConfigError("this model attends within a sliding window of " + std::to_string(*window) +
                       " tokens, whose cache (DynamicSlidingWindowLayer) is not modelled yet");

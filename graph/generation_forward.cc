@@ -195,10 +195,19 @@ void EmitStaticCacheAttention(const Graph& g, GraphRewriter& rw, const OpNode& o
     present[which]->push_back(past_tokens > 0 ? updated : entry[which]);
     ValueId read = updated;
     const int64_t heads = qv.shape.at(1), kv_heads = fv.shape.at(1);
-    if (masked && heads != kv_heads) {  // repeat_kv: a copy of the whole entry at every query head
-      std::vector<int64_t> repeated = WithTokens(fv.shape, length);
+    if (masked && heads != kv_heads) {
+      // repeat_kv: `[:, :, None].expand(B, kv, n_rep, L, D).reshape(B, H, L, D)`, a copy of the whole entry at
+      // every query head, except where the reshape can view the expansion (one key/value head, MQA).
+      const std::vector<int64_t> whole = WithTokens(fv.shape, length);
+      std::vector<int64_t> repeated = whole;
       repeated[1] = heads;
-      read = rw.NewValue(rw.value(entry[which]).name + " repeated", repeated, fv.dtype, fv.dtype_bf16_weights);
+      const std::vector<int64_t> expanded = {whole[0], kv_heads, heads / kv_heads, whole[2], whole[3]};
+      const std::vector<int64_t> expanded_strides = {kv_heads * whole[2] * whole[3], whole[2] * whole[3], 0, whole[3],
+                                                     1};
+      const auto view = ViewStrides(expanded, expanded_strides, repeated);
+      read = rw.NewValue(rw.value(entry[which]).name + " repeated", repeated, fv.dtype, fv.dtype_bf16_weights,
+                         view ? root : ValueId{});
+      if (view) rw.value(read).strides = *view;
       rw.Emit(GraphRewriter::NewNode(old, "aten::reshape", old.scope,
                                      {TensorArg(updated), IntArg(0, OpArg::Kind::kIntList)}, read));
       rw.nodes().back().args[1].ints = repeated;

@@ -14,10 +14,11 @@
 // is computed from it (RoPE's frequencies, cos and sin; learned position embeddings) gets B rows where it had 1.
 // With a StaticCache (cache_implementation="static", transformers 4.57 StaticLayer) each layer's keys and values are
 // zeros of the whole length L = P + N - 1, made at the layer's first update (the prefill), and each forward copies
-// its new tokens in place (`index_copy_`); the attention reads all L positions. A prefill whose L differs from P
-// then needs a causal mask, bool [B, 1, P, L] (create_causal_mask, held by the model's forward), and with a mask
-// HF's sdpa_attention_forward passes no enable_gqa, so repeat_kv copies the keys and values to every query head;
-// a decode step (one token) takes no mask.
+// its new tokens in place (`index_copy_`); the attention reads all L positions. A StaticCache is compileable, so
+// create_causal_mask never skips the mask: every forward makes a bool [B, 1, S, L], held by the model's forward
+// (models with their own _update_causal_mask, as OPT, are refused: not modelled); with a mask HF's
+// sdpa_attention_forward passes no enable_gqa, so repeat_kv copies the keys and values to every query head (a view
+// where there is one key/value head).
 // The mask's computation is then dead and goes, as does the loss. When the model's forward takes logits_to_keep,
 // generate() passes 1 and the LM head runs on the last position only (`lm_head(hidden_states[:, -1:, :])`, [B, 1, V]
 // logits); a forward without it (OPT, GPT-BigCode in transformers 4.57) computes [B, S, V] logits, of which the loop

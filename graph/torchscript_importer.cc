@@ -278,6 +278,7 @@ struct TorchScriptModel::Impl {
   CallRecords call_records;  // from the export; empty when it has none
   std::optional<bool> config_logits_to_keep;  // whether the model's forward takes logits_to_keep
   std::optional<bool> config_eos_token;       // whether its generation config names an eos_token_id
+  std::optional<bool> config_bool_mask;       // whether its causal mask is masking_utils' bool one
 
   // Reads the config the export carries (max_position_embeddings, model_type); nothing when it has none.
   void ReadConfig(const std::string& text);
@@ -304,6 +305,7 @@ const std::string& TorchScriptModel::path() const { return impl_->path; }
 std::optional<int64_t> TorchScriptModel::sliding_window() const { return impl_->config_sliding_window; }
 std::optional<bool> TorchScriptModel::logits_to_keep() const { return impl_->config_logits_to_keep; }
 std::optional<bool> TorchScriptModel::eos_token() const { return impl_->config_eos_token; }
+std::optional<bool> TorchScriptModel::bool_causal_mask() const { return impl_->config_bool_mask; }
 
 namespace {
 
@@ -346,6 +348,9 @@ void TorchScriptModel::Impl::ReadConfig(const std::string& text) {
     config_logits_to_keep = it->get<bool>();
   }
   if (auto it = config.find("eos_token_id"); it != config.end()) config_eos_token = !it->is_null();
+  if (auto it = config.find("causal_mask"); it != config.end() && it->is_string()) {
+    config_bool_mask = it->get<std::string>() == "create_causal_mask";
+  }
   // Qwen2-style configs carry a window but switch it off with use_sliding_window.
   const auto use = config.find("use_sliding_window");
   const bool off = use != config.end() && use->is_boolean() && !use->get<bool>();

@@ -49,6 +49,9 @@ class TorchScriptModel {
   std::optional<bool> logits_to_keep() const;
   // Whether the generation config the export carries names an eos_token_id; none for an export without the record.
   std::optional<bool> eos_token() const;
+  // Whether the model builds masking_utils' bool causal mask (create_causal_mask), not its own mask in the model's
+  // dtype; none for an export without the record.
+  std::optional<bool> bool_causal_mask() const;
 
  private:
   struct Impl;

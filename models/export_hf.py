@@ -618,14 +618,22 @@ def strip_debug_info(path):
 CONFIG_FILE = "hf_config.json"
 
 
-def config_record(config, dtype, logits_to_keep, eos_token_id):
+def causal_mask_kind(model):
+    """Which causal mask the model's modeling file builds, from its source (see config_record)."""
+    source = inspect.getsource(sys.modules[type(model).__module__])
+    return "create_causal_mask" if "create_causal_mask(" in source else "legacy"
+
+
+def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask):
     """The config fields llmem reads, as JSON: model_type, max_position_embeddings (None when the
     architecture has none, e.g. BLOOM's ALiBi), rope_scaling, sliding_window and use_sliding_window (a
     generation cache keeps only the window), the dtype the export was traced in, and whether the model's forward
     takes logits_to_keep (generate() then computes the prompt's logits at its last position only; a forward without
     it computes them at every position) and the generation config's eos_token_id (without one, generate() adds no
-    min-length logits processors)."""
+    min-length logits processors), and which causal mask the model builds: "create_causal_mask" (transformers'
+    masking_utils: a bool mask) or "legacy" (the model's own _update_causal_mask: a mask in the model's dtype)."""
     return json.dumps({
+        "causal_mask": causal_mask,
         "logits_to_keep": logits_to_keep,
         "eos_token_id": eos_token_id,
         "model_type": config.model_type,
@@ -955,7 +963,8 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
     wrapper, traced, (ids, labels) = trace(model, trace_batch, trace_seq, vocab, device)
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # as generate() tests it
     extra = {CONFIG_FILE: config_record(model.config, dtype, keeps_logits,
-                                           getattr(model.generation_config, "eos_token_id", None)), EXPRESSION_CALLS_FILE: expression_call_record(model),
+                                           getattr(model.generation_config, "eos_token_id", None),
+                                           causal_mask_kind(model)), EXPRESSION_CALLS_FILE: expression_call_record(model),
              REBOUND_NAMES_FILE: rebound_name_record(model)}
     casts = autocast_cast_record(wrapper, traced, ids, labels, device)
     if casts is not None:

@@ -1,7 +1,7 @@
 """`llmem infer --gpu cpu` against real Hugging Face generate() runs on this CPU: the generation section of
 docs/ACCURACY.md (scripts/accuracy.py --inference).
 
-Each case is ARCH:PRECISION:BxP+N. The real run is scripts/inference_runs.py (greedy generate(), min_new_tokens =
+Each case is ARCH:PRECISION:BxP+N[:CACHE] (CACHE dynamic, the default, or static). The real run is scripts/inference_runs.py (greedy generate(), min_new_tokens =
 max_new_tokens, DynamicCache, every CPU tensor counted); all cases run in one subprocess, which loads torch once.
 Compared: the prefill's peak (the first forward and the loop's work after it), the last decode step's peak and the
 KV cache after the last step (bytes, exact). Errors are of the whole peak (weights included) and, harder, of the part
@@ -23,14 +23,19 @@ POINTS = [(1, 128, 16), (2, 32, 8), (4, 256, 4)]  # batch, prompt, new tokens
 BF16_ARCHS = ["llama", "gpt2"]  # bf16 needs an export traced in bf16 (the ctest fixture makes these two)
 CASES = [f"{a}:fp32:{b}x{p}+{n}" for a in ARCHS for b, p, n in POINTS]
 CASES += [f"{a}:bf16:{b}x{p}+{n}" for a in BF16_ARCHS for b, p, n in POINTS]
-QUICK_CASES = ["llama:fp32:2x32+8", "opt:fp32:2x32+8", "qwen2:fp32:2x32+8", "gpt2:bf16:2x32+8"]
+# StaticCache (cache_implementation="static") on every architecture llmem generates for
+STATIC_ARCHS = ["llama", "gpt2", "opt", "gpt_bigcode", "qwen2"]
+CASES += [f"{a}:fp32:{b}x{p}+{n}:static" for a in STATIC_ARCHS for b, p, n in POINTS[1:]]
+CASES += [f"{a}:bf16:2x32+8:static" for a in BF16_ARCHS]
+QUICK_CASES = ["llama:fp32:2x32+8", "opt:fp32:2x32+8", "qwen2:fp32:2x32+8", "gpt2:bf16:2x32+8",
+               "qwen2:fp32:4x256+4:static"]
 
 
 def parse(case):
-    arch, precision, shape = case.split(":")
+    arch, precision, shape, *cache = case.split(":")
     batch, rest = shape.split("x")
     prompt, new = rest.split("+")
-    return arch, precision, int(batch), int(prompt), int(new)
+    return arch, precision, int(batch), int(prompt), int(new), cache[0] if cache else "dynamic"
 
 
 def error(estimated, measured):
@@ -41,13 +46,14 @@ def compare(llmem, models, cases):
     """One row per case: the estimate, the real run and the errors (or the reason llmem refused the case)."""
     rows, real_cases = [], []
     for case in cases:
-        arch, precision, batch, prompt, new = parse(case)
+        arch, precision, batch, prompt, new, cache = parse(case)
         dtype = "bfloat16" if precision == "bf16" else ""
         export, _ = distributed_runs.ensure_export(arch, "tiny", models, sys.executable, dtype)
         proc = subprocess.run([llmem, "infer", export, "--gpu", "cpu", "-p", precision, "-b", str(batch),
-                               "--prompt", str(prompt), "--new-tokens", str(new), "--json"],
+                               "--prompt", str(prompt), "--new-tokens", str(new), "--cache", cache, "--json"],
                               capture_output=True, text=True)
-        row = {"case": case, "arch": arch, "precision": precision, "batch": batch, "prompt": prompt, "new": new}
+        row = {"case": case, "arch": arch, "precision": precision, "batch": batch, "prompt": prompt, "new": new,
+               "cache": cache}
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()
             row["refused"] = lines[-1] if lines else f"exit code {proc.returncode}"
@@ -120,7 +126,8 @@ def write_section(f, rows, when=None):
             "decode step's allocated peaks; the cache after the last step, compared byte for byte\n")
     f.write("- error = (estimated - measured) / measured of the whole peak; \"above weights\": the same of the part "
             "above the weights (activations, cache, the loop's tensors)\n")
-    f.write("- not run: the static cache (`cache_implementation=\"static\"`), which llmem does not model yet\n")
+    f.write("- cache: `dynamic` (DynamicCache, the default) or `static` (`cache_implementation=\"static\"`, "
+            "`llmem infer --cache static`)\n")
     f.write("- not modelled: the workspace of the CPU GEMM of a bf16 `linear` (CPU only), which sets the CPU peak where "
             "the activations are smallest (the largest error above the weights below)\n\n")
     for phase in ("prefill", "decode"):
@@ -131,11 +138,11 @@ def write_section(f, rows, when=None):
     refused = [r for r in rows if "refused" in r]
     if refused:
         f.write(f"- {len(refused)} cases refused by llmem (listed with its reason)\n")
-    f.write("\n| model | precision | batch | prompt + new | prefill measured MiB | prefill error | above weights | "
+    f.write("\n| model | precision | cache | batch | prompt + new | prefill measured MiB | prefill error | above weights | "
             "last decode measured MiB | decode error | above weights | cache |\n")
-    f.write("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|\n")
+    f.write("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|\n")
     for r in rows:
-        head = f"| {r['arch']} | {r['precision']} | {r['batch']} | {r['prompt']} + {r['new']} | "
+        head = f"| {r['arch']} | {r['precision']} | {r['cache']} | {r['batch']} | {r['prompt']} + {r['new']} | "
         if "refused" in r:
             f.write(head + f"refused: {r['refused'].replace('|', '/')} | | | | | | |\n")
             continue

@@ -27,6 +27,7 @@ class InferInputsTest(OneLineErrorAssertions, unittest.TestCase):
     def test_bad_input_is_one_line(self):
         llama = os.path.join(TINY, "llama-tiny.pt")
         base = ("infer", llama, "--gpu", "cpu", "-p", "fp32")
+        opt = os.path.join(TINY, "opt-tiny.pt")
         self.assert_one_line_error(run(*base, "--prompt", "0", "--new-tokens", "4"), 2, "--prompt must be positive")
         self.assert_one_line_error(run(*base, "--prompt", "8", "--new-tokens", "0"), 2, "--new-tokens must be positive")
         self.assert_one_line_error(run(*base, "--prompt", "8", "--new-tokens", "4", "-b", "0"), 2,
@@ -36,8 +37,9 @@ class InferInputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_one_line_error(run(*base, "--new-tokens", "4"), 2, "--prompt")
         self.assert_one_line_error(run(*base, "--prompt", "8", "--new-tokens", "4", "--cache", "paged"), 2,
                                    "unknown --cache 'paged'")
+        self.assert_one_line_error(run("infer", opt, "--gpu", "cpu", "-p", "fp32", "--prompt", "8", "--new-tokens", "4",
+                                       "--cache", "static"), 2, "create_causal_mask")
         # positions: a learned table bounds the context, a RoPE config limit can be lifted
-        opt = os.path.join(TINY, "opt-tiny.pt")
         self.assert_one_line_error(run("infer", opt, "--gpu", "cpu", "-p", "fp32", "--prompt", "1000",
                                        "--new-tokens", "100"), 2, "needs 1099 positions", "1024")
         self.assert_one_line_error(run(*base, "--prompt", "4000", "--new-tokens", "200"), 2, "4096")
