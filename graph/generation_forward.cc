@@ -151,8 +151,8 @@ class BatchedPositions {
 };
 
 // The attention op `old` reading a StaticCache of `length` tokens (Note [Generation forward]): the entries made in the
-// prefill or read as inputs, the in-place copies of the new tokens, and in a prefill with a mask the repeat_kv
-// copies. Appends to `past` and `present` (keys, values).
+// prefill or read as inputs, the in-place copies of the new tokens, the repeat_kv copies the mask `mask` forces.
+// Appends to `past` and `present` (keys, values).
 void EmitStaticCacheAttention(const Graph& g, GraphRewriter& rw, const OpNode& old, int64_t past_tokens,
                               int64_t length, ValueId& mask, std::array<std::vector<ValueId>*, 2> past,
                               std::array<std::vector<ValueId>*, 2> present) {
@@ -160,7 +160,6 @@ void EmitStaticCacheAttention(const Graph& g, GraphRewriter& rw, const OpNode& o
   const int64_t new_tokens = qv.shape.at(2);
   if (length < past_tokens + new_tokens) throw ConfigError("generation: the static cache is shorter than the tokens");
   // A StaticCache is compileable, so create_causal_mask never skips the mask (allow_is_causal_skip is off).
-  const bool masked = true;
   if (!mask.valid()) throw ConfigError("generation: the static cache's mask was not made before " + old.scope);
   std::array<ValueId, 2> fresh, entry;
   for (int which = 0; which < 2; ++which) {
@@ -195,7 +194,7 @@ void EmitStaticCacheAttention(const Graph& g, GraphRewriter& rw, const OpNode& o
     present[which]->push_back(past_tokens > 0 ? updated : entry[which]);
     ValueId read = updated;
     const int64_t heads = qv.shape.at(1), kv_heads = fv.shape.at(1);
-    if (masked && heads != kv_heads) {
+    if (heads != kv_heads) {
       // repeat_kv: `[:, :, None].expand(B, kv, n_rep, L, D).reshape(B, H, L, D)`, a copy of the whole entry at
       // every query head, except where the reshape can view the expansion (one key/value head, MQA).
       const std::vector<int64_t> whole = WithTokens(fv.shape, length);
@@ -214,9 +213,9 @@ void EmitStaticCacheAttention(const Graph& g, GraphRewriter& rw, const OpNode& o
     }
     sdpa.args[static_cast<size_t>(which + 1)] = TensorArg(read);
   }
-  if (sdpa.args.size() > 3) sdpa.args[3] = masked ? TensorArg(mask) : OpArg{};
-  if (sdpa.args.size() > 5) sdpa.args[5] = IntArg(0, OpArg::Kind::kBool);  // the mask, or one query token
-  if (sdpa.args.size() > 7) sdpa.args[7] = IntArg(masked ? 0 : 1, OpArg::Kind::kBool);  // enable_gqa
+  if (sdpa.args.size() > 3) sdpa.args[3] = TensorArg(mask);
+  if (sdpa.args.size() > 5) sdpa.args[5] = IntArg(0, OpArg::Kind::kBool);  // is_causal: the mask says it
+  if (sdpa.args.size() > 7) sdpa.args[7] = IntArg(0, OpArg::Kind::kBool);  // no enable_gqa with a mask
   rw.Emit(std::move(sdpa));
 }
 
