@@ -133,9 +133,10 @@ int RunInfer(const InferOptions& o) {
     throw ConfigError("--cache static is modelled for models that build transformers' create_causal_mask mask; this "
                       "export's model builds its own (or the export does not say): not modelled yet");
   }
-  if (const auto window = model.sliding_window()) {
-    throw ConfigError("this model attends within a sliding window of " + std::to_string(*window) +
-                      " tokens, whose cache (DynamicSlidingWindowLayer) is not modelled yet");
+  const int64_t window = model.sliding_window().value_or(0);
+  if (window > 0 && o.cache == "static") {
+    throw ConfigError("this model attends within a sliding window of " + std::to_string(window) +
+                      " tokens: its static cache (StaticSlidingWindowLayer) is not modelled yet; use --cache dynamic");
   }
   if ((o.max_batch || o.max_prompt) && config.target.is_cpu) {
     throw ConfigError("--max-batch and --max-context search what fits a GPU: name one with --gpu");
@@ -155,6 +156,7 @@ int RunInfer(const InferOptions& o) {
   const auto request_at = [&](int64_t b, int64_t p) {
     return sim::GenerationRequest{.batch = b, .prompt = p, .new_tokens = o.new_tokens,
                                   .loop = {.cache = o.cache == "static" ? CacheKind::kStatic : CacheKind::kDynamic,
+                                           .sliding_window = window,
                                            .last_position_logits = last_logits,
                                            .min_length_processors = model.eos_token().value_or(true)}};
   };
@@ -186,7 +188,10 @@ int RunInfer(const InferOptions& o) {
   if (!config.target.is_cpu) time = TimeGeneration(est, config, o.new_tokens);
   const std::string loop =
       std::string("HF generate(): greedy, ") +
-      (o.cache == "static" ? "StaticCache of prompt + new tokens - 1" : "DynamicCache") + ", no padding, " +
+      (o.cache == "static" ? "StaticCache of prompt + new tokens - 1"
+       : window > 0        ? "DynamicCache of sliding-window layers (the last " + std::to_string(window - 1) + " tokens)"
+                           : std::string("DynamicCache")) +
+      ", no padding, " +
       (last_logits ? "the prompt's logits at its last position only (logits_to_keep=1)"
                    : model.logits_to_keep() ? "the prompt's logits at every position (the forward takes no logits_to_keep)"
                                             : "the prompt's logits at every position (the export does not say whether "

@@ -150,6 +150,28 @@ class BatchedPositions {
   std::set<int32_t> batched_;
 };
 
+// repeat_kv of `source` ([B, kv, L, D], storage `root`) to `heads` query heads, as HF's SDPA path runs it with a mask:
+// `[:, :, None].expand(B, kv, n_rep, L, D).reshape(B, H, L, D)`, a copy of the whole entry at every query head,
+// except where the reshape can view the expansion (one key/value head, MQA); `source` itself when kv = heads.
+ValueId RepeatKv(GraphRewriter& rw, const OpNode& at, ValueId source, ValueId root, int64_t heads) {
+  const TensorValue sv = rw.value(source);
+  const std::vector<int64_t>& whole = sv.shape;
+  const int64_t kv_heads = whole.at(1);
+  if (heads == kv_heads || kv_heads <= 0) return source;
+  std::vector<int64_t> repeated = whole;
+  repeated[1] = heads;
+  const std::vector<int64_t> expanded = {whole[0], kv_heads, heads / kv_heads, whole[2], whole[3]};
+  const std::vector<int64_t> expanded_strides = {kv_heads * whole[2] * whole[3], whole[2] * whole[3], 0, whole[3], 1};
+  const auto view = ViewStrides(expanded, expanded_strides, repeated);
+  const ValueId read = rw.NewValue(sv.name + " repeated", repeated, sv.dtype, sv.dtype_bf16_weights,
+                                   view ? root : ValueId{});
+  if (view) rw.value(read).strides = *view;
+  rw.Emit(GraphRewriter::NewNode(at, "aten::reshape", at.scope, {TensorArg(source), IntArg(0, OpArg::Kind::kIntList)},
+                                 read));
+  rw.nodes().back().args[1].ints = repeated;
+  return read;
+}
+
 // The attention op `old` reading a StaticCache of `length` tokens (Note [Generation forward]): the entries made in the
 // prefill or read as inputs, the in-place copies of the new tokens, the repeat_kv copies the mask `mask` forces.
 // Appends to `past` and `present` (keys, values).
@@ -192,25 +214,7 @@ void EmitStaticCacheAttention(const Graph& g, GraphRewriter& rw, const OpNode& o
     rw.Emit(GraphRewriter::NewNode(old, "aten::index_copy_", old.scope,
                                    {TensorArg(entry[which]), IntArg(2), TensorArg(fresh[which])}, updated));
     present[which]->push_back(past_tokens > 0 ? updated : entry[which]);
-    ValueId read = updated;
-    const int64_t heads = qv.shape.at(1), kv_heads = fv.shape.at(1);
-    if (heads != kv_heads) {
-      // repeat_kv: `[:, :, None].expand(B, kv, n_rep, L, D).reshape(B, H, L, D)`, a copy of the whole entry at
-      // every query head, except where the reshape can view the expansion (one key/value head, MQA).
-      const std::vector<int64_t> whole = WithTokens(fv.shape, length);
-      std::vector<int64_t> repeated = whole;
-      repeated[1] = heads;
-      const std::vector<int64_t> expanded = {whole[0], kv_heads, heads / kv_heads, whole[2], whole[3]};
-      const std::vector<int64_t> expanded_strides = {kv_heads * whole[2] * whole[3], whole[2] * whole[3], 0, whole[3],
-                                                     1};
-      const auto view = ViewStrides(expanded, expanded_strides, repeated);
-      read = rw.NewValue(rw.value(entry[which]).name + " repeated", repeated, fv.dtype, fv.dtype_bf16_weights,
-                         view ? root : ValueId{});
-      if (view) rw.value(read).strides = *view;
-      rw.Emit(GraphRewriter::NewNode(old, "aten::reshape", old.scope,
-                                     {TensorArg(updated), IntArg(0, OpArg::Kind::kIntList)}, read));
-      rw.nodes().back().args[1].ints = repeated;
-    }
+    const ValueId read = RepeatKv(rw, old, updated, root, qv.shape.at(1));
     sdpa.args[static_cast<size_t>(which + 1)] = TensorArg(read);
   }
   if (sdpa.args.size() > 3) sdpa.args[3] = TensorArg(mask);
@@ -231,15 +235,26 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, con
   ValueId head_output;
   int attention = 0;
   BatchedPositions positions(g, rw);
-  ValueId static_mask;  // the static cache's causal mask, made once for every layer
+  // The causal mask generate()'s forward makes (static cache, or a sliding window HF cannot skip), once for every
+  // layer: [B, 1, S, mask_tokens]; none when mask_tokens is 0.
+  const int64_t fed = g.value(g.inputs().at(0)).shape.at(1);
+  int64_t mask_tokens = 0;
+  if (loop.cache == CacheKind::kStatic) {
+    mask_tokens = loop.static_cache_tokens;
+  } else if (loop.sliding_window > 0) {
+    const int64_t kv = std::min(loop.sliding_window - 1, past_tokens) + fed;
+    // masking_utils skips the mask only when the keys fit the window and the shape makes it causal by itself.
+    if (!(kv < loop.sliding_window && (fed == 1 || kv == fed))) mask_tokens = kv;
+  }
+  ValueId static_mask;
   for (const OpNode& original : g.nodes()) {
-    if (loop.cache == CacheKind::kStatic && !static_mask.valid() && original.region.kind == RegionKind::kDecoderLayer) {
+    if (mask_tokens > 0 && !static_mask.valid() && original.region.kind == RegionKind::kDecoderLayer) {
       // create_causal_mask runs in the model's forward before its first layer, and lives until the model returns.
       const std::vector<int64_t>& ids = g.value(g.inputs().at(0)).shape;
-      const std::vector<int64_t> shape = {ids.at(0), 1, ids.at(1), loop.static_cache_tokens};
+      const std::vector<int64_t> shape = {ids.at(0), 1, ids.at(1), mask_tokens};
       OpNode at = original;
       at.region = Region{RegionKind::kEmbedding, -1};
-      static_mask = rw.NewValue("static cache causal mask", shape, DType::kBool, DType::kBool);
+      static_mask = rw.NewValue("causal mask", shape, DType::kBool, DType::kBool);
       rw.Emit(GraphRewriter::NewNode(at, "aten::ones", ModelScope(original.scope), {IntArg(0, OpArg::Kind::kIntList)},
                                      static_mask));
       rw.nodes().back().args[0].ints = shape;
@@ -267,23 +282,34 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, con
         const std::string what = std::string(which == 1 ? "keys" : "values") + " of " + old.scope;
         OpArg parts;
         parts.kind = OpArg::Kind::kTensorList;
+        // A sliding-window layer keeps a view of the last W - 1 tokens of the previous forward's full tensor, whose
+        // storage (those kept before it plus what it fed) stays alive with the view.
+        const int64_t window = loop.sliding_window;
+        const int64_t kept = window > 0 ? std::min(window - 1, past_tokens) : past_tokens;
         if (past_tokens > 0) {
-          const ValueId past = rw.NewValue("cached " + what, WithTokens(fv.shape, past_tokens), fv.dtype,
+          const ValueId past = rw.NewValue("cached " + what, WithTokens(fv.shape, kept), fv.dtype,
                                            fv.dtype_bf16_weights);
+          if (window > 0) {
+            const int64_t before = std::min(window - 1, past_tokens - loop.previous_tokens);
+            rw.value(past).storage_numel = NumElements(WithTokens(fv.shape, before + loop.previous_tokens));
+          }
           (which == 1 ? past_keys : past_values).push_back(past);
           parts.tensors.push_back(past);
         }
         parts.tensors.push_back(fresh);
-        const ValueId present = rw.NewValue("cache " + what, WithTokens(fv.shape, past_tokens + fv.shape[2]),
+        const ValueId present = rw.NewValue("cache " + what, WithTokens(fv.shape, kept + fv.shape[2]),
                                             fv.dtype, fv.dtype_bf16_weights);
         rw.Emit(GraphRewriter::NewNode(old, "aten::cat", old.scope, {parts, IntArg(-2)}, present));
         (which == 1 ? present_keys : present_values).push_back(present);
-        sdpa.args[static_cast<size_t>(which)] = TensorArg(present);
+        const int64_t heads = g.value(old.args[0].tensors.at(0)).shape.at(1);
+        sdpa.args[static_cast<size_t>(which)] =
+            TensorArg(mask_tokens > 0 ? RepeatKv(rw, old, present, present, heads) : present);
       }
       const int64_t new_tokens = g.value(old.args[0].tensors.at(0)).shape.at(2);
-      if (sdpa.args.size() > 3) sdpa.args[3] = OpArg{};  // no mask
-      if (sdpa.args.size() > 5) sdpa.args[5] = IntArg(new_tokens > 1 ? 1 : 0, OpArg::Kind::kBool);
-      if (sdpa.args.size() > 7) sdpa.args[7] = IntArg(1, OpArg::Kind::kBool);  // enable_gqa
+      const bool masked = mask_tokens > 0;
+      if (sdpa.args.size() > 3) sdpa.args[3] = masked ? TensorArg(static_mask) : OpArg{};
+      if (sdpa.args.size() > 5) sdpa.args[5] = IntArg(!masked && new_tokens > 1 ? 1 : 0, OpArg::Kind::kBool);
+      if (sdpa.args.size() > 7) sdpa.args[7] = IntArg(masked ? 0 : 1, OpArg::Kind::kBool);  // enable_gqa
       rw.Emit(std::move(sdpa));
       continue;
     }

@@ -19,6 +19,10 @@
 // (models with their own _update_causal_mask, as OPT, are refused: not modelled); with a mask HF's
 // sdpa_attention_forward passes no enable_gqa, so repeat_kv copies the keys and values to every query head (a view
 // where there is one key/value head).
+// A model that attends within a window of W tokens (Mistral) gets a DynamicSlidingWindowLayer per layer: each
+// forward concatenates the kept tokens with its new ones and keeps a view of the last W - 1, so the cache holds the
+// storage of the previous forward's whole tensor; once the keys reach the window the mask cannot be skipped
+// (create_sliding_window_causal_mask), and with it come the repeat_kv copies.
 // The mask's computation is then dead and goes, as does the loss. When the model's forward takes logits_to_keep,
 // generate() passes 1 and the LM head runs on the last position only (`lm_head(hidden_states[:, -1:, :])`, [B, 1, V]
 // logits); a forward without it (OPT, GPT-BigCode in transformers 4.57) computes [B, S, V] logits, of which the loop
@@ -43,6 +47,10 @@ enum class CacheKind : uint8_t {
 struct GenerationLoop {
   CacheKind cache = CacheKind::kDynamic;
   int64_t static_cache_tokens = 0;    // kStatic: the entries' length (generate()'s max_length - 1 = P + N - 1)
+  int64_t sliding_window = 0;         // kDynamic: W > 0 when every layer attends within W tokens
+                                      // (DynamicSlidingWindowLayer keeps the last W - 1)
+  int64_t previous_tokens = 0;        // with a window: the tokens the previous forward fed (its full tensor's
+                                      // storage stays under the kept view)
   bool last_position_logits = true;   // the forward takes logits_to_keep
   bool min_length_processors = true;  // an eos_token_id: min_new_tokens makes generate() add MinLengthLogitsProcessor
                                       // and MinNewTokensLengthLogitsProcessor (without one it adds neither)

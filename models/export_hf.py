@@ -619,9 +619,10 @@ CONFIG_FILE = "hf_config.json"
 
 
 def causal_mask_kind(model):
-    """Which causal mask the model's modeling file builds, from its source (see config_record)."""
+    """Which causal mask the model's modeling file builds, from its source (see config_record): transformers'
+    masking_utils (create_causal_mask, create_sliding_window_causal_mask) or its own."""
     source = inspect.getsource(sys.modules[type(model).__module__])
-    return "create_causal_mask" if "create_causal_mask(" in source else "legacy"
+    return "create_causal_mask" if "masking_utils import" in source else "legacy"
 
 
 def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask):
@@ -631,7 +632,8 @@ def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask):
     takes logits_to_keep (generate() then computes the prompt's logits at its last position only; a forward without
     it computes them at every position) and the generation config's eos_token_id (without one, generate() adds no
     min-length logits processors), and which causal mask the model builds: "create_causal_mask" (transformers'
-    masking_utils: a bool mask) or "legacy" (the model's own _update_causal_mask: a mask in the model's dtype)."""
+    masking_utils: a bool mask, sliding-window ones included) or "legacy" (the model's own _update_causal_mask: a
+    mask in the model's dtype)."""
     return json.dumps({
         "causal_mask": causal_mask,
         "logits_to_keep": logits_to_keep,

@@ -33,14 +33,20 @@ GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t
   est.prefill = SimulateForward(prefill, config);
   const int64_t cached = r.prompt + r.new_tokens - 1;
   if (r.new_tokens >= 2) {
+    loop.previous_tokens = r.new_tokens >= 3 ? 1 : r.prompt;  // the forward before the last: a decode step or the prefill
     GenerationForward last = MakeGenerationForward(graph_at(r.batch, 1), cached - 1, loop);
     est.decode = SimulateForward(last, config);
     est.decode_graph = std::move(last.graph);
   }
+  // The cache after the last forward; a sliding window keeps the storage of that forward's full tensor.
+  const int64_t window = r.loop.sliding_window;
+  const int64_t held = window <= 0 ? cached
+                       : r.new_tokens >= 2 ? std::min(window - 1, cached - 1) + 1
+                                            : r.prompt;
   for (ValueId v : prefill.present) {
     const TensorValue& tv = prefill.graph.value(v);
     std::vector<int64_t> shape = tv.shape;
-    shape[2] = cached;
+    shape[2] = held;
     const DType d = config.precision == Precision::kBf16 ? tv.dtype_bf16_weights : tv.dtype;
     est.cache_bytes += ShapeBytes(shape, d);
   }

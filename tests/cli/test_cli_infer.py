@@ -45,7 +45,8 @@ class InferInputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_one_line_error(run(*base, "--prompt", "4000", "--new-tokens", "200"), 2, "4096")
         self.assertEqual(run(*base, "--prompt", "4000", "--new-tokens", "200", "--max-positions", "8192").returncode, 0)
         self.assert_one_line_error(run("infer", os.path.join(TINY, "mistral-tiny.pt"), "--gpu", "cpu", "-p", "fp32",
-                                       "--prompt", "8", "--new-tokens", "4"), 2, "sliding window of 24")
+                                       "--prompt", "8", "--new-tokens", "4", "--cache", "static"), 2,
+                                   "sliding window of 24")
 
     def test_a_static_cache_is_whole_from_the_prefill(self):
         llama = os.path.join(TINY, "llama-tiny.pt")
@@ -200,6 +201,12 @@ class InferAccuracyTest(unittest.TestCase):
 
     def test_a_static_cache_with_grouped_heads_copies_them_for_its_mask(self):  # repeat_kv of the whole length
         self.compare("qwen2", "fp32", 4, 128, 4, cache="static")
+
+    def test_a_sliding_window_keeps_the_last_window_of_the_previous_forward(self):  # W = 24 < P: mask and repeat
+        self.compare("mistral", "fp32", 2, 32, 8)
+
+    def test_a_sliding_window_longer_than_the_context_is_a_dynamic_cache(self):
+        self.compare("mistral", "fp32", 2, 16, 4)
 
     def test_gpt2_static_cache(self):
         self.compare("gpt2", "fp32", 2, 32, 8, cache="static")

@@ -201,6 +201,35 @@ TEST(GenerationForwardTest, AStaticCacheIsWholeUpdatedInPlaceAndMasked) {
   EXPECT_EQ(st.prefill.at_peak[static_cast<size_t>(MemoryCategory::kKvCache)], st.cache_bytes);
 }
 
+TEST(GenerationForwardTest, ASlidingWindowKeepsAViewOfThePreviousFullTensor) {
+  // W = 4: the last decode step after 8 cached tokens (the step before fed 1) reads a kept view of 3 tokens whose
+  // storage is the previous full tensor (3 + 1 tokens), concatenates [3 + 1] and, the keys filling the window, needs
+  // a mask [B, 1, 1, 4]: repeat_kv copies the 2 key/value heads to 4 query heads.
+  const GenerationLoop loop{.sliding_window = 4, .previous_tokens = 1};
+  const GenerationForward fw = MakeGenerationForward(TinyDecoder(2, 1), 8, loop);
+  const Graph& g = fw.graph;
+  ASSERT_EQ(fw.past.size(), 2u);
+  EXPECT_EQ(g.value(fw.past[0]).shape, (std::vector<int64_t>{2, kKvHeads, 3, kDim}));
+  EXPECT_EQ(g.value(fw.past[0]).storage_numel, 2 * kKvHeads * 4 * kDim);
+  EXPECT_EQ(g.value(fw.present[0]).shape, (std::vector<int64_t>{2, kKvHeads, 4, kDim}));
+  const auto sdpa = Kind(g, "aten::scaled_dot_product_attention");
+  ASSERT_EQ(sdpa.size(), 1u);
+  const auto& in = g.tensor_inputs(sdpa[0]->id);
+  ASSERT_EQ(in.size(), 4u);
+  EXPECT_EQ(g.value(in[1]).shape, (std::vector<int64_t>{2, kHeads, 4, kDim}));
+  EXPECT_EQ(g.value(in[3]).shape, (std::vector<int64_t>{2, 1, 1, 4}));
+  // A prompt shorter than the window: no mask (HF skips it), enable_gqa, the plain cache.
+  const GenerationForward short_prefill = MakeGenerationForward(TinyDecoder(2, 3), 0, {.sliding_window = 4});
+  const auto s = Kind(short_prefill.graph, "aten::scaled_dot_product_attention");
+  EXPECT_EQ(short_prefill.graph.tensor_inputs(s[0]->id).size(), 3u);
+  EXPECT_EQ(s[0]->args[7].int_value, 1);
+  // The cache after the last step: the last forward's full tensors, W tokens.
+  const auto at = [](int64_t b, int64_t t) { return TinyDecoder(b, t); };
+  GenerationRequest r{.batch = 2, .prompt = 6, .new_tokens = 3};
+  r.loop.sliding_window = 4;
+  EXPECT_EQ(EstimateGeneration(at, r, CpuConfig()).cache_bytes, 2 * (2 * kKvHeads * 4 * kDim * 4));
+}
+
 TEST(GenerationSimulatorTest, WithoutAnEosTokenTheLoopRunsNoMinLengthProcessors) {
   // min_new_tokens adds MinLengthLogitsProcessor and MinNewTokensLengthLogitsProcessor only when the generation
   // config has an eos_token_id; each clones the scores and builds a [V] int64 arange and a [V] mask.
