@@ -246,17 +246,17 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, con
     // masking_utils skips the mask only when the keys fit the window and the shape makes it causal by itself.
     if (!(kv < loop.sliding_window && (fed == 1 || kv == fed))) mask_tokens = kv;
   }
-  ValueId static_mask;
+  ValueId causal_mask;
   for (const OpNode& original : g.nodes()) {
-    if (mask_tokens > 0 && !static_mask.valid() && original.region.kind == RegionKind::kDecoderLayer) {
+    if (mask_tokens > 0 && !causal_mask.valid() && original.region.kind == RegionKind::kDecoderLayer) {
       // create_causal_mask runs in the model's forward before its first layer, and lives until the model returns.
       const std::vector<int64_t>& ids = g.value(g.inputs().at(0)).shape;
       const std::vector<int64_t> shape = {ids.at(0), 1, ids.at(1), mask_tokens};
       OpNode at = original;
       at.region = Region{RegionKind::kEmbedding, -1};
-      static_mask = rw.NewValue("causal mask", shape, DType::kBool, DType::kBool);
+      causal_mask = rw.NewValue("causal mask", shape, DType::kBool, DType::kBool);
       rw.Emit(GraphRewriter::NewNode(at, "aten::ones", ModelScope(original.scope), {IntArg(0, OpArg::Kind::kIntList)},
-                                     static_mask));
+                                     causal_mask));
       rw.nodes().back().args[0].ints = shape;
     }
     OpNode batched = original;
@@ -265,7 +265,7 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, con
     if (old.kind == "aten::scaled_dot_product_attention" && old.args.size() >= 3 &&
         loop.cache == CacheKind::kStatic) {
       ++attention;
-      EmitStaticCacheAttention(g, rw, old, past_tokens, loop.static_cache_tokens, static_mask,
+      EmitStaticCacheAttention(g, rw, old, past_tokens, loop.static_cache_tokens, causal_mask,
                                {&past_keys, &past_values}, {&present_keys, &present_values});
       continue;
     }
@@ -307,7 +307,7 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, con
       }
       const int64_t new_tokens = g.value(old.args[0].tensors.at(0)).shape.at(2);
       const bool masked = mask_tokens > 0;
-      if (sdpa.args.size() > 3) sdpa.args[3] = masked ? TensorArg(static_mask) : OpArg{};
+      if (sdpa.args.size() > 3) sdpa.args[3] = masked ? TensorArg(causal_mask) : OpArg{};
       if (sdpa.args.size() > 5) sdpa.args[5] = IntArg(!masked && new_tokens > 1 ? 1 : 0, OpArg::Kind::kBool);
       if (sdpa.args.size() > 7) sdpa.args[7] = IntArg(masked ? 0 : 1, OpArg::Kind::kBool);  // enable_gqa
       rw.Emit(std::move(sdpa));
