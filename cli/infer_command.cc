@@ -15,7 +15,10 @@
 #include "graph/dtype.h"
 #include "graph/error.h"
 #include "graph/torchscript_importer.h"
+#include "distributed/interconnect.h"
+#include "distributed/generation_search.h"
 #include "distributed/step_time_model.h"
+#include "distributed/tensor_parallel_generation.h"
 #include "graph/op_flops.h"
 #include "simulator/generation_simulator.h"
 
@@ -72,21 +75,28 @@ struct GenerationTime {
   std::vector<std::string> assumptions;
 };
 
+// `collectives`: each forward's tensor-parallel all-reduces (prefill, then the decode step; empty on one GPU), which
+// the next op waits for: they add to the forward in full.
 GenerationTime TimeGeneration(const sim::GenerationEstimate& est, const sim::TrainingConfig& config,
-                              int64_t new_tokens) {
+                              int64_t new_tokens, const std::vector<dist::CollectiveList>& collectives) {
   GenerationTime t;
-  auto forward_s = [&](const Graph& g, bool keep_assumptions) {
+  const auto link = dist::FindInterconnect(config.target.gpu.intra_node_link);
+  auto forward_s = [&](const Graph& g, size_t which) {
     dist::StepTimeInputs in;
     in.per_rank_cost = SumCosts(g, dist::CostOptionsFor(config.precision));
     in.precision = config.precision;
     in.gpu = config.target.gpu;
     in.forward_only = true;
+    if (which < collectives.size() && link) {
+      in.collectives = collectives[which];
+      in.intra_node = *link;
+    }
     dist::StepTime st = dist::EstimateStepTime(in);
-    if (keep_assumptions) t.assumptions = std::move(st.assumptions);
-    return st.forward_s;
+    if (which == 0) t.assumptions = std::move(st.assumptions);
+    return st.forward_s + st.comm_s;
   };
-  t.prefill_s = forward_s(est.prefill_graph, true);
-  if (est.decode_graph) t.decode_step_s = forward_s(*est.decode_graph, false);
+  t.prefill_s = forward_s(est.prefill_graph, 0);
+  if (est.decode_graph) t.decode_step_s = forward_s(*est.decode_graph, 1);
   t.generate_s = t.prefill_s + static_cast<double>(new_tokens - 1) * t.decode_step_s;
   t.assumptions.push_back("decode tokens/s: the batch over the last step, whose cache is longest (earlier steps read "
                           "less); eager generate() at small batches is often bound by CPU dispatch (hundreds of "
@@ -108,6 +118,8 @@ void AddInferOptions(CLI::App* cmd, InferOptions& o) {
   cmd->add_option("--cache", o.cache, "HF cache: dynamic (DynamicCache) | static (cache_implementation=\"static\")")
       ->capture_default_str();
   cmd->add_option("--max-positions", o.max_positions, "longest sequence the model allows (e.g. scaled RoPE)");
+  cmd->add_option("--tp", o.tp, "tensor-parallel GPUs (transformers' tp_plan: each decoder layer split, the "
+                  "embedding and LM head replicated); figures are per GPU")->capture_default_str();
   cmd->add_flag("--max-batch", o.max_batch, "also find the largest batch that fits (GPU targets)");
   cmd->add_flag("--max-context", o.max_prompt,
                 "also find the longest prompt that fits with --new-tokens at --batch (GPU targets)");
@@ -123,6 +135,7 @@ int RunInfer(const InferOptions& o) {
   }
   if (o.batch <= 0) throw ConfigError("--batch must be positive");
 
+  if (o.tp < 1) throw ConfigError("--tp must be at least 1 (got " + std::to_string(o.tp) + ")");
   if (o.prompt <= 0) throw ConfigError("--prompt must be positive");
   if (o.new_tokens <= 0) throw ConfigError("--new-tokens must be positive");
   sim::TrainingConfig config = ParseTrainingConfig(o.precision, "sgd", o.gpu, o.gpu_memory);
@@ -143,7 +156,13 @@ int RunInfer(const InferOptions& o) {
   }
   // The positions generation feeds: 0 .. P + N - 2 (the last token is generated, never fed back).
   const int64_t context = CheckedAdd(o.prompt, o.new_tokens - 1, "prompt + new tokens");
-  const std::optional<PositionLimit> limit = model.BuildGraph(1, 2).position_limit();
+  const Graph probe_graph = model.BuildGraph(1, 2);
+  const std::optional<PositionLimit> limit = probe_graph.position_limit();
+  if (o.tp > 1) {
+    if (const std::string why = dist::CheckTensorParallelGeneration(probe_graph, o.tp); !why.empty()) {
+      throw ConfigError(why);
+    }
+  }
   if (limit && context > limit->max_seq) {
     throw ConfigError("prompt " + std::to_string(o.prompt) + " + " + std::to_string(o.new_tokens) +
                       " new tokens needs " + std::to_string(context) + " positions, but the model allows " +
@@ -161,31 +180,35 @@ int RunInfer(const InferOptions& o) {
                                            .min_length_processors = model.eos_token().value_or(true)}};
   };
   const sim::GenerationRequest request = request_at(o.batch, o.prompt);
-  const auto graph_at = [&](int64_t b, int64_t s) { return model.BuildGraph(b, s); };
-  const sim::GenerationEstimate est = sim::EstimateGeneration(graph_at, request, config);
-  // The searches: memory grows with the batch and the prompt, so the largest value that fits is found by doubling
-  // past it, then bisecting. 0: not even 1 fits.
-  auto largest = [&](int64_t cap, const std::function<sim::GenerationRequest(int64_t)>& at) {
-    auto fits = [&](int64_t v) { return sim::EstimateGeneration(graph_at, at(v), config).fits(); };
-    int64_t lo = 0, hi = 1;
-    while (hi <= cap && fits(hi)) lo = hi, hi = std::min(cap + 1, hi * 2);
-    while (hi - lo > 1) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      (fits(mid) ? lo : hi) = mid;
-    }
-    return lo;
+  // Every estimate's decode step is a graph of 1 new token: built once per batch.
+  std::map<int64_t, Graph> decode_graphs;
+  const auto graph_at = [&](int64_t b, int64_t s) {
+    if (s != 1) return model.BuildGraph(b, s);
+    auto it = decode_graphs.find(b);
+    if (it == decode_graphs.end()) it = decode_graphs.emplace(b, model.BuildGraph(b, 1)).first;
+    return it->second;
+  };
+  std::vector<dist::CollectiveList> collectives;
+  const sim::GenerationEstimate est =
+      sim::EstimateGeneration(graph_at, request, config, dist::TensorParallelGenerationForward(o.tp, &collectives));
+  const sim::GenerationForwardSimulator rank_forward = dist::TensorParallelGenerationForward(o.tp);
+  // The searches start from the request's own estimate.
+  auto largest = [&](int64_t limit, int64_t requested, std::function<sim::GenerationRequest(int64_t)> at) {
+    return dist::LargestFittingGeneration({.graph_at = graph_at, .request_at = std::move(at), .simulate = rank_forward,
+                                           .limit = limit, .known = &est, .known_value = requested},
+                                          config);
   };
   std::optional<int64_t> max_batch, max_prompt;
   if (o.max_batch) {
-    max_batch = largest(int64_t{1} << 20, [&](int64_t b) { return request_at(b, o.prompt); });
+    max_batch = largest(int64_t{1} << 20, o.batch, [&](int64_t b) { return request_at(b, o.prompt); });
   }
   if (o.max_prompt) {
     const int64_t cap = limit ? limit->max_seq - o.new_tokens + 1 : int64_t{1} << 24;
-    max_prompt = cap < 1 ? 0 : largest(cap, [&](int64_t p) { return request_at(o.batch, p); });
+    max_prompt = cap < 1 ? 0 : largest(cap, o.prompt, [&](int64_t p) { return request_at(o.batch, p); });
   }
   const sim::MemoryEstimate& peak = est.peak();
   std::optional<GenerationTime> time;
-  if (!config.target.is_cpu) time = TimeGeneration(est, config, o.new_tokens);
+  if (!config.target.is_cpu) time = TimeGeneration(est, config, o.new_tokens, collectives);
   const std::string loop =
       std::string("HF generate(): greedy, ") +
       (o.cache == "static" ? "StaticCache of prompt + new tokens - 1"
@@ -195,11 +218,15 @@ int RunInfer(const InferOptions& o) {
       (last_logits ? "the prompt's logits at its last position only (logits_to_keep=1)"
                    : model.logits_to_keep() ? "the prompt's logits at every position (the forward takes no logits_to_keep)"
                                             : "the prompt's logits at every position (the export does not say whether "
-                                              "its forward takes logits_to_keep)");
+                                              "its forward takes logits_to_keep)") +
+      (o.tp > 1 ? "; on each of " + std::to_string(o.tp) + " tensor-parallel ranks (transformers' tp_plan: q/k/v and "
+                  "gate/up ColwiseParallel, o and down RowwiseParallel, embedding and LM head replicated)"
+                : std::string());
   if (o.json_out) {
     nlohmann::json j = {{"model", o.model},         {"target", peak.target},
                         {"batch", o.batch},         {"prompt", o.prompt},
                         {"new_tokens", o.new_tokens}, {"precision", o.precision},
+                        {"tp", o.tp},
                         {"loop", loop},             {"weights_bytes", peak.weights_bytes},
                         {"cache_bytes", est.cache_bytes}, {"peak_allocated_bytes", peak.peak_allocated_bytes},
                         {"peak_reserved_bytes", est.peak_reserved_bytes()}, {"nvidia_smi_bytes", est.nvidia_smi_bytes()},
@@ -223,9 +250,10 @@ int RunInfer(const InferOptions& o) {
     std::cout << j.dump(2) << "\n";
   } else {
     std::printf("model      %s\n", o.model.c_str());
-    std::printf("generate   batch %lld, prompt %lld + %lld new tokens, %s weights, target %s\n",
+    std::printf("generate   batch %lld, prompt %lld + %lld new tokens, %s weights, target %s%s\n",
                 static_cast<long long>(o.batch), static_cast<long long>(o.prompt),
-                static_cast<long long>(o.new_tokens), o.precision.c_str(), peak.target.c_str());
+                static_cast<long long>(o.new_tokens), o.precision.c_str(), peak.target.c_str(),
+                o.tp > 1 ? (" x " + std::to_string(o.tp) + " (tensor parallel; figures per GPU)").c_str() : "");
     std::printf("loop       %s\n", loop.c_str());
     std::printf("weights    %s; KV cache after the last step %s\n\n", FormatBytes(peak.weights_bytes).c_str(),
                 FormatBytes(est.cache_bytes).c_str());

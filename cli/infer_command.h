@@ -1,5 +1,5 @@
 // `llmem infer`: the memory of Hugging Face generation (prefill and decode with a DynamicCache or StaticCache) on
-// one GPU, and its time as a roofline.
+// one GPU or on each rank of a tensor-parallel group, and its time as a roofline.
 #pragma once
 
 #include <CLI/CLI.hpp>
@@ -19,6 +19,7 @@ struct InferOptions {
   std::string precision = "bf16";
   std::string cache = "dynamic";
   std::optional<int64_t> max_positions;
+  int tp = 1;                // tensor-parallel ranks (transformers' tp_plan), each estimated
   bool max_batch = false;    // also search the largest batch that fits at this prompt and new tokens
   bool max_prompt = false;   // also search the longest prompt that fits at this batch and new tokens
   bool json_out = false;

@@ -94,7 +94,7 @@ class Sharder {
     const auto& v = g_.value(weight);
     if (v.param < 0) return false;
     const auto& p = g_.params()[static_cast<size_t>(v.param)];
-    if (!p.trainable) return false;
+    if (!p.trainable && !p.frozen) return false;  // a buffer (rotary tables, masks) stays whole
     return p.region.kind == RegionKind::kDecoderLayer || (vocab_parallel_ && p.region.kind == allowed_extra);
   }
   void SplitParam(ValueId w, int dim, const OpNode& node) {
@@ -245,6 +245,25 @@ class Sharder {
       }
       set(out, dim);
       if (!IsViewLike(k)) merged_[static_cast<size_t>(out.index)] = merged_[static_cast<size_t>(src.index)];
+      if (k == "aten::cat" || k == "aten::index_copy_") SplitCacheOperands(node, out);
+    }
+  }
+
+  // A generation forward's key/value cache (graph/generation_forward.h): the previous entry a DynamicCache
+  // concatenates with the new keys, or the StaticCache's zeros the new keys are copied into, holds the rank's heads
+  // as the new keys do (each rank caches what its own attention computes). Such an operand is a graph input or a
+  // factory's output, so splitting it here changes no other op's split.
+  void SplitCacheOperands(const OpNode& node, ValueId out) {
+    const int d = Split(out);
+    if (d < 0) return;
+    for (ValueId in : g_.tensor_inputs(node.id)) {
+      if (Split(in) >= 0 || Shape(in).size() != Shape(out).size() ||
+          Shape(in)[static_cast<size_t>(d)] != Shape(out)[static_cast<size_t>(d)]) {
+        continue;
+      }
+      const NodeId from = g_.value(in).producer;
+      const bool input = !from.valid() && g_.value(in).param < 0;
+      if (input || (from.valid() && g_.tensor_inputs(from).empty())) split_[static_cast<size_t>(in.index)] = d;
     }
   }
 

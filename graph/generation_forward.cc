@@ -229,7 +229,10 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, con
   if (past_tokens < 0) throw ConfigError("the cached tokens cannot be negative");
   GraphRewriter rw(g);
   for (auto& v : rw.values()) v.requires_grad = false;
-  for (auto& p : rw.params()) p.trainable = false;
+  for (auto& p : rw.params()) {
+    p.frozen = p.frozen || p.trainable;  // a Parameter still, which a parallel split divides like any other
+    p.trainable = false;
+  }
   GenerationForward out;
   std::vector<ValueId> past_keys, past_values, present_keys, present_values;
   ValueId head_output;

@@ -270,8 +270,10 @@ def tp_layer_plan():
     }
 
 
-def apply_tp(model, arch, tp_mesh, vocab_parallel):
-    """Megatron-style TP of every decoder layer; optionally vocab-parallel embedding and lm_head."""
+def apply_tp(model, arch, tp_mesh, vocab_parallel, src_data_rank=0):
+    """Megatron-style TP of every decoder layer; optionally vocab-parallel embedding and lm_head.
+
+    src_data_rank None: each rank keeps its own slice, nothing is sent (as loading one's shard of a checkpoint)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -284,7 +286,7 @@ def apply_tp(model, arch, tp_mesh, vocab_parallel):
         raise RuntimeError(f"tp degree {size} does not divide {heads} attention heads / {kv} key-value heads")
     _, layers = decoder_layers(model)
     for layer in layers:
-        parallelize_module(layer, tp_mesh, tp_layer_plan())
+        parallelize_module(layer, tp_mesh, tp_layer_plan(), src_data_rank=src_data_rank)
     if vocab_parallel:
         if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
             # parallelize_module replaces embed_tokens.weight with a new DTensor Parameter; lm_head keeps the old

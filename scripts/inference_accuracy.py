@@ -1,8 +1,10 @@
 """`llmem infer --gpu cpu` against real Hugging Face generate() runs on this CPU: the generation section of
 docs/ACCURACY.md (scripts/accuracy.py --inference).
 
-Each case is ARCH:PRECISION:BxP+N[:CACHE] (CACHE dynamic, the default, or static). The real run is scripts/inference_runs.py (greedy generate(), min_new_tokens =
-max_new_tokens, DynamicCache, every CPU tensor counted); all cases run in one subprocess, which loads torch once.
+Each case is ARCH:PRECISION:BxP+N[:CACHE][:tpT] (CACHE dynamic, the default, or static; tpT: T tensor-parallel gloo
+ranks, `llmem infer --tp T`). The real run is scripts/inference_runs.py (greedy generate(), min_new_tokens =
+max_new_tokens, every CPU tensor counted); the one-process cases run in one subprocess, which loads torch once.
+A tensor-parallel case is measured on its highest rank (ranks can differ by one partial sum: gloo's threads).
 Compared: the prefill's peak (the first forward and the loop's work after it), the last decode step's peak and the
 KV cache after the last step (bytes, exact). Errors are of the whole peak (weights included) and, harder, of the part
 above the weights. An architecture llmem refuses is listed with its one-line reason, not compared.
@@ -27,15 +29,21 @@ CASES += [f"{a}:bf16:{b}x{p}+{n}" for a in BF16_ARCHS for b, p, n in POINTS]
 STATIC_ARCHS = ["llama", "gpt2", "opt", "gpt_bigcode", "qwen2"]
 CASES += [f"{a}:fp32:{b}x{p}+{n}:static" for a in STATIC_ARCHS for b, p, n in POINTS[1:]]
 CASES += [f"{a}:bf16:2x32+8:static" for a in BF16_ARCHS]
+# Tensor parallelism (transformers' tp_plan: the Llama family) over 2 gloo ranks: the tiny presets have 2 key/value
+# heads, the most a degree may split.
+TP_ARCHS = ["llama", "mistral", "qwen2"]
+CASES += [f"{a}:fp32:{b}x{p}+{n}:dynamic:tp2" for a in TP_ARCHS for b, p, n in POINTS[1:]]
+CASES += ["llama:bf16:2x32+8:dynamic:tp2", "llama:fp32:2x32+8:static:tp2", "qwen2:fp32:4x256+4:static:tp2"]
 QUICK_CASES = ["llama:fp32:2x32+8", "opt:fp32:2x32+8", "qwen2:fp32:2x32+8", "gpt2:bf16:2x32+8",
-               "qwen2:fp32:4x256+4:static"]
+               "qwen2:fp32:4x256+4:static", "qwen2:fp32:2x32+8:dynamic:tp2"]
 
 
 def parse(case):
-    arch, precision, shape, *cache = case.split(":")
-    batch, rest = shape.split("x")
-    prompt, new = rest.split("+")
-    return arch, precision, int(batch), int(prompt), int(new), cache[0] if cache else "dynamic"
+    arch, precision, shape, *rest = case.split(":")
+    batch, tokens = shape.split("x")
+    prompt, new = tokens.split("+")
+    tp = int(rest.pop()[2:]) if rest and rest[-1].startswith("tp") else 1
+    return arch, precision, int(batch), int(prompt), int(new), rest[0] if rest else "dynamic", tp
 
 
 def error(estimated, measured):
@@ -46,14 +54,15 @@ def compare(llmem, models, cases):
     """One row per case: the estimate, the real run and the errors (or the reason llmem refused the case)."""
     rows, real_cases = [], []
     for case in cases:
-        arch, precision, batch, prompt, new, cache = parse(case)
+        arch, precision, batch, prompt, new, cache, tp = parse(case)
         dtype = "bfloat16" if precision == "bf16" else ""
         export, _ = distributed_runs.ensure_export(arch, "tiny", models, sys.executable, dtype)
         proc = subprocess.run([llmem, "infer", export, "--gpu", "cpu", "-p", precision, "-b", str(batch),
-                               "--prompt", str(prompt), "--new-tokens", str(new), "--cache", cache, "--json"],
+                               "--prompt", str(prompt), "--new-tokens", str(new), "--cache", cache,
+                               "--tp", str(tp), "--json"],
                               capture_output=True, text=True)
         row = {"case": case, "arch": arch, "precision": precision, "batch": batch, "prompt": prompt, "new": new,
-               "cache": cache}
+               "cache": cache, "tp": tp}
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()
             row["refused"] = lines[-1] if lines else f"exit code {proc.returncode}"
@@ -76,7 +85,8 @@ def compare(llmem, models, cases):
                 continue
             r, e = by_case[row["case"]], row["estimate"]
             w = r["weights_bytes"]
-            measured = {"prefill": w + r["forward_peak_bytes"][0], "decode": w + r["forward_peak_bytes"][-1]}
+            peaks = r.get("rank_forward_peak_bytes", [r["forward_peak_bytes"]])
+            measured = {"prefill": w + max(p[0] for p in peaks), "decode": w + max(p[-1] for p in peaks)}
             estimated = {"prefill": e["prefill"]["peak_allocated_bytes"]}
             if "decode" in e:
                 estimated["decode"] = e["decode"]["peak_allocated_bytes"]
@@ -128,6 +138,11 @@ def write_section(f, rows, when=None):
             "above the weights (activations, cache, the loop's tensors)\n")
     f.write("- cache: `dynamic` (DynamicCache, the default) or `static` (`cache_implementation=\"static\"`, "
             "`llmem infer --cache static`)\n")
+    f.write("- tp: tensor-parallel ranks (`llmem infer --tp T`): T gloo processes, each decoder layer split as "
+            "transformers' tp_plan does (q/k/v, gate/up ColwiseParallel; o, down RowwiseParallel; embedding and LM head "
+            "replicated; each rank's shards made in place, as loading them from a checkpoint), figures of the rank "
+            "that peaks highest: gloo's worker threads free a row-parallel partial sum sooner or later from run to "
+            "run, so ranks can differ by one such tensor\n")
     f.write("- not modelled: the workspace of the CPU GEMM of a bf16 `linear` (CPU only), which sets the CPU peak where "
             "the activations are smallest (the largest error above the weights below)\n\n")
     for phase in ("prefill", "decode"):
@@ -138,11 +153,12 @@ def write_section(f, rows, when=None):
     refused = [r for r in rows if "refused" in r]
     if refused:
         f.write(f"- {len(refused)} cases refused by llmem (listed with its reason)\n")
-    f.write("\n| model | precision | cache | batch | prompt + new | prefill measured MiB | prefill error | above weights | "
+    f.write("\n| model | precision | cache | tp | batch | prompt + new | prefill measured MiB | prefill error | above weights | "
             "last decode measured MiB | decode error | above weights | cache |\n")
-    f.write("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|\n")
+    f.write("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|\n")
     for r in rows:
-        head = f"| {r['arch']} | {r['precision']} | {r['cache']} | {r['batch']} | {r['prompt']} + {r['new']} | "
+        head = (f"| {r['arch']} | {r['precision']} | {r['cache']} | {r['tp']} | {r['batch']} | "
+                f"{r['prompt']} + {r['new']} | ")
         if "refused" in r:
             f.write(head + f"refused: {r['refused'].replace('|', '/')} | | | | | | |\n")
             continue

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Real Hugging Face generation on this CPU through the counting allocator: the ground truth of `llmem infer`.
 
-A case is ARCH:PRECISION:BxP+N[:CACHE]: the export's model (models/export_hf.py's preset, seed 0, random
+A case is ARCH:PRECISION:BxP+N[:CACHE][:tpT]: the export's model (models/export_hf.py's preset, seed 0, random
 weights) in eval mode, in PRECISION (fp32 | bf16: the weights cast as from_pretrained(dtype=...) leaves them),
 generating N new tokens greedily for B prompts of P random tokens without padding:
 
@@ -9,7 +9,11 @@ generating N new tokens greedily for B prompts of P random tokens without paddin
                    use_cache=True, cache_implementation=None | "static")
 
 min_new_tokens = max_new_tokens makes the length exact whatever the model emits. CACHE is dynamic (HF's
-DynamicCache, the default) or static (StaticCache sized for P + N). One JSON line per case:
+DynamicCache, the default) or static (StaticCache sized for P + N). tpT runs T gloo ranks (torchrun) with every
+decoder layer split as transformers' tp_plan for the Llama family does (q/k/v/gate/up ColwiseParallel, o/down
+RowwiseParallel; embedding and LM head replicated), each generating the same tokens; the figures are rank 0's,
+`rank_peak_bytes` and `rank_forward_peak_bytes` list every rank's (gloo's worker threads free a row-parallel partial
+sum earlier or later from run to run, so ranks can differ by one such tensor). One JSON line per case:
 
 - weights_bytes: the model's storages (counted as the model is built, after the dtype cast);
 - peak_bytes: the highest live bytes above the weights during generate() (the input ids included);
@@ -19,12 +23,15 @@ DynamicCache, the default) or static (StaticCache sized for P + N). One JSON lin
 - cache_bytes: the key/value cache's tensors after the last step; cache_layers: per layer its key and value shapes.
 
   scripts/inference_runs.py --case llama:fp32:2x32+8 --case mistral:bf16:1x64+16:static [--out runs.jsonl]
+  scripts/inference_runs.py --case qwen2:bf16:2x32+8:dynamic:tp2
 """
 import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
+import tempfile
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
@@ -40,10 +47,18 @@ class CaseError(ValueError):
 
 
 def parse_case(text):
-    """ARCH:PRECISION:BxP+N[:CACHE] -> (arch, precision, batch, prompt, new_tokens, cache)."""
+    """ARCH:PRECISION:BxP+N[:CACHE][:tpT] -> (arch, precision, batch, prompt, new_tokens, cache, tp)."""
     fields = text.split(":")
+    tp = 1
+    if len(fields) >= 4 and fields[-1].startswith("tp"):
+        try:
+            tp = int(fields.pop()[2:])
+        except ValueError:
+            raise CaseError(f"case '{text}': the tensor-parallel field must be tpT, e.g. tp2") from None
+        if tp < 1:
+            raise CaseError(f"case '{text}': the tensor-parallel degree must be positive")
     if len(fields) not in (3, 4):
-        raise CaseError(f"case '{text}': expected ARCH:PRECISION:BxP+N[:CACHE]")
+        raise CaseError(f"case '{text}': expected ARCH:PRECISION:BxP+N[:CACHE][:tpT]")
     arch, precision, point = fields[:3]
     cache = fields[3] if len(fields) == 4 else "dynamic"
     try:
@@ -58,7 +73,7 @@ def parse_case(text):
         raise CaseError(f"case '{text}': precision must be one of {', '.join(PRECISIONS)}")
     if cache not in CACHES:
         raise CaseError(f"case '{text}': cache must be one of {', '.join(CACHES)}")
-    return arch, precision, batch, prompt, new, cache
+    return arch, precision, batch, prompt, new, cache, tp
 
 
 def cache_tensors(cache):
@@ -66,7 +81,7 @@ def cache_tensors(cache):
     return [(i, layer.keys, layer.values) for i, layer in enumerate(cache.layers)]
 
 
-def run_case(arch, precision, batch, prompt, new_tokens, cache="dynamic", size="tiny", probe=None):
+def run_case(arch, precision, batch, prompt, new_tokens, cache="dynamic", tp=1, size="tiny", probe=None):
     import torch
 
     probe = probe or distributed_worker.CpuProbe()
@@ -76,6 +91,12 @@ def run_case(arch, precision, batch, prompt, new_tokens, cache="dynamic", size="
     model.eval()
     if precision == "bf16":
         model.to(torch.bfloat16)
+    if tp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # transformers' from_pretrained(tp_plan=...) reads each rank's shard from the checkpoint: no scatter
+        distributed_worker.apply_tp(model, arch, init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",)), False,
+                                    src_data_rank=None)
     gc.collect()
     weights = probe.current() - before
     gen = torch.Generator().manual_seed(0)
@@ -101,7 +122,7 @@ def run_case(arch, precision, batch, prompt, new_tokens, cache="dynamic", size="
     handle.remove()
     layers = cache_tensors(out.past_key_values)
     record = {"arch": arch, "label": label, "size": size, "precision": precision, "batch": batch, "prompt": prompt,
-              "new_tokens": new_tokens, "cache": cache, "attn_implementation": attn,
+              "new_tokens": new_tokens, "cache": cache, "tp": tp, "attn_implementation": attn,
               "weights_bytes": weights, "peak_bytes": probe.peak(1) - base,
               "forward_peak_bytes": peaks, "forward_start_bytes": starts,
               "cache_bytes": sum(k.untyped_storage().nbytes() + v.untyped_storage().nbytes() for _, k, v in layers),
@@ -112,19 +133,65 @@ def run_case(arch, precision, batch, prompt, new_tokens, cache="dynamic", size="
     return record
 
 
+def run_rank(case, size, out_dir):
+    """One rank of a tensor-parallel case under torchrun: its record into out_dir/rank{R}.json."""
+    import torch.distributed as dist
+
+    probe = distributed_worker.CpuProbe()  # first: the process group's own allocations are counted as baseline
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    record = run_case(*parse_case(case), size=size, probe=probe)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_tensor_parallel(case, tp, size):
+    """Launches the T ranks of a case; rank 0's record with every rank's peak."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(tp),
+               os.path.abspath(__file__), "--rank-case", case, "--size", size, "--rank-out", out_dir]
+        env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        records = []
+        for r in range(tp):
+            path = os.path.join(out_dir, f"rank{r}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    records.append(json.load(f))
+        if proc.returncode != 0 or len(records) != tp:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"{case}: exit {proc.returncode}, {len(records)}/{tp} ranks: {tail[0][-300:]}")
+    record = records[0]
+    record["rank_peak_bytes"] = [r["peak_bytes"] for r in records]
+    record["rank_forward_peak_bytes"] = [r["forward_peak_bytes"] for r in records]
+    return record
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", action="append", required=True, help="ARCH:PRECISION:BxP+N[:CACHE]")
+    ap.add_argument("--case", action="append", help="ARCH:PRECISION:BxP+N[:CACHE][:tpT]")
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--out", help="append one JSON line per case (default: stdout)")
+    ap.add_argument("--rank-case", help=argparse.SUPPRESS)  # a rank of a tensor-parallel case (torchrun)
+    ap.add_argument("--rank-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rank_case:
+        run_rank(args.rank_case, args.size, args.rank_out)
+        return
+    if not args.case:
+        sys.exit("inference_runs: give at least one --case")
     try:
         cases = [parse_case(c) for c in args.case]
     except CaseError as e:
         sys.exit(f"inference_runs: {e}")
     probe = distributed_worker.CpuProbe()
-    for case in cases:
-        record = run_case(*case, size=args.size, probe=probe)
+    for text, case in zip(args.case, cases):
+        if case[-1] > 1:
+            record = run_tensor_parallel(text, case[-1], args.size)
+        else:
+            record = run_case(*case, size=args.size, probe=probe)
         line = json.dumps(record)
         if args.out:
             with open(args.out, "a") as f:

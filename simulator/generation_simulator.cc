@@ -7,25 +7,26 @@
 #include "simulator/timeline_invariants.h"
 
 namespace llmem::sim {
-namespace {
-
-MemoryEstimate SimulateForward(const GenerationForward& fw, const TrainingConfig& config) {
+MemoryEstimate SimulateGenerationForward(const GenerationForward& fw, const TrainingConfig& config, StepHooks* hooks,
+                                         int64_t outside_allocator_bytes) {
   StepPlan plan = BuildStepPlan(fw.graph, config);
   plan.loop.forward_only = true;
   plan.loop.cache_inputs = fw.past;
   plan.loop.cache_outputs = fw.present;
-  StepSimulation sim = ExecuteStepPlan(fw.graph, plan, config, nullptr);
+  StepSimulation sim = ExecuteStepPlan(fw.graph, plan, config, hooks);
   CheckTimelineInvariants(sim.timeline);
-  return EstimateFromSimulation(fw.graph, config, std::move(sim));
+  return EstimateFromSimulation(fw.graph, config, std::move(sim), outside_allocator_bytes);
 }
 
-}  // namespace
-
 GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t)>& graph_at,
-                                      const GenerationRequest& r, const TrainingConfig& config) {
+                                      const GenerationRequest& r, const TrainingConfig& config,
+                                      const GenerationForwardSimulator& simulate) {
   if (r.batch <= 0 || r.prompt <= 0 || r.new_tokens <= 0) {
     throw ConfigError("batch, prompt and new tokens must be positive");
   }
+  const auto SimulateForward = [&](GenerationForward& fw, const TrainingConfig& c) {
+    return simulate ? simulate(fw, c) : SimulateGenerationForward(fw, c);
+  };
   GenerationEstimate est;
   GenerationLoop loop = r.loop;
   loop.static_cache_tokens = r.prompt + r.new_tokens - 1;  // generate()'s max_length - 1: the last token is not fed

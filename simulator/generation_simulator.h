@@ -13,6 +13,7 @@
 #include "graph/generation_forward.h"
 #include "graph/graph.h"
 #include "simulator/memory_estimate.h"
+#include "simulator/step_hooks.h"
 #include "simulator/training_config.h"
 
 namespace llmem::sim {
@@ -47,10 +48,21 @@ struct GenerationEstimate {
   }
 };
 
+// One forward of the loop on one device: the step executor's timeline of `fw` with `hooks` (a parallel engine's; null
+// for one GPU), its invariants checked; `outside_allocator_bytes` as EstimateFromSimulation's.
+MemoryEstimate SimulateGenerationForward(const GenerationForward& fw, const TrainingConfig& config,
+                                         StepHooks* hooks = nullptr, int64_t outside_allocator_bytes = 0);
+
+// How each forward is simulated: one GPU's SimulateGenerationForward by default; a parallel method first rewrites
+// fw.graph to one rank's shapes (keeping its values' ids), so the estimate, the cache and the graphs kept are the
+// rank's.
+using GenerationForwardSimulator = std::function<MemoryEstimate(GenerationForward& fw, const TrainingConfig& config)>;
+
 // `graph_at(batch, tokens)` builds the export's graph for that many new tokens. config.precision is the weights'
 // dtype (fp32, or bf16 on a bf16 export). Throws ConfigError for a request out of range or a graph the generation
 // rewrite does not take.
 GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t)>& graph_at,
-                                      const GenerationRequest& request, const TrainingConfig& config);
+                                      const GenerationRequest& request, const TrainingConfig& config,
+                                      const GenerationForwardSimulator& simulate = {});
 
 }  // namespace llmem::sim

@@ -169,18 +169,27 @@ class InferLoopTest(unittest.TestCase):
 
 
 class InferAccuracyTest(unittest.TestCase):
-    def compare(self, arch, precision, batch, prompt, new_tokens, cache="dynamic"):
+    def compare(self, arch, precision, batch, prompt, new_tokens, cache="dynamic", tp=1):
         import inference_runs
 
         model = f"{arch}-tiny{'-bf16' if precision == 'bf16' else ''}.pt"
         est = infer_json(os.path.join(TINY, model), "--gpu", "cpu", "-p", precision, "-b", str(batch), "--prompt",
-                         str(prompt), "--new-tokens", str(new_tokens), "--cache", cache)
-        real = inference_runs.run_case(arch, precision, batch, prompt, new_tokens, cache=cache)
+                         str(prompt), "--new-tokens", str(new_tokens), "--cache", cache, "--tp", str(tp))
+        if tp == 1:
+            real = inference_runs.run_case(arch, precision, batch, prompt, new_tokens, cache=cache)
+        else:
+            real = inference_runs.run_tensor_parallel(f"{arch}:{precision}:{batch}x{prompt}+{new_tokens}:{cache}:tp{tp}",
+                                                      tp, "tiny")
+        # the run counts up to a few hundred bytes besides the model's storages (bf16: 128 B; a tensor-parallel
+        # rank: 8 B more), which llmem does not count
+        extra = real["weights_bytes"] - est["weights_bytes"]
+        self.assertTrue(0 <= extra <= 256, f"weights: {extra} B more measured")
         self.assertEqual(est["cache_bytes"], real["cache_bytes"])
         total = real["weights_bytes"] + real["peak_bytes"]
-        decode = est["decode"]["peak_allocated_bytes"] - (real["weights_bytes"] + real["forward_peak_bytes"][-1])
-        prefill = est["prefill"]["peak_allocated_bytes"] - (real["weights_bytes"] + real["forward_peak_bytes"][0])
-        label = f"{arch} {precision} {batch}x{prompt}+{new_tokens} {cache}"
+        peaks = real.get("rank_forward_peak_bytes", [real["forward_peak_bytes"]])  # the highest rank's
+        decode = est["decode"]["peak_allocated_bytes"] - (real["weights_bytes"] + max(p[-1] for p in peaks))
+        prefill = est["prefill"]["peak_allocated_bytes"] - (real["weights_bytes"] + max(p[0] for p in peaks))
+        label = f"{arch} {precision} {batch}x{prompt}+{new_tokens} {cache} tp{tp}"
         self.assertLess(abs(decode) / total, 0.005, f"{label}: decode off by {decode} B")
         self.assertLess(abs(prefill) / total, 0.005, f"{label}: prefill off by {prefill} B")
 
@@ -210,6 +219,40 @@ class InferAccuracyTest(unittest.TestCase):
 
     def test_gpt2_static_cache(self):
         self.compare("gpt2", "fp32", 2, 32, 8, cache="static")
+
+    def test_tensor_parallel_ranks_hold_their_heads(self):  # 2 gloo ranks, transformers' tp_plan
+        self.compare("qwen2", "fp32", 2, 32, 8, tp=2)
+
+    def test_tensor_parallel_static_cache(self):
+        self.compare("llama", "fp32", 2, 48, 8, cache="static", tp=2)
+
+
+class InferTensorParallelTest(OneLineErrorAssertions, unittest.TestCase):
+    def test_each_rank_holds_its_share_and_a_degree_must_divide_the_heads(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        args = ("--gpu", "cpu", "-p", "fp32", "-b", "2", "--prompt", "20", "--new-tokens", "5")
+        one, two = infer_json(llama, *args), infer_json(llama, *args, "--tp", "2")
+        self.assertEqual(two["tp"], 2)
+        self.assertEqual(two["cache_bytes"] * 2, one["cache_bytes"])  # 1 of the 2 key/value heads per rank
+        # the decoder layers' linears halve; embedding, LM head and norms stay whole
+        self.assertLess(two["weights_bytes"], one["weights_bytes"])
+        self.assertIn("tensor-parallel ranks", two["loop"])
+        base = ("infer", llama, *args)
+        self.assert_one_line_error(run(*base, "--tp", "4"), 2, "does not divide the 2 key/value heads", "vLLM")
+        self.assert_one_line_error(run(*base, "--tp", "3"), 2, "does not divide the 4 attention heads")
+        self.assert_one_line_error(run(*base, "--tp", "0"), 2, "--tp must be at least 1")
+        # GPT-2's fused c_attn is cut into q, k, v: split as Megatron's fused layout
+        gpt2 = infer_json(os.path.join(TINY, "gpt2-tiny.pt"), *args, "--tp", "2")
+        self.assertEqual(gpt2["tp"], 2)
+
+    def test_a_gpu_rank_counts_its_nccl_buffers_and_its_all_reduces_time(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        args = ("--gpu", "a100-80", "-p", "fp32", "-b", "2", "--prompt", "64", "--new-tokens", "8")
+        one, two = infer_json(llama, *args), infer_json(llama, *args, "--tp", "2")
+        # the communicator's buffers sit outside the allocator: nvidia-smi sees them, the allocated peak does not
+        self.assertGreater(two["nvidia_smi_bytes"] - two["peak_reserved_bytes"],
+                           one["nvidia_smi_bytes"] - one["peak_reserved_bytes"])
+        self.assertGreater(two["time"]["decode_step_s"], 0)
 
 
 if __name__ == "__main__":

@@ -68,25 +68,27 @@ struct TpBlock {
   ValueId w1, u, g, w2, d, r2, wh, logits;
 };
 
-inline TpBlock MakeTpBlock(int64_t vocab = 10) {
+// `batch` and `seq` other than 1 and 3 give the same block at B x S tokens (the figures above are for 1 x 3).
+inline TpBlock MakeTpBlock(int64_t vocab = 10, int64_t batch = 1, int64_t seq = 3) {
   TestGraphBuilder b;
   TpBlock t;
-  ValueId ids = b.Input("input_ids", {1, 3});
-  ValueId labels = b.Input("labels", {1, 3});
-  ValueId pos = b.Op("aten::arange", {I(3), None(), None(), None(), None()}, {3}, DType::kI64);
+  const int64_t n = batch, s = seq;
+  ValueId ids = b.Input("input_ids", {n, s});
+  ValueId labels = b.Input("labels", {n, s});
+  ValueId pos = b.Op("aten::arange", {I(s), None(), None(), None(), None()}, {s}, DType::kI64);
   t.wpe = b.Param("wpe", {3, 8});
-  t.pe = b.Op("aten::embedding", {T(t.wpe), T(pos), I(-1), B(false), B(false)}, {3, 8});
+  t.pe = b.Op("aten::embedding", {T(t.wpe), T(pos), I(-1), B(false), B(false)}, {s, 8});
   t.wte = b.Param("wte", {vocab, 8});
-  t.x0 = b.Op("aten::embedding", {T(t.wte), T(ids), I(-1), B(false), B(false)}, {1, 3, 8});
-  t.x = b.Op("aten::add", {T(t.x0), T(t.pe), I(1)}, {1, 3, 8});
+  t.x0 = b.Op("aten::embedding", {T(t.wte), T(ids), I(-1), B(false), B(false)}, {n, s, 8});
+  t.x = b.Op("aten::add", {T(t.x0), T(t.pe), I(1)}, {n, s, 8});
   b.SetLayer(0);
   // q, k, v: linear -> view [B,S,heads,head_dim] -> transpose(1,2) [B,heads,S,head_dim] (a strided view).
   auto head_path = [&](const std::string& name, ValueId* weight, ValueId* proj, ValueId* view) {
     *weight = b.Param(name + ".weight", {8, 8});
-    *proj = b.OpOut("aten::linear", {T(t.x), T(*weight), None()}, Out({1, 3, 8}), "model.layers.0.attn." + name);
-    *view = b.OpOut("aten::view", {T(*proj), Ints({1, 3, 2, 4})}, Out({1, 3, 2, 4}).AliasOf(*proj));
-    ValueId tr = b.OpOut("aten::transpose", {T(*view), I(1), I(2)}, Out({1, 2, 3, 4}).AliasOf(*proj));
-    b.value(tr).strides = {24, 4, 8, 1};
+    *proj = b.OpOut("aten::linear", {T(t.x), T(*weight), None()}, Out({n, s, 8}), "model.layers.0.attn." + name);
+    *view = b.OpOut("aten::view", {T(*proj), Ints({n, s, 2, 4})}, Out({n, s, 2, 4}).AliasOf(*proj));
+    ValueId tr = b.OpOut("aten::transpose", {T(*view), I(1), I(2)}, Out({n, 2, s, 4}).AliasOf(*proj));
+    b.value(tr).strides = {s * 8, 4, 8, 1};
     return tr;
   };
   ValueId k, kv, v, vv;
@@ -94,23 +96,23 @@ inline TpBlock MakeTpBlock(int64_t vocab = 10) {
   t.kt = head_path("k_proj", &t.wk, &k, &kv);
   t.vt = head_path("v_proj", &t.wv, &v, &vv);
   t.a = b.Op("aten::scaled_dot_product_attention", {T(t.qt), T(t.kt), T(t.vt), None(), D(0.0), B(true)},
-             {1, 2, 3, 4});
-  t.at = b.OpOut("aten::transpose", {T(t.a), I(1), I(2)}, Out({1, 3, 2, 4}).AliasOf(t.a));
-  b.value(t.at).strides = {24, 4, 12, 1};
-  t.ar = b.Op("aten::reshape", {T(t.at), Ints({1, 3, 8})}, {1, 3, 8});  // not mergeable: a copy
+             {n, 2, s, 4});
+  t.at = b.OpOut("aten::transpose", {T(t.a), I(1), I(2)}, Out({n, s, 2, 4}).AliasOf(t.a));
+  b.value(t.at).strides = {s * 8, 4, s * 4, 1};
+  t.ar = b.Op("aten::reshape", {T(t.at), Ints({n, s, 8})}, {n, s, 8});  // not mergeable: a copy
   t.wo = b.Param("o_proj.weight", {8, 8});
-  t.o = b.OpOut("aten::linear", {T(t.ar), T(t.wo), None()}, Out({1, 3, 8}), "model.layers.0.attn.o_proj");
-  t.r1 = b.Op("aten::add", {T(t.x), T(t.o), I(1)}, {1, 3, 8});
+  t.o = b.OpOut("aten::linear", {T(t.ar), T(t.wo), None()}, Out({n, s, 8}), "model.layers.0.attn.o_proj");
+  t.r1 = b.Op("aten::add", {T(t.x), T(t.o), I(1)}, {n, s, 8});
   t.w1 = b.Param("up.weight", {32, 8});
-  t.u = b.OpOut("aten::linear", {T(t.r1), T(t.w1), None()}, Out({1, 3, 32}), "model.layers.0.mlp.up");
-  t.g = b.Op("aten::gelu", {T(t.u)}, {1, 3, 32});
+  t.u = b.OpOut("aten::linear", {T(t.r1), T(t.w1), None()}, Out({n, s, 32}), "model.layers.0.mlp.up");
+  t.g = b.Op("aten::gelu", {T(t.u)}, {n, s, 32});
   t.w2 = b.Param("down.weight", {8, 32});
-  t.d = b.OpOut("aten::linear", {T(t.g), T(t.w2), None()}, Out({1, 3, 8}), "model.layers.0.mlp.down");
-  t.r2 = b.Op("aten::add", {T(t.r1), T(t.d), I(1)}, {1, 3, 8});
+  t.d = b.OpOut("aten::linear", {T(t.g), T(t.w2), None()}, Out({n, s, 8}), "model.layers.0.mlp.down");
+  t.r2 = b.Op("aten::add", {T(t.r1), T(t.d), I(1)}, {n, s, 8});
   b.SetHead();
   t.wh = b.Param("lm_head.weight", {vocab, 8});
-  t.logits = b.OpOut("aten::linear", {T(t.r2), T(t.wh), None()}, Out({1, 3, vocab}), "lm_head");
-  t.graph = b.Build(CrossEntropy(b, t.logits, labels), 1, 3);
+  t.logits = b.OpOut("aten::linear", {T(t.r2), T(t.wh), None()}, Out({n, s, vocab}), "lm_head");
+  t.graph = b.Build(CrossEntropy(b, t.logits, labels), n, s);
   return t;
 }
 
