@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cli/category_report.h"
+#include "cli/paged_infer.h"
 #include "cli/training_options.h"
 #include "graph/dtype.h"
 #include "graph/error.h"
@@ -115,7 +116,18 @@ void AddInferOptions(CLI::App* cmd, InferOptions& o) {
   cmd->add_option("--new-tokens", o.new_tokens, "tokens generated per sequence")->required();
   cmd->add_option("-p,--precision", o.precision, "the weights' dtype: bf16 (a bf16 export) | fp32")
       ->capture_default_str();
-  cmd->add_option("--cache", o.cache, "HF cache: dynamic (DynamicCache) | static (cache_implementation=\"static\")")
+  cmd->add_option("--cache", o.cache, "dynamic (HF DynamicCache) | static (HF cache_implementation=\"static\") | "
+                  "paged (vLLM's block pool)")->capture_default_str();
+  cmd->add_option("--kv-dtype", o.kv_dtype, "the cache's dtype: auto (the weights') | bf16 | fp16 | fp8 | fp8_e4m3 | "
+                  "fp8_e5m2 | int8 (other than auto: --cache paged)")->capture_default_str();
+  cmd->add_option("--block-size", o.block_size, "--cache paged: tokens per KV block")->capture_default_str();
+  cmd->add_option("--gpu-memory-utilization", o.gpu_memory_utilization,
+                  "--cache paged: the fraction of the GPU vLLM may use")->capture_default_str();
+  cmd->add_option("--max-model-len", o.max_model_len, "--cache paged: longest request vLLM admits (default: the "
+                  "model's positions)");
+  cmd->add_option("--max-num-batched-tokens", o.max_num_batched_tokens,
+                  "--cache paged: tokens of vLLM's start-up profile run")->capture_default_str();
+  cmd->add_option("--max-num-seqs", o.max_num_seqs, "--cache paged: sequences vLLM runs at once at most")
       ->capture_default_str();
   cmd->add_option("--max-positions", o.max_positions, "longest sequence the model allows (e.g. scaled RoPE)");
   cmd->add_option("--tp", o.tp, "tensor-parallel GPUs (transformers' tp_plan: each decoder layer split, the "
@@ -130,8 +142,13 @@ int RunInfer(const InferOptions& o) {
   if (o.precision != "bf16" && o.precision != "fp32") {
     throw ConfigError("unknown --precision '" + o.precision + "' for infer (bf16, fp32)");
   }
-  if (o.cache != "dynamic" && o.cache != "static") {
-    throw ConfigError("unknown --cache '" + o.cache + "' (dynamic, static; paged is not modelled yet)");
+  if (o.cache != "dynamic" && o.cache != "static" && o.cache != "paged") {
+    throw ConfigError("unknown --cache '" + o.cache + "' (dynamic, static, paged)");
+  }
+  if (o.cache != "paged" && o.kv_dtype != "auto" && o.kv_dtype != o.precision) {
+    throw ConfigError("--kv-dtype " + o.kv_dtype + ": Hugging Face's " + (o.cache == "static" ? "StaticCache" : "DynamicCache") +
+                      " keeps keys and values in the weights' dtype (" + o.precision +
+                      "); other cache dtypes are modelled for vLLM's --cache paged");
   }
   if (o.batch <= 0) throw ConfigError("--batch must be positive");
 
@@ -142,6 +159,10 @@ int RunInfer(const InferOptions& o) {
   config.lifetimes = sim::Lifetimes::kEager;
   auto model = TorchScriptModel::Load(o.model);
   if (o.max_positions) model.set_max_positions(*o.max_positions);
+  if (o.cache == "paged") {
+    const std::optional<PositionLimit> positions = model.BuildGraph(1, 2).position_limit();
+    return RunPagedInfer(o, model, config, positions);
+  }
   if (o.cache == "static" && !model.bool_causal_mask().value_or(false)) {
     throw ConfigError("--cache static is modelled for models that build transformers' create_causal_mask mask; this "
                       "export's model builds its own (or the export does not say): not modelled yet");

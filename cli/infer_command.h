@@ -19,7 +19,14 @@ struct InferOptions {
   std::string precision = "bf16";
   std::string cache = "dynamic";
   std::optional<int64_t> max_positions;
-  int tp = 1;                // tensor-parallel ranks (transformers' tp_plan), each estimated
+  int tp = 1;                // tensor-parallel ranks (transformers' tp_plan; vLLM's with --cache paged)
+  std::string kv_dtype = "auto";  // the cache's element type: auto = the weights'
+  // --cache paged: vLLM's engine arguments
+  int64_t block_size = 16;
+  double gpu_memory_utilization = 0.9;
+  std::optional<int64_t> max_model_len;
+  int64_t max_num_batched_tokens = 8192;
+  int64_t max_num_seqs = 256;
   bool max_batch = false;    // also search the largest batch that fits at this prompt and new tokens
   bool max_prompt = false;   // also search the longest prompt that fits at this batch and new tokens
   bool json_out = false;

@@ -15,10 +15,11 @@ std::string CheckTensorParallelGeneration(const Graph& graph, int tp) {
   return why;
 }
 
-sim::GenerationForwardSimulator TensorParallelGenerationForward(int tp, std::vector<CollectiveList>* collectives) {
-  return [tp, collectives](GenerationForward& fw, const sim::TrainingConfig& config) {
+sim::GenerationForwardSimulator TensorParallelGenerationForward(int tp, std::vector<CollectiveList>* collectives,
+                                                                bool vocab_parallel) {
+  return [tp, collectives, vocab_parallel](GenerationForward& fw, const sim::TrainingConfig& config) {
     if (tp == 1) return sim::SimulateGenerationForward(fw, config);
-    TensorParallelRank rank = ShardForTensorParallel(fw.graph, tp, /*vocab_parallel=*/false);
+    TensorParallelRank rank = ShardForTensorParallel(fw.graph, tp, vocab_parallel);
     fw.graph = rank.graph;
     TensorParallelHooks hooks(&rank);
     const int64_t nccl = config.target.is_cpu ? 0 : NcclBytesPerRank(ParallelPlan{.tp = tp}, config.target.gpu);

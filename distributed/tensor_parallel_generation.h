@@ -26,6 +26,9 @@ std::string CheckTensorParallelGeneration(const Graph& graph, int tp);
 
 // Simulates each forward on rank 0 of `tp` ranks (they are alike); tp = 1 is one GPU. With `collectives`, each forward
 // simulated appends its all-reduces there (in the weights' dtype a generation forward computes in), in call order.
-sim::GenerationForwardSimulator TensorParallelGenerationForward(int tp, std::vector<CollectiveList>* collectives = nullptr);
+// `vocab_parallel`: the token embedding and the LM head split by vocabulary too (vLLM's VocabParallelEmbedding and
+// ParallelLMHead; transformers' tp_plan leaves them whole).
+sim::GenerationForwardSimulator TensorParallelGenerationForward(int tp, std::vector<CollectiveList>* collectives = nullptr,
+                                                                bool vocab_parallel = false);
 
 }  // namespace llmem::dist

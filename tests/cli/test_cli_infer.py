@@ -35,8 +35,10 @@ class InferInputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_one_line_error(run("infer", llama, "--prompt", "8", "--new-tokens", "4", "-p", "fp16"), 2,
                                    "unknown --precision 'fp16'")
         self.assert_one_line_error(run(*base, "--new-tokens", "4"), 2, "--prompt")
-        self.assert_one_line_error(run(*base, "--prompt", "8", "--new-tokens", "4", "--cache", "paged"), 2,
-                                   "unknown --cache 'paged'")
+        self.assert_one_line_error(run(*base, "--prompt", "8", "--new-tokens", "4", "--cache", "ring"), 2,
+                                   "unknown --cache 'ring'")
+        self.assert_one_line_error(run(*base, "--prompt", "8", "--new-tokens", "4", "--kv-dtype", "fp8"), 2,
+                                   "DynamicCache keeps keys and values in the weights' dtype", "--cache paged")
         self.assert_one_line_error(run("infer", opt, "--gpu", "cpu", "-p", "fp32", "--prompt", "8", "--new-tokens", "4",
                                        "--cache", "static"), 2, "create_causal_mask")
         # positions: a learned table bounds the context, a RoPE config limit can be lifted
@@ -225,6 +227,68 @@ class InferAccuracyTest(unittest.TestCase):
 
     def test_tensor_parallel_static_cache(self):
         self.compare("llama", "fp32", 2, 48, 8, cache="static", tp=2)
+
+
+class InferPagedTest(OneLineErrorAssertions, unittest.TestCase):
+    """--cache paged: vLLM's pool sizing wired to the export (the formulas are unit-tested by hand in C++)."""
+
+    def test_the_pool_is_whole_blocks_of_every_layer(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        args = ("--gpu", "a100-80", "-p", "fp32", "-b", "4", "--prompt", "100", "--new-tokens", "20", "--cache", "paged")
+        j = infer_json(llama, *args)
+        p = j["paged"]
+        # llama tiny: 4 layers of 2 key/value heads of 64, fp32 ("auto" keeps the weights' dtype)
+        self.assertEqual(p["page_bytes"], 2 * 16 * 2 * 64 * 4)
+        self.assertEqual(p["block_bytes"], p["page_bytes"] * 4)
+        self.assertEqual(p["requested_bytes"], int(j["capacity_bytes"] * 0.9))
+        self.assertEqual(p["num_blocks"], p["available_bytes"] // p["block_bytes"])
+        self.assertEqual(p["available_bytes"], p["requested_bytes"] - j["weights_bytes"] - p["profile_activation_bytes"])
+        self.assertEqual(p["profile_tokens"], 8192)  # 256 requests x 32 tokens
+        self.assertEqual(p["blocks_per_sequence"], 8)  # 119 fed tokens
+        self.assertEqual(p["max_model_len"], 4096)
+        self.assertTrue(j["fits"])
+        fp8 = infer_json(llama, *args, "--kv-dtype", "fp8", "--block-size", "32")["paged"]
+        self.assertEqual(fp8["page_bytes"], 2 * 32 * 2 * 64 * 1)
+        # the searches follow from the pool: 4 sequences share it, or 119-token sequences fill it
+        s = infer_json(llama, *args, "--max-batch", "--max-context", "--max-num-seqs", "1000000")
+        self.assertEqual(s["max_batch"], s["paged"]["num_blocks"] // 8)
+        self.assertEqual(s["max_prompt"], 4096 - 1 - 20 + 1)  # max_model_len caps it
+        # on 2 ranks each holds 1 of the 2 key/value heads
+        two = infer_json(llama, *args, "--tp", "2")["paged"]
+        self.assertEqual(two["page_bytes"], p["page_bytes"] // 2)
+
+    def test_an_engine_that_cannot_start_says_why(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        args = ("infer", llama, "--gpu", "a100-80", "-p", "fp32", "--prompt", "100", "--new-tokens", "20",
+                "--cache", "paged")
+        small = run(*args, "--gpu-memory", "560MiB")
+        self.assertEqual(small.returncode, 3)
+        self.assertIn("vLLM does not start", small.stdout)
+        no_room = run(*args, "--gpu-memory", "2GiB", "--gpu-memory-utilization", "0.07", "--json")
+        self.assertEqual(no_room.returncode, 3, no_room.stderr)
+        # 0.07 x 2 GiB leaves the pool about 6 MB once the weights and activations are in: fewer than the 256 blocks
+        # of one 4,096-token request
+        p = json.loads(no_room.stdout)["paged"]
+        self.assertTrue(p["requested_is_free"])
+        self.assertFalse(p["engine_starts"])
+        self.assertLess(p["num_blocks"], 256)
+
+    def test_bad_input_is_one_line(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        base = ("infer", llama, "--gpu", "a100-80", "-p", "fp32", "--prompt", "100", "--new-tokens", "20",
+                "--cache", "paged")
+        self.assert_one_line_error(run(*base, "--block-size", "24"), 2, "--block-size must be one of")
+        self.assert_one_line_error(run(*base, "--gpu-memory-utilization", "1.5"), 2, "--gpu-memory-utilization")
+        self.assert_one_line_error(run(*base, "--kv-dtype", "fp4"), 2, "unknown --kv-dtype 'fp4'")
+        self.assert_one_line_error(run(*base, "--max-model-len", "100"), 2, "exceeds max_model_len 100")
+        self.assert_one_line_error(run(*base, "--max-model-len", "100000"), 2, "exceeds the model's 4096 positions")
+        self.assert_one_line_error(run(*base, "--tp", "4"), 2, "does not divide the 2 key/value heads",
+                                   "vLLM then replicates")
+        self.assert_one_line_error(run("infer", llama, "--gpu", "cpu", "-p", "fp32", "--prompt", "8", "--new-tokens",
+                                       "4", "--cache", "paged"), 2, "on a GPU")
+        self.assert_one_line_error(run("infer", os.path.join(TINY, "mistral-tiny.pt"), "--gpu", "a100-80", "-p",
+                                       "fp32", "--prompt", "8", "--new-tokens", "4", "--cache", "paged"), 2,
+                                   "sliding window")
 
 
 class InferTensorParallelTest(OneLineErrorAssertions, unittest.TestCase):

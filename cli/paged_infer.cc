@@ -1,0 +1,227 @@
+#include "cli/paged_infer.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "distributed/model_dims.h"
+#include "distributed/tensor_parallel_generation.h"
+#include "graph/dtype.h"
+#include "graph/error.h"
+#include "simulator/generation_simulator.h"
+#include "simulator/paged_kv_pool.h"
+
+namespace llmem::cli {
+namespace {
+
+constexpr int kExitDoesNotFit = 3;
+
+// vLLM's kv_cache_dtype values by element size; "auto" keeps the model's dtype.
+int64_t KvElementBytes(const std::string& kv_dtype, int64_t weights_element_bytes) {
+  if (kv_dtype == "auto") return weights_element_bytes;
+  if (kv_dtype == "bf16" || kv_dtype == "fp16") return 2;
+  if (kv_dtype == "fp8" || kv_dtype == "fp8_e4m3" || kv_dtype == "fp8_e5m2" || kv_dtype == "int8") return 1;
+  throw ConfigError("unknown --kv-dtype '" + kv_dtype + "' (auto, bf16, fp16, fp8, fp8_e4m3, fp8_e5m2, int8)");
+}
+
+}  // namespace
+
+int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model, const sim::TrainingConfig& config,
+                  const std::optional<PositionLimit>& limit) {
+  if (config.target.is_cpu) throw ConfigError("--cache paged sizes vLLM's KV pool on a GPU: name one with --gpu");
+  static const std::vector<int64_t> kBlockSizes = {1, 8, 16, 32, 64, 128, 256};  // vLLM's BlockSize
+  if (std::find(kBlockSizes.begin(), kBlockSizes.end(), o.block_size) == kBlockSizes.end()) {
+    throw ConfigError("--block-size must be one of vLLM's 1, 8, 16, 32, 64, 128, 256 (got " +
+                      std::to_string(o.block_size) + ")");
+  }
+  if (o.max_num_batched_tokens < 1 || o.max_num_seqs < 1) {
+    throw ConfigError("--max-num-batched-tokens and --max-num-seqs must be positive");
+  }
+  if (model.sliding_window().value_or(0) > 0) {
+    throw ConfigError("this model attends within a sliding window of " + std::to_string(*model.sliding_window()) +
+                      " tokens: vLLM's sliding-window pool (SlidingWindowSpec) is not modelled; use --cache dynamic");
+  }
+  if (!o.max_model_len && !limit) {
+    throw ConfigError("the export does not say how long a sequence may be: give vLLM's --max-model-len");
+  }
+  const int64_t max_model_len = o.max_model_len.value_or(limit ? limit->max_seq : 0);
+  if (max_model_len < 1) throw ConfigError("--max-model-len must be positive");
+  if (limit && max_model_len > limit->max_seq) {
+    throw ConfigError("--max-model-len " + std::to_string(max_model_len) + " exceeds the model's " +
+                      std::to_string(limit->max_seq) + " positions (" + limit->source +
+                      "); --max-positions overrides it for a RoPE-scaled model");
+  }
+  const int64_t request_len = CheckedAdd(o.prompt, o.new_tokens, "prompt + new tokens");
+  if (request_len > max_model_len) {
+    throw ConfigError("prompt " + std::to_string(o.prompt) + " + " + std::to_string(o.new_tokens) +
+                      " new tokens exceeds max_model_len " + std::to_string(max_model_len) +
+                      " (vLLM rejects such a request)");
+  }
+  const Graph probe_graph = model.BuildGraph(1, 2);
+  const dist::ModelDims dims = dist::ReadModelDims(probe_graph);
+  if (std::string why = dist::CheckTensorParallelDegree(dims, o.tp, /*vocab_parallel=*/false); !why.empty()) {
+    if (o.tp > dims.kv_heads && o.tp % dims.kv_heads == 0 && dims.heads % o.tp == 0) {
+      why += ": vLLM then replicates each key/value head on " + std::to_string(o.tp / dims.kv_heads) +
+             " ranks, which is not modelled yet";
+    }
+    throw ConfigError(why);
+  }
+  // vLLM splits the embedding and the LM head by vocabulary (padding it to a multiple of 64 per rank, not counted).
+  const bool vocab_parallel = o.tp > 1 && dims.vocab % o.tp == 0;
+
+  // The start-up profile run (gpu_model_runner.py profile_run / _dummy_run): max_num_batched_tokens tokens spread
+  // evenly over min(tokens, max_num_seqs) requests, no cache yet, then the logits of each request's last token.
+  const int64_t profile_requests = std::min(o.max_num_batched_tokens, o.max_num_seqs);
+  const int64_t profile_each = o.max_num_batched_tokens / profile_requests;
+  const int64_t profile_tokens = profile_requests * profile_each;
+  const auto graph_at = [&](int64_t b, int64_t s) { return model.BuildGraph(b, s); };
+  const sim::GenerationRequest profile_request{
+      .batch = profile_requests, .prompt = profile_each, .new_tokens = 1,
+      .loop = {.last_position_logits = true, .min_length_processors = false}};
+  const sim::GenerationEstimate profile = sim::EstimateGeneration(
+      graph_at, profile_request, config, dist::TensorParallelGenerationForward(o.tp, nullptr, vocab_parallel));
+  const sim::MemoryEstimate& run = profile.prefill;
+  const auto at = [&](sim::MemoryCategory c) { return run.at_peak[static_cast<size_t>(c)]; };
+  // vLLM's input buffers exist before the profile and its attention writes no cache then: neither is in the peak.
+  const int64_t activations = run.peak_allocated_bytes - run.weights_bytes - at(sim::MemoryCategory::kInputs) -
+                              at(sim::MemoryCategory::kKvCache);
+
+  if (profile.cache_entry_shapes.empty() || profile.cache_entry_shapes.front().size() != 4) {
+    throw ConfigError("this model's cache entries are not [batch, heads, tokens, head size]: not modelled for "
+                      "--cache paged");
+  }
+  const std::vector<int64_t>& entry = profile.cache_entry_shapes.front();
+  const int64_t weights_element =
+      ElementSize(config.precision == sim::Precision::kBf16 ? DType::kBF16 : DType::kF32);
+  sim::PagedPoolInputs in{.total_memory_bytes = config.target.gpu.capacity_bytes,
+                          .free_at_start_bytes = config.target.gpu.capacity_bytes - run.fixed_overhead_bytes,
+                          .gpu_memory_utilization = o.gpu_memory_utilization,
+                          .weights_bytes = run.weights_bytes,
+                          .profile_peak_bytes = activations,
+                          .non_torch_bytes = 0,
+                          .block_size = o.block_size,
+                          .layers = static_cast<int64_t>(profile.cache_entry_shapes.size() / 2),
+                          .kv_heads = entry[1],
+                          .head_size = entry[3],
+                          .kv_element_bytes = KvElementBytes(o.kv_dtype, weights_element),
+                          .max_model_len = max_model_len};
+  const sim::PagedPool pool = sim::SizePagedPool(in);
+
+  // The request: every token but the last generated one is fed, so each sequence holds P + N - 1 tokens' blocks.
+  const int64_t per_sequence = sim::BlocksFor(request_len - 1, o.block_size);
+  const int64_t by_blocks = pool.num_blocks / per_sequence;
+  const int64_t concurrent = std::min({o.batch, o.max_num_seqs, by_blocks});
+  const bool starts = pool.starts();
+  const bool all_at_once = starts && concurrent == o.batch;
+  // Searches: both answers follow from the pool, which no request changes.
+  const int64_t max_batch = starts ? std::min(o.max_num_seqs, by_blocks) : 0;
+  const int64_t blocks_each = o.batch > 0 ? pool.num_blocks / o.batch : 0;
+  const int64_t max_prompt =
+      starts ? std::max<int64_t>(0, std::min(blocks_each * o.block_size, max_model_len - 1) - o.new_tokens + 1) : 0;
+
+  const std::vector<std::string> assumptions = {
+      "vLLM V1's start-up: requested = total x gpu_memory_utilization; the pool gets what the weights and the "
+      "profile run's peak leave of it (gpu_worker.py determine_available_memory); blocks of every layer "
+      "(kv_cache_utils.py)",
+      "the profile run's activation peak is llmem's forward of its dummy batch (max_num_batched_tokens tokens over "
+      "min(tokens, max_num_seqs) requests, the remainder dropped; each request's last-token logits and a greedy "
+      "pick) with the Hugging Face model's ops and without their cache: vLLM's fused kernels (qkv and gate/up "
+      "projections, in-place RoPE and residual norms) allocate less, so the pool is sized on the small side",
+      "outside the requested fraction: the CUDA context, NCCL's communicators and the CUDA graphs vLLM captures "
+      "after allocating the pool (none with --enforce-eager); no non-torch memory grows during the profile",
+      "a sequence holds the blocks of its P + N - 1 fed tokens; sequences beyond the pool or max_num_seqs wait "
+      "(vLLM schedules them later) rather than fail"};
+  if (o.json_out) {
+    nlohmann::json j = {{"model", o.model},
+                        {"target", run.target},
+                        {"engine", "vllm"},
+                        {"tp", o.tp},
+                        {"batch", o.batch},
+                        {"prompt", o.prompt},
+                        {"new_tokens", o.new_tokens},
+                        {"precision", o.precision},
+                        {"kv_dtype", o.kv_dtype},
+                        {"weights_bytes", run.weights_bytes},
+                        {"capacity_bytes", config.target.gpu.capacity_bytes},
+                        {"fits", all_at_once},
+                        {"paged",
+                         {{"block_size", o.block_size},
+                          {"gpu_memory_utilization", o.gpu_memory_utilization},
+                          {"max_model_len", max_model_len},
+                          {"max_num_batched_tokens", o.max_num_batched_tokens},
+                          {"max_num_seqs", o.max_num_seqs},
+                          {"profile_tokens", profile_tokens},
+                          {"requested_bytes", pool.requested_bytes},
+                          {"profile_activation_bytes", activations},
+                          {"available_bytes", pool.available_bytes},
+                          {"page_bytes", pool.page_bytes},
+                          {"block_bytes", pool.block_bytes},
+                          {"num_blocks", pool.num_blocks},
+                          {"tokens", pool.tokens},
+                          {"kv_cache_bytes", pool.num_blocks * pool.block_bytes},
+                          {"max_concurrency", pool.max_concurrency},
+                          {"engine_starts", starts},
+                          {"requested_is_free", pool.requested_is_free},
+                          {"blocks_per_sequence", per_sequence},
+                          {"concurrent_sequences", concurrent}}},
+                        {"assumptions", assumptions}};
+    if (o.max_batch) j["max_batch"] = max_batch;
+    if (o.max_prompt) j["max_prompt"] = max_prompt;
+    std::cout << j.dump(2) << "\n";
+  } else {
+    std::printf("model      %s\n", o.model.c_str());
+    std::printf("engine     vLLM V1, paged KV cache of %lld-token blocks, kv_cache_dtype %s, max_model_len %lld, "
+                "target %s%s\n",
+                static_cast<long long>(o.block_size), o.kv_dtype.c_str(), static_cast<long long>(max_model_len),
+                run.target.c_str(),
+                o.tp > 1 ? (" x " + std::to_string(o.tp) + " (tensor parallel; figures per GPU)").c_str() : "");
+    std::printf("requested  %s (%.2f of %s)\n", FormatBytes(pool.requested_bytes).c_str(), o.gpu_memory_utilization,
+                FormatBytes(config.target.gpu.capacity_bytes).c_str());
+    std::printf("  weights                %12s\n", FormatBytes(run.weights_bytes).c_str());
+    std::printf("  profile activations    %12s   (%lld requests x %lld tokens, peak at %s)\n",
+                FormatBytes(activations).c_str(), static_cast<long long>(profile_requests),
+                static_cast<long long>(profile_each), run.peak_op.c_str());
+    std::printf("  KV pool                %12s   %lld blocks x %s (%lld layers x %lld key/value heads x %lld)\n",
+                FormatBytes(pool.num_blocks * pool.block_bytes).c_str(), static_cast<long long>(pool.num_blocks),
+                FormatBytes(pool.block_bytes).c_str(), static_cast<long long>(in.layers),
+                static_cast<long long>(in.kv_heads), static_cast<long long>(in.head_size));
+    std::printf("pool       %lld tokens; %.2f sequences of max_model_len at once\n",
+                static_cast<long long>(pool.tokens), pool.max_concurrency);
+    if (!pool.requested_is_free) {
+      std::printf("vLLM does not start: %s is requested, but only %s is free once the CUDA context%s exists (lower "
+                  "--gpu-memory-utilization)\n",
+                  FormatBytes(pool.requested_bytes).c_str(),
+                  FormatBytes(config.target.gpu.capacity_bytes - run.fixed_overhead_bytes).c_str(),
+                  o.tp > 1 ? " and NCCL's buffers" : "");
+    } else if (!starts) {
+      std::printf("vLLM does not start: one request of max_model_len %lld tokens needs %lld blocks, the pool has %lld "
+                  "(lower --max-model-len, or raise --gpu-memory-utilization)\n",
+                  static_cast<long long>(max_model_len), static_cast<long long>(pool.blocks_per_max_len_request),
+                  static_cast<long long>(pool.num_blocks));
+    } else {
+      std::printf("request    %lld x (%lld + %lld): %lld blocks each; %lld of the %lld sequences run at once%s\n",
+                  static_cast<long long>(o.batch), static_cast<long long>(o.prompt),
+                  static_cast<long long>(o.new_tokens), static_cast<long long>(per_sequence),
+                  static_cast<long long>(concurrent), static_cast<long long>(o.batch),
+                  all_at_once ? "" : (concurrent == o.max_num_seqs ? " (max_num_seqs)" : " (the rest wait for blocks)"));
+    }
+    if (o.max_batch) {
+      std::printf("largest batch at once: %lld (prompt %lld + %lld new tokens)\n", static_cast<long long>(max_batch),
+                  static_cast<long long>(o.prompt), static_cast<long long>(o.new_tokens));
+    }
+    if (o.max_prompt) {
+      std::printf("longest prompt with all %lld sequences at once: %lld tokens (+ %lld new)\n",
+                  static_cast<long long>(o.batch), static_cast<long long>(max_prompt),
+                  static_cast<long long>(o.new_tokens));
+    }
+    std::printf("\nassumptions:\n");
+    for (const auto& a : assumptions) std::printf("  - %s\n", a.c_str());
+  }
+  return all_at_once ? 0 : kExitDoesNotFit;
+}
+
+}  // namespace llmem::cli

@@ -1,0 +1,18 @@
+// `llmem infer --cache paged`: vLLM's V1 engine on each GPU (simulator/paged_kv_pool.h): the KV blocks its
+// start-up profile leaves room for, whether it starts at all, and how many sequences of the request run at once.
+#pragma once
+
+#include <optional>
+
+#include "cli/infer_command.h"
+#include "graph/graph.h"
+#include "graph/torchscript_importer.h"
+#include "simulator/training_config.h"
+
+namespace llmem::cli {
+
+// 0 when the engine starts with room for the whole request at once, 3 otherwise; bad input throws ConfigError.
+int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model, const sim::TrainingConfig& config,
+                  const std::optional<PositionLimit>& limit);
+
+}  // namespace llmem::cli
