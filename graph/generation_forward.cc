@@ -162,12 +162,24 @@ ValueId RepeatKv(GraphRewriter& rw, const OpNode& at, ValueId source, ValueId ro
   repeated[1] = heads;
   const std::vector<int64_t> expanded = {whole[0], kv_heads, heads / kv_heads, whole[2], whole[3]};
   const std::vector<int64_t> expanded_strides = {kv_heads * whole[2] * whole[3], whole[2] * whole[3], 0, whole[3], 1};
+  // The three ops HF runs, so that a split of the heads (tensor parallelism) can decide view or copy again.
+  const ValueId unsqueezed = rw.NewValue(sv.name + " [:, :, None]", {whole[0], kv_heads, 1, whole[2], whole[3]},
+                                         sv.dtype, sv.dtype_bf16_weights, root);
+  rw.value(unsqueezed).strides = {kv_heads * whole[2] * whole[3], whole[2] * whole[3], whole[2] * whole[3], whole[3], 1};
+  rw.Emit(GraphRewriter::NewNode(at, "aten::unsqueeze", at.scope, {TensorArg(source), IntArg(2)}, unsqueezed));
+  const ValueId expansion = rw.NewValue(sv.name + " expanded", expanded, sv.dtype, sv.dtype_bf16_weights, root);
+  rw.value(expansion).strides = expanded_strides;
+  rw.Emit(GraphRewriter::NewNode(at, "aten::expand", at.scope,
+                                 {TensorArg(unsqueezed), IntArg(0, OpArg::Kind::kIntList),
+                                  IntArg(0, OpArg::Kind::kBool)},
+                                 expansion));
+  rw.nodes().back().args[1].ints = expanded;
   const auto view = ViewStrides(expanded, expanded_strides, repeated);
   const ValueId read = rw.NewValue(sv.name + " repeated", repeated, sv.dtype, sv.dtype_bf16_weights,
                                    view ? root : ValueId{});
   if (view) rw.value(read).strides = *view;
-  rw.Emit(GraphRewriter::NewNode(at, "aten::reshape", at.scope, {TensorArg(source), IntArg(0, OpArg::Kind::kIntList)},
-                                 read));
+  rw.Emit(GraphRewriter::NewNode(at, "aten::reshape", at.scope,
+                                 {TensorArg(expansion), IntArg(0, OpArg::Kind::kIntList)}, read));
   rw.nodes().back().args[1].ints = repeated;
   return read;
 }
