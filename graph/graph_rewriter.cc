@@ -77,6 +77,12 @@ OpNode GraphRewriter::NewNode(const OpNode& at, std::string kind, std::string sc
   n.region = at.region;
   n.scope = std::move(scope);
   n.in_module_code = true;
+  // Within `at`'s module (its scope or below), the calls that enclose it are the same: how each parent frame drops
+  // their results (forward_lifetimes.h) carries over.
+  if (n.scope == at.scope || n.scope.starts_with(at.scope + ".")) {
+    n.temporary_calls = at.temporary_calls;
+    n.rebindings = at.rebindings;
+  }
   return n;
 }
 

@@ -34,7 +34,8 @@ class GraphRewriter {
   // A new parameter (or buffer, trainable false) and its value.
   ValueId NewParam(const std::string& name, std::vector<int64_t> shape, DType dtype, DType dtype_bf16_weights,
                    Region region, bool trainable);
-  // A node in `at`'s region, run by module code, with one output.
+  // A node in `at`'s region, run by module code, with one output; within `at`'s module it keeps how the enclosing
+  // frames drop their calls' results (OpNode::temporary_calls, rebindings).
   static OpNode NewNode(const OpNode& at, std::string kind, std::string scope, std::vector<OpArg> args,
                         ValueId out);
 
