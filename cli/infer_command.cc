@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cli/category_report.h"
+#include "cli/lora_options.h"
 #include "cli/paged_infer.h"
 #include "cli/training_options.h"
 #include "graph/dtype.h"
@@ -21,6 +22,7 @@
 #include "distributed/step_time_model.h"
 #include "distributed/tensor_parallel_generation.h"
 #include "graph/op_flops.h"
+#include "graph/quantize_rewrite.h"
 #include "simulator/generation_simulator.h"
 
 namespace llmem::cli {
@@ -105,6 +107,27 @@ GenerationTime TimeGeneration(const sim::GenerationEstimate& est, const sim::Tra
   return t;
 }
 
+// One layout of `--gpus N`: T tensor-parallel ranks per copy of the model, N / T copies each generating the batch.
+struct GenerationLayout {
+  int tp = 1;
+  int replicas = 1;
+  std::string skipped;  // why the layout cannot run, "" when estimated
+  sim::GenerationEstimate estimate;
+  GenerationTime time;
+  double tokens_per_s() const {  // decode tokens per second over every copy, at the last (slowest) step
+    return time.decode_step_s > 0 ? replicas / time.decode_step_s : 0;
+  }
+};
+
+// Fitting layouts first, by decode tokens per second over all copies; the rest in degree order.
+void SortGenerationLayouts(std::vector<GenerationLayout>& rows) {
+  std::stable_sort(rows.begin(), rows.end(), [](const GenerationLayout& a, const GenerationLayout& b) {
+    const bool fa = a.skipped.empty() && a.estimate.fits(), fb = b.skipped.empty() && b.estimate.fits();
+    if (fa != fb) return fa;
+    return a.tokens_per_s() > b.tokens_per_s();
+  });
+}
+
 }  // namespace
 
 void AddInferOptions(CLI::App* cmd, InferOptions& o) {
@@ -118,6 +141,9 @@ void AddInferOptions(CLI::App* cmd, InferOptions& o) {
       ->capture_default_str();
   cmd->add_option("--cache", o.cache, "dynamic (HF DynamicCache) | static (HF cache_implementation=\"static\") | "
                   "paged (vLLM's block pool)")->capture_default_str();
+  cmd->add_option("--quant", o.quant, "the linears quantized on loading: nf4 | fp4 | nf4-dq | fp4-dq (bitsandbytes "
+                  "4-bit) | gptq-4 | gptq-8; the LM head stays in the weights' dtype");
+  cmd->add_option("--quant-group", o.quant_group, "--quant gptq-*: input features per scale (default 128)");
   cmd->add_option("--kv-dtype", o.kv_dtype, "the cache's dtype: auto (the weights') | bf16 | fp16 | fp8 | fp8_e4m3 | "
                   "fp8_e5m2 | int8 (other than auto: --cache paged)")->capture_default_str();
   cmd->add_option("--block-size", o.block_size, "--cache paged: tokens per KV block")->capture_default_str();
@@ -130,6 +156,8 @@ void AddInferOptions(CLI::App* cmd, InferOptions& o) {
   cmd->add_option("--max-num-seqs", o.max_num_seqs, "--cache paged: sequences vLLM runs at once at most")
       ->capture_default_str();
   cmd->add_option("--max-positions", o.max_positions, "longest sequence the model allows (e.g. scaled RoPE)");
+  cmd->add_option("--gpus", o.gpus, "compare the tensor-parallel layouts over this many GPUs (T ranks per copy of "
+                  "the model, the batch on each of the N / T copies)");
   cmd->add_option("--tp", o.tp, "tensor-parallel GPUs (transformers' tp_plan: each decoder layer split, the "
                   "embedding and LM head replicated); figures are per GPU")->capture_default_str();
   cmd->add_flag("--max-batch", o.max_batch, "also find the largest batch that fits (GPU targets)");
@@ -137,6 +165,85 @@ void AddInferOptions(CLI::App* cmd, InferOptions& o) {
                 "also find the longest prompt that fits with --new-tokens at --batch (GPU targets)");
   cmd->add_flag("--json", o.json_out, "print JSON");
 }
+
+namespace {
+
+int RunGenerationLayouts(const InferOptions& o, const std::function<Graph(int64_t, int64_t)>& graph_at,
+                         const sim::GenerationRequest& request, const sim::TrainingConfig& config,
+                         const Graph& probe_graph) {
+  if (config.target.is_cpu) throw ConfigError("--gpus compares layouts on a GPU: name one with --gpu");
+  std::vector<GenerationLayout> rows;
+  for (int tp = 1; tp <= o.gpus; ++tp) {
+    if (o.gpus % tp != 0) continue;
+    GenerationLayout row{.tp = tp, .replicas = o.gpus / tp};
+    row.skipped = tp == 1 ? "" : dist::CheckTensorParallelGeneration(probe_graph, tp);
+    if (row.skipped.empty()) {
+      std::vector<dist::CollectiveList> collectives;
+      try {
+        row.estimate = sim::EstimateGeneration(graph_at, request, config,
+                                               dist::TensorParallelGenerationForward(tp, &collectives));
+        row.time = TimeGeneration(row.estimate, config, o.new_tokens, collectives);
+      } catch (const UnsupportedOpError& e) {
+        row.skipped = e.what();
+      }
+    }
+    rows.push_back(std::move(row));
+  }
+  SortGenerationLayouts(rows);
+  const auto layout_name = [](const GenerationLayout& r) {
+    std::string n = r.tp == 1 ? std::string("1 GPU") : "TP" + std::to_string(r.tp);
+    return r.replicas > 1 ? n + " x " + std::to_string(r.replicas) + " copies" : n;
+  };
+  const bool any_fits = std::any_of(rows.begin(), rows.end(),
+                                    [](const GenerationLayout& r) { return r.skipped.empty() && r.estimate.fits(); });
+  if (o.json_out) {
+    nlohmann::json layouts = nlohmann::json::array();
+    for (const auto& r : rows) {
+      nlohmann::json j = {{"layout", layout_name(r)}, {"tp", r.tp}, {"replicas", r.replicas}};
+      if (!r.skipped.empty()) {
+        j["skipped"] = r.skipped;
+      } else {
+        j.update({{"fits", r.estimate.fits()},
+                  {"weights_bytes", r.estimate.peak().weights_bytes},
+                  {"cache_bytes", r.estimate.cache_bytes},
+                  {"peak_allocated_bytes", r.estimate.peak().peak_allocated_bytes},
+                  {"nvidia_smi_bytes", r.estimate.nvidia_smi_bytes()},
+                  {"prefill_s", r.time.prefill_s},
+                  {"decode_step_s", r.time.decode_step_s},
+                  {"decode_tokens_per_s", r.tokens_per_s() * static_cast<double>(o.batch)}});
+      }
+      layouts.push_back(std::move(j));
+    }
+    std::cout << nlohmann::json{{"model", o.model}, {"gpus", o.gpus}, {"batch", o.batch}, {"prompt", o.prompt},
+                                {"new_tokens", o.new_tokens}, {"precision", o.precision}, {"layouts", layouts},
+                                {"assumptions", rows.empty() ? std::vector<std::string>{} : rows.front().time.assumptions}}
+                     .dump(2)
+              << "\n";
+  } else {
+    std::printf("model      %s\n", o.model.c_str());
+    std::printf("generate   batch %lld per copy, prompt %lld + %lld new tokens, %s weights, %d x %s (transformers' "
+                "tp_plan per copy of the model)\n\n",
+                static_cast<long long>(o.batch), static_cast<long long>(o.prompt),
+                static_cast<long long>(o.new_tokens), o.precision.c_str(), o.gpus, config.target.gpu.name.c_str());
+    std::printf("%-22s %12s %12s %12s %10s %12s %14s\n", "layout", "weights/GPU", "cache/GPU", "nvidia-smi", "fits",
+                "prefill", "decode tok/s");
+    for (const auto& r : rows) {
+      if (!r.skipped.empty()) {
+        std::printf("%-22s skipped: %s\n", layout_name(r).c_str(), r.skipped.c_str());
+        continue;
+      }
+      std::printf("%-22s %12s %12s %12s %10s %10.1f ms %14.0f\n", layout_name(r).c_str(),
+                  FormatBytes(r.estimate.peak().weights_bytes).c_str(), FormatBytes(r.estimate.cache_bytes).c_str(),
+                  FormatBytes(r.estimate.nvidia_smi_bytes()).c_str(), r.estimate.fits() ? "yes" : "no",
+                  r.time.prefill_s * 1e3, r.tokens_per_s() * static_cast<double>(o.batch));
+    }
+    std::printf("\ndecode tok/s: the batch of every copy over the last decode step (a roofline; launch and dispatch "
+                "overheads not modelled)\n");
+  }
+  return any_fits ? 0 : kExitDoesNotFit;
+}
+
+}  // namespace
 
 int RunInfer(const InferOptions& o) {
   if (o.precision != "bf16" && o.precision != "fp32") {
@@ -153,15 +260,45 @@ int RunInfer(const InferOptions& o) {
   if (o.batch <= 0) throw ConfigError("--batch must be positive");
 
   if (o.tp < 1) throw ConfigError("--tp must be at least 1 (got " + std::to_string(o.tp) + ")");
+  if (o.gpus < 0) throw ConfigError("--gpus must be positive (got " + std::to_string(o.gpus) + ")");
+  if (o.gpus > 0 && (o.tp != 1 || o.cache == "paged" || o.max_batch || o.max_prompt)) {
+    throw ConfigError("--gpus compares the tensor-parallel layouts of generate() itself: drop --tp, --cache paged, "
+                      "--max-batch and --max-context");
+  }
   if (o.prompt <= 0) throw ConfigError("--prompt must be positive");
   if (o.new_tokens <= 0) throw ConfigError("--new-tokens must be positive");
   sim::TrainingConfig config = ParseTrainingConfig(o.precision, "sgd", o.gpu, o.gpu_memory);
   config.lifetimes = sim::Lifetimes::kEager;
   auto model = TorchScriptModel::Load(o.model);
   if (o.max_positions) model.set_max_positions(*o.max_positions);
+  // The linears quantized as transformers' quantizers load them (graph/quantize_rewrite.h); the rest as exported.
+  std::optional<QuantSettings> quant;
+  if (!o.quant.empty() && o.quant != "none") {
+    quant = ParseQuantOption(o.quant, config.precision);
+    quant->for_generation = true;
+    if (o.quant_group) {
+      if (quant->library != QuantLibrary::kGptq) throw ConfigError("--quant-group applies to --quant gptq-4 and gptq-8");
+      quant->group_size = *o.quant_group;
+    }
+    if (quant->library == QuantLibrary::kTorchao) {
+      throw ConfigError("--quant torchao-nf4 is torchtune's training recipe; for generation use bitsandbytes' nf4");
+    }
+    if (quant->format == QuantFormat::kInt8 && quant->library == QuantLibrary::kBitsandbytes) {
+      throw ConfigError("--quant int8 is not modelled for generation: a real CPU generate() holds one more byte per "
+                        "weight than the training layout; use nf4, fp4, nf4-dq or fp4-dq");
+    }
+    if (o.tp > 1) throw ConfigError("--quant with --tp is not modelled yet");
+    if (o.cache == "paged") throw ConfigError("--quant with --cache paged is not modelled yet (vLLM's own kernels)");
+  } else if (o.quant_group) {
+    throw ConfigError("--quant-group needs --quant gptq-4 or gptq-8");
+  }
+  const auto export_graph = [&](int64_t b, int64_t s) {
+    Graph g = model.BuildGraph(b, s);
+    return quant ? QuantizeLinears(g, *quant) : g;
+  };
   if (o.cache == "paged") {
     const std::optional<PositionLimit> positions = model.BuildGraph(1, 2).position_limit();
-    return RunPagedInfer(o, model, config, positions);
+    return RunPagedInfer(o, model, export_graph, config, positions);
   }
   if (o.cache == "static" && !model.bool_causal_mask().value_or(false)) {
     throw ConfigError("--cache static is modelled for models that build transformers' create_causal_mask mask; this "
@@ -204,11 +341,12 @@ int RunInfer(const InferOptions& o) {
   // Every estimate's decode step is a graph of 1 new token: built once per batch.
   std::map<int64_t, Graph> decode_graphs;
   const auto graph_at = [&](int64_t b, int64_t s) {
-    if (s != 1) return model.BuildGraph(b, s);
+    if (s != 1) return export_graph(b, s);
     auto it = decode_graphs.find(b);
-    if (it == decode_graphs.end()) it = decode_graphs.emplace(b, model.BuildGraph(b, 1)).first;
+    if (it == decode_graphs.end()) it = decode_graphs.emplace(b, export_graph(b, 1)).first;
     return it->second;
   };
+  if (o.gpus > 0) return RunGenerationLayouts(o, graph_at, request, config, probe_graph);
   std::vector<dist::CollectiveList> collectives;
   const sim::GenerationEstimate est =
       sim::EstimateGeneration(graph_at, request, config, dist::TensorParallelGenerationForward(o.tp, &collectives));
@@ -240,6 +378,11 @@ int RunInfer(const InferOptions& o) {
                    : model.logits_to_keep() ? "the prompt's logits at every position (the forward takes no logits_to_keep)"
                                             : "the prompt's logits at every position (the export does not say whether "
                                               "its forward takes logits_to_keep)") +
+      (quant ? "; linears loaded " + QuantName(*quant) +
+                   (quant->library == QuantLibrary::kGptq
+                        ? " (a GPTQ checkpoint; its layout from gptqmodel's source, not compared with a run)"
+                        : " by transformers' bitsandbytes quantizer (the LM head stays in the weights' dtype)")
+             : std::string()) +
       (o.tp > 1 ? "; on each of " + std::to_string(o.tp) + " tensor-parallel ranks (transformers' tp_plan: q/k/v and "
                   "gate/up ColwiseParallel, o and down RowwiseParallel, embedding and LM head replicated)"
                 : std::string());
@@ -248,6 +391,7 @@ int RunInfer(const InferOptions& o) {
                         {"batch", o.batch},         {"prompt", o.prompt},
                         {"new_tokens", o.new_tokens}, {"precision", o.precision},
                         {"tp", o.tp},
+                        {"quant", quant ? QuantName(*quant) : "none"},
                         {"loop", loop},             {"weights_bytes", peak.weights_bytes},
                         {"cache_bytes", est.cache_bytes}, {"peak_allocated_bytes", peak.peak_allocated_bytes},
                         {"peak_reserved_bytes", est.peak_reserved_bytes()}, {"nvidia_smi_bytes", est.nvidia_smi_bytes()},

@@ -20,7 +20,10 @@ struct InferOptions {
   std::string cache = "dynamic";
   std::optional<int64_t> max_positions;
   int tp = 1;                // tensor-parallel ranks (transformers' tp_plan; vLLM's with --cache paged)
+  int gpus = 0;              // > 0: compare the tensor-parallel layouts over this many GPUs
   std::string kv_dtype = "auto";  // the cache's element type: auto = the weights'
+  std::string quant;              // the linears' storage (bitsandbytes / GPTQ formats of --quant); "" = none
+  std::optional<int64_t> quant_group;
   // --cache paged: vLLM's engine arguments
   int64_t block_size = 16;
   double gpu_memory_utilization = 0.9;

@@ -30,7 +30,8 @@ int64_t KvElementBytes(const std::string& kv_dtype, int64_t weights_element_byte
 
 }  // namespace
 
-int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model, const sim::TrainingConfig& config,
+int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
+                  const std::function<Graph(int64_t, int64_t)>& graph_at, const sim::TrainingConfig& config,
                   const std::optional<PositionLimit>& limit) {
   if (config.target.is_cpu) throw ConfigError("--cache paged sizes vLLM's KV pool on a GPU: name one with --gpu");
   static const std::vector<int64_t> kBlockSizes = {1, 8, 16, 32, 64, 128, 256};  // vLLM's BlockSize
@@ -78,7 +79,6 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model, const si
   const int64_t profile_requests = std::min(o.max_num_batched_tokens, o.max_num_seqs);
   const int64_t profile_each = o.max_num_batched_tokens / profile_requests;
   const int64_t profile_tokens = profile_requests * profile_each;
-  const auto graph_at = [&](int64_t b, int64_t s) { return model.BuildGraph(b, s); };
   const sim::GenerationRequest profile_request{
       .batch = profile_requests, .prompt = profile_each, .new_tokens = 1,
       .loop = {.last_position_logits = true, .min_length_processors = false}};

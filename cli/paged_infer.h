@@ -2,6 +2,8 @@
 // start-up profile leaves room for, whether it starts at all, and how many sequences of the request run at once.
 #pragma once
 
+#include <cstdint>
+#include <functional>
 #include <optional>
 
 #include "cli/infer_command.h"
@@ -12,7 +14,9 @@
 namespace llmem::cli {
 
 // 0 when the engine starts with room for the whole request at once, 3 otherwise; bad input throws ConfigError.
-int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model, const sim::TrainingConfig& config,
+// `graph_at(batch, tokens)`: the export's graph as loaded (quantized linears included).
+int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
+                  const std::function<Graph(int64_t, int64_t)>& graph_at, const sim::TrainingConfig& config,
                   const std::optional<PositionLimit>& limit);
 
 }  // namespace llmem::cli

@@ -229,7 +229,8 @@ Graph QuantizeLinears(const Graph& g, const QuantSettings& s) {
   // peft.prepare_model_for_kbit_training casts every unquantized 16-bit parameter to fp32: a graph traced in 16 bits
   // has those dtypes baked in. (torchtune keeps them in the model's dtype.)
   for (const Parameter& p : g.params()) {
-    if (s.library == QuantLibrary::kBitsandbytes && (p.dtype == DType::kBF16 || p.dtype == DType::kF16)) {
+    if (s.library == QuantLibrary::kBitsandbytes && !s.for_generation &&
+        (p.dtype == DType::kBF16 || p.dtype == DType::kF16)) {
       throw ConfigError("--quant: this export was traced with 16-bit weights (" + p.name + " is " +
                         std::string(DTypeName(p.dtype)) + "), but prepare_model_for_kbit_training keeps every "
                         "unquantized parameter in fp32; use an fp32 export (the default of models/export_hf.py)");
@@ -255,7 +256,8 @@ Graph QuantizeLinears(const Graph& g, const QuantSettings& s) {
     const bool in_scope = s.library == QuantLibrary::kGptq ? old.region.kind == RegionKind::kDecoderLayer
                                                            : old.region.kind != RegionKind::kHead;
     const bool quantize = w && in_scope &&
-                          !g.params()[static_cast<size_t>(w->param)].trainable && w->shape.size() == 2 &&
+                          (s.for_generation || !g.params()[static_cast<size_t>(w->param)].trainable) &&
+                          w->shape.size() == 2 &&
                           readers[g.StorageRoot(w->id).index] == 1 && !w->alias_of.valid() && !old.outputs.empty();
     if (!quantize) {
       rw.Emit(old);

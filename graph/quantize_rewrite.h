@@ -46,6 +46,8 @@ struct QuantSettings {
                                       // dequantization in backward produces (quant_state.dtype)
   int bits = 4;                       // GPTQ: 4 or 8
   int64_t group_size = 128;           // GPTQ: input features per scale and zero point; -1: one group per column
+  bool for_generation = false;        // loaded to generate (no peft.prepare_model_for_kbit_training: the unquantized
+                                      // parameters keep the load dtype, every linear is frozen)
 };
 
 // The storage of one GPTQ linear of in_features K, out_features N, by tensor, in bytes (Note [GPTQ linears]).

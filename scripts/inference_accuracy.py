@@ -1,8 +1,8 @@
 """`llmem infer --gpu cpu` against real Hugging Face generate() runs on this CPU: the generation section of
 docs/ACCURACY.md (scripts/accuracy.py --inference).
 
-Each case is ARCH:PRECISION:BxP+N[:CACHE][:tpT] (CACHE dynamic, the default, or static; tpT: T tensor-parallel gloo
-ranks, `llmem infer --tp T`). The real run is scripts/inference_runs.py (greedy generate(), min_new_tokens =
+Each case is ARCH:PRECISION:BxP+N[:CACHE][:tpT][:QUANT] (CACHE dynamic, the default, or static; tpT: T
+tensor-parallel gloo ranks, `llmem infer --tp T`; QUANT nf4, fp4, nf4-dq, fp4-dq: `llmem infer --quant`). The real run is scripts/inference_runs.py (greedy generate(), min_new_tokens =
 max_new_tokens, every CPU tensor counted); the one-process cases run in one subprocess, which loads torch once.
 A tensor-parallel case is measured on its highest rank (ranks can differ by one partial sum: gloo's threads).
 Compared: the prefill's peak (the first forward and the loop's work after it), the last decode step's peak and the
@@ -34,16 +34,24 @@ CASES += [f"{a}:bf16:2x32+8:static" for a in BF16_ARCHS]
 TP_ARCHS = ["llama", "mistral", "qwen2"]
 CASES += [f"{a}:fp32:{b}x{p}+{n}:dynamic:tp2" for a in TP_ARCHS for b, p, n in POINTS[1:]]
 CASES += ["llama:bf16:2x32+8:dynamic:tp2", "llama:fp32:2x32+8:static:tp2", "qwen2:fp32:4x256+4:static:tp2"]
+# Linears loaded 4-bit by transformers' bitsandbytes quantizer (`llmem infer --quant`), on the Llama family (GPT-2's
+# Conv1D layers are not quantized by llmem)
+QUANT_CASES = ["llama:fp32:2x32+8:dynamic:nf4", "llama:fp32:4x256+4:dynamic:nf4", "llama:bf16:2x32+8:dynamic:nf4",
+               "llama:fp32:2x32+8:dynamic:nf4-dq", "llama:bf16:4x64+8:dynamic:fp4-dq", "qwen2:fp32:2x32+8:dynamic:nf4",
+               "mistral:fp32:2x32+8:dynamic:fp4", "llama:fp32:2x48+8:static:nf4"]
+CASES += QUANT_CASES
 QUICK_CASES = ["llama:fp32:2x32+8", "opt:fp32:2x32+8", "qwen2:fp32:2x32+8", "gpt2:bf16:2x32+8",
-               "qwen2:fp32:4x256+4:static", "qwen2:fp32:2x32+8:dynamic:tp2"]
+               "qwen2:fp32:4x256+4:static", "qwen2:fp32:2x32+8:dynamic:tp2", "llama:fp32:2x32+8:dynamic:nf4"]
+QUANTS = ("nf4", "fp4", "nf4-dq", "fp4-dq", "int8")
 
 
 def parse(case):
     arch, precision, shape, *rest = case.split(":")
     batch, tokens = shape.split("x")
     prompt, new = tokens.split("+")
+    quant = rest.pop() if rest and rest[-1] in QUANTS else None
     tp = int(rest.pop()[2:]) if rest and rest[-1].startswith("tp") else 1
-    return arch, precision, int(batch), int(prompt), int(new), rest[0] if rest else "dynamic", tp
+    return arch, precision, int(batch), int(prompt), int(new), rest[0] if rest else "dynamic", tp, quant
 
 
 def error(estimated, measured):
@@ -54,15 +62,15 @@ def compare(llmem, models, cases):
     """One row per case: the estimate, the real run and the errors (or the reason llmem refused the case)."""
     rows, real_cases = [], []
     for case in cases:
-        arch, precision, batch, prompt, new, cache, tp = parse(case)
+        arch, precision, batch, prompt, new, cache, tp, quant = parse(case)
         dtype = "bfloat16" if precision == "bf16" else ""
         export, _ = distributed_runs.ensure_export(arch, "tiny", models, sys.executable, dtype)
         proc = subprocess.run([llmem, "infer", export, "--gpu", "cpu", "-p", precision, "-b", str(batch),
                                "--prompt", str(prompt), "--new-tokens", str(new), "--cache", cache,
-                               "--tp", str(tp), "--json"],
+                               "--tp", str(tp), "--json"] + (["--quant", quant] if quant else []),
                               capture_output=True, text=True)
         row = {"case": case, "arch": arch, "precision": precision, "batch": batch, "prompt": prompt, "new": new,
-               "cache": cache, "tp": tp}
+               "cache": cache, "tp": tp, "quant": quant or "—"}
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()
             row["refused"] = lines[-1] if lines else f"exit code {proc.returncode}"
@@ -143,6 +151,10 @@ def write_section(f, rows, when=None):
             "replicated; each rank's shards made in place, as loading them from a checkpoint), figures of the rank "
             "that peaks highest: gloo's worker threads free a row-parallel partial sum sooner or later from run to "
             "run, so ranks can differ by one such tensor\n")
+    f.write("- quant: linears loaded by transformers' bitsandbytes quantizer (`from_pretrained(quantization_config="
+            "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=nf4|fp4, bnb_4bit_use_double_quant=-dq, "
+            "bnb_4bit_compute_dtype=D), dtype=D)`, `llmem infer --quant`), with bitsandbytes' CPU-only AVX512-BF16 "
+            "repacking off (no GPU has it; it needs out features divisible by 32): the dequantizing path\n")
     f.write("- not modelled: the workspace of the CPU GEMM of a bf16 `linear` (CPU only), which sets the CPU peak where "
             "the activations are smallest (the largest error above the weights below)\n\n")
     for phase in ("prefill", "decode"):
@@ -153,11 +165,11 @@ def write_section(f, rows, when=None):
     refused = [r for r in rows if "refused" in r]
     if refused:
         f.write(f"- {len(refused)} cases refused by llmem (listed with its reason)\n")
-    f.write("\n| model | precision | cache | tp | batch | prompt + new | prefill measured MiB | prefill error | above weights | "
+    f.write("\n| model | precision | cache | tp | quant | batch | prompt + new | prefill measured MiB | prefill error | above weights | "
             "last decode measured MiB | decode error | above weights | cache |\n")
-    f.write("|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|\n")
+    f.write("|---|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|\n")
     for r in rows:
-        head = (f"| {r['arch']} | {r['precision']} | {r['cache']} | {r['tp']} | {r['batch']} | "
+        head = (f"| {r['arch']} | {r['precision']} | {r['cache']} | {r['tp']} | {r['quant']} | {r['batch']} | "
                 f"{r['prompt']} + {r['new']} | ")
         if "refused" in r:
             f.write(head + f"refused: {r['refused'].replace('|', '/')} | | | | | | |\n")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Real Hugging Face generation on this CPU through the counting allocator: the ground truth of `llmem infer`.
 
-A case is ARCH:PRECISION:BxP+N[:CACHE][:tpT]: the export's model (models/export_hf.py's preset, seed 0, random
+A case is ARCH:PRECISION:BxP+N[:CACHE][:tpT][:QUANT]: the export's model (models/export_hf.py's preset, seed 0, random
 weights) in eval mode, in PRECISION (fp32 | bf16: the weights cast as from_pretrained(dtype=...) leaves them),
 generating N new tokens greedily for B prompts of P random tokens without padding:
 
@@ -13,7 +13,9 @@ DynamicCache, the default) or static (StaticCache sized for P + N). tpT runs T g
 decoder layer split as transformers' tp_plan for the Llama family does (q/k/v/gate/up ColwiseParallel, o/down
 RowwiseParallel; embedding and LM head replicated), each generating the same tokens; the figures are rank 0's,
 `rank_peak_bytes` and `rank_forward_peak_bytes` list every rank's (gloo's worker threads free a row-parallel partial
-sum earlier or later from run to run, so ranks can differ by one such tensor). One JSON line per case:
+sum earlier or later from run to run, so ranks can differ by one such tensor). QUANT (nf4, fp4, nf4-dq, fp4-dq, int8)
+loads the same weights through transformers' bitsandbytes quantizer in the precision's dtype, as one loads a model to
+generate (training_recipe.load_quantized, then eval mode). One JSON line per case:
 
 - weights_bytes: the model's storages (counted as the model is built, after the dtype cast);
 - peak_bytes: the highest live bytes above the weights during generate() (the input ids included);
@@ -46,9 +48,13 @@ class CaseError(ValueError):
     pass
 
 
+QUANTS = ("nf4", "fp4", "nf4-dq", "fp4-dq", "int8")
+
+
 def parse_case(text):
-    """ARCH:PRECISION:BxP+N[:CACHE][:tpT] -> (arch, precision, batch, prompt, new_tokens, cache, tp)."""
+    """ARCH:PRECISION:BxP+N[:CACHE][:tpT][:QUANT] -> (arch, precision, batch, prompt, new_tokens, cache, tp, quant)."""
     fields = text.split(":")
+    quant = fields.pop() if len(fields) >= 4 and fields[-1] in QUANTS else None
     tp = 1
     if len(fields) >= 4 and fields[-1].startswith("tp"):
         try:
@@ -73,7 +79,9 @@ def parse_case(text):
         raise CaseError(f"case '{text}': precision must be one of {', '.join(PRECISIONS)}")
     if cache not in CACHES:
         raise CaseError(f"case '{text}': cache must be one of {', '.join(CACHES)}")
-    return arch, precision, batch, prompt, new, cache, tp
+    if quant and tp > 1:
+        raise CaseError(f"case '{text}': quantized weights are measured on one process")
+    return arch, precision, batch, prompt, new, cache, tp, quant
 
 
 def cache_tensors(cache):
@@ -81,15 +89,49 @@ def cache_tensors(cache):
     return [(i, layer.keys, layer.values) for i, layer in enumerate(cache.layers)]
 
 
-def run_case(arch, precision, batch, prompt, new_tokens, cache="dynamic", tp=1, size="tiny", probe=None):
+def load_quantized(model, quant, precision):
+    """The same weights loaded through transformers' bitsandbytes quantizer in the precision's dtype, as one loads a
+    model to generate: from_pretrained(quantization_config=BitsAndBytesConfig(...), dtype=...). On CPU, tensors that
+    keep the checkpoint's dtype stay memory-mapped from the file, outside the counting allocator; a GPU load copies
+    every one to the device, so each is copied here too."""
+    import tempfile
+
+    import training_recipe
+    from transformers import AutoModelForCausalLM
+
+    config, dtype = training_recipe.bnb_quantization_config({"quant": quant},
+                                                            "bf16-autocast" if precision == "bf16" else "fp32")
+    attn = model.config._attn_implementation
+    with tempfile.TemporaryDirectory(prefix="llmem-quant-") as directory:
+        model.save_pretrained(directory)
+        del model
+        gc.collect()
+        model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, dtype=dtype,
+                                                     device_map="cpu", attn_implementation=attn)
+        import torch
+
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                t.data = t.data.clone()
+    return model
+
+
+def run_case(arch, precision, batch, prompt, new_tokens, cache="dynamic", tp=1, quant=None, size="tiny", probe=None):
     import torch
 
     probe = probe or distributed_worker.CpuProbe()
     gc.collect()
     before = probe.current()
     arch, model, attn, label = distributed_worker.build_eager_model(arch, size)
+    if quant:
+        model = load_quantized(model, quant, precision)
+        for m in model.modules():
+            # bitsandbytes' CPU-only repacking of 4-bit weights for AVX512-BF16 kernels (Linear4bit.forward in eval
+            # mode) exists on no GPU, and asserts out features divisible by 32: off, for the dequantizing path
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
     model.eval()
-    if precision == "bf16":
+    if precision == "bf16" and not quant:
         model.to(torch.bfloat16)
     if tp > 1:
         from torch.distributed.device_mesh import init_device_mesh
@@ -122,7 +164,7 @@ def run_case(arch, precision, batch, prompt, new_tokens, cache="dynamic", tp=1, 
     handle.remove()
     layers = cache_tensors(out.past_key_values)
     record = {"arch": arch, "label": label, "size": size, "precision": precision, "batch": batch, "prompt": prompt,
-              "new_tokens": new_tokens, "cache": cache, "tp": tp, "attn_implementation": attn,
+              "new_tokens": new_tokens, "cache": cache, "tp": tp, "quant": quant, "attn_implementation": attn,
               "weights_bytes": weights, "peak_bytes": probe.peak(1) - base,
               "forward_peak_bytes": peaks, "forward_start_bytes": starts,
               "cache_bytes": sum(k.untyped_storage().nbytes() + v.untyped_storage().nbytes() for _, k, v in layers),
@@ -188,8 +230,8 @@ def main():
         sys.exit(f"inference_runs: {e}")
     probe = distributed_worker.CpuProbe()
     for text, case in zip(args.case, cases):
-        if case[-1] > 1:
-            record = run_tensor_parallel(text, case[-1], args.size)
+        if case[6] > 1:
+            record = run_tensor_parallel(text, case[6], args.size)
         else:
             record = run_case(*case, size=args.size, probe=probe)
         line = json.dumps(record)

@@ -171,21 +171,22 @@ class InferLoopTest(unittest.TestCase):
 
 
 class InferAccuracyTest(unittest.TestCase):
-    def compare(self, arch, precision, batch, prompt, new_tokens, cache="dynamic", tp=1):
+    def compare(self, arch, precision, batch, prompt, new_tokens, cache="dynamic", tp=1, quant=None):
         import inference_runs
 
         model = f"{arch}-tiny{'-bf16' if precision == 'bf16' else ''}.pt"
         est = infer_json(os.path.join(TINY, model), "--gpu", "cpu", "-p", precision, "-b", str(batch), "--prompt",
-                         str(prompt), "--new-tokens", str(new_tokens), "--cache", cache, "--tp", str(tp))
+                         str(prompt), "--new-tokens", str(new_tokens), "--cache", cache, "--tp", str(tp),
+                         *(("--quant", quant) if quant else ()))
         if tp == 1:
-            real = inference_runs.run_case(arch, precision, batch, prompt, new_tokens, cache=cache)
+            real = inference_runs.run_case(arch, precision, batch, prompt, new_tokens, cache=cache, quant=quant)
         else:
             real = inference_runs.run_tensor_parallel(f"{arch}:{precision}:{batch}x{prompt}+{new_tokens}:{cache}:tp{tp}",
                                                       tp, "tiny")
-        # the run counts up to a few hundred bytes besides the model's storages (bf16: 128 B; a tensor-parallel
-        # rank: 8 B more), which llmem does not count
+        # the run counts a few hundred bytes besides the model's storages (bf16: 128 B; a tensor-parallel rank: 8 B
+        # more; double-quantized 4-bit states: 1,404 B over 28 linears), which llmem does not count
         extra = real["weights_bytes"] - est["weights_bytes"]
-        self.assertTrue(0 <= extra <= 256, f"weights: {extra} B more measured")
+        self.assertTrue(0 <= extra <= max(256, real["weights_bytes"] // 5000), f"weights: {extra} B more measured")
         self.assertEqual(est["cache_bytes"], real["cache_bytes"])
         total = real["weights_bytes"] + real["peak_bytes"]
         peaks = real.get("rank_forward_peak_bytes", [real["forward_peak_bytes"]])  # the highest rank's
@@ -227,6 +228,29 @@ class InferAccuracyTest(unittest.TestCase):
 
     def test_tensor_parallel_static_cache(self):
         self.compare("llama", "fp32", 2, 48, 8, cache="static", tp=2)
+
+    def test_4bit_linears_dequantize_their_weight_in_every_forward(self):  # bitsandbytes nf4, double quantization
+        self.compare("llama", "fp32", 2, 32, 8, quant="nf4-dq")
+
+
+class InferQuantTest(OneLineErrorAssertions, unittest.TestCase):
+    def test_4bit_weights_and_what_is_refused(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        args = ("--gpu", "cpu", "-p", "fp32", "-b", "2", "--prompt", "20", "--new-tokens", "5")
+        full, nf4 = infer_json(llama, *args), infer_json(llama, *args, "--quant", "nf4")
+        self.assertEqual(nf4["quant"], "nf4")
+        self.assertEqual(nf4["cache_bytes"], full["cache_bytes"])
+        # llama tiny: the decoder linears' 2,899,968 fp32 weights (11,599,872 B) become 4-bit codes (1,449,984 B),
+        # one fp32 absmax per 64 (181,248 B) and a 16-entry code per linear (28 x 64 B); embedding, norms and LM head
+        # stay fp32
+        self.assertEqual(full["weights_bytes"] - nf4["weights_bytes"], 11_599_872 - 1_449_984 - 181_248 - 28 * 64)
+        self.assertIn("bitsandbytes", nf4["loop"])
+        base = ("infer", llama, *args)
+        self.assert_one_line_error(run(*base, "--quant", "int8"), 2, "--quant int8 is not modelled for generation")
+        self.assert_one_line_error(run(*base, "--quant", "nf5"), 2, "unknown --quant 'nf5'")
+        self.assert_one_line_error(run(*base, "--quant", "nf4", "--tp", "2"), 2, "--quant with --tp")
+        self.assert_one_line_error(run(*base, "--quant-group", "64"), 2, "--quant-group needs --quant")
+        self.assert_one_line_error(run(*base, "--quant", "nf4", "--quant-group", "64"), 2, "--quant-group applies")
 
 
 class InferPagedTest(OneLineErrorAssertions, unittest.TestCase):
@@ -308,6 +332,26 @@ class InferTensorParallelTest(OneLineErrorAssertions, unittest.TestCase):
         # GPT-2's fused c_attn is cut into q, k, v: split as Megatron's fused layout
         gpt2 = infer_json(os.path.join(TINY, "gpt2-tiny.pt"), *args, "--tp", "2")
         self.assertEqual(gpt2["tp"], 2)
+
+    def test_gpus_compares_the_layouts_fitting_ones_first(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        j = infer_json(llama, "--gpu", "a100-80", "-p", "fp32", "-b", "2", "--prompt", "64", "--new-tokens", "8",
+                       "--gpus", "4")
+        layouts = {r["tp"]: r for r in j["layouts"]}
+        self.assertEqual(sorted(layouts), [1, 2, 4])
+        self.assertIn("does not divide the 2 key/value heads", layouts[4]["skipped"])
+        self.assertEqual((layouts[1]["replicas"], layouts[2]["replicas"]), (4, 2))
+        # the same per-GPU figures as --tp 2 alone
+        two = infer_json(llama, "--gpu", "a100-80", "-p", "fp32", "-b", "2", "--prompt", "64", "--new-tokens", "8",
+                         "--tp", "2")
+        self.assertEqual(layouts[2]["nvidia_smi_bytes"], two["nvidia_smi_bytes"])
+        self.assertAlmostEqual(layouts[2]["decode_tokens_per_s"], 2 * two["time"]["decode_tokens_per_s"], places=6)
+        ranked = [r for r in j["layouts"] if "skipped" not in r]
+        self.assertTrue(all(r["fits"] for r in ranked))
+        rates = [r["decode_tokens_per_s"] for r in ranked]
+        self.assertEqual(rates, sorted(rates, reverse=True))
+        self.assert_one_line_error(run("infer", llama, "--gpu", "a100-80", "--prompt", "8", "--new-tokens", "4",
+                                       "-p", "fp32", "--gpus", "4", "--tp", "2"), 2, "--gpus compares")
 
     def test_a_gpu_rank_counts_its_nccl_buffers_and_its_all_reduces_time(self):
         llama = os.path.join(TINY, "llama-tiny.pt")
