@@ -183,7 +183,9 @@ int RunGenerationLayouts(const InferOptions& o, const std::function<Graph(int64_
         row.estimate = sim::EstimateGeneration(graph_at, request, config,
                                                dist::TensorParallelGenerationForward(tp, &collectives));
         row.time = TimeGeneration(row.estimate, config, o.new_tokens, collectives);
-      } catch (const UnsupportedOpError& e) {
+      } catch (const UnsupportedOpError& e) {  // a split the model's structure does not allow
+        row.skipped = e.what();
+      } catch (const ConfigError& e) {  // a degree that does not divide one of its dimensions
         row.skipped = e.what();
       }
     }

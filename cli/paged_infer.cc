@@ -5,6 +5,7 @@
 #include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,53 @@ int64_t KvElementBytes(const std::string& kv_dtype, int64_t weights_element_byte
   if (kv_dtype == "bf16" || kv_dtype == "fp16") return 2;
   if (kv_dtype == "fp8" || kv_dtype == "fp8_e4m3" || kv_dtype == "fp8_e5m2" || kv_dtype == "int8") return 1;
   throw ConfigError("unknown --kv-dtype '" + kv_dtype + "' (auto, bf16, fp16, fp8, fp8_e4m3, fp8_e5m2, int8)");
+}
+
+// The linears whose outputs become the cache entries `values` of `g` (k_proj, v_proj): walking back from each entry
+// through the ops between (views, RoPE, the cache's cat) to the first linear on every path.
+std::set<int32_t> CacheProjectionParams(const Graph& g, const std::vector<ValueId>& values) {
+  std::set<int32_t> params;
+  std::set<int32_t> seen;
+  std::vector<ValueId> todo = values;
+  while (!todo.empty()) {
+    const ValueId v = todo.back();
+    todo.pop_back();
+    if (!v.valid() || !seen.insert(v.index).second) continue;
+    const TensorValue& tv = g.value(v);
+    if (!tv.producer.valid()) continue;
+    const OpNode& node = g.node(tv.producer);
+    const bool linear = node.kind == "aten::linear" || node.kind == "aten::addmm";
+    for (ValueId in : g.tensor_inputs(node.id)) {
+      const TensorValue& iv = g.value(in);
+      if (linear) {
+        if (iv.param >= 0) params.insert(iv.param);
+      } else if (iv.param < 0) {
+        todo.push_back(in);
+      }
+    }
+  }
+  return params;
+}
+
+// Rank 0's weights under vLLM's key/value replication, from the profile run split at degree kv (`est`): the key/value
+// projections as they are there (one head), every other split parameter `factor` (= tp / kv) times smaller.
+int64_t ReplicatedKvRankWeights(const Graph& full, const sim::GenerationEstimate& est, int64_t factor) {
+  const Graph& rank = est.prefill_graph;
+  if (rank.params().size() != full.params().size()) {
+    throw ModelLoadError("the generation forward changed the export's parameters: cannot follow vLLM's replication");
+  }
+  const std::set<int32_t> kv = CacheProjectionParams(rank, est.cache_values);
+  int64_t weights = est.prefill.weights_bytes;
+  std::set<int32_t> storages;
+  for (size_t i = 0; i < rank.params().size(); ++i) {
+    const Parameter& p = rank.params()[i];
+    const bool split = p.bytes < full.params()[i].bytes;
+    if (!split || kv.count(static_cast<int32_t>(i)) || !storages.insert(rank.StorageRoot(p.value).index).second) {
+      continue;
+    }
+    weights -= p.bytes - p.bytes / factor;
+  }
+  return weights;
 }
 
 }  // namespace
@@ -64,15 +112,19 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
   }
   const Graph probe_graph = model.BuildGraph(1, 2);
   const dist::ModelDims dims = dist::ReadModelDims(probe_graph);
-  if (std::string why = dist::CheckTensorParallelDegree(dims, o.tp, /*vocab_parallel=*/false); !why.empty()) {
-    if (o.tp > dims.kv_heads && o.tp % dims.kv_heads == 0 && dims.heads % o.tp == 0) {
-      why += ": vLLM then replicates each key/value head on " + std::to_string(o.tp / dims.kv_heads) +
-             " ranks, which is not modelled yet";
-    }
+  // vLLM replicates the key/value heads when the degree exceeds them (QKVParallelLinear: each rank one head, shared by
+  // tp / kv ranks; the degree must then be a multiple of the key/value heads).
+  const bool replicate_kv = o.tp > dims.kv_heads && o.tp % dims.kv_heads == 0;
+  dist::ModelDims split_dims = dims;
+  if (replicate_kv) split_dims.kv_heads = o.tp;  // checked apart: any multiple of them replicates
+  if (std::string why = dist::CheckTensorParallelDegree(split_dims, o.tp, /*vocab_parallel=*/false); !why.empty()) {
     throw ConfigError(why);
   }
   // vLLM splits the embedding and the LM head by vocabulary (padding it to a multiple of 64 per rank, not counted).
   const bool vocab_parallel = o.tp > 1 && dims.vocab % o.tp == 0;
+  // With replication the rank is modelled from the split at degree kv (one key/value head per rank), whose other
+  // split parameters then shrink by tp / kv more (ReplicatedKvRankWeights).
+  const int split_degree = replicate_kv ? static_cast<int>(dims.kv_heads) : o.tp;
 
   // The start-up profile run (gpu_model_runner.py profile_run / _dummy_run): max_num_batched_tokens tokens spread
   // evenly over min(tokens, max_num_seqs) requests, no cache yet, then the logits of each request's last token.
@@ -83,8 +135,11 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
       .batch = profile_requests, .prompt = profile_each, .new_tokens = 1,
       .loop = {.last_position_logits = true, .min_length_processors = false}};
   const sim::GenerationEstimate profile = sim::EstimateGeneration(
-      graph_at, profile_request, config, dist::TensorParallelGenerationForward(o.tp, nullptr, vocab_parallel));
+      graph_at, profile_request, config,
+      dist::TensorParallelGenerationForward(split_degree, nullptr, vocab_parallel && split_degree > 1));
   const sim::MemoryEstimate& run = profile.prefill;
+  const int64_t weights = replicate_kv ? ReplicatedKvRankWeights(probe_graph, profile, o.tp / split_degree)
+                                       : run.weights_bytes;
   const auto at = [&](sim::MemoryCategory c) { return run.at_peak[static_cast<size_t>(c)]; };
   // vLLM's input buffers exist before the profile and its attention writes no cache then: neither is in the peak.
   const int64_t activations = run.peak_allocated_bytes - run.weights_bytes - at(sim::MemoryCategory::kInputs) -
@@ -100,7 +155,7 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
   sim::PagedPoolInputs in{.total_memory_bytes = config.target.gpu.capacity_bytes,
                           .free_at_start_bytes = config.target.gpu.capacity_bytes - run.fixed_overhead_bytes,
                           .gpu_memory_utilization = o.gpu_memory_utilization,
-                          .weights_bytes = run.weights_bytes,
+                          .weights_bytes = weights,
                           .profile_peak_bytes = activations,
                           .non_torch_bytes = 0,
                           .block_size = o.block_size,
@@ -135,6 +190,13 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
       "after allocating the pool (none with --enforce-eager); no non-torch memory grows during the profile",
       "a sequence holds the blocks of its P + N - 1 fed tokens; sequences beyond the pool or max_num_seqs wait "
       "(vLLM schedules them later) rather than fail"};
+  std::vector<std::string> all_assumptions = assumptions;
+  if (replicate_kv) {
+    all_assumptions.push_back(
+        "each of the " + std::to_string(dims.kv_heads) + " key/value heads on " + std::to_string(o.tp / split_degree) +
+        " ranks (vLLM's replication): the profile run is the split at degree " + std::to_string(split_degree) +
+        " (more query heads and MLP columns per rank than the real one, so its activations are a bound from above)");
+  }
   if (o.json_out) {
     nlohmann::json j = {{"model", o.model},
                         {"target", run.target},
@@ -145,7 +207,7 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
                         {"new_tokens", o.new_tokens},
                         {"precision", o.precision},
                         {"kv_dtype", o.kv_dtype},
-                        {"weights_bytes", run.weights_bytes},
+                        {"weights_bytes", weights},
                         {"capacity_bytes", config.target.gpu.capacity_bytes},
                         {"fits", all_at_once},
                         {"paged",
@@ -168,7 +230,7 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
                           {"requested_is_free", pool.requested_is_free},
                           {"blocks_per_sequence", per_sequence},
                           {"concurrent_sequences", concurrent}}},
-                        {"assumptions", assumptions}};
+                        {"assumptions", all_assumptions}};
     if (o.max_batch) j["max_batch"] = max_batch;
     if (o.max_prompt) j["max_prompt"] = max_prompt;
     std::cout << j.dump(2) << "\n";
@@ -181,7 +243,9 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
                 o.tp > 1 ? (" x " + std::to_string(o.tp) + " (tensor parallel; figures per GPU)").c_str() : "");
     std::printf("requested  %s (%.2f of %s)\n", FormatBytes(pool.requested_bytes).c_str(), o.gpu_memory_utilization,
                 FormatBytes(config.target.gpu.capacity_bytes).c_str());
-    std::printf("  weights                %12s\n", FormatBytes(run.weights_bytes).c_str());
+    std::printf("  weights                %12s%s\n", FormatBytes(weights).c_str(),
+                replicate_kv ? ("   (each key/value head on " + std::to_string(o.tp / split_degree) + " ranks)").c_str()
+                             : "");
     std::printf("  profile activations    %12s   (%lld requests x %lld tokens, peak at %s)\n",
                 FormatBytes(activations).c_str(), static_cast<long long>(profile_requests),
                 static_cast<long long>(profile_each), run.peak_op.c_str());
@@ -219,7 +283,7 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
                   static_cast<long long>(o.new_tokens));
     }
     std::printf("\nassumptions:\n");
-    for (const auto& a : assumptions) std::printf("  - %s\n", a.c_str());
+    for (const auto& a : all_assumptions) std::printf("  - %s\n", a.c_str());
   }
   return all_at_once ? 0 : kExitDoesNotFit;
 }

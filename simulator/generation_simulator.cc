@@ -46,6 +46,7 @@ GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t
                                             : r.prompt;
   for (ValueId v : prefill.present) {
     const TensorValue& tv = prefill.graph.value(v);
+    est.cache_values.push_back(v);
     est.cache_entry_shapes.push_back(tv.shape);
     std::vector<int64_t> shape = tv.shape;
     shape[2] = held;

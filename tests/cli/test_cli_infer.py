@@ -278,8 +278,15 @@ class InferPagedTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertEqual(s["max_batch"], s["paged"]["num_blocks"] // 8)
         self.assertEqual(s["max_prompt"], 4096 - 1 - 20 + 1)  # max_model_len caps it
         # on 2 ranks each holds 1 of the 2 key/value heads
-        two = infer_json(llama, *args, "--tp", "2")["paged"]
-        self.assertEqual(two["page_bytes"], p["page_bytes"] // 2)
+        two = infer_json(llama, *args, "--tp", "2")
+        self.assertEqual(two["paged"]["page_bytes"], p["page_bytes"] // 2)
+        # on 4 ranks vLLM replicates each key/value head on 2: the same page, and every other split parameter halves
+        # again: per layer q, o (2 x 65,536) and the MLP (3 x 176,128) fp32 weights / 4 less, x 4 layers (2,637,824 B),
+        # and the vocabulary-parallel embedding and LM head (8192 x 256 fp32 each) / 4 less (4,194,304 B)
+        four = infer_json(llama, *args, "--tp", "4")
+        self.assertEqual(four["paged"]["page_bytes"], two["paged"]["page_bytes"])
+        self.assertEqual(two["weights_bytes"] - four["weights_bytes"], 2_637_824 + 4_194_304)
+        self.assertTrue(any("replication" in a for a in four["assumptions"]))
 
     def test_an_engine_that_cannot_start_says_why(self):
         llama = os.path.join(TINY, "llama-tiny.pt")
@@ -306,8 +313,7 @@ class InferPagedTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_one_line_error(run(*base, "--kv-dtype", "fp4"), 2, "unknown --kv-dtype 'fp4'")
         self.assert_one_line_error(run(*base, "--max-model-len", "100"), 2, "exceeds max_model_len 100")
         self.assert_one_line_error(run(*base, "--max-model-len", "100000"), 2, "exceeds the model's 4096 positions")
-        self.assert_one_line_error(run(*base, "--tp", "4"), 2, "does not divide the 2 key/value heads",
-                                   "vLLM then replicates")
+        self.assert_one_line_error(run(*base, "--tp", "3"), 2, "does not divide the 4 attention heads")
         self.assert_one_line_error(run("infer", llama, "--gpu", "cpu", "-p", "fp32", "--prompt", "8", "--new-tokens",
                                        "4", "--cache", "paged"), 2, "on a GPU")
         self.assert_one_line_error(run("infer", os.path.join(TINY, "mistral-tiny.pt"), "--gpu", "a100-80", "-p",
