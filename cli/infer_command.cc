@@ -112,6 +112,7 @@ struct GenerationLayout {
   int tp = 1;
   int replicas = 1;
   std::string skipped;  // why the layout cannot run, "" when estimated
+  std::optional<int64_t> max_batch;  // --max-batch: the largest batch each copy fits
   sim::GenerationEstimate estimate;
   GenerationTime time;
   double tokens_per_s() const {  // decode tokens per second over every copy, at the last (slowest) step
@@ -168,9 +169,11 @@ void AddInferOptions(CLI::App* cmd, InferOptions& o) {
 
 namespace {
 
+// `request_at(b)`: the request at batch b (for --max-batch per layout).
 int RunGenerationLayouts(const InferOptions& o, const std::function<Graph(int64_t, int64_t)>& graph_at,
-                         const sim::GenerationRequest& request, const sim::TrainingConfig& config,
-                         const Graph& probe_graph) {
+                         const std::function<sim::GenerationRequest(int64_t)>& request_at,
+                         const sim::TrainingConfig& config, const Graph& probe_graph) {
+  const sim::GenerationRequest request = request_at(o.batch);
   if (config.target.is_cpu) throw ConfigError("--gpus compares layouts on a GPU: name one with --gpu");
   std::vector<GenerationLayout> rows;
   for (int tp = 1; tp <= o.gpus; ++tp) {
@@ -183,6 +186,13 @@ int RunGenerationLayouts(const InferOptions& o, const std::function<Graph(int64_
         row.estimate = sim::EstimateGeneration(graph_at, request, config,
                                                dist::TensorParallelGenerationForward(tp, &collectives));
         row.time = TimeGeneration(row.estimate, config, o.new_tokens, collectives);
+        if (o.max_batch) {
+          row.max_batch = dist::LargestFittingGeneration({.graph_at = graph_at, .request_at = request_at,
+                                                          .simulate = dist::TensorParallelGenerationForward(tp),
+                                                          .limit = int64_t{1} << 20, .known = &row.estimate,
+                                                          .known_value = o.batch},
+                                                         config);
+        }
       } catch (const UnsupportedOpError& e) {  // a split the model's structure does not allow
         row.skipped = e.what();
       } catch (const ConfigError& e) {  // a degree that does not divide one of its dimensions
@@ -213,6 +223,7 @@ int RunGenerationLayouts(const InferOptions& o, const std::function<Graph(int64_
                   {"prefill_s", r.time.prefill_s},
                   {"decode_step_s", r.time.decode_step_s},
                   {"decode_tokens_per_s", r.tokens_per_s() * static_cast<double>(o.batch)}});
+        if (r.max_batch) j["max_batch"] = *r.max_batch;
       }
       layouts.push_back(std::move(j));
     }
@@ -227,20 +238,23 @@ int RunGenerationLayouts(const InferOptions& o, const std::function<Graph(int64_
                 "tp_plan per copy of the model)\n\n",
                 static_cast<long long>(o.batch), static_cast<long long>(o.prompt),
                 static_cast<long long>(o.new_tokens), o.precision.c_str(), o.gpus, config.target.gpu.name.c_str());
-    std::printf("%-22s %12s %12s %12s %10s %12s %14s\n", "layout", "weights/GPU", "cache/GPU", "nvidia-smi", "fits",
-                "prefill", "decode tok/s");
+    std::printf("%-22s %12s %12s %12s %10s %12s %14s%s\n", "layout", "weights/GPU", "cache/GPU", "nvidia-smi", "fits",
+                "prefill", "decode tok/s", o.max_batch ? "   max batch" : "");
     for (const auto& r : rows) {
       if (!r.skipped.empty()) {
         std::printf("%-22s skipped: %s\n", layout_name(r).c_str(), r.skipped.c_str());
         continue;
       }
-      std::printf("%-22s %12s %12s %12s %10s %10.1f ms %14.0f\n", layout_name(r).c_str(),
+      std::printf("%-22s %12s %12s %12s %10s %10.1f ms %14.0f", layout_name(r).c_str(),
                   FormatBytes(r.estimate.peak().weights_bytes).c_str(), FormatBytes(r.estimate.cache_bytes).c_str(),
                   FormatBytes(r.estimate.nvidia_smi_bytes()).c_str(), r.estimate.fits() ? "yes" : "no",
                   r.time.prefill_s * 1e3, r.tokens_per_s() * static_cast<double>(o.batch));
+      if (r.max_batch) std::printf(" %12lld", static_cast<long long>(*r.max_batch));
+      std::printf("\n");
     }
     std::printf("\ndecode tok/s: the batch of every copy over the last decode step (a roofline; launch and dispatch "
-                "overheads not modelled)\n");
+                "overheads not modelled)%s\n",
+                o.max_batch ? "; max batch: the largest batch one copy fits at this prompt and length" : "");
   }
   return any_fits ? 0 : kExitDoesNotFit;
 }
@@ -263,9 +277,9 @@ int RunInfer(const InferOptions& o) {
 
   if (o.tp < 1) throw ConfigError("--tp must be at least 1 (got " + std::to_string(o.tp) + ")");
   if (o.gpus < 0) throw ConfigError("--gpus must be positive (got " + std::to_string(o.gpus) + ")");
-  if (o.gpus > 0 && (o.tp != 1 || o.cache == "paged" || o.max_batch || o.max_prompt)) {
-    throw ConfigError("--gpus compares the tensor-parallel layouts of generate() itself: drop --tp, --cache paged, "
-                      "--max-batch and --max-context");
+  if (o.gpus > 0 && (o.tp != 1 || o.cache == "paged" || o.max_prompt)) {
+    throw ConfigError("--gpus compares the tensor-parallel layouts of generate() itself: drop --tp, --cache paged "
+                      "and --max-context");
   }
   if (o.prompt <= 0) throw ConfigError("--prompt must be positive");
   if (o.new_tokens <= 0) throw ConfigError("--new-tokens must be positive");
@@ -348,7 +362,9 @@ int RunInfer(const InferOptions& o) {
     if (it == decode_graphs.end()) it = decode_graphs.emplace(b, export_graph(b, 1)).first;
     return it->second;
   };
-  if (o.gpus > 0) return RunGenerationLayouts(o, graph_at, request, config, probe_graph);
+  if (o.gpus > 0) {
+    return RunGenerationLayouts(o, graph_at, [&](int64_t b) { return request_at(b, o.prompt); }, config, probe_graph);
+  }
   std::vector<dist::CollectiveList> collectives;
   const sim::GenerationEstimate est =
       sim::EstimateGeneration(graph_at, request, config, dist::TensorParallelGenerationForward(o.tp, &collectives));

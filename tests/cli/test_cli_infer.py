@@ -358,6 +358,13 @@ class InferTensorParallelTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertEqual(rates, sorted(rates, reverse=True))
         self.assert_one_line_error(run("infer", llama, "--gpu", "a100-80", "--prompt", "8", "--new-tokens", "4",
                                        "-p", "fp32", "--gpus", "4", "--tp", "2"), 2, "--gpus compares")
+        # --max-batch: per layout, the batch --tp alone finds
+        small = ("--gpu", "a100-80", "--gpu-memory", "2GiB", "-p", "fp32", "-b", "2", "--prompt", "512",
+                 "--new-tokens", "8", "--max-batch")
+        by_tp = {r["tp"]: r for r in infer_json(llama, *small, "--gpus", "2")["layouts"]}
+        for tp in (1, 2):
+            self.assertEqual(by_tp[tp]["max_batch"], infer_json(llama, *small, "--tp", str(tp))["max_batch"])
+        self.assertGreater(by_tp[1]["max_batch"], 2)
 
     def test_a_gpu_rank_counts_its_nccl_buffers_and_its_all_reduces_time(self):
         llama = os.path.join(TINY, "llama-tiny.pt")
