@@ -11,17 +11,16 @@
 #include <vector>
 
 #include "cli/category_report.h"
+#include "cli/generation_layouts.h"
+#include "cli/generation_time.h"
 #include "cli/lora_options.h"
 #include "cli/paged_infer.h"
 #include "cli/training_options.h"
 #include "graph/dtype.h"
 #include "graph/error.h"
 #include "graph/torchscript_importer.h"
-#include "distributed/interconnect.h"
 #include "distributed/generation_search.h"
-#include "distributed/step_time_model.h"
 #include "distributed/tensor_parallel_generation.h"
-#include "graph/op_flops.h"
 #include "graph/quantize_rewrite.h"
 #include "simulator/generation_simulator.h"
 
@@ -68,67 +67,6 @@ void PrintPhase(const char* name, const sim::MemoryEstimate& e) {
   std::printf("\n");
 }
 
-// The time of generate() on a GPU, a roofline (distributed/step_time_model.h) of the two forwards simulated: a decode
-// step reads every weight and, through the DynamicCache's torch.cat and the attention, the whole cache, so it is
-// memory-bound; the prefill is mostly compute-bound.
-struct GenerationTime {
-  double prefill_s = 0;
-  double decode_step_s = 0;  // the last step, whose cache is longest: the slowest
-  double generate_s = 0;     // prefill + (N - 1) x the last step: the roofline's upper bound for the whole call
-  std::vector<std::string> assumptions;
-};
-
-// `collectives`: each forward's tensor-parallel all-reduces (prefill, then the decode step; empty on one GPU), which
-// the next op waits for: they add to the forward in full.
-GenerationTime TimeGeneration(const sim::GenerationEstimate& est, const sim::TrainingConfig& config,
-                              int64_t new_tokens, const std::vector<dist::CollectiveList>& collectives) {
-  GenerationTime t;
-  const auto link = dist::FindInterconnect(config.target.gpu.intra_node_link);
-  auto forward_s = [&](const Graph& g, size_t which) {
-    dist::StepTimeInputs in;
-    in.per_rank_cost = SumCosts(g, dist::CostOptionsFor(config.precision));
-    in.precision = config.precision;
-    in.gpu = config.target.gpu;
-    in.forward_only = true;
-    if (which < collectives.size() && link) {
-      in.collectives = collectives[which];
-      in.intra_node = *link;
-    }
-    dist::StepTime st = dist::EstimateStepTime(in);
-    if (which == 0) t.assumptions = std::move(st.assumptions);
-    return st.forward_s + st.comm_s;
-  };
-  t.prefill_s = forward_s(est.prefill_graph, 0);
-  if (est.decode_graph) t.decode_step_s = forward_s(*est.decode_graph, 1);
-  t.generate_s = t.prefill_s + static_cast<double>(new_tokens - 1) * t.decode_step_s;
-  t.assumptions.push_back("decode tokens/s: the batch over the last step, whose cache is longest (earlier steps read "
-                          "less); eager generate() at small batches is often bound by CPU dispatch (hundreds of "
-                          "kernel launches per token), which can make it several times slower than this");
-  return t;
-}
-
-// One layout of `--gpus N`: T tensor-parallel ranks per copy of the model, N / T copies each generating the batch.
-struct GenerationLayout {
-  int tp = 1;
-  int replicas = 1;
-  std::string skipped;  // why the layout cannot run, "" when estimated
-  std::optional<int64_t> max_batch;  // --max-batch: the largest batch each copy fits
-  sim::GenerationEstimate estimate;
-  GenerationTime time;
-  double tokens_per_s() const {  // decode tokens per second over every copy, at the last (slowest) step
-    return time.decode_step_s > 0 ? replicas / time.decode_step_s : 0;
-  }
-};
-
-// Fitting layouts first, by decode tokens per second over all copies; the rest in degree order.
-void SortGenerationLayouts(std::vector<GenerationLayout>& rows) {
-  std::stable_sort(rows.begin(), rows.end(), [](const GenerationLayout& a, const GenerationLayout& b) {
-    const bool fa = a.skipped.empty() && a.estimate.fits(), fb = b.skipped.empty() && b.estimate.fits();
-    if (fa != fb) return fa;
-    return a.tokens_per_s() > b.tokens_per_s();
-  });
-}
-
 }  // namespace
 
 void AddInferOptions(CLI::App* cmd, InferOptions& o) {
@@ -166,100 +104,6 @@ void AddInferOptions(CLI::App* cmd, InferOptions& o) {
                 "also find the longest prompt that fits with --new-tokens at --batch (GPU targets)");
   cmd->add_flag("--json", o.json_out, "print JSON");
 }
-
-namespace {
-
-// `request_at(b)`: the request at batch b (for --max-batch per layout).
-int RunGenerationLayouts(const InferOptions& o, const std::function<Graph(int64_t, int64_t)>& graph_at,
-                         const std::function<sim::GenerationRequest(int64_t)>& request_at,
-                         const sim::TrainingConfig& config, const Graph& probe_graph) {
-  const sim::GenerationRequest request = request_at(o.batch);
-  if (config.target.is_cpu) throw ConfigError("--gpus compares layouts on a GPU: name one with --gpu");
-  std::vector<GenerationLayout> rows;
-  for (int tp = 1; tp <= o.gpus; ++tp) {
-    if (o.gpus % tp != 0) continue;
-    GenerationLayout row{.tp = tp, .replicas = o.gpus / tp};
-    row.skipped = tp == 1 ? "" : dist::CheckTensorParallelGeneration(probe_graph, tp);
-    if (row.skipped.empty()) {
-      std::vector<dist::CollectiveList> collectives;
-      try {
-        row.estimate = sim::EstimateGeneration(graph_at, request, config,
-                                               dist::TensorParallelGenerationForward(tp, &collectives));
-        row.time = TimeGeneration(row.estimate, config, o.new_tokens, collectives);
-        if (o.max_batch) {
-          row.max_batch = dist::LargestFittingGeneration({.graph_at = graph_at, .request_at = request_at,
-                                                          .simulate = dist::TensorParallelGenerationForward(tp),
-                                                          .limit = int64_t{1} << 20, .known = &row.estimate,
-                                                          .known_value = o.batch},
-                                                         config);
-        }
-      } catch (const UnsupportedOpError& e) {  // a split the model's structure does not allow
-        row.skipped = e.what();
-      } catch (const ConfigError& e) {  // a degree that does not divide one of its dimensions
-        row.skipped = e.what();
-      }
-    }
-    rows.push_back(std::move(row));
-  }
-  SortGenerationLayouts(rows);
-  const auto layout_name = [](const GenerationLayout& r) {
-    std::string n = r.tp == 1 ? std::string("1 GPU") : "TP" + std::to_string(r.tp);
-    return r.replicas > 1 ? n + " x " + std::to_string(r.replicas) + " copies" : n;
-  };
-  const bool any_fits = std::any_of(rows.begin(), rows.end(),
-                                    [](const GenerationLayout& r) { return r.skipped.empty() && r.estimate.fits(); });
-  if (o.json_out) {
-    nlohmann::json layouts = nlohmann::json::array();
-    for (const auto& r : rows) {
-      nlohmann::json j = {{"layout", layout_name(r)}, {"tp", r.tp}, {"replicas", r.replicas}};
-      if (!r.skipped.empty()) {
-        j["skipped"] = r.skipped;
-      } else {
-        j.update({{"fits", r.estimate.fits()},
-                  {"weights_bytes", r.estimate.peak().weights_bytes},
-                  {"cache_bytes", r.estimate.cache_bytes},
-                  {"peak_allocated_bytes", r.estimate.peak().peak_allocated_bytes},
-                  {"nvidia_smi_bytes", r.estimate.nvidia_smi_bytes()},
-                  {"prefill_s", r.time.prefill_s},
-                  {"decode_step_s", r.time.decode_step_s},
-                  {"decode_tokens_per_s", r.tokens_per_s() * static_cast<double>(o.batch)}});
-        if (r.max_batch) j["max_batch"] = *r.max_batch;
-      }
-      layouts.push_back(std::move(j));
-    }
-    std::cout << nlohmann::json{{"model", o.model}, {"gpus", o.gpus}, {"batch", o.batch}, {"prompt", o.prompt},
-                                {"new_tokens", o.new_tokens}, {"precision", o.precision}, {"layouts", layouts},
-                                {"assumptions", rows.empty() ? std::vector<std::string>{} : rows.front().time.assumptions}}
-                     .dump(2)
-              << "\n";
-  } else {
-    std::printf("model      %s\n", o.model.c_str());
-    std::printf("generate   batch %lld per copy, prompt %lld + %lld new tokens, %s weights, %d x %s (transformers' "
-                "tp_plan per copy of the model)\n\n",
-                static_cast<long long>(o.batch), static_cast<long long>(o.prompt),
-                static_cast<long long>(o.new_tokens), o.precision.c_str(), o.gpus, config.target.gpu.name.c_str());
-    std::printf("%-22s %12s %12s %12s %10s %12s %14s%s\n", "layout", "weights/GPU", "cache/GPU", "nvidia-smi", "fits",
-                "prefill", "decode tok/s", o.max_batch ? "   max batch" : "");
-    for (const auto& r : rows) {
-      if (!r.skipped.empty()) {
-        std::printf("%-22s skipped: %s\n", layout_name(r).c_str(), r.skipped.c_str());
-        continue;
-      }
-      std::printf("%-22s %12s %12s %12s %10s %10.1f ms %14.0f", layout_name(r).c_str(),
-                  FormatBytes(r.estimate.peak().weights_bytes).c_str(), FormatBytes(r.estimate.cache_bytes).c_str(),
-                  FormatBytes(r.estimate.nvidia_smi_bytes()).c_str(), r.estimate.fits() ? "yes" : "no",
-                  r.time.prefill_s * 1e3, r.tokens_per_s() * static_cast<double>(o.batch));
-      if (r.max_batch) std::printf(" %12lld", static_cast<long long>(*r.max_batch));
-      std::printf("\n");
-    }
-    std::printf("\ndecode tok/s: the batch of every copy over the last decode step (a roofline; launch and dispatch "
-                "overheads not modelled)%s\n",
-                o.max_batch ? "; max batch: the largest batch one copy fits at this prompt and length" : "");
-  }
-  return any_fits ? 0 : kExitDoesNotFit;
-}
-
-}  // namespace
 
 int RunInfer(const InferOptions& o) {
   if (o.precision != "bf16" && o.precision != "fp32") {

@@ -1,0 +1,21 @@
+// `llmem infer --gpus N`: the tensor-parallel layouts of N GPUs for one generate() request, compared.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+#include "cli/infer_command.h"
+#include "graph/graph.h"
+#include "simulator/generation_simulator.h"
+#include "simulator/training_config.h"
+
+namespace llmem::cli {
+
+// Every degree T that divides N and the model's heads: N / T copies of the model, each generating the batch on T
+// ranks; printed (or JSON) fitting layouts first by decode tokens/s over all copies. `request_at(b)`: the request at
+// batch b (for --max-batch per layout). 0 when one fits, 3 when none does.
+int RunGenerationLayouts(const InferOptions& o, const std::function<Graph(int64_t, int64_t)>& graph_at,
+                         const std::function<sim::GenerationRequest(int64_t)>& request_at,
+                         const sim::TrainingConfig& config, const Graph& probe_graph);
+
+}  // namespace llmem::cli
