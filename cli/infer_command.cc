@@ -144,8 +144,9 @@ int RunInfer(const InferOptions& o) {
       throw ConfigError("--quant torchao-nf4 is torchtune's training recipe; for generation use bitsandbytes' nf4");
     }
     if (quant->format == QuantFormat::kInt8 && quant->library == QuantLibrary::kBitsandbytes) {
-      throw ConfigError("--quant int8 is not modelled for generation: a real CPU generate() holds one more byte per "
-                        "weight than the training layout; use nf4, fp4, nf4-dq or fp4-dq");
+      throw ConfigError("--quant int8 is not modelled for generation: bitsandbytes runs LLM.int8() differently without "
+                        "gradients than the training path llmem models (a CPU generate() prefill peaks up to 14 % "
+                        "above it); use nf4, fp4, nf4-dq or fp4-dq");
     }
     if (o.tp > 1) throw ConfigError("--quant with --tp is not modelled yet");
     if (o.cache == "paged") throw ConfigError("--quant with --cache paged is not modelled yet (vLLM's own kernels)");

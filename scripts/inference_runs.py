@@ -112,7 +112,9 @@ def load_quantized(model, quant, precision):
 
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
-                t.data = t.data.clone()
+                # quantized weights were made by the quantizer (counted); Int8Params also keep them as .CB
+                if type(t).__name__ not in ("Params4bit", "Int8Params"):
+                    t.data = t.data.clone()
     return model
 
 
