@@ -189,12 +189,16 @@ class InferAccuracyTest(unittest.TestCase):
         self.assertTrue(0 <= extra <= max(256, real["weights_bytes"] // 5000), f"weights: {extra} B more measured")
         self.assertEqual(est["cache_bytes"], real["cache_bytes"])
         total = real["weights_bytes"] + real["peak_bytes"]
-        peaks = real.get("rank_forward_peak_bytes", [real["forward_peak_bytes"]])  # the highest rank's
-        decode = est["decode"]["peak_allocated_bytes"] - (real["weights_bytes"] + max(p[-1] for p in peaks))
-        prefill = est["prefill"]["peak_allocated_bytes"] - (real["weights_bytes"] + max(p[0] for p in peaks))
         label = f"{arch} {precision} {batch}x{prompt}+{new_tokens} {cache} tp{tp}"
-        self.assertLess(abs(decode) / total, 0.005, f"{label}: decode off by {decode} B")
-        self.assertLess(abs(prefill) / total, 0.005, f"{label}: prefill off by {prefill} B")
+        # Ranks: gloo's worker threads free a row-parallel partial sum (or a buffer of their own) sooner or later
+        # from run to run, more so on a loaded machine. The rank that peaks lowest follows the program's order; every
+        # rank stays within a few such tensors of it.
+        ranks = real.get("rank_forward_peak_bytes", [real["forward_peak_bytes"]])
+        for pick, tolerance in ((min, 0.005), (max, 0.02 if tp > 1 else 0.005)):
+            decode = est["decode"]["peak_allocated_bytes"] - (real["weights_bytes"] + pick(p[-1] for p in ranks))
+            prefill = est["prefill"]["peak_allocated_bytes"] - (real["weights_bytes"] + pick(p[0] for p in ranks))
+            self.assertLess(abs(decode) / total, tolerance, f"{label}: decode off by {decode} B ({pick.__name__})")
+            self.assertLess(abs(prefill) / total, tolerance, f"{label}: prefill off by {prefill} B ({pick.__name__})")
 
     def test_llama_fp32(self):
         self.compare("llama", "fp32", 2, 32, 8)
