@@ -157,10 +157,9 @@ int RunInfer(const InferOptions& o) {
     Graph g = model.BuildGraph(b, s);
     return quant ? QuantizeLinears(g, *quant) : g;
   };
-  if (o.cache == "paged") {
-    const std::optional<PositionLimit> positions = model.BuildGraph(1, 2).position_limit();
-    return RunPagedInfer(o, model, export_graph, config, positions);
-  }
+  // The export at 1 x 2 tokens: its position limit and the dimensions a split must divide.
+  const Graph probe_graph = model.BuildGraph(1, 2);
+  if (o.cache == "paged") return RunPagedInfer(o, model, export_graph, probe_graph, config);
   if (o.cache == "static" && !model.bool_causal_mask().value_or(false)) {
     throw ConfigError("--cache static is modelled for models that build transformers' create_causal_mask mask; this "
                       "export's model builds its own (or the export does not say): not modelled yet");
@@ -175,7 +174,6 @@ int RunInfer(const InferOptions& o) {
   }
   // The positions generation feeds: 0 .. P + N - 2 (the last token is generated, never fed back).
   const int64_t context = CheckedAdd(o.prompt, o.new_tokens - 1, "prompt + new tokens");
-  const Graph probe_graph = model.BuildGraph(1, 2);
   const std::optional<PositionLimit> limit = probe_graph.position_limit();
   if (o.tp > 1) {
     if (const std::string why = dist::CheckTensorParallelGeneration(probe_graph, o.tp); !why.empty()) {

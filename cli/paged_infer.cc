@@ -79,8 +79,9 @@ int64_t ReplicatedKvRankWeights(const Graph& full, const sim::GenerationEstimate
 }  // namespace
 
 int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
-                  const std::function<Graph(int64_t, int64_t)>& graph_at, const sim::TrainingConfig& config,
-                  const std::optional<PositionLimit>& limit) {
+                  const std::function<Graph(int64_t, int64_t)>& graph_at, const Graph& probe_graph,
+                  const sim::TrainingConfig& config) {
+  const std::optional<PositionLimit> limit = probe_graph.position_limit();
   if (config.target.is_cpu) throw ConfigError("--cache paged sizes vLLM's KV pool on a GPU: name one with --gpu");
   static const std::vector<int64_t> kBlockSizes = {1, 8, 16, 32, 64, 128, 256};  // vLLM's BlockSize
   if (std::find(kBlockSizes.begin(), kBlockSizes.end(), o.block_size) == kBlockSizes.end()) {
@@ -110,7 +111,6 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
                       " new tokens exceeds max_model_len " + std::to_string(max_model_len) +
                       " (vLLM rejects such a request)");
   }
-  const Graph probe_graph = model.BuildGraph(1, 2);
   const dist::ModelDims dims = dist::ReadModelDims(probe_graph);
   // vLLM replicates the key/value heads when the degree exceeds them (QKVParallelLinear: each rank one head, shared by
   // tp / kv ranks; the degree must then be a multiple of the key/value heads).

@@ -14,9 +14,10 @@
 namespace llmem::cli {
 
 // 0 when the engine starts with room for the whole request at once, 3 otherwise; bad input throws ConfigError.
-// `graph_at(batch, tokens)`: the export's graph as loaded (quantized linears included).
+// `graph_at(batch, tokens)`: the export's graph as loaded; `probe_graph`: the export at 1 x 2 tokens (its position
+// limit and dimensions).
 int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
-                  const std::function<Graph(int64_t, int64_t)>& graph_at, const sim::TrainingConfig& config,
-                  const std::optional<PositionLimit>& limit);
+                  const std::function<Graph(int64_t, int64_t)>& graph_at, const Graph& probe_graph,
+                  const sim::TrainingConfig& config);
 
 }  // namespace llmem::cli
