@@ -131,6 +131,11 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
   const int64_t profile_requests = std::min(o.max_num_batched_tokens, o.max_num_seqs);
   const int64_t profile_each = o.max_num_batched_tokens / profile_requests;
   const int64_t profile_tokens = profile_requests * profile_each;
+  if (limit && profile_each > limit->max_seq) {
+    throw ConfigError("--max-num-batched-tokens " + std::to_string(o.max_num_batched_tokens) + " over " +
+                      std::to_string(profile_requests) + " profile requests gives " + std::to_string(profile_each) +
+                      " tokens each, past the model's " + std::to_string(limit->max_seq) + " positions");
+  }
   const sim::GenerationRequest profile_request{
       .batch = profile_requests, .prompt = profile_each, .new_tokens = 1,
       .loop = {.last_position_logits = true, .min_length_processors = false}};

@@ -313,6 +313,8 @@ class InferPagedTest(OneLineErrorAssertions, unittest.TestCase):
         base = ("infer", llama, "--gpu", "a100-80", "-p", "fp32", "--prompt", "100", "--new-tokens", "20",
                 "--cache", "paged")
         self.assert_one_line_error(run(*base, "--block-size", "24"), 2, "--block-size must be one of")
+        self.assert_one_line_error(run(*base, "--max-num-batched-tokens", "2000000"), 2, "7812 tokens each",
+                                   "4096 positions")
         self.assert_one_line_error(run(*base, "--gpu-memory-utilization", "1.5"), 2, "--gpu-memory-utilization")
         self.assert_one_line_error(run(*base, "--kv-dtype", "fp4"), 2, "unknown --kv-dtype 'fp4'")
         self.assert_one_line_error(run(*base, "--max-model-len", "100"), 2, "exceeds max_model_len 100")
