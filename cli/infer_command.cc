@@ -121,9 +121,8 @@ int RunInfer(const InferOptions& o) {
 
   if (o.tp < 1) throw ConfigError("--tp must be at least 1 (got " + std::to_string(o.tp) + ")");
   if (o.gpus < 0) throw ConfigError("--gpus must be positive (got " + std::to_string(o.gpus) + ")");
-  if (o.gpus > 0 && (o.tp != 1 || o.cache == "paged" || o.max_prompt)) {
-    throw ConfigError("--gpus compares the tensor-parallel layouts of generate() itself: drop --tp, --cache paged "
-                      "and --max-context");
+  if (o.gpus > 0 && (o.tp != 1 || o.max_prompt)) {
+    throw ConfigError("--gpus compares the tensor-parallel layouts: drop --tp and --max-context");
   }
   if (o.prompt <= 0) throw ConfigError("--prompt must be positive");
   if (o.new_tokens <= 0) throw ConfigError("--new-tokens must be positive");

@@ -76,11 +76,23 @@ int64_t ReplicatedKvRankWeights(const Graph& full, const sim::GenerationEstimate
   return weights;
 }
 
-}  // namespace
+// One engine's start-up on each of its o.tp ranks, and what the request gets from it.
+struct PagedEngine {
+  sim::PagedPoolInputs in;
+  sim::PagedPool pool;
+  std::string target, peak_op;
+  int64_t weights = 0, activations = 0, max_model_len = 0;
+  int64_t profile_requests = 0, profile_each = 0, profile_tokens = 0;
+  int64_t per_sequence = 0, concurrent = 0, max_batch = 0, max_prompt = 0;
+  bool starts = false, all_at_once = false, replicate_kv = false;
+  int split_degree = 1;
+  int64_t kv_heads_total = 0;
+  int64_t fixed_overhead = 0;
+};
 
-int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
-                  const std::function<Graph(int64_t, int64_t)>& graph_at, const Graph& probe_graph,
-                  const sim::TrainingConfig& config) {
+PagedEngine SizePagedEngine(const InferOptions& o, const TorchScriptModel& model,
+                            const std::function<Graph(int64_t, int64_t)>& graph_at, const Graph& probe_graph,
+                            const sim::TrainingConfig& config) {
   const std::optional<PositionLimit> limit = probe_graph.position_limit();
   if (config.target.is_cpu) throw ConfigError("--cache paged sizes vLLM's KV pool on a GPU: name one with --gpu");
   static const std::vector<int64_t> kBlockSizes = {1, 8, 16, 32, 64, 128, 256};  // vLLM's BlockSize
@@ -183,6 +195,107 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
   const int64_t max_prompt =
       starts ? std::max<int64_t>(0, std::min(blocks_each * o.block_size, max_model_len - 1) - o.new_tokens + 1) : 0;
 
+  PagedEngine e{.in = in, .pool = pool, .target = run.target, .peak_op = run.peak_op, .weights = weights,
+                 .activations = activations, .max_model_len = max_model_len, .profile_requests = profile_requests,
+                 .profile_each = profile_each, .profile_tokens = profile_tokens, .per_sequence = per_sequence,
+                 .concurrent = concurrent, .max_batch = max_batch, .max_prompt = max_prompt, .starts = starts,
+                 .all_at_once = all_at_once, .replicate_kv = replicate_kv, .split_degree = split_degree,
+                 .kv_heads_total = dims.kv_heads, .fixed_overhead = run.fixed_overhead_bytes};
+  return e;
+}
+
+}  // namespace
+
+// `--gpus N --cache paged`: one vLLM engine per T GPUs (T dividing N and the model), N / T engines; fitting ones
+// first by the request's sequences they run at once in all.
+int RunPagedLayouts(const InferOptions& o, const TorchScriptModel& model,
+                    const std::function<Graph(int64_t, int64_t)>& graph_at, const Graph& probe_graph,
+                    const sim::TrainingConfig& config) {
+  struct Row {
+    int tp = 1, copies = 1;
+    std::string skipped;
+    PagedEngine engine;
+    int64_t sequences() const { return engine.starts ? engine.max_batch * copies : 0; }
+  };
+  std::vector<Row> rows;
+  for (int tp = 1; tp <= o.gpus; ++tp) {
+    if (o.gpus % tp != 0) continue;
+    InferOptions at = o;
+    at.tp = tp;
+    Row row{.tp = tp, .copies = o.gpus / tp};
+    if (tp == 1) {
+      row.engine = SizePagedEngine(at, model, graph_at, probe_graph, config);  // bad input fails here, once
+    } else {
+      try {
+        row.engine = SizePagedEngine(at, model, graph_at, probe_graph, config);
+      } catch (const ConfigError& e) {  // a degree the model's dimensions do not allow
+        row.skipped = e.what();
+      } catch (const UnsupportedOpError& e) {
+        row.skipped = e.what();
+      }
+    }
+    rows.push_back(std::move(row));
+  }
+  std::stable_sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) {
+    const bool sa = a.skipped.empty() && a.engine.starts, sb = b.skipped.empty() && b.engine.starts;
+    if (sa != sb) return sa;
+    return a.sequences() > b.sequences();
+  });
+  const auto name = [](const Row& r) {
+    std::string n = r.tp == 1 ? std::string("1 GPU") : "TP" + std::to_string(r.tp);
+    return r.copies > 1 ? n + " x " + std::to_string(r.copies) + " engines" : n;
+  };
+  const bool any = std::any_of(rows.begin(), rows.end(), [](const Row& r) { return r.skipped.empty() && r.engine.starts; });
+  if (o.json_out) {
+    nlohmann::json layouts = nlohmann::json::array();
+    for (const Row& r : rows) {
+      nlohmann::json j = {{"layout", name(r)}, {"tp", r.tp}, {"engines", r.copies}};
+      if (!r.skipped.empty()) {
+        j["skipped"] = r.skipped;
+      } else {
+        j.update({{"engine_starts", r.engine.starts},
+                  {"weights_bytes", r.engine.weights},
+                  {"kv_cache_bytes", r.engine.pool.num_blocks * r.engine.pool.block_bytes},
+                  {"num_blocks", r.engine.pool.num_blocks},
+                  {"max_concurrency", r.engine.pool.max_concurrency * r.copies},
+                  {"concurrent_sequences", r.sequences()}});
+      }
+      layouts.push_back(std::move(j));
+    }
+    std::cout << nlohmann::json{{"model", o.model}, {"engine", "vllm"}, {"gpus", o.gpus}, {"prompt", o.prompt},
+                                {"new_tokens", o.new_tokens}, {"kv_dtype", o.kv_dtype}, {"layouts", layouts}}
+                     .dump(2)
+              << "\n";
+  } else {
+    std::printf("model      %s\n", o.model.c_str());
+    std::printf("engine     vLLM V1 on %d x %s, %lld-token blocks, kv_cache_dtype %s; requests of %lld + %lld tokens\n\n",
+                o.gpus, config.target.gpu.name.c_str(), static_cast<long long>(o.block_size), o.kv_dtype.c_str(),
+                static_cast<long long>(o.prompt), static_cast<long long>(o.new_tokens));
+    std::printf("%-22s %12s %12s %10s %18s %16s\n", "layout", "weights/GPU", "KV pool/GPU", "starts",
+                "at max_model_len", "requests at once");
+    for (const Row& r : rows) {
+      if (!r.skipped.empty()) {
+        std::printf("%-22s skipped: %s\n", name(r).c_str(), r.skipped.c_str());
+        continue;
+      }
+      std::printf("%-22s %12s %12s %10s %18.1f %16lld\n", name(r).c_str(), FormatBytes(r.engine.weights).c_str(),
+                  FormatBytes(r.engine.pool.num_blocks * r.engine.pool.block_bytes).c_str(),
+                  r.engine.starts ? "yes" : "no", r.engine.pool.max_concurrency * r.copies,
+                  static_cast<long long>(r.sequences()));
+    }
+    std::printf("\nrequests at once: sequences of this request's length all engines run together (each engine's pool, "
+                "at most --max-num-seqs); the assumptions of `--cache paged` alone apply\n");
+  }
+  return any ? 0 : kExitDoesNotFit;
+}
+
+int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
+                  const std::function<Graph(int64_t, int64_t)>& graph_at, const Graph& probe_graph,
+                  const sim::TrainingConfig& config) {
+  if (o.gpus > 0) return RunPagedLayouts(o, model, graph_at, probe_graph, config);
+  const PagedEngine e = SizePagedEngine(o, model, graph_at, probe_graph, config);
+  const sim::PagedPool& pool = e.pool;
+  const sim::PagedPoolInputs& in = e.in;
   const std::vector<std::string> assumptions = {
       "vLLM V1's start-up: requested = total x gpu_memory_utilization; the pool gets what the weights and the "
       "profile run's peak leave of it (gpu_worker.py determine_available_memory); blocks of every layer "
@@ -196,15 +309,15 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
       "a sequence holds the blocks of its P + N - 1 fed tokens; sequences beyond the pool or max_num_seqs wait "
       "(vLLM schedules them later) rather than fail"};
   std::vector<std::string> all_assumptions = assumptions;
-  if (replicate_kv) {
+  if (e.replicate_kv) {
     all_assumptions.push_back(
-        "each of the " + std::to_string(dims.kv_heads) + " key/value heads on " + std::to_string(o.tp / split_degree) +
-        " ranks (vLLM's replication): the profile run is the split at degree " + std::to_string(split_degree) +
+        "each of the " + std::to_string(e.kv_heads_total) + " key/value heads on " + std::to_string(o.tp / e.split_degree) +
+        " ranks (vLLM's replication): the profile run is the split at degree " + std::to_string(e.split_degree) +
         " (more query heads and MLP columns per rank than the real one, so its activations are a bound from above)");
   }
   if (o.json_out) {
     nlohmann::json j = {{"model", o.model},
-                        {"target", run.target},
+                        {"target", e.target},
                         {"engine", "vllm"},
                         {"tp", o.tp},
                         {"batch", o.batch},
@@ -212,18 +325,18 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
                         {"new_tokens", o.new_tokens},
                         {"precision", o.precision},
                         {"kv_dtype", o.kv_dtype},
-                        {"weights_bytes", weights},
+                        {"weights_bytes", e.weights},
                         {"capacity_bytes", config.target.gpu.capacity_bytes},
-                        {"fits", all_at_once},
+                        {"fits", e.all_at_once},
                         {"paged",
                          {{"block_size", o.block_size},
                           {"gpu_memory_utilization", o.gpu_memory_utilization},
-                          {"max_model_len", max_model_len},
+                          {"max_model_len", e.max_model_len},
                           {"max_num_batched_tokens", o.max_num_batched_tokens},
                           {"max_num_seqs", o.max_num_seqs},
-                          {"profile_tokens", profile_tokens},
+                          {"profile_tokens", e.profile_tokens},
                           {"requested_bytes", pool.requested_bytes},
-                          {"profile_activation_bytes", activations},
+                          {"profile_activation_bytes", e.activations},
                           {"available_bytes", pool.available_bytes},
                           {"page_bytes", pool.page_bytes},
                           {"block_bytes", pool.block_bytes},
@@ -231,29 +344,29 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
                           {"tokens", pool.tokens},
                           {"kv_cache_bytes", pool.num_blocks * pool.block_bytes},
                           {"max_concurrency", pool.max_concurrency},
-                          {"engine_starts", starts},
+                          {"engine_starts", e.starts},
                           {"requested_is_free", pool.requested_is_free},
-                          {"blocks_per_sequence", per_sequence},
-                          {"concurrent_sequences", concurrent}}},
+                          {"blocks_per_sequence", e.per_sequence},
+                          {"concurrent_sequences", e.concurrent}}},
                         {"assumptions", all_assumptions}};
-    if (o.max_batch) j["max_batch"] = max_batch;
-    if (o.max_prompt) j["max_prompt"] = max_prompt;
+    if (o.max_batch) j["max_batch"] = e.max_batch;
+    if (o.max_prompt) j["max_prompt"] = e.max_prompt;
     std::cout << j.dump(2) << "\n";
   } else {
     std::printf("model      %s\n", o.model.c_str());
     std::printf("engine     vLLM V1, paged KV cache of %lld-token blocks, kv_cache_dtype %s, max_model_len %lld, "
                 "target %s%s\n",
-                static_cast<long long>(o.block_size), o.kv_dtype.c_str(), static_cast<long long>(max_model_len),
-                run.target.c_str(),
+                static_cast<long long>(o.block_size), o.kv_dtype.c_str(), static_cast<long long>(e.max_model_len),
+                e.target.c_str(),
                 o.tp > 1 ? (" x " + std::to_string(o.tp) + " (tensor parallel; figures per GPU)").c_str() : "");
     std::printf("requested  %s (%.2f of %s)\n", FormatBytes(pool.requested_bytes).c_str(), o.gpu_memory_utilization,
                 FormatBytes(config.target.gpu.capacity_bytes).c_str());
-    std::printf("  weights                %12s%s\n", FormatBytes(weights).c_str(),
-                replicate_kv ? ("   (each key/value head on " + std::to_string(o.tp / split_degree) + " ranks)").c_str()
+    std::printf("  weights                %12s%s\n", FormatBytes(e.weights).c_str(),
+                e.replicate_kv ? ("   (each key/value head on " + std::to_string(o.tp / e.split_degree) + " ranks)").c_str()
                              : "");
     std::printf("  profile activations    %12s   (%lld requests x %lld tokens, peak at %s)\n",
-                FormatBytes(activations).c_str(), static_cast<long long>(profile_requests),
-                static_cast<long long>(profile_each), run.peak_op.c_str());
+                FormatBytes(e.activations).c_str(), static_cast<long long>(e.profile_requests),
+                static_cast<long long>(e.profile_each), e.peak_op.c_str());
     std::printf("  KV pool                %12s   %lld blocks x %s (%lld layers x %lld key/value heads x %lld)\n",
                 FormatBytes(pool.num_blocks * pool.block_bytes).c_str(), static_cast<long long>(pool.num_blocks),
                 FormatBytes(pool.block_bytes).c_str(), static_cast<long long>(in.layers),
@@ -264,33 +377,33 @@ int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
       std::printf("vLLM does not start: %s is requested, but only %s is free once the CUDA context%s exists (lower "
                   "--gpu-memory-utilization)\n",
                   FormatBytes(pool.requested_bytes).c_str(),
-                  FormatBytes(config.target.gpu.capacity_bytes - run.fixed_overhead_bytes).c_str(),
+                  FormatBytes(config.target.gpu.capacity_bytes - e.fixed_overhead).c_str(),
                   o.tp > 1 ? " and NCCL's buffers" : "");
-    } else if (!starts) {
+    } else if (!e.starts) {
       std::printf("vLLM does not start: one request of max_model_len %lld tokens needs %lld blocks, the pool has %lld "
                   "(lower --max-model-len, or raise --gpu-memory-utilization)\n",
-                  static_cast<long long>(max_model_len), static_cast<long long>(pool.blocks_per_max_len_request),
+                  static_cast<long long>(e.max_model_len), static_cast<long long>(pool.blocks_per_max_len_request),
                   static_cast<long long>(pool.num_blocks));
     } else {
       std::printf("request    %lld x (%lld + %lld): %lld blocks each; %lld of the %lld sequences run at once%s\n",
                   static_cast<long long>(o.batch), static_cast<long long>(o.prompt),
-                  static_cast<long long>(o.new_tokens), static_cast<long long>(per_sequence),
-                  static_cast<long long>(concurrent), static_cast<long long>(o.batch),
-                  all_at_once ? "" : (concurrent == o.max_num_seqs ? " (max_num_seqs)" : " (the rest wait for blocks)"));
+                  static_cast<long long>(o.new_tokens), static_cast<long long>(e.per_sequence),
+                  static_cast<long long>(e.concurrent), static_cast<long long>(o.batch),
+                  e.all_at_once ? "" : (e.concurrent == o.max_num_seqs ? " (max_num_seqs)" : " (the rest wait for blocks)"));
     }
     if (o.max_batch) {
-      std::printf("largest batch at once: %lld (prompt %lld + %lld new tokens)\n", static_cast<long long>(max_batch),
+      std::printf("largest batch at once: %lld (prompt %lld + %lld new tokens)\n", static_cast<long long>(e.max_batch),
                   static_cast<long long>(o.prompt), static_cast<long long>(o.new_tokens));
     }
     if (o.max_prompt) {
       std::printf("longest prompt with all %lld sequences at once: %lld tokens (+ %lld new)\n",
-                  static_cast<long long>(o.batch), static_cast<long long>(max_prompt),
+                  static_cast<long long>(o.batch), static_cast<long long>(e.max_prompt),
                   static_cast<long long>(o.new_tokens));
     }
     std::printf("\nassumptions:\n");
     for (const auto& a : all_assumptions) std::printf("  - %s\n", a.c_str());
   }
-  return all_at_once ? 0 : kExitDoesNotFit;
+  return e.all_at_once ? 0 : kExitDoesNotFit;
 }
 
 }  // namespace llmem::cli

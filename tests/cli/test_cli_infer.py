@@ -292,6 +292,18 @@ class InferPagedTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertEqual(two["weights_bytes"] - four["weights_bytes"], 2_637_824 + 4_194_304)
         self.assertTrue(any("replication" in a for a in four["assumptions"]))
 
+    def test_gpus_compares_engines_per_layout(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        args = ("--gpu", "a100-80", "--gpu-memory", "4GiB", "--gpu-memory-utilization", "0.5", "-p", "fp32", "-b", "4",
+                "--prompt", "100", "--new-tokens", "20", "--cache", "paged", "--max-num-seqs", "100000")
+        layouts = {r["tp"]: r for r in infer_json(llama, *args, "--gpus", "4")["layouts"]}
+        self.assertEqual(sorted(layouts), [1, 2, 4])  # 4: each key/value head on 2 ranks
+        for tp, copies in ((1, 4), (2, 2), (4, 1)):
+            alone = infer_json(llama, *args, "--tp", str(tp), "--max-batch")
+            self.assertEqual(layouts[tp]["engines"], copies)
+            self.assertEqual(layouts[tp]["num_blocks"], alone["paged"]["num_blocks"])
+            self.assertEqual(layouts[tp]["concurrent_sequences"], copies * alone["max_batch"])
+
     def test_an_engine_that_cannot_start_says_why(self):
         llama = os.path.join(TINY, "llama-tiny.pt")
         args = ("infer", llama, "--gpu", "a100-80", "-p", "fp32", "--prompt", "100", "--new-tokens", "20",
