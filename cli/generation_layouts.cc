@@ -43,6 +43,11 @@ void SortGenerationLayouts(std::vector<GenerationLayout>& rows) {
 
 }  // namespace
 
+std::string TensorParallelLayoutName(int tp, int copies, const std::string& unit) {
+  const std::string n = tp == 1 ? std::string("1 GPU") : "TP" + std::to_string(tp);
+  return copies > 1 ? n + " x " + std::to_string(copies) + " " + unit : n;
+}
+
 int RunGenerationLayouts(const InferOptions& o, const std::function<Graph(int64_t, int64_t)>& graph_at,
                          const std::function<sim::GenerationRequest(int64_t)>& request_at,
                          const sim::TrainingConfig& config, const Graph& probe_graph) {
@@ -75,10 +80,7 @@ int RunGenerationLayouts(const InferOptions& o, const std::function<Graph(int64_
     rows.push_back(std::move(row));
   }
   SortGenerationLayouts(rows);
-  const auto layout_name = [](const GenerationLayout& r) {
-    std::string n = r.tp == 1 ? std::string("1 GPU") : "TP" + std::to_string(r.tp);
-    return r.replicas > 1 ? n + " x " + std::to_string(r.replicas) + " copies" : n;
-  };
+  const auto layout_name = [](const GenerationLayout& r) { return TensorParallelLayoutName(r.tp, r.replicas, "copies"); };
   const bool any_fits = std::any_of(rows.begin(), rows.end(),
                                     [](const GenerationLayout& r) { return r.skipped.empty() && r.estimate.fits(); });
   if (o.json_out) {

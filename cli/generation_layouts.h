@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 
 #include "cli/infer_command.h"
 #include "graph/graph.h"
@@ -10,6 +11,9 @@
 #include "simulator/training_config.h"
 
 namespace llmem::cli {
+
+// "TP4 x 2 copies", "TP8", "1 GPU x 8 engines": T ranks per copy of the model, `copies` of them (`unit` names one).
+std::string TensorParallelLayoutName(int tp, int copies, const std::string& unit);
 
 // Every degree T that divides N and the model's heads: N / T copies of the model, each generating the batch on T
 // ranks; printed (or JSON) fitting layouts first by decode tokens/s over all copies. `request_at(b)`: the request at

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/generation_layouts.h"
 #include "distributed/model_dims.h"
 #include "distributed/tensor_parallel_generation.h"
 #include "graph/dtype.h"
@@ -241,10 +242,7 @@ int RunPagedLayouts(const InferOptions& o, const TorchScriptModel& model,
     if (sa != sb) return sa;
     return a.sequences() > b.sequences();
   });
-  const auto name = [](const Row& r) {
-    std::string n = r.tp == 1 ? std::string("1 GPU") : "TP" + std::to_string(r.tp);
-    return r.copies > 1 ? n + " x " + std::to_string(r.copies) + " engines" : n;
-  };
+  const auto name = [](const Row& r) { return TensorParallelLayoutName(r.tp, r.copies, "engines"); };
   const bool any = std::any_of(rows.begin(), rows.end(), [](const Row& r) { return r.skipped.empty() && r.engine.starts; });
   if (o.json_out) {
     nlohmann::json layouts = nlohmann::json::array();
