@@ -163,11 +163,11 @@ PagedEngine SizePagedEngine(const InferOptions& o, const TorchScriptModel& model
   const int64_t activations = run.peak_allocated_bytes - run.weights_bytes - at(sim::MemoryCategory::kInputs) -
                               at(sim::MemoryCategory::kKvCache);
 
-  if (profile.cache_entry_shapes.empty() || profile.cache_entry_shapes.front().size() != 4) {
+  if (profile.cache_values.empty() || profile.prefill_graph.value(profile.cache_values.front()).shape.size() != 4) {
     throw ConfigError("this model's cache entries are not [batch, heads, tokens, head size]: not modelled for "
                       "--cache paged");
   }
-  const std::vector<int64_t>& entry = profile.cache_entry_shapes.front();
+  const std::vector<int64_t>& entry = profile.prefill_graph.value(profile.cache_values.front()).shape;
   const int64_t weights_element =
       ElementSize(config.precision == sim::Precision::kBf16 ? DType::kBF16 : DType::kF32);
   sim::PagedPoolInputs in{.total_memory_bytes = config.target.gpu.capacity_bytes,
@@ -177,7 +177,7 @@ PagedEngine SizePagedEngine(const InferOptions& o, const TorchScriptModel& model
                           .profile_peak_bytes = activations,
                           .non_torch_bytes = 0,
                           .block_size = o.block_size,
-                          .layers = static_cast<int64_t>(profile.cache_entry_shapes.size() / 2),
+                          .layers = static_cast<int64_t>(profile.cache_values.size() / 2),
                           .kv_heads = entry[1],
                           .head_size = entry[3],
                           .kv_element_bytes = KvElementBytes(o.kv_dtype, weights_element),

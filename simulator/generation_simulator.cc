@@ -47,7 +47,6 @@ GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t
   for (ValueId v : prefill.present) {
     const TensorValue& tv = prefill.graph.value(v);
     est.cache_values.push_back(v);
-    est.cache_entry_shapes.push_back(tv.shape);
     std::vector<int64_t> shape = tv.shape;
     shape[2] = held;
     const DType d = config.precision == Precision::kBf16 ? tv.dtype_bf16_weights : tv.dtype;

@@ -32,9 +32,8 @@ struct GenerationEstimate {
   Graph prefill_graph;                   // the forwards simulated (graph/generation_forward.h), for their costs
   std::optional<Graph> decode_graph;
   int64_t cache_bytes = 0;               // the cache after the last step: P + N - 1 tokens per sequence
-  std::vector<ValueId> cache_values;     // prefill_graph's values of those entries, in the same order
-  std::vector<std::vector<int64_t>> cache_entry_shapes;  // per entry (each layer's keys, then values) after the
-                                                         // prefill, as the forward made them: [B, kv_heads, P, D]
+  std::vector<ValueId> cache_values;     // prefill_graph's cache entries after the prompt: each layer's keys, then
+                                         // values, as the forward made them ([B, kv_heads, P, D])
   // The phase with the higher allocated peak.
   const MemoryEstimate& peak() const {
     return decode && decode->peak_allocated_bytes > prefill.peak_allocated_bytes ? *decode : prefill;
