@@ -131,14 +131,12 @@ int RunInfer(const InferOptions& o) {
   auto model = TorchScriptModel::Load(o.model);
   if (o.max_positions) model.set_max_positions(*o.max_positions);
   // The linears quantized as transformers' quantizers load them (graph/quantize_rewrite.h); the rest as exported.
-  std::optional<QuantSettings> quant;
-  if (!o.quant.empty() && o.quant != "none") {
-    quant = ParseQuantOption(o.quant, config.precision);
+  if (o.quant_group && (o.quant.empty() || o.quant == "none")) {
+    throw ConfigError("--quant-group needs --quant gptq-4 or gptq-8");
+  }
+  std::optional<QuantSettings> quant = ParseQuantOptions(o.quant, o.quant_group, config.precision);
+  if (quant) {
     quant->for_generation = true;
-    if (o.quant_group) {
-      if (quant->library != QuantLibrary::kGptq) throw ConfigError("--quant-group applies to --quant gptq-4 and gptq-8");
-      quant->group_size = *o.quant_group;
-    }
     if (quant->library == QuantLibrary::kTorchao) {
       throw ConfigError("--quant torchao-nf4 is torchtune's training recipe; for generation use bitsandbytes' nf4");
     }
@@ -149,8 +147,6 @@ int RunInfer(const InferOptions& o) {
     }
     if (o.tp > 1) throw ConfigError("--quant with --tp is not modelled yet");
     if (o.cache == "paged") throw ConfigError("--quant with --cache paged is not modelled yet (vLLM's own kernels)");
-  } else if (o.quant_group) {
-    throw ConfigError("--quant-group needs --quant gptq-4 or gptq-8");
   }
   const auto export_graph = [&](int64_t b, int64_t s) {
     Graph g = model.BuildGraph(b, s);

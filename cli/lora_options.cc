@@ -119,6 +119,20 @@ bool EnablesInputRequireGrads(const sim::Checkpointing& checkpointing, bool quan
   return !quantized || checkpointing.impl == sim::CheckpointingImpl::kReentrant;
 }
 
+std::optional<QuantSettings> ParseQuantOptions(const std::string& name, std::optional<int64_t> quant_group,
+                                               sim::Precision precision) {
+  std::optional<QuantSettings> q;
+  if (!name.empty() && name != "none") q = ParseQuantOption(name, precision);
+  if (quant_group) {
+    if (!q || q->library != QuantLibrary::kGptq) {
+      throw ConfigError("--quant-group applies to --quant gptq-4 and gptq-8 (bitsandbytes and torchao quantize in "
+                        "fixed blocks of 64)");
+    }
+    q->group_size = *quant_group;
+  }
+  return q;
+}
+
 AdapterRecipe::AdapterRecipe(const std::string& lora, const std::string& modules_to_save, const std::string& quant,
                              std::optional<int64_t> quant_group, sim::Recipe& recipe) {
   if (lora.empty()) {
@@ -128,16 +142,7 @@ AdapterRecipe::AdapterRecipe(const std::string& lora, const std::string& modules
     return;
   }
   lora_ = ParseLoraOption(lora, modules_to_save);
-  if (!quant.empty() && quant != "none") {
-    quant_ = ParseQuantOption(quant, recipe.precision);
-  }
-  if (quant_group) {
-    if (!quant_ || quant_->library != QuantLibrary::kGptq) {
-      throw ConfigError("--quant-group applies to --quant gptq-4 and gptq-8 (bitsandbytes and torchao quantize in "
-                        "fixed blocks of 64)");
-    }
-    quant_->group_size = *quant_group;
-  }
+  quant_ = ParseQuantOptions(quant, quant_group, recipe.precision);
   if (quant_ && quant_->library == QuantLibrary::kGptq) {
     // PEFT's GPTQ layer combines like lora.Linear; prepare_model_for_kbit_training leaves a GPTQ model's dtypes.
     lora_->input_requires_grad = EnablesInputRequireGrads(recipe.checkpointing, true);

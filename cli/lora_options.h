@@ -24,6 +24,10 @@ LoraSettings ParseLoraOption(const std::string& text, const std::string& modules
 // naming the formats for another name.
 QuantSettings ParseQuantOption(const std::string& name, sim::Precision precision);
 
+// --quant ("" or none: nullopt) with --quant-group applied, which only a GPTQ format takes (ConfigError otherwise).
+std::optional<QuantSettings> ParseQuantOptions(const std::string& name, std::optional<int64_t> quant_group,
+                                               sim::Precision precision);
+
 // The precision the step runs in once peft.prepare_model_for_kbit_training has cast every unquantized 16-bit
 // parameter (embeddings, norms, LM head) to fp32: pure bf16 becomes an fp32 step around 16-bit 4-bit linears.
 sim::Precision QuantizedStepPrecision(sim::Precision requested);
