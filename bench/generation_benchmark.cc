@@ -41,7 +41,8 @@ llmem::sim::TrainingConfig H100Bf16Weights() {
 int64_t Search(bool over_prompt, int64_t batch, int64_t prompt) {
   const auto& model = Llama70bBf16();
   std::map<int64_t, llmem::Graph> decode_graphs;
-  const auto graph_at = [&](int64_t b, int64_t s) {
+  // Llama's attention is scaled_dot_product_attention: its graphs do not depend on the cached tokens.
+  const auto graph_at = [&](int64_t b, int64_t s, int64_t /*past*/) {
     if (s != 1) return model.BuildGraph(b, s);
     auto it = decode_graphs.find(b);
     if (it == decode_graphs.end()) it = decode_graphs.emplace(b, model.BuildGraph(b, 1)).first;

@@ -48,7 +48,7 @@ std::string TensorParallelLayoutName(int tp, int copies, const std::string& unit
   return copies > 1 ? n + " x " + std::to_string(copies) + " " + unit : n;
 }
 
-int RunGenerationLayouts(const InferOptions& o, const std::function<Graph(int64_t, int64_t)>& graph_at,
+int RunGenerationLayouts(const InferOptions& o, const sim::GenerationGraphAt& graph_at,
                          const std::function<sim::GenerationRequest(int64_t)>& request_at,
                          const sim::TrainingConfig& config, const Graph& probe_graph) {
   const sim::GenerationRequest request = request_at(o.batch);

@@ -148,12 +148,21 @@ int RunInfer(const InferOptions& o) {
     if (o.tp > 1) throw ConfigError("--quant with --tp is not modelled yet");
     if (o.cache == "paged") throw ConfigError("--quant with --cache paged is not modelled yet (vLLM's own kernels)");
   }
-  const auto export_graph = [&](int64_t b, int64_t s) {
-    Graph g = model.BuildGraph(b, s);
+  const auto export_graph = [&](int64_t b, int64_t s, int64_t past) {
+    Graph g = model.BuildGenerationGraph(b, s, past);
     return quant ? QuantizeLinears(g, *quant) : g;
   };
-  // The export at 1 x 2 tokens: its position limit and the dimensions a split must divide.
-  const Graph probe_graph = model.BuildGraph(1, 2);
+  // The export's prefill at 1 x 2 tokens: its position limit and the dimensions a split must divide.
+  const Graph probe_graph = model.BuildGenerationGraph(1, 2, 0);
+  // An eager attention's graph carries its cache, so its shapes depend on the cached tokens.
+  const bool graph_depends_on_past = probe_graph.kv_cache().has_value();
+  if ((o.max_batch || o.max_prompt) && config.target.is_cpu) {
+    throw ConfigError("--max-batch and --max-context search what fits a GPU: name one with --gpu");
+  }
+  if (config.precision == sim::Precision::kBf16 && !probe_graph.runs_with_bf16_weights()) {
+    throw ConfigError("this export cannot run with bf16 weights (its trace bakes fp32 dtypes in): re-export it with "
+                      "--dtype bfloat16, or use -p fp32");
+  }
   if (o.cache == "paged") return RunPagedInfer(o, model, export_graph, probe_graph, config);
   if (o.cache == "static" && !model.bool_causal_mask().value_or(false)) {
     throw ConfigError("--cache static is modelled for models that build transformers' create_causal_mask mask; this "
@@ -163,9 +172,6 @@ int RunInfer(const InferOptions& o) {
   if (window > 0 && o.cache == "static") {
     throw ConfigError("this model attends within a sliding window of " + std::to_string(window) +
                       " tokens: its static cache (StaticSlidingWindowLayer) is not modelled yet; use --cache dynamic");
-  }
-  if ((o.max_batch || o.max_prompt) && config.target.is_cpu) {
-    throw ConfigError("--max-batch and --max-context search what fits a GPU: name one with --gpu");
   }
   // The positions generation feeds: 0 .. P + N - 2 (the last token is generated, never fed back).
   const int64_t context = CheckedAdd(o.prompt, o.new_tokens - 1, "prompt + new tokens");
@@ -189,15 +195,17 @@ int RunInfer(const InferOptions& o) {
                                   .loop = {.cache = o.cache == "static" ? CacheKind::kStatic : CacheKind::kDynamic,
                                            .sliding_window = window,
                                            .last_position_logits = last_logits,
+                                           .float32_logits = model.float32_logits().value_or(false),
                                            .min_length_processors = model.eos_token().value_or(true)}};
   };
   const sim::GenerationRequest request = request_at(o.batch, o.prompt);
   // Every estimate's decode step is a graph of 1 new token: built once per batch.
-  std::map<int64_t, Graph> decode_graphs;
-  const auto graph_at = [&](int64_t b, int64_t s) {
-    if (s != 1) return export_graph(b, s);
-    auto it = decode_graphs.find(b);
-    if (it == decode_graphs.end()) it = decode_graphs.emplace(b, export_graph(b, 1)).first;
+  std::map<std::pair<int64_t, int64_t>, Graph> decode_graphs;
+  const auto graph_at = [&](int64_t b, int64_t s, int64_t past) {
+    if (s != 1) return export_graph(b, s, past);
+    const std::pair<int64_t, int64_t> key{b, graph_depends_on_past ? past : 0};
+    auto it = decode_graphs.find(key);
+    if (it == decode_graphs.end()) it = decode_graphs.emplace(key, export_graph(b, 1, past)).first;
     return it->second;
   };
   if (o.gpus > 0) {

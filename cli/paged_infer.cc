@@ -92,7 +92,7 @@ struct PagedEngine {
 };
 
 PagedEngine SizePagedEngine(const InferOptions& o, const TorchScriptModel& model,
-                            const std::function<Graph(int64_t, int64_t)>& graph_at, const Graph& probe_graph,
+                            const sim::GenerationGraphAt& graph_at, const Graph& probe_graph,
                             const sim::TrainingConfig& config) {
   const std::optional<PositionLimit> limit = probe_graph.position_limit();
   if (config.target.is_cpu) throw ConfigError("--cache paged sizes vLLM's KV pool on a GPU: name one with --gpu");
@@ -210,7 +210,7 @@ PagedEngine SizePagedEngine(const InferOptions& o, const TorchScriptModel& model
 // `--gpus N --cache paged`: one vLLM engine per T GPUs (T dividing N and the model), N / T engines; fitting ones
 // first by the request's sequences they run at once in all.
 int RunPagedLayouts(const InferOptions& o, const TorchScriptModel& model,
-                    const std::function<Graph(int64_t, int64_t)>& graph_at, const Graph& probe_graph,
+                    const sim::GenerationGraphAt& graph_at, const Graph& probe_graph,
                     const sim::TrainingConfig& config) {
   struct Row {
     int tp = 1, copies = 1;
@@ -288,7 +288,7 @@ int RunPagedLayouts(const InferOptions& o, const TorchScriptModel& model,
 }
 
 int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
-                  const std::function<Graph(int64_t, int64_t)>& graph_at, const Graph& probe_graph,
+                  const sim::GenerationGraphAt& graph_at, const Graph& probe_graph,
                   const sim::TrainingConfig& config) {
   if (o.gpus > 0) return RunPagedLayouts(o, model, graph_at, probe_graph, config);
   const PagedEngine e = SizePagedEngine(o, model, graph_at, probe_graph, config);

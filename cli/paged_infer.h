@@ -9,15 +9,16 @@
 #include "cli/infer_command.h"
 #include "graph/graph.h"
 #include "graph/torchscript_importer.h"
+#include "simulator/generation_simulator.h"
 #include "simulator/training_config.h"
 
 namespace llmem::cli {
 
 // 0 when the engine starts with room for the whole request at once, 3 otherwise; bad input throws ConfigError.
-// `graph_at(batch, tokens)`: the export's graph as loaded; `probe_graph`: the export at 1 x 2 tokens (its position
+// `graph_at`: the export's generation graphs; `probe_graph`: the export at 1 x 2 tokens (its position
 // limit and dimensions).
 int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
-                  const std::function<Graph(int64_t, int64_t)>& graph_at, const Graph& probe_graph,
+                  const sim::GenerationGraphAt& graph_at, const Graph& probe_graph,
                   const sim::TrainingConfig& config);
 
 }  // namespace llmem::cli

@@ -14,7 +14,7 @@
 namespace llmem::dist {
 
 struct GenerationSearch {
-  std::function<Graph(int64_t, int64_t)> graph_at;                // the export's graph at (batch, new tokens)
+  sim::GenerationGraphAt graph_at;                                // the export's generation forwards
   std::function<sim::GenerationRequest(int64_t)> request_at;      // the request at the searched value
   sim::GenerationForwardSimulator simulate;                       // one GPU's, or a tensor-parallel rank's
   int64_t limit = 1;                                              // no value above it is tried (e.g. positions)

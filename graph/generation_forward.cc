@@ -6,6 +6,7 @@
 #include <set>
 #include <string>
 
+#include "graph/dtype.h"
 #include "graph/error.h"
 #include "graph/graph_rewriter.h"
 
@@ -246,9 +247,32 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, con
     p.trainable = false;
   }
   GenerationForward out;
-  std::vector<ValueId> past_keys, past_values, present_keys, present_values;
   ValueId head_output;
   int attention = 0;
+  std::vector<ValueId> past_keys, past_values, present_keys, present_values;
+  // A forward the importer ran with its cache (eager attention): its entries are there already.
+  const std::optional<KvCacheNames>& run_with_cache = g.kv_cache();
+  if (run_with_cache && (loop.cache == CacheKind::kStatic || loop.sliding_window > 0)) {
+    throw ConfigError("generation: a static or sliding-window cache is modelled for scaled_dot_product_attention "
+                      "models; this model computes its attention itself (use --cache dynamic)");
+  }
+  std::map<std::string, ValueId> base_names;
+  if (run_with_cache) {
+    for (const auto& v : g.values()) base_names.emplace(v.name, v.id);
+    const auto found = [&](const std::string& name) {
+      const auto it = base_names.find(name);
+      if (it == base_names.end()) throw ConfigError("generation: the forward has no value " + name);
+      return it->second;
+    };
+    const size_t layers = run_with_cache->present.size() / 2;
+    for (size_t i = 0; i < run_with_cache->present.size(); ++i) {
+      (i < layers ? present_keys : present_values).push_back(found(run_with_cache->present[i]));
+    }
+    for (size_t i = 0; i < run_with_cache->past.size(); ++i) {
+      (i < layers ? past_keys : past_values).push_back(found(run_with_cache->past[i]));
+    }
+    attention = static_cast<int>(layers);
+  }
   BatchedPositions positions(g, rw);
   // The causal mask generate()'s forward makes (static cache, or a sliding window HF cannot skip), once for every
   // layer: [B, 1, S, mask_tokens]; none when mask_tokens is 0.
@@ -332,9 +356,21 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, con
                              !head_output.valid() && old.args.size() >= 2 &&
                              old.args[1].kind == OpArg::Kind::kTensor &&
                              g.value(old.args[1].tensors[0]).role == ValueRole::kParameter;
+    // `self.lm_head(h).to(torch.float32)`: a copy under 16-bit weights, the same tensor under fp32 ones.
+    const auto cast_logits = [&] {
+      if (!loop.float32_logits) return;
+      const TensorValue lv = rw.value(head_output);
+      const ValueId cast = rw.NewValue("float32 logits", lv.shape, DType::kF32, DType::kF32, head_output);
+      rw.Emit(GraphRewriter::NewNode(old, "aten::to", old.scope,
+                                     {TensorArg(head_output), IntArg(ScalarTypeOf(DType::kF32)), IntArg(0, OpArg::Kind::kBool),
+                                      IntArg(0, OpArg::Kind::kBool)},
+                                     cast));
+      head_output = cast;
+    };
     if (head_linear && !loop.last_position_logits) {
       head_output = old.outputs.at(0);
       rw.Emit(old);
+      cast_logits();
       continue;
     }
     if (head_linear) {
@@ -359,6 +395,7 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, con
       lin.args[0] = TensorArg(sliced);
       lin.outputs = {head_output};
       rw.Emit(std::move(lin));
+      cast_logits();
       continue;
     }
     rw.Emit(std::move(batched));
@@ -383,8 +420,16 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, con
       args.push_back(TensorArg(loop_inputs.back()));
     }
   }
-  loop_inputs.push_back(rw.NewValue("attention_mask", {batch, total}, DType::kI64, DType::kI64));
-  args.push_back(TensorArg(loop_inputs.back()));
+  // The forward run with its cache took generate()'s attention mask already.
+  ValueId attention_mask;
+  for (ValueId in : g.inputs()) {
+    if (g.value(in).name == "attention_mask") attention_mask = in;
+  }
+  if (!attention_mask.valid()) {
+    attention_mask = rw.NewValue("attention_mask", {batch, total}, DType::kI64, DType::kI64);
+    loop_inputs.push_back(attention_mask);
+  }
+  args.push_back(TensorArg(attention_mask));
   ValueId ids = g.inputs().at(0);  // the prefill's input_ids are generate's
   if (past_tokens > 0) {
     ids = rw.NewValue("generated ids", {batch, total}, DType::kI64, DType::kI64);
@@ -406,7 +451,7 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, con
     if (g.value(in).name != "labels") inputs.push_back(in);
   }
   if (positions.input().valid()) inputs.push_back(positions.input());
-  inputs.insert(inputs.end(), past.begin(), past.end());
+  if (!run_with_cache) inputs.insert(inputs.end(), past.begin(), past.end());
   inputs.insert(inputs.end(), loop_inputs.begin(), loop_inputs.end());
   // The rewriter renumbers values as it builds: the new values are found again by their (unique) names.
   auto names = [&](const std::vector<ValueId>& ids) {

@@ -52,6 +52,7 @@ struct GenerationLoop {
   int64_t previous_tokens = 0;        // with a window: the tokens the previous forward fed (its full tensor's
                                       // storage stays under the kept view)
   bool last_position_logits = true;   // the forward takes logits_to_keep
+  bool float32_logits = false;        // the forward casts the LM head's output to float32 (GPT-J, CodeGen)
   bool min_length_processors = true;  // an eos_token_id: min_new_tokens makes generate() add MinLengthLogitsProcessor
                                       // and MinNewTokensLengthLogitsProcessor (without one it adds neither)
 };

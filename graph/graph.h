@@ -129,6 +129,11 @@ struct PositionLimit {
   std::string source;   // "position table model.decoder.embed_positions.weight, 2050 rows", "--max-positions", ...
 };
 
+struct KvCacheNames {
+  std::vector<std::string> past;     // graph inputs: the entries before this forward
+  std::vector<std::string> present;  // the entries after it
+};
+
 class Graph {
  public:
   Graph() = default;
@@ -159,6 +164,11 @@ class Graph {
   // under gradient checkpointing): autograd's AccumulateGrad node holds it, and its .grad, until the graph is freed.
   ValueId input_grad_leaf() const { return input_grad_leaf_; }
   void set_input_grad_leaf(ValueId v) { input_grad_leaf_ = v; }
+  // A generation forward the importer ran with its key/value cache (graph/generation_forward.h): the names of the
+  // cache entries it reads (inputs) and makes, per layer its keys, then its values. Names survive rewrites that
+  // renumber values. None for a training graph.
+  const std::optional<KvCacheNames>& kv_cache() const { return kv_cache_; }
+  void set_kv_cache(std::optional<KvCacheNames> names) { kv_cache_ = std::move(names); }
 
   // Follows alias_of to the value that owns the storage.
   ValueId StorageRoot(ValueId id) const;
@@ -175,6 +185,7 @@ class Graph {
   bool runs_with_bf16_weights_ = true;
   std::optional<PositionLimit> position_limit_;
   ValueId input_grad_leaf_;
+  std::optional<KvCacheNames> kv_cache_;
 };
 
 // Strides of `v`: the observed ones, or contiguous strides when none were recorded.

@@ -125,6 +125,7 @@ Graph GraphRewriter::Build(std::vector<ValueId> inputs, ValueId loss) {
   g.set_runs_with_bf16_weights(base_.runs_with_bf16_weights());
   g.set_position_limit(base_.position_limit());
   g.set_input_grad_leaf(input_grad_leaf_);
+  g.set_kv_cache(base_.kv_cache());
   return g;
 }
 

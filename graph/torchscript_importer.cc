@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <array>
 #include <functional>
 #include <map>
 #include <regex>
@@ -13,7 +14,9 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "graph/eager_attention.h"
 #include "graph/error.h"
+#include "graph/hf_generation_mask.h"
 #include "graph/index_ranges.h"
 #include "graph/meta_kernels.h"
 #include "graph/model_file_check.h"
@@ -260,6 +263,23 @@ struct Run {
   std::vector<Parameter> params;
   std::vector<at::Tensor> keep_alive;  // keeps storages alive so storage addresses are never reused
   std::vector<BoundedLookup> bounded_lookups;  // in execution order
+  // Per IR value an op made: the TorchScript node and the index of its output (null for inputs and parameters).
+  std::vector<std::pair<const torch::jit::Node*, size_t>> origin;
+  // A generation run's extra inputs (the attention mask, then the cache entries read) and the cache's names.
+  std::vector<ValueId> generation_inputs;
+  std::array<std::vector<std::string>, 2> past_names, present_names;  // keys, values
+};
+
+// What a generation forward replaces in the training forward's run (Note [Eager attention sites]), keyed by the
+// TorchScript node whose output it replaces.
+struct GenerationSubstitution {
+  enum class Kind : uint8_t { kKeys, kValues, kModelMask, kAttentionMask };
+  Kind kind;
+  size_t output = 0;
+};
+struct GenerationSubstitutions {
+  int64_t past_tokens = 0;
+  std::unordered_map<const torch::jit::Node*, std::vector<GenerationSubstitution>> at;
 };
 
 }  // namespace
@@ -278,6 +298,7 @@ struct TorchScriptModel::Impl {
   CallRecords call_records;  // from the export; empty when it has none
   std::optional<bool> config_logits_to_keep;  // whether the model's forward takes logits_to_keep
   std::optional<bool> config_eos_token;       // whether its generation config names an eos_token_id
+  std::optional<bool> config_float32_logits;  // whether its forward without labels casts the logits to float32
   std::optional<bool> config_bool_mask;       // whether its causal mask is masking_utils' bool one
 
   // Reads the config the export carries (max_position_embeddings, model_type); nothing when it has none.
@@ -293,8 +314,13 @@ struct TorchScriptModel::Impl {
   // That limit, after refusing (ConfigError) a sequence past it or a lookup past its table.
   std::optional<PositionLimit> CheckPositions(const Run& run, int64_t seq) const;
 
-  // Executes the graph on meta and records the IR. `float_dtype` converts floating weights first.
-  Run Execute(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype) const;
+  // Executes the graph on meta and records the IR. `float_dtype` converts floating weights first; `generation`
+  // replaces what a forward with a key/value cache computes differently.
+  Run Execute(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype,
+              const GenerationSubstitutions* generation = nullptr) const;
+  // Both runs (fp32 and 16-bit weights) as one graph; `origins`, when given, receives the first run's value origins.
+  Graph Build(int64_t batch, int64_t seq, const GenerationSubstitutions* generation,
+              std::vector<std::pair<const torch::jit::Node*, size_t>>* origins) const;
 };
 
 TorchScriptModel::TorchScriptModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -306,6 +332,7 @@ std::optional<int64_t> TorchScriptModel::sliding_window() const { return impl_->
 std::optional<bool> TorchScriptModel::logits_to_keep() const { return impl_->config_logits_to_keep; }
 std::optional<bool> TorchScriptModel::eos_token() const { return impl_->config_eos_token; }
 std::optional<bool> TorchScriptModel::bool_causal_mask() const { return impl_->config_bool_mask; }
+std::optional<bool> TorchScriptModel::float32_logits() const { return impl_->config_float32_logits; }
 
 namespace {
 
@@ -348,6 +375,9 @@ void TorchScriptModel::Impl::ReadConfig(const std::string& text) {
     config_logits_to_keep = it->get<bool>();
   }
   if (auto it = config.find("eos_token_id"); it != config.end()) config_eos_token = !it->is_null();
+  if (auto it = config.find("logits_dtype"); it != config.end() && it->is_string()) {
+    config_float32_logits = it->get<std::string>() == "float32";
+  }
   if (auto it = config.find("causal_mask"); it != config.end() && it->is_string()) {
     config_bool_mask = it->get<std::string>() == "create_causal_mask";
   }
@@ -454,7 +484,8 @@ TorchScriptModel TorchScriptModel::Load(const std::string& path) {
   return TorchScriptModel(std::move(impl));
 }
 
-Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype) const {
+Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype,
+                                    const GenerationSubstitutions* generation) const {
   using torch::jit::Node;
   using torch::jit::Value;
   Run run;
@@ -577,6 +608,69 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   // Scripted modules keep Python's control flow. Conditions and trip counts that the meta run knows (None checks,
   // flags, sizes) are followed like the TorchScript interpreter does; one that needs tensor data fails in the op
   // that reads the data (e.g. aten::Bool on a meta tensor).
+  // An op the generation forward runs that the training forward does not: made in `at`'s module, by its code.
+  auto emit = [&](const OpNode& site, const char* kind, const std::vector<c10::IValue>& args, const at::Tensor& out,
+                  const std::string& name) {
+    OpNode op;
+    op.id = NodeId{static_cast<int32_t>(run.nodes.size())};
+    op.kind = kind;
+    op.scope = site.scope;
+    op.in_module_code = true;
+    op.temporary_calls = site.temporary_calls;
+    op.rebindings = site.rebindings;
+    const Region provisional{RegionKind::kEmbedding, -1};
+    for (const auto& iv : args) op.args.push_back(to_arg(iv, provisional));
+    op.outputs.push_back(new_value(ValueRole::kActivation, out, op.id, name));
+    node_layers.push_back(LayerIndex(op.scope));
+    run.nodes.push_back(std::move(op));
+  };
+  // generate()'s attention mask, [B, past + S] int64 ones: an input of the generation forward, made once.
+  at::Tensor attention_mask;
+  auto generation_attention_mask = [&]() {
+    if (!attention_mask.defined()) {
+      attention_mask = at::empty({batch, generation->past_tokens + seq}, at::TensorOptions().device(at::kMeta).dtype(at::kLong));
+      run.generation_inputs.push_back(new_value(ValueRole::kInput, attention_mask, NodeId{}, "attention_mask"));
+    }
+    return attention_mask;
+  };
+  // Replaces the output `sub.output` of `node` (just run and recorded) by what the generation forward has there.
+  auto substitute = [&](const GenerationSubstitution& sub, const Node* node) {
+    const OpNode site = run.nodes.back();
+    c10::IValue& slot = run.env[node->outputs()[sub.output]];
+    using Kind = GenerationSubstitution::Kind;
+    if (sub.kind == Kind::kAttentionMask) {
+      slot = generation_attention_mask();
+      return;
+    }
+    if (sub.kind == Kind::kModelMask) {
+      const at::ScalarType dtype = slot.toTensor().scalar_type();
+      slot = MakeHfGenerationMask(
+          [&](const char* kind, const std::vector<c10::IValue>& args, const at::Tensor& out) {
+            emit(site, kind, args, out, "");
+          },
+          batch, seq, generation->past_tokens, dtype, generation_attention_mask());
+      return;
+    }
+    // DynamicLayer.update: torch.cat([cached, new], dim=-2), the cached entry a forward input (none in a prefill).
+    const int which = sub.kind == Kind::kKeys ? 0 : 1;
+    const std::string what = std::string(which == 0 ? "keys" : "values") + " of " + site.scope;
+    const at::Tensor fresh = slot.toTensor();
+    std::vector<at::Tensor> parts;
+    if (generation->past_tokens > 0) {
+      std::vector<int64_t> sizes = fresh.sizes().vec();
+      sizes[2] = generation->past_tokens;
+      parts.push_back(at::empty(sizes, fresh.options()));
+      // An activation, not an input: DynamicLayer.update rebinds self.keys to the cat, which frees the entry.
+      run.generation_inputs.push_back(new_value(ValueRole::kActivation, parts.back(), NodeId{}, "cached " + what));
+      run.past_names[static_cast<size_t>(which)].push_back("cached " + what);
+    }
+    parts.push_back(fresh);
+    const at::Tensor cat = at::cat(parts, 2);
+    emit(site, "aten::cat", {c10::IValue(parts), c10::IValue(int64_t{-2})}, cat, "cache " + what);
+    run.present_names[static_cast<size_t>(which)].push_back("cache " + what);
+    slot = cat;
+  };
+
   std::function<void(const torch::jit::Block*)> run_block;
   auto bool_condition = [&](const Value* v, const char* what) {
     const c10::IValue& cond = run.env.at(v);
@@ -721,9 +815,12 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
       op.to_autocast_dtype = autocast_dtype_casts.count(node) > 0;
       Region provisional{RegionKind::kEmbedding, -1};
       for (const auto& iv : in_values) op.args.push_back(to_arg(iv, provisional));
-      for (const auto& iv : stack) {
+      for (size_t i = 0; i < stack.size(); ++i) {
+        const c10::IValue& iv = stack[i];
         if (iv.isTensor() && iv.toTensor().defined()) {
           op.outputs.push_back(new_value(ValueRole::kActivation, iv.toTensor(), op.id, ""));
+          run.origin.resize(run.values.size());
+          run.origin.back() = {node, i};
         } else if (iv.isTensorList()) {
           for (const at::Tensor& t : iv.toTensorVector()) {
             op.outputs.push_back(new_value(ValueRole::kActivation, t, op.id, ""));
@@ -732,6 +829,11 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
       }
       node_layers.push_back(LayerIndex(op.scope));
       run.nodes.push_back(std::move(op));
+      if (generation) {
+        if (const auto it = generation->at.find(node); it != generation->at.end()) {
+          for (const GenerationSubstitution& sub : it->second) substitute(sub, node);
+        }
+      }
     }
   };
   run_block(graph->block());
@@ -837,21 +939,53 @@ std::optional<PositionLimit> TorchScriptModel::Impl::CheckPositions(const Run& r
 }
 
 Graph TorchScriptModel::BuildGraph(int64_t batch, int64_t seq) const {
+  return impl_->Build(batch, seq, nullptr, nullptr);
+}
+
+Graph TorchScriptModel::BuildGenerationGraph(int64_t batch, int64_t tokens, int64_t past_tokens) const {
+  if (past_tokens < 0) throw ConfigError("the cached tokens cannot be negative");
+  std::vector<std::pair<const torch::jit::Node*, size_t>> origins;
+  Graph training = impl_->Build(batch, tokens, nullptr, &origins);
+  const EagerAttentionSites sites = FindEagerAttention(training);
+  if (sites.layers.empty()) return training;  // scaled_dot_product_attention: graph/generation_forward.h adds the cache
+  GenerationSubstitutions subs;
+  subs.past_tokens = past_tokens;
+  const auto replace = [&](ValueId v, GenerationSubstitution::Kind kind) {
+    const auto& [node, output] = origins.at(static_cast<size_t>(v.index));
+    if (!node) throw ConfigError("generation: " + training.value(v).name + " is not made by an op");
+    subs.at[node].push_back({kind, output});
+  };
+  for (const EagerAttention& a : sites.layers) {
+    replace(a.keys, GenerationSubstitution::Kind::kKeys);
+    replace(a.values, GenerationSubstitution::Kind::kValues);
+  }
+  // A forward that makes its own attention mask builds its mask (and BLOOM's alibi) from it: generate()'s mask of
+  // the whole context replaces it. Otherwise the model's mask, made without one, is remade as with one.
+  if (sites.attention_mask.valid()) {
+    replace(sites.attention_mask, GenerationSubstitution::Kind::kAttentionMask);
+  } else if (sites.model_mask.valid()) {
+    replace(sites.model_mask, GenerationSubstitution::Kind::kModelMask);
+  }
+  return impl_->Build(batch, tokens, &subs, nullptr);
+}
+
+Graph TorchScriptModel::Impl::Build(int64_t batch, int64_t seq, const GenerationSubstitutions* generation,
+                                    std::vector<std::pair<const torch::jit::Node*, size_t>>* origins) const {
   if (batch <= 0) throw ConfigError("batch size must be positive, got " + std::to_string(batch));
   if (seq <= 0) throw ConfigError("sequence length must be positive, got " + std::to_string(seq));
   CheckedMul(batch, seq, "batch x sequence");
   c10::InferenceMode guard(false);
   torch::AutoGradMode grad_mode(true);
 
-  Run run = impl_->Execute(batch, seq, std::nullopt);
-  std::optional<PositionLimit> position_limit = impl_->CheckPositions(run, seq);
+  Run run = Execute(batch, seq, std::nullopt, generation);
+  std::optional<PositionLimit> position_limit = CheckPositions(run, seq);
   // Second run with 16-bit weights: values whose dtype changes follow the weights; the rest are fixed by an op.
   // Some traces bake fp32 dtypes in (e.g. BLOOM's alibi) and cannot run with 16-bit weights at all.
   bool runs_with_bf16_weights = true;
   try {
-    Run half = impl_->Execute(batch, seq, at::kBFloat16);
+    Run half = Execute(batch, seq, at::kBFloat16, generation);
     if (half.values.size() != run.values.size() || half.nodes.size() != run.nodes.size()) {
-      throw ModelLoadError("the forward graph of " + impl_->path + " is not straight-line (differs between runs)");
+      throw ModelLoadError("the forward graph of " + path + " is not straight-line (differs between runs)");
     }
     for (size_t i = 0; i < run.values.size(); ++i) run.values[i].dtype_bf16_weights = half.values[i].dtype;
   } catch (const ModelLoadError&) {
@@ -859,6 +993,20 @@ Graph TorchScriptModel::BuildGraph(int64_t batch, int64_t seq) const {
   }
 
   std::vector<ValueId> inputs{ValueId{0}, ValueId{1}};
+  inputs.insert(inputs.end(), run.generation_inputs.begin(), run.generation_inputs.end());
+  if (origins) {
+    *origins = run.origin;
+    origins->resize(run.values.size());
+  }
+  std::optional<KvCacheNames> kv_cache;
+  if (generation) {
+    kv_cache.emplace();
+    for (size_t which = 0; which < 2; ++which) {
+      kv_cache->past.insert(kv_cache->past.end(), run.past_names[which].begin(), run.past_names[which].end());
+      kv_cache->present.insert(kv_cache->present.end(), run.present_names[which].begin(),
+                               run.present_names[which].end());
+    }
+  }
   ValueId loss;
   for (const auto& v : run.values) {
     if (v.name == "loss") loss = v.id;
@@ -870,6 +1018,7 @@ Graph TorchScriptModel::BuildGraph(int64_t batch, int64_t seq) const {
   }
   graph.set_runs_with_bf16_weights(runs_with_bf16_weights);
   graph.set_position_limit(std::move(position_limit));
+  graph.set_kv_cache(std::move(kv_cache));
   return graph;
 }
 

@@ -37,6 +37,14 @@ class TorchScriptModel {
   // ModelLoadError when the graph cannot run (naming the op) or is not a decoder LM (bidirectional attention).
   Graph BuildGraph(int64_t batch, int64_t seq) const;
 
+  // One forward of Hugging Face generation with `tokens` new tokens per sequence after `past_tokens` cached ones,
+  // for a model whose attention is eager (q @ k^T, softmax, probs @ v; graph/eager_attention.h): the forward run
+  // with each layer's DynamicCache update in place and the masks of the whole context, as generate() feeds it.
+  // Its kv_cache() names the entries. For a model with scaled_dot_product_attention, BuildGraph(batch, tokens):
+  // graph/generation_forward.h adds the cache to it. Throws as BuildGraph, and ConfigError for an attention whose
+  // cache cannot be traced.
+  Graph BuildGenerationGraph(int64_t batch, int64_t tokens, int64_t past_tokens) const;
+
   // Replaces the config's position limit, e.g. for RoPE scaled past it. A learned position table still bounds
   // the sequence: indexing past it fails in the real step. Throws ConfigError for n < 1.
   void set_max_positions(int64_t n);
@@ -52,6 +60,9 @@ class TorchScriptModel {
   // Whether the model builds masking_utils' bool causal mask (create_causal_mask), not its own mask in the model's
   // dtype; none for an export without the record.
   std::optional<bool> bool_causal_mask() const;
+  // Whether the forward without labels returns float32 logits whatever the weights' dtype (GPT-J, CodeGen cast the
+  // LM head's output); none for an export without the record.
+  std::optional<bool> float32_logits() const;
 
  private:
   struct Impl;

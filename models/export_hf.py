@@ -625,7 +625,32 @@ def causal_mask_kind(model):
     return "create_causal_mask" if "masking_utils import" in source else "legacy"
 
 
-def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask):
+def logits_dtype_kind(model, device):
+    """What the forward without labels (generate()'s) returns as logits: "lm_head" (the LM head's output, in the
+    weights' dtype) or "float32" (GPT-J and CodeGen cast it: `self.lm_head(h).to(torch.float32)`); None when a
+    forward cannot run here (some models on the meta device). Found with a hook that hands back the head's output
+    in another dtype: logits in that dtype are the head's output itself."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return None
+    other = torch.float16 if head.weight.dtype != torch.float16 else torch.bfloat16
+    hook = head.register_forward_hook(lambda module, args, out: out.to(other))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
+    except Exception:  # noqa: BLE001 (any failure of the probe leaves the record unknown)
+        return None
+    finally:
+        hook.remove()
+        model.train(training)
+    if out.logits.dtype == other:
+        return "lm_head"
+    return "float32" if out.logits.dtype == torch.float32 else None
+
+
+def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask, logits_dtype=None):
     """The config fields llmem reads, as JSON: model_type, max_position_embeddings (None when the
     architecture has none, e.g. BLOOM's ALiBi), rope_scaling, sliding_window and use_sliding_window (a
     generation cache keeps only the window), the dtype the export was traced in, and whether the model's forward
@@ -633,9 +658,10 @@ def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask):
     it computes them at every position) and the generation config's eos_token_id (without one, generate() adds no
     min-length logits processors), and which causal mask the model builds: "create_causal_mask" (transformers'
     masking_utils: a bool mask, sliding-window ones included) or "legacy" (the model's own _update_causal_mask: a
-    mask in the model's dtype)."""
+    mask in the model's dtype), and what the forward without labels returns as logits (logits_dtype_kind)."""
     return json.dumps({
         "causal_mask": causal_mask,
+        "logits_dtype": logits_dtype,
         "logits_to_keep": logits_to_keep,
         "eos_token_id": eos_token_id,
         "model_type": config.model_type,
@@ -966,7 +992,8 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # as generate() tests it
     extra = {CONFIG_FILE: config_record(model.config, dtype, keeps_logits,
                                            getattr(model.generation_config, "eos_token_id", None),
-                                           causal_mask_kind(model)), EXPRESSION_CALLS_FILE: expression_call_record(model),
+                                           causal_mask_kind(model), logits_dtype_kind(model, device)),
+             EXPRESSION_CALLS_FILE: expression_call_record(model),
              REBOUND_NAMES_FILE: rebound_name_record(model)}
     casts = autocast_cast_record(wrapper, traced, ids, labels, device)
     if casts is not None:

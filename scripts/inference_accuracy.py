@@ -193,12 +193,13 @@ def main():
     ap.add_argument("--llmem", required=True)
     ap.add_argument("--models", required=True, help="folder of <arch>-tiny.pt exports (missing ones are made)")
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_CASES)}")
+    ap.add_argument("--case", action="append", help="only this case (repeatable), e.g. bloom:fp32:2x32+8")
     ap.add_argument("--out", help="write the section's markdown here")
     ap.add_argument("--update", help="replace this section of a report written by scripts/accuracy.py (e.g. "
                                      "docs/ACCURACY.md), or append it, dated by this run")
     ap.add_argument("--check", type=float, help="exit 1 if any |error| of a whole peak exceeds this (percent)")
     args = ap.parse_args()
-    rows = compare(args.llmem, args.models, QUICK_CASES if args.quick else CASES)
+    rows = compare(args.llmem, args.models, args.case or (QUICK_CASES if args.quick else CASES))
     for phase in ("prefill", "decode"):
         print(summary(rows, phase))
     if args.out:

@@ -18,7 +18,7 @@ MemoryEstimate SimulateGenerationForward(const GenerationForward& fw, const Trai
   return EstimateFromSimulation(fw.graph, config, std::move(sim), outside_allocator_bytes);
 }
 
-GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t)>& graph_at,
+GenerationEstimate EstimateGeneration(const GenerationGraphAt& graph_at,
                                       const GenerationRequest& r, const TrainingConfig& config,
                                       const GenerationForwardSimulator& simulate) {
   if (r.batch <= 0 || r.prompt <= 0 || r.new_tokens <= 0) {
@@ -30,12 +30,12 @@ GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t
   GenerationEstimate est;
   GenerationLoop loop = r.loop;
   loop.static_cache_tokens = r.prompt + r.new_tokens - 1;  // generate()'s max_length - 1: the last token is not fed
-  GenerationForward prefill = MakeGenerationForward(graph_at(r.batch, r.prompt), 0, loop);
+  GenerationForward prefill = MakeGenerationForward(graph_at(r.batch, r.prompt, 0), 0, loop);
   est.prefill = SimulateForward(prefill, config);
   const int64_t cached = r.prompt + r.new_tokens - 1;
   if (r.new_tokens >= 2) {
     loop.previous_tokens = r.new_tokens >= 3 ? 1 : r.prompt;  // the forward before the last: a decode step or the prefill
-    GenerationForward last = MakeGenerationForward(graph_at(r.batch, 1), cached - 1, loop);
+    GenerationForward last = MakeGenerationForward(graph_at(r.batch, 1, cached - 1), cached - 1, loop);
     est.decode = SimulateForward(last, config);
     est.decode_graph = std::move(last.graph);
   }

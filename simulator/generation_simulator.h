@@ -61,10 +61,14 @@ MemoryEstimate SimulateGenerationForward(const GenerationForward& fw, const Trai
 // rank's.
 using GenerationForwardSimulator = std::function<MemoryEstimate(GenerationForward& fw, const TrainingConfig& config)>;
 
-// `graph_at(batch, tokens)` builds the export's graph for that many new tokens. config.precision is the weights'
+// The export's graph of one generation forward: `tokens` new tokens per sequence after `past` cached ones
+// (TorchScriptModel::BuildGenerationGraph). Only a graph that carries its cache (Graph::kv_cache) depends on `past`.
+using GenerationGraphAt = std::function<Graph(int64_t batch, int64_t tokens, int64_t past)>;
+
+// `graph_at` builds each forward's graph. config.precision is the weights'
 // dtype (fp32, or bf16 on a bf16 export). Throws ConfigError for a request out of range or a graph the generation
 // rewrite does not take.
-GenerationEstimate EstimateGeneration(const std::function<Graph(int64_t, int64_t)>& graph_at,
+GenerationEstimate EstimateGeneration(const GenerationGraphAt& graph_at,
                                       const GenerationRequest& request, const TrainingConfig& config,
                                       const GenerationForwardSimulator& simulate = {});
 

@@ -49,6 +49,12 @@ class InferInputsTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_one_line_error(run("infer", os.path.join(TINY, "mistral-tiny.pt"), "--gpu", "cpu", "-p", "fp32",
                                        "--prompt", "8", "--new-tokens", "4", "--cache", "static"), 2,
                                    "sliding window of 24")
+        # eager attention with a cache it cannot trace; an fp32 trace that cannot run in bf16; no tp_plan
+        bloom = os.path.join(TINY, "bloom-tiny.pt")
+        self.assert_one_line_error(run("infer", bloom, "--gpu", "cpu", "-p", "fp32", "--prompt", "8", "--new-tokens",
+                                       "4", "--cache", "static"), 2, "create_causal_mask")
+        self.assert_one_line_error(run("infer", bloom, "--gpu", "h100-80", "--prompt", "8", "--new-tokens", "4"), 2,
+                                   "cannot run with bf16 weights", "--dtype bfloat16")
 
     def test_a_static_cache_is_whole_from_the_prefill(self):
         llama = os.path.join(TINY, "llama-tiny.pt")
@@ -235,6 +241,16 @@ class InferAccuracyTest(unittest.TestCase):
 
     def test_4bit_linears_dequantize_their_weight_in_every_forward(self):  # bitsandbytes nf4, double quantization
         self.compare("llama", "fp32", 2, 32, 8, quant="nf4-dq")
+
+    # Eager attention: the export run again with each layer's cache update and generate()'s attention mask
+    def test_bloom_builds_its_alibi_from_the_attention_mask(self):
+        self.compare("bloom", "fp32", 2, 32, 8)
+
+    def test_gpt_neo_local_layers_mask_within_the_full_cache(self):
+        self.compare("gpt_neo", "fp32", 1, 128, 4)
+
+    def test_codegen_casts_its_logits_to_fp32(self):  # `self.lm_head(h).to(torch.float32)`: a copy of 16-bit logits
+        self.compare("codegen", "bf16", 2, 64, 4)
 
 
 class InferQuantTest(OneLineErrorAssertions, unittest.TestCase):

@@ -19,7 +19,7 @@ using namespace llmem::dist::testing;  // NOLINT
 
 sim::GenerationEstimate Generate(int tp, std::vector<CollectiveList>* collectives = nullptr,
                                  CacheKind cache = CacheKind::kDynamic) {
-  const auto at = [](int64_t b, int64_t s) { return MakeTpBlock(10, b, s).graph; };
+  const auto at = [](int64_t b, int64_t s, int64_t /*past*/) { return MakeTpBlock(10, b, s).graph; };
   const sim::GenerationRequest r{.batch = 2, .prompt = 3, .new_tokens = 4, .loop = {.cache = cache}};
   return sim::EstimateGeneration(at, r, CpuConfig(), TensorParallelGenerationForward(tp, collectives));
 }

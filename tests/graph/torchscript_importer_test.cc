@@ -362,5 +362,54 @@ TEST(TorchScriptImporterTest, RopeLimitIsTheExportedConfigOrTheOverride) {
   EXPECT_THROW(model.set_max_positions(0), ConfigError);
 }
 
+// Eager attention (q @ k^T, softmax, probs @ v): the generation forward is the export run with each layer's
+// DynamicCache update (the cached entry, an input, concatenated with the new tokens' keys or values) and
+// generate()'s attention mask of the whole context. Every layer's entries are named; shapes follow the cached tokens.
+class GenerationGraphEagerArch : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GenerationGraphEagerArch, RunsWithItsCache) {
+  const auto model = TorchScriptModel::Load(ModelPath(GetParam()));
+  for (auto [tokens, past] : {std::pair<int64_t, int64_t>{5, 0}, {1, 9}}) {
+    SCOPED_TRACE("tokens " + std::to_string(tokens) + " past " + std::to_string(past));
+    const Graph g = model.BuildGenerationGraph(3, tokens, past);
+    ASSERT_TRUE(g.kv_cache().has_value());
+    const KvCacheNames& names = *g.kv_cache();
+    ASSERT_FALSE(names.present.empty());
+    EXPECT_EQ(names.present.size() % 2, 0u);  // keys, then values, of every layer
+    EXPECT_EQ(names.past.size(), past > 0 ? names.present.size() : 0u);
+    std::map<std::string, const TensorValue*> by_name;
+    for (const auto& v : g.values()) by_name.emplace(v.name, &v);
+    std::set<std::string> inputs;
+    for (ValueId in : g.inputs()) inputs.insert(g.value(in).name);
+    ASSERT_TRUE(inputs.count("attention_mask"));
+    EXPECT_EQ(by_name.at("attention_mask")->shape, (std::vector<int64_t>{3, past + tokens}));
+    for (size_t i = 0; i < names.present.size(); ++i) {
+      ASSERT_TRUE(by_name.count(names.present[i])) << names.present[i];
+      const std::vector<int64_t>& shape = by_name.at(names.present[i])->shape;
+      ASSERT_EQ(shape.size(), 4u);
+      EXPECT_EQ(shape[0], 3);
+      EXPECT_EQ(shape[2], past + tokens);
+      EXPECT_EQ(shape[1] * shape[3], kHidden);
+      if (past == 0) continue;
+      EXPECT_TRUE(inputs.count(names.past[i])) << names.past[i];
+      std::vector<int64_t> cached = shape;
+      cached[2] = past;
+      EXPECT_EQ(by_name.at(names.past[i])->shape, cached);
+    }
+  }
+  EXPECT_THROW(model.BuildGenerationGraph(1, 1, -1), ConfigError);
+}
+
+INSTANTIATE_TEST_SUITE_P(Tiny, GenerationGraphEagerArch, ::testing::Values("bloom", "gpt_neo", "codegen"),
+                         [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
+
+// scaled_dot_product_attention: the training forward itself; graph/generation_forward.h adds the cache.
+TEST(TorchScriptImporterTest, SdpaGenerationGraphIsTheForward) {
+  const auto model = TorchScriptModel::Load(ModelPath("llama"));
+  const Graph g = model.BuildGenerationGraph(2, 1, 7);
+  EXPECT_FALSE(g.kv_cache().has_value());
+  EXPECT_EQ(g.nodes().size(), model.BuildGraph(2, 1).nodes().size());
+}
+
 }  // namespace
 }  // namespace llmem

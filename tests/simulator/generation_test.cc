@@ -127,7 +127,7 @@ TEST(GenerationForwardTest, AForwardWithoutLogitsToKeepComputesThePromptsLogitsA
   EXPECT_EQ(fw.graph.value(fw.logits).shape, (std::vector<int64_t>{1, 7, kVocab}));
   // The prefill's timeline holds the [1, 7, V] logits where the last-position loop holds [1, 1, V].
   const TrainingConfig config = CpuConfig();
-  const auto at = [](int64_t b, int64_t s) { return TinyDecoder(b, s); };
+  const auto at = [](int64_t b, int64_t s, int64_t /*past*/) { return TinyDecoder(b, s); };
   const auto largest_head_block = [&](bool last_only) {
     const GenerationRequest r{.batch = 1, .prompt = 7, .new_tokens = 1, .loop = {.last_position_logits = last_only}};
     const MemoryEstimate est = EstimateGeneration(at, r, config).prefill;
@@ -158,7 +158,7 @@ TEST(GenerationForwardTest, PositionIdsArePerSequenceAsGenerateFeedsThem) {
   const GenerationForward one = MakeGenerationForward(TinyDecoder(1, 5, true), 0, {});
   EXPECT_EQ(one.graph.value(Kind(one.graph, "aten::cos")[0]->outputs[0]).shape, (std::vector<int64_t>{1, 5, 1}));
   // The timeline stays consistent (views of the new ids free nothing twice).
-  const auto at = [](int64_t b, int64_t s) { return TinyDecoder(b, s, true); };
+  const auto at = [](int64_t b, int64_t s, int64_t /*past*/) { return TinyDecoder(b, s, true); };
   EXPECT_GT(EstimateGeneration(at, {.batch = 3, .prompt = 5, .new_tokens = 2}, CpuConfig()).prefill.peak_allocated_bytes,
             0);
 }
@@ -191,7 +191,7 @@ TEST(GenerationForwardTest, AStaticCacheIsWholeUpdatedInPlaceAndMasked) {
   EXPECT_EQ(decode.graph.StorageRoot(decode.present[0]), decode.past[0]);
   EXPECT_EQ(Kind(decode.graph, "aten::ones").size(), 1u);
   // The prefill's peak holds the whole entries; the cache after the last step is the same either way.
-  const auto at = [](int64_t b, int64_t s) { return TinyDecoder(b, s); };
+  const auto at = [](int64_t b, int64_t s, int64_t /*past*/) { return TinyDecoder(b, s); };
   GenerationRequest dynamic{.batch = 2, .prompt = 6, .new_tokens = 4};
   GenerationRequest fixed = dynamic;
   fixed.loop.cache = CacheKind::kStatic;
@@ -224,7 +224,7 @@ TEST(GenerationForwardTest, ASlidingWindowKeepsAViewOfThePreviousFullTensor) {
   EXPECT_EQ(short_prefill.graph.tensor_inputs(s[0]->id).size(), 3u);
   EXPECT_EQ(s[0]->args[7].int_value, 1);
   // The cache after the last step: the last forward's full tensors, W tokens.
-  const auto at = [](int64_t b, int64_t t) { return TinyDecoder(b, t); };
+  const auto at = [](int64_t b, int64_t t, int64_t /*past*/) { return TinyDecoder(b, t); };
   GenerationRequest r{.batch = 2, .prompt = 6, .new_tokens = 3};
   r.loop.sliding_window = 4;
   EXPECT_EQ(EstimateGeneration(at, r, CpuConfig()).cache_bytes, 2 * (2 * kKvHeads * 4 * kDim * 4));
@@ -234,7 +234,7 @@ TEST(GenerationSimulatorTest, WithoutAnEosTokenTheLoopRunsNoMinLengthProcessors)
   // min_new_tokens adds MinLengthLogitsProcessor and MinNewTokensLengthLogitsProcessor only when the generation
   // config has an eos_token_id; each clones the scores and builds a [V] int64 arange and a [V] mask.
   const TrainingConfig config = CpuConfig();
-  const auto at = [](int64_t b, int64_t s) { return TinyDecoder(b, s); };
+  const auto at = [](int64_t b, int64_t s, int64_t /*past*/) { return TinyDecoder(b, s); };
   GenerationRequest with{.batch = 1, .prompt = 1, .new_tokens = 2};
   GenerationRequest without = with;
   without.loop.min_length_processors = false;
@@ -246,7 +246,7 @@ TEST(GenerationSimulatorTest, WithoutAnEosTokenTheLoopRunsNoMinLengthProcessors)
 TEST(GenerationSimulatorTest, TheCacheGrowsByConcatenationAndTheLastStepPeaksAbove) {
   const TrainingConfig config = CpuConfig();
   const GenerationRequest request{.batch = 2, .prompt = 6, .new_tokens = 4};
-  const GenerationEstimate est = EstimateGeneration([](int64_t b, int64_t s) { return TinyDecoder(b, s); }, request, config);
+  const GenerationEstimate est = EstimateGeneration([](int64_t b, int64_t s, int64_t /*past*/) { return TinyDecoder(b, s); }, request, config);
   // P + N - 1 = 9 tokens cached: keys and values, [2, 2, 9, 4] fp32 each.
   EXPECT_EQ(est.cache_bytes, 2 * (2 * kKvHeads * 9 * kDim * 4));
   ASSERT_TRUE(est.decode.has_value());
@@ -267,7 +267,7 @@ TEST(GenerationSimulatorTest, TheCacheGrowsByConcatenationAndTheLastStepPeaksAbo
   EXPECT_GE(decode.peak_allocated_bytes - est.prefill.weights_bytes, 2 * (2 * kVocab * 4) + est.cache_bytes);
   GenerationRequest bad = request;
   bad.new_tokens = 0;
-  EXPECT_THROW(EstimateGeneration([](int64_t b, int64_t s) { return TinyDecoder(b, s); }, bad, config), ConfigError);
+  EXPECT_THROW(EstimateGeneration([](int64_t b, int64_t s, int64_t /*past*/) { return TinyDecoder(b, s); }, bad, config), ConfigError);
 }
 
 }  // namespace
