@@ -50,14 +50,17 @@ std::string TensorParallelLayoutName(int tp, int copies, const std::string& unit
 
 int RunGenerationLayouts(const InferOptions& o, const sim::GenerationGraphAt& graph_at,
                          const std::function<sim::GenerationRequest(int64_t)>& request_at,
-                         const sim::TrainingConfig& config, const Graph& probe_graph) {
+                         const sim::TrainingConfig& config, const Graph& probe_graph,
+                         const std::string& no_tp_plan) {
   const sim::GenerationRequest request = request_at(o.batch);
   if (config.target.is_cpu) throw ConfigError("--gpus compares layouts on a GPU: name one with --gpu");
   std::vector<GenerationLayout> rows;
   for (int tp = 1; tp <= o.gpus; ++tp) {
     if (o.gpus % tp != 0) continue;
     GenerationLayout row{.tp = tp, .replicas = o.gpus / tp};
-    row.skipped = tp == 1 ? "" : dist::CheckTensorParallelGeneration(probe_graph, tp);
+    row.skipped = tp == 1                ? ""
+                  : !no_tp_plan.empty() ? no_tp_plan
+                                        : dist::CheckTensorParallelGeneration(probe_graph, tp);
     if (row.skipped.empty()) {
       std::vector<dist::CollectiveList> collectives;
       try {

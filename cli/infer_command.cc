@@ -176,7 +176,14 @@ int RunInfer(const InferOptions& o) {
   // The positions generation feeds: 0 .. P + N - 2 (the last token is generated, never fed back).
   const int64_t context = CheckedAdd(o.prompt, o.new_tokens - 1, "prompt + new tokens");
   const std::optional<PositionLimit> limit = probe_graph.position_limit();
+  // transformers splits a model for generate() only by its config's base_model_tp_plan.
+  const std::string no_tp_plan =
+      model.tensor_parallel_plan().value_or(true)
+          ? ""
+          : "this model's config has no base_model_tp_plan, so transformers has no tensor-parallel split for it "
+            "(--cache paged --tp sizes vLLM's engines)";
   if (o.tp > 1) {
+    if (!no_tp_plan.empty()) throw ConfigError("--tp: " + no_tp_plan);
     if (const std::string why = dist::CheckTensorParallelGeneration(probe_graph, o.tp); !why.empty()) {
       throw ConfigError(why);
     }
@@ -209,7 +216,8 @@ int RunInfer(const InferOptions& o) {
     return it->second;
   };
   if (o.gpus > 0) {
-    return RunGenerationLayouts(o, graph_at, [&](int64_t b) { return request_at(b, o.prompt); }, config, probe_graph);
+    return RunGenerationLayouts(o, graph_at, [&](int64_t b) { return request_at(b, o.prompt); }, config, probe_graph,
+                                no_tp_plan);
   }
   std::vector<dist::CollectiveList> collectives;
   const sim::GenerationEstimate est =

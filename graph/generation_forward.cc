@@ -401,8 +401,8 @@ GenerationForward MakeGenerationForward(const Graph& g, int64_t past_tokens, con
     rw.Emit(std::move(batched));
   }
   if (attention == 0) {
-    throw ConfigError("generation: no scaled_dot_product_attention op in this export; only sdpa attention is "
-                      "modelled for generation");
+    throw ConfigError("generation: no attention in this export that the rewrite recognizes "
+                      "(scaled_dot_product_attention, or eager q @ k^T, softmax, probs @ v)");
   }
   if (!head_output.valid()) throw ConfigError("generation: the export has no LM head linear");
   // The loop's work after the forward (hf::generate_next_token), with the tensors it carries between forwards.

@@ -299,6 +299,7 @@ struct TorchScriptModel::Impl {
   std::optional<bool> config_logits_to_keep;  // whether the model's forward takes logits_to_keep
   std::optional<bool> config_eos_token;       // whether its generation config names an eos_token_id
   std::optional<bool> config_float32_logits;  // whether its forward without labels casts the logits to float32
+  std::optional<bool> config_tp_plan;         // whether its config has a base_model_tp_plan
   std::optional<bool> config_bool_mask;       // whether its causal mask is masking_utils' bool one
 
   // Reads the config the export carries (max_position_embeddings, model_type); nothing when it has none.
@@ -333,6 +334,7 @@ std::optional<bool> TorchScriptModel::logits_to_keep() const { return impl_->con
 std::optional<bool> TorchScriptModel::eos_token() const { return impl_->config_eos_token; }
 std::optional<bool> TorchScriptModel::bool_causal_mask() const { return impl_->config_bool_mask; }
 std::optional<bool> TorchScriptModel::float32_logits() const { return impl_->config_float32_logits; }
+std::optional<bool> TorchScriptModel::tensor_parallel_plan() const { return impl_->config_tp_plan; }
 
 namespace {
 
@@ -375,6 +377,7 @@ void TorchScriptModel::Impl::ReadConfig(const std::string& text) {
     config_logits_to_keep = it->get<bool>();
   }
   if (auto it = config.find("eos_token_id"); it != config.end()) config_eos_token = !it->is_null();
+  if (auto it = config.find("tp_plan"); it != config.end() && it->is_boolean()) config_tp_plan = it->get<bool>();
   if (auto it = config.find("logits_dtype"); it != config.end() && it->is_string()) {
     config_float32_logits = it->get<std::string>() == "float32";
   }

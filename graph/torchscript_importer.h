@@ -63,6 +63,8 @@ class TorchScriptModel {
   // Whether the forward without labels returns float32 logits whatever the weights' dtype (GPT-J, CodeGen cast the
   // LM head's output); none for an export without the record.
   std::optional<bool> float32_logits() const;
+  // Whether the config has a base_model_tp_plan (transformers' tensor-parallel split); none without the record.
+  std::optional<bool> tensor_parallel_plan() const;
 
  private:
   struct Impl;

@@ -658,10 +658,12 @@ def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask, logi
     it computes them at every position) and the generation config's eos_token_id (without one, generate() adds no
     min-length logits processors), and which causal mask the model builds: "create_causal_mask" (transformers'
     masking_utils: a bool mask, sliding-window ones included) or "legacy" (the model's own _update_causal_mask: a
-    mask in the model's dtype), and what the forward without labels returns as logits (logits_dtype_kind)."""
+    mask in the model's dtype), what the forward without labels returns as logits (logits_dtype_kind), and whether
+    the config has a base_model_tp_plan (what from_pretrained(tp_plan="auto") splits)."""
     return json.dumps({
         "causal_mask": causal_mask,
         "logits_dtype": logits_dtype,
+        "tp_plan": bool(getattr(config, "base_model_tp_plan", None)),
         "logits_to_keep": logits_to_keep,
         "eos_token_id": eos_token_id,
         "model_type": config.model_type,

@@ -55,6 +55,8 @@ class InferInputsTest(OneLineErrorAssertions, unittest.TestCase):
                                        "4", "--cache", "static"), 2, "create_causal_mask")
         self.assert_one_line_error(run("infer", bloom, "--gpu", "h100-80", "--prompt", "8", "--new-tokens", "4"), 2,
                                    "cannot run with bf16 weights", "--dtype bfloat16")
+        self.assert_one_line_error(run("infer", os.path.join(TINY, "gpt2-tiny.pt"), "--gpu", "cpu", "-p", "fp32",
+                                       "--prompt", "8", "--new-tokens", "4", "--tp", "2"), 2, "base_model_tp_plan")
 
     def test_a_static_cache_is_whole_from_the_prefill(self):
         llama = os.path.join(TINY, "llama-tiny.pt")
@@ -369,9 +371,15 @@ class InferTensorParallelTest(OneLineErrorAssertions, unittest.TestCase):
         self.assert_one_line_error(run(*base, "--tp", "4"), 2, "does not divide the 2 key/value heads", "vLLM")
         self.assert_one_line_error(run(*base, "--tp", "3"), 2, "does not divide the 4 attention heads")
         self.assert_one_line_error(run(*base, "--tp", "0"), 2, "--tp must be at least 1")
-        # GPT-2's fused c_attn is cut into q, k, v: split as Megatron's fused layout
-        gpt2 = infer_json(os.path.join(TINY, "gpt2-tiny.pt"), *args, "--tp", "2")
-        self.assertEqual(gpt2["tp"], 2)
+        # GPT-2 has no transformers tp_plan; vLLM splits it, its fused c_attn cut into q, k, v as Megatron's layout
+        gpt2 = os.path.join(TINY, "gpt2-tiny.pt")
+        self.assert_one_line_error(run("infer", gpt2, *args, "--tp", "2"), 2, "base_model_tp_plan")
+        whole = infer_json(gpt2, "--gpu", "h100-80", "-p", "fp32", "--prompt", "20", "--new-tokens", "5",
+                           "--cache", "paged")
+        split = infer_json(gpt2, "--gpu", "h100-80", "-p", "fp32", "--prompt", "20", "--new-tokens", "5",
+                           "--cache", "paged", "--tp", "2")
+        self.assertEqual(split["tp"], 2)
+        self.assertLess(split["weights_bytes"], whole["weights_bytes"])
 
     def test_gpus_compares_the_layouts_fitting_ones_first(self):
         llama = os.path.join(TINY, "llama-tiny.pt")
