@@ -100,6 +100,43 @@ void MoveSlotsToMeta(const c10::intrusive_ptr<c10::ivalue::Object>& obj, const s
   }
 }
 
+// Appends `obj` (a module at `name`) and its descendants to `tree` in nn.Module's order; `seen` maps a storage
+// to the first parameter or buffer name that holds it (a tied weight's second name points there).
+void AddModules(const c10::intrusive_ptr<c10::ivalue::Object>& obj, const std::string& name, ModuleTree& tree,
+                std::unordered_map<const c10::StorageImpl*, std::string>& seen) {
+  const auto& type = obj->type();
+  const int index = static_cast<int>(tree.modules.size());
+  tree.modules.push_back({});
+  tree.modules.back().name = name;
+  tree.modules.back().class_name = type->name() ? type->name()->name() : "";
+  std::vector<ModuleTensor> params, buffers;
+  std::vector<std::pair<std::string, c10::intrusive_ptr<c10::ivalue::Object>>> children;
+  for (size_t i = 0; i < type->numAttributes(); ++i) {
+    const std::string attr = type->getAttributeName(i);
+    const std::string full = name.empty() ? attr : name + "." + attr;
+    const c10::IValue slot = obj->getSlot(i);
+    if (slot.isTensor() && (type->is_parameter(i) || type->is_buffer(i))) {
+      const at::Tensor t = slot.toTensor();
+      if (!t.defined()) continue;
+      ModuleTensor mt{full, t.numel(), FromScalarType(t.scalar_type()), type->is_parameter(i), ""};
+      if (t.has_storage()) {
+        const auto [it, added] = seen.emplace(t.storage().unsafeGetStorageImpl(), full);
+        if (!added) mt.tied_to = it->second;
+      }
+      (mt.is_parameter ? params : buffers).push_back(std::move(mt));
+    } else if (slot.isObject() && slot.toObject()->type()->is_module()) {
+      children.emplace_back(full, slot.toObject());
+    }
+  }
+  tree.modules[static_cast<size_t>(index)].tensors = std::move(params);
+  auto& own = tree.modules[static_cast<size_t>(index)].tensors;
+  own.insert(own.end(), buffers.begin(), buffers.end());
+  for (const auto& [child_name, child] : children) {
+    tree.modules[static_cast<size_t>(index)].children.push_back(static_cast<int>(tree.modules.size()));
+    AddModules(child, child_name, tree, seen);
+  }
+}
+
 // Per module class (the last atom of its TorchScript name), the children whose calls in its forward are nested in an
 // expression (models/export_hf.py writes them): their results are temporaries.
 using ExpressionCalls = std::map<std::string, std::set<std::string>, std::less<>>;
@@ -289,6 +326,7 @@ struct TorchScriptModel::Impl {
   torch::jit::Module module;
   std::shared_ptr<torch::jit::Graph> graph;  // inlined copy of forward
   mutable std::map<std::string, at::ScalarType> original_dtypes;  // filled by the first run
+  ModuleTree module_tree;                                           // as loaded
   std::optional<int64_t> config_max_positions;  // max_position_embeddings of the config the export carries
   std::string config_model_type;                // model_type of that config ("" without one)
   std::optional<int64_t> config_sliding_window;  // its sliding_window, when the model uses one
@@ -300,6 +338,7 @@ struct TorchScriptModel::Impl {
   std::optional<bool> config_eos_token;       // whether its generation config names an eos_token_id
   std::optional<bool> config_float32_logits;  // whether its forward without labels casts the logits to float32
   std::optional<bool> config_tp_plan;         // whether its config has a base_model_tp_plan
+  std::optional<std::vector<std::string>> config_no_split;  // _no_split_modules
   std::optional<bool> config_bool_mask;       // whether its causal mask is masking_utils' bool one
 
   // Reads the config the export carries (max_position_embeddings, model_type); nothing when it has none.
@@ -335,6 +374,8 @@ std::optional<bool> TorchScriptModel::eos_token() const { return impl_->config_e
 std::optional<bool> TorchScriptModel::bool_causal_mask() const { return impl_->config_bool_mask; }
 std::optional<bool> TorchScriptModel::float32_logits() const { return impl_->config_float32_logits; }
 std::optional<bool> TorchScriptModel::tensor_parallel_plan() const { return impl_->config_tp_plan; }
+const ModuleTree& TorchScriptModel::module_tree() const { return impl_->module_tree; }
+std::optional<std::vector<std::string>> TorchScriptModel::no_split_modules() const { return impl_->config_no_split; }
 
 namespace {
 
@@ -378,6 +419,12 @@ void TorchScriptModel::Impl::ReadConfig(const std::string& text) {
   }
   if (auto it = config.find("eos_token_id"); it != config.end()) config_eos_token = !it->is_null();
   if (auto it = config.find("tp_plan"); it != config.end() && it->is_boolean()) config_tp_plan = it->get<bool>();
+  if (auto it = config.find("no_split_modules"); it != config.end() && it->is_array()) {
+    config_no_split.emplace();
+    for (const auto& c : *it) {
+      if (c.is_string()) config_no_split->push_back(c.get<std::string>());
+    }
+  }
   if (auto it = config.find("logits_dtype"); it != config.end() && it->is_string()) {
     config_float32_logits = it->get<std::string>() == "float32";
   }
@@ -469,6 +516,10 @@ TorchScriptModel TorchScriptModel::Load(const std::string& path) {
     throw ModelLoadError(DescribeUnloadableModelFile(path, e.what()));
   }
   impl->ReadConfig(extra_files[kConfigFile]);
+  {
+    std::unordered_map<const c10::StorageImpl*, std::string> seen;
+    AddModules(impl->module._ivalue(), "", impl->module_tree, seen);
+  }
   auto method = impl->module.find_method("forward");
   if (!method) throw ModelLoadError("not a decoder LM: " + path + " has no forward method");
   impl->graph = method->graph()->copy();

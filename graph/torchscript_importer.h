@@ -16,8 +16,10 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "graph/graph.h"
+#include "graph/module_tree.h"
 
 namespace llmem {
 
@@ -65,6 +67,11 @@ class TorchScriptModel {
   std::optional<bool> float32_logits() const;
   // Whether the config has a base_model_tp_plan (transformers' tensor-parallel split); none without the record.
   std::optional<bool> tensor_parallel_plan() const;
+  // The module classes from_pretrained(device_map="auto") keeps on one device (_no_split_modules); none without
+  // the record.
+  std::optional<std::vector<std::string>> no_split_modules() const;
+  // The module hierarchy with every parameter and buffer in the file's dtype (graph/module_tree.h).
+  const ModuleTree& module_tree() const;
 
  private:
   struct Impl;

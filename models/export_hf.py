@@ -650,7 +650,7 @@ def logits_dtype_kind(model, device):
     return "float32" if out.logits.dtype == torch.float32 else None
 
 
-def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask, logits_dtype=None):
+def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask, logits_dtype=None, no_split_modules=None):
     """The config fields llmem reads, as JSON: model_type, max_position_embeddings (None when the
     architecture has none, e.g. BLOOM's ALiBi), rope_scaling, sliding_window and use_sliding_window (a
     generation cache keeps only the window), the dtype the export was traced in, and whether the model's forward
@@ -659,11 +659,13 @@ def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask, logi
     min-length logits processors), and which causal mask the model builds: "create_causal_mask" (transformers'
     masking_utils: a bool mask, sliding-window ones included) or "legacy" (the model's own _update_causal_mask: a
     mask in the model's dtype), what the forward without labels returns as logits (logits_dtype_kind), and whether
-    the config has a base_model_tp_plan (what from_pretrained(tp_plan="auto") splits)."""
+    the config has a base_model_tp_plan (what from_pretrained(tp_plan="auto") splits), and the module classes
+    from_pretrained(device_map="auto") never splits over devices (model._get_no_split_modules)."""
     return json.dumps({
         "causal_mask": causal_mask,
         "logits_dtype": logits_dtype,
         "tp_plan": bool(getattr(config, "base_model_tp_plan", None)),
+        "no_split_modules": no_split_modules,
         "logits_to_keep": logits_to_keep,
         "eos_token_id": eos_token_id,
         "model_type": config.model_type,
@@ -994,7 +996,8 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # as generate() tests it
     extra = {CONFIG_FILE: config_record(model.config, dtype, keeps_logits,
                                            getattr(model.generation_config, "eos_token_id", None),
-                                           causal_mask_kind(model), logits_dtype_kind(model, device)),
+                                           causal_mask_kind(model), logits_dtype_kind(model, device),
+                                           sorted(model._get_no_split_modules("auto"))),
              EXPRESSION_CALLS_FILE: expression_call_record(model),
              REBOUND_NAMES_FILE: rebound_name_record(model)}
     casts = autocast_cast_record(wrapper, traced, ids, labels, device)
