@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cli/category_report.h"
+#include "cli/device_map_infer.h"
 #include "cli/generation_layouts.h"
 #include "cli/generation_time.h"
 #include "cli/lora_options.h"
@@ -97,6 +98,8 @@ void AddInferOptions(CLI::App* cmd, InferOptions& o) {
   cmd->add_option("--max-positions", o.max_positions, "longest sequence the model allows (e.g. scaled RoPE)");
   cmd->add_option("--gpus", o.gpus, "compare the tensor-parallel layouts over this many GPUs (T ranks per copy of "
                   "the model, the batch on each of the N / T copies)");
+  cmd->add_option("--device-map", o.device_map, "auto: the model loaded with from_pretrained(device_map=\"auto\") "
+                  "over --gpus GPUs (accelerate's layer placement; each GPU's weights, cache and peaks)");
   cmd->add_option("--tp", o.tp, "tensor-parallel GPUs (transformers' tp_plan: each decoder layer split, the "
                   "embedding and LM head replicated); figures are per GPU")->capture_default_str();
   cmd->add_flag("--max-batch", o.max_batch, "also find the largest batch that fits (GPU targets)");
@@ -121,7 +124,15 @@ int RunInfer(const InferOptions& o) {
 
   if (o.tp < 1) throw ConfigError("--tp must be at least 1 (got " + std::to_string(o.tp) + ")");
   if (o.gpus < 0) throw ConfigError("--gpus must be positive (got " + std::to_string(o.gpus) + ")");
-  if (o.gpus > 0 && (o.tp != 1 || o.max_prompt)) {
+  if (!o.device_map.empty()) {
+    if (o.device_map != "auto" && o.device_map != "balanced") {
+      throw ConfigError("unknown --device-map '" + o.device_map + "' (auto)");
+    }
+    if (o.tp != 1 || o.cache == "paged" || o.max_batch || o.max_prompt || !o.quant.empty()) {
+      throw ConfigError("--device-map auto is modelled alone: drop --tp, --cache paged, --quant, --max-batch and "
+                        "--max-context");
+    }
+  } else if (o.gpus > 0 && (o.tp != 1 || o.max_prompt)) {
     throw ConfigError("--gpus compares the tensor-parallel layouts: drop --tp and --max-context");
   }
   if (o.prompt <= 0) throw ConfigError("--prompt must be positive");
@@ -215,6 +226,25 @@ int RunInfer(const InferOptions& o) {
     if (it == decode_graphs.end()) it = decode_graphs.emplace(key, export_graph(b, 1, past)).first;
     return it->second;
   };
+  const std::string loop =
+      std::string("HF generate(): greedy, ") +
+      (o.cache == "static" ? "StaticCache of prompt + new tokens - 1"
+       : window > 0        ? "DynamicCache of sliding-window layers (the last " + std::to_string(window - 1) + " tokens)"
+                           : std::string("DynamicCache")) +
+      ", no padding, " +
+      (last_logits ? "the prompt's logits at its last position only (logits_to_keep=1)"
+                   : model.logits_to_keep() ? "the prompt's logits at every position (the forward takes no logits_to_keep)"
+                                            : "the prompt's logits at every position (the export does not say whether "
+                                              "its forward takes logits_to_keep)") +
+      (quant ? "; linears loaded " + QuantName(*quant) +
+                   (quant->library == QuantLibrary::kGptq
+                        ? " (a GPTQ checkpoint; its layout from gptqmodel's source, not compared with a run)"
+                        : " by transformers' bitsandbytes quantizer (the LM head stays in the weights' dtype)")
+             : std::string()) +
+      (o.tp > 1 ? "; on each of " + std::to_string(o.tp) + " tensor-parallel ranks (transformers' tp_plan: q/k/v and "
+                  "gate/up ColwiseParallel, o and down RowwiseParallel, embedding and LM head replicated)"
+                : std::string());
+  if (!o.device_map.empty()) return RunDeviceMapInfer(o, model, graph_at, request, config, loop);
   if (o.gpus > 0) {
     return RunGenerationLayouts(o, graph_at, [&](int64_t b) { return request_at(b, o.prompt); }, config, probe_graph,
                                 no_tp_plan);
@@ -240,24 +270,6 @@ int RunInfer(const InferOptions& o) {
   const sim::MemoryEstimate& peak = est.peak();
   std::optional<GenerationTime> time;
   if (!config.target.is_cpu) time = TimeGeneration(est, config, o.new_tokens, collectives);
-  const std::string loop =
-      std::string("HF generate(): greedy, ") +
-      (o.cache == "static" ? "StaticCache of prompt + new tokens - 1"
-       : window > 0        ? "DynamicCache of sliding-window layers (the last " + std::to_string(window - 1) + " tokens)"
-                           : std::string("DynamicCache")) +
-      ", no padding, " +
-      (last_logits ? "the prompt's logits at its last position only (logits_to_keep=1)"
-                   : model.logits_to_keep() ? "the prompt's logits at every position (the forward takes no logits_to_keep)"
-                                            : "the prompt's logits at every position (the export does not say whether "
-                                              "its forward takes logits_to_keep)") +
-      (quant ? "; linears loaded " + QuantName(*quant) +
-                   (quant->library == QuantLibrary::kGptq
-                        ? " (a GPTQ checkpoint; its layout from gptqmodel's source, not compared with a run)"
-                        : " by transformers' bitsandbytes quantizer (the LM head stays in the weights' dtype)")
-             : std::string()) +
-      (o.tp > 1 ? "; on each of " + std::to_string(o.tp) + " tensor-parallel ranks (transformers' tp_plan: q/k/v and "
-                  "gate/up ColwiseParallel, o and down RowwiseParallel, embedding and LM head replicated)"
-                : std::string());
   if (o.json_out) {
     nlohmann::json j = {{"model", o.model},         {"target", peak.target},
                         {"batch", o.batch},         {"prompt", o.prompt},

@@ -21,6 +21,7 @@ struct InferOptions {
   std::optional<int64_t> max_positions;
   int tp = 1;                // tensor-parallel ranks (transformers' tp_plan; vLLM's with --cache paged)
   int gpus = 0;              // > 0: compare the tensor-parallel layouts over this many GPUs
+  std::string device_map;    // "auto": from_pretrained(device_map="auto") over --gpus GPUs
   std::string kv_dtype = "auto";  // the cache's element type: auto = the weights'
   std::string quant;              // the linears' storage (bitsandbytes / GPTQ formats of --quant); "" = none
   std::optional<int64_t> quant_group;

@@ -203,6 +203,10 @@ constexpr std::array kOps = std::to_array<OpInfo>({
     // gptqmodel's trainable GPTQ linear: torch.matmul on the dequantized weight inside, which autocast casts.
     {"gptq::linear", "", kAutocastInside, A::kLowerPrecision, A::kLowerPrecision, G::kQuantizedMatmul,
      C::kContraction},
+    // accelerate's device hooks (distributed/device_map_generation.h): an argument copied to the module's device,
+    // and the end of the call that held the copies.
+    {"accelerate::send_to_device", "", 0, A::kNone, A::kNone, G::kCast, C::kDataMovement},
+    {"accelerate::call_end", "", 0, A::kNone, A::kNone, G::kCast, C::kNoKernel},
     // Hugging Face generate()'s work between two forwards (graph/generation_forward.h).
     {"hf::generate_next_token", "", 0, A::kNone, A::kNone, G::kGenerationLoop, C::kGeneric},
     // torchao's NF4 linear (LinearNF4): F.linear on the dequantized weight inside, which autocast casts.

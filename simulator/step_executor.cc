@@ -62,12 +62,14 @@ class StepExecutor : private StepMemory {
     int64_t bytes = 0;
     int refs = 0;
     size_t alloc_event = 0;  // index of its allocation in the timeline
+    bool elsewhere = false;  // allocated by an op of another device: no events on this device's timeline
   };
 
   // `label` is a string or a function making one: labels are built only when the configuration keeps them.
   template <typename Label>
   int64_t NewStorage(int64_t bytes, MemoryCategory category, Label&& label, int32_t node) {
     const int64_t id = static_cast<int64_t>(storages_.size());
+    if (node >= 0 && !hooks_->RunsOnThisDevice(graph_.nodes()[static_cast<size_t>(node)])) return ElsewhereStorage();
     storages_.push_back(Storage{id, bytes, 1, out_.timeline.events.size()});
     // What a checkpointed layer's recompute makes is named so, for the breakdown of the backward peak.
     const std::string_view prefix = recomputing_ ? "recomputed: " : "";
@@ -81,11 +83,18 @@ class StepExecutor : private StepMemory {
     out_.timeline.events.push_back(MemoryEvent{true, id, bytes, category, phase_, node});
     return id;
   }
+  // A storage of another device: refcounted like the others, never on this device's timeline.
+  int64_t ElsewhereStorage() {
+    const int64_t id = static_cast<int64_t>(storages_.size());
+    storages_.push_back(Storage{id, 0, 1, out_.timeline.events.size(), true});
+    out_.timeline.block_labels.emplace_back();
+    return id;
+  }
   void Ref(int64_t s) { storages_[static_cast<size_t>(s)].refs++; }
   void Unref(int64_t s, int32_t node) {
     auto& st = storages_[static_cast<size_t>(s)];
     LLMEM_CHECK(st.refs > 0) << "double free of " << out_.timeline.block_labels[static_cast<size_t>(s)];
-    if (--st.refs == 0) {
+    if (--st.refs == 0 && !st.elsewhere) {
       out_.timeline.events.push_back(MemoryEvent{false, s, st.bytes, MemoryCategory::kTransient, phase_, node});
     }
   }
@@ -320,8 +329,11 @@ void StepExecutor::Setup() {
   for (ValueId in : graph_.inputs()) {
     const bool cache = std::find(plan_.loop.cache_inputs.begin(), plan_.loop.cache_inputs.end(), in) !=
                        plan_.loop.cache_inputs.end();
-    storage_of_[static_cast<size_t>(in.index)] = NewStorage(
-        StorageBytes(in), cache ? MemoryCategory::kKvCache : MemoryCategory::kInputs, graph_.value(in).name, -1);
+    storage_of_[static_cast<size_t>(in.index)] =
+        !hooks_->InputOnThisDevice(graph_.value(in))
+            ? ElsewhereStorage()
+            : NewStorage(StorageBytes(in), cache ? MemoryCategory::kKvCache : MemoryCategory::kInputs,
+                         graph_.value(in).name, -1);
   }
 }
 

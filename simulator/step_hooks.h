@@ -36,6 +36,11 @@ class StepHooks {
   // Bytes of a parameter's own storage between steps: a shard for sharded engines. `full_bytes` is the whole
   // tensor in the simulated dtype. Gathered copies are the engine's own blocks (StepMemory::Alloc).
   virtual int64_t ResidentParamBytes(const Parameter& p, int64_t full_bytes) const { return full_bytes; }
+  // Whether the op runs on this device: what another device's op allocates is not this device's memory (a model
+  // placed over several GPUs, distributed/device_map_generation.h).
+  virtual bool RunsOnThisDevice(const OpNode& node) const { return true; }
+  // Whether a graph input lives on this device.
+  virtual bool InputOnThisDevice(const TensorValue& input) const { return true; }
   // Bytes of p this rank's optimizer updates (its states and step temporaries have this size; 0: not this rank's).
   virtual int64_t OptimizedBytes(const Parameter& p, int64_t full_bytes) const { return full_bytes; }
   // True when the engine keeps the trainable weights in 16-bit for compute (chunk-based ZeRO): autocast then makes

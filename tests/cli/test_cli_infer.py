@@ -418,5 +418,58 @@ class InferTensorParallelTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertGreater(two["time"]["decode_step_s"], 0)
 
 
+class InferDeviceMapTest(OneLineErrorAssertions, unittest.TestCase):
+    """--device-map auto: accelerate's placement (compared with accelerate itself on every architecture) and each
+    GPU's share of the weights and cache."""
+
+    # an H100-class GPU a few MiB above its CUDA context: the tiny presets split over the GPUs
+    SPLIT = ("--gpu", "h100-80", "--gpu-memory", "530MiB", "-p", "fp32")
+
+    def test_the_placement_is_accelerates(self):
+        import device_map_check
+
+        cases = [f"{arch}:2:530MiB" for arch in ("llama", "gpt2", "opt", "bloom", "gpt_neo", "codegen", "gpt_bigcode",
+                                                 "qwen2", "mistral")]
+        cases += ["llama:3:524MiB", "gpt2:4:520MiB", "qwen2:4:520MiB"]
+        for case in cases:
+            line, same = device_map_check.check(os.environ["LLMEM_BIN"], TINY, case)
+            self.assertTrue(same, line)
+
+    def test_each_gpu_holds_its_layers_weights_and_cache(self):
+        args = ("-b", "2", "--prompt", "32", "--new-tokens", "8")
+        for arch in ("llama", "gpt2", "bloom"):
+            model = os.path.join(TINY, f"{arch}-tiny.pt")
+            whole = infer_json(model, *self.SPLIT, *args)
+            split = infer_json(model, *self.SPLIT, *args, "--device-map", "auto", "--gpus", "3")
+            gpus = split["devices"]
+            self.assertEqual(len(gpus), 3)
+            self.assertEqual(sum(g["weights_bytes"] for g in gpus), whole["weights_bytes"], arch)
+            self.assertEqual(sum(g["cache_bytes"] for g in gpus), whole["cache_bytes"], arch)
+            self.assertEqual(split["cache_bytes"], whole["cache_bytes"])
+            self.assertGreater(sum(1 for g in gpus if g["weights_bytes"] > 0), 1, arch)
+
+    def test_one_gpu_holding_the_whole_model_is_the_plain_estimate(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        args = ("--gpu", "h100-80", "-p", "fp32", "-b", "2", "--prompt", "32", "--new-tokens", "8")
+        plain = infer_json(llama, *args)
+        mapped = infer_json(llama, *args, "--device-map", "auto", "--gpus", "1")
+        self.assertEqual({a["device"] for a in mapped["device_map"]}, {0})  # clean_device_map: {"": 0}
+        gpu = mapped["devices"][0]
+        self.assertEqual(gpu["prefill_peak_allocated_bytes"], plain["prefill"]["peak_allocated_bytes"])
+        self.assertEqual(gpu["decode_peak_allocated_bytes"], plain["decode"]["peak_allocated_bytes"])
+
+    def test_bad_input_is_one_line(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        base = ("infer", llama, "--prompt", "8", "--new-tokens", "4", "-p", "fp32")
+        self.assert_one_line_error(run(*base, "--gpu", "h100-80", "--gpu-memory", "410MiB", "--device-map", "auto",
+                                       "--gpus", "2"), 2, "offloads", "not modelled")
+        self.assert_one_line_error(run(*base, "--gpu", "h100-80", "--device-map", "auto"), 2, "--gpus")
+        self.assert_one_line_error(run(*base, "--gpu", "cpu", "--device-map", "auto", "--gpus", "2"), 2, "--gpu")
+        self.assert_one_line_error(run(*base, "--gpu", "h100-80", "--device-map", "balanced_low_0", "--gpus", "2"), 2,
+                                   "unknown --device-map")
+        self.assert_one_line_error(run(*base, "--gpu", "h100-80", "--device-map", "auto", "--gpus", "2", "--tp", "2"),
+                                   2, "--device-map auto is modelled alone")
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -14,9 +14,9 @@ TEST(OpRegistryTest, EveryKindHasOneRow) {
   std::set<std::string_view> seen;
   for (const OpInfo& op : AllOps()) {
     EXPECT_TRUE(seen.insert(op.kind).second) << op.kind << " has two rows";
-    // ATen ops, and the library ops llmem's own rewrites emit (bitsandbytes' 4-bit linear)
+    // ATen ops, and the library ops llmem's own rewrites emit (bitsandbytes' 4-bit linear, accelerate's hooks)
     EXPECT_TRUE(op.kind.starts_with("aten::") || op.kind.starts_with("bnb::") || op.kind.starts_with("torchao::") ||
-                op.kind.starts_with("gptq::") || op.kind.starts_with("hf::"))
+                op.kind.starts_with("gptq::") || op.kind.starts_with("hf::") || op.kind.starts_with("accelerate::"))
         << op.kind;
     EXPECT_EQ(FindOp(op.kind), &op) << op.kind;
   }
