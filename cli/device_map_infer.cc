@@ -11,6 +11,7 @@
 #include "cli/generation_time.h"
 #include "distributed/auto_device_map.h"
 #include "distributed/device_map_generation.h"
+#include "distributed/generation_search.h"
 #include "graph/dtype.h"
 #include "graph/error.h"
 
@@ -74,8 +75,10 @@ std::string Join(const std::vector<std::string>& parts) {
 }  // namespace
 
 int RunDeviceMapInfer(const InferOptions& o, const TorchScriptModel& model, const sim::GenerationGraphAt& graph_at,
-                      const sim::GenerationRequest& request, const sim::TrainingConfig& config,
+                      const std::function<sim::GenerationRequest(int64_t, int64_t)>& request_at,
+                      const sim::TrainingConfig& config, const std::optional<PositionLimit>& limit,
                       const std::string& loop) {
+  const sim::GenerationRequest request = request_at(o.batch, o.prompt);
   if (config.target.is_cpu) throw ConfigError("--device-map auto places the model over GPUs: name one with --gpu");
   if (o.gpus < 1) throw ConfigError("--device-map auto needs --gpus N (the GPUs the model is spread over)");
   const int gpus = o.gpus;
@@ -108,9 +111,21 @@ int RunDeviceMapInfer(const InferOptions& o, const TorchScriptModel& model, cons
                         " (the weights do not fit the GPUs); offloaded layers are not modelled");
     }
   }
+  std::vector<sim::GenerationForwardSimulator> shares;
+  for (int d = 0; d < gpus; ++d) shares.push_back(dist::DeviceMapGenerationForward(map, d));
   std::vector<sim::GenerationEstimate> per_gpu;
-  for (int d = 0; d < gpus; ++d) {
-    per_gpu.push_back(sim::EstimateGeneration(graph_at, request, config, dist::DeviceMapGenerationForward(map, d)));
+  for (const auto& share : shares) per_gpu.push_back(sim::EstimateGeneration(graph_at, request, config, share));
+  // The searches: a value fits when every GPU's share does.
+  const auto largest = [&](int64_t cap, std::function<sim::GenerationRequest(int64_t)> at) {
+    return dist::LargestFittingGeneration({.graph_at = graph_at, .request_at = std::move(at), .shares = shares,
+                                           .limit = cap},
+                                          config);
+  };
+  std::optional<int64_t> max_batch, max_prompt;
+  if (o.max_batch) max_batch = largest(int64_t{1} << 20, [&](int64_t b) { return request_at(b, o.prompt); });
+  if (o.max_prompt) {
+    const int64_t cap = limit ? limit->max_seq - o.new_tokens + 1 : int64_t{1} << 24;
+    max_prompt = cap < 1 ? 0 : largest(cap, [&](int64_t p) { return request_at(o.batch, p); });
   }
   // Each GPU's share of the cache: the entries of its layers (all of one length).
   const dist::DeviceMapForward placed = dist::PlaceOnDevices(per_gpu[0].prefill_graph, map, {});
@@ -168,6 +183,8 @@ int RunDeviceMapInfer(const InferOptions& o, const TorchScriptModel& model, cons
                         {"loop", loop + "; " + placement_note},
                         {"time", {{"prefill_s", time.prefill_s}, {"generate_s", time.generate_s},
                                   {"assumptions", time.assumptions}}}};
+    if (max_batch) j["max_batch"] = *max_batch;
+    if (max_prompt) j["max_prompt"] = *max_prompt;
     if (per_gpu[0].decode) {
       j["time"]["decode_step_s"] = time.decode_step_s;
       j["time"]["decode_tokens_per_s"] = static_cast<double>(o.batch) / time.decode_step_s;
@@ -203,6 +220,17 @@ int RunDeviceMapInfer(const InferOptions& o, const TorchScriptModel& model, cons
                   static_cast<double>(o.batch) / time.decode_step_s, static_cast<long long>(o.batch));
     }
     std::printf("  generate()       <= %8.3f s\n", time.generate_s);
+    if (max_batch) {
+      std::printf("largest batch that fits every GPU: %lld (prompt %lld + %lld new tokens)\n",
+                  static_cast<long long>(*max_batch), static_cast<long long>(o.prompt),
+                  static_cast<long long>(o.new_tokens));
+    }
+    if (max_prompt) {
+      std::printf("longest prompt that fits every GPU: %lld tokens (+ %lld new, batch %lld)%s\n",
+                  static_cast<long long>(*max_prompt), static_cast<long long>(o.new_tokens),
+                  static_cast<long long>(o.batch),
+                  limit && *max_prompt + o.new_tokens - 1 >= limit->max_seq ? " (the model's position limit)" : "");
+    }
   }
   return fits ? 0 : kExitDoesNotFit;
 }

@@ -3,6 +3,9 @@
 // weights, cache and peaks.
 #pragma once
 
+#include <cstdint>
+#include <functional>
+#include <optional>
 #include <string>
 
 #include "cli/infer_command.h"
@@ -12,9 +15,12 @@
 
 namespace llmem::cli {
 
-// 0 when every GPU fits, 3 otherwise; bad input throws ConfigError. `loop` describes the generation loop.
+// 0 when every GPU fits, 3 otherwise; bad input throws ConfigError. `request_at(batch, prompt)` is the request
+// at a batch and prompt (for --max-batch and --max-context), `limit` the model's positions, `loop` describes the
+// generation loop.
 int RunDeviceMapInfer(const InferOptions& o, const TorchScriptModel& model, const sim::GenerationGraphAt& graph_at,
-                      const sim::GenerationRequest& request, const sim::TrainingConfig& config,
+                      const std::function<sim::GenerationRequest(int64_t, int64_t)>& request_at,
+                      const sim::TrainingConfig& config, const std::optional<PositionLimit>& limit,
                       const std::string& loop);
 
 }  // namespace llmem::cli

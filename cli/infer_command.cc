@@ -128,9 +128,8 @@ int RunInfer(const InferOptions& o) {
     if (o.device_map != "auto" && o.device_map != "balanced") {
       throw ConfigError("unknown --device-map '" + o.device_map + "' (auto)");
     }
-    if (o.tp != 1 || o.cache == "paged" || o.max_batch || o.max_prompt || !o.quant.empty()) {
-      throw ConfigError("--device-map auto is modelled alone: drop --tp, --cache paged, --quant, --max-batch and "
-                        "--max-context");
+    if (o.tp != 1 || o.cache == "paged" || !o.quant.empty()) {
+      throw ConfigError("--device-map auto is modelled alone: drop --tp, --cache paged and --quant");
     }
   } else if (o.gpus > 0 && (o.tp != 1 || o.max_prompt)) {
     throw ConfigError("--gpus compares the tensor-parallel layouts: drop --tp and --max-context");
@@ -244,7 +243,7 @@ int RunInfer(const InferOptions& o) {
       (o.tp > 1 ? "; on each of " + std::to_string(o.tp) + " tensor-parallel ranks (transformers' tp_plan: q/k/v and "
                   "gate/up ColwiseParallel, o and down RowwiseParallel, embedding and LM head replicated)"
                 : std::string());
-  if (!o.device_map.empty()) return RunDeviceMapInfer(o, model, graph_at, request, config, loop);
+  if (!o.device_map.empty()) return RunDeviceMapInfer(o, model, graph_at, request_at, config, limit, loop);
   if (o.gpus > 0) {
     return RunGenerationLayouts(o, graph_at, [&](int64_t b) { return request_at(b, o.prompt); }, config, probe_graph,
                                 no_tp_plan);

@@ -1,5 +1,7 @@
 #include "distributed/generation_search.h"
 
+#include <algorithm>
+
 #include "distributed/largest_batch_search.h"
 
 namespace llmem::dist {
@@ -12,8 +14,19 @@ int64_t LargestFittingGeneration(const GenerationSearch& s, const sim::TrainingC
   }
   while (!search.Done()) {
     for (int64_t v : search.NextProbes()) {
-      const sim::GenerationEstimate e = sim::EstimateGeneration(s.graph_at, s.request_at(v), config, s.simulate);
-      search.Record(v, e.nvidia_smi_bytes(), e.fits());
+      if (s.shares.empty()) {
+        const sim::GenerationEstimate e = sim::EstimateGeneration(s.graph_at, s.request_at(v), config, s.simulate);
+        search.Record(v, e.nvidia_smi_bytes(), e.fits());
+        continue;
+      }
+      int64_t highest = 0;
+      bool fits = true;
+      for (const auto& share : s.shares) {
+        const sim::GenerationEstimate e = sim::EstimateGeneration(s.graph_at, s.request_at(v), config, share);
+        highest = std::max(highest, e.nvidia_smi_bytes());
+        fits = fits && e.fits();
+      }
+      search.Record(v, highest, fits);
     }
   }
   return search.Largest();

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 #include "graph/graph.h"
 #include "simulator/generation_simulator.h"
@@ -17,6 +18,9 @@ struct GenerationSearch {
   sim::GenerationGraphAt graph_at;                                // the export's generation forwards
   std::function<sim::GenerationRequest(int64_t)> request_at;      // the request at the searched value
   sim::GenerationForwardSimulator simulate;                       // one GPU's, or a tensor-parallel rank's
+  // A model placed over GPUs (a device map): each GPU's share, used instead of `simulate`; a value fits when it
+  // fits every GPU.
+  std::vector<sim::GenerationForwardSimulator> shares;
   int64_t limit = 1;                                              // no value above it is tried (e.g. positions)
   const sim::GenerationEstimate* known = nullptr;                 // an estimate already made, at `known_value`
   int64_t known_value = 0;

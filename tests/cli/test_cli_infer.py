@@ -458,6 +458,19 @@ class InferDeviceMapTest(OneLineErrorAssertions, unittest.TestCase):
         self.assertEqual(gpu["prefill_peak_allocated_bytes"], plain["prefill"]["peak_allocated_bytes"])
         self.assertEqual(gpu["decode_peak_allocated_bytes"], plain["decode"]["peak_allocated_bytes"])
 
+    def test_the_largest_batch_fits_every_gpu_and_one_more_does_not(self):
+        llama = os.path.join(TINY, "llama-tiny.pt")
+        args = (llama, "--gpu", "h100-80", "--gpu-memory", "470MiB", "-p", "fp32", "--prompt", "64", "--new-tokens",
+                "8", "--device-map", "auto", "--gpus", "2")
+        batch = infer_json(*args, "-b", "2", "--max-batch")["max_batch"]
+        self.assertGreater(batch, 2)
+        self.assertTrue(infer_json(*args, "-b", str(batch))["fits"])
+        proc = run("infer", *args, "-b", str(batch + 1), "--json")
+        self.assertEqual(proc.returncode, 3, proc.stderr)
+        over = json.loads(proc.stdout)
+        self.assertFalse(over["fits"])
+        self.assertFalse(all(g["fits"] for g in over["devices"]))
+
     def test_bad_input_is_one_line(self):
         llama = os.path.join(TINY, "llama-tiny.pt")
         base = ("infer", llama, "--prompt", "8", "--new-tokens", "4", "-p", "fp32")
