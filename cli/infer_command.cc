@@ -173,6 +173,10 @@ int RunInfer(const InferOptions& o) {
     throw ConfigError("this export cannot run with bf16 weights (its trace bakes fp32 dtypes in): re-export it with "
                       "--dtype bfloat16, or use -p fp32");
   }
+  if (model.hybrid_attention_layers()) {
+    throw ConfigError("this model mixes sliding-window and full-attention layers (its config's layer_types, as "
+                      "Gemma-2/3): their per-layer caches are not modelled yet");
+  }
   if (o.cache == "paged") return RunPagedInfer(o, model, export_graph, probe_graph, config);
   if (o.cache == "static" && !model.bool_causal_mask().value_or(false)) {
     throw ConfigError("--cache static is modelled for models that build transformers' create_causal_mask mask; this "

@@ -330,6 +330,7 @@ struct TorchScriptModel::Impl {
   std::optional<int64_t> config_max_positions;  // max_position_embeddings of the config the export carries
   std::string config_model_type;                // model_type of that config ("" without one)
   std::optional<int64_t> config_sliding_window;  // its sliding_window, when the model uses one
+  bool config_hybrid_layers = false;             // layer_types mixes windowed and full-attention layers
   std::optional<int64_t> max_positions_override;
   // aten::to nodes of `graph` whose target under autocast is autocast's 16-bit dtype (from the export).
   std::unordered_set<const torch::jit::Node*> autocast_dtype_casts;
@@ -369,6 +370,7 @@ TorchScriptModel& TorchScriptModel::operator=(TorchScriptModel&&) noexcept = def
 TorchScriptModel::~TorchScriptModel() = default;
 const std::string& TorchScriptModel::path() const { return impl_->path; }
 std::optional<int64_t> TorchScriptModel::sliding_window() const { return impl_->config_sliding_window; }
+bool TorchScriptModel::hybrid_attention_layers() const { return impl_->config_hybrid_layers; }
 std::optional<bool> TorchScriptModel::logits_to_keep() const { return impl_->config_logits_to_keep; }
 std::optional<bool> TorchScriptModel::eos_token() const { return impl_->config_eos_token; }
 std::optional<bool> TorchScriptModel::bool_causal_mask() const { return impl_->config_bool_mask; }
@@ -436,6 +438,16 @@ void TorchScriptModel::Impl::ReadConfig(const std::string& text) {
   const bool off = use != config.end() && use->is_boolean() && !use->get<bool>();
   if (auto it = config.find("sliding_window"); !off && it != config.end() && it->is_number_integer()) {
     config_sliding_window = it->get<int64_t>();
+  }
+  // layer_types decides each layer's cache (transformers' DynamicCache(config)): a window only where a layer says so.
+  if (auto it = config.find("layer_types"); it != config.end() && it->is_array() && !it->empty()) {
+    size_t windowed = 0;
+    for (const auto& t : *it) {
+      const std::string kind = t.is_string() ? t.get<std::string>() : "";
+      if (kind == "sliding_attention" || kind == "chunked_attention") ++windowed;
+    }
+    if (windowed == 0) config_sliding_window.reset();
+    config_hybrid_layers = windowed > 0 && windowed < it->size();
   }
 }
 

@@ -54,6 +54,8 @@ class TorchScriptModel {
   const std::string& path() const;
   // The sliding_window of the config the export carries, when the model attends within one (none otherwise).
   std::optional<int64_t> sliding_window() const;
+  // Whether the config's layer_types mixes sliding-window and full-attention layers (Gemma-2/3).
+  bool hybrid_attention_layers() const;
   // Whether the model's forward takes logits_to_keep (so generate() computes the prompt's logits at its last
   // position only), as the export's config record says; none for an export without the record.
   std::optional<bool> logits_to_keep() const;

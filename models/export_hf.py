@@ -650,16 +650,17 @@ def logits_dtype_kind(model, device):
     return "float32" if out.logits.dtype == torch.float32 else None
 
 
-def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask, logits_dtype=None, no_split_modules=None):
-    """The config fields llmem reads, as JSON: model_type, max_position_embeddings (None when the
-    architecture has none, e.g. BLOOM's ALiBi), rope_scaling, sliding_window and use_sliding_window (a
-    generation cache keeps only the window), the dtype the export was traced in, and whether the model's forward
-    takes logits_to_keep (generate() then computes the prompt's logits at its last position only; a forward without
-    it computes them at every position) and the generation config's eos_token_id (without one, generate() adds no
-    min-length logits processors), and which causal mask the model builds: "create_causal_mask" (transformers'
+def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask, logits_dtype=None,
+                  no_split_modules=None):
+    """The config fields llmem reads, as JSON: model_type, max_position_embeddings (None when the architecture has
+    none, e.g. BLOOM's ALiBi), rope_scaling, sliding_window, use_sliding_window and layer_types (a generation cache
+    keeps only the window, in the layers that have one), the dtype the export was traced in, whether the model's
+    forward takes logits_to_keep (generate() then computes the prompt's logits at its last position only; a forward
+    without it computes them at every position), the generation config's eos_token_id (without one, generate() adds
+    no min-length logits processors), which causal mask the model builds: "create_causal_mask" (transformers'
     masking_utils: a bool mask, sliding-window ones included) or "legacy" (the model's own _update_causal_mask: a
-    mask in the model's dtype), what the forward without labels returns as logits (logits_dtype_kind), and whether
-    the config has a base_model_tp_plan (what from_pretrained(tp_plan="auto") splits), and the module classes
+    mask in the model's dtype), what the forward without labels returns as logits (logits_dtype_kind), whether the
+    config has a base_model_tp_plan (what from_pretrained(tp_plan="auto") splits), and the module classes
     from_pretrained(device_map="auto") never splits over devices (model._get_no_split_modules)."""
     return json.dumps({
         "causal_mask": causal_mask,
@@ -672,6 +673,7 @@ def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask, logi
         "max_position_embeddings": getattr(config, "max_position_embeddings", None),
         "rope_scaling": getattr(config, "rope_scaling", None),
         "sliding_window": getattr(config, "sliding_window", None),
+        "layer_types": getattr(config, "layer_types", None),
         "use_sliding_window": getattr(config, "use_sliding_window", None),
         "torch_dtype": dtype,
     }, sort_keys=True)
