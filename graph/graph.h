@@ -89,6 +89,8 @@ struct NameRebinding {
   std::vector<std::string> rebinders;
   bool one_of_several = false;  // the name binds one element of the call's result (`x, w = self.attn(...)`): the
                                 // rule holds for the call's result when the call returns a single tensor
+  int own_rebindings = 0;       // no rebinder: the frame's own statements that rebind the name in turn, each from
+                                // the value before (`logits = logits / c; logits = torch.tanh(logits)`: 2)
 };
 
 struct OpNode {

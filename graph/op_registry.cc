@@ -74,7 +74,8 @@ constexpr std::array kOps = std::to_array<OpInfo>({
     {"aten::pad", "", 0, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
     {"aten::constant_pad_nd", "", 0, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
     {"aten::repeat_interleave", "self_int, self_Tensor", 0, A::kNone, A::kNone, G::kScatterBack, C::kDataMovement},
-    {"aten::repeat", "", kKeepsValues, A::kNone, A::kNone, G::kUnmodelled, C::kDataMovement},
+    // repeat: a new tensor; repeat_backward sums the gradient's tiles into an input-sized one.
+    {"aten::repeat", "", kKeepsValues, A::kNone, A::kNone, G::kFromGradOnly, C::kDataMovement},
     {"aten::roll", "", 0, A::kNone, A::kNone, G::kUnmodelled, C::kDataMovement},
     {"aten::flip", "", 0, A::kNone, A::kNone, G::kUnmodelled, C::kDataMovement},
     {"aten::cat", "", 0, A::kNone, A::kNone, G::kSlicesOfGrad, C::kDataMovement},
@@ -113,10 +114,13 @@ constexpr std::array kOps = std::to_array<OpInfo>({
     {"aten::neg", "", 0, A::kNone, A::kNone, G::kFromGradOnly, C::kElementwise},
     {"aten::pow", "Tensor_Scalar, Tensor_Tensor, Scalar", 0, A::kNone, A::kFp32, G::kPow, C::kElementwise},
     {"aten::rsqrt", "", 0, A::kNone, A::kFp32, G::kRsqrt, C::kElementwise},
+    // square is pow(self, 2) to autograd and to CUDA autocast (a composite op: pow's dispatch runs under it).
+    {"aten::square", "", 0, A::kNone, A::kFp32, G::kPow, C::kElementwise},
+    // reciprocal: -grad * (result * result), as rsqrt's: the result saved, two output-sized temporaries.
+    {"aten::reciprocal", "", 0, A::kNone, A::kFp32, G::kRsqrt, C::kElementwise},
     {"aten::sqrt", "", 0, A::kNone, A::kNone, G::kFromResult, C::kElementwise},
     {"aten::exp", "", 0, A::kNone, A::kFp32, G::kFromResult, C::kElementwise},
     {"aten::log", "", 0, A::kNone, A::kFp32, G::kFromInput, C::kElementwise},
-    {"aten::reciprocal", "", 0, A::kNone, A::kFp32, G::kUnmodelled, C::kElementwise},
     {"aten::tanh", "", 0, A::kNone, A::kNone, G::kFromResult, C::kElementwise},
     {"aten::sigmoid", "", 0, A::kNone, A::kNone, G::kFromResult, C::kElementwise},
     {"aten::relu", "", 0, A::kNone, A::kNone, G::kFromResult, C::kElementwise},

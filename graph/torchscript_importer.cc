@@ -487,6 +487,8 @@ void TorchScriptModel::Impl::ReadRebindings(const std::string& text) {
       r.rebinders = names(rule, "rebinder");
       const auto several = rule.find("one_of_several");
       r.one_of_several = several != rule.end() && several->is_boolean() && several->get<bool>();
+      const auto own = rule.find("own_rebindings");
+      if (own != rule.end() && own->is_number_integer()) r.own_rebindings = std::max(0, own->get<int>());
       call_records.rebinding[cls][child] = std::make_shared<const NameRebinding>(std::move(r));
     }
   }

@@ -826,8 +826,11 @@ def _self_attributes(stmt):
 
 def _rebinding_of(sites, index, children):
     """For the call site sites[index] = `X = self.c(...)` (or `X, ... = ...`): (the children its frame may call
-    before X is rebound, the child whose call rebinds X or None when the rebinding statement calls none), or None
-    when the forward does not plainly rebind X while no other reference holds the tensor."""
+    before X is rebound, the child whose call rebinds X or None when the rebinding statement calls none, the count
+    of statements that rebind X in turn from X in the frame's own code: 0 for a child rebinder), or None when the
+    forward does not plainly rebind X while no other reference holds the tensor. An own-code rebinding may lie in a
+    block the call's does not (Gemma-2's `if self.config.final_logit_softcapping is not None:`): whether it ran is
+    the trace's to say."""
     import ast
 
     stmt, chain = sites[index]
@@ -838,14 +841,28 @@ def _rebinding_of(sites, index, children):
     between = set()
     for later, later_chain in sites[index + 1:]:
         if name in _assigned_names(later):
-            # The rebinding runs whenever the binding did: it lies in the same statement list or an enclosing one.
-            if later_chain != chain[:len(later_chain)] or _holds_another_reference(later, name):
-                return None
             value = getattr(later, "value", None)
             rebinder = _child_call(value, children) if value is not None else None
+            # A child rebinder runs whenever the binding did: it lies in the same statement list or an enclosing one.
+            nested = later_chain != chain[:len(later_chain)] and later_chain[:len(chain)] != chain
+            if nested or (rebinder is not None and later_chain != chain[:len(later_chain)]) \
+                    or _holds_another_reference(later, name):
+                return None
             # Children the rebinding statement calls before its rebinder returns (its arguments) run while X is bound.
             between |= (_self_attributes(later) & children) - {rebinder}
-            return sorted(between), rebinder
+            own = 0
+            if rebinder is None:
+                # `X = X / c; X = torch.tanh(X); X = X * c`: consecutive statements of the block, each from X alone.
+                position = next(i for i, (s, _) in enumerate(sites) if s is later)
+                for follow, follow_chain in sites[position:]:
+                    follow_value = getattr(follow, "value", None)
+                    reads = follow_value is not None and any(
+                        isinstance(n, ast.Name) and n.id == name for n in ast.walk(follow_value))
+                    if (follow_chain != later_chain or _assigned_names(follow) != [name] or not reads
+                            or _self_attributes(follow) & children or _holds_another_reference(follow, name)):
+                        break
+                    own += 1
+            return sorted(between), rebinder, own
         if _holds_another_reference(later, name):
             return None
         if isinstance(later, (ast.If, ast.With)):
@@ -859,14 +876,16 @@ def _rebinding_of(sites, index, children):
 
 
 def rebound_name_record(model):
-    """JSON {module class name: {child attribute: {"between": [...], "rebinder": [...], "one_of_several": bool}}}
+    """JSON {module class name: {child attribute: {"between": [...], "rebinder": [...], "one_of_several": bool,
+    "own_rebindings": N}}}
     for the children whose every call in the class's forward binds its result to a name X that a later statement
     rebinds, with no other reference to the tensor taken meanwhile. "between": children the frame may call after
     the call and before the rebinding; "rebinder": children whose call is the rebinding statement (its result is
     assigned to X once that call returns), empty when the rebinding statement calls no child, so X is dropped
     before the next child call outside "between". "one_of_several": X is one element of the call's result
     (`hidden_states, weights = self.self_attn(...)`, `x = self.block(...)[0]`), so the rule holds for the call's
-    result only when it returns a single tensor."""
+    result only when it returns a single tensor. "own_rebindings": with no rebinder, how many statements of the
+    frame's own code rebind X in turn, each from the value before (`logits = logits / c`, then `torch.tanh`)."""
     import ast
 
     record = {}
@@ -905,6 +924,8 @@ def rebound_name_record(model):
                     "between": sorted(set().union(*(set(r[0][0]) for r in rules))),
                     "rebinder": sorted({r[0][1] for r in rules if r[0][1] is not None}),
                     "one_of_several": any(r[1] for r in rules),
+                    # the fewest, so that no call site's chain is walked past its end
+                    "own_rebindings": min(r[0][2] for r in rules),
                 }
     return json.dumps(record, sort_keys=True)
 

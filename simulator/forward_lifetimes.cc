@@ -85,6 +85,13 @@ bool Names(const std::vector<std::string>& names, std::string_view child) {
 
 }  // namespace
 
+// Note [Own-code rebindings]
+// A name bound to a child call's result and rebound by the frame's own statements (Granite's
+// `logits = logits / self.config.logits_scaling`, Gemma-2's soft-capping `logits = logits / c;
+// logits = torch.tanh(logits); logits = logits * c`) drops the old tensor once the first of them has read it: each
+// value of the chain dies at its last use, the next statement's op, and the last one is what the name holds until
+// the frame returns. When the old value's last use is not the frame's own code, the rebinding did not run (it lay in
+// a block the trace skipped) and the result stays bound.
 std::vector<int32_t> ForwardReleasePoints(const Graph& graph, Lifetimes lifetimes) {
   const auto& nodes = graph.nodes();
   const int32_t n = static_cast<int32_t>(nodes.size());
@@ -144,7 +151,8 @@ std::vector<int32_t> ForwardReleasePoints(const Graph& graph, Lifetimes lifetime
           return k - 1;  // the rebinding statement ran before this call
         }
       }
-      return frame_end;
+      // No child call follows: a rebinding statement that calls no child is the frame's own code.
+      return rule.rebinders.empty() ? -1 : frame_end;
     };
     // Tensors each child call returns into its frame, for rules that bind one element of the result.
     std::map<std::pair<int32_t, size_t>, int> returned;  // (end of the call, depth of the frame) -> tensors
@@ -180,7 +188,25 @@ std::vector<int32_t> ForwardReleasePoints(const Graph& graph, Lifetimes lifetime
         const auto& rules = nodes[p].rebindings;
         if (depth < rules.size() && rules[depth] &&
             (!rules[depth]->one_of_several || returned[{end_of_call(p, depth + 1), depth}] == 1)) {
-          bound_until = std::min(bound_until, rebinding(p, depth, *rules[depth]));
+          const NameRebinding& rule = *rules[depth];
+          int32_t rebound = rebinding(p, depth, rule);
+          // Rebound by the frame's own code (Note [Own-code rebindings]).
+          const auto own_code = [&](size_t op) {
+            return paths.Depth(op) == depth && nodes[op].in_module_code && !nodes[op].outputs.empty();
+          };
+          if (rule.rebinders.empty() && rule.own_rebindings > 0 && own_code(last)) {
+            ValueId held = nodes[last].outputs.front();
+            for (int step = 1; step < rule.own_rebindings; ++step) {
+              const size_t next = static_cast<size_t>(release[static_cast<size_t>(held.index)]);
+              if (next >= nodes.size() || !own_code(next)) break;
+              held = nodes[next].outputs.front();
+            }
+            int32_t& until = release[static_cast<size_t>(held.index)];
+            until = std::max(until, end_of_call(last, depth));
+          } else if (rebound < 0) {
+            rebound = end_of_call(p, depth);  // the rebinding did not run (a block the trace skipped): bound
+          }
+          bound_until = std::min(bound_until, rebound);
         }
         release[i] = std::max(release[i], bound_until);
       }

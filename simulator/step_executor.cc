@@ -83,6 +83,13 @@ class StepExecutor : private StepMemory {
     out_.timeline.events.push_back(MemoryEvent{true, id, bytes, category, phase_, node});
     return id;
   }
+  // Re-files an activation gradient that becomes a parameter's .grad under the gradients.
+  void MarkAsParameterGradient(int64_t s) {
+    const Storage& st = storages_[static_cast<size_t>(s)];
+    if (st.elsewhere) return;
+    MemoryCategory& c = out_.timeline.events[st.alloc_event].category;
+    if (c == MemoryCategory::kActivationGrads) c = MemoryCategory::kGradients;
+  }
   // A storage of another device: refcounted like the others, never on this device's timeline.
   int64_t ElsewhereStorage() {
     const int64_t id = static_cast<int64_t>(storages_.size());
@@ -833,6 +840,9 @@ void StepExecutor::Backward() {
       const auto& v = graph_.value(in);
       int64_t& slot = grad_of_[static_cast<size_t>(in.index)];
       if (slot < 0) {
+        // A gradient passed through to a parameter unchanged (Gemma's norm: `1.0 + self.weight.float()` passes
+        // the sum's gradient on) is the tensor AccumulateGrad takes as .grad: a parameter gradient from now on.
+        if (Trainable(in)) MarkAsParameterGradient(contribution);
         slot = contribution;
         if (!transposed_weight_grad && contribution != grad_out) inplace_ok_.insert(contribution);
         return;

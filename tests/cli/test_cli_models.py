@@ -290,7 +290,11 @@ class ModelFileTest(unittest.TestCase):
             name = next(n for n in z.namelist() if n.endswith("extra/rebound_names.json"))
             record = json.loads(z.read(name))
         layer = record["OPTDecoderLayer"]
-        self.assertEqual(layer["fc1"], {"between": [], "rebinder": ["activation_fn"], "one_of_several": False})
+        self.assertEqual(layer["fc1"], {"between": [], "rebinder": ["activation_fn"], "one_of_several": False,
+                                        "own_rebindings": 0})
+        # `hidden_states = self.fc2(h)`, then the layer's own `= dropout(hidden_states, ...)` and `= residual + ...`
+        self.assertEqual(layer["fc2"]["rebinder"], [])
+        self.assertEqual(layer["fc2"]["own_rebindings"], 2)
         self.assertEqual(layer["self_attn"]["one_of_several"], True)  # hidden_states, self_attn_weights = ...
         self.assertNotIn("final_layer_norm", layer)  # its last call's result is returned in a tuple
         # LlamaDecoderLayer: the norms' results die when self_attn and mlp return, self_attn's before the second norm.
