@@ -48,6 +48,23 @@ ARCH_TYPES = {
     "gpt_bigcode": "gpt_bigcode",
     "mistral": "mistral",
     "qwen2": "qwen2",
+    # decoder types beyond the first nine, tiny presets only
+    "phi": "phi",
+    "phi3": "phi3",
+    "qwen3": "qwen3",
+    "olmo": "olmo",
+    "olmo2": "olmo2",
+    "stablelm": "stablelm",
+    "starcoder2": "starcoder2",
+    "gpt_neox": "gpt_neox",
+    "granite": "granite",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3_text",
+    "cohere": "cohere",
+    "gptj": "gptj",
+    "mpt": "mpt",
+    "persimmon": "persimmon",
 }
 
 
@@ -116,6 +133,30 @@ PRESETS = {
         "tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, sliding_window=24),
         "small": _llama_like(512, 1536, 8, 8, 2, 32000, 4096, sliding_window=512),
     },
+    # Tiny presets of further decoder types (hidden 256, 4 layers, 4 heads, vocab 8192), each with what sets it apart.
+    "phi": {"tiny": _llama_like(256, 1024, 4, 4, 4, 8192, ROPE_TINY_POSITIONS, partial_rotary_factor=0.5)},
+    "phi3": {"tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, pad_token_id=0)},  # fused qkv, gate_up
+    "qwen3": {"tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, head_dim=64)},  # q/k RMSNorm
+    "olmo": {"tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS)},  # non-parametric LayerNorm
+    "olmo2": {"tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS)},  # post-norms, q/k RMSNorm
+    "stablelm": {"tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, partial_rotary_factor=0.25)},
+    "starcoder2": {"tiny": _llama_like(256, 1024, 4, 4, 2, 8192, ROPE_TINY_POSITIONS)},  # biased GELU MLP
+    "gpt_neox": {"tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                              vocab_size=8192, max_position_embeddings=ROPE_TINY_POSITIONS, rotary_pct=0.25)},
+    "granite": {"tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS)},  # scaled residuals and logits
+    "gemma": {"tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, head_dim=64)},  # scaled embedding
+    "gemma2": {"tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, head_dim=64, sliding_window=24,
+                                   query_pre_attn_scalar=64)},  # local/global layers, soft-capping
+    "gemma3_text": {"tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, head_dim=64,
+                                        sliding_window=24, query_pre_attn_scalar=64,
+                                        layer_types=["sliding_attention", "full_attention"] * 2)},
+    "cohere": {"tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS)},  # parallel attention + MLP
+    "gptj": {"tiny": dict(n_embd=256, n_layer=4, n_head=4, rotary_dim=32, vocab_size=8192, n_positions=1024)},
+    "mpt": {"tiny": dict(d_model=256, n_layers=4, n_heads=4, vocab_size=8192, max_seq_len=1024,
+                         expansion_ratio=4)},  # ALiBi
+    "persimmon": {"tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                               vocab_size=8192, max_position_embeddings=ROPE_TINY_POSITIONS,
+                               partial_rotary_factor=0.5)},
     "qwen2": {  # grouped-query attention, q/k/v biases, tied embeddings
         "tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, tie_word_embeddings=True),
         "small": _llama_like(512, 1792, 8, 8, 2, 50000, 4096, tie_word_embeddings=True,
@@ -180,6 +221,8 @@ EAGER_FALLBACK = {
     "bloom": "no sdpa implementation in transformers 4.57 (ALiBi attention via baddbmm + softmax)",
     "gpt_neo": "no sdpa implementation in transformers 4.57 (eager or flash_attention_2 only)",
     "codegen": "no sdpa implementation in transformers 4.57 (eager only)",
+    "gptj": "no sdpa implementation in transformers 4.57 (eager or flash_attention_2 only)",
+    "mpt": "no sdpa implementation in transformers 4.57 (eager only)",
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -256,14 +299,14 @@ def build_model(arch, model_type, kwargs, device, dtype, keep_dropout, seed):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     model.to(dtype)
     model.train()
-    if arch == "codegen":
+    if arch in ("codegen", "gptj"):
         _codegen_positions_as_buffers(model)
     return model, attn
 
 
 def _codegen_positions_as_buffers(model):
-    """CodeGen keeps its sin/cos table (`embed_positions`, [n_positions, rotary_dim]) as a plain tensor
-    attribute of every attention layer, so the trace bakes one tensor constant per layer. On meta the
+    """CodeGen and GPT-J keep their sin/cos table (`embed_positions`, [n_positions, rotary_dim]) as a plain tensor
+    attribute of every attention layer (memory on the GPU once the first forward has moved it there), so the trace bakes one tensor constant per layer. On meta the
     tracer's constant pooling compares those with aten::equal (no meta kernel) and fails; on CPU they
     are constants the C++ side would have to move by hand. Registering the same tensor as a
     non-persistent buffer makes it module state (prim::GetAttr), which moves with the parameters.
@@ -272,9 +315,10 @@ def _codegen_positions_as_buffers(model):
     build holds), a scalar constant that combines with meta tensors.
     """
     from transformers.models.codegen.modeling_codegen import CodeGenAttention
+    from transformers.models.gptj.modeling_gptj import GPTJAttention
 
     for module in model.modules():
-        if not isinstance(module, CodeGenAttention):
+        if not isinstance(module, (CodeGenAttention, GPTJAttention)):
             continue
         if "embed_positions" in module.__dict__:
             table = module.__dict__.pop("embed_positions")

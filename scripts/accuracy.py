@@ -22,6 +22,7 @@ Errors are signed: (estimate - measured) / measured. A negative error is an unde
   scripts/accuracy.py ... --distributed all   # both sets once (what docs/ACCURACY.md is generated with)
   scripts/accuracy.py ... --archs "" --recipes [--quick]   # the training-recipe cases (RECIPE_CASES) only
   scripts/accuracy.py ... --inference   # also llmem infer against real generate() (scripts/inference_accuracy.py)
+  scripts/accuracy.py ... --model-types --update docs/ACCURACY.md   # the further decoder types' own section
 
 --recipes adds RECIPE_CASES: each training-recipe feature (activation checkpointing full / non-reentrant / every-K /
 selective, gradient accumulation, chunked loss, kept outputs, optimizer in backward, gradient clipping) on several
@@ -49,6 +50,10 @@ import inference_accuracy  # noqa: E402
 import training_recipe  # noqa: E402
 
 ARCHS = ["gpt2", "opt", "bloom", "llama", "gpt_neo", "codegen", "gpt_bigcode", "mistral", "qwen2"]
+# Further decoder types (models/export_hf.py's tiny presets of them), their own section (--model-types).
+MODEL_TYPE_ARCHS = ["phi", "phi3", "qwen3", "olmo", "olmo2", "stablelm", "starcoder2", "gpt_neox", "granite", "gemma",
+                    "gemma2", "gemma3_text", "cohere", "gptj", "mpt", "persimmon"]
+MODEL_TYPES_SECTION = "## Further decoder types: eager training steps on this CPU"
 POINTS = [(1, 128), (2, 256), (4, 512)]
 META_POINTS = [(1, 512), (1, 2048), (4, 1024)]
 PRECISIONS = ["fp32", "bf16-autocast"]
@@ -158,10 +163,18 @@ def main():
                          "--quick its quick cases)")
     ap.add_argument("--out", help="write the markdown report here")
     ap.add_argument("--check", type=float, help="fail if any |error| (percent) of any phase exceeds this")
+    ap.add_argument("--model-types", action="store_true",
+                    help=f"the further decoder types ({', '.join(MODEL_TYPE_ARCHS)}) with AdamW instead of --archs")
+    ap.add_argument("--update", help="with --model-types: replace (or append) their section of this report (e.g. "
+                                     "docs/ACCURACY.md), dated by this run")
     args = ap.parse_args()
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
+    if args.model_types:
+        args.archs, args.optimizers = ",".join(MODEL_TYPE_ARCHS), "adamw"
+    elif args.update:
+        sys.exit("accuracy: --update writes the --model-types section; the whole report is --out")
 
     def parse_points(text):
         return [tuple(int(x) for x in p.split("x")) for p in text.split(",") if p]
@@ -341,6 +354,25 @@ def main():
                                for c in COLUMNS) +
                     f" | {r.get('peak_phase', 'not estimated')} |\n")
 
+    if args.update and rows:
+        import io
+
+        import report_sections
+
+        section = io.StringIO()
+        section.write(f"\n{MODEL_TYPES_SECTION}\n\n")
+        section.write(f"- when: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} "
+                      "(this section's own run: `scripts/accuracy.py --model-types --update`)\n")
+        section.write("- measured and estimated as the first table (eager steps, AdamW), on `tiny` presets of "
+                      "further decoder types in `models/export_hf.py`: partial rotary (phi, stablelm, gpt_neox, "
+                      "persimmon), q/k norms (qwen3, olmo2), fused qkv / gate-up (phi3), scaled embeddings and "
+                      "logits (gemma, granite, cohere), local/global layers and soft-capping (gemma2, gemma3_text), "
+                      "parallel attention + MLP (cohere, gptj), ALiBi (mpt)\n\n")
+        for c in COLUMNS:
+            section.write(f"- **{c}: {summary(rows, c)}.**\n")
+        section.write("\n")
+        phase_table(section, rows)
+        report_sections.update_section(args.update, MODEL_TYPES_SECTION, section.getvalue())
     if args.out:
         import torch  # the venv's torch version goes into the report
         with open(args.out, "w") as f:

@@ -213,18 +213,11 @@ def main():
         import datetime
         import io
 
-        with open(args.update) as f:
-            text = f.read()
+        import report_sections
+
         section = io.StringIO()
         write_section(section, rows, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-        start = text.find("\n" + SECTION)
-        if start < 0:
-            text = text.rstrip("\n") + "\n" + section.getvalue()
-        else:
-            end = text.find("\n## ", start + 1)
-            text = text[:start] + section.getvalue() + (text[end:] if end >= 0 else "")
-        with open(args.update, "w") as f:
-            f.write(text)
+        report_sections.update_section(args.update, SECTION, section.getvalue())
     if args.check is not None and worst(rows) > args.check:
         sys.exit(f"inference_accuracy: an error of {worst(rows):.3f}% exceeds {args.check}%")
 
