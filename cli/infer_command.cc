@@ -71,7 +71,7 @@ void PrintPhase(const char* name, const sim::MemoryEstimate& e) {
 }  // namespace
 
 void AddInferOptions(CLI::App* cmd, InferOptions& o) {
-  cmd->add_option("model", o.model, "TorchScript export (models/export_hf.py)")->required();
+  AddModelSource(cmd, o.source, "TorchScript export (models/export_hf.py)");
   cmd->add_option("--gpu", o.gpu, "GPU kind, or cpu (what an instrumented CPU run allocates)")->capture_default_str();
   cmd->add_option("--gpu-memory", o.gpu_memory, "capacity of a GPU the catalog lacks (other figures from --gpu)");
   cmd->add_option("-b,--batch", o.batch, "sequences generated together")->capture_default_str();

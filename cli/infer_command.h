@@ -7,10 +7,13 @@
 #include <optional>
 #include <string>
 
+#include "cli/hf_config_export.h"
+
 namespace llmem::cli {
 
 struct InferOptions {
-  std::string model;
+  ModelSource source;
+  std::string model;  // the export read: source.file, or the export of source.hf_config
   std::string gpu = "a100-80";
   std::string gpu_memory;
   int64_t batch = 1;

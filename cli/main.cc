@@ -21,6 +21,7 @@
 #include "graph/torchscript_importer.h"
 #include "measure/training_step_runner.h"
 #include "cli/category_report.h"
+#include "cli/hf_config_export.h"
 #include "cli/lora_options.h"
 #include "cli/recipe_options.h"
 #include "cli/infer_command.h"
@@ -43,7 +44,8 @@ constexpr int kExitBadInput = 2;
 constexpr int kExitDoesNotFit = 3;
 
 struct StepOptions {
-  std::string model;
+  llmem::cli::ModelSource source;
+  std::string model;  // the export read: source.file, or the export of source.hf_config
   int64_t batch = 1;
   int64_t seq = 512;
   std::string precision = "bf16-autocast";
@@ -69,7 +71,7 @@ struct StepOptions {
 };
 
 void AddStepOptions(CLI::App* cmd, StepOptions& o) {
-  cmd->add_option("model", o.model, "TorchScript export of the model (forward(input_ids, labels) -> loss)")->required();
+  llmem::cli::AddModelSource(cmd, o.source, "TorchScript export of the model (forward(input_ids, labels) -> loss)");
   cmd->add_option("--batch,-b", o.batch, "micro-batch size per GPU")->capture_default_str();
   cmd->add_option("--seq,-s", o.seq, "sequence length in tokens")->capture_default_str();
   cmd->add_option("--precision,-p", o.precision, "fp32 | bf16-autocast | fp16-autocast | bf16")->capture_default_str();
@@ -442,12 +444,12 @@ int main(int argc, char** argv) {
   CLI::App app{"llmem: will this LLM fine-tuning step fit in GPU memory?"};
   app.require_subcommand(1);
 
-  std::string inspect_path;
+  llmem::cli::ModelSource inspect_source;
   int64_t inspect_batch = 1, inspect_seq = 128;
   std::optional<int64_t> inspect_max_positions;
   bool print_ir = false, inspect_json = false;
   auto* inspect = app.add_subcommand("inspect", "parameters per region, layers, op counts, dtypes");
-  inspect->add_option("model", inspect_path, "TorchScript export")->required();
+  llmem::cli::AddModelSource(inspect, inspect_source, "TorchScript export");
   inspect->add_option("--batch,-b", inspect_batch, "batch size for the op graph")->capture_default_str();
   inspect->add_option("--seq,-s", inspect_seq, "sequence length for the op graph")->capture_default_str();
   inspect->add_option("--max-positions", inspect_max_positions, "longest sequence the model allows (scaled RoPE)");
@@ -528,13 +530,32 @@ int main(int argc, char** argv) {
   }
   est_opts.engine_given = engine_option->count() > 0;
   try {
-    if (*inspect) return RunInspect(inspect_path, inspect_batch, inspect_seq, inspect_max_positions, print_ir,
-                                    inspect_json);
-    if (*estimate) return RunEstimate(est_opts, est_opts.gpu);
-    if (*measure) return RunMeasure(measure_opts, device, steps);
-    if (*recommend) return llmem::cli::RunRecommend(rec_opts);
+    using llmem::cli::ExportDtypeFor;
+    using llmem::cli::ModelFile;
+    if (*inspect) {
+      return RunInspect(ModelFile(inspect_source, "float32", inspect_json), inspect_batch, inspect_seq,
+                        inspect_max_positions, print_ir, inspect_json);
+    }
+    if (*estimate) {
+      est_opts.model = ModelFile(est_opts.source, ExportDtypeFor(est_opts.precision), est_opts.json_out);
+      return RunEstimate(est_opts, est_opts.gpu);
+    }
+    if (*measure) {
+      if (!measure_opts.source.hf_config.empty())  // a config's export has no weights to run
+        throw llmem::Error("measure runs an export with weights: make one with models/export_hf.py --config PATH "
+                           "--out FILE");
+      measure_opts.model = ModelFile(measure_opts.source, "float32", measure_opts.json_out);
+      return RunMeasure(measure_opts, device, steps);
+    }
+    if (*recommend) {
+      rec_opts.model = ModelFile(rec_opts.source, ExportDtypeFor(rec_opts.precision), rec_opts.json_out);
+      return llmem::cli::RunRecommend(rec_opts);
+    }
     if (*validate) return llmem::cli::RunValidate(val_opts);
-    if (*infer) return llmem::cli::RunInfer(infer_opts);
+    if (*infer) {
+      infer_opts.model = ModelFile(infer_opts.source, ExportDtypeFor(infer_opts.precision), infer_opts.json_out);
+      return llmem::cli::RunInfer(infer_opts);
+    }
   } catch (const llmem::Error& e) {
     std::fprintf(stderr, "llmem: error: %s\n", e.what());
     return kExitBadInput;

@@ -97,7 +97,7 @@ std::string MixedPrecisionAssumption(const sim::Recipe& r) {
 }  // namespace
 
 void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
-  cmd->add_option("model", o.model, "TorchScript export of the model (forward(input_ids, labels) -> loss)")->required();
+  AddModelSource(cmd, o.source, "TorchScript export of the model (forward(input_ids, labels) -> loss)");
   cmd->add_option("--gpus,-n", o.gpus, "number of GPUs")->capture_default_str();
   cmd->add_option("--nodes", o.nodes, "number of nodes the GPUs are spread over; default: nodes of 8 GPUs");
   cmd->add_option("--gpu,-g", o.gpu, "GPU from the catalog")->capture_default_str();

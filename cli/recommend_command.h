@@ -7,12 +7,14 @@
 #include <optional>
 #include <string>
 
+#include "cli/hf_config_export.h"
 #include "cli/recipe_options.h"
 
 namespace llmem::cli {
 
 struct RecommendOptions {
-  std::string model;
+  ModelSource source;
+  std::string model;  // the export read: source.file, or the export of source.hf_config
   int gpus = 8;
   std::string gpu = "a100-80";
   std::string gpu_memory;  // --gpu-memory: capacity of a GPU the catalog lacks (other figures from --gpu)

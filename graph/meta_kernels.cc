@@ -318,6 +318,14 @@ std::tuple<Tensor, Tensor, Tensor> FlashAttentionForCpuBackwardMeta(
   return {grad_q, grad_k, grad_v};
 }
 
+// where.self_out: the math attention's causal mask (Falcon's multi-query keys send SDPA down the math path) writes
+// into an out tensor, sized as where.self sizes its result.
+Tensor& WhereSelfOutMeta(const Tensor& condition, const Tensor& self, const Tensor& other, Tensor& out) {
+  const Tensor result = WhereSelfMeta(condition, self, other);
+  if (out.sizes() != result.sizes()) out.resize_(result.sizes());
+  return out;
+}
+
 // --- scaled_dot_product_attention on meta -----------------------------------------------------------------------
 
 // Same steps as the CompositeImplicit kernel on CPU: a bool mask becomes an additive float mask, the CPU rule
@@ -365,6 +373,7 @@ void RegisterAll() {
   if (!HasMetaKernel("aten::relu", "")) meta->impl("relu", TORCH_FN(ReluMeta));
   if (!HasMetaKernel("aten::relu_", "")) meta->impl("relu_", TORCH_FN(ReluInplaceMeta));
   if (!HasMetaKernel("aten::where", "self")) meta->impl("where.self", TORCH_FN(WhereSelfMeta));
+  if (!HasMetaKernel("aten::where", "self_out")) meta->impl("where.self_out", TORCH_FN(WhereSelfOutMeta));
   if (!HasMetaKernel("aten::_scaled_dot_product_flash_attention_for_cpu", "")) {
     meta->impl("_scaled_dot_product_flash_attention_for_cpu", TORCH_FN(FlashAttentionForCpuMeta));
   }

@@ -49,6 +49,8 @@ constexpr std::array kOps = std::to_array<OpInfo>({
     {"aten::clone", "", kKeepsValues, A::kNone, A::kNone, G::kViewOfGrad, C::kDataMovement},
     {"aten::transpose", "int", kView | kKeepsValues, A::kNone, A::kNone, G::kViewOfGrad, C::kDataMovement},
     {"aten::t", "", kView | kKeepsValues, A::kNone, A::kNone, G::kViewOfGrad, C::kDataMovement},
+    // Tensor.T: the reversed dimensions as a view (Falcon's `x @ self.weight.T`).
+    {"aten::numpy_T", "", kView | kKeepsValues, A::kNone, A::kNone, G::kViewOfGrad, C::kDataMovement},
     {"aten::permute", "", kView | kKeepsValues, A::kNone, A::kNone, G::kViewOfGrad, C::kDataMovement},
     {"aten::expand", "", kView | kKeepsValues, A::kNone, A::kNone, G::kSumTo, C::kDataMovement},
     {"aten::expand_as", "", kView | kKeepsValues, A::kNone, A::kNone, G::kSumTo, C::kDataMovement},

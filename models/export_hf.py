@@ -11,6 +11,7 @@ Examples:
   export_hf.py llama --size tiny --out models/cache/llama-tiny.pt
   export_hf.py llama-2-7b --device meta --out models/llama-2-7b.meta.pt
   export_hf.py --all models/cache --size tiny
+  export_hf.py --config path/to/model/config.json --device meta --out my-model.meta.pt
   export_hf.py gpt2 --size tiny --out gpt2-tiny.pt --list-ops
 """
 
@@ -275,6 +276,65 @@ def resolve(name, size):
     raise ExportError(f"unknown architecture '{name}' (choose from: {choices})")
 
 
+# Config keys that give a mixture-of-experts model's expert count (Mixtral, Qwen-MoE / OLMoE, DeepSeek, DBRX's ffn).
+MOE_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+# Keys of a config.json that describe the checkpoint rather than the model: dropped before building it.
+CHECKPOINT_ONLY_KEYS = ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
+
+
+def resolve_config(path):
+    """Return (arch, model_type, config kwargs, label) for a user's Hugging Face config.json (the file, or the model
+    directory that holds it), refusing what cannot be a decoder language model of transformers' own classes."""
+    from transformers import __version__ as hf_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ExportError(f"no config file at {file}" + (" (a model directory holds config.json)"
+                                                          if os.path.isdir(path) else ""))
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{file} is not a JSON config: {_first_line(exc)}") from None
+    if not isinstance(raw, dict):
+        raise ExportError(f"{file} is not a Hugging Face config (a JSON object with a model_type)")
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ExportError(f"{file} has no model_type (every Hugging Face config.json names one)")
+    if raw.get("auto_map"):
+        raise ExportError(f"model_type '{model_type}' comes with its own modelling code (auto_map, "
+                          "trust_remote_code): llmem builds transformers' own classes only")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ExportError(f"unknown model_type '{model_type}' (transformers {hf_version} has no such model)")
+    if raw.get("is_encoder_decoder") or model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        raise ExportError(f"'{model_type}' is an encoder-decoder (seq2seq) model: llmem estimates decoder-only "
+                          "language models")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise ExportError(f"'{model_type}' is an encoder-only (masked LM) model: llmem estimates decoder-only "
+                          "language models")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ExportError(f"'{model_type}' has no causal language model class in transformers {hf_version}: "
+                          "llmem estimates decoder-only language models")
+    experts = max((v for k, v in raw.items() if k in MOE_EXPERT_KEYS and isinstance(v, int)), default=0)
+    if experts > 1:
+        raise ExportError(f"'{model_type}' is a mixture-of-experts model ({experts} experts): its routing is "
+                          "data-dependent (torch.nonzero per expert) and not modelled yet")
+    kwargs = {k: v for k, v in raw.items() if k not in CHECKPOINT_ONLY_KEYS and k != "model_type"}
+    quant = kwargs.pop("quantization_config", None)
+    if isinstance(quant, dict):
+        # from_config builds the unquantized model; the quantized layout is llmem's --quant.
+        print(f"export_hf.py: note: the config's quantization_config ({quant.get('quant_method', '?')}) is not "
+              "part of the export: pass llmem's --quant for quantized weights", file=sys.stderr)
+    arch = next((a for a, t in ARCH_TYPES.items() if t == model_type), model_type)
+    label = os.path.basename(os.path.dirname(os.path.abspath(file))) or model_type
+    return arch, model_type, kwargs, label
+
+
 def zero_dropout(config):
     """Set every dropout-like probability of the config to 0.0 (modern LLM configs use 0)."""
     for key, value in list(config.to_dict().items()):
@@ -288,8 +348,10 @@ def build_model(arch, model_type, kwargs, device, dtype, keep_dropout, seed):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    attn = "eager" if arch in EAGER_FALLBACK else "sdpa"
     config = AutoConfig.for_model(model_type, **kwargs)
+    # SDPA where the model class has it, as from_pretrained's default; eager otherwise (EAGER_FALLBACK lists presets).
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    attn = "eager" if arch in EAGER_FALLBACK or not getattr(model_class, "_supports_sdpa", False) else "sdpa"
     config.use_cache = False
     if not keep_dropout:
         zero_dropout(config)
@@ -299,8 +361,7 @@ def build_model(arch, model_type, kwargs, device, dtype, keep_dropout, seed):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     model.to(dtype)
     model.train()
-    if arch in ("codegen", "gptj"):
-        _codegen_positions_as_buffers(model)
+    _codegen_positions_as_buffers(model)
     return model, attn
 
 
@@ -346,6 +407,30 @@ def traceable_bloom_gelu():
         yield
     finally:
         BloomGelu.forward = saved
+
+
+@contextlib.contextmanager
+def traceable_sdpa_is_causal():
+    """While tracing, SDPA's `is_causal` is a bool even where the model computes it from a shape.
+
+    Falcon, Nemotron, OLMoE and DBRX pass `is_causal=q_len > 1` (`causal_mask is None and ...`); under
+    torch.jit.trace a size is a traced 0-dim tensor, so that is a Tensor, which the SDPA binding rejects. Its value
+    at the trace's shape (every training step has q_len > 1) is what eager takes; transformers' own SDPA
+    integration does the same (`is_causal.item()` when tracing). The op and what autograd saves are unchanged.
+    """
+    functional = torch.nn.functional
+    saved = functional.scaled_dot_product_attention
+
+    def sdpa(*args, **kwargs):
+        if isinstance(kwargs.get("is_causal"), torch.Tensor):
+            kwargs["is_causal"] = bool(kwargs["is_causal"].item())
+        return saved(*args, **kwargs)
+
+    functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = saved
 
 
 def make_inputs(batch, seq, vocab, device, gen=None):
@@ -457,19 +542,35 @@ def cpu_scalar_constants():
     become meta tensor constants of the trace, and the tracer's constant pooling
     compares them with aten::equal, which has no meta kernel. A 0-dim CPU tensor is what the CPU
     trace holds anyway, and it combines with meta tensors like any CPU scalar does.
+    Likewise an index list (Falcon's multi-query `fused_qkv[..., [-2], :]`), which indexing turns into an index
+    tensor on the indexed tensor's device: it is given as a CPU index tensor, which the trace keeps with its values.
     """
     saved = torch.tensor
+    saved_getitem = torch.Tensor.__getitem__
 
     def tensor(data, *args, device=None, **kwargs):
         if isinstance(data, (int, float, bool)) and device is not None and torch.device(device).type == "meta":
             device = "cpu"
         return saved(data, *args, device=device, **kwargs)
 
+    def int_list(index):
+        return isinstance(index, list) and index and all(isinstance(i, int) for i in index)
+
+    def getitem(self, index):
+        if self.device.type == "meta":
+            if int_list(index):
+                index = saved(index)
+            elif isinstance(index, tuple) and any(int_list(i) for i in index):
+                index = tuple(saved(i) if int_list(i) else i for i in index)
+        return saved_getitem(self, index)
+
     torch.tensor = tensor
+    torch.Tensor.__getitem__ = getitem
     try:
         yield
     finally:
         torch.tensor = saved
+        torch.Tensor.__getitem__ = saved_getitem
 
 
 def trace(model, batch, seq, vocab, device):
@@ -486,7 +587,7 @@ def trace_wrapper(wrapper, ids, labels, device, autocast_dtype=None):
     autocast_ctx = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
     with warnings.catch_warnings(), untraced_masking(), meta_safe_autocast(), traceable_bloom_gelu(), \
-            meta_ctx, autocast_ctx:
+            traceable_sdpa_is_causal(), meta_ctx, autocast_ctx:
         warnings.simplefilter("ignore")  # TracerWarnings: --verify checks other shapes instead
         return torch.jit.trace(wrapper, (ids, labels), check_trace=False, strict=False)
 
@@ -672,7 +773,7 @@ def causal_mask_kind(model):
 def logits_dtype_kind(model, device):
     """What the forward without labels (generate()'s) returns as logits: "lm_head" (the LM head's output, in the
     weights' dtype) or "float32" (GPT-J and CodeGen cast it: `self.lm_head(h).to(torch.float32)`); None when a
-    forward cannot run here (some models on the meta device). Found with a hook that hands back the head's output
+    forward cannot run here. Found with a hook that hands back the head's output
     in another dtype: logits in that dtype are the head's output itself."""
     head = model.get_output_embeddings()
     if head is None:
@@ -682,8 +783,12 @@ def logits_dtype_kind(model, device):
     training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            out = model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=False)
+        # On meta, on fake CPU tensors: a meta forward fails in some models' CPU-only code.
+        # (its mask code then as untraced: fake tensors cannot answer `torch.all(mask == 1)`)
+        with torch.no_grad(), (fake_cpu_tensors(model) if device == "meta" else contextlib.nullcontext()) as fake, \
+                (untraced_masking() if fake else contextlib.nullcontext()):
+            ids = fake(1, 2) if fake else torch.zeros((1, 2), dtype=torch.long, device=device)
+            out = model(input_ids=ids, use_cache=False)
     except Exception:  # noqa: BLE001 (any failure of the probe leaves the record unknown)
         return None
     finally:
@@ -994,8 +1099,19 @@ def _cast_sites(graph):
                     and isinstance(inputs[i].type(), torch._C.IntType):
                 target = inputs[i].toIValue()
                 break
-        sites.append((str(node.sourceRange()).split("\n")[0].strip(), target))
+        sites.append((_model_frame(str(node.sourceRange())), target))
     return sites
+
+
+def _model_frame(source_range):
+    """The innermost frame of a traced op's source range outside this exporter (its tracing shims, e.g.
+    cpu_scalar_constants, call the op for the model's line)."""
+    lines = [ln.strip() for ln in source_range.split("\n") if ln.strip()]
+    here = os.path.abspath(__file__)
+    for line in lines:
+        if not line.startswith(here):
+            return line
+    return lines[0] if lines else ""
 
 
 def autocast_targets(plain_sites, autocast_sites, low_dtype):
@@ -1028,13 +1144,120 @@ def autocast_takes_effect(device):
         return torch.mm(x, x).dtype == torch.bfloat16
 
 
-def autocast_cast_record(wrapper, traced, ids, labels, device):
-    """AUTOCAST_CASTS_FILE's JSON for the saved trace; None where autocast cannot be traced (meta)."""
-    if not autocast_takes_effect(device):
+# c10::ScalarType codes of the dtypes a cast names (the int constant of a traced aten::to).
+SCALAR_TYPE_CODES = {torch.float16: 5, torch.float32: 6, torch.float64: 7, torch.bfloat16: 15}
+# Tensor methods a trace records as aten::to, and the dtype each names (None: an argument names it).
+CAST_METHODS = {"to": None, "float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16,
+                "double": torch.float64}
+
+
+def _named_dtype(name, args, kwargs):
+    if CAST_METHODS[name] is not None:
+        return CAST_METHODS[name]
+    for a in list(args[1:]) + [kwargs.get("dtype")]:
+        if isinstance(a, torch.dtype):
+            return a
+    return None
+
+
+@contextlib.contextmanager
+def fake_cpu_tensors(module):
+    """Within: FakeTensorMode, with the module's meta parameters and buffers swapped for fake CPU tensors (restored
+    on exit); yields fake_ids(batch, seq), which makes fake CPU token ids.
+
+    FakeTensorMode's tensors say they are on the CPU while holding no data, so a meta model's forward runs there as
+    on the CPU (CPU autocast, CPU-only code paths) at no memory cost. A draw the forward branches on (OPT's
+    layerdrop, `torch.rand([]) < p`) is made real, as eager makes it; other data-dependent code raises."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
+
+    class RealDraws(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.rand and not any(isinstance(a, int) or a for a in args):
+                with unset_fake_temporarily():
+                    return torch.rand(())
+            tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            if tensors and not any(isinstance(t, FakeTensor) for t in tensors):
+                with unset_fake_temporarily():  # real inputs only (such a draw): a real result to branch on
+                    return func(*args, **kwargs)
+            return func(*args, **kwargs)
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    converter = mode.fake_tensor_converter
+    cpu = torch.device("cpu")
+    saved = []
+    try:
+        with mode:
+            for sub in module.modules():
+                for store in (sub._parameters, sub._buffers):
+                    for key, t in store.items():
+                        if t is not None and t.device.type == "meta":
+                            saved.append((store, key, t))
+                            fake = converter.from_meta_and_device(mode, t.data, cpu)
+                            store[key] = torch.nn.Parameter(fake, t.requires_grad) if isinstance(
+                                t, torch.nn.Parameter) else fake
+            with RealDraws():
+                yield lambda batch, seq: converter.from_meta_and_device(
+                    mode, torch.empty(batch, seq, dtype=torch.long, device="meta"), cpu)
+    finally:
+        for store, key, t in saved:
+            store[key] = t
+
+
+def fake_cpu_cast_sites(wrapper, batch, seq):
+    """The casts of one forward of a meta-device wrapper run under CPU autocast on fake CPU tensors
+    (fake_cpu_tensors), as (source line, ScalarType code) in the order they ran; None when that forward cannot run.
+
+    CPU autocast acts on CPU tensors only, so a meta model shows no autocast dtype; on fake CPU tensors autocast
+    dispatches as on the CPU (its own casts, the 16-bit results a model's `x.to(input_dtype)` then follows).
+    torch.jit.trace cannot run on fake tensors, so the forward runs eagerly and a TorchFunctionMode records each
+    cast at its caller's line, in the form a trace's source range gives (`file(line): function`)."""
+    import sys as _sys
+    from torch.overrides import TorchFunctionMode
+
+    sites = []
+
+    def caller():
+        frame = _sys._getframe(2)
+        return f"{frame.f_code.co_filename}({frame.f_lineno}): {frame.f_code.co_name}"
+
+    class CastRecorder(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            if name in CAST_METHODS and getattr(func, "__objclass__", None) in (torch.Tensor, torch._C.TensorBase):
+                sites.append((caller(), SCALAR_TYPE_CODES.get(_named_dtype(name, args, kwargs))))
+            elif func is torch.tensor and isinstance(kwargs.get("dtype"), torch.dtype):
+                # a trace records torch.tensor(x, dtype=d) as a constant cast to d (GPT-Neo's mask value)
+                sites.append((caller(), SCALAR_TYPE_CODES.get(kwargs["dtype"])))
+            return func(*args, **kwargs)
+
+    try:
+        with fake_cpu_tensors(wrapper) as fake_ids:
+            ids = fake_ids(batch, seq)
+            with warnings.catch_warnings(), untraced_masking(), traceable_bloom_gelu(), \
+                    torch.autocast("cpu", dtype=torch.bfloat16), CastRecorder():
+                warnings.simplefilter("ignore")
+                wrapper(ids, ids)
+    except Exception:  # noqa: BLE001 - a forward fake tensors cannot run (data-dependent code): no record
         return None
-    under_autocast = trace_wrapper(wrapper, ids, labels, device, autocast_dtype=torch.bfloat16)
+    return sites
+
+
+def autocast_cast_record(wrapper, traced, ids, labels, device):
+    """AUTOCAST_CASTS_FILE's JSON for the saved trace; on meta from a forward on fake CPU tensors (None when that
+    cannot run)."""
     plain = _cast_sites(inlined_graph(traced))
-    targets = autocast_targets(plain, _cast_sites(inlined_graph(under_autocast)), 15)  # c10 BFloat16
+    if autocast_takes_effect(device):
+        under_autocast = _cast_sites(inlined_graph(
+            trace_wrapper(wrapper, ids, labels, device, autocast_dtype=torch.bfloat16)))
+    else:
+        under_autocast = fake_cpu_cast_sites(wrapper, ids.shape[0], ids.shape[1])
+        if under_autocast is None:
+            return None
+    targets = autocast_targets(plain, under_autocast, 15)  # c10 BFloat16
     return json.dumps({"aten_to_count": len(plain), "to_autocast_dtype": targets})
 
 
@@ -1048,8 +1271,8 @@ def check_trace_shape(trace_batch, trace_seq):
 
 
 def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, trace_seq=16,
-               keep_dropout=False, verify=True, list_ops=False, seed=0, quiet=False):
-    arch, model_type, kwargs, label = resolve(name, size)
+               keep_dropout=False, verify=True, list_ops=False, seed=0, quiet=False, config=None):
+    arch, model_type, kwargs, label = resolve_config(config) if config else resolve(name, size)
     if device not in ("cpu", "meta"):
         raise ExportError(f"unknown device '{device}' (choose cpu or meta)")
     if dtype not in DTYPES:
@@ -1152,6 +1375,8 @@ def parse_args(argv):
     p.add_argument("--size", help="tiny, small, or a real-size name of the architecture (e.g. "
                    "llama --size llama-2-7b); not needed when ARCH is a real-size name")
     p.add_argument("--out", help="output .pt file")
+    p.add_argument("--config", metavar="PATH", help="a Hugging Face config.json (or the model directory holding "
+                   "it) of any decoder model_type transformers builds, instead of ARCH")
     p.add_argument("--all", metavar="OUTDIR", help="export every architecture at --size into OUTDIR "
                    "as <arch>-<size>.pt")
     p.add_argument("--device", default="cpu", help="cpu (random weights) or meta (structure only, "
@@ -1180,6 +1405,8 @@ def main(argv=None):
         raise ExportError(f"unknown device '{args.device}' (choose cpu or meta)")
     if args.dtype not in DTYPES:
         raise ExportError(f"unknown dtype '{args.dtype}' (choose from: {', '.join(DTYPES)})")
+    if args.config and (args.arch or args.size or args.all):
+        raise ExportError("--config takes no architecture, --size or --all")
     if args.all:
         if args.arch:
             raise ExportError("--all takes no architecture argument")
@@ -1211,11 +1438,11 @@ def main(argv=None):
         if args.list_ops:
             print("union of op kinds: " + " ".join(sorted(union)))
         return 1 if failed else 0
-    if not args.arch:
-        raise ExportError("give an architecture (or --all OUTDIR)")
+    if not args.arch and not args.config:
+        raise ExportError("give an architecture, --config PATH or --all OUTDIR")
     if not args.out:
         raise ExportError("--out FILE is required")
-    export_one(args.arch, args.size, args.out, **common)
+    export_one(args.arch, args.size, args.out, config=args.config, **common)
     return 0
 
 

@@ -1,7 +1,9 @@
 #include "simulator/op_memory_rules.h"
 
 #include <algorithm>
+#include <string>
 
+#include "graph/error.h"
 #include "graph/op_registry.h"
 
 namespace llmem::sim {
@@ -574,6 +576,17 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
       OpMemoryRule r = Uniform(n, GradKind::kNone);
       const DType qd = ctx.dtype(inputs[0]);
       const auto& q = ctx.graph.value(inputs[0]);
+      // Keys with fewer heads than the queries, broadcast without enable_gqa (Falcon-7B's multi-query attention):
+      // every fused kernel refuses them (sdp_utils_cpp.h check_batch_size_and_num_heads_dense), so PyTorch runs
+      // its composite math attention, which keeps the [B, H, L, S] probabilities and expanded key/value copies.
+      const bool enable_gqa = ArgNumber(node, 7, 0.0) != 0.0;
+      if (n >= 2 && q.shape.size() == 4 && ctx.graph.value(inputs[1]).shape.size() == 4 && !enable_gqa &&
+          ctx.graph.value(inputs[1]).shape[1] != q.shape[1]) {
+        throw ConfigError("this model's attention broadcasts " + std::to_string(ctx.graph.value(inputs[1]).shape[1]) +
+                          " key/value head(s) over " + std::to_string(q.shape[1]) +
+                          " query heads in scaled_dot_product_attention, which runs PyTorch's math attention "
+                          "(no fused kernel takes it): not modelled yet");
+      }
       for (size_t i = 0; i < std::min<size_t>(3, n); ++i) r.input_grads[i] = GradKind::kNew;
       r.saved_inputs = {0, 1, 2};
       r.saved_outputs = {0};
