@@ -9,6 +9,7 @@
 #include <array>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <map>
 #include <new>
@@ -23,6 +24,8 @@
 #include "cli/category_report.h"
 #include "cli/hf_config_export.h"
 #include "cli/lora_options.h"
+#include "cli/memory_plot.h"
+#include "cli/memory_snapshot_file.h"
 #include "cli/recipe_options.h"
 #include "cli/infer_command.h"
 #include "cli/recommend_command.h"
@@ -33,7 +36,9 @@
 #include "distributed/nccl_memory.h"
 #include "distributed/parallel_plan.h"
 #include "distributed/rank_estimate.h"
+#include "simulator/backend_rules.h"
 #include "simulator/memory_estimate.h"
+#include "simulator/memory_snapshot.h"
 
 namespace {
 
@@ -55,6 +60,8 @@ struct StepOptions {
   bool json_out = false;
   bool allow_unknown_ops = false;
   std::string trace_path;
+  std::string snapshot_path;  // estimate: --snapshot FILE (a PyTorch memory snapshot)
+  std::string plot_path;      // estimate: --plot FILE.svg|FILE.html
   std::string lifetimes = "eager";
   // Parallel layout (estimate): one rank of dp × tp GPUs.
   int dp = 1;
@@ -313,6 +320,29 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
     }
   }
   if (!o.trace_path.empty()) llmem::cli::WriteEstimateTrace(o.trace_path, est.simulation->timeline);
+  // The allocator may reserve what the GPU has left beside the memory outside it (CUDA context, NCCL).
+  const bool caching = llmem::sim::RulesFor(config.target).caching_allocator;
+  const int64_t allocator_capacity = std::max<int64_t>(0, est.capacity_bytes - est.fixed_overhead_bytes);
+  if (!o.snapshot_path.empty()) {
+    llmem::cli::WriteMemorySnapshot(
+        o.snapshot_path,
+        llmem::sim::ReplayForSnapshot(est.simulation->timeline, caching,
+                                      caching ? allocator_capacity : llmem::sim::kUnlimitedBytes),
+        est.simulation->timeline);
+  }
+  if (!o.plot_path.empty()) {
+    const std::string file = std::filesystem::path(o.model).filename().string();
+    char title[512];
+    std::snprintf(title, sizeof(title), "%s: %lld x %lld tokens, %s, %s, on %s%s", file.c_str(),
+                  static_cast<long long>(o.batch), static_cast<long long>(o.seq), o.precision.c_str(),
+                  o.optimizer.c_str(), target.c_str(),
+                  o.dp * o.tp > 1 ? (" (one rank of dp " + std::to_string(o.dp) + " x tp " + std::to_string(o.tp) +
+                                     ", " + o.engine + ")").c_str()
+                                  : "");
+    llmem::cli::WriteMemoryPlot(o.plot_path, est.simulation->timeline,
+                                {.title = title, .peak_allocated = est.peak_allocated_bytes,
+                                 .capacity = caching ? allocator_capacity : 0, .capacity_name = target});
+  }
   if (o.json_out) {
     json j = EstimateJson(est, o, config, assumptions);
     if (adapters.active()) {
@@ -465,6 +495,12 @@ int main(int argc, char** argv) {
   estimate->add_option("--gpu-memory", est_opts.gpu_memory,
                        "memory of a GPU the catalog lacks, e.g. 24GiB or 81920MiB (other figures from --gpu)");
   estimate->add_option("--trace", est_opts.trace_path, "write the simulated allocation timeline (TSV) to this file")
+      ->check(kNonEmptyPath);
+  estimate->add_option("--snapshot", est_opts.snapshot_path,
+                       "write the simulated step as a PyTorch memory snapshot (pickle) for PyTorch's memory viewer")
+      ->check(kNonEmptyPath);
+  estimate->add_option("--plot", est_opts.plot_path,
+                       "write a picture of the step's memory by category over time (.svg, or .html: the same SVG)")
       ->check(kNonEmptyPath);
   estimate->add_flag("--allow-unknown-ops", est_opts.allow_unknown_ops,
                      "estimate ops without a memory rule conservatively (with a warning)");

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -9,6 +10,7 @@
 #include <sstream>
 
 #include "cli/category_report.h"
+#include "cli/layout_plot.h"
 #include "cli/lora_options.h"
 #include "cli/training_options.h"
 #include "distributed/interconnect.h"
@@ -99,6 +101,8 @@ std::string MixedPrecisionAssumption(const sim::Recipe& r) {
 void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   AddModelSource(cmd, o.source, "TorchScript export of the model (forward(input_ids, labels) -> loss)");
   cmd->add_option("--gpus,-n", o.gpus, "number of GPUs")->capture_default_str();
+  cmd->add_option("--plot", o.plot_path, "write a chart of every layout's memory per GPU and throughput (.svg or .html)")
+      ->check([](const std::string& v) { return v.empty() ? std::string("an empty path") : std::string(); });
   cmd->add_option("--nodes", o.nodes, "number of nodes the GPUs are spread over; default: nodes of 8 GPUs");
   cmd->add_option("--gpu,-g", o.gpu, "GPU from the catalog")->capture_default_str();
   cmd->add_option("--gpu-memory", o.gpu_memory,
@@ -204,6 +208,13 @@ int RunRecommend(const RecommendOptions& o) {
   const double sweep_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - s0).count() - build_seconds;
 
+  if (!o.plot_path.empty()) {
+    char title[512];
+    std::snprintf(title, sizeof title, "%s on %d x %s, seq %lld, %s, %s",
+                  std::filesystem::path(o.model).filename().string().c_str(), o.gpus, o.gpu.c_str(),
+                  static_cast<long long>(o.seq), o.precision.c_str(), o.optimizer.c_str());
+    WriteLayoutPlot(o.plot_path, rec, gpu->capacity_bytes, title);
+  }
   if (o.json_out) {
     json j{{"model", o.model},
            {"gpus", o.gpus},

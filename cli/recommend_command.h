@@ -32,6 +32,7 @@ struct RecommendOptions {
   std::string engines = "ddp,zero1,zero2,zero3,gemini";
   bool no_vocab_parallel = false;
   bool json_out = false;
+  std::string plot_path;  // --plot FILE.svg|FILE.html: memory per GPU and throughput of every layout
   std::string lifetimes = "eager";
   std::optional<int64_t> max_positions;  // replaces the config's position limit (scaled RoPE)
   RecipeOptions recipe;

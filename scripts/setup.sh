@@ -10,10 +10,11 @@ cd "$repo"
 
 # torch 2.11.0 is what the GPU machines carry; transformers 4.57.6 is the last 4.x release
 # (5.x dropped TorchScript tracing). python3-dev: the distributed validation builds a small allocator extension.
+# chromium: the test of `estimate --plot` renders the picture headless and looks at its pixels.
 TORCH_VERSION=2.11.0
 TRANSFORMERS_VERSION=4.57.6
 DEBS=(build-essential cmake ninja-build python3-venv python3-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev
-      libcli11-dev nlohmann-json3-dev libbenchmark-dev libmimalloc-dev)
+      libcli11-dev nlohmann-json3-dev libbenchmark-dev libmimalloc-dev chromium)
 
 missing=()
 for p in "${DEBS[@]}"; do

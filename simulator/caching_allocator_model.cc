@@ -122,6 +122,11 @@ std::vector<SegmentInfo> CudaCachingAllocatorModel::Segments() const {
   return out;
 }
 
+int64_t CudaCachingAllocatorModel::AddressOf(int64_t id) const {
+  const int32_t* index = live_.Find(id);
+  return index == nullptr || *index == kNoBlock ? -1 : blocks_[static_cast<size_t>(*index)].address;
+}
+
 int64_t CudaCachingAllocatorModel::LargestFreeBlockBytes() const {
   int64_t largest_bytes = 0;
   if (!small_free_.empty()) largest_bytes = std::get<0>(*small_free_.rbegin());

@@ -78,6 +78,8 @@ class CudaCachingAllocatorModel final : public AllocatorModel {
 
   // Every segment in address order, with its blocks. O(blocks); meant for reports and tests.
   std::vector<SegmentInfo> Segments() const;
+  // Address of live block `id`'s first byte; -1 when `id` is not live or was a zero-byte request.
+  int64_t AddressOf(int64_t id) const;
   // Size of the largest cached free block in either pool (0 if none), for out-of-memory messages.
   int64_t LargestFreeBlockBytes() const;
   const CachingAllocatorConfig& config() const { return config_; }
