@@ -288,6 +288,7 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   if (o.max_positions) model.set_max_positions(*o.max_positions);
   auto graph = model.BuildGraph(o.batch, o.seq);
   std::vector<std::string> assumptions;  // of a parallel layout on a GPU: NCCL's buffers; of QLoRA's precision
+  if (const auto moe = model.moe_routing()) assumptions.push_back(llmem::cli::MoeRoutingAssumption(*moe));
   const llmem::cli::AdapterRecipe adapters(o.lora, o.lora_modules_to_save, o.quant, o.quant_group, config);
   if (adapters.active()) {
     const llmem::dist::ParallelPlan layout{.dp = o.dp, .tp = o.tp, .engine = *engine};

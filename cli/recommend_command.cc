@@ -200,6 +200,7 @@ int RunRecommend(const RecommendOptions& o) {
                               " (and its links)");
   }
   rec.assumptions.push_back(MixedPrecisionAssumption(req.config));
+  if (const auto moe = model.moe_routing()) rec.assumptions.push_back(MoeRoutingAssumption(*moe));
   if (!adapters.assumption().empty()) rec.assumptions.push_back(adapters.assumption());
   if (!adapters.ShardingAssumption().empty()) rec.assumptions.push_back(adapters.ShardingAssumption());
   if (const std::string loop = dist::DataParallelLoopAssumption(req.config, req.engines); !loop.empty()) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "graph/torchscript_importer.h"
 #include "simulator/training_config.h"
 
 namespace llmem::cli {
@@ -24,5 +25,8 @@ std::string GpuMemoryAssumption(const std::string& gpu);
 
 // --lifetimes: eager (the user's eager Python program, default) | torchscript (what `llmem measure` runs).
 sim::Lifetimes ParseLifetimesOption(const std::string& name);
+
+// The routing a mixture-of-experts export was traced with, as an assumption line of estimate and recommend.
+std::string MoeRoutingAssumption(const TorchScriptModel::MoeRouting& moe);
 
 }  // namespace llmem::cli

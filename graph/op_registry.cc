@@ -138,6 +138,9 @@ constexpr std::array kOps = std::to_array<OpInfo>({
     {"aten::minimum", "", 0, A::kNone, A::kNone, G::kUnmodelled, C::kElementwise},
     {"aten::maximum", "", 0, A::kNone, A::kNone, G::kUnmodelled, C::kElementwise},
     {"aten::remainder", "Tensor, Scalar", 0, A::kNone, A::kNone, G::kRemainder, C::kElementwise},
+    // Mixture-of-experts routing (Mixtral's loop): each expert's rows added back into the layer's output.
+    {"aten::index_add_", "", kInPlace, A::kNone, A::kNone, G::kIndexAdd, C::kDataMovement},
+    {"aten::one_hot", "", 0, A::kNone, A::kNone, G::kNone, C::kDataMovement},
     {"aten::floor_divide", "", 0, A::kNone, A::kNone, G::kNone, C::kElementwise},
     {"aten::cumsum", "", 0, A::kNone, A::kFp32SetOptDtype, G::kFromGradOnly, C::kElementwise},
     {"aten::diff", "", 0, A::kNone, A::kNone, G::kFromGradOnly, C::kElementwise},  // composite: narrow and sub
@@ -184,6 +187,8 @@ constexpr std::array kOps = std::to_array<OpInfo>({
 
     // Softmax, losses, normalization, embedding.
     {"aten::softmax", "int", 0, A::kNone, A::kFp32SetOptDtype, G::kSoftmax, C::kSoftmax},
+    // topk: value_selecting_reduction_backward scatters the gradient into zeros of the input's size (indices kept).
+    {"aten::topk", "", 0, A::kNone, A::kNone, G::kSelectingReduction, C::kReduction},
     {"aten::log_softmax", "int", 0, A::kNone, A::kFp32SetOptDtype, G::kSoftmax, C::kSoftmax},
     {"aten::_softmax", "", 0, A::kNone, A::kNone, G::kSoftmax, C::kSoftmax},
     {"aten::_log_softmax", "", 0, A::kNone, A::kNone, G::kSoftmax, C::kSoftmax},

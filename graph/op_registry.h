@@ -45,6 +45,7 @@ enum class GradFormula : uint8_t {
   kSub,                  // grad to self, -grad to other
   kFromGradOnly,         // a new gradient computed from grad alone (neg, cumsum, triu, diff)
   kRemainder,            // grad to self, -grad * floor(self / other) to other
+  kIndexAdd,             // index_add_: grad to self, grad.index_select(dim, index) to source (reads the index)
   kMul,                  // each input's gradient reads the other input
   kDiv,                  // grad / other; -grad * self / other^2
   kPow,                  // grad * exponent * self^(exponent - 1)

@@ -341,6 +341,7 @@ struct TorchScriptModel::Impl {
   std::optional<bool> config_tp_plan;         // whether its config has a base_model_tp_plan
   std::optional<std::vector<std::string>> config_no_split;  // _no_split_modules
   std::optional<bool> config_bool_mask;       // whether its causal mask is masking_utils' bool one
+  std::optional<TorchScriptModel::MoeRouting> config_moe;  // the routing its MoE layers were traced with
 
   // Reads the config the export carries (max_position_embeddings, model_type); nothing when it has none.
   void ReadConfig(const std::string& text);
@@ -378,6 +379,7 @@ std::optional<bool> TorchScriptModel::float32_logits() const { return impl_->con
 std::optional<bool> TorchScriptModel::tensor_parallel_plan() const { return impl_->config_tp_plan; }
 const ModuleTree& TorchScriptModel::module_tree() const { return impl_->module_tree; }
 std::optional<std::vector<std::string>> TorchScriptModel::no_split_modules() const { return impl_->config_no_split; }
+std::optional<TorchScriptModel::MoeRouting> TorchScriptModel::moe_routing() const { return impl_->config_moe; }
 
 namespace {
 
@@ -425,6 +427,13 @@ void TorchScriptModel::Impl::ReadConfig(const std::string& text) {
     config_no_split.emplace();
     for (const auto& c : *it) {
       if (c.is_string()) config_no_split->push_back(c.get<std::string>());
+    }
+  }
+  if (auto it = config.find("moe_routing"); it != config.end() && it->is_object()) {
+    const auto experts = it->find("experts"), top_k = it->find("top_k");
+    if (experts != it->end() && top_k != it->end() && experts->is_number_integer() && top_k->is_number_integer() &&
+        experts->get<int64_t>() > 0 && top_k->get<int64_t>() > 0) {
+      config_moe = TorchScriptModel::MoeRouting{experts->get<int64_t>(), top_k->get<int64_t>()};
     }
   }
   if (auto it = config.find("logits_dtype"); it != config.end() && it->is_string()) {

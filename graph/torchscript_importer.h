@@ -72,6 +72,13 @@ class TorchScriptModel {
   // The module classes from_pretrained(device_map="auto") keeps on one device (_no_split_modules); none without
   // the record.
   std::optional<std::vector<std::string>> no_split_modules() const;
+  // A mixture-of-experts model's routing as the export traced it: every layer's experts and top-k, each expert
+  // given tokens x top_k / experts rows (balanced); none for a dense model or an export without the record.
+  struct MoeRouting {
+    int64_t experts = 0;
+    int64_t top_k = 0;
+  };
+  std::optional<MoeRouting> moe_routing() const;
   // The module hierarchy with every parameter and buffer in the file's dtype (graph/module_tree.h).
   const ModuleTree& module_tree() const;
 

@@ -66,6 +66,7 @@ ARCH_TYPES = {
     "gptj": "gptj",
     "mpt": "mpt",
     "persimmon": "persimmon",
+    "mixtral": "mixtral",
 }
 
 
@@ -158,6 +159,9 @@ PRESETS = {
     "persimmon": {"tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                                vocab_size=8192, max_position_embeddings=ROPE_TINY_POSITIONS,
                                partial_rotary_factor=0.5)},
+    # 8 experts, top-2 routing (Mixtral-8x7B's), traced with balanced routing (_balanced_sparse_moe_forward)
+    "mixtral": {"tiny": _llama_like(256, 344, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, num_local_experts=8,
+                                    num_experts_per_tok=2)},
     "qwen2": {  # grouped-query attention, q/k/v biases, tied embeddings
         "tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, tie_word_embeddings=True),
         "small": _llama_like(512, 1792, 8, 8, 2, 50000, 4096, tie_word_embeddings=True,
@@ -321,9 +325,9 @@ def resolve_config(path):
         raise ExportError(f"'{model_type}' has no causal language model class in transformers {hf_version}: "
                           "llmem estimates decoder-only language models")
     experts = max((v for k, v in raw.items() if k in MOE_EXPERT_KEYS and isinstance(v, int)), default=0)
-    if experts > 1:
-        raise ExportError(f"'{model_type}' is a mixture-of-experts model ({experts} experts): its routing is "
-                          "data-dependent (torch.nonzero per expert) and not modelled yet")
+    if experts > 1 and model_type not in BALANCED_MOE_TYPES:
+        raise ExportError(f"'{model_type}' is a mixture-of-experts model ({experts} experts) whose routing block "
+                          f"is not modelled yet (modelled: {', '.join(BALANCED_MOE_TYPES)})")
     kwargs = {k: v for k, v in raw.items() if k not in CHECKPOINT_ONLY_KEYS and k != "model_type"}
     quant = kwargs.pop("quantization_config", None)
     if isinstance(quant, dict):
@@ -407,6 +411,71 @@ def traceable_bloom_gelu():
         yield
     finally:
         BloomGelu.forward = saved
+
+
+def _balanced_sparse_moe_forward(self, hidden_states):
+    """MixtralSparseMoeBlock.forward with the routing taken as balanced: the same ops on the same shapes as
+    transformers' loop, except that expert e gets the (token, choice) slots s with s % num_experts == e instead of
+    those the router picked (`torch.where(expert_mask[e])`, data-dependent, which a trace cannot keep).
+
+    Every expert then runs ceil or floor of tokens x top_k / num_experts rows, whatever the router says; what
+    autograd saves over the layer (every expert's rows, tokens x top_k in all) does not depend on the routing, only
+    which expert's transient peak is highest does. The router, its softmax, top-k, one-hot mask and the
+    index_add_ of each expert's rows are as in the model."""
+    import torch.nn.functional as F
+
+    batch_size, sequence_length, hidden_dim = hidden_states.shape
+    hidden_states = hidden_states.view(-1, hidden_dim)
+    router_logits = self.gate(hidden_states)
+    routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+    routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+    routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+    routing_weights = routing_weights.to(hidden_states.dtype)
+    final_hidden_states = torch.zeros((batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype,
+                                      device=hidden_states.device)
+    expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+    slots = hidden_states.shape[0] * self.top_k
+    for expert_idx in range(self.num_experts):
+        slot = torch.arange(expert_idx, slots, self.num_experts, device=hidden_states.device)
+        idx, top_x = slot % self.top_k, slot.div(self.top_k, rounding_mode="floor")  # torch.where's (choice, token)
+        current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
+        current_hidden_states = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
+        final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+    del expert_mask
+    final_hidden_states = final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+    return final_hidden_states, router_logits
+
+
+def moe_routing_record(model):
+    """{"experts": E, "top_k": k, "routing": "balanced"} for a model whose MoE blocks the trace routes balanced."""
+    blocks = [m for m in model.modules() if isinstance(m, _moe_blocks())]
+    if not blocks:
+        return None
+    return {"experts": blocks[0].num_experts, "top_k": blocks[0].top_k, "routing": "balanced"}
+
+
+def _moe_blocks():
+    """The sparse MoE block classes the balanced stand-in replaces (transformers 4.57's Mixtral loop)."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    return (MixtralSparseMoeBlock,)
+
+
+# Model types whose mixture-of-experts block the exporter traces with balanced routing.
+BALANCED_MOE_TYPES = ("mixtral",)
+
+
+@contextlib.contextmanager
+def balanced_moe_routing():
+    """While tracing (and while checking the trace), MoE blocks route as _balanced_sparse_moe_forward says."""
+    classes = _moe_blocks()
+    saved = [c.forward for c in classes]
+    for c in classes:
+        c.forward = _balanced_sparse_moe_forward
+    try:
+        yield
+    finally:
+        for c, f in zip(classes, saved):
+            c.forward = f
 
 
 @contextlib.contextmanager
@@ -587,7 +656,7 @@ def trace_wrapper(wrapper, ids, labels, device, autocast_dtype=None):
     autocast_ctx = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
     with warnings.catch_warnings(), untraced_masking(), meta_safe_autocast(), traceable_bloom_gelu(), \
-            traceable_sdpa_is_causal(), meta_ctx, autocast_ctx:
+            traceable_sdpa_is_causal(), balanced_moe_routing(), meta_ctx, autocast_ctx:
         warnings.simplefilter("ignore")  # TracerWarnings: --verify checks other shapes instead
         return torch.jit.trace(wrapper, (ids, labels), check_trace=False, strict=False)
 
@@ -638,7 +707,7 @@ def verify_cpu(model, path, vocab, trace_shape, seed):
         if (batch, seq) == trace_shape:
             continue
         ids, labels = make_inputs(batch, seq, vocab, "cpu", gen)
-        with torch.no_grad():
+        with torch.no_grad(), balanced_moe_routing():  # the routing the trace takes (MoE models)
             want = wrapper(ids, labels).float()
             got = loaded(ids, labels).float()
         diff = (want - got).abs().item()
@@ -800,7 +869,7 @@ def logits_dtype_kind(model, device):
 
 
 def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask, logits_dtype=None,
-                  no_split_modules=None):
+                  no_split_modules=None, moe_routing=None):
     """The config fields llmem reads, as JSON: model_type, max_position_embeddings (None when the architecture has
     none, e.g. BLOOM's ALiBi), rope_scaling, sliding_window, use_sliding_window and layer_types (a generation cache
     keeps only the window, in the layers that have one), the dtype the export was traced in, whether the model's
@@ -809,8 +878,9 @@ def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask, logi
     no min-length logits processors), which causal mask the model builds: "create_causal_mask" (transformers'
     masking_utils: a bool mask, sliding-window ones included) or "legacy" (the model's own _update_causal_mask: a
     mask in the model's dtype), what the forward without labels returns as logits (logits_dtype_kind), whether the
-    config has a base_model_tp_plan (what from_pretrained(tp_plan="auto") splits), and the module classes
-    from_pretrained(device_map="auto") never splits over devices (model._get_no_split_modules)."""
+    config has a base_model_tp_plan (what from_pretrained(tp_plan="auto") splits), the module classes
+    from_pretrained(device_map="auto") never splits over devices (model._get_no_split_modules), and a
+    mixture-of-experts model's experts and top-k, traced with balanced routing (moe_routing_record)."""
     return json.dumps({
         "causal_mask": causal_mask,
         "logits_dtype": logits_dtype,
@@ -825,6 +895,7 @@ def config_record(config, dtype, logits_to_keep, eos_token_id, causal_mask, logi
         "layer_types": getattr(config, "layer_types", None),
         "use_sliding_window": getattr(config, "use_sliding_window", None),
         "torch_dtype": dtype,
+        "moe_routing": moe_routing,
     }, sort_keys=True)
 
 
@@ -1237,7 +1308,7 @@ def fake_cpu_cast_sites(wrapper, batch, seq):
     try:
         with fake_cpu_tensors(wrapper) as fake_ids:
             ids = fake_ids(batch, seq)
-            with warnings.catch_warnings(), untraced_masking(), traceable_bloom_gelu(), \
+            with warnings.catch_warnings(), untraced_masking(), traceable_bloom_gelu(), balanced_moe_routing(), \
                     torch.autocast("cpu", dtype=torch.bfloat16), CastRecorder():
                 warnings.simplefilter("ignore")
                 wrapper(ids, ids)
@@ -1287,7 +1358,7 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
     extra = {CONFIG_FILE: config_record(model.config, dtype, keeps_logits,
                                            getattr(model.generation_config, "eos_token_id", None),
                                            causal_mask_kind(model), logits_dtype_kind(model, device),
-                                           sorted(model._get_no_split_modules("auto"))),
+                                           sorted(model._get_no_split_modules("auto")), moe_routing_record(model)),
              EXPRESSION_CALLS_FILE: expression_call_record(model),
              REBOUND_NAMES_FILE: rebound_name_record(model)}
     casts = autocast_cast_record(wrapper, traced, ids, labels, device)

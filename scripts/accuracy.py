@@ -52,7 +52,9 @@ import training_recipe  # noqa: E402
 ARCHS = ["gpt2", "opt", "bloom", "llama", "gpt_neo", "codegen", "gpt_bigcode", "mistral", "qwen2"]
 # Further decoder types (models/export_hf.py's tiny presets of them), their own section (--model-types).
 MODEL_TYPE_ARCHS = ["phi", "phi3", "qwen3", "olmo", "olmo2", "stablelm", "starcoder2", "gpt_neox", "granite", "gemma",
-                    "gemma2", "gemma3_text", "cohere", "gptj", "mpt", "persimmon"]
+                    "gemma2", "gemma3_text", "cohere", "gptj", "mpt", "persimmon", "mixtral"]
+# Mixture-of-experts presets: measured with their router's routing and with the balanced one llmem assumes.
+MOE_ARCHS = ["mixtral"]
 MODEL_TYPES_SECTION = "## Further decoder types: eager training steps on this CPU"
 POINTS = [(1, 128), (2, 256), (4, 512)]
 META_POINTS = [(1, 512), (1, 2048), (4, 1024)]
@@ -201,6 +203,9 @@ def main():
         m["step"] = run["peak_bytes"]
         row = dict(arch=arch, precision=precision, optimizer=optimizer, batch=batch, seq=seq, measured=m,
                    estimate_seconds=t_est, measure_seconds=run["times_s"]["total"])
+        if "moe_routing" in run:
+            row["moe_routing"] = run["moe_routing"]
+            row["routing"] = (recipe or {}).get("moe-routing", "router")
         if size and size != args.size:
             arch = f"{arch}@{size}"  # the row names the preset it ran
             row["arch"] = arch
@@ -246,6 +251,8 @@ def main():
             for precision in args.precisions.split(","):
                 for batch, seq in parse_points(args.points):
                     cases.append((model, arch, precision, optimizer, batch, seq))
+                    if arch in MOE_ARCHS:  # the modelling apart from the routing assumption
+                        cases.append((model, arch, precision, optimizer, batch, seq, {"moe-routing": "balanced"}))
     recipe_cases = []
     if args.recipes:
         wanted = [w for w in args.recipe_filter.split("|") if w]
@@ -338,9 +345,20 @@ def main():
                 " | ".join(f"{c} eager MiB | {c} error" for c in COLUMNS) + " | peak in |\n")
         f.write("|---|---|---|---:|---:|" + "---:|---:|" * len(COLUMNS) + "---|\n")
         for r in rs:
-            f.write(f"| {r['arch']} | {r['precision']} | {r['optimizer']} | {r['batch']} | {r['seq']} | " +
+            f.write(f"| {model_name(r)} | {r['precision']} | {r['optimizer']} | {r['batch']} | {r['seq']} | " +
                     " | ".join(f"{mib(r['measured'][c]):.2f} | {r['errors'][c]:+.3f}%" for c in COLUMNS) +
                     f" | {r['peak_phase']} |\n")
+
+    def model_name(r):
+        """The row's model; for a mixture-of-experts run also how it routed: balanced as llmem assumes, or by its
+        router, with the busiest expert's rows against the balanced count."""
+        routing = r.get("moe_routing")
+        if not routing:
+            return r["arch"]
+        if r["routing"] == "balanced":
+            return f"{r['arch']} (balanced routing)"
+        return (f"{r['arch']} (router: busiest expert {routing['max_rows'] / routing['balanced_rows']:.2f}x, "
+                f"idlest {routing['min_rows'] / routing['balanced_rows']:.2f}x balanced)")
 
     def recipe_table(f, rs):
         f.write("| model | precision | batch | seq | optimizer | recipe | " +
@@ -367,9 +385,19 @@ def main():
                       "further decoder types in `models/export_hf.py`: partial rotary (phi, stablelm, gpt_neox, "
                       "persimmon), q/k norms (qwen3, olmo2), fused qkv / gate-up (phi3), scaled embeddings and "
                       "logits (gemma, granite, cohere), local/global layers and soft-capping (gemma2, gemma3_text), "
-                      "parallel attention + MLP (cohere, gptj), ALiBi (mpt)\n\n")
+                      "parallel attention + MLP (cohere, gptj), ALiBi (mpt), mixture of experts (mixtral: 8 experts, top-2; "
+                      "llmem assumes balanced routing, every expert tokens x 2 / 8 rows; each case is measured with "
+                      "the router's own routing at random initialisation, its busiest and idlest expert named, and "
+                      "with the balanced routing, which checks the modelling apart from the assumption)\n\n")
+        # The modelling (every dense case, and the MoE cases routed as llmem assumes) apart from the routing
+        # assumption (the MoE cases routed by their router).
+        modelled = [r for r in rows if r.get("routing") != "router"]
+        routed = [r for r in rows if r.get("routing") == "router"]
         for c in COLUMNS:
-            section.write(f"- **{c}: {summary(rows, c)}.**\n")
+            section.write(f"- **{c}: {summary(modelled, c)}.**\n")
+        if routed:
+            section.write(f"- with the router's own routing ({', '.join(sorted({r['arch'] for r in routed}))}), the "
+                          "step: " + summary(routed, "step") + "\n")
         section.write("\n")
         phase_table(section, rows)
         report_sections.update_section(args.update, MODEL_TYPES_SECTION, section.getvalue())

@@ -691,6 +691,36 @@ def fsdp_groups(model):
 # The job.
 # ---------------------------------------------------------------------------------------------------------
 
+def moe_routing_record(model, ids):
+    """{"moe_routing": ...} for a mixture-of-experts model: the rows its router gives each expert of each layer for
+    the last batch (one forward after the measured steps, so the counting is not in them), beside the balanced
+    tokens x top_k / experts that llmem's estimate assumes; {} for another model."""
+    import torch
+
+    blocks = [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts") and hasattr(m, "top_k")]
+    if not blocks or ids is None:
+        return {}
+    rows = []
+
+    def count(block):
+        def hook(module, args, logits):
+            chosen = torch.topk(logits, block.top_k, dim=-1).indices
+            rows.append(torch.bincount(chosen.flatten(), minlength=len(block.experts)).tolist())
+        return hook
+
+    handles = [b.gate.register_forward_hook(count(b)) for b in blocks]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    experts, top_k = len(blocks[0].experts), blocks[0].top_k
+    return {"moe_routing": {"experts": experts, "top_k": top_k, "balanced_rows": ids.numel() * top_k / experts,
+                            "rows_per_layer": rows, "max_rows": max(max(r) for r in rows),
+                            "min_rows": min(min(r) for r in rows)}}
+
+
 def run(args, rank, world, local_rank, record):
     import torch
 
@@ -865,6 +895,10 @@ def run(args, rank, world, local_rank, record):
     losses, steps = [], []
     ids = labels = None
     outputs = None  # keep-outputs: the last forward's outputs, bound until the next forward returns
+    routing = contextlib.ExitStack()  # moe-routing=balanced: the experts get the rows llmem's estimate assumes
+    if opts["moe-routing"] == "balanced":
+        import export_hf
+        routing.enter_context(export_hf.balanced_moe_routing())
     for step in range(args.steps):
         step_rec = {"peak": {}, "end": {}, "times_s": {}}
         micro_batches = []
@@ -957,6 +991,8 @@ def run(args, rank, world, local_rank, record):
             step_rec["ddp_bucket_sizes"] = _sizes(ld.get("rebuilt_bucket_sizes") or ld.get("bucket_sizes"))
         steps.append(step_rec)
 
+    routing.close()
+    record.update(moe_routing_record(model, ids))
     last = steps[-1]
     window_phase_max = max(s["peak_bytes"] for s in steps[window_start:])
     record["peak_bytes"] = probe.peak(1) if args.device == "cpu" else window_phase_max

@@ -97,7 +97,12 @@ LORA_KEYS = ("lora-r", "lora-alpha", "lora-dropout", "lora-targets", "lora-modul
 DEFAULTS = {"checkpointing": "none", "checkpointing-impl": "reentrant", "grad-accum": 1, "loss": "standard",
             "keep-outputs": False, "optimizer-in-backward": False, "grad-clip": None,
             "fsdp-reduce-every-micro-batch": False, "lora-r": None, "lora-alpha": PEFT_LORA_ALPHA,
-            "lora-dropout": 0.0, "lora-targets": None, "lora-modules-to-save": None, "quant": "none"}
+            "lora-dropout": 0.0, "lora-targets": None, "lora-modules-to-save": None, "quant": "none",
+            "moe-routing": "router"}
+# Keys that say how the measured run routes, not what llmem is told: llmem's estimate of a mixture-of-experts model
+# always takes balanced routing (models/export_hf.py _balanced_sparse_moe_forward); `moe-routing=balanced` makes the
+# eager run route that way too, so that the estimate's modelling is checked apart from its routing assumption.
+RUN_ONLY_KEYS = ("moe-routing",)
 NOT_IN_HARNESS = {
     "optimizer-impl": "the optimizer runs PyTorch's default implementation (recorded as optimizer_impl)",
     "fsdp-param-dtype": "it applies to FSDP2 runs (scripts/distributed_runs.py), not to a single process",
@@ -190,6 +195,12 @@ def _module_names(key, text):
     return text
 
 
+def _routing(key, text):
+    if text not in ("router", "balanced"):
+        raise RecipeError(f"{key} is router or balanced, got {text!r}")
+    return text
+
+
 def _quant(key, text):
     if text not in QUANT_TYPES:
         raise RecipeError(f"{key} is {', '.join(QUANT_TYPES)}, got {text!r}")
@@ -200,7 +211,7 @@ PARSERS = {"checkpointing": _checkpointing, "checkpointing-impl": _impl, "grad-a
            "loss": _loss, "keep-outputs": _flag, "optimizer-in-backward": _flag, "grad-clip": _norm,
            "fsdp-reduce-every-micro-batch": _flag, "lora-r": _positive_int, "lora-alpha": _norm,
            "lora-dropout": _probability, "lora-targets": _module_names, "lora-modules-to-save": _module_names,
-           "quant": _quant}
+           "quant": _quant, "moe-routing": _routing}
 
 
 def parse_recipe(text):
@@ -270,7 +281,7 @@ def llmem_flags(recipe):
         if o["lora-modules-to-save"] is not None:
             flags += ["--lora-modules-to-save", o["lora-modules-to-save"].replace("+", ",")]
     for key in PARSERS:
-        if key not in recipe or key in LORA_KEYS and key != "quant":
+        if key not in recipe or key in LORA_KEYS and key != "quant" or key in RUN_ONLY_KEYS:
             continue
         value = recipe[key]
         if value is True:

@@ -336,6 +336,10 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
       // slice_backward / select_backward / index_put into zeros / cat of the pieces: a new input-sized tensor.
       OpMemoryRule r = Uniform(n, GradKind::kNone);
       r.input_grads[0] = GradKind::kNew;
+      // index.Tensor's IndexBackward0 keeps the index tensors for index_put (torch 2.11: _saved_indices).
+      if (node.kind == "aten::index" && requires_grad(0)) {
+        for (size_t i = 1; i < n; ++i) r.saved_inputs.push_back(static_cast<int>(i));
+      }
       return r;
     }
     case GradFormula::kSlicesOfGrad:
@@ -349,6 +353,17 @@ std::optional<OpMemoryRule> RuleFor(const OpNode& node, const RuleContext& ctx) 
     }
     case GradFormula::kFromGradOnly:
       return Uniform(n, GradKind::kNew);  // -grad, cumsum_backward(grad), grad.triu(): nothing saved
+    case GradFormula::kIndexAdd: {
+      // index_add_(self, dim, index, source): self's gradient is grad, source's a new grad.index_select(dim,
+      // index).expand_as(source) (a pass-through whose shape differs is new). IndexAddBackward0 keeps the index and
+      // the source itself (torch 2.11: _saved_index, _saved_source), so every expert's rows live until backward.
+      OpMemoryRule r = Uniform(n, GradKind::kPassThrough);
+      if (n >= 3) {
+        r.input_grads[1] = GradKind::kNone;
+        if (requires_grad(2)) r.saved_inputs = {1, 2};
+      }
+      return r;
+    }
     case GradFormula::kRemainder: {
       // self: grad; other: -grad * self.div(other, rounding_mode="floor"), which reads both inputs.
       OpMemoryRule r = Uniform(n, GradKind::kPassThrough);

@@ -59,7 +59,7 @@ class HfConfigTest(unittest.TestCase):
         # The default precision is bf16 autocast: Qwen3's q/k norms, GPT-Neo's mask value and CodeGen's attention
         # cast to autocast's dtype, which a meta trace learns from a forward on fake CPU tensors (OPT's branches on
         # a random draw there); CodeGen's forward casts its logits (infer below).
-        archs = ("llama", "gpt2", "qwen3", "gpt_neo", "codegen", "opt")
+        archs = ("llama", "gpt2", "qwen3", "gpt_neo", "codegen", "opt", "mixtral")  # Mixtral: balanced routing
         for arch in archs:
             directory = self.write_config(f"{arch}-model", preset_config(arch))
             step = ["estimate", "--gpu", "cpu", "-b", "2", "-s", "64", "--json"]
@@ -144,7 +144,8 @@ class HfConfigTest(unittest.TestCase):
             "a-list": ("[1, 2]", ["not a Hugging Face config"]),
             "truncated": ('{"model_type": "llama", ', ["not a JSON config"]),
             "remote-code": ({"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "m.M"}}, ["trust_remote_code"]),
-            "moe": (dict(preset_config("mistral"), model_type="mixtral", num_local_experts=4), ["mixture-of-experts"]),
+            "moe": (dict(preset_config("qwen2"), model_type="qwen2_moe", num_experts=4), ["mixture-of-experts",
+                                                                                      "modelled: mixtral"]),
             # Builds, but the trace cannot: the reason comes through as one line.
             "bad-heads": (dict(preset_config("llama"), num_attention_heads=3, num_key_value_heads=3), []),
         }

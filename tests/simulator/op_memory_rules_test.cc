@@ -20,6 +20,7 @@ using llmem::testing::None;
 using llmem::testing::Out;
 using llmem::testing::T;
 using llmem::testing::TestGraphBuilder;
+using llmem::testing::TList;
 
 BackendRules Cpu() {
   Target t;
@@ -131,6 +132,39 @@ TEST(OpMemoryRulesTest, MulWithBroadcastWeightNeedsFullSizeWorkspace) {
   ASSERT_TRUE(r.has_value());
   EXPECT_EQ(r->saved_inputs, (std::vector<int>{0}));
   EXPECT_EQ(r->backward_workspace_bytes, 128);
+}
+
+TEST(OpMemoryRulesTest, IndexKeepsItsIndexTensorsForIndexPut) {
+  // h[top_x] (Mixtral's expert rows): IndexBackward0 keeps the indices; its gradient is a new h-sized tensor.
+  TestGraphBuilder b;
+  ValueId in = b.Input("in", {6, 4}, DType::kF32);
+  ValueId w = b.Param("w", {4, 4});
+  ValueId h = b.Op("aten::linear", {T(in), T(w), None()}, {6, 4});
+  ValueId top_x = b.Input("top_x", {3});
+  ValueId rows = b.Op("aten::index", {T(h), TList({top_x})}, {3, 4});
+  Graph g = b.Build(CloseWithSum(b, rows));
+  auto r = Rule(g, Cpu(), 1);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->saved_inputs, (std::vector<int>{1}));
+  EXPECT_EQ(r->input_grads[0], GradKind::kNew);
+}
+
+TEST(OpMemoryRulesTest, IndexAddKeepsTheIndexAndTheSourceRows) {
+  // out.index_add_(0, top_x, rows): IndexAddBackward0 keeps the index and the source (torch 2.11's _saved_index,
+  // _saved_source); out's gradient is the output's, the rows' a new one of their own shape.
+  TestGraphBuilder b;
+  ValueId in = b.Input("in", {3, 4}, DType::kF32);
+  ValueId w = b.Param("w", {4, 4});
+  ValueId rows = b.Op("aten::linear", {T(in), T(w), None()}, {3, 4});
+  ValueId out = b.Op("aten::zeros", {Ints({6, 4}), None(), None(), None(), None()}, {6, 4});
+  ValueId top_x = b.Input("top_x", {3});
+  ValueId added = b.Op("aten::index_add_", {T(out), I(0), T(top_x), T(rows)}, {6, 4});
+  Graph g = b.Build(CloseWithSum(b, added));
+  auto r = Rule(g, Cpu(), 2);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->saved_inputs, (std::vector<int>{1, 2}));
+  EXPECT_EQ(r->input_grads[1], GradKind::kNone);
+  EXPECT_EQ(r->input_grads[2], GradKind::kPassThrough);  // a shape other than the output's: a new tensor
 }
 
 TEST(OpMemoryRulesTest, AddPassesTheGradientThroughAndSavesNothing) {
