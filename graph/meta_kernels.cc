@@ -326,6 +326,16 @@ Tensor& WhereSelfOutMeta(const Tensor& condition, const Tensor& self, const Tens
   return out;
 }
 
+// index_add_ on meta: LibTorch's structured meta checks the source through its first row along `dim`, which an
+// empty index has not (a Mixtral expert given no rows: a decode step's few tokens). The result is self.
+Tensor& IndexAddInplaceMeta(Tensor& self, int64_t dim, const Tensor& index, const Tensor& source,
+                            const at::Scalar& /*alpha*/) {
+  TORCH_CHECK(index.dim() <= 1, "index_add_(): Index is supposed to be a vector");
+  const int64_t rows = source.dim() == 0 ? 1 : source.size(at::maybe_wrap_dim(dim, source.dim()));
+  TORCH_CHECK(index.numel() == rows, "index_add_(): Number of indices should be equal to source.size(dim)");
+  return self;
+}
+
 // --- scaled_dot_product_attention on meta -----------------------------------------------------------------------
 
 // Same steps as the CompositeImplicit kernel on CPU: a bool mask becomes an additive float mask, the CPU rule
@@ -387,6 +397,7 @@ void RegisterAll() {
     meta->impl("cumsum", TORCH_FN(CumsumMeta));
     meta->impl("mm", TORCH_FN(MmMeta));
     meta->impl("bmm", TORCH_FN(BmmMeta));
+    meta->impl("index_add_", TORCH_FN(IndexAddInplaceMeta));
   }
   autograd_meta->impl("scaled_dot_product_attention", TORCH_FN(ScaledDotProductAttentionMeta));
 }

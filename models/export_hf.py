@@ -436,7 +436,10 @@ def _balanced_sparse_moe_forward(self, hidden_states):
     expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
     slots = hidden_states.shape[0] * self.top_k
     for expert_idx in range(self.num_experts):
-        slot = torch.arange(expert_idx, slots, self.num_experts, device=hidden_states.device)
+        # range(expert_idx, slots, E) spelled so that arange's end is never below its start (fewer slots than
+        # experts, a decode step: the expert gets none, as the model skips an expert no token chose)
+        end = expert_idx + (slots - expert_idx + self.num_experts - 1) // self.num_experts * self.num_experts
+        slot = torch.arange(expert_idx, end, self.num_experts, device=hidden_states.device)
         idx, top_x = slot % self.top_k, slot.div(self.top_k, rounding_mode="floor")  # torch.where's (choice, token)
         current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
         current_hidden_states = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]

@@ -171,6 +171,22 @@ class HfConfigTest(unittest.TestCase):
         proc = subprocess.run([LLMEM, "estimate", "--hf-config", directory], capture_output=True, text=True, env=env)
         self.assert_refused(proc, "Python", "LLMEM_PYTHON")
 
+    def test_a_mixture_of_experts_export_says_its_routing_and_runs_steps_with_idle_experts(self):
+        export = os.path.join(TINY, "mixtral-tiny.pt")
+        proc = self.run_llmem("estimate", "--gpu", "cpu", "-b", "2", "-s", "64", "--json", export)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertTrue(any("routing taken as balanced, each of the 8 experts" in a
+                            for a in json.loads(proc.stdout)["assumptions"]))
+        # 1 x 2 tokens x top-2 = 4 slots for 8 experts, and a decode step of 2 sequences: experts without rows.
+        for command in (["estimate", "--gpu", "cpu", "-b", "1", "-s", "2"],
+                        ["infer", "--gpu", "cpu", "-p", "fp32", "-b", "2", "--prompt", "16", "--new-tokens", "3"]):
+            proc = self.run_llmem(*command, export)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+        # Routing blocks llmem does not model are refused by name.
+        qwen_moe = dict(preset_config("qwen2"), model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2)
+        self.assert_refused(self.run_llmem("estimate", "--hf-config", self.write_config("qwen-moe", qwen_moe)),
+                            "qwen2_moe", "modelled: mixtral")
+
     def test_a_multi_query_model_on_the_math_attention_is_refused_not_underestimated(self):
         # Falcon-7B's layout: one key/value head that SDPA broadcasts; no fused kernel takes it.
         falcon = {"model_type": "falcon", "hidden_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
