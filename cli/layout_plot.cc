@@ -1,7 +1,6 @@
 #include "cli/layout_plot.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdio>
 #include <sstream>
 
@@ -45,10 +44,7 @@ std::string LayoutPlotSvg(const dist::Recommendation& rec, int64_t capacity_byte
     return kMemoryLeft + static_cast<double>(bytes) / static_cast<double>(memory_top) * kMemoryWidth;
   };
   std::ostringstream svg;
-  svg << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << kWidth << "\" height=\"" << height
-      << "\" viewBox=\"0 0 " << kWidth << " " << height << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
-      << "<rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>\n"
-      << "<text x=\"10\" y=\"22\" font-size=\"15\" font-weight=\"bold\">" << SvgEscape(title) << "</text>\n"
+  svg << SvgOpen(kWidth, height, title, 10, 22)
       << "<text x=\"" << kMemoryLeft << "\" y=\"" << kTop - 14 << "\" font-weight=\"bold\">memory per GPU "
       << "(nvidia-smi)</text>\n"
       << "<text x=\"" << kSpeedLeft << "\" y=\"" << kTop - 14 << "\" font-weight=\"bold\">throughput, all GPUs "

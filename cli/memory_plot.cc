@@ -73,11 +73,7 @@ std::string MemoryPlotSvg(const sim::Timeline& timeline, const PlotLabels& label
   auto x_of_event = [&](size_t i) { return kLeft + (n == 0 ? 0.0 : static_cast<double>(i) * kPlotWidth / n); };
 
   std::ostringstream svg;
-  svg << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << kWidth << "\" height=\"" << kHeight
-      << "\" viewBox=\"0 0 " << kWidth << " " << kHeight << "\" font-family=\"sans-serif\" font-size=\"12\">\n";
-  svg << "<rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>\n";
-  svg << "<text x=\"" << kLeft << "\" y=\"24\" font-size=\"15\" font-weight=\"bold\">" << SvgEscape(labels.title)
-      << "</text>\n";
+  svg << SvgOpen(kWidth, kHeight, labels.title, kLeft, 24);
   // Stacked areas, bottom category first.
   std::array<std::vector<double>, sim::kNumCategories + 1> levels;
   levels[0].assign(columns.size(), 0.0);

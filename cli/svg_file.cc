@@ -32,6 +32,14 @@ std::string SvgEscape(const std::string& text) {
   return out;
 }
 
+std::string SvgOpen(int width, int height, const std::string& title, int title_x, int title_y) {
+  const std::string w = std::to_string(width), h = std::to_string(height);
+  return "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + w + "\" height=\"" + h + "\" viewBox=\"0 0 " + w +
+         " " + h + "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" "
+         "fill=\"#ffffff\"/>\n<text x=\"" + std::to_string(title_x) + "\" y=\"" + std::to_string(title_y) +
+         "\" font-size=\"15\" font-weight=\"bold\">" + SvgEscape(title) + "</text>\n";
+}
+
 void WriteSvgOrHtml(const std::string& path, const std::string& svg, const std::string& title, const char* flag) {
   const auto ends_with = [&](std::string_view suffix) {
     return path.size() >= suffix.size() && path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0;

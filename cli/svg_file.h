@@ -10,6 +10,10 @@ namespace llmem::cli {
 // A round step in bytes for about five axis ticks up to `top`: 1, 2, 5, 10, ... times a binary unit.
 int64_t ByteTickStep(int64_t top);
 
+// The opening of a picture: the <svg> element `width` x `height` pixels with the pictures' font, a white
+// background, and the title in bold at (x, y). The caller closes it with "</svg>".
+std::string SvgOpen(int width, int height, const std::string& title, int title_x, int title_y);
+
 // `text` as SVG / HTML character data or an attribute value.
 std::string SvgEscape(const std::string& text);
 
