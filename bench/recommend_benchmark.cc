@@ -13,7 +13,7 @@
 #include "distributed/rank_estimate.h"
 #include "distributed/recommend.h"
 #include "simulator/training_step_simulator.h"
-#include "graph/torchscript_importer.h"
+#include "graph/decoder_model.h"
 #include "simulator/gpu_catalog.h"
 
 #ifndef LLMEM_SOURCE_DIR
@@ -24,7 +24,8 @@ namespace {
 
 const llmem::Graph& Llama70b() {
   static const llmem::Graph graph = [] {
-    auto model = llmem::TorchScriptModel::Load(std::string(LLMEM_SOURCE_DIR) + "/models/llama-3-70b.meta.pt");
+    const std::unique_ptr<llmem::DecoderModel> loaded = llmem::LoadDecoderModel(std::string(LLMEM_SOURCE_DIR) + "/models/llama-3-70b.meta.pt");
+  llmem::DecoderModel& model = *loaded;
     return model.BuildGraph(1, 4096);
   }();
   return graph;
@@ -77,7 +78,8 @@ BENCHMARK(BM_RankEstimate)
 // 1, so no larger batch is searched; then the smallest GPU count that fits) after loading. Graphs are built on
 // demand and kept across iterations, so the time is the sweep's alone.
 void RecommendSweep8Gpus(benchmark::State& state, const llmem::sim::TrainingConfig& config) {
-  static auto model = llmem::TorchScriptModel::Load(std::string(LLMEM_SOURCE_DIR) + "/models/llama-3-70b.meta.pt");
+  static const std::unique_ptr<llmem::DecoderModel> loaded = llmem::LoadDecoderModel(std::string(LLMEM_SOURCE_DIR) + "/models/llama-3-70b.meta.pt");
+  llmem::DecoderModel& model = *loaded;
   static std::map<int64_t, llmem::Graph> graphs;
   llmem::dist::RecommendRequest req;
   req.gpus = 8;

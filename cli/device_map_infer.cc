@@ -25,7 +25,7 @@ constexpr int64_t kProbeSegmentBytes = 2 * kMiB;
 
 // The classes from_pretrained keeps whole: the export's record, else the class of the modules in a container
 // (ModuleList children: the decoder layers), which _no_split_modules names for every decoder preset.
-std::vector<std::string> NoSplitClasses(const TorchScriptModel& model) {
+std::vector<std::string> NoSplitClasses(const DecoderModel& model) {
   if (auto recorded = model.no_split_modules()) return *recorded;
   static const std::regex kIndexed(R"((^|\.)\d+$)");
   std::set<std::string> classes;
@@ -74,7 +74,7 @@ std::string Join(const std::vector<std::string>& parts) {
 
 }  // namespace
 
-int RunDeviceMapInfer(const InferOptions& o, const TorchScriptModel& model, const sim::GenerationGraphAt& graph_at,
+int RunDeviceMapInfer(const InferOptions& o, const DecoderModel& model, const sim::GenerationGraphAt& graph_at,
                       const std::function<sim::GenerationRequest(int64_t, int64_t)>& request_at,
                       const sim::TrainingConfig& config, const std::optional<PositionLimit>& limit,
                       const std::string& loop) {

@@ -19,7 +19,7 @@
 #include "cli/training_options.h"
 #include "graph/dtype.h"
 #include "graph/error.h"
-#include "graph/torchscript_importer.h"
+#include "graph/decoder_model.h"
 #include "distributed/generation_search.h"
 #include "distributed/tensor_parallel_generation.h"
 #include "graph/quantize_rewrite.h"
@@ -71,7 +71,7 @@ void PrintPhase(const char* name, const sim::MemoryEstimate& e) {
 }  // namespace
 
 void AddInferOptions(CLI::App* cmd, InferOptions& o) {
-  AddModelSource(cmd, o.source, "TorchScript export (models/export_hf.py)");
+  AddModelSource(cmd, o.source, "TorchScript export (.pt) or torch.export program (.pt2) of models/export_hf.py");
   cmd->add_option("--gpu", o.gpu, "GPU kind, or cpu (what an instrumented CPU run allocates)")->capture_default_str();
   cmd->add_option("--gpu-memory", o.gpu_memory, "capacity of a GPU the catalog lacks (other figures from --gpu)");
   cmd->add_option("-b,--batch", o.batch, "sequences generated together")->capture_default_str();
@@ -138,7 +138,8 @@ int RunInfer(const InferOptions& o) {
   if (o.new_tokens <= 0) throw ConfigError("--new-tokens must be positive");
   sim::TrainingConfig config = ParseTrainingConfig(o.precision, "sgd", o.gpu, o.gpu_memory);
   config.lifetimes = sim::Lifetimes::kEager;
-  auto model = TorchScriptModel::Load(o.model);
+  const std::unique_ptr<DecoderModel> loaded = LoadDecoderModel(o.model);
+  DecoderModel& model = *loaded;
   if (o.max_positions) model.set_max_positions(*o.max_positions);
   // The linears quantized as transformers' quantizers load them (graph/quantize_rewrite.h); the rest as exported.
   if (o.quant_group && (o.quant.empty() || o.quant == "none")) {

@@ -19,7 +19,7 @@
 
 #include "graph/error.h"
 #include "graph/ir_printer.h"
-#include "graph/torchscript_importer.h"
+#include "graph/decoder_model.h"
 #include "measure/training_step_runner.h"
 #include "cli/category_report.h"
 #include "cli/hf_config_export.h"
@@ -78,7 +78,7 @@ struct StepOptions {
 };
 
 void AddStepOptions(CLI::App* cmd, StepOptions& o) {
-  llmem::cli::AddModelSource(cmd, o.source, "TorchScript export of the model (forward(input_ids, labels) -> loss)");
+  llmem::cli::AddModelSource(cmd, o.source, "TorchScript export (.pt) or torch.export program (.pt2) of the model (forward(input_ids, labels) -> loss)");
   cmd->add_option("--batch,-b", o.batch, "micro-batch size per GPU")->capture_default_str();
   cmd->add_option("--seq,-s", o.seq, "sequence length in tokens")->capture_default_str();
   cmd->add_option("--precision,-p", o.precision, "fp32 | bf16-autocast | fp16-autocast | bf16")->capture_default_str();
@@ -210,7 +210,8 @@ void CheckLayoutOptions(const StepOptions& o) {
 int RunInspect(const std::string& path, int64_t batch, int64_t seq, std::optional<int64_t> max_positions,
                bool print_ir, bool json_out) {
   const auto t0 = std::chrono::steady_clock::now();
-  auto model = llmem::TorchScriptModel::Load(path);
+  const std::unique_ptr<llmem::DecoderModel> loaded = llmem::LoadDecoderModel(path);
+  llmem::DecoderModel& model = *loaded;
   if (max_positions) model.set_max_positions(*max_positions);
   auto graph = model.BuildGraph(batch, seq);
   const auto& positions = graph.position_limit();
@@ -284,7 +285,8 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   if (!engine) throw llmem::ConfigError("unknown engine '" + o.engine + "' (ddp, zero1, zero2, zero3, gemini)");
   CheckLayoutOptions(o);
   if (o.batch <= 0 || o.seq <= 0) throw llmem::ConfigError("batch and sequence length must be positive");
-  auto model = llmem::TorchScriptModel::Load(o.model);
+  const std::unique_ptr<llmem::DecoderModel> loaded = llmem::LoadDecoderModel(o.model);
+  llmem::DecoderModel& model = *loaded;
   if (o.max_positions) model.set_max_positions(*o.max_positions);
   auto graph = model.BuildGraph(o.batch, o.seq);
   std::vector<std::string> assumptions;  // of a parallel layout on a GPU: NCCL's buffers; of QLoRA's precision
@@ -480,7 +482,7 @@ int main(int argc, char** argv) {
   std::optional<int64_t> inspect_max_positions;
   bool print_ir = false, inspect_json = false;
   auto* inspect = app.add_subcommand("inspect", "parameters per region, layers, op counts, dtypes");
-  llmem::cli::AddModelSource(inspect, inspect_source, "TorchScript export");
+  llmem::cli::AddModelSource(inspect, inspect_source, "TorchScript export (.pt) or torch.export program (.pt2)");
   inspect->add_option("--batch,-b", inspect_batch, "batch size for the op graph")->capture_default_str();
   inspect->add_option("--seq,-s", inspect_seq, "sequence length for the op graph")->capture_default_str();
   inspect->add_option("--max-positions", inspect_max_positions, "longest sequence the model allows (scaled RoPE)");

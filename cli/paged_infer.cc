@@ -91,7 +91,7 @@ struct PagedEngine {
   int64_t fixed_overhead = 0;
 };
 
-PagedEngine SizePagedEngine(const InferOptions& o, const TorchScriptModel& model,
+PagedEngine SizePagedEngine(const InferOptions& o, const DecoderModel& model,
                             const sim::GenerationGraphAt& graph_at, const Graph& probe_graph,
                             const sim::TrainingConfig& config) {
   const std::optional<PositionLimit> limit = probe_graph.position_limit();
@@ -209,7 +209,7 @@ PagedEngine SizePagedEngine(const InferOptions& o, const TorchScriptModel& model
 
 // `--gpus N --cache paged`: one vLLM engine per T GPUs (T dividing N and the model), N / T engines; fitting ones
 // first by the request's sequences they run at once in all.
-int RunPagedLayouts(const InferOptions& o, const TorchScriptModel& model,
+int RunPagedLayouts(const InferOptions& o, const DecoderModel& model,
                     const sim::GenerationGraphAt& graph_at, const Graph& probe_graph,
                     const sim::TrainingConfig& config) {
   struct Row {
@@ -287,7 +287,7 @@ int RunPagedLayouts(const InferOptions& o, const TorchScriptModel& model,
   return any ? 0 : kExitDoesNotFit;
 }
 
-int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
+int RunPagedInfer(const InferOptions& o, const DecoderModel& model,
                   const sim::GenerationGraphAt& graph_at, const Graph& probe_graph,
                   const sim::TrainingConfig& config) {
   if (o.gpus > 0) return RunPagedLayouts(o, model, graph_at, probe_graph, config);

@@ -8,7 +8,7 @@
 
 #include "cli/infer_command.h"
 #include "graph/graph.h"
-#include "graph/torchscript_importer.h"
+#include "graph/decoder_model.h"
 #include "simulator/generation_simulator.h"
 #include "simulator/training_config.h"
 
@@ -17,7 +17,7 @@ namespace llmem::cli {
 // 0 when the engine starts with room for the whole request at once, 3 otherwise; bad input throws ConfigError.
 // `graph_at`: the export's generation graphs; `probe_graph`: the export at 1 x 2 tokens (its position
 // limit and dimensions).
-int RunPagedInfer(const InferOptions& o, const TorchScriptModel& model,
+int RunPagedInfer(const InferOptions& o, const DecoderModel& model,
                   const sim::GenerationGraphAt& graph_at, const Graph& probe_graph,
                   const sim::TrainingConfig& config);
 

@@ -17,7 +17,7 @@
 #include "distributed/rank_estimate.h"
 #include "distributed/recommend.h"
 #include "graph/error.h"
-#include "graph/torchscript_importer.h"
+#include "graph/decoder_model.h"
 #include "simulator/gpu_catalog.h"
 #include "simulator/passes/fsdp_mixed_precision_pass.h"
 
@@ -99,7 +99,7 @@ std::string MixedPrecisionAssumption(const sim::Recipe& r) {
 }  // namespace
 
 void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
-  AddModelSource(cmd, o.source, "TorchScript export of the model (forward(input_ids, labels) -> loss)");
+  AddModelSource(cmd, o.source, "TorchScript export (.pt) or torch.export program (.pt2) of the model (forward(input_ids, labels) -> loss)");
   cmd->add_option("--gpus,-n", o.gpus, "number of GPUs")->capture_default_str();
   cmd->add_option("--plot", o.plot_path, "write a chart of every layout's memory per GPU and throughput (.svg or .html)")
       ->check([](const std::string& v) { return v.empty() ? std::string("an empty path") : std::string(); });
@@ -178,7 +178,8 @@ int RunRecommend(const RecommendOptions& o) {
   if (o.gpus < 1) throw ConfigError("the GPU count must be at least 1 (got " + std::to_string(o.gpus) + ")");
 
   const auto t0 = std::chrono::steady_clock::now();
-  auto model = TorchScriptModel::Load(o.model);
+  const std::unique_ptr<DecoderModel> loaded = LoadDecoderModel(o.model);
+  DecoderModel& model = *loaded;
   if (o.max_positions) model.set_max_positions(*o.max_positions);
   std::map<int64_t, std::unique_ptr<Graph>> graphs;
   double build_seconds = 0;

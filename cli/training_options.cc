@@ -76,7 +76,7 @@ sim::Lifetimes ParseLifetimesOption(const std::string& name) {
   return *l;
 }
 
-std::string MoeRoutingAssumption(const TorchScriptModel::MoeRouting& moe) {
+std::string MoeRoutingAssumption(const DecoderModel::MoeRouting& moe) {
   return "mixture of experts: routing taken as balanced, each of the " + std::to_string(moe.experts) +
          " experts of a layer gets tokens x " + std::to_string(moe.top_k) + " / " + std::to_string(moe.experts) +
          " rows (what autograd keeps over a layer does not depend on the routing; the busiest expert's transient "

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <string>
 
-#include "graph/torchscript_importer.h"
+#include "graph/decoder_model.h"
 #include "simulator/training_config.h"
 
 namespace llmem::cli {
@@ -27,6 +27,6 @@ std::string GpuMemoryAssumption(const std::string& gpu);
 sim::Lifetimes ParseLifetimesOption(const std::string& name);
 
 // The routing a mixture-of-experts export was traced with, as an assumption line of estimate and recommend.
-std::string MoeRoutingAssumption(const TorchScriptModel::MoeRouting& moe);
+std::string MoeRoutingAssumption(const DecoderModel::MoeRouting& moe);
 
 }  // namespace llmem::cli

@@ -17,7 +17,7 @@
 #include "cli/training_options.h"
 #include "distributed/rank_estimate.h"
 #include "graph/error.h"
-#include "graph/torchscript_importer.h"
+#include "graph/decoder_model.h"
 #include "simulator/gpu_catalog.h"
 
 namespace llmem::cli {
@@ -323,7 +323,7 @@ int RunValidate(const ValidateOptions& o) {
   }
   if (cases.empty()) throw ConfigError("runs file " + o.runs + " holds no runs");
 
-  std::map<std::string, std::unique_ptr<TorchScriptModel>> models;
+  std::map<std::string, std::unique_ptr<DecoderModel>> models;
   std::map<std::tuple<std::string, int64_t, int64_t>, std::unique_ptr<Graph>> graphs;
   json out_cases = json::array();
   double sum_abs = 0, max_case = 0;
@@ -347,7 +347,7 @@ int RunValidate(const ValidateOptions& o) {
     auto& model = models[r.export_path];
     auto& graph = graphs[{r.export_path, r.batch, r.seq}];
     try {
-      if (!model) model = std::make_unique<TorchScriptModel>(TorchScriptModel::Load(r.export_path));
+      if (!model) model = LoadDecoderModel(r.export_path);
       if (!graph) graph = std::make_unique<Graph>(model->BuildGraph(r.batch, r.seq));
       // The run's LoRA / QLoRA (and the precision its QLoRA step runs in).
       const AdapterRecipe adapters(r.lora, r.lora_modules_to_save, r.quant == "none" ? "" : r.quant, std::nullopt,

@@ -79,6 +79,12 @@ std::optional<IndexRange> IndexRanges::OfValue(const c10::IValue& v) const {
 void IndexRanges::Observe(const torch::jit::Node* node, const std::vector<c10::IValue>& inputs,
                           const std::vector<c10::IValue>& outputs) {
   const std::string kind = node->kind().toQualString();
+  // Only aten ops have a schema (prim::NumToTensor has none worth asking).
+  Observe(kind, node->kind().is_aten() && node->maybeSchema() ? node->schema().overload_name() : "", inputs, outputs);
+}
+
+void IndexRanges::Observe(const std::string& kind, const std::string& overload,
+                          const std::vector<c10::IValue>& inputs, const std::vector<c10::IValue>& outputs) {
   // An in-place op changes its input's values (and returns the same tensor): what was known about them is gone.
   if (!kind.empty() && kind.back() == '_') {
     for (const c10::IValue& v : inputs) {
@@ -95,7 +101,6 @@ void IndexRanges::Observe(const torch::jit::Node* node, const std::vector<c10::I
   auto in = [&](size_t i) { return i < inputs.size() ? OfValue(inputs[i]) : std::nullopt; };
   if (kind == "aten::arange") {
     // arange(end, ...), arange.start(start, end, ...), arange.start_step(start, end, step, ...)
-    const std::string overload = node->schema().overload_name();
     const std::optional<int64_t> start = overload.empty() ? std::optional<int64_t>(0) : IntegralScalar(inputs[0]);
     const std::optional<int64_t> step =
         overload == "start_step" ? IntegralScalar(inputs[2]) : std::optional<int64_t>(1);

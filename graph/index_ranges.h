@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -31,6 +32,9 @@ class IndexRanges {
   // Derives the range of the node's first tensor output from its inputs, when the op is one whose result bounds
   // follow from its inputs' bounds; otherwise records nothing.
   void Observe(const torch::jit::Node* node, const std::vector<c10::IValue>& inputs,
+               const std::vector<c10::IValue>& outputs);
+  // The same for an op named by its kind ("aten::arange") and overload name ("start"; "" for the default one).
+  void Observe(const std::string& kind, const std::string& overload, const std::vector<c10::IValue>& inputs,
                const std::vector<c10::IValue>& outputs);
 
   // The range of `t`, or nullopt when unknown. 0-dim CPU constants (traces bake scalars as such) are read.

@@ -72,6 +72,17 @@ std::string NonTorchScriptArchiveKind(caffe2::serialize::PyTorchStreamReader& re
 
 }  // namespace
 
+bool IsTorchScriptArchive(const std::string& path) {
+  try {
+    CheckModelFileReadable(path);
+    if (Head(path, kZipMagic.size()) != std::string(kZipMagic.begin(), kZipMagic.end())) return false;
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    return reader.hasRecord("constants.pkl");
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
 void CheckModelFileReadable(const std::string& path) {
   namespace fs = std::filesystem;
   std::error_code ec;

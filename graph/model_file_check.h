@@ -13,6 +13,10 @@ namespace llmem {
 // Throws ModelLoadError unless `path` names an existing regular file that can be opened for reading.
 void CheckModelFileReadable(const std::string& path);
 
+// Whether `path` is a zip archive holding TorchScript (constants.pkl, as torch.jit.save writes); false for anything
+// else, unreadable files included.
+bool IsTorchScriptArchive(const std::string& path);
+
 // The one-line message for a file LibTorch's loader rejected with `loader_reason` (may be empty): what is wrong
 // with the file, then the loader's reason shortened to its first sentence.
 std::string DescribeUnloadableModelFile(const std::string& path, const std::string& loader_reason);

@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <array>
 #include <functional>
 #include <map>
@@ -19,6 +20,7 @@
 #include "graph/hf_generation_mask.h"
 #include "graph/index_ranges.h"
 #include "graph/meta_kernels.h"
+#include "graph/meta_run.h"
 #include "graph/model_file_check.h"
 
 namespace llmem {
@@ -26,41 +28,17 @@ namespace {
 
 std::string ErrorText(const c10::Error& e) { return BriefLoaderReason(e.what_without_backtrace()); }
 
-DType FromScalarType(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kF32;
-    case at::kHalf: return DType::kF16;
-    case at::kBFloat16: return DType::kBF16;
-    case at::kDouble: return DType::kF64;
-    case at::kLong: return DType::kI64;
-    case at::kInt: return DType::kI32;
-    case at::kShort: return DType::kI16;
-    case at::kChar: return DType::kI8;
-    case at::kByte: return DType::kU8;
-    case at::kBool: return DType::kBool;
-    case at::kComplexFloat: return DType::kComplex64;
-    default:
-      throw ModelLoadError(std::string("unsupported tensor dtype ") + c10::toString(t));
-  }
-}
-
-// What the module tree says about one parameter or buffer slot.
-struct SlotInfo {
-  std::string name;
-  bool is_parameter = false;
-};
-
 // Replaces every tensor slot of the module tree with an empty meta tensor of the same shape, strides and dtype
 // (or `float_dtype` for floating tensors, like Module::to(dtype)), keeping parameters trainable. Records names.
-struct MetaSlots {
-  std::unordered_map<const c10::TensorImpl*, SlotInfo> names;           // meta tensor -> slot
+struct SlotMoves {
+  MetaSlots names;                                                       // meta tensor -> slot
   std::unordered_map<const c10::StorageImpl*, std::pair<at::Tensor, at::Tensor>> by_storage;  // original -> meta
   std::vector<at::Tensor> all;                                           // every distinct meta tensor, in order
   std::map<std::string, at::ScalarType>* original_dtypes = nullptr;       // slot name -> dtype in the file
 };
 
 void MoveSlotsToMeta(const c10::intrusive_ptr<c10::ivalue::Object>& obj, const std::string& prefix,
-                     std::optional<at::ScalarType> float_dtype, MetaSlots& slots) {
+                     std::optional<at::ScalarType> float_dtype, SlotMoves& slots) {
   const auto& type = obj->type();
   for (size_t i = 0; i < type->numAttributes(); ++i) {
     const std::string attr = type->getAttributeName(i);
@@ -90,7 +68,7 @@ void MoveSlotsToMeta(const c10::intrusive_ptr<c10::ivalue::Object>& obj, const s
       const bool is_param = type->is_parameter(i);
       if (is_param && at::isFloatingType(dtype)) meta.set_requires_grad(true);
       obj->setSlot(i, meta);
-      slots.names[meta.unsafeGetTensorImpl()] = SlotInfo{name, is_param};
+      slots.names[meta.unsafeGetTensorImpl()] = MetaSlot{name, is_param};
       if (storage) slots.by_storage[storage] = {t, meta};
       slots.all.push_back(meta);
     } else if (slot.isObject()) {
@@ -137,20 +115,6 @@ void AddModules(const c10::intrusive_ptr<c10::ivalue::Object>& obj, const std::s
   }
 }
 
-// Per module class (the last atom of its TorchScript name), the children whose calls in its forward are nested in an
-// expression (models/export_hf.py writes them): their results are temporaries.
-using ExpressionCalls = std::map<std::string, std::set<std::string>, std::less<>>;
-// Per module class, per child: how the class's forward drops the child call's result it bound to a name (the
-// export's record; OpNode::rebindings).
-using RebindingCalls =
-    std::map<std::string, std::map<std::string, std::shared_ptr<const NameRebinding>, std::less<>>, std::less<>>;
-
-// What the export says about the child calls of each module class's forward.
-struct CallRecords {
-  ExpressionCalls expression;
-  RebindingCalls rebinding;
-};
-
 std::string ClassName(const c10::intrusive_ptr<c10::ivalue::Object>& obj) {
   const auto name = obj->type()->name();
   return name ? name->name() : "";
@@ -162,7 +126,7 @@ std::string ClassName(const c10::intrusive_ptr<c10::ivalue::Object>& obj) {
 // With `calls` and `op`: per component depth of the path where a child's call starts, op->temporary_calls says
 // whether that call is nested in an expression of its parent's forward, op->rebindings how the parent drops it.
 std::string ModulePath(const torch::jit::Node* node, const torch::jit::Module& root,
-                       const CallRecords* calls = nullptr, OpNode* op = nullptr) {
+                       const ExportRecords* calls = nullptr, OpNode* op = nullptr) {
   auto cs = node->callstack();
   if (!cs) return "";
   std::string path;
@@ -192,19 +156,7 @@ std::string ModulePath(const torch::jit::Node* node, const torch::jit::Module& r
       }
     }
     if (!next) break;  // the call stack left the module tree (e.g. a free function); keep what we have
-    if (calls && op) {
-      const std::string cls_name = ClassName(cur);
-      const auto cls = calls->expression.find(cls_name);
-      const bool nested = cls != calls->expression.end() && cls->second.count(inst) > 0;
-      if (op->temporary_calls.size() <= depth) op->temporary_calls.resize(depth + 1, 0);
-      op->temporary_calls[depth] = nested ? 1 : 0;
-      if (const auto rb = calls->rebinding.find(cls_name); rb != calls->rebinding.end()) {
-        if (const auto child = rb->second.find(inst); child != rb->second.end()) {
-          if (op->rebindings.size() <= depth) op->rebindings.resize(depth + 1);
-          op->rebindings[depth] = child->second;
-        }
-      }
-    }
+    if (calls && op) calls->NoteChildCall(ClassName(cur), inst, depth, *op);
     path += (path.empty() ? "" : ".") + step;
     depth += static_cast<size_t>(std::count(step.begin(), step.end(), '.')) + 1;
     cur = next;
@@ -239,33 +191,8 @@ bool InModuleCode(const torch::jit::Node* node) {
   return false;
 }
 
-// Decoder layer index from a module path: the first "<name>.<integer>" step (a child of a container such as
-// ModuleList; decoder architectures keep their layers in one).
-int32_t LayerIndex(const std::string& path) {
-  static const std::regex kIndexed(R"((?:^|\.)[A-Za-z_]+\.(\d+)(?:\.|$))");
-  std::smatch m;
-  if (std::regex_search(path, m, kIndexed)) return std::stoi(m[1].str());
-  return -1;
-}
-
-// Decoder LMs attend causally: HF passes scaled_dot_product_attention is_causal=True or a causal mask. Attention
-// with is_causal=False and no mask, or a mask the meta run knows to hide nothing (an additive mask of zeros, a
-// bool mask of ones: BERT's mask made from an all-ones attention_mask), is bidirectional, as in encoders and
-// masked LMs, whose step llmem does not model.
-void RefuseBidirectionalAttention(const torch::jit::Node* node, const std::vector<c10::IValue>& args,
-                                  const torch::jit::Module& root, const IndexRanges& ranges) {
-  // scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-  constexpr size_t kMask = 3, kIsCausal = 5;
-  if (args.size() <= kIsCausal) return;
-  const bool is_causal = args[kIsCausal].isBool() && args[kIsCausal].toBool();
-  if (is_causal) return;
-  if (args[kMask].isTensor() && args[kMask].toTensor().defined()) {
-    const at::Tensor& mask = args[kMask].toTensor();
-    const auto bounds = ranges.Of(mask);
-    const int64_t attend = mask.scalar_type() == at::kBool ? 1 : 0;  // the value that hides nothing
-    if (!bounds || bounds->lo != attend || bounds->hi != attend) return;
-  }
-  const std::string scope = ModulePath(node, root);
+// The module path and class of an attention op the meta run finds bidirectional (meta_run.h), in the refusal.
+[[noreturn]] void RefuseBidirectionalAttention(const torch::jit::Node* node, const torch::jit::Module& root) {
   // The class of the module that calls the attention, from the inlined call stack (e.g. BertSdpaSelfAttention).
   std::string module_class;
   if (auto cs = node->callstack()) {
@@ -274,32 +201,13 @@ void RefuseBidirectionalAttention(const torch::jit::Node* node, const std::vecto
       if (info && info->class_type() && info->class_type()->name()) module_class = info->class_type()->name()->name();
     }
   }
-  throw ModelLoadError("not a decoder LM: attention" + (scope.empty() ? "" : " in " + scope) +
-                       (module_class.empty() ? "" : " (" + module_class + ")") +
-                       " has no causal mask (scaled_dot_product_attention with is_causal=False and no mask that "
-                       "hides a position): "
-                       "bidirectional, as in an encoder or masked LM; llmem estimates decoder (causal) LMs");
+  throw ModelLoadError(BidirectionalAttentionMessage(ModulePath(node, root), module_class));
 }
 
-// An embedding lookup whose indices the meta run bounds: they are built from sizes (positions, token types), not
-// read from the input ids.
-struct BoundedLookup {
-  std::string table;    // the weight's dotted name
-  int64_t rows = 0;     // weight.size(0)
-  IndexRange indices;   // bounds of the indices at this run's sequence length
-  std::string scope;    // module path of the lookup
-};
-
-// Per-run state of the op-by-op interpreter.
-struct Run {
+// Per-run state of the op-by-op interpreter: what MetaRun records, and the interpreter's own.
+struct Run : MetaRun {
+  explicit Run(MetaSlots slots) : MetaRun(std::move(slots)) {}
   std::unordered_map<const torch::jit::Value*, c10::IValue> env;
-  std::unordered_map<const c10::TensorImpl*, ValueId> by_impl;        // tensor object -> newest IR value
-  std::unordered_map<const c10::StorageImpl*, ValueId> by_storage;    // storage -> owning IR value
-  std::vector<TensorValue> values;
-  std::vector<OpNode> nodes;
-  std::vector<Parameter> params;
-  std::vector<at::Tensor> keep_alive;  // keeps storages alive so storage addresses are never reused
-  std::vector<BoundedLookup> bounded_lookups;  // in execution order
   // Per IR value an op made: the TorchScript node and the index of its output (null for inputs and parameters).
   std::vector<std::pair<const torch::jit::Node*, size_t>> origin;
   // A generation run's extra inputs (the attention mask, then the cache entries read) and the cache's names.
@@ -327,34 +235,21 @@ struct TorchScriptModel::Impl {
   std::shared_ptr<torch::jit::Graph> graph;  // inlined copy of forward
   mutable std::map<std::string, at::ScalarType> original_dtypes;  // filled by the first run
   ModuleTree module_tree;                                           // as loaded
-  std::optional<int64_t> config_max_positions;  // max_position_embeddings of the config the export carries
-  std::string config_model_type;                // model_type of that config ("" without one)
-  std::optional<int64_t> config_sliding_window;  // its sliding_window, when the model uses one
-  bool config_hybrid_layers = false;             // layer_types mixes windowed and full-attention layers
-  std::optional<int64_t> max_positions_override;
+  ExportRecords records;  // what the export's extra files say
   // aten::to nodes of `graph` whose target under autocast is autocast's 16-bit dtype (from the export).
   std::unordered_set<const torch::jit::Node*> autocast_dtype_casts;
-  CallRecords call_records;  // from the export; empty when it has none
-  std::optional<bool> config_logits_to_keep;  // whether the model's forward takes logits_to_keep
-  std::optional<bool> config_eos_token;       // whether its generation config names an eos_token_id
-  std::optional<bool> config_float32_logits;  // whether its forward without labels casts the logits to float32
-  std::optional<bool> config_tp_plan;         // whether its config has a base_model_tp_plan
-  std::optional<std::vector<std::string>> config_no_split;  // _no_split_modules
-  std::optional<bool> config_bool_mask;       // whether its causal mask is masking_utils' bool one
-  std::optional<TorchScriptModel::MoeRouting> config_moe;  // the routing its MoE layers were traced with
+  // aten::to nodes given a device that returned their input in the first run: `x.to(device)`, which keeps x's
+  // dtype in eager, though the trace bakes the trace-time dtype into the node. Later runs (16-bit weights) keep the
+  // input too. (torch.export records them as alias, which the program importer skips as well.)
+  mutable std::unordered_set<const torch::jit::Node*> device_only_casts;
 
-  // Reads the config the export carries (max_position_embeddings, model_type); nothing when it has none.
-  void ReadConfig(const std::string& text);
   // Reads which casts of `graph` follow autocast's dtype (the export's autocast trace); nothing when it has none.
   void ReadAutocastCasts(const std::string& text);
-  // Reads which child calls hand their results to an expression (the export's record); nothing when it has none.
-  void ReadExpressionCalls(const std::string& text);
-  // Reads how each class's forward drops the results it binds to names (the export's record); nothing without one.
-  void ReadRebindings(const std::string& text);
-  // The longest sequence the model allows, from the lookups of a run at `seq` and the config.
-  std::optional<PositionLimit> FindPositionLimit(const Run& run, int64_t seq) const;
-  // That limit, after refusing (ConfigError) a sequence past it or a lookup past its table.
-  std::optional<PositionLimit> CheckPositions(const Run& run, int64_t seq) const;
+  // The position limit of a run at `seq`, after refusing a sequence past it (meta_run.h CheckPositions).
+  std::optional<PositionLimit> CheckPositions(const Run& run, int64_t seq) const {
+    return llmem::CheckPositions(run.bounded_lookups, seq, records.max_positions_override, records.max_positions,
+                                 records.model_type);
+  }
 
   // Executes the graph on meta and records the IR. `float_dtype` converts floating weights first; `generation`
   // replaces what a forward with a key/value cache computes differently.
@@ -370,28 +265,11 @@ TorchScriptModel::TorchScriptModel(TorchScriptModel&&) noexcept = default;
 TorchScriptModel& TorchScriptModel::operator=(TorchScriptModel&&) noexcept = default;
 TorchScriptModel::~TorchScriptModel() = default;
 const std::string& TorchScriptModel::path() const { return impl_->path; }
-std::optional<int64_t> TorchScriptModel::sliding_window() const { return impl_->config_sliding_window; }
-bool TorchScriptModel::hybrid_attention_layers() const { return impl_->config_hybrid_layers; }
-std::optional<bool> TorchScriptModel::logits_to_keep() const { return impl_->config_logits_to_keep; }
-std::optional<bool> TorchScriptModel::eos_token() const { return impl_->config_eos_token; }
-std::optional<bool> TorchScriptModel::bool_causal_mask() const { return impl_->config_bool_mask; }
-std::optional<bool> TorchScriptModel::float32_logits() const { return impl_->config_float32_logits; }
-std::optional<bool> TorchScriptModel::tensor_parallel_plan() const { return impl_->config_tp_plan; }
 const ModuleTree& TorchScriptModel::module_tree() const { return impl_->module_tree; }
-std::optional<std::vector<std::string>> TorchScriptModel::no_split_modules() const { return impl_->config_no_split; }
-std::optional<TorchScriptModel::MoeRouting> TorchScriptModel::moe_routing() const { return impl_->config_moe; }
+const ExportRecords& TorchScriptModel::records() const { return impl_->records; }
+ExportRecords& TorchScriptModel::mutable_records() { return impl_->records; }
 
 namespace {
-
-// The extra file of an export that holds its Hugging Face config as JSON (models/export_hf.py writes it).
-constexpr const char* kConfigFile = "hf_config.json";
-// The extra file that says, per aten::to of the graph in graph order, whether a trace under autocast casts to
-// autocast's 16-bit dtype there (true / false / null: unknown); models/export_hf.py writes it for CPU exports.
-constexpr const char* kAutocastCastsFile = "autocast_casts.json";
-// The extra file that says, per module class, which child calls of its forward are nested in an expression.
-constexpr const char* kExpressionCallsFile = "expression_calls.json";
-// The extra file of which statement rebinds the name a child call's result is bound to (models/export_hf.py).
-constexpr const char* kRebindingsFile = "rebound_names.json";
 
 // The nodes of a block and of its sub-blocks, in graph order (each node before the nodes of its blocks).
 void CollectNodes(const torch::jit::Block* block, const torch::jit::Symbol kind,
@@ -403,105 +281,6 @@ void CollectNodes(const torch::jit::Block* block, const torch::jit::Symbol kind,
 }
 
 }  // namespace
-
-void TorchScriptModel::Impl::ReadConfig(const std::string& text) {
-  if (text.empty()) return;
-  const nlohmann::json config = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (!config.is_object()) throw ModelLoadError(std::string(kConfigFile) + " of " + path + " is not a JSON object");
-  if (auto it = config.find("model_type"); it != config.end() && it->is_string()) {
-    config_model_type = it->get<std::string>();
-  }
-  if (auto it = config.find("max_position_embeddings"); it != config.end() && !it->is_null()) {
-    if (!it->is_number_integer() || it->get<int64_t>() < 1) {
-      throw ModelLoadError(std::string(kConfigFile) + " of " + path + ": max_position_embeddings is not a positive "
-                           "integer");
-    }
-    config_max_positions = it->get<int64_t>();
-  }
-  if (auto it = config.find("logits_to_keep"); it != config.end() && it->is_boolean()) {
-    config_logits_to_keep = it->get<bool>();
-  }
-  if (auto it = config.find("eos_token_id"); it != config.end()) config_eos_token = !it->is_null();
-  if (auto it = config.find("tp_plan"); it != config.end() && it->is_boolean()) config_tp_plan = it->get<bool>();
-  if (auto it = config.find("no_split_modules"); it != config.end() && it->is_array()) {
-    config_no_split.emplace();
-    for (const auto& c : *it) {
-      if (c.is_string()) config_no_split->push_back(c.get<std::string>());
-    }
-  }
-  if (auto it = config.find("moe_routing"); it != config.end() && it->is_object()) {
-    const auto experts = it->find("experts"), top_k = it->find("top_k");
-    if (experts != it->end() && top_k != it->end() && experts->is_number_integer() && top_k->is_number_integer() &&
-        experts->get<int64_t>() > 0 && top_k->get<int64_t>() > 0) {
-      config_moe = TorchScriptModel::MoeRouting{experts->get<int64_t>(), top_k->get<int64_t>()};
-    }
-  }
-  if (auto it = config.find("logits_dtype"); it != config.end() && it->is_string()) {
-    config_float32_logits = it->get<std::string>() == "float32";
-  }
-  if (auto it = config.find("causal_mask"); it != config.end() && it->is_string()) {
-    config_bool_mask = it->get<std::string>() == "create_causal_mask";
-  }
-  // Qwen2-style configs carry a window but switch it off with use_sliding_window.
-  const auto use = config.find("use_sliding_window");
-  const bool off = use != config.end() && use->is_boolean() && !use->get<bool>();
-  if (auto it = config.find("sliding_window"); !off && it != config.end() && it->is_number_integer()) {
-    config_sliding_window = it->get<int64_t>();
-  }
-  // layer_types decides each layer's cache (transformers' DynamicCache(config)): a window only where a layer says so.
-  if (auto it = config.find("layer_types"); it != config.end() && it->is_array() && !it->empty()) {
-    size_t windowed = 0;
-    for (const auto& t : *it) {
-      const std::string kind = t.is_string() ? t.get<std::string>() : "";
-      if (kind == "sliding_attention" || kind == "chunked_attention") ++windowed;
-    }
-    if (windowed == 0) config_sliding_window.reset();
-    config_hybrid_layers = windowed > 0 && windowed < it->size();
-  }
-}
-
-void TorchScriptModel::Impl::ReadExpressionCalls(const std::string& text) {
-  if (text.empty()) return;
-  const nlohmann::json record = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (!record.is_object()) throw ModelLoadError(std::string(kExpressionCallsFile) + " of " + path + " is not an object");
-  for (const auto& [cls, children] : record.items()) {
-    if (!children.is_array()) continue;
-    for (const auto& c : children) {
-      if (c.is_string()) call_records.expression[cls].insert(c.get<std::string>());
-    }
-  }
-}
-
-void TorchScriptModel::Impl::ReadRebindings(const std::string& text) {
-  if (text.empty()) return;
-  const std::string where = std::string(kRebindingsFile) + " of " + path;
-  const nlohmann::json record = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (!record.is_object()) throw ModelLoadError(where + " is not an object");
-  auto names = [&](const nlohmann::json& rule, const char* key) {
-    std::vector<std::string> out;
-    const auto it = rule.find(key);
-    if (it == rule.end() || !it->is_array()) throw ModelLoadError(where + ": a rule has no \"" + key + "\" list");
-    for (const auto& n : *it) {
-      if (!n.is_string()) throw ModelLoadError(where + ": \"" + key + "\" holds a non-string");
-      out.push_back(n.get<std::string>());
-    }
-    return out;
-  };
-  for (const auto& [cls, children] : record.items()) {
-    if (!children.is_object()) throw ModelLoadError(where + ": the entry of " + cls + " is not an object");
-    for (const auto& [child, rule] : children.items()) {
-      if (!rule.is_object()) throw ModelLoadError(where + ": the rule of " + cls + "." + child + " is not an object");
-      NameRebinding r;
-      r.between = names(rule, "between");
-      r.rebinders = names(rule, "rebinder");
-      const auto several = rule.find("one_of_several");
-      r.one_of_several = several != rule.end() && several->is_boolean() && several->get<bool>();
-      const auto own = rule.find("own_rebindings");
-      if (own != rule.end() && own->is_number_integer()) r.own_rebindings = std::max(0, own->get<int>());
-      call_records.rebinding[cls][child] = std::make_shared<const NameRebinding>(std::move(r));
-    }
-  }
-}
 
 void TorchScriptModel::Impl::ReadAutocastCasts(const std::string& text) {
   if (text.empty()) return;
@@ -538,7 +317,7 @@ TorchScriptModel TorchScriptModel::Load(const std::string& path) {
   } catch (const std::exception& e) {
     throw ModelLoadError(DescribeUnloadableModelFile(path, e.what()));
   }
-  impl->ReadConfig(extra_files[kConfigFile]);
+  impl->records.ReadConfig(extra_files[kConfigFile], path);
   {
     std::unordered_map<const c10::StorageImpl*, std::string> seen;
     AddModules(impl->module._ivalue(), "", impl->module_tree, seen);
@@ -556,8 +335,8 @@ TorchScriptModel TorchScriptModel::Load(const std::string& path) {
     throw ModelLoadError("not a decoder LM: forward must return the loss tensor in " + path);
   }
   impl->ReadAutocastCasts(extra_files[kAutocastCastsFile]);
-  impl->ReadExpressionCalls(extra_files[kExpressionCallsFile]);
-  impl->ReadRebindings(extra_files[kRebindingsFile]);
+  impl->records.ReadExpressionCalls(extra_files[kExpressionCallsFile], path);
+  impl->records.ReadRebindings(extra_files[kRebindingsFile], path);
   return TorchScriptModel(std::move(impl));
 }
 
@@ -565,42 +344,17 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
                                     const GenerationSubstitutions* generation) const {
   using torch::jit::Node;
   using torch::jit::Value;
-  Run run;
   // Slots are replaced in place (a clone would untie tied weights); after the first run they are meta already, so
   // the loaded weights are released and later runs only change dtypes.
   const torch::jit::Module& mod = module;
-  MetaSlots slots;
+  SlotMoves slots;
   slots.original_dtypes = &original_dtypes;
   MoveSlotsToMeta(mod._ivalue(), "", float_dtype, slots);
-  const auto& slot_names = slots.names;
-
+  Run run(std::move(slots.names));
   auto new_value = [&](ValueRole role, const at::Tensor& t, NodeId producer, const std::string& name) {
-    TensorValue v;
-    v.id = ValueId{static_cast<int32_t>(run.values.size())};
-    v.role = role;
-    v.name = name.empty() ? "%" + std::to_string(v.id.index) : name;
-    v.shape = t.sizes().vec();
-    v.strides = t.strides().vec();
-    v.dtype = FromScalarType(t.scalar_type());
-    v.dtype_bf16_weights = v.dtype;
-    v.requires_grad = t.requires_grad();
-    v.producer = producer;
-    const c10::StorageImpl* storage = t.has_storage() ? t.storage().unsafeGetStorageImpl() : nullptr;
-    auto it = storage ? run.by_storage.find(storage) : run.by_storage.end();
-    if (it != run.by_storage.end()) {
-      v.alias_of = it->second;
-    } else {
-      const int64_t bytes = t.has_storage() ? static_cast<int64_t>(t.storage().nbytes()) : 0;
-      v.storage_numel = bytes / static_cast<int64_t>(t.element_size());
-      if (storage) run.by_storage[storage] = v.id;
-    }
-    run.by_impl[t.unsafeGetTensorImpl()] = v.id;
-    run.keep_alive.push_back(t);
-    run.values.push_back(std::move(v));
-    return run.values.back().id;
+    return run.NewValue(role, t, producer, name);
   };
-
-  IndexRanges ranges;  // token ids and labels have none: their values are data
+  IndexRanges& ranges = run.ranges;
   auto M = at::TensorOptions().device(at::kMeta).dtype(at::kLong);
   CheckedMul(CheckedMul(batch, seq, "the token ids"), 8, "the token ids");
   at::Tensor ids = at::empty({batch, seq}, M);
@@ -612,76 +366,6 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   new_value(ValueRole::kInput, ids, NodeId{}, "input_ids");
   new_value(ValueRole::kInput, labels, NodeId{}, "labels");
 
-  // Resolves a tensor seen as an op input to its IR value (parameters are registered on first sight).
-  auto tensor_value = [&](const at::Tensor& t, Region region) -> ValueId {
-    auto it = run.by_impl.find(t.unsafeGetTensorImpl());
-    if (it != run.by_impl.end()) return it->second;
-    auto slot = slot_names.find(t.unsafeGetTensorImpl());
-    ValueRole role = slot != slot_names.end() ? ValueRole::kParameter : ValueRole::kInput;
-    std::string name = slot != slot_names.end() ? slot->second.name : "";
-    ValueId id = new_value(role, t, NodeId{}, name);
-    if (role == ValueRole::kParameter) {
-      auto& v = run.values[static_cast<size_t>(id.index)];
-      Parameter p;
-      p.name = name;
-      p.shape = v.shape;
-      p.dtype = v.dtype;
-      p.bytes = ShapeBytes(v.shape, v.dtype);
-      p.trainable = slot->second.is_parameter && t.requires_grad();
-      p.value = id;
-      p.region = region;
-      v.param = static_cast<int32_t>(run.params.size());
-      run.params.push_back(std::move(p));
-    } else {
-      // A tensor constant baked into the trace.
-      run.values[static_cast<size_t>(id.index)].name = "const%" + std::to_string(id.index);
-    }
-    return id;
-  };
-
-  auto to_arg = [&](const c10::IValue& iv, Region region) {
-    OpArg a;
-    if (iv.isTensor()) {
-      a.kind = OpArg::Kind::kTensor;
-      if (iv.toTensor().defined()) a.tensors.push_back(tensor_value(iv.toTensor(), region));
-      else a.kind = OpArg::Kind::kNone;
-    } else if (iv.isTensorList()) {
-      a.kind = OpArg::Kind::kTensorList;
-      for (const at::Tensor& t : iv.toTensorVector()) a.tensors.push_back(tensor_value(t, region));
-    } else if (iv.isBool()) {
-      a.kind = OpArg::Kind::kBool;
-      a.int_value = iv.toBool() ? 1 : 0;
-    } else if (iv.isInt()) {
-      a.kind = OpArg::Kind::kInt;
-      a.int_value = iv.toInt();
-    } else if (iv.isDouble()) {
-      a.kind = OpArg::Kind::kDouble;
-      a.double_value = iv.toDouble();
-    } else if (iv.isIntList()) {
-      a.kind = OpArg::Kind::kIntList;
-      a.ints = iv.toIntVector();
-    } else if (iv.isString()) {
-      a.kind = OpArg::Kind::kString;
-      a.text = iv.toStringRef();
-    } else if (iv.isNone()) {
-      a.kind = OpArg::Kind::kNone;
-    } else {
-      a.kind = OpArg::Kind::kOther;
-      a.text = iv.tagKind();  // printing would read tensor data, which meta tensors do not have
-      if (iv.isList()) {  // e.g. Tensor?[] indices of aten::index
-        for (const c10::IValue& e : iv.toListRef()) {
-          if (e.isTensor() && e.toTensor().defined()) a.tensors.push_back(tensor_value(e.toTensor(), region));
-        }
-      }
-    }
-    return a;
-  };
-
-  // Regions are assigned after the run: ops inside a decoder layer get it from their module path; the rest are
-  // embedding (before the first layer op) or head (after the last).
-  std::vector<int32_t> node_layers;
-  std::unordered_map<const Value*, bool> is_param_attr;
-
   // Scripted modules keep Python's control flow. Conditions and trip counts that the meta run knows (None checks,
   // flags, sizes) are followed like the TorchScript interpreter does; one that needs tensor data fails in the op
   // that reads the data (e.g. aten::Bool on a meta tensor).
@@ -689,17 +373,13 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   auto emit = [&](const OpNode& site, const char* kind, const std::vector<c10::IValue>& args, const at::Tensor& out,
                   const std::string& name) {
     OpNode op;
-    op.id = NodeId{static_cast<int32_t>(run.nodes.size())};
     op.kind = kind;
     op.scope = site.scope;
     op.in_module_code = true;
     op.temporary_calls = site.temporary_calls;
     op.rebindings = site.rebindings;
-    const Region provisional{RegionKind::kEmbedding, -1};
-    for (const auto& iv : args) op.args.push_back(to_arg(iv, provisional));
-    op.outputs.push_back(new_value(ValueRole::kActivation, out, op.id, name));
-    node_layers.push_back(LayerIndex(op.scope));
-    run.nodes.push_back(std::move(op));
+    const ValueId made = run.AddNode(std::move(op), args, {c10::IValue(out)})[0];
+    if (!name.empty()) run.values[static_cast<size_t>(made.index)].name = name;
   };
   // generate()'s attention mask, [B, past + S] int64 ones: an input of the generation forward, made once.
   at::Tensor attention_mask;
@@ -815,10 +495,16 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
         throw ModelLoadError(std::string("unsupported call ") + kind.toQualString() +
                              " left in the inlined forward graph: export the model with torch.jit.trace");
       }
+      if (device_only_casts.count(node)) {
+        run.env[node->output()] = run.env.at(node->input(0));
+        continue;
+      }
       torch::jit::Stack stack;
       for (const Value* in : node->inputs()) stack.push_back(run.env.at(in));
       std::vector<c10::IValue> in_values(stack.begin(), stack.end());
-      if (kind == c10::aten::scaled_dot_product_attention) RefuseBidirectionalAttention(node, in_values, mod, ranges);
+      if (kind == c10::aten::scaled_dot_product_attention && IsBidirectionalAttention(in_values, ranges)) {
+        RefuseBidirectionalAttention(node, mod);
+      }
       try {
         // The interpreter emits these as instructions rather than registered operators.
         if (kind == c10::prim::ListConstruct) {
@@ -860,22 +546,8 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
       LLMEM_CHECK(stack.size() == node->outputs().size()) << kind.toQualString();
       for (size_t i = 0; i < stack.size(); ++i) run.env[node->outputs()[i]] = stack[i];
       ranges.Observe(node, in_values, stack);
-      // Table lookups: embedding(weight, indices), and module state indexed along dim 0 (CodeGen's sin/cos
-      // table: embed_positions[position_ids]).
-      std::optional<std::pair<at::Tensor, at::Tensor>> lookup;  // table, indices
-      if (kind == c10::aten::embedding && in_values[0].isTensor() && in_values[1].isTensor()) {
-        lookup.emplace(in_values[0].toTensor(), in_values[1].toTensor());
-      } else if (kind == c10::aten::index && in_values[0].isTensor() && in_values[1].isList() &&
-                 in_values[1].toListRef().size() == 1 && in_values[1].toListRef()[0].isTensor() &&
-                 slot_names.count(in_values[0].toTensor().unsafeGetTensorImpl())) {
-        lookup.emplace(in_values[0].toTensor(), in_values[1].toListRef()[0].toTensor());
-      }
-      if (lookup && lookup->first.dim() >= 1) {
-        if (auto bounds = ranges.Of(lookup->second)) {
-          auto slot = slot_names.find(lookup->first.unsafeGetTensorImpl());
-          run.bounded_lookups.push_back(BoundedLookup{slot != slot_names.end() ? slot->second.name : "a table",
-                                                      lookup->first.size(0), *bounds, ModulePath(node, mod)});
-        }
+      if (kind == c10::aten::embedding || kind == c10::aten::index) {
+        run.ObserveLookup(kind.toQualString(), in_values, ModulePath(node, mod));
       }
 
       const bool is_aten = kind.is_aten();
@@ -883,29 +555,37 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
       for (const auto& iv : stack) has_tensor_out |= iv.isTensor() || iv.isTensorList();
       // Pure routing (prim list/tuple ops) and shape queries create no IR op; their tensors keep their identity.
       if (!is_aten || !has_tensor_out) continue;
+      // Arithmetic on CPU scalars: a trace records Python's size arithmetic (`seq // heads`) as ops on 0-dim CPU
+      // tensors, where eager computes Python numbers; nothing of it is device memory. A result a later op reads is
+      // a constant there, as the trace's other scalars are.
+      const auto cpu_scalar = [](const c10::IValue& v) {
+        return !v.isTensor() || !v.toTensor().defined() || (v.toTensor().dim() == 0 && v.toTensor().is_cpu());
+      };
+      if (std::all_of(stack.begin(), stack.end(), cpu_scalar) && std::all_of(in_values.begin(), in_values.end(), cpu_scalar)) {
+        continue;
+      }
 
-      OpNode op;
-      op.id = NodeId{static_cast<int32_t>(run.nodes.size())};
-      op.kind = kind.toQualString();
-      op.scope = ModulePath(node, mod, &call_records, &op);
-      op.in_module_code = InModuleCode(node);
-      op.to_autocast_dtype = autocast_dtype_casts.count(node) > 0;
-      Region provisional{RegionKind::kEmbedding, -1};
-      for (const auto& iv : in_values) op.args.push_back(to_arg(iv, provisional));
-      for (size_t i = 0; i < stack.size(); ++i) {
-        const c10::IValue& iv = stack[i];
-        if (iv.isTensor() && iv.toTensor().defined()) {
-          op.outputs.push_back(new_value(ValueRole::kActivation, iv.toTensor(), op.id, ""));
-          run.origin.resize(run.values.size());
-          run.origin.back() = {node, i};
-        } else if (iv.isTensorList()) {
-          for (const at::Tensor& t : iv.toTensorVector()) {
-            op.outputs.push_back(new_value(ValueRole::kActivation, t, op.id, ""));
-          }
+      if (run.IsNoOpView(kind.toQualString(), in_values, stack)) continue;
+      if (kind == c10::aten::to && !float_dtype && node->maybeSchema() && stack.size() == 1 && stack[0].isTensor() &&
+          in_values[0].isTensor() &&
+          stack[0].toTensor().unsafeGetTensorImpl() == in_values[0].toTensor().unsafeGetTensorImpl()) {
+        const auto device = node->schema().argumentIndexWithName("device");
+        if (device && *device < in_values.size() && in_values[*device].isDevice()) {
+          device_only_casts.insert(node);
+          continue;
         }
       }
-      node_layers.push_back(LayerIndex(op.scope));
-      run.nodes.push_back(std::move(op));
+      OpNode op;
+      op.kind = kind.toQualString();
+      op.scope = ModulePath(node, mod, &records, &op);
+      op.in_module_code = InModuleCode(node);
+      op.to_autocast_dtype = autocast_dtype_casts.count(node) > 0;
+      const std::vector<ValueId> made = run.AddNode(std::move(op), in_values, stack);
+      for (size_t i = 0; i < made.size(); ++i) {
+        if (!made[i].valid()) continue;
+        run.origin.resize(std::max(run.origin.size(), static_cast<size_t>(made[i].index) + 1));
+        run.origin[static_cast<size_t>(made[i].index)] = {node, i};
+      }
       if (generation) {
         if (const auto it = generation->at.find(node); it != generation->at.end()) {
           for (const GenerationSubstitution& sub : it->second) substitute(sub, node);
@@ -915,104 +595,8 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   };
   run_block(graph->block());
 
-  // Regions.
-  int first_layer_node = -1, last_layer_node = -1;
-  for (size_t n = 0; n < run.nodes.size(); ++n) {
-    if (node_layers[n] >= 0) {
-      if (first_layer_node < 0) first_layer_node = static_cast<int>(n);
-      last_layer_node = static_cast<int>(n);
-    }
-  }
-  for (size_t n = 0; n < run.nodes.size(); ++n) {
-    auto& node = run.nodes[n];
-    if (node_layers[n] >= 0) {
-      node.region = Region{RegionKind::kDecoderLayer, node_layers[n]};
-    } else if (first_layer_node < 0 || static_cast<int>(n) < first_layer_node) {
-      node.region = Region{RegionKind::kEmbedding, -1};
-    } else if (static_cast<int>(n) > last_layer_node) {
-      node.region = Region{RegionKind::kHead, -1};
-    } else {
-      // Between layers but outside any: attribute to the layer of the previous op.
-      node.region = run.nodes[n - 1].region;
-    }
-  }
-  // A parameter belongs to the region of its first use.
-  std::vector<bool> placed(run.params.size(), false);
-  for (const auto& node : run.nodes) {
-    for (const auto& arg : node.args) {
-      for (ValueId t : arg.tensors) {
-        int32_t p = run.values[static_cast<size_t>(t.index)].param;
-        if (p >= 0 && !placed[static_cast<size_t>(p)]) {
-          run.params[static_cast<size_t>(p)].region = node.region;
-          placed[static_cast<size_t>(p)] = true;
-        }
-      }
-    }
-  }
-  // Parameters and buffers the forward never reads still occupy memory (e.g. GPT-2's causal-mask buffers).
-  for (const at::Tensor& t : slots.all) {
-    if (run.by_impl.count(t.unsafeGetTensorImpl())) continue;
-    const ValueId id = tensor_value(t, Region{RegionKind::kEmbedding, -1});
-    auto& p = run.params[static_cast<size_t>(run.values[static_cast<size_t>(id.index)].param)];
-    const int32_t layer = LayerIndex(p.name);
-    p.region = layer >= 0 ? Region{RegionKind::kDecoderLayer, layer} : Region{RegionKind::kEmbedding, -1};
-    p.used_in_forward = false;
-  }
-  // Output.
-  const c10::IValue& out = run.env.at(graph->outputs()[0]);
-  if (!out.isTensor()) throw ModelLoadError("not a decoder LM: forward does not return a tensor");
-  auto it = run.by_impl.find(out.toTensor().unsafeGetTensorImpl());
-  LLMEM_CHECK(it != run.by_impl.end()) << "loss tensor unknown";
-  run.values[static_cast<size_t>(it->second.index)].name = "loss";
+  run.Finish(slots.all, run.env.at(graph->outputs()[0]));
   return run;
-}
-
-void TorchScriptModel::set_max_positions(int64_t n) {
-  if (n < 1) throw ConfigError("--max-positions must be at least 1, got " + std::to_string(n));
-  impl_->max_positions_override = n;
-}
-
-std::optional<PositionLimit> TorchScriptModel::Impl::FindPositionLimit(const Run& run, int64_t seq) const {
-  // A position table (learned, or fixed like CodeGen's sin/cos) is indexed by one id per token, so its indices
-  // span exactly `seq` values and grow by one per token: the longest sequence keeps the largest index inside the
-  // table.
-  std::optional<PositionLimit> learned;
-  for (const BoundedLookup& lookup : run.bounded_lookups) {
-    if (lookup.indices.hi - lookup.indices.lo + 1 != seq) continue;
-    const int64_t max_seq = seq + (lookup.rows - 1 - lookup.indices.hi);
-    if (!learned || max_seq < learned->max_seq) {
-      learned = PositionLimit{max_seq, "position table " + lookup.table + ", " +
-                                           std::to_string(lookup.rows) + " rows"};
-    }
-  }
-  if (learned && (!max_positions_override || *max_positions_override >= learned->max_seq)) return learned;
-  if (max_positions_override) return PositionLimit{*max_positions_override, "--max-positions"};
-  if (config_max_positions) {
-    return PositionLimit{*config_max_positions, "max_position_embeddings of the export's config" +
-                                                    (config_model_type.empty() ? "" : " (" + config_model_type + ")")};
-  }
-  return std::nullopt;
-}
-
-std::optional<PositionLimit> TorchScriptModel::Impl::CheckPositions(const Run& run, int64_t seq) const {
-  std::optional<PositionLimit> position_limit = FindPositionLimit(run, seq);
-  if (position_limit && seq > position_limit->max_seq) {
-    const bool learned = position_limit->source.rfind("position table", 0) == 0;
-    throw ConfigError("sequence length " + std::to_string(seq) + " exceeds the model's " +
-                      std::to_string(position_limit->max_seq) + " positions (" + position_limit->source + ")" +
-                      (learned ? ": the real step fails indexing past the table"
-                               : "; pass --max-positions N when the model's RoPE is scaled past it"));
-  }
-  // The meta run reads no indices, so a lookup past its table runs there; the real step fails ("index out of
-  // range in self").
-  for (const BoundedLookup& lookup : run.bounded_lookups) {
-    if (lookup.indices.lo < 0 || lookup.indices.hi >= lookup.rows) {
-      throw ConfigError("sequence length " + std::to_string(seq) + " makes " + lookup.scope + " index rows " +
-                        std::to_string(lookup.indices.lo) + ".." + std::to_string(lookup.indices.hi) + " of " +
-                        lookup.table + ", which has " + std::to_string(lookup.rows) + " rows");
-    }
-  }
-  return position_limit;
 }
 
 Graph TorchScriptModel::BuildGraph(int64_t batch, int64_t seq) const {
@@ -1058,15 +642,10 @@ Graph TorchScriptModel::Impl::Build(int64_t batch, int64_t seq, const Generation
   std::optional<PositionLimit> position_limit = CheckPositions(run, seq);
   // Second run with 16-bit weights: values whose dtype changes follow the weights; the rest are fixed by an op.
   // Some traces bake fp32 dtypes in (e.g. BLOOM's alibi) and cannot run with 16-bit weights at all.
-  bool runs_with_bf16_weights = true;
+  std::optional<Run> half;
   try {
-    Run half = Execute(batch, seq, at::kBFloat16, generation);
-    if (half.values.size() != run.values.size() || half.nodes.size() != run.nodes.size()) {
-      throw ModelLoadError("the forward graph of " + path + " is not straight-line (differs between runs)");
-    }
-    for (size_t i = 0; i < run.values.size(); ++i) run.values[i].dtype_bf16_weights = half.values[i].dtype;
+    half.emplace(Execute(batch, seq, at::kBFloat16, generation));
   } catch (const ModelLoadError&) {
-    runs_with_bf16_weights = false;
   }
 
   std::vector<ValueId> inputs{ValueId{0}, ValueId{1}};
@@ -1084,16 +663,7 @@ Graph TorchScriptModel::Impl::Build(int64_t batch, int64_t seq, const Generation
                                run.present_names[which].end());
     }
   }
-  ValueId loss;
-  for (const auto& v : run.values) {
-    if (v.name == "loss") loss = v.id;
-    ShapeBytes(v.shape, v.dtype);  // throws ConfigError when the byte count overflows
-  }
-  Graph graph(std::move(run.values), std::move(run.nodes), std::move(run.params), std::move(inputs), loss, batch, seq);
-  if (!graph.value(graph.loss()).shape.empty()) {
-    throw ModelLoadError("not a decoder LM: forward(input_ids, labels) must return a scalar floating loss");
-  }
-  graph.set_runs_with_bf16_weights(runs_with_bf16_weights);
+  Graph graph = AssembleGraph(std::move(run), half ? &*half : nullptr, std::move(inputs), batch, seq);
   graph.set_position_limit(std::move(position_limit));
   graph.set_kv_cache(std::move(kv_cache));
   return graph;

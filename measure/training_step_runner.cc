@@ -24,6 +24,7 @@
 
 #include "graph/dtype.h"
 #include "graph/error.h"
+#include "graph/exported_program_importer.h"
 #include "graph/meta_kernels.h"
 #include "measure/counting_allocator.h"
 
@@ -227,6 +228,10 @@ bool HoldsMetaTensors(const torch::jit::Module& module) {
 torch::jit::Module LoadModel(const std::string& path, const c10::Device& device) {
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec)) throw ModelLoadError("model file not found: " + path);
+  if (IsExportedProgramArchive(path)) {
+    throw ModelLoadError("measure runs the TorchScript export of a model (its interpreter is the instrument): " +
+                         path + " is a torch.export program; export the model without --format pt2");
+  }
   torch::jit::Module module;
   try {
     // Meta: read on CPU, then move the tensors (loading straight to meta needs aten::equal on meta tensors).

@@ -62,7 +62,7 @@ MemoryEstimate SimulateGenerationForward(const GenerationForward& fw, const Trai
 using GenerationForwardSimulator = std::function<MemoryEstimate(GenerationForward& fw, const TrainingConfig& config)>;
 
 // The export's graph of one generation forward: `tokens` new tokens per sequence after `past` cached ones
-// (TorchScriptModel::BuildGenerationGraph). Only a graph that carries its cache (Graph::kv_cache) depends on `past`.
+// (DecoderModel::BuildGenerationGraph). Only a graph that carries its cache (Graph::kv_cache) depends on `past`.
 using GenerationGraphAt = std::function<Graph(int64_t batch, int64_t tokens, int64_t past)>;
 
 // `graph_at` builds each forward's graph. config.precision is the weights'
