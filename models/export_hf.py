@@ -33,6 +33,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import program_export  # noqa: E402
+
+FORMATS = ("torchscript", "pt2")
+
 # ---------------------------------------------------------------------------------------------
 # Presets. Every architecture has `tiny` (fast CPU tests, ~2-10M params) and `small` (<= 60M
 # params, realistic proportions). Real sizes are separate keys (e.g. `llama-2-7b`) that carry their
@@ -653,13 +658,20 @@ def trace(model, batch, seq, vocab, device):
     return wrapper, traced, (ids, labels)
 
 
+@contextlib.contextmanager
+def tracing_shims(device):
+    """The stand-ins a trace of the forward runs under (either format), so that it records the eager step."""
+    meta_ctx = cpu_scalar_constants() if device == "meta" else contextlib.nullcontext()
+    with untraced_masking(), meta_safe_autocast(), traceable_bloom_gelu(), traceable_sdpa_is_causal(), \
+            balanced_moe_routing(), meta_ctx:
+        yield
+
+
 def trace_wrapper(wrapper, ids, labels, device, autocast_dtype=None):
     """torch.jit.trace of the loss wrapper, under CPU autocast to `autocast_dtype` when given."""
-    meta_ctx = cpu_scalar_constants() if device == "meta" else contextlib.nullcontext()
     autocast_ctx = (torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
-    with warnings.catch_warnings(), untraced_masking(), meta_safe_autocast(), traceable_bloom_gelu(), \
-            traceable_sdpa_is_causal(), balanced_moe_routing(), meta_ctx, autocast_ctx:
+    with warnings.catch_warnings(), tracing_shims(device), autocast_ctx:
         warnings.simplefilter("ignore")  # TracerWarnings: --verify checks other shapes instead
         return torch.jit.trace(wrapper, (ids, labels), check_trace=False, strict=False)
 
@@ -1345,7 +1357,8 @@ def check_trace_shape(trace_batch, trace_seq):
 
 
 def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, trace_seq=16,
-               keep_dropout=False, verify=True, list_ops=False, seed=0, quiet=False, config=None):
+               keep_dropout=False, verify=True, list_ops=False, seed=0, quiet=False, config=None,
+               fmt="torchscript"):
     arch, model_type, kwargs, label = resolve_config(config) if config else resolve(name, size)
     if device not in ("cpu", "meta"):
         raise ExportError(f"unknown device '{device}' (choose cpu or meta)")
@@ -1353,10 +1366,18 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
         raise ExportError(f"unknown dtype '{dtype}' (choose from: {', '.join(DTYPES)})")
     check_trace_shape(trace_batch, trace_seq)
     start = time.time()
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format '{fmt}' (choose from: {', '.join(FORMATS)})")
     model, attn = build_model(arch, model_type, kwargs, device, DTYPES[dtype], keep_dropout, seed)
     vocab = model.config.vocab_size
     params = sum(p.numel() for p in model.parameters())
-    wrapper, traced, (ids, labels) = trace(model, trace_batch, trace_seq, vocab, device)
+    if fmt == "pt2":
+        traced = None
+        wrapper = LossWrapper(model)
+        wrapper.train()
+        ids, labels = make_inputs(trace_batch, trace_seq, vocab, device)
+    else:
+        wrapper, traced, (ids, labels) = trace(model, trace_batch, trace_seq, vocab, device)
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters  # as generate() tests it
     extra = {CONFIG_FILE: config_record(model.config, dtype, keeps_logits,
                                            getattr(model.generation_config, "eos_token_id", None),
@@ -1364,6 +1385,10 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
                                            sorted(model._get_no_split_modules("auto")), moe_routing_record(model)),
              EXPRESSION_CALLS_FILE: expression_call_record(model),
              REBOUND_NAMES_FILE: rebound_name_record(model)}
+    if fmt == "pt2":
+        return export_program_one(model, wrapper, ids, labels, out, extra, dict(
+            arch=arch, label=label, attn=attn, params=params, path=out, dtype=dtype, device=device,
+            format=fmt), start, verify, keep_dropout, seed, quiet, list_ops)
     casts = autocast_cast_record(wrapper, traced, ids, labels, device)
     if casts is not None:
         extra[AUTOCAST_CASTS_FILE] = casts
@@ -1394,6 +1419,36 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
     return info
 
 
+def export_program_one(model, wrapper, ids, labels, out, extra, info, start, verify, keep_dropout, seed, quiet,
+                       list_ops):
+    """The .pt2 half of export_one: torch.export of the wrapper, its autocast record, save, verify."""
+    device = info["device"]
+    program = program_export.export_program(wrapper, ids, labels, lambda: tracing_shims(device))
+    program_export.trim_machinery_frames(program)
+    program_export.restore_cudnn_flag(program)
+    sites, names = program_export.cast_sites(program, os.path.abspath(__file__))
+    under_autocast = fake_cpu_cast_sites(wrapper, ids.shape[0], ids.shape[1])
+    if under_autocast is not None:
+        extra[AUTOCAST_CASTS_FILE] = program_export.autocast_cast_record(
+            names, autocast_targets(sites, under_autocast, 15))  # c10 BFloat16
+    extra[program_export.MODULE_TREE_FILE] = program_export.module_tree_record(wrapper)
+    program_export.save_program(program, out, extra)
+    info.update(bytes=os.path.getsize(out), stripped=False, trace_seconds=time.time() - start)
+    if verify:
+        if keep_dropout and any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)):
+            info["verified"] = "skipped (dropout kept, losses are random)"
+        else:
+            info["verified"] = program_export.verify_program(
+                out, wrapper, model.config.vocab_size, VERIFY_SHAPES, tuple(ids.shape), device, seed, make_inputs,
+                balanced_moe_routing)
+    info["seconds"] = time.time() - start
+    info["ops"] = collections.Counter(str(n.target) for n in program_export.program_nodes(program))
+    info["devices"], info["tensor_constants"] = {}, []
+    if not quiet:
+        print_info(info, list_ops)
+    return info
+
+
 def human(n):
     for unit in ("", "K", "M", "G"):
         if abs(n) < 1000:
@@ -1411,10 +1466,11 @@ def print_info(info, list_ops):
     v = info.get("verified")
     if isinstance(v, list) and v and len(v[0]) == 5:
         for b, s, want, got, diff in v:
-            print(f"  verified B={b} S={s}: eager {want:.6f} torchscript {got:.6f} |diff| {diff:.2e}")
+            print(f"  verified B={b} S={s}: eager {want:.6f} {info.get('format', 'torchscript')} {got:.6f} "
+                  f"|diff| {diff:.2e}")
     elif isinstance(v, list):
-        print("  verified on meta (forward + backward) at " + ", ".join(f"B={b} S={s}" for b, s in v)
-              + f"; {info.get('meta_note')}")
+        print("  verified on meta at " + ", ".join(f"B={b} S={s}" for b, s in v)
+              + (f"; {info['meta_note']}" if info.get("meta_note") else ""))
     elif v is not None:
         print(f"  verification {v}")
     if info["devices"]:
@@ -1466,6 +1522,8 @@ def parse_args(argv):
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip checking the "
                    "loaded file against eager at other shapes (B=1,S=37 and B=3,S=64)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", dest="fmt", default="torchscript", help="torchscript (default: a .pt file of "
+                   "torch.jit.trace) or pt2 (torch.export's ExportedProgram, batch and sequence dynamic)")
     return p.parse_args(argv)
 
 
@@ -1473,7 +1531,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     common = dict(device=args.device, dtype=args.dtype, trace_batch=args.trace_batch,
                   trace_seq=args.trace_seq, keep_dropout=args.keep_dropout, verify=args.verify,
-                  list_ops=args.list_ops, seed=args.seed)
+                  list_ops=args.list_ops, seed=args.seed, fmt=args.fmt)
     check_trace_shape(args.trace_batch, args.trace_seq)
     if args.device not in ("cpu", "meta"):
         raise ExportError(f"unknown device '{args.device}' (choose cpu or meta)")
@@ -1490,7 +1548,7 @@ def main(argv=None):
         union = collections.Counter()
         total = time.time()
         failed = []
-        suffix = ".meta.pt" if args.device == "meta" else ".pt"
+        suffix = (".meta" if args.device == "meta" else "") + (".pt2" if args.fmt == "pt2" else ".pt")
         for arch in ARCH_TYPES:
             path = os.path.join(args.all, f"{arch}-{size}{suffix}")
             try:
