@@ -9,6 +9,7 @@
 #include <CLI/CLI.hpp>
 #include <array>
 #include <cctype>
+#include <cmath>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
@@ -142,6 +143,25 @@ void AddModelSource(CLI::App* cmd, ModelSource& source, const char* file_help) {
   cmd->add_option("--hf-config", source.hf_config,
                   "a Hugging Face config.json (or the model directory holding it) instead of an export: traced on the "
                   "meta device once, then cached");
+  cmd->add_option("--moe-imbalance", source.moe_imbalance,
+                  "a mixture-of-experts model with its busiest expert at F times the balanced rows (1: balanced, the "
+                  "default routing; a pessimistic bound for a router that favours one expert): traced so by "
+                  "--hf-config, or an export made with models/export_hf.py --moe-imbalance F")
+      ->check(CLI::Range(1.0, 1024.0));
+}
+
+void CheckMoeImbalance(const ModelSource& source, const DecoderModel& model) {
+  if (!source.moe_imbalance) return;
+  const auto moe = model.moe_routing();
+  if (!moe) throw ConfigError("--moe-imbalance applies to a mixture-of-experts model; " + model.path() + " has none");
+  if (std::abs(moe->busiest - *source.moe_imbalance) > 0.005) {
+    char traced[32], wanted[32];
+    std::snprintf(traced, sizeof(traced), "%g", moe->busiest);
+    std::snprintf(wanted, sizeof(wanted), "%g", *source.moe_imbalance);
+    throw ConfigError(model.path() + " was traced with its busiest expert at " + traced +
+                      "x the balanced rows: export it with models/export_hf.py --moe-imbalance " + wanted +
+                      " (or give --hf-config, which traces it so)");
+  }
 }
 
 std::string ExportDtypeFor(const std::string& precision) {
@@ -170,6 +190,13 @@ std::string ModelFile(const ModelSource& source, const std::string& dtype, bool 
   key = Fnv1a(dtype, key);
   key = Fnv1a(ReadFile(exporter), key);
   key = Fnv1a(python, key);
+  std::vector<std::string> routing;  // the exporter's arguments for a stated MoE routing
+  if (source.moe_imbalance && *source.moe_imbalance != 1.0) {
+    char f[32];
+    std::snprintf(f, sizeof(f), "%g", *source.moe_imbalance);
+    routing = {"--moe-imbalance", f};
+    key = Fnv1a(std::string("moe-imbalance ") + f, key);
+  }
   char name[96];
   std::snprintf(name, sizeof(name), "%s-%s-%016llx.meta.pt", ModelTypeOf(text).c_str(), dtype.c_str(),
                 static_cast<unsigned long long>(key));
@@ -185,9 +212,10 @@ std::string ModelFile(const ModelSource& source, const std::string& dtype, bool 
   const auto start = std::chrono::steady_clock::now();
   const fs::path partial = dir / (std::string(name) + "." + std::to_string(getpid()) + ".partial");
   std::string err;
-  const int status = Run({python, exporter, "--config", config.string(), "--device", "meta", "--dtype", dtype,
-                          "--out", partial.string()},
-                         err);
+  std::vector<std::string> argv{python, exporter, "--config", config.string(), "--device", "meta", "--dtype", dtype,
+                                "--out", partial.string()};
+  argv.insert(argv.end(), routing.begin(), routing.end());
+  const int status = Run(argv, err);
   if (status == -1 || status == 127)
     throw Error("--hf-config needs the project's Python to run the exporter (" + python +
                 " did not start): run scripts/setup.sh, or set LLMEM_PYTHON");

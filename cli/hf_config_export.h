@@ -3,7 +3,10 @@
 // exporter itself.
 #pragma once
 
+#include <optional>
 #include <string>
+
+#include "graph/decoder_model.h"
 
 namespace CLI {
 class App;
@@ -15,9 +18,12 @@ namespace llmem::cli {
 struct ModelSource {
   std::string file;
   std::string hf_config;
+  // --moe-imbalance: the busiest expert's rows over the balanced rows a mixture-of-experts model is traced with.
+  std::optional<double> moe_imbalance;
 };
 
-// Adds the optional positional `model` and `--hf-config PATH`; exactly one is checked by ModelFile.
+// Adds the optional positional `model`, `--hf-config PATH` and `--moe-imbalance F`; exactly one of the first two is
+// checked by ModelFile.
 void AddModelSource(CLI::App* cmd, ModelSource& source, const char* file_help);
 
 // The export to read. For --hf-config: the cached export, made first when there is none (with a progress line on a
@@ -28,5 +34,9 @@ std::string ModelFile(const ModelSource& source, const std::string& dtype, bool 
 // The weights' dtype an export for `precision` is traced in: a pure-bf16 step or generation needs bf16 weights (the
 // trace bakes its dtype casts in); autocast and fp32 keep fp32 master weights.
 std::string ExportDtypeFor(const std::string& precision);
+
+// Throws ConfigError when --moe-imbalance was given and `model` was not traced with it (a dense model, or an export
+// traced with another routing, which --hf-config would re-trace).
+void CheckMoeImbalance(const ModelSource& source, const DecoderModel& model);
 
 }  // namespace llmem::cli

@@ -287,6 +287,7 @@ int RunEstimate(const StepOptions& o, const std::string& target) {
   if (o.batch <= 0 || o.seq <= 0) throw llmem::ConfigError("batch and sequence length must be positive");
   const std::unique_ptr<llmem::DecoderModel> loaded = llmem::LoadDecoderModel(o.model);
   llmem::DecoderModel& model = *loaded;
+  llmem::cli::CheckMoeImbalance(o.source, model);
   if (o.max_positions) model.set_max_positions(*o.max_positions);
   auto graph = model.BuildGraph(o.batch, o.seq);
   std::vector<std::string> assumptions;  // of a parallel layout on a GPU: NCCL's buffers; of QLoRA's precision

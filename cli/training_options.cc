@@ -2,6 +2,7 @@
 
 #include <cctype>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <utility>
 
@@ -77,10 +78,19 @@ sim::Lifetimes ParseLifetimesOption(const std::string& name) {
 }
 
 std::string MoeRoutingAssumption(const DecoderModel::MoeRouting& moe) {
+  const std::string balanced = "tokens x " + std::to_string(moe.top_k) + " / " + std::to_string(moe.experts) + " rows";
+  if (moe.busiest > 1.0) {
+    char f[32];
+    std::snprintf(f, sizeof(f), "%g", moe.busiest);
+    return std::string("mixture of experts: routing taken as imbalanced, the busiest of the ") +
+           std::to_string(moe.experts) + " experts of a layer gets " + f + " x " + balanced +
+           " and the others share the rest (--moe-imbalance; what autograd keeps over a layer does not depend on the "
+           "routing; the busiest expert's transient peak does)";
+  }
   return "mixture of experts: routing taken as balanced, each of the " + std::to_string(moe.experts) +
-         " experts of a layer gets tokens x " + std::to_string(moe.top_k) + " / " + std::to_string(moe.experts) +
-         " rows (what autograd keeps over a layer does not depend on the routing; the busiest expert's transient "
-         "peak does)";
+         " experts of a layer gets " + balanced +
+         " (what autograd keeps over a layer does not depend on the routing; the busiest expert's transient peak "
+         "does; --moe-imbalance F bounds a router that favours one)";
 }
 
 }  // namespace llmem::cli

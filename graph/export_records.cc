@@ -38,6 +38,10 @@ void ExportRecords::ReadConfig(const std::string& text, const std::string& path)
     if (experts != it->end() && top_k != it->end() && experts->is_number_integer() && top_k->is_number_integer() &&
         experts->get<int64_t>() > 0 && top_k->get<int64_t>() > 0) {
       moe = MoeRouting{experts->get<int64_t>(), top_k->get<int64_t>()};
+      if (const auto busiest = it->find("busiest"); busiest != it->end() && busiest->is_number() &&
+                                                    busiest->get<double>() >= 1.0) {
+        moe->busiest = busiest->get<double>();
+      }
     }
   }
   if (auto it = config.find("logits_dtype"); it != config.end() && it->is_string()) {

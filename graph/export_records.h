@@ -25,10 +25,11 @@ inline constexpr const char* kExpressionCallsFile = "expression_calls.json";
 inline constexpr const char* kRebindingsFile = "rebound_names.json";
 
 // A mixture-of-experts model's routing as the export traced it: every layer's experts and top-k, each expert given
-// tokens x top_k / experts rows (balanced).
+// tokens x top_k / experts rows (balanced), or expert 0 given `busiest` times that and the others the rest.
 struct MoeRouting {
   int64_t experts = 0;
   int64_t top_k = 0;
+  double busiest = 1.0;  // the busiest expert's rows over the balanced rows (1: balanced; export_hf --moe-imbalance)
 };
 
 struct ExportRecords {

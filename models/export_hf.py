@@ -418,7 +418,35 @@ def traceable_bloom_gelu():
         BloomGelu.forward = saved
 
 
-def _balanced_sparse_moe_forward(self, hidden_states):
+def _expert_slots(expert_idx, slots, num_experts, busiest_percent, device):
+    """The (token, choice) slots expert `expert_idx` gets out of `slots`, as an arange (sizes stay symbolic).
+
+    Balanced (busiest_percent 100): the slots s with s % num_experts == expert_idx, i.e. ceil or floor of
+    slots / num_experts each. Otherwise expert 0 is the busiest: the first ceil(slots x busiest_percent / 100 /
+    num_experts) slots (at most all of them: busiest_percent <= 100 x num_experts), and the other experts share the
+    rest round robin."""
+    if busiest_percent == 100:
+        # range(expert_idx, slots, E) spelled so that arange's end is never below its start (fewer slots than
+        # experts, a decode step: the expert gets none, as the model skips an expert no token chose)
+        end = expert_idx + (slots - expert_idx + num_experts - 1) // num_experts * num_experts
+        return torch.arange(expert_idx, end, num_experts, device=device)
+    busy = (slots * busiest_percent + 100 * num_experts - 1) // (100 * num_experts)
+    if expert_idx == 0:
+        return torch.arange(0, busy, device=device)
+    others = num_experts - 1
+    start = busy + expert_idx - 1
+    end = start + (slots - start + others - 1) // others * others
+    return torch.arange(start, end, others, device=device)
+
+
+def _routed_sparse_moe_forward(busiest_percent):
+    """MixtralSparseMoeBlock.forward with a stated routing (_expert_slots) in place of the router's choice."""
+    def forward(self, hidden_states):
+        return _balanced_sparse_moe_forward(self, hidden_states, busiest_percent)
+    return forward
+
+
+def _balanced_sparse_moe_forward(self, hidden_states, busiest_percent=100):
     """MixtralSparseMoeBlock.forward with the routing taken as balanced: the same ops on the same shapes as
     transformers' loop, except that expert e gets the (token, choice) slots s with s % num_experts == e instead of
     those the router picked (`torch.where(expert_mask[e])`, data-dependent, which a trace cannot keep).
@@ -426,7 +454,8 @@ def _balanced_sparse_moe_forward(self, hidden_states):
     Every expert then runs ceil or floor of tokens x top_k / num_experts rows, whatever the router says; what
     autograd saves over the layer (every expert's rows, tokens x top_k in all) does not depend on the routing, only
     which expert's transient peak is highest does. The router, its softmax, top-k, one-hot mask and the
-    index_add_ of each expert's rows are as in the model."""
+    index_add_ of each expert's rows are as in the model. With busiest_percent above 100, expert 0 gets that
+    share of the balanced rows (--moe-imbalance), a pessimistic bound for a router that favours one expert."""
     import torch.nn.functional as F
 
     batch_size, sequence_length, hidden_dim = hidden_states.shape
@@ -441,10 +470,7 @@ def _balanced_sparse_moe_forward(self, hidden_states):
     expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
     slots = hidden_states.shape[0] * self.top_k
     for expert_idx in range(self.num_experts):
-        # range(expert_idx, slots, E) spelled so that arange's end is never below its start (fewer slots than
-        # experts, a decode step: the expert gets none, as the model skips an expert no token chose)
-        end = expert_idx + (slots - expert_idx + self.num_experts - 1) // self.num_experts * self.num_experts
-        slot = torch.arange(expert_idx, end, self.num_experts, device=hidden_states.device)
+        slot = _expert_slots(expert_idx, slots, self.num_experts, busiest_percent, hidden_states.device)
         idx, top_x = slot % self.top_k, slot.div(self.top_k, rounding_mode="floor")  # torch.where's (choice, token)
         current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
         current_hidden_states = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
@@ -454,12 +480,28 @@ def _balanced_sparse_moe_forward(self, hidden_states):
     return final_hidden_states, router_logits
 
 
-def moe_routing_record(model):
-    """{"experts": E, "top_k": k, "routing": "balanced"} for a model whose MoE blocks the trace routes balanced."""
+def moe_routing_record(model, busiest_percent=100):
+    """{"experts": E, "top_k": k, "routing": "balanced", "busiest": F} for a model whose MoE blocks the trace routes
+    as _expert_slots says (F: the busiest expert's rows over the balanced rows)."""
     blocks = [m for m in model.modules() if isinstance(m, _moe_blocks())]
     if not blocks:
         return None
-    return {"experts": blocks[0].num_experts, "top_k": blocks[0].top_k, "routing": "balanced"}
+    return {"experts": blocks[0].num_experts, "top_k": blocks[0].top_k,
+            "routing": "balanced" if busiest_percent == 100 else "busiest", "busiest": busiest_percent / 100}
+
+
+def moe_busiest_percent(model, imbalance):
+    """--moe-imbalance F as the integer percent the traced routing uses; ExportError outside [1, experts]."""
+    if imbalance is None:
+        return 100
+    blocks = [m for m in model.modules() if isinstance(m, _moe_blocks())]
+    if not blocks:
+        raise ExportError("--moe-imbalance applies to a mixture-of-experts model; this one has no MoE block")
+    experts = blocks[0].num_experts
+    if not 1.0 <= imbalance <= experts:
+        raise ExportError(f"--moe-imbalance must be between 1 (balanced) and {experts} (every row on one expert), "
+                          f"got {imbalance:g}")
+    return int(round(imbalance * 100))
 
 
 def _moe_blocks():
@@ -472,13 +514,19 @@ def _moe_blocks():
 BALANCED_MOE_TYPES = ("mixtral",)
 
 
+# The busiest expert's share of the balanced rows the exporter traces, in percent (--moe-imbalance; 100: balanced).
+MOE_BUSIEST_PERCENT = [100]
+
+
 @contextlib.contextmanager
-def balanced_moe_routing():
-    """While tracing (and while checking the trace), MoE blocks route as _balanced_sparse_moe_forward says."""
+def balanced_moe_routing(busiest_percent=None):
+    """While tracing (and while checking the trace), MoE blocks route as _expert_slots says (by default with the
+    exporter's --moe-imbalance)."""
+    percent = MOE_BUSIEST_PERCENT[0] if busiest_percent is None else busiest_percent
     classes = _moe_blocks()
     saved = [c.forward for c in classes]
     for c in classes:
-        c.forward = _balanced_sparse_moe_forward
+        c.forward = _routed_sparse_moe_forward(percent)
     try:
         yield
     finally:
@@ -1358,7 +1406,16 @@ def check_trace_shape(trace_batch, trace_seq):
 
 def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, trace_seq=16,
                keep_dropout=False, verify=True, list_ops=False, seed=0, quiet=False, config=None,
-               fmt="torchscript"):
+               fmt="torchscript", moe_imbalance=None):
+    try:
+        return _export_one(name, size, out, device, dtype, trace_batch, trace_seq, keep_dropout, verify, list_ops,
+                           seed, quiet, config, fmt, moe_imbalance)
+    finally:
+        MOE_BUSIEST_PERCENT[0] = 100
+
+
+def _export_one(name, size, out, device, dtype, trace_batch, trace_seq, keep_dropout, verify, list_ops, seed, quiet,
+                config, fmt, moe_imbalance):
     arch, model_type, kwargs, label = resolve_config(config) if config else resolve(name, size)
     if device not in ("cpu", "meta"):
         raise ExportError(f"unknown device '{device}' (choose cpu or meta)")
@@ -1371,6 +1428,7 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
     model, attn = build_model(arch, model_type, kwargs, device, DTYPES[dtype], keep_dropout, seed)
     vocab = model.config.vocab_size
     params = sum(p.numel() for p in model.parameters())
+    MOE_BUSIEST_PERCENT[0] = moe_busiest_percent(model, moe_imbalance)
     if fmt == "pt2":
         traced = None
         wrapper = LossWrapper(model)
@@ -1382,7 +1440,8 @@ def export_one(name, size, out, device="cpu", dtype="float32", trace_batch=2, tr
     extra = {CONFIG_FILE: config_record(model.config, dtype, keeps_logits,
                                            getattr(model.generation_config, "eos_token_id", None),
                                            causal_mask_kind(model), logits_dtype_kind(model, device),
-                                           sorted(model._get_no_split_modules("auto")), moe_routing_record(model)),
+                                           sorted(model._get_no_split_modules("auto")),
+                                           moe_routing_record(model, MOE_BUSIEST_PERCENT[0])),
              EXPRESSION_CALLS_FILE: expression_call_record(model),
              REBOUND_NAMES_FILE: rebound_name_record(model)}
     if fmt == "pt2":
@@ -1522,6 +1581,9 @@ def parse_args(argv):
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip checking the "
                    "loaded file against eager at other shapes (B=1,S=37 and B=3,S=64)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--moe-imbalance", type=float, metavar="F", help="a mixture-of-experts model traced with its "
+                   "busiest expert getting F times the balanced rows (1: balanced, the default; at most the expert "
+                   "count), a pessimistic bound for a router that favours one expert")
     p.add_argument("--format", dest="fmt", default="torchscript", help="torchscript (default: a .pt file of "
                    "torch.jit.trace) or pt2 (torch.export's ExportedProgram, batch and sequence dynamic)")
     return p.parse_args(argv)
@@ -1531,7 +1593,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     common = dict(device=args.device, dtype=args.dtype, trace_batch=args.trace_batch,
                   trace_seq=args.trace_seq, keep_dropout=args.keep_dropout, verify=args.verify,
-                  list_ops=args.list_ops, seed=args.seed, fmt=args.fmt)
+                  list_ops=args.list_ops, seed=args.seed, fmt=args.fmt, moe_imbalance=args.moe_imbalance)
     check_trace_shape(args.trace_batch, args.trace_seq)
     if args.device not in ("cpu", "meta"):
         raise ExportError(f"unknown device '{args.device}' (choose cpu or meta)")
@@ -1540,6 +1602,8 @@ def main(argv=None):
     if args.config and (args.arch or args.size or args.all):
         raise ExportError("--config takes no architecture, --size or --all")
     if args.all:
+        if args.moe_imbalance is not None:
+            raise ExportError("--moe-imbalance applies to one mixture-of-experts model, not to --all")
         if args.arch:
             raise ExportError("--all takes no architecture argument")
         size = args.size or "tiny"

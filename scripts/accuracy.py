@@ -53,8 +53,11 @@ ARCHS = ["gpt2", "opt", "bloom", "llama", "gpt_neo", "codegen", "gpt_bigcode", "
 # Further decoder types (models/export_hf.py's tiny presets of them), their own section (--model-types).
 MODEL_TYPE_ARCHS = ["phi", "phi3", "qwen3", "olmo", "olmo2", "stablelm", "starcoder2", "gpt_neox", "granite", "gemma",
                     "gemma2", "gemma3_text", "cohere", "gptj", "mpt", "persimmon", "mixtral"]
-# Mixture-of-experts presets: measured with their router's routing and with the balanced one llmem assumes.
+# Mixture-of-experts presets: measured with their router's routing, with the balanced one llmem assumes, and with
+# the stated imbalance of MOE_BUSIEST.
 MOE_ARCHS = ["mixtral"]
+# The busiest expert's share of the balanced rows in the imbalanced MoE cases (export_hf.py --moe-imbalance).
+MOE_BUSIEST = 2.0
 MODEL_TYPES_SECTION = "## Further decoder types: eager training steps on this CPU"
 POINTS = [(1, 128), (2, 256), (4, 512)]
 META_POINTS = [(1, 512), (1, 2048), (4, 1024)]
@@ -253,6 +256,11 @@ def main():
                     cases.append((model, arch, precision, optimizer, batch, seq))
                     if arch in MOE_ARCHS:  # the modelling apart from the routing assumption
                         cases.append((model, arch, precision, optimizer, batch, seq, {"moe-routing": "balanced"}))
+                        # and a stated imbalance (--moe-imbalance), traced and run alike
+                        busy, _ = distributed_runs.ensure_export(arch, args.size, args.models, sys.executable,
+                                                                 moe_imbalance=MOE_BUSIEST)
+                        cases.append((busy, arch, precision, optimizer, batch, seq,
+                                      {"moe-routing": f"busiest:{MOE_BUSIEST:g}"}))
     recipe_cases = []
     if args.recipes:
         wanted = [w for w in args.recipe_filter.split("|") if w]
@@ -357,6 +365,8 @@ def main():
             return r["arch"]
         if r["routing"] == "balanced":
             return f"{r['arch']} (balanced routing)"
+        if r["routing"].startswith("busiest:"):
+            return f"{r['arch']} (busiest expert {float(r['routing'].split(':')[1]):.2f}x balanced, --moe-imbalance)"
         return (f"{r['arch']} (router: busiest expert {routing['max_rows'] / routing['balanced_rows']:.2f}x, "
                 f"idlest {routing['min_rows'] / routing['balanced_rows']:.2f}x balanced)")
 
@@ -387,8 +397,10 @@ def main():
                       "logits (gemma, granite, cohere), local/global layers and soft-capping (gemma2, gemma3_text), "
                       "parallel attention + MLP (cohere, gptj), ALiBi (mpt), mixture of experts (mixtral: 8 experts, top-2; "
                       "llmem assumes balanced routing, every expert tokens x 2 / 8 rows; each case is measured with "
-                      "the router's own routing at random initialisation, its busiest and idlest expert named, and "
-                      "with the balanced routing, which checks the modelling apart from the assumption)\n\n")
+                      "the router's own routing at random initialisation, its busiest and idlest expert named, "
+                      "with the balanced routing, which checks the modelling apart from the assumption, and with "
+                      f"the busiest expert at {MOE_BUSIEST:g}x the balanced rows, estimated from an export traced "
+                      f"with --moe-imbalance {MOE_BUSIEST:g} and run routed alike)\n\n")
         # The modelling (every dense case, and the MoE cases routed as llmem assumes) apart from the routing
         # assumption (the MoE cases routed by their router).
         modelled = [r for r in rows if r.get("routing") != "router"]

@@ -262,14 +262,15 @@ def export_dtype(c):
     return EXPORT_DTYPES.get(c["fsdp_param_dtype"] or "", "")
 
 
-def ensure_export(arch, size, export_dir, python, dtype=""):
-    suffix = {"bfloat16": "-bf16"}.get(dtype, "")
+def ensure_export(arch, size, export_dir, python, dtype="", moe_imbalance=None):
+    suffix = {"bfloat16": "-bf16"}.get(dtype, "") + (f"-busiest{moe_imbalance:g}" if moe_imbalance else "")
     path = os.path.join(export_dir, f"{arch}-{size}{suffix}.pt")
     if os.path.exists(path):
         return path, None
     os.makedirs(export_dir, exist_ok=True)
     t0 = time.time()
-    cmd = [python, EXPORTER, arch, "--size", size, "--out", path] + (["--dtype", dtype] if dtype else [])
+    cmd = [python, EXPORTER, arch, "--size", size, "--out", path] + (["--dtype", dtype] if dtype else []) + \
+        (["--moe-imbalance", f"{moe_imbalance:g}"] if moe_imbalance else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"export of {arch} {size} failed: {(proc.stderr or proc.stdout).strip()[-400:]}")

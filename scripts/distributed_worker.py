@@ -895,10 +895,12 @@ def run(args, rank, world, local_rank, record):
     losses, steps = [], []
     ids = labels = None
     outputs = None  # keep-outputs: the last forward's outputs, bound until the next forward returns
-    routing = contextlib.ExitStack()  # moe-routing=balanced: the experts get the rows llmem's estimate assumes
-    if opts["moe-routing"] == "balanced":
+    routing = contextlib.ExitStack()  # moe-routing=balanced / busiest:F: the experts get the rows the estimate assumes
+    if opts["moe-routing"] == "balanced" or opts["moe-routing"].startswith("busiest:"):
         import export_hf
-        routing.enter_context(export_hf.balanced_moe_routing())
+        busiest = opts["moe-routing"].partition(":")[2]
+        routing.enter_context(export_hf.balanced_moe_routing(
+            busiest_percent=int(round(float(busiest) * 100)) if busiest else 100))
     for step in range(args.steps):
         step_rec = {"peak": {}, "end": {}, "times_s": {}}
         micro_batches = []

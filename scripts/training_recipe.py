@@ -100,8 +100,9 @@ DEFAULTS = {"checkpointing": "none", "checkpointing-impl": "reentrant", "grad-ac
             "lora-dropout": 0.0, "lora-targets": None, "lora-modules-to-save": None, "quant": "none",
             "moe-routing": "router"}
 # Keys that say how the measured run routes, not what llmem is told: llmem's estimate of a mixture-of-experts model
-# always takes balanced routing (models/export_hf.py _balanced_sparse_moe_forward); `moe-routing=balanced` makes the
-# eager run route that way too, so that the estimate's modelling is checked apart from its routing assumption.
+# takes the routing its export was traced with (models/export_hf.py _expert_slots: balanced, or the busiest expert at
+# F x the balanced rows with --moe-imbalance F); `moe-routing=balanced` or `busiest:F` makes the eager run route that
+# way too, so that the estimate's modelling is checked apart from its routing assumption.
 RUN_ONLY_KEYS = ("moe-routing",)
 NOT_IN_HARNESS = {
     "optimizer-impl": "the optimizer runs PyTorch's default implementation (recorded as optimizer_impl)",
@@ -196,9 +197,17 @@ def _module_names(key, text):
 
 
 def _routing(key, text):
-    if text not in ("router", "balanced"):
-        raise RecipeError(f"{key} is router or balanced, got {text!r}")
-    return text
+    """router (the model's own), balanced (llmem's default assumption) or busiest:F (export_hf --moe-imbalance F)."""
+    if text in ("router", "balanced"):
+        return text
+    if text.startswith("busiest:"):
+        try:
+            f = float(text.split(":", 1)[1])
+        except ValueError:
+            f = 0.0
+        if f >= 1.0:
+            return text
+    raise RecipeError(f"{key} is router, balanced or busiest:F (F >= 1), got {text!r}")
 
 
 def _quant(key, text):

@@ -187,6 +187,25 @@ class HfConfigTest(unittest.TestCase):
         self.assert_refused(self.run_llmem("estimate", "--hf-config", self.write_config("qwen-moe", qwen_moe)),
                             "qwen2_moe", "modelled: mixtral")
 
+    def test_moe_imbalance_traces_the_busiest_expert_and_is_checked_against_an_export(self):
+        mixtral = self.write_config("mixtral", preset_config("mixtral"))
+        args = ["estimate", "-b", "2", "-s", "256", "--json"]
+        balanced = self.run_llmem(*args, "--hf-config", mixtral)
+        busy = self.run_llmem(*args, "--hf-config", mixtral, "--moe-imbalance", "3")
+        self.assertEqual(balanced.returncode, 0, balanced.stderr)
+        self.assertEqual(busy.returncode, 0, busy.stderr)
+        balanced, busy = json.loads(balanced.stdout), json.loads(busy.stdout)
+        self.assertTrue(any("the busiest of the 8 experts of a layer gets 3 x" in a for a in busy["assumptions"]))
+        # The busiest expert's transient rows: 3 x 128 rows of the MLP instead of 128, over the same saved tensors.
+        self.assertGreater(busy["peak_allocated_bytes"], balanced["peak_allocated_bytes"])
+        # An export traced balanced is not silently taken as imbalanced; a dense model has no experts.
+        self.assert_refused(self.run_llmem("estimate", os.path.join(TINY, "mixtral-tiny.pt"), "--moe-imbalance", "3"),
+                            "traced with its busiest expert at 1x", "--moe-imbalance 3")
+        self.assert_refused(self.run_llmem("estimate", os.path.join(TINY, "llama-tiny.pt"), "--moe-imbalance", "2"),
+                            "mixture-of-experts")
+        self.assert_refused(self.run_llmem("estimate", "--hf-config", mixtral, "--moe-imbalance", "9"),
+                            "between 1 (balanced) and 8")
+
     def test_a_multi_query_model_on_the_math_attention_is_refused_not_underestimated(self):
         # Falcon-7B's layout: one key/value head that SDPA broadcasts; no fused kernel takes it.
         falcon = {"model_type": "falcon", "hidden_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
