@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cli/generation_time.h"
+#include "cli/progress_line.h"
 #include "distributed/auto_device_map.h"
 #include "distributed/device_map_generation.h"
 #include "distributed/generation_search.h"
@@ -116,16 +117,22 @@ int RunDeviceMapInfer(const InferOptions& o, const DecoderModel& model, const si
   std::vector<sim::GenerationEstimate> per_gpu;
   for (const auto& share : shares) per_gpu.push_back(sim::EstimateGeneration(graph_at, request, config, share));
   // The searches: a value fits when every GPU's share does.
-  const auto largest = [&](int64_t cap, std::function<sim::GenerationRequest(int64_t)> at) {
-    return dist::LargestFittingGeneration({.graph_at = graph_at, .request_at = std::move(at), .shares = shares,
+  ProgressLine progress("infer --device-map", o.json_out);
+  const auto largest = [&](int64_t cap, const char* what, std::function<sim::GenerationRequest(int64_t)> request) {
+    return dist::LargestFittingGeneration({.graph_at = graph_at,
+                                           .request_at = ReportingTries(progress, what, std::move(request)),
+                                           .shares = shares,
                                            .limit = cap},
                                           config);
   };
   std::optional<int64_t> max_batch, max_prompt;
-  if (o.max_batch) max_batch = largest(int64_t{1} << 20, [&](int64_t b) { return request_at(b, o.prompt); });
+  if (o.max_batch) {
+    max_batch = largest(int64_t{1} << 20, "the largest batch", [&](int64_t b) { return request_at(b, o.prompt); });
+  }
   if (o.max_prompt) {
     const int64_t cap = limit ? limit->max_seq - o.new_tokens + 1 : int64_t{1} << 24;
-    max_prompt = cap < 1 ? 0 : largest(cap, [&](int64_t p) { return request_at(o.batch, p); });
+    max_prompt = cap < 1 ? 0
+                         : largest(cap, "the longest prompt", [&](int64_t p) { return request_at(o.batch, p); });
   }
   // Each GPU's share of the cache: the entries of its layers (all of one length).
   const dist::DeviceMapForward placed = dist::PlaceOnDevices(per_gpu[0].prefill_graph, map, {});

@@ -16,6 +16,7 @@
 #include "cli/generation_time.h"
 #include "cli/lora_options.h"
 #include "cli/paged_infer.h"
+#include "cli/progress_line.h"
 #include "cli/training_options.h"
 #include "graph/dtype.h"
 #include "graph/error.h"
@@ -140,6 +141,7 @@ int RunInfer(const InferOptions& o) {
   config.lifetimes = sim::Lifetimes::kEager;
   const std::unique_ptr<DecoderModel> loaded = LoadDecoderModel(o.model);
   DecoderModel& model = *loaded;
+  CheckMoeImbalance(o.source, model);
   if (o.max_positions) model.set_max_positions(*o.max_positions);
   // The linears quantized as transformers' quantizers load them (graph/quantize_rewrite.h); the rest as exported.
   if (o.quant_group && (o.quant.empty() || o.quant == "none")) {
@@ -258,18 +260,23 @@ int RunInfer(const InferOptions& o) {
       sim::EstimateGeneration(graph_at, request, config, dist::TensorParallelGenerationForward(o.tp, &collectives));
   const sim::GenerationForwardSimulator rank_forward = dist::TensorParallelGenerationForward(o.tp);
   // The searches start from the request's own estimate.
-  auto largest = [&](int64_t limit, int64_t requested, std::function<sim::GenerationRequest(int64_t)> at) {
+  ProgressLine progress("infer", o.json_out);
+  auto largest = [&](int64_t limit, int64_t requested, const char* what,
+                     std::function<sim::GenerationRequest(int64_t)> request) {
+    auto at = ReportingTries(progress, what, std::move(request));
     return dist::LargestFittingGeneration({.graph_at = graph_at, .request_at = std::move(at), .simulate = rank_forward,
                                            .limit = limit, .known = &est, .known_value = requested},
                                           config);
   };
   std::optional<int64_t> max_batch, max_prompt;
   if (o.max_batch) {
-    max_batch = largest(int64_t{1} << 20, o.batch, [&](int64_t b) { return request_at(b, o.prompt); });
+    max_batch = largest(int64_t{1} << 20, o.batch, "the largest batch",
+                        [&](int64_t b) { return request_at(b, o.prompt); });
   }
   if (o.max_prompt) {
     const int64_t cap = limit ? limit->max_seq - o.new_tokens + 1 : int64_t{1} << 24;
-    max_prompt = cap < 1 ? 0 : largest(cap, o.prompt, [&](int64_t p) { return request_at(o.batch, p); });
+    max_prompt = cap < 1 ? 0
+                         : largest(cap, o.prompt, "the longest prompt", [&](int64_t p) { return request_at(o.batch, p); });
   }
   const sim::MemoryEstimate& peak = est.peak();
   std::optional<GenerationTime> time;

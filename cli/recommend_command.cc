@@ -12,6 +12,7 @@
 #include "cli/category_report.h"
 #include "cli/layout_plot.h"
 #include "cli/lora_options.h"
+#include "cli/progress_line.h"
 #include "cli/training_options.h"
 #include "distributed/interconnect.h"
 #include "distributed/rank_estimate.h"
@@ -180,14 +181,17 @@ int RunRecommend(const RecommendOptions& o) {
   const auto t0 = std::chrono::steady_clock::now();
   const std::unique_ptr<DecoderModel> loaded = LoadDecoderModel(o.model);
   DecoderModel& model = *loaded;
+  CheckMoeImbalance(o.source, model);
   if (o.max_positions) model.set_max_positions(*o.max_positions);
   std::map<int64_t, std::unique_ptr<Graph>> graphs;
   double build_seconds = 0;
+  ProgressLine progress("recommend", o.json_out);
   // The sweep asks for every batch it needs before estimating in parallel; later calls only look up.
   auto graph_at = [&](int64_t batch) -> const Graph& {
     auto it = graphs.find(batch);
     if (it == graphs.end()) {
       const auto b0 = std::chrono::steady_clock::now();
+      progress.Update("the step's graph at micro-batch " + std::to_string(batch));
       it = graphs.emplace(batch, std::make_unique<Graph>(adapters.Apply(model.BuildGraph(batch, o.seq)))).first;
       build_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - b0).count();
     }

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "cli/lora_options.h"
+#include "cli/progress_line.h"
 #include "cli/recipe_options.h"
 #include "cli/training_options.h"
 #include "distributed/rank_estimate.h"
@@ -329,7 +330,10 @@ int RunValidate(const ValidateOptions& o) {
   double sum_abs = 0, max_case = 0;
   int ranks = 0;
   for (const auto& key : order) CheckRanks(cases[key]);
+  ProgressLine progress("validate", o.json_out);
+  size_t done = 0;
   for (const auto& key : order) {
+    progress.Update("run " + std::to_string(++done) + " of " + std::to_string(order.size()));
     Case& c = cases[key];
     const RankRecord& r = c.first;
     const std::string target = r.device == "cpu" ? "cpu" : GpuOf(r, o.gpu);
