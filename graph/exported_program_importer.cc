@@ -230,6 +230,8 @@ struct ExportedProgramModel::Impl {
   void ReadModuleTree(const std::string& text);
   void ReadAutocastCasts(const std::string& text);
   MetaRun Execute(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype) const;
+  // Execute, with a malformed member of the program (json::exception) as ModelLoadError.
+  MetaRun Run(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype) const;
   at::Tensor MetaTensorOf(const json& meta, std::optional<at::ScalarType> float_dtype, const std::string& what) const;
 };
 
@@ -365,6 +367,15 @@ void ExportedProgramModel::Impl::ReadAutocastCasts(const std::string& text) {
 }
 
 ExportedProgramModel ExportedProgramModel::Load(const std::string& path) {
+  try {
+    return LoadChecked(path);
+  } catch (const json::exception& e) {
+    // A member of the wrong type (a hand-edited or damaged program): the serializer never writes one.
+    throw ModelLoadError("the program in " + path + " is malformed: " + BriefLoaderReason(e.what()));
+  }
+}
+
+ExportedProgramModel ExportedProgramModel::LoadChecked(const std::string& path) {
   EnsureMetaKernelsRegistered();
   CheckModelFileReadable(path);
   auto impl = std::make_unique<Impl>();
@@ -900,19 +911,29 @@ MetaRun ExportedProgramModel::Impl::Execute(int64_t batch, int64_t seq,
   return run;
 }
 
+MetaRun ExportedProgramModel::Impl::Run(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype) const {
+  try {
+    return Execute(batch, seq, float_dtype);
+  } catch (const json::exception& e) {
+    throw ModelLoadError("the program in " + path + " is malformed: " + BriefLoaderReason(e.what()));
+  } catch (const c10::Error& e) {  // an argument of the wrong kind for its op (the kernels' own errors are caught)
+    throw ModelLoadError("the program in " + path + " cannot run: " + ErrorText(e));
+  }
+}
+
 Graph ExportedProgramModel::BuildGraph(int64_t batch, int64_t seq) const {
   if (batch <= 0) throw ConfigError("batch size must be positive, got " + std::to_string(batch));
   if (seq <= 0) throw ConfigError("sequence length must be positive, got " + std::to_string(seq));
   CheckedMul(batch, seq, "batch x sequence");
   c10::InferenceMode guard(false);
   c10::AutoGradMode grad_mode(true);
-  MetaRun run = impl_->Execute(batch, seq, std::nullopt);
+  MetaRun run = impl_->Run(batch, seq, std::nullopt);
   const ExportRecords& r = impl_->records;
   std::optional<PositionLimit> position_limit =
       CheckPositions(run.bounded_lookups, seq, r.max_positions_override, r.max_positions, r.model_type);
   std::optional<MetaRun> half;
   try {
-    half.emplace(impl_->Execute(batch, seq, at::kBFloat16));
+    half.emplace(impl_->Run(batch, seq, at::kBFloat16));
   } catch (const ModelLoadError&) {
   }
   Graph graph = AssembleGraph(std::move(run), half ? &*half : nullptr, {ValueId{0}, ValueId{1}}, batch, seq);

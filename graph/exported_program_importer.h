@@ -49,6 +49,7 @@ class ExportedProgramModel final : public DecoderModel {
  private:
   struct Impl;
   explicit ExportedProgramModel(std::unique_ptr<Impl> impl);
+  static ExportedProgramModel LoadChecked(const std::string& path);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -104,6 +104,15 @@ class ProgramInputTest(unittest.TestCase):
             return json.dumps(program).encode()
         self.refused(self.rewritten("newer.pt2", newer), "schema version 99.0", "newer than supported")
 
+    def test_malformed_member(self):
+        def renamed(name, data):
+            if not name.endswith("models/model.json"):
+                return data
+            program = json.loads(data)
+            program["graph_module"]["signature"]["input_specs"][0]["parameter"]["parameter_name"] = 5
+            return json.dumps(program).encode()
+        self.refused(self.rewritten("malformed.pt2", renamed), "malformed")
+
     def test_truncated_archive(self):
         with open(os.path.join(TINY, "llama-tiny.pt2"), "rb") as f:
             head = f.read(5000)
