@@ -3,11 +3,14 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <utility>
 
 namespace llmem::cli {
 
 ProgressLine::ProgressLine(std::string what, bool quiet)
-    : what_(std::move(what)), enabled_(!quiet && isatty(STDERR_FILENO) == 1), start_(std::chrono::steady_clock::now()) {}
+    : what_(std::move(what)),
+      enabled_(!quiet && isatty(STDERR_FILENO) == 1),
+      start_(std::chrono::steady_clock::now()) {}
 
 ProgressLine::~ProgressLine() {
   if (shown_) std::fprintf(stderr, "\r\033[K");

@@ -506,7 +506,8 @@ ExportedProgramModel ExportedProgramModel::LoadChecked(const std::string& path) 
     impl->module_tree.modules.push_back({});
     for (const auto& in : impl->inputs) {
       if (in.kind == Impl::Input::Kind::kParameter || in.kind == Impl::Input::Kind::kBuffer) {
-        impl->module_tree.modules[0].tensors.push_back({in.fqn, 0, DType::kF32, in.kind == Impl::Input::Kind::kParameter, ""});
+        const bool is_parameter = in.kind == Impl::Input::Kind::kParameter;
+        impl->module_tree.modules[0].tensors.push_back({in.fqn, 0, DType::kF32, is_parameter, ""});
       }
     }
   }
@@ -520,10 +521,15 @@ ExportedProgramModel ExportedProgramModel::LoadChecked(const std::string& path) 
       if (it == by_fqn.end()) continue;
       const json& meta = Member(tensor_values, it->second->arg.c_str());
       int64_t numel = 1;
-      for (const json& d : Member(meta, "sizes")) numel *= Member(d, "as_int").is_number_integer() ? Member(d, "as_int").get<int64_t>() : 0;
+      for (const json& d : Member(meta, "sizes")) {
+        const json& size = Member(d, "as_int");
+        numel *= size.is_number_integer() ? size.get<int64_t>() : 0;
+      }
       t.numel = numel;
       const json& code = Member(meta, "dtype");
-      if (auto st = code.is_number_integer() ? ScalarTypeOf(code.get<int64_t>()) : std::nullopt) t.dtype = FromScalarType(*st);
+      if (auto st = code.is_number_integer() ? ScalarTypeOf(code.get<int64_t>()) : std::nullopt) {
+        t.dtype = FromScalarType(*st);
+      }
     }
   }
   return ExportedProgramModel(std::move(impl));
@@ -622,7 +628,9 @@ MetaRun ExportedProgramModel::Impl::Execute(int64_t batch, int64_t seq,
     if (const json& v = Member(a, "as_int"); v.is_number_integer()) return v.get<int64_t>();
     const json& name = Member(a, "as_name");
     const auto it = name.is_string() ? env.find(name.get<std::string>()) : env.end();
-    if (it == env.end() || !it->second.isInt()) throw ModelLoadError("the program in " + path + " uses an unknown size");
+    if (it == env.end() || !it->second.isInt()) {
+      throw ModelLoadError("the program in " + path + " uses an unknown size");
+    }
     return it->second.toInt();
   };
   auto as_float = [](const json& v) -> double {
@@ -700,9 +708,11 @@ MetaRun ExportedProgramModel::Impl::Execute(int64_t batch, int64_t seq,
     const json& outs = *node.outputs;
     if (outs.size() == 1 && results.size() == 1) {
       const json& o = outs[0];
-      if (const json& t = Member(o, "as_tensor"); !t.is_null()) env[Member(t, "name").get<std::string>()] = results[0];
-      else if (const json& s = Member(o, "as_sym_int"); !s.is_null()) env[Member(s, "as_name").get<std::string>()] = results[0];
-      else if (const json& ts = Member(o, "as_tensors"); !ts.is_null()) {
+      if (const json& t = Member(o, "as_tensor"); !t.is_null()) {
+        env[Member(t, "name").get<std::string>()] = results[0];
+      } else if (const json& s = Member(o, "as_sym_int"); !s.is_null()) {
+        env[Member(s, "as_name").get<std::string>()] = results[0];
+      } else if (const json& ts = Member(o, "as_tensors"); !ts.is_null()) {
         const auto list = results[0].toTensorVector();
         if (list.size() != ts.size()) throw ModelLoadError("op " + node.target + " returned another number of tensors");
         for (size_t i = 0; i < list.size(); ++i) env[Member(ts[i], "name").get<std::string>()] = list[i];
@@ -714,7 +724,9 @@ MetaRun ExportedProgramModel::Impl::Execute(int64_t batch, int64_t seq,
                            " values, the program names " + std::to_string(outs.size()));
     }
     for (size_t i = 0; i < outs.size(); ++i) {
-      if (const json& t = Member(outs[i], "as_tensor"); !t.is_null()) env[Member(t, "name").get<std::string>()] = results[i];
+      if (const json& t = Member(outs[i], "as_tensor"); !t.is_null()) {
+        env[Member(t, "name").get<std::string>()] = results[i];
+      }
     }
   };
 

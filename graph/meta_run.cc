@@ -133,7 +133,9 @@ std::vector<ValueId> MetaRun::AddNode(OpNode op, const std::vector<c10::IValue>&
       made[i] = NewValue(ValueRole::kActivation, iv.toTensor(), op.id, "");
       op.outputs.push_back(made[i]);
     } else if (iv.isTensorList()) {
-      for (const at::Tensor& t : iv.toTensorVector()) op.outputs.push_back(NewValue(ValueRole::kActivation, t, op.id, ""));
+      for (const at::Tensor& t : iv.toTensorVector()) {
+        op.outputs.push_back(NewValue(ValueRole::kActivation, t, op.id, ""));
+      }
     }
   }
   node_layers_.push_back(LayerIndex(op.scope));

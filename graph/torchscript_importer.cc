@@ -561,7 +561,8 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
       const auto cpu_scalar = [](const c10::IValue& v) {
         return !v.isTensor() || !v.toTensor().defined() || (v.toTensor().dim() == 0 && v.toTensor().is_cpu());
       };
-      if (std::all_of(stack.begin(), stack.end(), cpu_scalar) && std::all_of(in_values.begin(), in_values.end(), cpu_scalar)) {
+      if (std::all_of(stack.begin(), stack.end(), cpu_scalar) &&
+          std::all_of(in_values.begin(), in_values.end(), cpu_scalar)) {
         continue;
       }
 

@@ -72,6 +72,7 @@ ARCH_TYPES = {
     "mpt": "mpt",
     "persimmon": "persimmon",
     "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
 }
 
 
@@ -167,6 +168,11 @@ PRESETS = {
     # 8 experts, top-2 routing (Mixtral-8x7B's), traced with balanced routing (_balanced_sparse_moe_forward)
     "mixtral": {"tiny": _llama_like(256, 344, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, num_local_experts=8,
                                     num_experts_per_tok=2)},
+    # 8 routed experts, top-2, and a shared expert behind a sigmoid gate (Qwen1.5-MoE's block), every layer sparse
+    "qwen2_moe": {"tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, num_experts=8,
+                                      num_experts_per_tok=2, moe_intermediate_size=172,
+                                      shared_expert_intermediate_size=344, decoder_sparse_step=1,
+                                      norm_topk_prob=False)},
     "qwen2": {  # grouped-query attention, q/k/v biases, tied embeddings
         "tiny": _llama_like(256, 688, 4, 4, 2, 8192, ROPE_TINY_POSITIONS, tie_word_embeddings=True),
         "small": _llama_like(512, 1792, 8, 8, 2, 50000, 4096, tie_word_embeddings=True,
@@ -455,7 +461,12 @@ def _balanced_sparse_moe_forward(self, hidden_states, busiest_percent=100):
     autograd saves over the layer (every expert's rows, tokens x top_k in all) does not depend on the routing, only
     which expert's transient peak is highest does. The router, its softmax, top-k, one-hot mask and the
     index_add_ of each expert's rows are as in the model. With busiest_percent above 100, expert 0 gets that
-    share of the balanced rows (--moe-imbalance), a pessimistic bound for a router that favours one expert."""
+    share of the balanced rows (--moe-imbalance), a pessimistic bound for a router that favours one expert.
+
+    Qwen2-MoE's block (Qwen2MoeSparseMoeBlock) is the same loop with its top-k weights normalized only when
+    norm_topk_prob says so, and a shared expert every token goes through, scaled by sigmoid(shared_expert_gate(x))
+    and added to the routed experts' sum. Both models' count of the experts hit (`expert_mask.sum(...) > 0`,
+    nonzero) is left out: a few bytes."""
     import torch.nn.functional as F
 
     batch_size, sequence_length, hidden_dim = hidden_states.shape
@@ -463,7 +474,8 @@ def _balanced_sparse_moe_forward(self, hidden_states, busiest_percent=100):
     router_logits = self.gate(hidden_states)
     routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
     routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
-    routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+    if getattr(self, "norm_topk_prob", True):  # Mixtral always normalizes
+        routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
     routing_weights = routing_weights.to(hidden_states.dtype)
     final_hidden_states = torch.zeros((batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype,
                                       device=hidden_states.device)
@@ -476,6 +488,10 @@ def _balanced_sparse_moe_forward(self, hidden_states, busiest_percent=100):
         current_hidden_states = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
         final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
     del expert_mask
+    if hasattr(self, "shared_expert"):  # Qwen2-MoE
+        shared_expert_output = self.shared_expert(hidden_states)
+        shared_expert_output = F.sigmoid(self.shared_expert_gate(hidden_states)) * shared_expert_output
+        final_hidden_states = final_hidden_states + shared_expert_output
     final_hidden_states = final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
     return final_hidden_states, router_logits
 
@@ -505,13 +521,14 @@ def moe_busiest_percent(model, imbalance):
 
 
 def _moe_blocks():
-    """The sparse MoE block classes the balanced stand-in replaces (transformers 4.57's Mixtral loop)."""
+    """The sparse MoE block classes the balanced stand-in replaces (transformers 4.57: Mixtral, Qwen2-MoE)."""
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-    return (MixtralSparseMoeBlock,)
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+    return (MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock)
 
 
 # Model types whose mixture-of-experts block the exporter traces with balanced routing.
-BALANCED_MOE_TYPES = ("mixtral",)
+BALANCED_MOE_TYPES = ("mixtral", "qwen2_moe")
 
 
 # The busiest expert's share of the balanced rows the exporter traces, in percent (--moe-imbalance; 100: balanced).

@@ -52,10 +52,10 @@ import training_recipe  # noqa: E402
 ARCHS = ["gpt2", "opt", "bloom", "llama", "gpt_neo", "codegen", "gpt_bigcode", "mistral", "qwen2"]
 # Further decoder types (models/export_hf.py's tiny presets of them), their own section (--model-types).
 MODEL_TYPE_ARCHS = ["phi", "phi3", "qwen3", "olmo", "olmo2", "stablelm", "starcoder2", "gpt_neox", "granite", "gemma",
-                    "gemma2", "gemma3_text", "cohere", "gptj", "mpt", "persimmon", "mixtral"]
+                    "gemma2", "gemma3_text", "cohere", "gptj", "mpt", "persimmon", "mixtral", "qwen2_moe"]
 # Mixture-of-experts presets: measured with their router's routing, with the balanced one llmem assumes, and with
 # the stated imbalance of MOE_BUSIEST.
-MOE_ARCHS = ["mixtral"]
+MOE_ARCHS = ["mixtral", "qwen2_moe"]
 # The busiest expert's share of the balanced rows in the imbalanced MoE cases (export_hf.py --moe-imbalance).
 MOE_BUSIEST = 2.0
 MODEL_TYPES_SECTION = "## Further decoder types: eager training steps on this CPU"
@@ -395,8 +395,9 @@ def main():
                       "further decoder types in `models/export_hf.py`: partial rotary (phi, stablelm, gpt_neox, "
                       "persimmon), q/k norms (qwen3, olmo2), fused qkv / gate-up (phi3), scaled embeddings and "
                       "logits (gemma, granite, cohere), local/global layers and soft-capping (gemma2, gemma3_text), "
-                      "parallel attention + MLP (cohere, gptj), ALiBi (mpt), mixture of experts (mixtral: 8 experts, top-2; "
-                      "llmem assumes balanced routing, every expert tokens x 2 / 8 rows; each case is measured with "
+                      "parallel attention + MLP (cohere, gptj), ALiBi (mpt), mixture of experts (mixtral: 8 "
+                      "experts, top-2; qwen2_moe: 8 experts, top-2, and a shared expert; llmem assumes balanced "
+                      "routing, every routed expert tokens x 2 / 8 rows; each case is measured with "
                       "the router's own routing at random initialisation, its busiest and idlest expert named, "
                       "with the balanced routing, which checks the modelling apart from the assumption, and with "
                       f"the busiest expert at {MOE_BUSIEST:g}x the balanced rows, estimated from an export traced "

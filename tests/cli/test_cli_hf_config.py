@@ -183,9 +183,9 @@ class HfConfigTest(unittest.TestCase):
             proc = self.run_llmem(*command, export)
             self.assertEqual(proc.returncode, 0, proc.stderr)
         # Routing blocks llmem does not model are refused by name.
-        qwen_moe = dict(preset_config("qwen2"), model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2)
-        self.assert_refused(self.run_llmem("estimate", "--hf-config", self.write_config("qwen-moe", qwen_moe)),
-                            "qwen2_moe", "modelled: mixtral")
+        olmoe = dict(preset_config("olmo"), model_type="olmoe", num_experts=4, num_experts_per_tok=2)
+        self.assert_refused(self.run_llmem("estimate", "--hf-config", self.write_config("olmoe", olmoe)),
+                            "olmoe", "modelled: mixtral, qwen2_moe")
 
     def test_moe_imbalance_traces_the_busiest_expert_and_is_checked_against_an_export(self):
         mixtral = self.write_config("mixtral", preset_config("mixtral"))

@@ -99,7 +99,9 @@ void ExpectSameGraph(const Graph& a, const Graph& b) {
     EXPECT_EQ(x.temporary_calls, y.temporary_calls) << where;
     EXPECT_EQ(x.outputs, y.outputs) << where;
     ASSERT_EQ(x.args.size(), y.args.size()) << where;
-    for (size_t j = 0; j < x.args.size(); ++j) ExpectSameArgs(x.args[j], y.args[j], where + " arg " + std::to_string(j));
+    for (size_t j = 0; j < x.args.size(); ++j) {
+      ExpectSameArgs(x.args[j], y.args[j], where + " arg " + std::to_string(j));
+    }
     ExpectSameRebindings(x, y, where);
   }
 }
@@ -147,7 +149,7 @@ INSTANTIATE_TEST_SUITE_P(Tiny, BothFormats,
                          ::testing::Values("gpt2", "opt", "bloom", "llama", "gpt_neo", "codegen", "gpt_bigcode",
                                            "mistral", "qwen2", "phi", "phi3", "qwen3", "olmo", "olmo2", "stablelm",
                                            "starcoder2", "gpt_neox", "granite", "gemma", "gemma2", "gemma3_text",
-                                           "cohere", "gptj", "mpt", "persimmon", "mixtral"));
+                                           "cohere", "gptj", "mpt", "persimmon", "mixtral", "qwen2_moe"));
 
 TEST(ExportedProgram, EagerAttentionGenerationIsRefused) {
   const auto model = ExportedProgramModel::Load(ExportDir() + "/gpt_neo-tiny.pt2");
