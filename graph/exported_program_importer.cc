@@ -171,10 +171,14 @@ void RemoveDeadCalls(std::vector<ProgramNode>& nodes, const json& outputs) {
     changed = false;
     std::unordered_set<std::string> read;
     CollectNames(outputs, read);
+    // A call's inputs are named arguments ({name: the schema's, arg}): only the arguments name values.
+    const auto read_inputs = [&read](const ProgramNode& n) {
+      for (const json& in : *n.inputs) CollectNames(Member(in, "arg"), read);
+    };
     for (const ProgramNode& n : nodes) {
-      CollectNames(*n.inputs, read);
+      read_inputs(n);
       if (n.body) {
-        for (const ProgramNode& b : n.body->nodes) CollectNames(*b.inputs, read);
+        for (const ProgramNode& b : n.body->nodes) read_inputs(b);
       }
     }
     std::vector<ProgramNode> kept;
