@@ -144,8 +144,8 @@ class HfConfigTest(unittest.TestCase):
             "a-list": ("[1, 2]", ["not a Hugging Face config"]),
             "truncated": ('{"model_type": "llama", ', ["not a JSON config"]),
             "remote-code": ({"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "m.M"}}, ["trust_remote_code"]),
-            "moe": (dict(preset_config("qwen2"), model_type="qwen2_moe", num_experts=4), ["mixture-of-experts",
-                                                                                      "modelled: mixtral"]),
+            "moe": (dict(preset_config("olmo"), model_type="olmoe", num_experts=4), ["mixture-of-experts",
+                                                                                 "modelled: mixtral, qwen2_moe"]),
             # Builds, but the trace cannot: the reason comes through as one line.
             "bad-heads": (dict(preset_config("llama"), num_attention_heads=3, num_key_value_heads=3), []),
         }
