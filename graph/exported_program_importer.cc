@@ -224,9 +224,6 @@ struct ExportedProgramModel::Impl {
     std::string fqn;       // dotted module path of a parameter, buffer or constant
   };
   std::vector<Input> inputs;
-  // aten::to calls given a device that returned their input in the first run: `x.to(device)` keeps x's dtype in
-  // eager; later runs (16-bit weights) keep the input too, as the TorchScript importer does.
-  mutable std::unordered_set<std::string> device_only_casts;
   // 0-dim tensor constants with their values (what a TorchScript trace bakes as CPU scalars), by name.
   std::map<std::string, at::Tensor> scalar_constants;
 
@@ -793,10 +790,6 @@ MetaRun ExportedProgramModel::Impl::Execute(int64_t batch, int64_t seq,
         throw ModelLoadError("unsupported op target " + node.target + " in " + path);
       }
       if (kChecks.count(node.kind)) continue;
-      if (device_only_casts.count(node.name)) {
-        bind_outputs(node, {to_ivalue(Member((*node.inputs)[0], "arg"))});
-        continue;
-      }
 
       // The stack in schema order: every argument by name, defaults for the ones the serializer left out.
       const c10::FunctionSchema& schema = node.op->schema();
@@ -890,14 +883,6 @@ MetaRun ExportedProgramModel::Impl::Execute(int64_t batch, int64_t seq,
       bool has_tensor_out = false;
       for (const auto& iv : stack) has_tensor_out |= iv.isTensor() || iv.isTensorList();
       if (!has_tensor_out || run.IsNoOpView(kind, in_values, stack)) continue;
-      if (kind == "aten::to" && !float_dtype && stack.size() == 1 && stack[0].isTensor() && in_values[0].isTensor() &&
-          stack[0].toTensor().unsafeGetTensorImpl() == in_values[0].toTensor().unsafeGetTensorImpl()) {
-        const auto device = schema.argumentIndexWithName("device");
-        if (device && *device < in_values.size() && in_values[*device].isDevice()) {
-          device_only_casts.insert(node.name);
-          continue;
-        }
-      }
       OpNode op;
       op.kind = kind;
       op.scope = node.scope;

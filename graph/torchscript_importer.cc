@@ -238,10 +238,6 @@ struct TorchScriptModel::Impl {
   ExportRecords records;  // what the export's extra files say
   // aten::to nodes of `graph` whose target under autocast is autocast's 16-bit dtype (from the export).
   std::unordered_set<const torch::jit::Node*> autocast_dtype_casts;
-  // aten::to nodes given a device that returned their input in the first run: `x.to(device)`, which keeps x's
-  // dtype in eager, though the trace bakes the trace-time dtype into the node. Later runs (16-bit weights) keep the
-  // input too. (torch.export records them as alias, which the program importer skips as well.)
-  mutable std::unordered_set<const torch::jit::Node*> device_only_casts;
 
   // Reads which casts of `graph` follow autocast's dtype (the export's autocast trace); nothing when it has none.
   void ReadAutocastCasts(const std::string& text);
@@ -495,10 +491,6 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
         throw ModelLoadError(std::string("unsupported call ") + kind.toQualString() +
                              " left in the inlined forward graph: export the model with torch.jit.trace");
       }
-      if (device_only_casts.count(node)) {
-        run.env[node->output()] = run.env.at(node->input(0));
-        continue;
-      }
       torch::jit::Stack stack;
       for (const Value* in : node->inputs()) stack.push_back(run.env.at(in));
       std::vector<c10::IValue> in_values(stack.begin(), stack.end());
@@ -567,15 +559,6 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
       }
 
       if (run.IsNoOpView(kind.toQualString(), in_values, stack)) continue;
-      if (kind == c10::aten::to && !float_dtype && node->maybeSchema() && stack.size() == 1 && stack[0].isTensor() &&
-          in_values[0].isTensor() &&
-          stack[0].toTensor().unsafeGetTensorImpl() == in_values[0].toTensor().unsafeGetTensorImpl()) {
-        const auto device = node->schema().argumentIndexWithName("device");
-        if (device && *device < in_values.size() && in_values[*device].isDevice()) {
-          device_only_casts.insert(node);
-          continue;
-        }
-      }
       OpNode op;
       op.kind = kind.toQualString();
       op.scope = ModulePath(node, mod, &records, &op);

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import types
 import warnings
 
 # Keep transformers quiet and offline: every model is built from a config, nothing is fetched.
@@ -724,11 +725,33 @@ def trace(model, batch, seq, vocab, device):
 
 
 @contextlib.contextmanager
+def untraced_gptj_positions():
+    """GPT-J's attention takes, under torch.jit.trace, a branch of its own (`get_embed_positions`) that copies its
+    sinusoid table with `.to(position_ids.device)` always; eager (`_get_embed_positions`) moves it only when the
+    devices differ. While tracing, the traced branch does what eager does."""
+    from transformers.models.gptj import modeling_gptj
+
+    saved = modeling_gptj.get_embed_positions
+
+    def get_embed_positions(embed_positions, position_ids):
+        # eager's own method, so that its ops keep their source line in the model's file (the table is the
+        # attention's; a move to another device would rebind it there, which no trace on one device makes)
+        holder = types.SimpleNamespace(embed_positions=embed_positions)
+        return modeling_gptj.GPTJAttention._get_embed_positions(holder, position_ids)
+
+    modeling_gptj.get_embed_positions = get_embed_positions
+    try:
+        yield
+    finally:
+        modeling_gptj.get_embed_positions = saved
+
+
+@contextlib.contextmanager
 def tracing_shims(device):
     """The stand-ins a trace of the forward runs under (either format), so that it records the eager step."""
     meta_ctx = cpu_scalar_constants() if device == "meta" else contextlib.nullcontext()
     with untraced_masking(), meta_safe_autocast(), traceable_bloom_gelu(), traceable_sdpa_is_causal(), \
-            balanced_moe_routing(), meta_ctx:
+            balanced_moe_routing(), untraced_gptj_positions(), meta_ctx:
         yield
 
 
