@@ -85,10 +85,11 @@ const json& Member(const json& j, const char* key) {
   return it == j.end() ? kNull : *it;
 }
 
-// A module in the program's nn_module_stack: path from the root and class name (its last dotted atom).
+// A module in the program's nn_module_stack: path from the root, class name, and the Python module defining it.
 struct StackEntry {
   std::string path;
-  std::string class_name;
+  std::string class_name;  // "OPTAttention"
+  std::string module;      // "transformers.models.opt.modeling_opt" ("" when the name has no module)
 };
 
 // "key,path,module.Class;key,path,module.Class;..." (outermost first), as the serializer joins the node's
@@ -106,7 +107,10 @@ std::vector<StackEntry> ParseModuleStack(const std::string& text) {
     if (b == std::string::npos) continue;  // the export's placeholder for "no module" has no fields
     StackEntry e;
     e.path = entry.substr(a + 1, b - a - 1);
-    e.class_name = entry.substr(b + 1);
+    const std::string qualified = entry.substr(b + 1);
+    const size_t dot = qualified.rfind('.');
+    e.class_name = dot == std::string::npos ? qualified : qualified.substr(dot + 1);
+    e.module = dot == std::string::npos ? "" : qualified.substr(0, dot);
     out.push_back(std::move(e));
   }
   return out;
@@ -135,7 +139,7 @@ struct ProgramNode {
   std::string name;
   std::string scope;                    // module path
   std::vector<StackEntry> module_stack; // outermost first, the root excluded
-  std::string root_class;               // the exported root's class (the first call's parent)
+  std::string root_class;               // the exported root's class name (the first call's parent)
   bool in_module_code = false;
   std::optional<c10::OperatorHandle> op;  // ATen targets
   std::string kind;                         // "aten::linear"
@@ -224,6 +228,7 @@ struct ExportedProgramModel::Impl {
     std::string fqn;       // dotted module path of a parameter, buffer or constant
   };
   std::vector<Input> inputs;
+  std::unordered_map<std::string, const Input*> inputs_by_fqn;  // parameters, buffers and constants by dotted name
   // 0-dim tensor constants with their values (what a TorchScript trace bakes as CPU scalars), by name.
   std::map<std::string, at::Tensor> scalar_constants;
 
@@ -273,17 +278,13 @@ std::vector<ProgramNode> ExportedProgramModel::Impl::ReadNodes(const json& graph
     // The innermost module's own code ran the op when the op's source line is in the file of that module's class
     // ("transformers.models.opt.modeling_opt.OPTAttention" -> .../transformers/models/opt/modeling_opt.py).
     const json& trace = Member(metadata, "stack_trace");
-    if (!entries.empty() && trace.is_string()) {
-      std::string file = entries.back().class_name;
-      const size_t last_dot = file.rfind('.');
-      if (last_dot != std::string::npos) {
-        file = "/" + file.substr(0, last_dot);
-        std::replace(file.begin(), file.end(), '.', '/');
-        file += ".py";
-        const std::string source = InnermostFile(trace.get<std::string>());
-        node.in_module_code = source.size() >= file.size() &&
-                              source.compare(source.size() - file.size(), file.size(), file) == 0;
-      }
+    if (!entries.empty() && !entries.back().module.empty() && trace.is_string()) {
+      std::string file = "/" + entries.back().module;
+      std::replace(file.begin(), file.end(), '.', '/');
+      file += ".py";
+      const std::string source = InnermostFile(trace.get<std::string>());
+      node.in_module_code = source.size() >= file.size() &&
+                            source.compare(source.size() - file.size(), file.size(), file) == 0;
     }
     static const std::string kOps = "torch.ops.";
     if (node.target == "torch.ops.higher_order.wrap_with_set_grad_enabled" ||
@@ -512,25 +513,16 @@ ExportedProgramModel ExportedProgramModel::LoadChecked(const std::string& path) 
       }
     }
   }
-  // Sizes and dtypes of the tree's tensors, from the program.
-  std::unordered_map<std::string, const Impl::Input*> by_fqn;
-  for (const auto& in : impl->inputs) by_fqn[in.fqn] = &in;
+  for (const auto& in : impl->inputs) impl->inputs_by_fqn[in.fqn] = &in;
+  // Sizes and dtypes of the tree's tensors, from the program (as the runs make them, in the file's dtype).
   const json& tensor_values = Member(graph, "tensor_values");
   for (ModuleNode& m : impl->module_tree.modules) {
     for (ModuleTensor& t : m.tensors) {
-      const auto it = by_fqn.find(t.tied_to.empty() ? t.name : t.tied_to);
-      if (it == by_fqn.end()) continue;
-      const json& meta = Member(tensor_values, it->second->arg.c_str());
-      int64_t numel = 1;
-      for (const json& d : Member(meta, "sizes")) {
-        const json& size = Member(d, "as_int");
-        numel *= size.is_number_integer() ? size.get<int64_t>() : 0;
-      }
-      t.numel = numel;
-      const json& code = Member(meta, "dtype");
-      if (auto st = code.is_number_integer() ? ScalarTypeOf(code.get<int64_t>()) : std::nullopt) {
-        t.dtype = FromScalarType(*st);
-      }
+      const auto it = impl->inputs_by_fqn.find(t.tied_to.empty() ? t.name : t.tied_to);
+      if (it == impl->inputs_by_fqn.end()) continue;
+      const at::Tensor meta = impl->MetaTensorOf(Member(tensor_values, it->second->arg.c_str()), std::nullopt, t.name);
+      t.numel = meta.numel();
+      t.dtype = FromScalarType(meta.scalar_type());
     }
   }
   return ExportedProgramModel(std::move(impl));
@@ -567,8 +559,7 @@ MetaRun ExportedProgramModel::Impl::Execute(int64_t batch, int64_t seq,
   const json& tensor_values = Member(graph, "tensor_values");
   // Module state: one meta tensor per distinct tensor (a tied name shares its first name's), named as the module
   // tree names it, in the tree's order (what the forward never reads is appended in that order).
-  std::unordered_map<std::string, const Input*> by_fqn;
-  for (const auto& in : inputs) by_fqn[in.fqn] = &in;
+  const auto& by_fqn = inputs_by_fqn;
   MetaSlots slots;
   std::vector<at::Tensor> all;
   std::unordered_map<std::string, at::Tensor> state;  // fqn -> tensor
@@ -858,8 +849,7 @@ MetaRun ExportedProgramModel::Impl::Execute(int64_t batch, int64_t seq,
       }
       if (node.kind == "aten::scaled_dot_product_attention" && IsBidirectionalAttention(in_values, run.ranges)) {
         throw ModelLoadError(BidirectionalAttentionMessage(
-            node.scope, node.module_stack.empty() ? "" : node.module_stack.back().class_name.substr(
-                                                             node.module_stack.back().class_name.rfind('.') + 1)));
+            node.scope, node.module_stack.empty() ? "" : node.module_stack.back().class_name));
       }
       try {
         handle->callBoxed(stack);
@@ -897,8 +887,7 @@ MetaRun ExportedProgramModel::Impl::Execute(int64_t batch, int64_t seq,
                                  : e.path.rfind(parent_path + ".", 0) == 0 ? e.path.substr(parent_path.size() + 1)
                                                                             : e.path;
         const std::string child = step.substr(step.rfind('.') + 1);
-        const std::string& cls = i == 0 ? node.root_class : node.module_stack[i - 1].class_name;
-        records.NoteChildCall(cls.substr(cls.rfind('.') + 1), child, depth, op);
+        records.NoteChildCall(i == 0 ? node.root_class : node.module_stack[i - 1].class_name, child, depth, op);
         depth += static_cast<size_t>(std::count(step.begin(), step.end(), '.')) + 1;
         parent_path = e.path;
       }

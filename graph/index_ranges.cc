@@ -79,8 +79,8 @@ std::optional<IndexRange> IndexRanges::OfValue(const c10::IValue& v) const {
 void IndexRanges::Observe(const torch::jit::Node* node, const std::vector<c10::IValue>& inputs,
                           const std::vector<c10::IValue>& outputs) {
   const std::string kind = node->kind().toQualString();
-  // Only aten ops have a schema (prim::NumToTensor has none worth asking).
-  Observe(kind, node->kind().is_aten() && node->maybeSchema() ? node->schema().overload_name() : "", inputs, outputs);
+  // Only arange's rule reads the overload.
+  Observe(kind, kind == "aten::arange" ? node->schema().overload_name() : "", inputs, outputs);
 }
 
 void IndexRanges::Observe(const std::string& kind, const std::string& overload,

@@ -347,9 +347,6 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   slots.original_dtypes = &original_dtypes;
   MoveSlotsToMeta(mod._ivalue(), "", float_dtype, slots);
   Run run(std::move(slots.names));
-  auto new_value = [&](ValueRole role, const at::Tensor& t, NodeId producer, const std::string& name) {
-    return run.NewValue(role, t, producer, name);
-  };
   IndexRanges& ranges = run.ranges;
   auto M = at::TensorOptions().device(at::kMeta).dtype(at::kLong);
   CheckedMul(CheckedMul(batch, seq, "the token ids"), 8, "the token ids");
@@ -359,8 +356,8 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   run.env[graph->inputs()[1]] = ids;
   run.env[graph->inputs()[2]] = labels;
   // The graph inputs are values 0 and 1 (BuildGraph relies on that).
-  new_value(ValueRole::kInput, ids, NodeId{}, "input_ids");
-  new_value(ValueRole::kInput, labels, NodeId{}, "labels");
+  run.NewValue(ValueRole::kInput, ids, NodeId{}, "input_ids");
+  run.NewValue(ValueRole::kInput, labels, NodeId{}, "labels");
 
   // Scripted modules keep Python's control flow. Conditions and trip counts that the meta run knows (None checks,
   // flags, sizes) are followed like the TorchScript interpreter does; one that needs tensor data fails in the op
@@ -382,7 +379,7 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
   auto generation_attention_mask = [&]() {
     if (!attention_mask.defined()) {
       attention_mask = at::empty({batch, generation->past_tokens + seq}, at::TensorOptions().device(at::kMeta).dtype(at::kLong));
-      run.generation_inputs.push_back(new_value(ValueRole::kInput, attention_mask, NodeId{}, "attention_mask"));
+      run.generation_inputs.push_back(run.NewValue(ValueRole::kInput, attention_mask, NodeId{}, "attention_mask"));
     }
     return attention_mask;
   };
@@ -414,7 +411,7 @@ Run TorchScriptModel::Impl::Execute(int64_t batch, int64_t seq, std::optional<at
       sizes[2] = generation->past_tokens;
       parts.push_back(at::empty(sizes, fresh.options()));
       // An activation, not an input: DynamicLayer.update rebinds self.keys to the cat, which frees the entry.
-      run.generation_inputs.push_back(new_value(ValueRole::kActivation, parts.back(), NodeId{}, "cached " + what));
+      run.generation_inputs.push_back(run.NewValue(ValueRole::kActivation, parts.back(), NodeId{}, "cached " + what));
       run.past_names[static_cast<size_t>(which)].push_back("cached " + what);
     }
     parts.push_back(fresh);

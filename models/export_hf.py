@@ -1525,7 +1525,7 @@ def export_program_one(model, wrapper, ids, labels, out, extra, info, start, ver
     program = program_export.export_program(wrapper, ids, labels, lambda: tracing_shims(device))
     program_export.trim_machinery_frames(program)
     program_export.restore_cudnn_flag(program)
-    sites, names = program_export.cast_sites(program, os.path.abspath(__file__))
+    sites, names = program_export.cast_sites(program, os.path.abspath(__file__), SCALAR_TYPE_CODES)
     under_autocast = fake_cpu_cast_sites(wrapper, ids.shape[0], ids.shape[1])
     if under_autocast is not None:
         extra[AUTOCAST_CASTS_FILE] = program_export.autocast_cast_record(

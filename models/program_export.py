@@ -163,9 +163,10 @@ def _innermost_frame(stack_trace, exporter_file):
     return frames[-1] if frames else ""
 
 
-def cast_sites(program, exporter_file):
-    """The casts of the program in execution order, as (source line, ScalarType code or None), with each cast's
-    node name: what export_hf.autocast_targets pairs with a forward run under autocast."""
+def cast_sites(program, exporter_file, scalar_type_codes):
+    """The casts of the program in execution order, as (source line, ScalarType code or None: `scalar_type_codes`
+    maps a dtype to its code), with each cast's node name: what export_hf.autocast_targets pairs with a forward
+    run under autocast."""
     sites, names = [], []
     for node in _nodes(program.graph_module):
         if str(node.target) not in _CAST_TARGETS:
@@ -175,9 +176,7 @@ def cast_sites(program, exporter_file):
             dtype = getattr(node.meta.get("val"), "dtype", None)
         if dtype is None:
             dtype = next((a for a in node.args[1:] if isinstance(a, torch.dtype)), None)
-        code = None
-        if isinstance(dtype, torch.dtype):
-            code = {torch.float16: 5, torch.float32: 6, torch.float64: 7, torch.bfloat16: 15}.get(dtype)
+        code = scalar_type_codes.get(dtype) if isinstance(dtype, torch.dtype) else None
         sites.append((_innermost_frame(node.meta.get("stack_trace"), exporter_file), code))
         names.append(node.name)
     return sites, names
