@@ -277,7 +277,7 @@ class Sharder {
   void CheckFusedPieces() const {
     for (const auto& [linear, cuts] : pieces_) {
       const bool equal = std::all_of(cuts.widths.begin(), cuts.widths.end(),
-                                     [&](int64_t w) { return w == cuts.widths.front(); });
+                                     [first = cuts.widths.front()](int64_t w) { return w == first; });
       if (equal) continue;
       std::string widths;
       for (int64_t w : cuts.widths) widths += (widths.empty() ? "" : ", ") + std::to_string(w);

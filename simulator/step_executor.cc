@@ -325,7 +325,7 @@ void StepExecutor::Setup() {
         out_.managed_bytes = CheckedAdd(out_.managed_bytes, bytes, "the managed optimizer states");
         continue;
       }
-      NewStorage(bytes, MemoryCategory::kOptimizerState, [&] { return p->name + " " + state.name; }, -1);
+      NewStorage(bytes, MemoryCategory::kOptimizerState, [&, param = p] { return param->name + " " + state.name; }, -1);
     }
   }
   if (backend_.library_workspaces) {
@@ -974,7 +974,7 @@ void StepExecutor::OptimizerTemporaries() {
     if (hooks_->OptimizedBytes(*p, Bytes(p->value)) == 0) continue;
     for (const PerParamBlock& temp : pp->step_temporaries.value_or(step.temporaries)) {
       live.push_back(NewStorage(
-          RankBlockBytes(*p, temp), MemoryCategory::kTransient, [&] { return p->name + " " + temp.name; }, -1));
+          RankBlockBytes(*p, temp), MemoryCategory::kTransient, [&, param = p] { return param->name + " " + temp.name; }, -1));
     }
     if (!step.whole_group) {
       const int keep = pp->step_temporaries ? -1 : step.held_by_local;
