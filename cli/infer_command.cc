@@ -109,7 +109,7 @@ void AddInferOptions(CLI::App* cmd, InferOptions& o) {
   cmd->add_flag("--json", o.json_out, "print JSON");
 }
 
-int RunInfer(const InferOptions& o) {
+sim::TrainingConfig CheckInferOptions(const InferOptions& o) {
   if (o.precision != "bf16" && o.precision != "fp32") {
     throw ConfigError("unknown --precision '" + o.precision + "' for infer (bf16, fp32)");
   }
@@ -139,6 +139,11 @@ int RunInfer(const InferOptions& o) {
   if (o.new_tokens <= 0) throw ConfigError("--new-tokens must be positive");
   sim::TrainingConfig config = ParseTrainingConfig(o.precision, "sgd", o.gpu, o.gpu_memory);
   config.lifetimes = sim::Lifetimes::kEager;
+  return config;
+}
+
+int RunInfer(const InferOptions& o) {
+  sim::TrainingConfig config = CheckInferOptions(o);
   const std::unique_ptr<DecoderModel> loaded = LoadDecoderModel(o.model);
   DecoderModel& model = *loaded;
   CheckMoeImbalance(o.source, model);

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cli/hf_config_export.h"
+#include "simulator/training_config.h"
 
 namespace llmem::cli {
 
@@ -42,6 +43,10 @@ struct InferOptions {
 void AddInferOptions(CLI::App* cmd, InferOptions& o);
 
 // 0 when it fits, 3 when it does not; bad input throws llmem::ConfigError.
+// The options' checks that need no model (names, ranges, combinations), and the target they name. Throws
+// ConfigError.
+sim::TrainingConfig CheckInferOptions(const InferOptions& o);
+
 int RunInfer(const InferOptions& o);
 
 }  // namespace llmem::cli

@@ -22,6 +22,7 @@
 #include "graph/decoder_model.h"
 #include "measure/training_step_runner.h"
 #include "cli/category_report.h"
+#include "cli/command_line.h"
 #include "cli/hf_config_export.h"
 #include "cli/lora_options.h"
 #include "cli/memory_plot.h"
@@ -45,54 +46,11 @@ namespace {
 using llmem::FormatBytes;
 using nlohmann::json;
 
-constexpr int kExitBadInput = 2;
+using llmem::cli::CheckLayoutOptions;
+using llmem::cli::kExitBadInput;
+using llmem::cli::MakeConfig;
+using llmem::cli::StepOptions;
 constexpr int kExitDoesNotFit = 3;
-
-struct StepOptions {
-  llmem::cli::ModelSource source;
-  std::string model;  // the export read: source.file, or the export of source.hf_config
-  int64_t batch = 1;
-  int64_t seq = 512;
-  std::string precision = "bf16-autocast";
-  std::string optimizer = "adamw";
-  std::string gpu = "a100-80";
-  std::string gpu_memory;  // --gpu-memory: capacity of a GPU the catalog lacks (other figures from --gpu)
-  bool json_out = false;
-  bool allow_unknown_ops = false;
-  std::string trace_path;
-  std::string snapshot_path;  // estimate: --snapshot FILE (a PyTorch memory snapshot)
-  std::string plot_path;      // estimate: --plot FILE.svg|FILE.html
-  std::string lifetimes = "eager";
-  // Parallel layout (estimate): one rank of dp × tp GPUs.
-  int dp = 1;
-  int tp = 1;
-  std::string engine = "ddp";
-  bool no_vocab_parallel = false;
-  bool engine_given = false;  // --engine was on the command line
-  std::optional<int64_t> max_positions;  // replaces the config's position limit (scaled RoPE)
-  llmem::cli::RecipeOptions recipe;      // estimate only: checkpointing, accumulation, loss, loop, ...
-  std::string lora;                      // estimate only: --lora r=..,alpha=..,dropout=..,targets=..
-  std::string lora_modules_to_save;
-  std::string quant;                     // estimate only: --quant nf4|fp4|nf4-dq|fp4-dq|int8|... (needs --lora)
-  std::optional<int64_t> quant_group;    // estimate only: --quant-group (GPTQ)
-};
-
-void AddStepOptions(CLI::App* cmd, StepOptions& o) {
-  llmem::cli::AddModelSource(cmd, o.source, "TorchScript export (.pt) or torch.export program (.pt2) of the model (forward(input_ids, labels) -> loss)");
-  cmd->add_option("--batch,-b", o.batch, "micro-batch size per GPU")->capture_default_str();
-  cmd->add_option("--seq,-s", o.seq, "sequence length in tokens")->capture_default_str();
-  cmd->add_option("--precision,-p", o.precision, "fp32 | bf16-autocast | fp16-autocast | bf16")->capture_default_str();
-  cmd->add_option("--optimizer,-o", o.optimizer, "adamw | sgd (momentum 0.9) | sgd-nomomentum | adafactor | adamw8bit | paged-adamw8bit (estimate; measure: adamw | sgd)")->capture_default_str();
-  cmd->add_flag("--json", o.json_out, "print JSON");
-}
-
-llmem::sim::TrainingConfig MakeConfig(const StepOptions& o, const std::string& target) {
-  auto cfg = llmem::cli::ParseTrainingConfig(o.precision, o.optimizer, target, o.gpu_memory);
-  cfg.allow_unknown_ops = o.allow_unknown_ops;
-  cfg.lifetimes = llmem::cli::ParseLifetimesOption(o.lifetimes);
-  llmem::cli::ApplyRecipeOptions(o.recipe, cfg);
-  return cfg;
-}
 
 // The step's options, common to the JSON of estimate and measure.
 json StepJson(const StepOptions& o) {
@@ -196,19 +154,8 @@ void WarnAboutUnknownOps(const llmem::sim::MemoryEstimate& e) {
   std::fprintf(stderr, "llmem: warning: ops without a memory rule were estimated conservatively:%s\n", kinds.c_str());
 }
 
-// Layout options that only mean something with several GPUs are refused rather than silently ignored.
-void CheckLayoutOptions(const StepOptions& o) {
-  if (o.dp < 1 || o.tp < 1) throw llmem::ConfigError("--dp and --tp must be at least 1");
-  if (o.engine_given && o.dp == 1) {
-    throw llmem::ConfigError("--engine " + o.engine + " needs data parallelism: add --dp 2 or more");
-  }
-  if (o.no_vocab_parallel && o.tp == 1) {
-    throw llmem::ConfigError("--no-vocab-parallel needs tensor parallelism: add --tp 2 or more");
-  }
-}
-
 int RunInspect(const std::string& path, int64_t batch, int64_t seq, std::optional<int64_t> max_positions,
-               bool print_ir, bool json_out) {
+               bool print_ir, bool json_out, bool timings) {
   const auto t0 = std::chrono::steady_clock::now();
   const std::unique_ptr<llmem::DecoderModel> loaded = llmem::LoadDecoderModel(path);
   llmem::DecoderModel& model = *loaded;
@@ -254,7 +201,7 @@ int RunInspect(const std::string& path, int64_t batch, int64_t seq, std::optiona
     j["ops"] = ops;
     j["max_positions"] = positions ? json(positions->max_seq) : json(nullptr);
     j["max_positions_source"] = positions ? positions->source : "none known";
-    j["seconds"] = seconds;
+    if (timings) j["seconds"] = seconds;
     std::cout << j.dump(2) << "\n";
     return 0;
   }
@@ -275,7 +222,7 @@ int RunInspect(const std::string& path, int64_t batch, int64_t seq, std::optiona
   std::printf("\nops         %zu in the forward graph (at batch %lld, seq %lld)\n", graph.nodes().size(),
               static_cast<long long>(batch), static_cast<long long>(seq));
   for (const auto& [k, n] : ops) std::printf("  %-40s %lld\n", k.c_str(), static_cast<long long>(n));
-  std::printf("analysed in %.2f s\n", seconds);
+  if (timings) std::printf("analysed in %.2f s\n", seconds);
   return 0;
 }
 
@@ -421,52 +368,6 @@ int RunMeasure(const StepOptions& o, const std::string& device, int64_t steps) {
   return 0;
 }
 
-// CLI11 rejects a trace path that is empty (it would silently write nothing).
-const CLI::Validator kNonEmptyPath(
-    [](std::string& path) { return path.empty() ? std::string("needs a file name") : std::string(); }, "FILE");
-
-// Levenshtein distance, to suggest the subcommand a typo meant.
-size_t EditDistance(std::string_view a, std::string_view b) {
-  std::vector<size_t> row(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
-  for (size_t i = 1; i <= a.size(); ++i) {
-    size_t diagonal = row[0];
-    row[0] = i;
-    for (size_t j = 1; j <= b.size(); ++j) {
-      const size_t up = row[j];
-      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
-      diagonal = up;
-    }
-  }
-  return row[b.size()];
-}
-
-// The first argument names the subcommand; CLI11 would only say that one is required. Names the unknown one and
-// the closest known.
-std::optional<std::string> UnknownSubcommand(const CLI::App& app, int argc, char** argv) {
-  if (argc < 2 || argv[1][0] == '-') return std::nullopt;
-  const std::string given = argv[1];
-  std::string closest;
-  size_t best = std::string::npos;
-  for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; })) {
-    if (sub->get_name() == given) return std::nullopt;
-    const size_t d = EditDistance(given, sub->get_name());
-    if (d < best) best = d, closest = sub->get_name();
-  }
-  std::string message = "unknown subcommand '" + given + "'";
-  if (best <= given.size() / 2 + 1) message += " (did you mean '" + closest + "'?)";
-  return message + "; run llmem --help for the list";
-}
-
-// One line on stderr for every parse error (CLI11 adds a "Run with --help" line); help and version exit 0.
-int ReportParseError(const CLI::App& app, const CLI::ParseError& e) {
-  if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);
-  std::string message = e.what();
-  std::replace(message.begin(), message.end(), '\n', ' ');
-  std::fprintf(stderr, "llmem: error: %s\n", message.c_str());
-  return kExitBadInput;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -475,126 +376,36 @@ int main(int argc, char** argv) {
   mallopt(M_MMAP_THRESHOLD, 256 << 20);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
   spdlog::set_level(spdlog::level::warn);
-  CLI::App app{"llmem: will this LLM fine-tuning step fit in GPU memory?"};
-  app.require_subcommand(1);
-
-  llmem::cli::ModelSource inspect_source;
-  int64_t inspect_batch = 1, inspect_seq = 128;
-  std::optional<int64_t> inspect_max_positions;
-  bool print_ir = false, inspect_json = false;
-  auto* inspect = app.add_subcommand("inspect", "parameters per region, layers, op counts, dtypes");
-  llmem::cli::AddModelSource(inspect, inspect_source, "TorchScript export (.pt) or torch.export program (.pt2)");
-  inspect->add_option("--batch,-b", inspect_batch, "batch size for the op graph")->capture_default_str();
-  inspect->add_option("--seq,-s", inspect_seq, "sequence length for the op graph")->capture_default_str();
-  inspect->add_option("--max-positions", inspect_max_positions, "longest sequence the model allows (scaled RoPE)");
-  inspect->add_flag("--ir", print_ir, "print the IR, one op per line");
-  inspect->add_flag("--json", inspect_json, "print JSON");
-
-  StepOptions est_opts;
-  auto* estimate = app.add_subcommand("estimate", "peak memory of one training step on a GPU (or --gpu cpu)");
-  AddStepOptions(estimate, est_opts);
-  estimate->add_option("--gpu,-g", est_opts.gpu,
-                       "GPU from the catalog (or the name nvidia-smi prints), or 'cpu' to predict `llmem measure`")
-      ->capture_default_str();
-  estimate->add_option("--gpu-memory", est_opts.gpu_memory,
-                       "memory of a GPU the catalog lacks, e.g. 24GiB or 81920MiB (other figures from --gpu)");
-  estimate->add_option("--trace", est_opts.trace_path, "write the simulated allocation timeline (TSV) to this file")
-      ->check(kNonEmptyPath);
-  estimate->add_option("--snapshot", est_opts.snapshot_path,
-                       "write the simulated step as a PyTorch memory snapshot (pickle) for PyTorch's memory viewer")
-      ->check(kNonEmptyPath);
-  estimate->add_option("--plot", est_opts.plot_path,
-                       "write a picture of the step's memory by category over time (.svg, or .html: the same SVG)")
-      ->check(kNonEmptyPath);
-  estimate->add_flag("--allow-unknown-ops", est_opts.allow_unknown_ops,
-                     "estimate ops without a memory rule conservatively (with a warning)");
-  estimate->add_option("--dp", est_opts.dp, "data-parallel degree (the estimate is one rank's)")->capture_default_str();
-  estimate->add_option("--tp", est_opts.tp, "tensor-parallel degree")->capture_default_str();
-  auto* engine_option =
-      estimate->add_option("--engine", est_opts.engine, "data-parallel engine: ddp | zero1 | zero2 | zero3 | gemini")
-          ->capture_default_str();
-  estimate->add_option("--max-positions", est_opts.max_positions,
-                       "longest sequence the model allows, replacing the export's config (scaled RoPE)");
-  estimate->add_flag("--no-vocab-parallel", est_opts.no_vocab_parallel,
-                     "with --tp: keep the embedding and LM head whole on every rank");
-  estimate->add_option("--lifetimes", est_opts.lifetimes,
-                       "forward value lifetimes: eager (Python frames) | torchscript (freed at last use)")
-      ->capture_default_str();
-  llmem::cli::AddRecipeOptions(estimate, est_opts.recipe);
-  estimate->add_option("--lora", est_opts.lora,
-                       "PEFT LoRA adapters on a frozen base: r=R,alpha=A,dropout=P,targets=q_proj,v_proj (or all-linear)");
-  estimate->add_option("--lora-modules-to-save", est_opts.lora_modules_to_save,
-                       "with --lora: modules trained in full, as a trainable copy (PEFT modules_to_save), e.g. lm_head");
-  estimate->add_option("--quant", est_opts.quant,
-                       "with --lora: a quantized base: nf4 | fp4 | nf4-dq | fp4-dq (bitsandbytes 4-bit, PEFT; -dq: "
-                       "double quantization) | int8 (bitsandbytes LLM.int8()) | torchao-nf4 (torchtune) | gptq-4 | "
-                       "gptq-8 (a GPTQ checkpoint)");
-  estimate->add_option("--quant-group", est_opts.quant_group,
-                       "with --quant gptq-4|gptq-8: input features per scale and zero point (default 128; -1: one "
-                       "group)");
-
-  StepOptions measure_opts;
-  measure_opts.precision = "fp32";
-  std::string device = "cpu";
-  int64_t steps = 2;
-  auto* measure = app.add_subcommand("measure", "run real training steps with LibTorch and record the peak");
-  AddStepOptions(measure, measure_opts);
-  measure->add_option("--device,-d", device, "cpu | cuda | meta (PyTorch's own allocations, no real memory)")
-      ->capture_default_str();
-  measure->add_option("--trace", measure_opts.trace_path, "write every allocation and free (TSV) to this file")
-      ->check(kNonEmptyPath);
-  measure->add_option("--steps", steps, "training steps to run (the steady state shows from step 2)")
-      ->capture_default_str();
-
-  llmem::cli::RecommendOptions rec_opts;
-  auto* recommend = app.add_subcommand(
-      "recommend", "every parallel layout over N GPUs: memory per GPU, largest batch, step time; the fastest that fits");
-  llmem::cli::AddRecommendOptions(recommend, rec_opts);
-
-  llmem::cli::InferOptions infer_opts;
-  auto* infer = app.add_subcommand("infer", "memory of Hugging Face generation: prefill and decode with a KV cache");
-  llmem::cli::AddInferOptions(infer, infer_opts);
-
-  llmem::cli::ValidateOptions val_opts;
-  auto* validate = app.add_subcommand("validate", "compare measured per-rank peaks of distributed runs with estimates");
-  llmem::cli::AddValidateOptions(validate, val_opts);
-
-  if (const auto unknown = UnknownSubcommand(app, argc, argv)) {
-    std::fprintf(stderr, "llmem: error: %s\n", unknown->c_str());
-    return kExitBadInput;
-  }
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return ReportParseError(app, e);
-  }
-  est_opts.engine_given = engine_option->count() > 0;
+  llmem::cli::CommandLine line;
+  if (const std::optional<int> exit = llmem::cli::ParseCommandLine(line, argc, argv)) return *exit;
   try {
     using llmem::cli::ExportDtypeFor;
     using llmem::cli::ModelFile;
-    if (*inspect) {
-      return RunInspect(ModelFile(inspect_source, "float32", inspect_json), inspect_batch, inspect_seq,
-                        inspect_max_positions, print_ir, inspect_json);
+    llmem::cli::CheckCommandOptions(line);
+    if (*line.inspect) {
+      return RunInspect(ModelFile(line.inspect_source, "float32", line.inspect_json), line.inspect_batch, line.inspect_seq,
+                        line.inspect_max_positions, line.print_ir, line.inspect_json,
+                        line.inspect_timings);
     }
-    if (*estimate) {
-      est_opts.model = ModelFile(est_opts.source, ExportDtypeFor(est_opts.precision), est_opts.json_out);
-      return RunEstimate(est_opts, est_opts.gpu);
+    if (*line.estimate) {
+      line.est_opts.model = ModelFile(line.est_opts.source, ExportDtypeFor(line.est_opts.precision), line.est_opts.json_out);
+      return RunEstimate(line.est_opts, line.est_opts.gpu);
     }
-    if (*measure) {
-      if (!measure_opts.source.hf_config.empty())  // a config's export has no weights to run
+    if (*line.measure) {
+      if (!line.measure_opts.source.hf_config.empty())  // a config's export has no weights to run
         throw llmem::Error("measure runs an export with weights: make one with models/export_hf.py --config PATH "
                            "--out FILE");
-      measure_opts.model = ModelFile(measure_opts.source, "float32", measure_opts.json_out);
-      return RunMeasure(measure_opts, device, steps);
+      line.measure_opts.model = ModelFile(line.measure_opts.source, "float32", line.measure_opts.json_out);
+      return RunMeasure(line.measure_opts, line.device, line.steps);
     }
-    if (*recommend) {
-      rec_opts.model = ModelFile(rec_opts.source, ExportDtypeFor(rec_opts.precision), rec_opts.json_out);
-      return llmem::cli::RunRecommend(rec_opts);
+    if (*line.recommend) {
+      line.rec_opts.model = ModelFile(line.rec_opts.source, ExportDtypeFor(line.rec_opts.precision), line.rec_opts.json_out);
+      return llmem::cli::RunRecommend(line.rec_opts);
     }
-    if (*validate) return llmem::cli::RunValidate(val_opts);
-    if (*infer) {
-      infer_opts.model = ModelFile(infer_opts.source, ExportDtypeFor(infer_opts.precision), infer_opts.json_out);
-      return llmem::cli::RunInfer(infer_opts);
+    if (*line.validate) return llmem::cli::RunValidate(line.val_opts);
+    if (*line.infer) {
+      line.infer_opts.model = ModelFile(line.infer_opts.source, ExportDtypeFor(line.infer_opts.precision), line.infer_opts.json_out);
+      return llmem::cli::RunInfer(line.infer_opts);
     }
   } catch (const llmem::Error& e) {
     std::fprintf(stderr, "llmem: error: %s\n", e.what());

@@ -121,6 +121,7 @@ void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   cmd->add_flag("--no-vocab-parallel", o.no_vocab_parallel, "keep the embedding and LM head whole under TP");
   cmd->add_option("--max-positions", o.max_positions, "longest sequence the model allows (e.g. scaled RoPE)");
   cmd->add_flag("--json", o.json_out, "print JSON");
+  cmd->add_flag("--timings", o.timings, "also print the seconds spent (which vary run to run; the answer does not)");
   AddRecipeOptions(cmd, o.recipe);
   cmd->add_option("--lifetimes", o.lifetimes, "forward value lifetimes: eager | torchscript")->capture_default_str();
   cmd->add_option("--lora", o.lora, "PEFT LoRA adapters on a frozen base, as estimate's --lora (layouts it cannot "
@@ -130,8 +131,9 @@ void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   cmd->add_option("--quant-group", o.quant_group, "with --quant gptq-4|gptq-8: as estimate's --quant-group");
 }
 
-int RunRecommend(const RecommendOptions& o) {
-  dist::RecommendRequest req;
+RecommendSetup PrepareRecommend(const RecommendOptions& o) {
+  RecommendSetup setup;
+  dist::RecommendRequest& req = setup.request;
   req.gpus = o.gpus;
   constexpr int64_t kUnset = RecommendOptions::kUnset;
   if (o.nodes != kUnset) {
@@ -158,10 +160,11 @@ int RunRecommend(const RecommendOptions& o) {
   req.config = ParseTrainingConfig(o.precision, o.optimizer, o.gpu, o.gpu_memory);
   req.config.lifetimes = ParseLifetimesOption(o.lifetimes);
   ApplyRecipeOptions(o.recipe, req.config);
-  const AdapterRecipe adapters(o.lora, o.lora_modules_to_save, o.quant, o.quant_group, req.config);
-  if (adapters.active()) {
-    req.unsupported_layout = [&adapters](const dist::ParallelPlan& plan) {
-      return adapters.UnsupportedLayout(plan.dp, plan.tp, plan.engine == dist::DataParallelEngine::kGemini,
+  setup.adapters =
+      std::make_unique<const AdapterRecipe>(o.lora, o.lora_modules_to_save, o.quant, o.quant_group, req.config);
+  if (const AdapterRecipe* adapters = setup.adapters.get(); adapters->active()) {
+    req.unsupported_layout = [adapters](const dist::ParallelPlan& plan) {
+      return adapters->UnsupportedLayout(plan.dp, plan.tp, plan.engine == dist::DataParallelEngine::kGemini,
                                         dist::RunsFsdp2(plan));
     };
   }
@@ -177,7 +180,16 @@ int RunRecommend(const RecommendOptions& o) {
   req.engines = ParseEngines(o.engines);
   req.tp_vocab_parallel = !o.no_vocab_parallel;
   if (o.gpus < 1) throw ConfigError("the GPU count must be at least 1 (got " + std::to_string(o.gpus) + ")");
+  return setup;
+}
 
+int RunRecommend(const RecommendOptions& o) {
+  RecommendSetup setup = PrepareRecommend(o);
+  dist::RecommendRequest& req = setup.request;
+  const AdapterRecipe& adapters = *setup.adapters;
+  const auto* gpu = &req.config.target.gpu;
+  const auto* intra = &req.intra_node;
+  const auto* inter = &req.inter_node;
   const auto t0 = std::chrono::steady_clock::now();
   const std::unique_ptr<DecoderModel> loaded = LoadDecoderModel(o.model);
   DecoderModel& model = *loaded;
@@ -244,7 +256,7 @@ int RunRecommend(const RecommendOptions& o) {
     j["why"] = rec.why;
     if (rec.best < 0) j["smallest_gpu_count_that_fits"] = rec.smallest_gpu_count_that_fits;
     j["assumptions"] = rec.assumptions;
-    j["seconds"] = {{"load", load_seconds}, {"graphs", build_seconds}, {"sweep", sweep_seconds}};
+    if (o.timings) j["seconds"] = {{"load", load_seconds}, {"graphs", build_seconds}, {"sweep", sweep_seconds}};
     std::cout << j.dump(2) << "\n";
     return rec.best >= 0 ? 0 : 3;
   }
@@ -284,8 +296,10 @@ int RunRecommend(const RecommendOptions& o) {
               "the largest batch whose exact estimate fits (the next one does not)\n");
   std::printf("assumptions:\n");
   for (const auto& a : rec.assumptions) std::printf("  - %s\n", a.c_str());
-  std::printf("\nloaded in %.2f s, graphs built in %.2f s, sweep in %.3f s\n", load_seconds, build_seconds,
-              sweep_seconds);
+  if (o.timings) {
+    std::printf("\nloaded in %.2f s, graphs built in %.2f s, sweep in %.3f s\n", load_seconds, build_seconds,
+                sweep_seconds);
+  }
   return rec.best >= 0 ? 0 : 3;
 }
 

@@ -4,11 +4,14 @@
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 
 #include "cli/hf_config_export.h"
+#include "cli/lora_options.h"
 #include "cli/recipe_options.h"
+#include "distributed/recommend.h"
 
 namespace llmem::cli {
 
@@ -32,6 +35,7 @@ struct RecommendOptions {
   std::string engines = "ddp,zero1,zero2,zero3,gemini";
   bool no_vocab_parallel = false;
   bool json_out = false;
+  bool timings = false;  // --timings: also the seconds spent loading, building graphs and sweeping
   std::string plot_path;  // --plot FILE.svg|FILE.html: memory per GPU and throughput of every layout
   std::string lifetimes = "eager";
   std::optional<int64_t> max_positions;  // replaces the config's position limit (scaled RoPE)
@@ -41,6 +45,16 @@ struct RecommendOptions {
 };
 
 void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o);
+
+// What the options ask for before a model is read: the sweep's request and its adapters (which the request's
+// layout check points into, hence held by pointer).
+struct RecommendSetup {
+  dist::RecommendRequest request;
+  std::unique_ptr<const AdapterRecipe> adapters;
+};
+
+// Checks the options that need no model (ranges, names, combinations) and builds the request. Throws ConfigError.
+RecommendSetup PrepareRecommend(const RecommendOptions& o);
 
 // Exit codes as the rest of the CLI: 0 a layout fits, 3 none does; bad input throws llmem::ConfigError.
 int RunRecommend(const RecommendOptions& o);

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -167,10 +168,14 @@ RankRecord ParseRecord(const std::string& text, int line) {
   r.tp = Get<int>(j, "tp", line);
   CheckAtLeast(r.dp, 1, "dp", line);
   CheckAtLeast(r.tp, 1, "tp", line);
-  r.world_size = GetOr<int>(j, "world_size", r.dp * r.tp, line);
-  if (r.world_size != r.dp * r.tp) {
+  const int64_t ranks = int64_t{r.dp} * r.tp;
+  if (ranks > std::numeric_limits<int>::max()) {
+    throw ConfigError(AtLine(line) + ": dp x tp = " + std::to_string(ranks) + " ranks is out of range");
+  }
+  r.world_size = GetOr<int>(j, "world_size", static_cast<int>(ranks), line);
+  if (r.world_size != ranks) {
     throw ConfigError(AtLine(line) + ": world_size " + std::to_string(r.world_size) + " is not dp x tp = " +
-                      std::to_string(r.dp * r.tp));
+                      std::to_string(ranks));
   }
   r.rank = Get<int>(j, "rank", line);
   if (r.rank < 0 || r.rank >= r.world_size) {
@@ -274,6 +279,38 @@ std::string GpuOf(const RankRecord& r, const std::string& gpu_option) {
 
 double Percent(int64_t est, int64_t real) { return 100.0 * static_cast<double>(est - real) / static_cast<double>(real); }
 
+// The measured runs of a runs file, each with every rank once, in the order the file names them.
+struct Runs {
+  std::map<std::string, Case> cases;
+  std::vector<std::string> order;
+};
+
+Runs ReadRuns(std::istream& in, const std::string& name) {
+  Runs runs;
+  std::string text;
+  int line = 0;
+  while (std::getline(in, text)) {
+    ++line;
+    if (text.find_first_not_of(" \t\r") == std::string::npos) continue;
+    RankRecord record = ParseRecord(text, line);
+    auto [it, fresh] = runs.cases.emplace(record.key, Case{});
+    Case& c = it->second;
+    if (fresh) {
+      c.key = record.key;
+      runs.order.push_back(record.key);
+    }
+    const auto [seen, first_time] = c.rank_peaks.emplace(record.rank, std::make_pair(line, record.peak_bytes));
+    if (!first_time) {
+      throw ConfigError(AtLine(line) + ": rank " + std::to_string(record.rank) + " of run " + record.key +
+                        " appears again (first on line " + std::to_string(seen->second.first) + ")");
+    }
+    if (fresh) c.first = std::move(record);
+  }
+  if (runs.cases.empty()) throw ConfigError("runs file " + name + " holds no runs");
+  for (const auto& key : runs.order) CheckRanks(runs.cases[key]);
+  return runs;
+}
+
 }  // namespace
 
 void AddValidateOptions(CLI::App* cmd, ValidateOptions& o) {
@@ -286,7 +323,9 @@ void AddValidateOptions(CLI::App* cmd, ValidateOptions& o) {
   cmd->add_flag("--json", o.json_out, "print JSON");
 }
 
-int RunValidate(const ValidateOptions& o) {
+size_t CheckRunsLines(std::istream& in) { return ReadRuns(in, "<input>").order.size(); }
+
+void CheckValidateOptions(const ValidateOptions& o) {
   // A negative or NaN limit would fail every run, an infinite one pass every run.
   for (const auto& [flag, limit] :
        {std::pair{"--max-mean-error", o.max_mean_error}, std::pair{"--max-error", o.max_case_error}}) {
@@ -299,37 +338,21 @@ int RunValidate(const ValidateOptions& o) {
   if (!o.gpu.empty() && !sim::FindGpu(o.gpu)) {
     throw ConfigError("unknown GPU '" + o.gpu + "' (known: " + sim::GpuNames() + ")");
   }
+}
+
+int RunValidate(const ValidateOptions& o) {
+  CheckValidateOptions(o);
   std::ifstream in(o.runs);
   if (!in) throw ConfigError("cannot read runs file " + o.runs);
-  std::map<std::string, Case> cases;
-  std::vector<std::string> order;
-  std::string text;
-  int line = 0;
-  while (std::getline(in, text)) {
-    ++line;
-    if (text.find_first_not_of(" \t\r") == std::string::npos) continue;
-    RankRecord record = ParseRecord(text, line);
-    auto [it, fresh] = cases.emplace(record.key, Case{});
-    Case& c = it->second;
-    if (fresh) {
-      c.key = record.key;
-      order.push_back(record.key);
-    }
-    const auto [seen, first_time] = c.rank_peaks.emplace(record.rank, std::make_pair(line, record.peak_bytes));
-    if (!first_time) {
-      throw ConfigError(AtLine(line) + ": rank " + std::to_string(record.rank) + " of run " + record.key +
-                        " appears again (first on line " + std::to_string(seen->second.first) + ")");
-    }
-    if (fresh) c.first = std::move(record);
-  }
-  if (cases.empty()) throw ConfigError("runs file " + o.runs + " holds no runs");
+  Runs runs = ReadRuns(in, o.runs);
+  std::map<std::string, Case>& cases = runs.cases;
+  const std::vector<std::string>& order = runs.order;
 
   std::map<std::string, std::unique_ptr<DecoderModel>> models;
   std::map<std::tuple<std::string, int64_t, int64_t>, std::unique_ptr<Graph>> graphs;
   json out_cases = json::array();
   double sum_abs = 0, max_case = 0;
   int ranks = 0;
-  for (const auto& key : order) CheckRanks(cases[key]);
   ProgressLine progress("validate", o.json_out);
   size_t done = 0;
   for (const auto& key : order) {

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <cstddef>
+#include <istream>
 #include <string>
 
 namespace llmem::cli {
@@ -17,6 +19,13 @@ struct ValidateOptions {
 };
 
 void AddValidateOptions(CLI::App* cmd, ValidateOptions& o);
+
+// The limits and --gpu, checked before the runs file is read. Throws ConfigError.
+void CheckValidateOptions(const ValidateOptions& o);
+
+// Reads a runs file's lines and checks each (types, ranges, methods, recipes, every rank of a run once) without
+// loading a model; returns the number of runs. Throws ConfigError naming the line.
+size_t CheckRunsLines(std::istream& in);
 
 // 0 when both limits hold, 4 when one does not; bad input throws llmem::ConfigError.
 int RunValidate(const ValidateOptions& o);
