@@ -1,7 +1,10 @@
 #include "cli/lora_options.h"
 
 #include <cerrno>
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <vector>
 
 #include "graph/error.h"
@@ -28,7 +31,7 @@ double Number(const std::string& key, const std::string& value) {
   char* end = nullptr;
   errno = 0;
   const double v = std::strtod(value.c_str(), &end);
-  if (value.empty() || end != value.c_str() + value.size() || errno != 0) {
+  if (value.empty() || end != value.c_str() + value.size() || errno != 0 || !std::isfinite(v)) {
     throw ConfigError("--lora " + key + "=" + value + " is not a number");
   }
   return v;
@@ -52,7 +55,8 @@ LoraSettings ParseLoraOption(const std::string& text, const std::string& modules
     last_key = key;
     if (key == "r") {
       const double r = Number(key, value);
-      if (r != static_cast<double>(static_cast<int64_t>(r)) || r <= 0) {
+      // Bounded before the cast to an integer, which is undefined past int64's range.
+      if (r < 1 || r > static_cast<double>(std::numeric_limits<int32_t>::max()) || r != std::floor(r)) {
         throw ConfigError("--lora r must be a positive integer, not " + value);
       }
       s.rank = static_cast<int64_t>(r);
