@@ -3,11 +3,17 @@
 #include <caffe2/serialize/inline_container.h>
 #include <c10/util/Exception.h>
 
+#include <unistd.h>
+
 #include <array>
 #include <filesystem>
 #include <fstream>
+#include <limits>
+#include <vector>
 
+#include "graph/dtype.h"
 #include "graph/error.h"
+#include "graph/zip_directory.h"
 
 namespace llmem {
 namespace {
@@ -70,6 +76,32 @@ std::string NonTorchScriptArchiveKind(caffe2::serialize::PyTorchStreamReader& re
   return "a torch.save checkpoint, not a TorchScript export";
 }
 
+// The records LibTorch's reader will allocate, checked against what the archive can hold and this machine has.
+void CheckArchiveRecords(const std::string& path) {
+  const std::vector<ZipRecord> records = ReadZipDirectory(path);
+  uint64_t total = 0;
+  for (const ZipRecord& r : records) {
+    const std::string where = "not a readable model file: " + path + " holds " + r.name.substr(0, 80);
+    if (r.method != 0 && r.method != 8) {
+      throw ModelLoadError(where + " compressed with zip method " + std::to_string(r.method) +
+                           ", which PyTorch's reader does not read (it writes stored records)");
+    }
+    if (r.uncompressed_bytes > MaxExpandedBytes(r)) {
+      throw ModelLoadError(where + ", which claims " + std::to_string(r.uncompressed_bytes) + " bytes from " +
+                           std::to_string(r.compressed_bytes) + " in the file: damaged");
+    }
+    total += r.uncompressed_bytes;  // at most 1032 x the file's size: no wrap
+  }
+  const long pages = sysconf(_SC_PHYS_PAGES), page_bytes = sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page_bytes > 0 && total > static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_bytes)) {
+    throw ModelLoadError("reading " + path + " needs " + FormatBytes(static_cast<int64_t>(std::min<uint64_t>(
+                             total, std::numeric_limits<int64_t>::max()))) +
+                         " of host memory (LibTorch's loader reads every record), more than this machine's " +
+                         FormatBytes(static_cast<int64_t>(pages) * page_bytes) +
+                         "; export the model on the meta device (models/export_hf.py --device meta)");
+  }
+}
+
 }  // namespace
 
 bool IsTorchScriptArchive(const std::string& path) {
@@ -95,6 +127,7 @@ void CheckModelFileReadable(const std::string& path) {
   }
   std::ifstream probe(path, std::ios::binary);
   if (!probe) throw ModelLoadError("cannot read model file: " + path);
+  if (Head(path, kZipMagic.size()) == std::string(kZipMagic.begin(), kZipMagic.end())) CheckArchiveRecords(path);
 }
 
 std::string BriefLoaderReason(const std::string& text) {

@@ -10,7 +10,9 @@
 
 namespace llmem {
 
-// Throws ModelLoadError unless `path` names an existing regular file that can be opened for reading.
+// Throws ModelLoadError unless `path` names an existing regular file that can be opened for reading; for a zip
+// archive, also unless its directory is sound (graph/zip_directory.h) and its records fit in this machine's memory
+// (LibTorch's loader allocates each record's claimed size).
 void CheckModelFileReadable(const std::string& path);
 
 // Whether `path` is a zip archive holding TorchScript (constants.pkl, as torch.jit.save writes); false for anything

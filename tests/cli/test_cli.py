@@ -43,7 +43,7 @@ class CliTest(OneLineErrorAssertions, unittest.TestCase):
         path = os.path.join(self.dir, "truncated.pt")
         with open(self.gpt2, "rb") as src, open(path, "wb") as dst:
             dst.write(src.read(4096))
-        self.assert_one_line_error(run("estimate", path), 2, "not a readable TorchScript file")
+        self.assert_one_line_error(run("estimate", path), 2, "is a truncated or damaged zip archive", path)
 
     def test_not_a_decoder_lm(self):
         class Doubler(torch.nn.Module):

@@ -142,6 +142,31 @@ class ModelFileTest(unittest.TestCase):
         self.assert_one_line_error(proc, 2, "truncated or damaged zip archive")
         self.assertNotIn("internal miniz error", proc.stderr)
 
+    def test_a_record_claiming_more_than_deflate_can_expand_to_is_refused_before_it_is_read(self):
+        # A zip bomb's directory: constants.pkl deflated to a few bytes but claiming 2^40 (LibTorch's reader would
+        # allocate the claim). DEFLATE expands at most 1032:1.
+        import struct
+        import zipfile
+        path = self.path("claims.pt")
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.writestr("archive/constants.pkl", b"\x80\x02)." * 4)
+            z.writestr("archive/version", b"3\n")
+        data = bytearray(open(path, "rb").read())
+        header = data.index(b"PK\x01\x02")  # the first central directory entry: constants.pkl
+        struct.pack_into("<I", data, header + 24, 0xFFFFFFFF - 1)  # its uncompressed size
+        with open(path, "wb") as f:
+            f.write(data)
+        proc = run("inspect", path)
+        self.assert_one_line_error(proc, 2, "archive/constants.pkl", "claims 4294967294 bytes", "damaged")
+        # A directory that points past the end of the file.
+        data = bytearray(open(path, "rb").read())
+        end = data.rindex(b"PK\x05\x06")
+        struct.pack_into("<I", data, end + 16, len(data) + 100)
+        with open(path, "wb") as f:
+            f.write(data)
+        self.assert_one_line_error(run("inspect", path), 2, "truncated or damaged zip archive",
+                                   "zip directory runs past its end")
+
     def test_text_file_is_not_a_zip_archive(self):
         path = self.path("text.pt")
         with open(path, "w") as f:
