@@ -252,6 +252,8 @@ struct TorchScriptModel::Impl {
   Run Execute(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype,
               const GenerationSubstitutions* generation = nullptr) const;
   // Both runs (fp32 and 16-bit weights) as one graph; `origins`, when given, receives the first run's value origins.
+  Graph BuildUnguarded(int64_t batch, int64_t seq, const GenerationSubstitutions* generation,
+                       std::vector<std::pair<const torch::jit::Node*, size_t>>* origins) const;
   Graph Build(int64_t batch, int64_t seq, const GenerationSubstitutions* generation,
               std::vector<std::pair<const torch::jit::Node*, size_t>>* origins) const;
 };
@@ -298,6 +300,17 @@ void TorchScriptModel::Impl::ReadAutocastCasts(const std::string& text) {
 }
 
 TorchScriptModel TorchScriptModel::Load(const std::string& path) {
+  // LibTorch reads parts of a loaded module lazily (its debug records, its attributes' types): a damaged part
+  // surfaces as a c10::Error after torch::jit::load returned.
+  try {
+    return LoadUnguarded(path);
+  } catch (const c10::Error& e) {
+    throw ModelLoadError("not a readable TorchScript file: " + path + " is damaged (" +
+                         BriefLoaderReason(e.what_without_backtrace()) + ")");
+  }
+}
+
+TorchScriptModel TorchScriptModel::LoadUnguarded(const std::string& path) {
   EnsureMetaKernelsRegistered();
   CheckModelFileReadable(path);
   auto impl = std::make_unique<Impl>();
@@ -584,6 +597,7 @@ Graph TorchScriptModel::BuildGraph(int64_t batch, int64_t seq) const {
   return impl_->Build(batch, seq, nullptr, nullptr);
 }
 
+
 Graph TorchScriptModel::BuildGenerationGraph(int64_t batch, int64_t tokens, int64_t past_tokens) const {
   if (past_tokens < 0) throw ConfigError("the cached tokens cannot be negative");
   std::vector<std::pair<const torch::jit::Node*, size_t>> origins;
@@ -613,6 +627,18 @@ Graph TorchScriptModel::BuildGenerationGraph(int64_t batch, int64_t tokens, int6
 
 Graph TorchScriptModel::Impl::Build(int64_t batch, int64_t seq, const GenerationSubstitutions* generation,
                                     std::vector<std::pair<const torch::jit::Node*, size_t>>* origins) const {
+  // The debug records (code/*.debug_pkl) are unpickled when a node's source is first asked for: damaged ones fail
+  // here, not in torch::jit::load.
+  try {
+    return BuildUnguarded(batch, seq, generation, origins);
+  } catch (const c10::Error& e) {
+    throw ModelLoadError("not a readable TorchScript file: " + path + " is damaged (" +
+                         BriefLoaderReason(e.what_without_backtrace()) + ")");
+  }
+}
+
+Graph TorchScriptModel::Impl::BuildUnguarded(int64_t batch, int64_t seq, const GenerationSubstitutions* generation,
+                                             std::vector<std::pair<const torch::jit::Node*, size_t>>* origins) const {
   if (batch <= 0) throw ConfigError("batch size must be positive, got " + std::to_string(batch));
   if (seq <= 0) throw ConfigError("sequence length must be positive, got " + std::to_string(seq));
   CheckedMul(batch, seq, "batch x sequence");

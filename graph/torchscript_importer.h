@@ -44,6 +44,7 @@ class TorchScriptModel final : public DecoderModel {
  private:
   struct Impl;
   explicit TorchScriptModel(std::unique_ptr<Impl> impl);
+  static TorchScriptModel LoadUnguarded(const std::string& path);
   std::unique_ptr<Impl> impl_;
 };
 
