@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <set>
@@ -134,11 +136,29 @@ int64_t BatchLimit(const Graph& graph, int64_t capacity_bytes) {
   return std::max<int64_t>(1, capacity_bytes / per_sample);
 }
 
-// Runs fn(0..n-1) on up to one thread per core; fn must only read shared state.
+// The sweep's worker threads: LLMEM_THREADS when set (a positive integer), else one per core. The answer does
+// not depend on it (every estimate is computed alone, and results and errors are taken in layout order).
+size_t SweepThreads() {
+  if (const char* env = std::getenv("LLMEM_THREADS"); env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    errno = 0;
+    const long long n = std::strtoll(env, &end, 10);
+    if (errno != 0 || *end != '\0' || n < 1 || n > 4096) {
+      throw ConfigError("LLMEM_THREADS must be a whole number of threads from 1 to 4096, not '" + std::string(env) +
+                        "'");
+    }
+    return static_cast<size_t>(n);
+  }
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Runs fn(0..n-1) on SweepThreads() threads; fn must only read shared state. Of several failures, the one of the
+// lowest k is rethrown, as a serial loop would.
 void ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
-  const size_t threads = std::min<size_t>(n, std::max(1u, std::thread::hardware_concurrency()));
+  const size_t threads = std::min<size_t>(n, SweepThreads());
   std::atomic<size_t> next{0};
   std::exception_ptr error;
+  size_t error_at = n;
   std::mutex error_mutex;
   auto worker = [&] {
     for (size_t k; (k = next.fetch_add(1)) < n;) {
@@ -146,7 +166,10 @@ void ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
         fn(k);
       } catch (...) {
         std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
+        if (k < error_at) {
+          error = std::current_exception();
+          error_at = k;
+        }
       }
     }
   };
