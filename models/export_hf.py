@@ -359,12 +359,37 @@ def zero_dropout(config):
             setattr(config, key, 0.0)
 
 
-def build_model(arch, model_type, kwargs, device, dtype, keep_dropout, seed):
-    from transformers import AutoConfig, AutoModelForCausalLM
+# The most layers and experts a config may ask the exporter to build: every module is a Python object and every
+# traced op a graph node, so a config asking for millions would run for hours before failing. The largest
+# published decoders have 126 layers (Llama 3.1 405B's config.json) and 256 routed experts (DeepSeek-V3's).
+MAX_LAYERS = 1024
+MAX_EXPERTS = 4096
+
+
+def make_config(model_type, kwargs):
+    """transformers' config of `model_type` from a config.json's keys, refusing one larger than the exporter builds
+    (MAX_LAYERS, MAX_EXPERTS) or with a layer count that is not a positive integer."""
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     config = AutoConfig.for_model(model_type, **kwargs)
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None and (not isinstance(layers, int) or isinstance(layers, bool) or layers < 1):
+        raise ExportError(f"the config's layer count (num_hidden_layers) is {layers!r}, not a positive integer")
+    if layers is not None and layers > MAX_LAYERS:
+        raise ExportError(f"the config asks for {layers} layers; the exporter builds at most {MAX_LAYERS} (the "
+                          "largest published decoders have 126)")
+    experts = [v for k in MOE_EXPERT_KEYS if isinstance(v := getattr(config, k, None), int)]
+    if experts and max(experts) > MAX_EXPERTS:
+        raise ExportError(f"the config asks for {max(experts)} experts; the exporter builds at most {MAX_EXPERTS}")
+    return config
+
+
+def build_model(arch, model_type, kwargs, device, dtype, keep_dropout, seed):
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(model_type, kwargs)
     # SDPA where the model class has it, as from_pretrained's default; eager otherwise (EAGER_FALLBACK lists presets).
     model_class = AutoModelForCausalLM._model_mapping[type(config)]
     attn = "eager" if arch in EAGER_FALLBACK or not getattr(model_class, "_supports_sdpa", False) else "sdpa"
@@ -1629,6 +1654,12 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def error_line(exc):
+    """The one line the user sees for an unexpected exception: its message's first line, else its type's name."""
+    msg = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return msg[0] if msg else type(exc).__name__
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     common = dict(device=args.device, dtype=args.dtype, trace_batch=args.trace_batch,
@@ -1689,6 +1720,5 @@ if __name__ == "__main__":
         print(f"export_hf.py: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - one line for the user, never a traceback
-        msg = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-        print(f"export_hf.py: error: {msg[0] if msg else type(exc).__name__}", file=sys.stderr)
+        print(f"export_hf.py: error: {error_line(exc)}", file=sys.stderr)
         sys.exit(1)
