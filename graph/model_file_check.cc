@@ -5,6 +5,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <filesystem>
 #include <fstream>
@@ -79,6 +80,21 @@ std::string NonTorchScriptArchiveKind(caffe2::serialize::PyTorchStreamReader& re
 // The records LibTorch's reader will allocate, checked against what the archive can hold and this machine has.
 void CheckArchiveRecords(const std::string& path) {
   const std::vector<ZipRecord> records = ReadZipDirectory(path);
+  // PyTorch's archives keep every record under one folder with a version record (inline_container.h); its reader
+  // checks both after opening the archive, and a failed check there leaks the reader's state.
+  const size_t slash = records.empty() ? std::string::npos : records.front().name.find('/');
+  if (slash == std::string::npos || slash == 0) {
+    throw ModelLoadError("not a readable model file: " + path + " is a zip archive, but not one PyTorch writes (its "
+                         "records are not in one folder)");
+  }
+  const std::string folder = records.front().name.substr(0, slash + 1);
+  const bool versioned = std::any_of(records.begin(), records.end(), [&](const ZipRecord& r) {
+    return r.name == folder + "version" || r.name == folder + ".data/version";
+  });
+  if (!versioned) {
+    throw ModelLoadError("not a readable model file: " + path + " is a zip archive without PyTorch's version record "
+                         "(" + folder + "version)");
+  }
   uint64_t total = 0;
   for (const ZipRecord& r : records) {
     const std::string where = "not a readable model file: " + path + " holds " + r.name.substr(0, 80);

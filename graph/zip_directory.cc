@@ -14,6 +14,8 @@ constexpr uint32_t kEndOfDirectory = 0x06054b50;
 constexpr uint32_t kZip64EndOfDirectory = 0x06064b50;
 constexpr uint32_t kZip64Locator = 0x07064b50;
 constexpr uint32_t kDirectoryHeader = 0x02014b50;
+constexpr uint32_t kLocalHeader = 0x04034b50;
+constexpr size_t kLocalHeaderBytes = 30;
 constexpr uint16_t kZip64ExtraId = 0x0001;
 constexpr size_t kEndOfDirectoryBytes = 22;
 constexpr size_t kZip64LocatorBytes = 20;
@@ -90,9 +92,7 @@ class DirectoryReader {
       if (directory.size() - at - kDirectoryHeaderBytes < variable) Fail("a damaged zip directory entry");
       r.name = directory.substr(at + kDirectoryHeaderBytes, name_bytes);
       ReadZip64Sizes(directory.substr(at + kDirectoryHeaderBytes + name_bytes, extra_bytes), r);
-      if (r.local_header_offset > size_ || r.compressed_bytes > size_ - r.local_header_offset) {
-        Fail("record " + Printable(r.name) + " runs past its end");
-      }
+      CheckLocalHeader(r);
       records.push_back(std::move(r));
       at += kDirectoryHeaderBytes + variable;
     }
@@ -117,6 +117,17 @@ class DirectoryReader {
       }
       at += 4 + bytes;
     }
+  }
+
+  // The record's own header, which the reader goes through to its data: there, and its data within the file.
+  void CheckLocalHeader(const ZipRecord& r) {
+    if (r.local_header_offset > size_ || size_ - r.local_header_offset < kLocalHeaderBytes) {
+      Fail("record " + Printable(r.name) + " runs past its end");
+    }
+    const std::string header = Bytes(r.local_header_offset, kLocalHeaderBytes);
+    if (Field(header, 0, 4) != kLocalHeader) Fail("the header of record " + Printable(r.name) + " is missing");
+    const uint64_t data = r.local_header_offset + kLocalHeaderBytes + Field(header, 26, 2) + Field(header, 28, 2);
+    if (data > size_ || r.compressed_bytes > size_ - data) Fail("record " + Printable(r.name) + " runs past its end");
   }
 
   std::string Bytes(uint64_t offset, uint64_t n) {
