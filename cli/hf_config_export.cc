@@ -68,18 +68,6 @@ fs::path ConfigFile(const std::string& path) {
   return fs::is_directory(given, ec) ? given / "config.json" : given;
 }
 
-// The config's model_type for the cache entry's name (the exporter checks the config itself).
-std::string ModelTypeOf(const std::string& text) {
-  const auto config = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (config.is_object() && config.contains("model_type") && config["model_type"].is_string()) {
-    std::string type = config["model_type"];
-    for (char& c : type)
-      if (!std::isalnum(static_cast<unsigned char>(c)) && c != '_' && c != '-') c = '_';
-    if (!type.empty() && type.size() <= 64) return type;
-  }
-  return "model";
-}
-
 // Runs argv with stdout discarded and stderr captured; returns the exit status (-1: could not start it).
 int Run(const std::vector<std::string>& argv, std::string& err) {
   int pipe_fds[2];
@@ -137,6 +125,17 @@ void PassOnNotes(const std::string& err) {
 }
 
 }  // namespace
+
+std::string ConfigModelType(const std::string& text) {
+  const auto config = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (config.is_object() && config.contains("model_type") && config["model_type"].is_string()) {
+    std::string type = config["model_type"];
+    for (char& c : type)
+      if (!std::isalnum(static_cast<unsigned char>(c)) && c != '_' && c != '-') c = '_';
+    if (!type.empty() && type.size() <= 64) return type;
+  }
+  return "model";
+}
 
 void AddModelSource(CLI::App* cmd, ModelSource& source, const char* file_help) {
   cmd->add_option("model", source.file, file_help);
@@ -197,8 +196,8 @@ std::string ModelFile(const ModelSource& source, const std::string& dtype, bool 
     routing = {"--moe-imbalance", f};
     key = Fnv1a(std::string("moe-imbalance ") + f, key);
   }
-  char name[96];
-  std::snprintf(name, sizeof(name), "%s-%s-%016llx.meta.pt", ModelTypeOf(text).c_str(), dtype.c_str(),
+  char name[128];
+  std::snprintf(name, sizeof(name), "%s-%s-%016llx.meta.pt", ConfigModelType(text).c_str(), dtype.c_str(),
                 static_cast<unsigned long long>(key));
   const fs::path dir = CacheDir();
   const fs::path cached = dir / name;

@@ -31,6 +31,10 @@ void AddModelSource(CLI::App* cmd, ModelSource& source, const char* file_help);
 // one line on bad input (both or neither given, a config the exporter refuses, no Python to run it).
 std::string ModelFile(const ModelSource& source, const std::string& dtype, bool quiet);
 
+// The model_type of a config.json's text as a file-name part of its cache entry ("model" when it names none that
+// is safe: letters, digits, '_' and '-', at most 64); the exporter checks the config itself.
+std::string ConfigModelType(const std::string& text);
+
 // The weights' dtype an export for `precision` is traced in: a pure-bf16 step or generation needs bf16 weights (the
 // trace bakes its dtype casts in); autocast and fp32 keep fp32 master weights.
 std::string ExportDtypeFor(const std::string& precision);

@@ -4,6 +4,7 @@
 #   LLMEM_BUILD_DIR   build folder (default: build)
 #   LLMEM_BUILD_TYPE  CMake build type (default: RelWithDebInfo)
 #   LLMEM_SANITIZE    1 = build with AddressSanitizer + UBSan
+#   LLMEM_FUZZ_BUILD_DIR  the clang build of the fuzz targets (default: build-fuzz; "" skips it)
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -11,10 +12,11 @@ cd "$repo"
 # torch 2.11.0 is what the GPU machines carry; transformers 4.57.6 is the last 4.x release
 # (5.x dropped TorchScript tracing). python3-dev: the distributed validation builds a small allocator extension.
 # chromium: the test of `estimate --plot` renders the picture headless and looks at its pixels.
+# clang and libclang-rt-14-dev (libFuzzer): the fuzz targets of tests/fuzz.
 TORCH_VERSION=2.11.0
 TRANSFORMERS_VERSION=4.57.6
 DEBS=(build-essential cmake ninja-build python3-venv python3-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev
-      libcli11-dev nlohmann-json3-dev libbenchmark-dev libmimalloc-dev chromium)
+      libcli11-dev nlohmann-json3-dev libbenchmark-dev libmimalloc-dev chromium clang libclang-rt-14-dev)
 
 missing=()
 for p in "${DEBS[@]}"; do
@@ -62,6 +64,12 @@ if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.versio
   .venv/bin/pip install -q --no-deps "peft==$PEFT_VERSION" "accelerate==$ACCELERATE_VERSION" "psutil==$PSUTIL_VERSION"
 fi
 
+# atheris fuzzes the exporter's reading of a config.json (tests/fuzz/config_json_fuzzer.py).
+ATHERIS_VERSION=2.3.0
+if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('atheris') != '$ATHERIS_VERSION')" 2>/dev/null; then
+  .venv/bin/pip install -q "atheris==$ATHERIS_VERSION"
+fi
+
 build_dir="${LLMEM_BUILD_DIR:-build}"
 torch_prefix="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 cmake -S . -B "$build_dir" -G Ninja \
@@ -70,3 +78,13 @@ cmake -S . -B "$build_dir" -G Ninja \
   -DLLMEM_PYTHON="$repo/.venv/bin/python" \
   -DLLMEM_SANITIZE="${LLMEM_SANITIZE:-0}" >/dev/null
 cmake --build "$build_dir" -j "$(nproc)"
+# The fuzz targets, built with clang, libFuzzer, ASan and UBSan; the suite runs each briefly (tests/fuzz).
+fuzz_dir="${LLMEM_FUZZ_BUILD_DIR-build-fuzz}"
+if [ -n "$fuzz_dir" ]; then
+  CC=clang CXX=clang++ cmake -S . -B "$fuzz_dir" -G Ninja \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DCMAKE_PREFIX_PATH="$torch_prefix" \
+    -DLLMEM_PYTHON="$repo/.venv/bin/python" \
+    -DLLMEM_FUZZ=ON >/dev/null
+  cmake --build "$fuzz_dir" -j "$(nproc)" --target llmem_fuzzers
+fi
