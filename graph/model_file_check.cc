@@ -1,6 +1,7 @@
 #include "graph/model_file_check.h"
 
 #include <caffe2/serialize/inline_container.h>
+#include <caffe2/serialize/versions.h>
 #include <c10/util/Exception.h>
 
 #include <unistd.h>
@@ -14,6 +15,7 @@
 
 #include "graph/dtype.h"
 #include "graph/error.h"
+#include "graph/pickle_check.h"
 #include "graph/zip_directory.h"
 
 namespace llmem {
@@ -88,12 +90,27 @@ void CheckArchiveRecords(const std::string& path) {
                          "records are not in one folder)");
   }
   const std::string folder = records.front().name.substr(0, slash + 1);
-  const bool versioned = std::any_of(records.begin(), records.end(), [&](const ZipRecord& r) {
-    return r.name == folder + "version" || r.name == folder + ".data/version";
+  // The reader takes .data/version over version, and parses it as a decimal within the versions it reads.
+  const auto version = std::find_if(records.begin(), records.end(), [&](const ZipRecord& r) {
+    return r.name == folder + ".data/version";
   });
-  if (!versioned) {
+  const auto record = version != records.end() ? version : std::find_if(records.begin(), records.end(), [&](const ZipRecord& r) {
+    return r.name == folder + "version";
+  });
+  if (record == records.end()) {
     throw ModelLoadError("not a readable model file: " + path + " is a zip archive without PyTorch's version record "
                          "(" + folder + "version)");
+  }
+  const std::string text = record->uncompressed_bytes <= 32 ? ReadRecord(path, *record) : std::string();
+  const size_t digits = text.find_first_not_of("0123456789");
+  const std::string number = text.substr(0, digits);
+  const bool readable = !number.empty() && number.size() <= 3 &&
+                        (digits == std::string::npos || text.find_first_not_of(" \t\r\n", digits) == std::string::npos);
+  const uint64_t value = readable ? std::stoull(number) : 0;
+  if (value < caffe2::serialize::kMinSupportedFileFormatVersion ||
+      value > caffe2::serialize::kMaxSupportedFileFormatVersion) {
+    throw ModelLoadError("not a readable model file: " + path + " holds a format version LibTorch " +
+                         "does not read (" + record->name.substr(0, 80) + ": '" + text.substr(0, 32) + "')");
   }
   uint64_t total = 0;
   for (const ZipRecord& r : records) {
@@ -107,6 +124,10 @@ void CheckArchiveRecords(const std::string& path) {
                            std::to_string(r.compressed_bytes) + " in the file: damaged");
     }
     total += r.uncompressed_bytes;  // at most 1032 x the file's size: no wrap
+    // The pickles LibTorch's unpickler runs: data, constants and the (deflated) debug records.
+    if (r.name.ends_with(".pkl") || r.name.ends_with(".debug_pkl")) {
+      CheckPickleStream(ReadRecord(path, r), "not a readable model file: " + path + "'s " + r.name.substr(0, 80));
+    }
   }
   const long pages = sysconf(_SC_PHYS_PAGES), page_bytes = sysconf(_SC_PAGESIZE);
   if (pages > 0 && page_bytes > 0 && total > static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_bytes)) {

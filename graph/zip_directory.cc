@@ -1,5 +1,7 @@
 #include "graph/zip_directory.h"
 
+#include <zlib.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -92,7 +94,7 @@ class DirectoryReader {
       if (directory.size() - at - kDirectoryHeaderBytes < variable) Fail("a damaged zip directory entry");
       r.name = directory.substr(at + kDirectoryHeaderBytes, name_bytes);
       ReadZip64Sizes(directory.substr(at + kDirectoryHeaderBytes + name_bytes, extra_bytes), r);
-      CheckLocalHeader(r);
+      r.data_offset = CheckLocalHeader(r);
       records.push_back(std::move(r));
       at += kDirectoryHeaderBytes + variable;
     }
@@ -120,7 +122,7 @@ class DirectoryReader {
   }
 
   // The record's own header, which the reader goes through to its data: there, and its data within the file.
-  void CheckLocalHeader(const ZipRecord& r) {
+  uint64_t CheckLocalHeader(const ZipRecord& r) {
     if (r.local_header_offset > size_ || size_ - r.local_header_offset < kLocalHeaderBytes) {
       Fail("record " + Printable(r.name) + " runs past its end");
     }
@@ -128,6 +130,7 @@ class DirectoryReader {
     if (Field(header, 0, 4) != kLocalHeader) Fail("the header of record " + Printable(r.name) + " is missing");
     const uint64_t data = r.local_header_offset + kLocalHeaderBytes + Field(header, 26, 2) + Field(header, 28, 2);
     if (data > size_ || r.compressed_bytes > size_ - data) Fail("record " + Printable(r.name) + " runs past its end");
+    return data;
   }
 
   std::string Bytes(uint64_t offset, uint64_t n) {
@@ -158,6 +161,32 @@ class DirectoryReader {
 }  // namespace
 
 std::vector<ZipRecord> ReadZipDirectory(const std::string& path) { return DirectoryReader(path).Read(); }
+
+std::string ReadRecord(const std::string& path, const ZipRecord& record) {
+  const auto fail = [&](const std::string& what) {
+    throw ModelLoadError("not a readable model file: " + path + " is a truncated or damaged zip archive (record " +
+                         record.name.substr(0, 80) + " " + what + ")");
+  };
+  std::ifstream in(path, std::ios::binary);
+  std::string data(record.compressed_bytes, '\0');
+  in.seekg(static_cast<std::streamoff>(record.data_offset));
+  in.read(data.data(), static_cast<std::streamsize>(data.size()));
+  if (!in || static_cast<uint64_t>(in.gcount()) != data.size()) fail("cannot be read");
+  if (record.method == 0) return data;
+  // Raw DEFLATE (no zlib header), as zip stores it; the stated size bounds the output.
+  std::string out(record.uncompressed_bytes, '\0');
+  z_stream z{};
+  if (inflateInit2(&z, -MAX_WBITS) != Z_OK) fail("cannot be inflated");
+  z.next_in = reinterpret_cast<Bytef*>(data.data());
+  z.avail_in = static_cast<uInt>(data.size());
+  z.next_out = reinterpret_cast<Bytef*>(out.data());
+  z.avail_out = static_cast<uInt>(out.size());
+  const int status = inflate(&z, Z_FINISH);
+  const uint64_t produced = z.total_out;
+  inflateEnd(&z);
+  if (status != Z_STREAM_END || produced != record.uncompressed_bytes) fail("does not inflate to its stated size");
+  return out;
+}
 
 uint64_t MaxExpandedBytes(const ZipRecord& record) {
   if (record.method == 0) return record.compressed_bytes;

@@ -19,11 +19,16 @@ struct ZipRecord {
   uint64_t compressed_bytes = 0;
   uint64_t uncompressed_bytes = 0;
   uint64_t local_header_offset = 0;
+  uint64_t data_offset = 0;  // where its (compressed) bytes start, after its local header
 };
 
 // The records of the zip archive at `path`. Throws ModelLoadError (one line, naming the path) for a file whose
 // directory is missing, cut short or inconsistent with the file's size.
 std::vector<ZipRecord> ReadZipDirectory(const std::string& path);
+
+// The bytes of a record of the archive at `path`, inflated when it is deflated (at most its stated uncompressed
+// size). Throws ModelLoadError when it cannot be read or does not inflate to its stated size.
+std::string ReadRecord(const std::string& path, const ZipRecord& record);
 
 // The most bytes `record` can expand to: its stored size, or DEFLATE's largest ratio (1032:1, a 258-byte match per
 // two bits: zlib's algorithm.txt / zlib FAQ) times its compressed size.

@@ -12,11 +12,12 @@ cd "$repo"
 # torch 2.11.0 is what the GPU machines carry; transformers 4.57.6 is the last 4.x release
 # (5.x dropped TorchScript tracing). python3-dev: the distributed validation builds a small allocator extension.
 # chromium: the test of `estimate --plot` renders the picture headless and looks at its pixels.
-# clang and libclang-rt-14-dev (libFuzzer): the fuzz targets of tests/fuzz.
+# clang and libclang-rt-14-dev (libFuzzer): the fuzz targets of tests/fuzz. zlib: inflating the pickles of an archive
+# to check them before LibTorch reads them.
 TORCH_VERSION=2.11.0
 TRANSFORMERS_VERSION=4.57.6
 DEBS=(build-essential cmake ninja-build python3-venv python3-dev libspdlog-dev libfmt-dev libgtest-dev libgmock-dev
-      libcli11-dev nlohmann-json3-dev libbenchmark-dev libmimalloc-dev chromium clang libclang-rt-14-dev)
+      libcli11-dev nlohmann-json3-dev libbenchmark-dev libmimalloc-dev zlib1g-dev chromium clang libclang-rt-14-dev)
 
 missing=()
 for p in "${DEBS[@]}"; do
