@@ -93,19 +93,13 @@ void CheckPickleStream(std::string_view bytes, const std::string& where) {
       case Arg::kFixed8: need(8); at += 8; break;
       case Arg::kMemo1: need(1); check_memo(Little(bytes, at, 1), op_at); at += 1; break;
       case Arg::kMemo4: need(4); check_memo(Little(bytes, at, 4), op_at); at += 4; break;
-      case Arg::kCounted1: need(1); at += 1; need(Little(bytes, at - 1, 1)); at += Little(bytes, at - 1, 1); break;
-      case Arg::kCounted4: {
-        need(4);
-        const uint64_t len = Little(bytes, at, 4);
-        at += 4;
-        need(len);
-        at += len;
-        break;
-      }
+      case Arg::kCounted1:
+      case Arg::kCounted4:
       case Arg::kCounted8: {
-        need(8);
-        const uint64_t len = Little(bytes, at, 8);
-        at += 8;
+        const size_t width = arg == Arg::kCounted1 ? 1 : arg == Arg::kCounted4 ? 4 : 8;
+        need(width);
+        const uint64_t len = Little(bytes, at, width);
+        at += width;
         need(len);
         at += len;
         break;

@@ -1,0 +1,56 @@
+// The pickle framing check (graph/pickle_check.h) on streams CPython's pickler writes and on damaged copies.
+#include "graph/pickle_check.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "graph/error.h"
+
+namespace llmem {
+namespace {
+
+using namespace std::string_literals;
+
+// pickle.dumps({'a': [1, 2.5, 'xxx', b'yy', (None, True)]}, protocol=2): memo puts, BININT1, BINFLOAT, BINUNICODE,
+// GLOBAL, REDUCE, TUPLE2, SETITEMS.
+const std::string kDict =
+    "\x80\x02}q\x00X\x01\x00\x00\x00" "aq\x01]q\x02(K\x01G@\x04\x00\x00\x00\x00\x00\x00X\x03\x00\x00\x00xxxq\x03"
+    "c_codecs\nencode\nq\x04X\x02\x00\x00\x00yyq\x05X\x06\x00\x00\x00latin1q\x06\x86q\x07Rq\x08N\x88\x86q\tes."s;
+// pickle.dumps([[1]] * 2, protocol=2): a BINGET of memo 1.
+const std::string kShared = "\x80\x02]q\x00(]q\x01K\x01" "ah\x01" "e."s;
+
+std::string Refusal(const std::string& bytes) {
+  try {
+    CheckPickleStream(bytes, "test.pkl");
+  } catch (const ModelLoadError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(PickleCheckTest, StreamsThePicklerWritesPass) {
+  EXPECT_EQ(Refusal(kDict), "");
+  EXPECT_EQ(Refusal(kShared), "");
+}
+
+TEST(PickleCheckTest, AMemoIndexPastTheStreamIsRefused) {
+  std::string huge = kShared;
+  huge.replace(huge.find("h\x01"s), 2, "j\x00\x00\x00\x40"s);  // LONG_BINGET 2^30
+  EXPECT_NE(Refusal(huge).find("memo index 1073741824 past the stream"), std::string::npos) << Refusal(huge);
+}
+
+TEST(PickleCheckTest, ALengthPastTheStreamIsRefused) {
+  std::string longer = kDict;
+  longer.replace(longer.find("X\x03\x00\x00\x00"s), 5, "X\xff\xff\xff\x7f"s);
+  EXPECT_NE(Refusal(longer).find("argument past the stream's end"), std::string::npos) << Refusal(longer);
+}
+
+TEST(PickleCheckTest, UnknownOpcodesAndAMissingStopAreRefused) {
+  EXPECT_NE(Refusal("\x80\x02\xff."s).find("unknown pickle opcode 0xff"), std::string::npos);
+  EXPECT_NE(Refusal(kShared.substr(0, kShared.size() - 1)).find("no STOP opcode"), std::string::npos);
+  EXPECT_NE(Refusal("\x80\x02" "c_codecs\nencode"s).find("unterminated line"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace llmem
