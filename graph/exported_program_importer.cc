@@ -306,7 +306,7 @@ std::vector<ProgramNode> ExportedProgramModel::Impl::ReadNodes(const json& graph
         const json& flag = Member(Member((*node.inputs)[0], "arg"), "as_bool");
         if (flag.is_boolean()) node.grad_enabled = flag.get<bool>();
       }
-      if (!node.body->outputs->is_array()) {
+      if (node.body->outputs == nullptr || !node.body->outputs->is_array()) {
         throw ModelLoadError("higher-order op " + node.target + " of " + path + " has no body graph");
       }
     } else if (node.target.rfind(kOps, 0) == 0) {

@@ -81,7 +81,15 @@ std::string NonTorchScriptArchiveKind(caffe2::serialize::PyTorchStreamReader& re
 
 // The records LibTorch's reader will allocate, checked against what the archive can hold and this machine has.
 void CheckArchiveRecords(const std::string& path) {
-  const std::vector<ZipRecord> records = ReadZipDirectory(path);
+  const std::optional<std::vector<ZipRecord>> directory = ReadZipDirectory(path);
+  if (!directory) {
+    // LibTorch's reader refuses a file without a zip end record before it allocates anything; one that starts as a
+    // zip archive was cut short.
+    if (Head(path, kZipMagic.size()) != std::string(kZipMagic.begin(), kZipMagic.end())) return;
+    throw ModelLoadError("not a readable model file: " + path + " is a truncated or damaged zip archive (no zip "
+                         "directory at its end)");
+  }
+  const std::vector<ZipRecord>& records = *directory;
   // PyTorch's archives keep every record under one folder with a version record (inline_container.h); its reader
   // checks both after opening the archive, and a failed check there leaks the reader's state.
   const size_t slash = records.empty() ? std::string::npos : records.front().name.find('/');
@@ -164,7 +172,7 @@ void CheckModelFileReadable(const std::string& path) {
   }
   std::ifstream probe(path, std::ios::binary);
   if (!probe) throw ModelLoadError("cannot read model file: " + path);
-  if (Head(path, kZipMagic.size()) == std::string(kZipMagic.begin(), kZipMagic.end())) CheckArchiveRecords(path);
+  CheckArchiveRecords(path);
 }
 
 std::string BriefLoaderReason(const std::string& text) {

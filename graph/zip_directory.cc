@@ -42,7 +42,7 @@ class DirectoryReader {
     size_ = size;
   }
 
-  std::vector<ZipRecord> Read() {
+  std::optional<std::vector<ZipRecord>> Read() {
     // The end record sits in the last 22 bytes plus a comment of up to 64 KiB.
     const uint64_t tail_bytes = std::min<uint64_t>(size_, kEndOfDirectoryBytes + kMaxCommentBytes);
     const std::string tail = Bytes(size_ - tail_bytes, tail_bytes);
@@ -53,7 +53,7 @@ class DirectoryReader {
         break;
       }
     }
-    if (end == std::string::npos) Fail("no zip directory at its end");
+    if (end == std::string::npos) return std::nullopt;
     const uint64_t end_offset = size_ - tail_bytes + end;
     uint64_t entries = Field(tail, end + 10, 2);
     uint64_t directory_bytes = Field(tail, end + 12, 4);
@@ -160,7 +160,9 @@ class DirectoryReader {
 
 }  // namespace
 
-std::vector<ZipRecord> ReadZipDirectory(const std::string& path) { return DirectoryReader(path).Read(); }
+std::optional<std::vector<ZipRecord>> ReadZipDirectory(const std::string& path) {
+  return DirectoryReader(path).Read();
+}
 
 std::string ReadRecord(const std::string& path, const ZipRecord& record) {
   const auto fail = [&](const std::string& what) {

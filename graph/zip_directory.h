@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,9 +23,10 @@ struct ZipRecord {
   uint64_t data_offset = 0;  // where its (compressed) bytes start, after its local header
 };
 
-// The records of the zip archive at `path`. Throws ModelLoadError (one line, naming the path) for a file whose
-// directory is missing, cut short or inconsistent with the file's size.
-std::vector<ZipRecord> ReadZipDirectory(const std::string& path);
+// The records of the zip archive at `path`; none when the file has no zip end record (not a zip archive, or one cut
+// short: a reader finds its directory from the end, whatever the file starts with). Throws ModelLoadError (one line,
+// naming the path) for a directory that is cut short or inconsistent with the file's size.
+std::optional<std::vector<ZipRecord>> ReadZipDirectory(const std::string& path);
 
 // The bytes of a record of the archive at `path`, inflated when it is deflated (at most its stated uncompressed
 // size). Throws ModelLoadError when it cannot be read or does not inflate to its stated size.
