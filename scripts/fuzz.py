@@ -114,6 +114,8 @@ def run_target(args, target):
            "-close_fd_mask=3"]
     if args.runs:
         cmd.append(f"-runs={args.runs}")
+    if args.seed:
+        cmd.append(f"-seed={args.seed}")
     if args.seconds:
         cmd.append(f"-max_total_time={args.seconds}")
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -174,6 +176,8 @@ def main():
     parser.add_argument("--seconds", type=int, default=0, help="time per target")
     parser.add_argument("--runs", type=int, default=0, help="executions per target (stops at the first limit)")
     parser.add_argument("--timeout", type=int, default=10, help="seconds one input may take")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="libFuzzer's random seed (0: a new one each run); the suite's brief runs fix it")
     parser.add_argument("--rss-limit-mb", type=int, default=6144)
     parser.add_argument("--log", default=os.path.join(REPO, "docs", "fuzzing_runs.jsonl"),
                         help="where each run's figures are appended ('' for none)")
