@@ -383,13 +383,14 @@ int main(int argc, char** argv) {
     using llmem::cli::ModelFile;
     llmem::cli::CheckCommandOptions(line);
     if (*line.inspect) {
-      return RunInspect(ModelFile(line.inspect_source, "float32", line.inspect_json), line.inspect_batch, line.inspect_seq,
-                        line.inspect_max_positions, line.print_ir, line.inspect_json,
+      return RunInspect(ModelFile(line.inspect_source, "float32", line.inspect_json), line.inspect_batch,
+                        line.inspect_seq, line.inspect_max_positions, line.print_ir, line.inspect_json,
                         line.inspect_timings);
     }
     if (*line.estimate) {
-      line.est_opts.model = ModelFile(line.est_opts.source, ExportDtypeFor(line.est_opts.precision), line.est_opts.json_out);
-      return RunEstimate(line.est_opts, line.est_opts.gpu);
+      StepOptions& o = line.est_opts;
+      o.model = ModelFile(o.source, ExportDtypeFor(o.precision), o.json_out);
+      return RunEstimate(o, o.gpu);
     }
     if (*line.measure) {
       if (!line.measure_opts.source.hf_config.empty())  // a config's export has no weights to run
@@ -399,13 +400,15 @@ int main(int argc, char** argv) {
       return RunMeasure(line.measure_opts, line.device, line.steps);
     }
     if (*line.recommend) {
-      line.rec_opts.model = ModelFile(line.rec_opts.source, ExportDtypeFor(line.rec_opts.precision), line.rec_opts.json_out);
-      return llmem::cli::RunRecommend(line.rec_opts);
+      llmem::cli::RecommendOptions& o = line.rec_opts;
+      o.model = ModelFile(o.source, ExportDtypeFor(o.precision), o.json_out);
+      return llmem::cli::RunRecommend(o);
     }
     if (*line.validate) return llmem::cli::RunValidate(line.val_opts);
     if (*line.infer) {
-      line.infer_opts.model = ModelFile(line.infer_opts.source, ExportDtypeFor(line.infer_opts.precision), line.infer_opts.json_out);
-      return llmem::cli::RunInfer(line.infer_opts);
+      llmem::cli::InferOptions& o = line.infer_opts;
+      o.model = ModelFile(o.source, ExportDtypeFor(o.precision), o.json_out);
+      return llmem::cli::RunInfer(o);
     }
   } catch (const llmem::Error& e) {
     std::fprintf(stderr, "llmem: error: %s\n", e.what());

@@ -121,7 +121,8 @@ void AddRecommendOptions(CLI::App* cmd, RecommendOptions& o) {
   cmd->add_flag("--no-vocab-parallel", o.no_vocab_parallel, "keep the embedding and LM head whole under TP");
   cmd->add_option("--max-positions", o.max_positions, "longest sequence the model allows (e.g. scaled RoPE)");
   cmd->add_flag("--json", o.json_out, "print JSON");
-  cmd->add_flag("--timings", o.timings, "also print the seconds spent (which vary run to run; the answer does not)");
+  cmd->add_flag("--timings", o.timings,
+                "also print the seconds spent (which vary run to run; the answer does not)");
   AddRecipeOptions(cmd, o.recipe);
   cmd->add_option("--lifetimes", o.lifetimes, "forward value lifetimes: eager | torchscript")->capture_default_str();
   cmd->add_option("--lora", o.lora, "PEFT LoRA adapters on a frozen base, as estimate's --lora (layouts it cannot "

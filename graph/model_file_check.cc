@@ -99,12 +99,11 @@ void CheckArchiveRecords(const std::string& path) {
   }
   const std::string folder = records.front().name.substr(0, slash + 1);
   // The reader takes .data/version over version, and parses it as a decimal within the versions it reads.
-  const auto version = std::find_if(records.begin(), records.end(), [&](const ZipRecord& r) {
-    return r.name == folder + ".data/version";
-  });
-  const auto record = version != records.end() ? version : std::find_if(records.begin(), records.end(), [&](const ZipRecord& r) {
-    return r.name == folder + "version";
-  });
+  const auto named = [&](const std::string& name) {
+    return std::find_if(records.begin(), records.end(), [&](const ZipRecord& r) { return r.name == folder + name; });
+  };
+  const auto data_version = named(".data/version");
+  const auto record = data_version != records.end() ? data_version : named("version");
   if (record == records.end()) {
     throw ModelLoadError("not a readable model file: " + path + " is a zip archive without PyTorch's version record "
                          "(" + folder + "version)");
