@@ -201,13 +201,11 @@ void RemoveDeadCalls(std::vector<ProgramNode>& nodes, const json& outputs) {
 }  // namespace
 
 bool IsExportedProgramArchive(const std::string& path) {
+  const std::optional<ZipRecord> format = FindArchiveRecord(path, "archive_format");
+  if (!format || format->uncompressed_bytes > 16) return false;
   try {
-    CheckModelFileReadable(path);
-    caffe2::serialize::PyTorchStreamReader reader(path);
-    if (!reader.hasRecord("archive_format")) return false;
-    auto [data, size] = reader.getRecord("archive_format");
-    return std::string(static_cast<const char*>(data.get()), size) == "pt2";
-  } catch (const std::exception&) {
+    return ReadRecord(path, *format) == "pt2";
+  } catch (const ModelLoadError&) {
     return false;
   }
 }
@@ -380,6 +378,7 @@ ExportedProgramModel ExportedProgramModel::Load(const std::string& path) {
 ExportedProgramModel ExportedProgramModel::LoadChecked(const std::string& path) {
   EnsureMetaKernelsRegistered();
   CheckModelFileReadable(path);
+  CheckModelArchive(path);
   auto impl = std::make_unique<Impl>();
   impl->path = path;
   std::map<std::string, std::string> extra;

@@ -79,8 +79,45 @@ std::string NonTorchScriptArchiveKind(caffe2::serialize::PyTorchStreamReader& re
   return "a torch.save checkpoint, not a TorchScript export";
 }
 
+}  // namespace
+
+std::optional<ZipRecord> FindArchiveRecord(const std::string& path, const std::string& name) {
+  try {
+    CheckModelFileReadable(path);
+    const std::optional<std::vector<ZipRecord>> records = ReadZipDirectory(path);
+    if (!records || records->empty()) return std::nullopt;
+    const size_t slash = records->front().name.find('/');
+    if (slash == std::string::npos) return std::nullopt;
+    const std::string wanted = records->front().name.substr(0, slash + 1) + name;
+    for (const ZipRecord& r : *records) {
+      if (r.name == wanted) return r;
+    }
+  } catch (const std::exception&) {
+  }
+  return std::nullopt;
+}
+
+bool IsTorchScriptArchive(const std::string& path) {
+  return Head(path, kZipMagic.size()) == std::string(kZipMagic.begin(), kZipMagic.end()) &&
+         FindArchiveRecord(path, "constants.pkl").has_value();
+}
+
+void CheckModelFileReadable(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status status = fs::status(path, ec);
+  if (!fs::exists(status)) throw ModelLoadError("model file not found: " + path);
+  if (fs::is_directory(status)) throw ModelLoadError("model path is a directory, not a TorchScript file: " + path);
+  // Opening a FIFO blocks until a writer appears, and a device never ends: refuse before reading.
+  if (!fs::is_regular_file(status)) {
+    throw ModelLoadError("model path is " + FileKind(status.type()) + ", not a regular file: " + path);
+  }
+  std::ifstream probe(path, std::ios::binary);
+  if (!probe) throw ModelLoadError("cannot read model file: " + path);
+}
+
 // The records LibTorch's reader will allocate, checked against what the archive can hold and this machine has.
-void CheckArchiveRecords(const std::string& path) {
+void CheckModelArchive(const std::string& path) {
   const std::optional<std::vector<ZipRecord>> directory = ReadZipDirectory(path);
   if (!directory) {
     // LibTorch's reader refuses a file without a zip end record before it allocates anything; one that starts as a
@@ -144,34 +181,6 @@ void CheckArchiveRecords(const std::string& path) {
                          FormatBytes(static_cast<int64_t>(pages) * page_bytes) +
                          "; export the model on the meta device (models/export_hf.py --device meta)");
   }
-}
-
-}  // namespace
-
-bool IsTorchScriptArchive(const std::string& path) {
-  try {
-    CheckModelFileReadable(path);
-    if (Head(path, kZipMagic.size()) != std::string(kZipMagic.begin(), kZipMagic.end())) return false;
-    caffe2::serialize::PyTorchStreamReader reader(path);
-    return reader.hasRecord("constants.pkl");
-  } catch (const std::exception&) {
-    return false;
-  }
-}
-
-void CheckModelFileReadable(const std::string& path) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  const fs::file_status status = fs::status(path, ec);
-  if (!fs::exists(status)) throw ModelLoadError("model file not found: " + path);
-  if (fs::is_directory(status)) throw ModelLoadError("model path is a directory, not a TorchScript file: " + path);
-  // Opening a FIFO blocks until a writer appears, and a device never ends: refuse before reading.
-  if (!fs::is_regular_file(status)) {
-    throw ModelLoadError("model path is " + FileKind(status.type()) + ", not a regular file: " + path);
-  }
-  std::ifstream probe(path, std::ios::binary);
-  if (!probe) throw ModelLoadError("cannot read model file: " + path);
-  CheckArchiveRecords(path);
 }
 
 std::string BriefLoaderReason(const std::string& text) {

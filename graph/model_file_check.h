@@ -6,14 +6,25 @@
 // It does not load the model; the importer does.
 #pragma once
 
+#include <optional>
 #include <string>
+
+#include "graph/zip_directory.h"
 
 namespace llmem {
 
-// Throws ModelLoadError unless `path` names an existing regular file that can be opened for reading; for a zip
-// archive, also unless its directory is sound (graph/zip_directory.h) and its records fit in this machine's memory
-// (LibTorch's loader allocates each record's claimed size).
+// Throws ModelLoadError unless `path` names an existing regular file that can be opened for reading.
 void CheckModelFileReadable(const std::string& path);
+
+// For a file with a zip directory: throws ModelLoadError unless the directory is sound (graph/zip_directory.h), the
+// records are PyTorch's (one folder, a version record LibTorch reads), fit in this machine's memory (LibTorch's
+// loader allocates each record's claimed size) and every pickle is well framed (graph/pickle_check.h). Run before
+// LibTorch's reader opens the file.
+void CheckModelArchive(const std::string& path);
+
+// The record `name` of PyTorch's archive at `path` (under the archive's one folder, as LibTorch's reader names it),
+// from our reading of the zip directory alone; none for a file that is not such an archive or lacks the record.
+std::optional<ZipRecord> FindArchiveRecord(const std::string& path, const std::string& name);
 
 // Whether `path` is a zip archive holding TorchScript (constants.pkl, as torch.jit.save writes); false for anything
 // else, unreadable files included.

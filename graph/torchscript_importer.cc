@@ -313,6 +313,7 @@ TorchScriptModel TorchScriptModel::Load(const std::string& path) {
 TorchScriptModel TorchScriptModel::LoadUnguarded(const std::string& path) {
   EnsureMetaKernelsRegistered();
   CheckModelFileReadable(path);
+  CheckModelArchive(path);
   auto impl = std::make_unique<Impl>();
   impl->path = path;
   // models/export_hf.py stores the Hugging Face config beside the code (the only source of a RoPE model's limit).
