@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "graph/debug_record_check.h"
 #include "graph/dtype.h"
 #include "graph/error.h"
 #include "graph/pickle_check.h"
@@ -170,7 +171,10 @@ void CheckModelArchive(const std::string& path) {
     total += r.uncompressed_bytes;  // at most 1032 x the file's size: no wrap
     // The pickles LibTorch's unpickler runs: data, constants and the (deflated) debug records.
     if (r.name.ends_with(".pkl") || r.name.ends_with(".debug_pkl")) {
-      CheckPickleStream(ReadRecord(path, r), "not a readable model file: " + path + "'s " + r.name.substr(0, 80));
+      const std::string bytes = ReadRecord(path, r);
+      const std::string pickle = "not a readable model file: " + path + "'s " + r.name.substr(0, 80);
+      CheckPickleStream(bytes, pickle);
+      if (r.name.ends_with(".debug_pkl")) CheckDebugRecords(bytes, pickle);
     }
   }
   const long pages = sysconf(_SC_PHYS_PAGES), page_bytes = sysconf(_SC_PAGESIZE);
