@@ -52,5 +52,30 @@ TEST(PickleCheckTest, UnknownOpcodesAndAMissingStopAreRefused) {
   EXPECT_NE(Refusal("\x80\x02" "c_codecs\nencode"s).find("unterminated line"), std::string::npos);
 }
 
+TEST(PickleCheckTest, ValuesNestedPastTheLimitAreRefused) {
+  // None in n one-element tuples: LibTorch frees such a value recursively, and a million levels overflowed its stack.
+  const auto nested = [](size_t n) { return "\x80\x02N"s + std::string(n, '\x85') + "."; };
+  EXPECT_EQ(Refusal(nested(1000)), "");
+  EXPECT_NE(Refusal(nested(1001)).find("values nested deeper than 1000 at byte 1003"), std::string::npos)
+      << Refusal(nested(1001));
+  // Nesting through the memo counts too: a GET brings the depth the value had.
+  const std::string shared = "\x80\x02N"s + std::string(1000, '\x85') + "q\x00h\x00\x85."s;
+  EXPECT_NE(Refusal(shared).find("nested deeper than 1000"), std::string::npos) << Refusal(shared);
+}
+
+TEST(PickleCheckTest, AValueChangedAfterItWasSharedIsRefused) {
+  // EMPTY_LIST, PUT 0, GET 0, POP, then APPEND to the list: a holder of the GET would not see the new depth.
+  EXPECT_NE(Refusal("\x80\x02]q\x00h\x00" "0N" "a."s).find("a value changed after it was shared"),
+            std::string::npos);
+  // Filled, then shared: what the picklers write (kShared's inner list).
+  EXPECT_EQ(Refusal("\x80\x02]q\x00N" "ah\x00\x86."s), "");
+}
+
+TEST(PickleCheckTest, StackUnderflowsAreRefused) {
+  EXPECT_NE(Refusal("\x80\x02\x85."s).find("too few values"), std::string::npos);
+  EXPECT_NE(Refusal("\x80\x02K\x01t."s).find("needs a MARK"), std::string::npos);
+  EXPECT_NE(Refusal("\x80\x02h\x00."s).find("never PUT"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace llmem
