@@ -17,6 +17,7 @@
 #include "graph/dtype.h"
 #include "graph/error.h"
 #include "graph/pickle_check.h"
+#include "graph/torchscript_code_check.h"
 #include "graph/zip_directory.h"
 
 namespace llmem {
@@ -175,6 +176,10 @@ void CheckModelArchive(const std::string& path) {
       const std::string pickle = "not a readable model file: " + path + "'s " + r.name.substr(0, 80);
       CheckPickleStream(bytes, pickle);
       if (r.name.ends_with(".debug_pkl")) CheckDebugRecords(bytes, pickle);
+    }
+    // The TorchScript code LibTorch compiles when it loads the archive.
+    if (r.name.ends_with(".py") && r.name.find("/code/") != std::string::npos) {
+      CheckTorchScriptCode(ReadRecord(path, r), "not a readable model file: " + path + "'s " + r.name.substr(0, 80));
     }
   }
   const long pages = sysconf(_SC_PHYS_PAGES), page_bytes = sysconf(_SC_PAGESIZE);
