@@ -31,6 +31,10 @@ using nlohmann::json;
 // versions add fields, which are ignored here.
 constexpr int kSchemaMajor = 8;
 constexpr const char* kModuleTreeFile = "module_tree.json";  // models/program_export.py
+// Far past what models nest (a decoder's tree is under 10 deep; torch.export nests a few bodies), and far below
+// what the recursive code that walks them can take on a thread's stack.
+constexpr size_t kMaxModuleNesting = 1000;
+constexpr size_t kMaxBodyNesting = 100;
 
 std::string ErrorText(const c10::Error& e) { return BriefLoaderReason(e.what_without_backtrace()); }
 
@@ -230,7 +234,9 @@ struct ExportedProgramModel::Impl {
   // 0-dim tensor constants with their values (what a TorchScript trace bakes as CPU scalars), by name.
   std::map<std::string, at::Tensor> scalar_constants;
 
-  std::vector<ProgramNode> ReadNodes(const json& graph) const;
+  // `depth`: how many higher-order op bodies enclose the graph (bounded: the nodes are read, run and freed
+  // recursively).
+  std::vector<ProgramNode> ReadNodes(const json& graph, size_t depth = 0) const;
   void ReadModuleTree(const std::string& text);
   void ReadAutocastCasts(const std::string& text);
   MetaRun Execute(int64_t batch, int64_t seq, std::optional<at::ScalarType> float_dtype) const;
@@ -248,7 +254,11 @@ const ModuleTree& ExportedProgramModel::module_tree() const { return impl_->modu
 const ExportRecords& ExportedProgramModel::records() const { return impl_->records; }
 ExportRecords& ExportedProgramModel::mutable_records() { return impl_->records; }
 
-std::vector<ProgramNode> ExportedProgramModel::Impl::ReadNodes(const json& graph) const {
+std::vector<ProgramNode> ExportedProgramModel::Impl::ReadNodes(const json& graph, size_t depth) const {
+  if (depth > kMaxBodyNesting) {
+    throw ModelLoadError("the program in " + path + " nests higher-order op bodies more than " +
+                         std::to_string(kMaxBodyNesting) + " deep (torch.export nests a few)");
+  }
   const json& nodes = Member(graph, "nodes");
   if (!nodes.is_array()) throw ModelLoadError("the program in " + path + " has no node list");
   std::vector<ProgramNode> out;
@@ -292,7 +302,7 @@ std::vector<ProgramNode> ExportedProgramModel::Impl::ReadNodes(const json& graph
         const json& arg = Member(in, "arg");
         if (const json& g = Member(arg, "as_graph"); !g.is_null()) {
           const json& body = Member(g, "graph");
-          node.body->nodes = ReadNodes(body);
+          node.body->nodes = ReadNodes(body, depth + 1);
           node.body->outputs = &Member(body, "outputs");
           for (const json& b : Member(body, "inputs")) {
             const json& t = Member(Member(b, "as_tensor"), "name");
@@ -332,8 +342,23 @@ void ExportedProgramModel::Impl::ReadModuleTree(const std::string& text) {
   const std::string where = std::string(kModuleTreeFile) + " of " + path;
   const json record = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (!record.is_object()) throw ModelLoadError(where + " is not a JSON object");
-  std::function<void(const json&)> add = [&](const json& m) {
+  // Depth first, children in order (each module's index follows its parent's subtree before it), on a stack of our
+  // own: a crafted tree nested 200,000 deep overflowed the thread's stack when this recursed.
+  struct Pending {
+    const json* module;
+    int parent;
+    size_t depth;
+  };
+  std::vector<Pending> pending{{&record, -1, 0}};
+  while (!pending.empty()) {
+    const auto [module, parent, depth] = pending.back();
+    pending.pop_back();
+    if (depth > kMaxModuleNesting) {
+      throw ModelLoadError(where + " nests modules more than " + std::to_string(kMaxModuleNesting) + " deep");
+    }
+    const json& m = *module;
     const int index = static_cast<int>(module_tree.modules.size());
+    if (parent >= 0) module_tree.modules[static_cast<size_t>(parent)].children.push_back(index);
     module_tree.modules.push_back({});
     const json& name = Member(m, "name");
     const json& cls = Member(m, "class");
@@ -349,12 +374,10 @@ void ExportedProgramModel::Impl::ReadModuleTree(const std::string& text) {
       if (const json& tied = Member(t, "tied_to"); tied.is_string()) mt.tied_to = tied.get<std::string>();
       module_tree.modules[static_cast<size_t>(index)].tensors.push_back(std::move(mt));
     }
-    for (const json& child : Member(m, "children")) {
-      module_tree.modules[static_cast<size_t>(index)].children.push_back(static_cast<int>(module_tree.modules.size()));
-      add(child);
-    }
-  };
-  add(record);
+    const json& children = Member(m, "children");
+    if (!children.is_array()) continue;
+    for (auto it = children.rbegin(); it != children.rend(); ++it) pending.push_back({&*it, index, depth + 1});
+  }
 }
 
 void ExportedProgramModel::Impl::ReadAutocastCasts(const std::string& text) {
