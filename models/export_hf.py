@@ -315,7 +315,7 @@ def resolve_config(path):
     try:
         with open(file, encoding="utf-8") as f:
             raw = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ExportError(f"{file} is not a JSON config: {_first_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ExportError(f"{file} is not a Hugging Face config (a JSON object with a model_type)")
