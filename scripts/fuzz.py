@@ -68,19 +68,25 @@ def final_stats(stderr):
     return {k: int(v) for k, v in stats.items()}
 
 
-def keep_findings(target, artifacts):
-    """Copies each finding into the regression inputs under a name of its kind and content; returns their names."""
+def keep_findings(target, artifacts, findings_root):
+    """Copies each finding into findings_root/<target> under a name of its kind and content, unless it is a
+    regression input already (then it keeps that name); returns their names."""
     kept = []
-    dest = os.path.join(FUZZ_DIR, "regressions", target)
+    dest = os.path.join(findings_root, target)
     os.makedirs(dest, exist_ok=True)
+    known = {}
+    for folder in {dest, os.path.join(FUZZ_DIR, "regressions", target)}:
+        for existing in os.listdir(folder) if os.path.isdir(folder) else []:
+            with open(os.path.join(folder, existing), "rb") as f:
+                known[hashlib.sha1(f.read()).hexdigest()] = existing
     for name in sorted(os.listdir(artifacts)):
         if not name.startswith(FINDING_PREFIXES):
             continue
         with open(os.path.join(artifacts, name), "rb") as f:
-            data = f.read()
-        kind = name.split("-", 1)[0]
-        kept_name = f"{kind}-{hashlib.sha1(data).hexdigest()[:16]}"
-        shutil.copyfile(os.path.join(artifacts, name), os.path.join(dest, kept_name))
+            digest = hashlib.sha1(f.read()).hexdigest()
+        kept_name = known.get(digest, f"{name.split('-', 1)[0]}-{digest[:16]}")
+        if digest not in known:
+            shutil.copyfile(os.path.join(artifacts, name), os.path.join(dest, kept_name))
         os.remove(os.path.join(artifacts, name))
         kept.append(kept_name)
     return kept
@@ -121,7 +127,7 @@ def run_target(args, target):
     started = datetime.datetime.now(datetime.timezone.utc)
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
     seconds = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
-    findings = keep_findings(target, artifacts)
+    findings = keep_findings(target, artifacts, args.findings)
     stats = final_stats(proc.stderr)
     record = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "target": target, "seconds": round(seconds, 1),
               "executions": stats.get("number_of_executed_units", 0), "peak_rss_mb": stats.get("peak_rss_mb", 0),
@@ -141,19 +147,24 @@ def report(log_path, out_path):
              "binary built with clang, ASan and UBSan (`build-fuzz/`, made by `scripts/setup.sh`); inputs that "
              "crashed, hung or tripped a sanitizer are kept in `tests/fuzz/regressions/` and replayed by the "
              "suite (`ctest -L fuzz`), with the seed corpus of `tests/fuzz/corpus/`.", "",
-             "| target | runs | executions | seconds | last edges | last features | findings |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| target | runs | executions | since its last finding | seconds | last edges | last features | "
+             "findings |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for target in TARGETS:
         mine = [r for r in runs if r["target"] == target]
         if not mine:
-            lines.append(f"| {target} | 0 | 0 | 0 | | | |")
+            lines.append(f"| {target} | 0 | 0 | 0 | 0 | | | |")
             continue
         findings = [f for r in mine for f in r["findings"]]
         last = mine[-1]
+        # The runs after the last one that found something ran the code with every finding fixed.
+        clean = mine[max((i + 1 for i, r in enumerate(mine) if r["findings"]), default=0):]
         lines.append(f"| {target} | {len(mine)} | {sum(r['executions'] for r in mine):,} | "
+                     f"{sum(r['executions'] for r in clean):,} | "
                      f"{sum(r['seconds'] for r in mine):,.0f} | {last.get('edges', '')} | "
                      f"{last.get('features', '')} | {', '.join(findings) if findings else 'none'} |")
-    lines += ["", "Edges and features are libFuzzer's coverage counters of the instrumented llmem code (LibTorch, "
+    lines += ["", "Executions since its last finding: those of the runs after the last run that found something "
+              "(the log keeps runs in the order they ended; a finding is fixed before the next run). Edges and features are libFuzzer's coverage counters of the instrumented llmem code (LibTorch, "
               "nlohmann-json and CLI11 headers compiled into it count; LibTorch's own library is not "
               "instrumented) at the end of the target's last run.", "", "## Every run", "",
               "| date | target | seconds | executions | edges | peak RSS MiB | findings |",
@@ -161,8 +172,10 @@ def report(log_path, out_path):
     for r in runs:
         lines.append(f"| {r['date']} | {r['target']} | {r['seconds']:.0f} | {r['executions']:,} | "
                      f"{r.get('edges', '')} | {r['peak_rss_mb']} | {', '.join(r['findings']) or 'none'} |")
-    with open(out_path) as f:
-        old = f.read() if os.path.exists(out_path) else ""
+    old = ""
+    if os.path.exists(out_path):
+        with open(out_path) as f:
+            old = f.read()
     marker = "\n## Findings and fixes\n"
     tail = old[old.index(marker):] if marker in old else ""
     with open(out_path, "w") as f:
@@ -181,6 +194,8 @@ def main():
     parser.add_argument("--rss-limit-mb", type=int, default=6144)
     parser.add_argument("--log", default=os.path.join(REPO, "docs", "fuzzing_runs.jsonl"),
                         help="where each run's figures are appended ('' for none)")
+    parser.add_argument("--findings", default=os.path.join(FUZZ_DIR, "regressions"),
+                        help="where findings are kept, one folder per target (default: the regression inputs)")
     parser.add_argument("--report", metavar="FILE", help="write the summary of --log to FILE and stop")
     args = parser.parse_args()
     if args.report:
