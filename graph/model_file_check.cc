@@ -129,6 +129,7 @@ void CheckModelArchive(const std::string& path) {
                          "directory at its end)");
   }
   const std::vector<ZipRecord>& records = *directory;
+  if (records.empty()) throw ModelLoadError("not a readable model file: " + path + " is a zip archive with no records");
   // PyTorch's archives keep every record under one folder with a version record (inline_container.h); its reader
   // checks both after opening the archive, and a failed check there leaks the reader's state.
   const size_t slash = records.empty() ? std::string::npos : records.front().name.find('/');

@@ -58,17 +58,29 @@ class DirectoryReader {
     uint64_t entries = Field(tail, end + 10, 2);
     uint64_t directory_bytes = Field(tail, end + 12, 4);
     uint64_t directory_offset = Field(tail, end + 16, 4);
-    if (entries == 0xffff || directory_bytes == 0xffffffff || directory_offset == 0xffffffff) {
-      if (end_offset < kZip64LocatorBytes) Fail("a zip64 directory without its locator");
+    // miniz (LibTorch's reader) takes the zip64 end record whenever a locator precedes the end record and names a
+    // record with the right signature, whatever the 32-bit fields say (torch.jit.save always writes one); this
+    // reader must see the records miniz will. A fuzzed export whose zip64 record said "no records" got past our
+    // checks and made LibTorch's reader throw after opening the archive, leaking its state.
+    std::string zip64_record;
+    if (end_offset >= kZip64LocatorBytes) {
       const std::string locator = Bytes(end_offset - kZip64LocatorBytes, kZip64LocatorBytes);
-      if (Field(locator, 0, 4) != kZip64Locator) Fail("a zip64 directory without its locator");
-      const uint64_t zip64_end = Field(locator, 8, 8);
-      if (zip64_end > size_ || size_ - zip64_end < kZip64EndOfDirectoryBytes) Fail("a zip64 end record past its end");
-      const std::string record = Bytes(zip64_end, kZip64EndOfDirectoryBytes);
-      if (Field(record, 0, 4) != kZip64EndOfDirectory) Fail("a damaged zip64 end record");
-      entries = Field(record, 32, 8);
-      directory_bytes = Field(record, 40, 8);
-      directory_offset = Field(record, 48, 8);
+      if (Field(locator, 0, 4) == kZip64Locator) {
+        const uint64_t zip64_end = Field(locator, 8, 8);
+        if (zip64_end > size_ || size_ - zip64_end < kZip64EndOfDirectoryBytes) {
+          Fail("a zip64 end record past its end");
+        }
+        zip64_record = Bytes(zip64_end, kZip64EndOfDirectoryBytes);
+        if (Field(zip64_record, 0, 4) != kZip64EndOfDirectory) zip64_record.clear();
+      }
+    }
+    if (zip64_record.empty() && (entries == 0xffff || directory_bytes == 0xffffffff || directory_offset == 0xffffffff)) {
+      Fail("a zip64 directory without its end record");
+    }
+    if (!zip64_record.empty()) {
+      entries = Field(zip64_record, 32, 8);
+      directory_bytes = Field(zip64_record, 40, 8);
+      directory_offset = Field(zip64_record, 48, 8);
     }
     if (directory_offset > size_ || directory_bytes > size_ - directory_offset) {
       Fail("its zip directory runs past its end");
