@@ -5,12 +5,13 @@
 #include <algorithm>
 
 #include "graph/error.h"
+#include "graph/json_record.h"
 
 namespace llmem {
 
 void ExportRecords::ReadConfig(const std::string& text, const std::string& path) {
   if (text.empty()) return;
-  const nlohmann::json config = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  const nlohmann::json config = ParseJsonRecord(text, std::string(kConfigFile) + " of " + path);
   if (!config.is_object()) throw ModelLoadError(std::string(kConfigFile) + " of " + path + " is not a JSON object");
   if (auto it = config.find("model_type"); it != config.end() && it->is_string()) {
     model_type = it->get<std::string>();
@@ -70,7 +71,7 @@ void ExportRecords::ReadConfig(const std::string& text, const std::string& path)
 
 void ExportRecords::ReadExpressionCalls(const std::string& text, const std::string& path) {
   if (text.empty()) return;
-  const nlohmann::json record = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  const nlohmann::json record = ParseJsonRecord(text, std::string(kExpressionCallsFile) + " of " + path);
   if (!record.is_object()) throw ModelLoadError(std::string(kExpressionCallsFile) + " of " + path + " is not an object");
   for (const auto& [cls, children] : record.items()) {
     if (!children.is_array()) continue;
@@ -83,7 +84,7 @@ void ExportRecords::ReadExpressionCalls(const std::string& text, const std::stri
 void ExportRecords::ReadRebindings(const std::string& text, const std::string& path) {
   if (text.empty()) return;
   const std::string where = std::string(kRebindingsFile) + " of " + path;
-  const nlohmann::json record = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  const nlohmann::json record = ParseJsonRecord(text, where);
   if (!record.is_object()) throw ModelLoadError(where + " is not an object");
   auto names = [&](const nlohmann::json& rule, const char* key) {
     std::vector<std::string> out;

@@ -18,6 +18,7 @@
 #include <unordered_set>
 
 #include "graph/error.h"
+#include "graph/json_record.h"
 #include "graph/meta_kernels.h"
 #include "graph/meta_run.h"
 #include "graph/model_file_check.h"
@@ -340,7 +341,7 @@ std::vector<ProgramNode> ExportedProgramModel::Impl::ReadNodes(const json& graph
 
 void ExportedProgramModel::Impl::ReadModuleTree(const std::string& text) {
   const std::string where = std::string(kModuleTreeFile) + " of " + path;
-  const json record = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  const json record = ParseJsonRecord(text, where);
   if (!record.is_object()) throw ModelLoadError(where + " is not a JSON object");
   // Depth first, children in order (each module's index follows its parent's subtree before it), on a stack of our
   // own: a crafted tree nested 200,000 deep overflowed the thread's stack when this recursed.
@@ -381,7 +382,7 @@ void ExportedProgramModel::Impl::ReadModuleTree(const std::string& text) {
 }
 
 void ExportedProgramModel::Impl::ReadAutocastCasts(const std::string& text) {
-  const json record = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  const json record = ParseJsonRecord(text, std::string(kAutocastCastsFile) + " of " + path);
   const json& casts = Member(record, "casts");
   if (!casts.is_object()) throw ModelLoadError(std::string(kAutocastCastsFile) + " of " + path + " has no casts");
   for (const auto& [name, target] : casts.items()) {
@@ -435,7 +436,8 @@ ExportedProgramModel ExportedProgramModel::LoadChecked(const std::string& path) 
     // The values of 0-dim constants (torch.tensor(x) in a forward): the meta run reads them as a trace's scalars.
     if (reader.hasRecord("data/constants/model_constants_config.json")) {
       auto [cdata, csize] = reader.getRecord("data/constants/model_constants_config.json");
-      const json config = json::parse(std::string(static_cast<const char*>(cdata.get()), csize), nullptr, false);
+      const json config = ParseJsonRecord(std::string_view(static_cast<const char*>(cdata.get()), csize),
+                                          "data/constants/model_constants_config.json of " + path);
       std::map<std::string, at::Tensor> pool;
       for (const auto& [name, entry] : Member(config, "config").items()) {
         const json& meta = Member(entry, "tensor_meta");
@@ -461,7 +463,7 @@ ExportedProgramModel ExportedProgramModel::LoadChecked(const std::string& path) 
     throw ModelLoadError("not a readable .pt2 archive: " + path + " is a truncated or damaged zip archive (" +
                          ErrorText(e) + ")");
   }
-  impl->program = json::parse(program_text, nullptr, /*allow_exceptions=*/false);
+  impl->program = ParseJsonRecord(program_text, "the serialized program in " + path);
   if (impl->program.is_discarded() || !impl->program.is_object()) {
     throw ModelLoadError("the serialized program in " + path + " is not valid JSON (truncated or damaged archive)");
   }

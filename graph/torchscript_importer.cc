@@ -17,6 +17,7 @@
 
 #include "graph/eager_attention.h"
 #include "graph/error.h"
+#include "graph/json_record.h"
 #include "graph/hf_generation_mask.h"
 #include "graph/index_ranges.h"
 #include "graph/meta_kernels.h"
@@ -283,7 +284,7 @@ void CollectNodes(const torch::jit::Block* block, const torch::jit::Symbol kind,
 void TorchScriptModel::Impl::ReadAutocastCasts(const std::string& text) {
   if (text.empty()) return;
   const std::string where = std::string(kAutocastCastsFile) + " of " + path;
-  const nlohmann::json record = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  const nlohmann::json record = ParseJsonRecord(text, where);
   const auto targets = record.is_object() ? record.find("to_autocast_dtype") : record.end();
   if (targets == record.end() || !targets->is_array()) {
     throw ModelLoadError(where + " has no to_autocast_dtype list");
