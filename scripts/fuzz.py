@@ -104,8 +104,10 @@ def run_target(args, target):
     if target not in PYTHON_TARGETS and not os.access(binary, os.X_OK):
         sys.exit(f"fuzz.py: no fuzz target {binary}: build it with scripts/setup.sh (or cmake --build "
                  f"{args.build} --target llmem_fuzzers)")
-    work = os.path.join(args.build, "fuzz")
+    work = args.work or os.path.join(args.build, "fuzz")
     corpus = os.path.join(work, "corpus", target)
+    if args.fresh_corpus:
+        shutil.rmtree(corpus, ignore_errors=True)
     artifacts = os.path.join(work, "findings", target) + os.sep
     os.makedirs(corpus, exist_ok=True)
     os.makedirs(artifacts, exist_ok=True)
@@ -194,6 +196,9 @@ def main():
     parser.add_argument("--rss-limit-mb", type=int, default=6144)
     parser.add_argument("--log", default=os.path.join(REPO, "docs", "fuzzing_runs.jsonl"),
                         help="where each run's figures are appended ('' for none)")
+    parser.add_argument("--work", help="the working corpus and libFuzzer's artifacts (default: BUILD/fuzz)")
+    parser.add_argument("--fresh-corpus", action="store_true",
+                        help="start from the seeds and regression inputs alone (the suite's brief runs)")
     parser.add_argument("--findings", default=os.path.join(FUZZ_DIR, "regressions"),
                         help="where findings are kept, one folder per target (default: the regression inputs)")
     parser.add_argument("--report", metavar="FILE", help="write the summary of --log to FILE and stop")
