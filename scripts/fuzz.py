@@ -166,7 +166,7 @@ def report(log_path, out_path):
                      f"{sum(r['seconds'] for r in mine):,.0f} | {last.get('edges', '')} | "
                      f"{last.get('features', '')} | {', '.join(findings) if findings else 'none'} |")
     lines += ["", "Executions since its last finding: those of the runs after the last run that found something "
-              "(the log keeps runs in the order they ended; a finding is fixed before the next run). Edges and features are libFuzzer's coverage counters of the instrumented llmem code (LibTorch, "
+              "(the log keeps runs in the order they ended; a finding is fixed before the next run unless it is marked open). Edges and features are libFuzzer's coverage counters of the instrumented llmem code (LibTorch, "
               "nlohmann-json and CLI11 headers compiled into it count; LibTorch's own library is not "
               "instrumented) at the end of the target's last run.", "", "## Every run", "",
               "| date | target | seconds | executions | edges | peak RSS MiB | findings |",
