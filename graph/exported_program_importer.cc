@@ -32,9 +32,8 @@ using nlohmann::json;
 // versions add fields, which are ignored here.
 constexpr int kSchemaMajor = 8;
 constexpr const char* kModuleTreeFile = "module_tree.json";  // models/program_export.py
-// Far past what models nest (a decoder's tree is under 10 deep; torch.export nests a few bodies), and far below
-// what the recursive code that walks them can take on a thread's stack.
-constexpr size_t kMaxModuleNesting = 1000;
+// Far past what torch.export nests (a few bodies), and far below what the recursive code that reads, runs and
+// frees them can take on a thread's stack.
 constexpr size_t kMaxBodyNesting = 100;
 
 std::string ErrorText(const c10::Error& e) { return BriefLoaderReason(e.what_without_backtrace()); }
@@ -343,20 +342,17 @@ void ExportedProgramModel::Impl::ReadModuleTree(const std::string& text) {
   const std::string where = std::string(kModuleTreeFile) + " of " + path;
   const json record = ParseJsonRecord(text, where);
   if (!record.is_object()) throw ModelLoadError(where + " is not a JSON object");
-  // Depth first, children in order (each module's index follows its parent's subtree before it), on a stack of our
-  // own: a crafted tree nested 200,000 deep overflowed the thread's stack when this recursed.
+  // Depth first, children in order (the indices a recursive walk would give), on a stack of our own: a crafted tree
+  // nested 200,000 deep overflowed the thread's stack when this recursed. Its depth is bounded by the record's JSON
+  // nesting (ParseJsonRecord), which the tree's consumers then stay within.
   struct Pending {
     const json* module;
     int parent;
-    size_t depth;
   };
-  std::vector<Pending> pending{{&record, -1, 0}};
+  std::vector<Pending> pending{{&record, -1}};
   while (!pending.empty()) {
-    const auto [module, parent, depth] = pending.back();
+    const auto [module, parent] = pending.back();
     pending.pop_back();
-    if (depth > kMaxModuleNesting) {
-      throw ModelLoadError(where + " nests modules more than " + std::to_string(kMaxModuleNesting) + " deep");
-    }
     const json& m = *module;
     const int index = static_cast<int>(module_tree.modules.size());
     if (parent >= 0) module_tree.modules[static_cast<size_t>(parent)].children.push_back(index);
@@ -377,7 +373,7 @@ void ExportedProgramModel::Impl::ReadModuleTree(const std::string& text) {
     }
     const json& children = Member(m, "children");
     if (!children.is_array()) continue;
-    for (auto it = children.rbegin(); it != children.rend(); ++it) pending.push_back({&*it, index, depth + 1});
+    for (auto it = children.rbegin(); it != children.rend(); ++it) pending.push_back({&*it, index});
   }
 }
 
